@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Build a bootable Capsa guest image.
+#
+#   build-image.sh --agent PATH_TO_AGENT_BINARY [--kernel-dir DIR]
+#
+# Ensures the kernel (build-kernel.sh, unless --kernel-dir is given) and the
+# base rootfs (build-rootfs.sh), then builds
+#   ${CAPSA_CACHE_DIR:-/var/cache/capsa}/images/<hash>/
+#     rootfs.ext4    raw ext4 (mkfs.ext4 -d, no loop mount), content + 2 GiB free, sparse, read-only
+#     vmlinux        ELF kernel (Cloud Hypervisor)
+#     bzImage        compressed kernel (QEMU)
+#     manifest.json  kernel cmdline and file names
+# and points ${CAPSA_CACHE_DIR}/images/current at it.
+# <hash> = sha256(base rootfs hash + kernel + agent + capsa-init + this script).
+# VMs use rootfs.ext4 as a shared read-only base under a per-VM qcow2 overlay:
+#   qemu-img create -f qcow2 -F raw -b .../rootfs.ext4 overlay.qcow2
+# Progress goes to stderr; the last stdout line is the image directory.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+self="$here/$(basename "${BASH_SOURCE[0]}")"
+cache="${CAPSA_CACHE_DIR:-/var/cache/capsa}"
+export CAPSA_CACHE_DIR="$cache"
+init_src="$here/capsa-init"
+free_mib="${CAPSA_ROOTFS_FREE_MIB:-2048}"
+# QEMU microvm finds virtio-mmio devices through ACPI (or appends
+# virtio_mmio.device= itself when acpi=off); Cloud Hypervisor uses virtio-pci.
+cmdline="${CAPSA_KERNEL_CMDLINE:-console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/capsa-init quiet panic=-1 reboot=t}"
+
+log() { echo "[image] $*" >&2; }
+die() { echo "[image] ERROR: $*" >&2; exit 1; }
+usage() { echo "usage: $0 --agent PATH_TO_AGENT_BINARY [--kernel-dir DIR]" >&2; exit 2; }
+
+agent="" kdir=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --agent) agent="${2:-}"; shift 2 || usage ;;
+    --agent=*) agent="${1#*=}"; shift ;;
+    --kernel-dir) kdir="${2:-}"; shift 2 || usage ;;
+    --kernel-dir=*) kdir="${1#*=}"; shift ;;
+    -h|--help) usage ;;
+    *) echo "unknown argument: $1" >&2; usage ;;
+  esac
+done
+[[ -n "$agent" ]] || usage
+[[ -f "$agent" ]] || die "agent binary not found: $agent"
+[[ $EUID == 0 ]] || die "must run as root (root-owned rootfs tree)"
+command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 not installed (e2fsprogs)"
+
+if [[ -z "$kdir" ]]; then
+  log "ensuring kernel"
+  kdir="$("$here/build-kernel.sh" | tail -n1)"
+fi
+[[ -f "$kdir/bzImage" && -f "$kdir/vmlinux" ]] || die "kernel dir lacks bzImage/vmlinux: $kdir"
+log "ensuring base rootfs"
+base="$("$here/build-rootfs.sh" | tail -n1)"
+[[ -d "$base/rootfs" ]] || die "base rootfs missing: $base"
+
+hash="$( { echo "base=$(basename "$base")"
+           sha256sum "$kdir/bzImage" "$kdir/vmlinux" | cut -d' ' -f1
+           sha256sum "$agent" "$init_src" | cut -d' ' -f1
+           echo "cmdline=$cmdline free=$free_mib"
+           cat "$self"; } | sha256sum | cut -c1-16)"
+images="$cache/images"
+out="$images/$hash"
+mkdir -p "$images"
+
+set_current() { ln -sfn "$hash" "$images/.current.tmp" && mv -T "$images/.current.tmp" "$images/current"; }
+
+if [[ -f "$out/manifest.json" ]]; then
+  set_current
+  log "cached: $out"; echo "$out"; exit 0
+fi
+
+exec 9>"$images/.lock"
+flock 9
+if [[ -f "$out/manifest.json" ]]; then set_current; log "cached: $out"; echo "$out"; exit 0; fi
+
+tmp="$images/.tmp-$hash"
+rm -rf "$tmp"; mkdir -p "$tmp"
+stage="$tmp/stage"
+log "staging root tree (hardlinked from $base/rootfs)"
+# Hardlink copy: cheap. Only NEW files are added below (never modify a linked file).
+cp -al "$base/rootfs" "$stage"
+install -D -m 0755 "$agent" "$stage/usr/local/bin/capsa-agent.new"
+mv -f "$stage/usr/local/bin/capsa-agent.new" "$stage/usr/local/bin/capsa-agent"
+install -m 0755 "$init_src" "$stage/sbin/capsa-init.new"
+mv -f "$stage/sbin/capsa-init.new" "$stage/sbin/capsa-init"
+
+content_kib="$(du -sk --apparent-size "$stage" | cut -f1)"
+inodes="$(find "$stage" | wc -l)"
+# content + 10% + inode tables (256 B/inode, 2x headroom) + journal + requested free space
+size_mib=$(( content_kib * 11 / 10 / 1024 + inodes * 2 * 256 / 1048576 + 128 + free_mib ))
+log "making rootfs.ext4: ${size_mib} MiB (content $((content_kib / 1024)) MiB, $inodes files, ${free_mib} MiB free)"
+truncate -s "${size_mib}M" "$tmp/rootfs.ext4"
+mkfs.ext4 -q -F -L capsa-root -m 0 -N $(( inodes * 2 + 65536 )) \
+  -E lazy_itable_init=0,lazy_journal_init=0 -d "$stage" "$tmp/rootfs.ext4" \
+  || die "mkfs.ext4 failed"
+chmod 0444 "$tmp/rootfs.ext4"
+rm -rf "$stage"
+
+ln -f "$kdir/bzImage" "$tmp/bzImage" 2>/dev/null || cp "$kdir/bzImage" "$tmp/bzImage"
+ln -f "$kdir/vmlinux" "$tmp/vmlinux" 2>/dev/null || cp "$kdir/vmlinux" "$tmp/vmlinux"
+release="$(cat "$kdir/release" 2>/dev/null || echo unknown)"
+agent_sha="$(sha256sum "$agent" | cut -d' ' -f1)"
+cat >"$tmp/manifest.json" <<JSON
+{
+  "hash": "$hash",
+  "kernel_cmdline": "$cmdline",
+  "rootfs": "rootfs.ext4",
+  "rootfs_format": "raw",
+  "bzimage": "bzImage",
+  "vmlinux": "vmlinux",
+  "kernel_release": "$release",
+  "kernel_dir": "$kdir",
+  "rootfs_base": "$base",
+  "agent_sha256": "$agent_sha",
+  "agent_vsock_port": 1024,
+  "created_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+}
+JSON
+rm -rf "$out"; mv "$tmp" "$out"
+set_current
+log "done: rootfs.ext4 $(du -h --apparent-size "$out/rootfs.ext4" | cut -f1) apparent, $(du -h "$out/rootfs.ext4" | cut -f1) on disk"
+echo "$out"

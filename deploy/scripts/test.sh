@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The full test suite, from a fresh Debian 12 machine: installs what it needs, lints the
+# contracts, builds the guest image (cached by content hash), then runs every test,
+# including the ones that boot real VMs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CAPSA_CACHE_DIR="${CAPSA_CACHE_DIR:-/var/cache/capsa}"
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+
+deploy/scripts/install-deps.sh
+
+echo "[test] buf lint"
+buf lint
+if git rev-parse --verify -q main >/dev/null && [ "$(git rev-parse main)" != "$(git rev-parse HEAD)" ]; then
+  echo "[test] buf breaking against main"
+  buf breaking --against '.git#branch=main'
+fi
+
+echo "[test] guest image"
+cargo build --release --locked -p capsa-guest-agent --bin capsa-agent
+CAPSA_IMAGE_DIR="$(deploy/guest/build-image.sh --agent "$target/release/capsa-agent" | tail -n 1)"
+export CAPSA_IMAGE_DIR
+
+echo "[test] cargo nextest"
+cargo nextest run --locked --workspace

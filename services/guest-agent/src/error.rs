@@ -1,0 +1,101 @@
+//! The agent's errors and their gRPC codes. File-system errors are classified by their OS
+//! error (missing → NOT_FOUND, exists → ALREADY_EXISTS, wrong kind of file → FAILED_PRECONDITION)
+//! because in the guest those are the client's doing, not the agent's.
+
+use std::io;
+
+use capsa_grpc::{ErrorCode, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid `{field}`: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{path}: no such file or directory")]
+    NotFound { path: String },
+    #[error("{path}: already exists")]
+    AlreadyExists { path: String },
+    #[error("{path}: {reason}")]
+    FailedPrecondition { path: String, reason: String },
+    #[error("{path}: permission denied")]
+    PermissionDenied { path: String },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the {language} kernel")]
+    KernelStart {
+        language: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {language} kernel is gone")]
+    KernelGone { language: &'static str },
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument { field, reason: reason.into() }
+    }
+
+    /// Classifies a file-system error on `path`.
+    pub fn fs(op: &'static str, path: &str, source: io::Error) -> Error {
+        let path = path.to_string();
+        match source.kind() {
+            io::ErrorKind::NotFound => Error::NotFound { path },
+            io::ErrorKind::AlreadyExists => Error::AlreadyExists { path },
+            io::ErrorKind::PermissionDenied => Error::PermissionDenied { path },
+            io::ErrorKind::NotADirectory
+            | io::ErrorKind::IsADirectory
+            | io::ErrorKind::DirectoryNotEmpty
+            | io::ErrorKind::ReadOnlyFilesystem
+            | io::ErrorKind::StorageFull
+            | io::ErrorKind::InvalidFilename => {
+                Error::FailedPrecondition { path, reason: source.to_string() }
+            }
+            _ => Error::Io { op, path, source },
+        }
+    }
+}
+
+impl ServiceError for Error {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            Error::NotFound { .. } => ErrorCode::NotFound,
+            Error::AlreadyExists { .. } => ErrorCode::AlreadyExists,
+            Error::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
+            Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            Error::Io { .. } => ErrorCode::Internal,
+            Error::KernelStart { .. } | Error::KernelGone { .. } => ErrorCode::Unavailable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_table_is_pinned() {
+        let e = |k: io::ErrorKind| Error::fs("op", "/p", io::Error::from(k)).code();
+        assert_eq!(e(io::ErrorKind::NotFound), ErrorCode::NotFound);
+        assert_eq!(e(io::ErrorKind::AlreadyExists), ErrorCode::AlreadyExists);
+        assert_eq!(e(io::ErrorKind::PermissionDenied), ErrorCode::PermissionDenied);
+        assert_eq!(e(io::ErrorKind::DirectoryNotEmpty), ErrorCode::FailedPrecondition);
+        assert_eq!(e(io::ErrorKind::IsADirectory), ErrorCode::FailedPrecondition);
+        assert_eq!(e(io::ErrorKind::Other), ErrorCode::Internal);
+        assert_eq!(Error::invalid("path", "x").code(), ErrorCode::InvalidArgument);
+        let start = Error::KernelStart { language: "python", source: io::Error::other("x") };
+        assert_eq!(start.code(), ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let s = capsa_grpc::to_status(&Error::invalid("path", "must be absolute"));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().contains("`path`"), "{}", s.message());
+    }
+}

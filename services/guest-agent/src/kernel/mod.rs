@@ -1,0 +1,315 @@
+//! Persistent kernels: one Python and one shell interpreter per agent (that is, per
+//! session), each started on first use (Python optionally at boot) and restarted after it
+//! dies. Each kernel is an actor task that owns the process and takes jobs from a queue,
+//! so executes on one kernel run one at a time in arrival order. Python and shell are
+//! separate actors: an execute in one language never waits for the other.
+//!
+//! Session env (`Configure`) travels through the same queue, so it applies to every execute
+//! queued after it and is never applied in the middle of a running one.
+
+mod process;
+mod python;
+mod run;
+mod shell;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::error::Error;
+use process::{KernelProcess, Spawn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    Python,
+    Shell,
+}
+
+impl Language {
+    pub fn name(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Shell => "shell",
+        }
+    }
+}
+
+/// A validated execute.
+#[derive(Debug, Clone)]
+pub struct ExecuteRequest {
+    pub language: Language,
+    pub code: String,
+    pub timeout: Duration,
+    /// For this call only.
+    pub env: BTreeMap<String, String>,
+    /// For this call only; absolute.
+    pub cwd: Option<String>,
+    pub max_output_bytes: u64,
+}
+
+/// One event of an execute, in the order the kernel produced it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Display(HashMap<String, Bytes>),
+    Result(HashMap<String, Bytes>),
+    Error { name: String, value: String, traceback: Vec<String> },
+    Completion(Completion),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Error,
+    Timeout,
+    Interrupted,
+    KernelDied,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub status: Status,
+    pub exit_code: i32,
+    pub wall_time: Duration,
+    pub cpu_time: Duration,
+    pub interpreter_time: Duration,
+    pub state_lost: bool,
+    pub output_truncated: bool,
+    pub output_bytes: u64,
+    pub message: String,
+}
+
+/// The receiving end of an execute: events, or an infrastructure error that ends it.
+pub type EventSender = mpsc::Sender<Result<Event, Error>>;
+
+/// Where kernels come from.
+#[derive(Debug, Clone)]
+pub struct KernelSettings {
+    pub python: PathBuf,
+    pub shell: PathBuf,
+    pub workdir: Option<PathBuf>,
+    /// Private directory for the shell kernel's code files.
+    pub scratch: PathBuf,
+    pub interrupt_grace: Duration,
+}
+
+enum Job {
+    Execute { req: ExecuteRequest, events: EventSender, cancel: CancellationToken },
+    Configure(BTreeMap<String, String>),
+    Start,
+}
+
+/// Handles to both kernel actors.
+pub struct Kernels {
+    python: mpsc::Sender<Job>,
+    shell: mpsc::Sender<Job>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Kernels {
+    /// Starts both actors; they stop (killing their kernels) once `stop` is cancelled
+    /// and the job in hand is done.
+    pub fn start(settings: KernelSettings, prestart_python: bool, stop: CancellationToken) -> Kernels {
+        let settings = Arc::new(settings);
+        let (python, py_rx) = mpsc::channel(64);
+        let (shell, sh_rx) = mpsc::channel(64);
+        let tasks = vec![
+            tokio::spawn(Actor::new(Language::Python, settings.clone()).run(py_rx, stop.clone())),
+            tokio::spawn(Actor::new(Language::Shell, settings).run(sh_rx, stop)),
+        ];
+        if prestart_python {
+            // The queue is empty and open: this cannot fail.
+            let _ = python.try_send(Job::Start);
+        }
+        Kernels { python, shell, tasks: std::sync::Mutex::new(tasks) }
+    }
+
+    /// Queues an execute; its events go to `events`. Cancelling `cancel` (the client went
+    /// away) interrupts it, or skips it if it has not started.
+    pub async fn execute(
+        &self,
+        req: ExecuteRequest,
+        events: EventSender,
+        cancel: CancellationToken,
+    ) -> Result<(), Error> {
+        let language = req.language;
+        self.queue(language)
+            .send(Job::Execute { req, events, cancel })
+            .await
+            .map_err(|_| Error::KernelGone { language: language.name() })
+    }
+
+    /// Sets session env variables in both kernels (running ones in place).
+    pub async fn configure(&self, env: BTreeMap<String, String>) -> Result<(), Error> {
+        for language in [Language::Python, Language::Shell] {
+            self.queue(language)
+                .send(Job::Configure(env.clone()))
+                .await
+                .map_err(|_| Error::KernelGone { language: language.name() })?;
+        }
+        Ok(())
+    }
+
+    fn queue(&self, language: Language) -> &mpsc::Sender<Job> {
+        match language {
+            Language::Python => &self.python,
+            Language::Shell => &self.shell,
+        }
+    }
+
+    /// Waits, at most `timeout`, for the actors to stop after the stop token was cancelled.
+    pub async fn wait_stopped(&self, timeout: Duration) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("not poisoned"));
+        if tokio::time::timeout(timeout, futures::future::join_all(tasks)).await.is_err() {
+            tracing::warn!("kernels did not stop in time");
+        }
+    }
+}
+
+/// Owns one kernel process and runs its jobs in order.
+struct Actor {
+    language: Language,
+    settings: Arc<KernelSettings>,
+    session_env: BTreeMap<String, String>,
+    /// Shell only: session env set since the last execute, exported before the next one.
+    pending_env: BTreeMap<String, String>,
+    process: Option<KernelProcess>,
+    /// The last kernel died or was killed: the next execute starts on a fresh one.
+    lost_state: bool,
+    seq: u64,
+}
+
+impl Actor {
+    fn new(language: Language, settings: Arc<KernelSettings>) -> Actor {
+        Actor {
+            language,
+            settings,
+            session_env: BTreeMap::new(),
+            pending_env: BTreeMap::new(),
+            process: None,
+            lost_state: false,
+            seq: 0,
+        }
+    }
+
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>, stop: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                job = jobs.recv() => match job { Some(job) => job, None => break },
+                _ = stop.cancelled() => break,
+            };
+            match job {
+                Job::Start => {
+                    if let Err(e) = self.ensure_started() {
+                        tracing::warn!(language = self.language.name(), error = %capsa_grpc::error::chain(&e), "kernel pre-start failed");
+                    }
+                }
+                Job::Configure(env) => self.configure(env).await,
+                Job::Execute { req, events, cancel } => {
+                    if cancel.is_cancelled() {
+                        continue; // the client left while it was queued
+                    }
+                    self.seq += 1;
+                    let span = tracing::info_span!("execute", language = self.language.name(), seq = self.seq, code_bytes = req.code.len());
+                    self.execute(req, events, cancel).instrument(span).await;
+                }
+            }
+        }
+        // Dropping the process kills its group.
+        self.process = None;
+    }
+
+    /// Forgets a kernel that died while idle; the next execute reports the state as lost.
+    fn reap_if_dead(&mut self) {
+        if let Some(status) = self.process.as_mut().and_then(|p| p.exited()) {
+            tracing::warn!(language = self.language.name(), %status, "kernel died while idle");
+            self.process = None;
+            self.lost_state = true;
+        }
+    }
+
+    fn ensure_started(&mut self) -> Result<(), Error> {
+        self.reap_if_dead();
+        if self.process.is_some() {
+            return Ok(());
+        }
+        let mut env = self.session_env.clone();
+        let (program, args) = match self.language {
+            Language::Python => {
+                // Figures render off-screen; the driver saves them as PNG.
+                env.entry("MPLBACKEND".into()).or_insert_with(|| "Agg".into());
+                (self.settings.python.clone(), python::args())
+            }
+            Language::Shell => (self.settings.shell.clone(), shell::args()),
+        };
+        let spawn = Spawn { program, args, env, workdir: self.settings.workdir.clone() };
+        let p = KernelProcess::spawn(spawn)
+            .map_err(|source| Error::KernelStart { language: self.language.name(), source })?;
+        tracing::info!(language = self.language.name(), pid = p.pid(), "kernel started");
+        // A new shell already has the whole session env.
+        self.pending_env.clear();
+        self.process = Some(p);
+        Ok(())
+    }
+
+    async fn configure(&mut self, env: BTreeMap<String, String>) {
+        self.session_env.extend(env.clone());
+        match self.language {
+            Language::Python => {
+                if let Some(p) = &mut self.process {
+                    if let Err(e) = p.send(&python::env_request(&env)).await {
+                        // The kernel is dying; its successor starts with the full env.
+                        tracing::warn!(error = %e, "cannot update the python kernel's env");
+                    }
+                }
+            }
+            Language::Shell => {
+                if self.process.is_some() {
+                    self.pending_env.extend(env);
+                }
+            }
+        }
+    }
+
+    async fn execute(&mut self, req: ExecuteRequest, events: EventSender, cancel: CancellationToken) {
+        if let Err(e) = self.ensure_started() {
+            let _ = events.send(Err(e)).await;
+            return;
+        }
+        let state_lost = std::mem::take(&mut self.lost_state);
+        let pending_env = std::mem::take(&mut self.pending_env);
+        let prepared = match self.language {
+            Language::Python => Ok(run::Prepared { line: python::exec_request(&req), files: Vec::new() }),
+            Language::Shell => shell::prepare(&req, &pending_env, &self.settings.scratch, self.seq),
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(source) => {
+                let path = self.settings.scratch.display().to_string();
+                let _ = events.send(Err(Error::Io { op: "write code file", path, source })).await;
+                return;
+            }
+        };
+        let ctx = run::Context {
+            language: self.language,
+            grace: self.settings.interrupt_grace,
+            events: &events,
+            cancel: &cancel,
+            state_lost,
+        };
+        let process = self.process.as_mut().expect("started above");
+        let outcome = run::run(process, &req, prepared, ctx).await;
+        if outcome.kernel_gone {
+            self.process = None;
+            self.lost_state = true;
+        }
+    }
+}

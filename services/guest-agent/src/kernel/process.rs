@@ -1,0 +1,220 @@
+//! A kernel process and its pipes. Every kernel is a child in its own process group with
+//!
+//! - fd 0 `/dev/null` (user code that reads stdin gets EOF instead of our control stream),
+//! - fd 1 and 2 pipes the agent reads as raw byte chunks,
+//! - fd 3 the request pipe (agent → driver) and fd 4 the event pipe (driver → agent),
+//!   one message per line; the protocols are described in `driver.py` and `driver.sh`.
+//!
+//! The child gets `PR_SET_PDEATHSIG(SIGKILL)` so a kernel never outlives an agent that was
+//! killed, and dropping a [`KernelProcess`] kills its whole group.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::unix::pipe;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+/// Output is read in chunks of at most this many bytes, never by lines.
+pub const CHUNK: usize = 64 * 1024;
+
+/// An event line longer than this is a protocol violation (a PNG of a huge figure still fits).
+const MAX_EVENT_LINE: usize = 64 * 1024 * 1024;
+
+/// What to start.
+pub struct Spawn {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+}
+
+pub struct KernelProcess {
+    pub child: Child,
+    pub pgid: Pid,
+    pub stdout: ChildStdout,
+    pub stderr: ChildStderr,
+    pub requests: pipe::Sender,
+    pub events: LineReader,
+}
+
+impl KernelProcess {
+    pub fn spawn(spec: Spawn) -> io::Result<KernelProcess> {
+        let (req_r, req_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (evt_r, evt_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .envs(&spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &spec.workdir {
+            cmd.current_dir(dir);
+        }
+        let (req_fd, evt_fd) = (req_r.as_raw_fd(), evt_w.as_raw_fd());
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (fcntl, dup2, prctl) on fds that are open in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Move both ends above 4 first: a source fd that is already 3 or 4 would
+                // otherwise be clobbered by the other dup2, or keep its CLOEXEC flag.
+                let a = libc::fcntl(req_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let b = libc::fcntl(evt_fd, libc::F_DUPFD_CLOEXEC, 10);
+                if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        drop((req_r, evt_w));
+        let pid = child.id().ok_or_else(|| io::Error::other("kernel exited at once"))?;
+        Ok(KernelProcess {
+            pgid: Pid::from_raw(pid as i32),
+            stdout: child.stdout.take().expect("stdout is piped"),
+            stderr: child.stderr.take().expect("stderr is piped"),
+            child,
+            requests: pipe::Sender::from_owned_fd(req_w)?,
+            events: LineReader::new(pipe::Receiver::from_owned_fd(evt_r)?),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pgid.as_raw()
+    }
+
+    /// Signals the kernel's whole process group (the code and anything it started in
+    /// the foreground).
+    pub fn signal_group(&self, signal: Signal) {
+        if let Err(e) = killpg(self.pgid, signal) {
+            tracing::debug!(pgid = self.pgid.as_raw(), %signal, error = %e, "killpg failed");
+        }
+    }
+
+    pub async fn send(&mut self, line: &[u8]) -> io::Result<()> {
+        self.requests.write_all(line).await
+    }
+
+    /// The exit status if the kernel is gone.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for KernelProcess {
+    fn drop(&mut self) {
+        // A kernel that died by itself leaves its background jobs alone (they are the
+        // session's); one that is dropped alive goes with its whole group.
+        if self.exited().is_none() {
+            self.signal_group(Signal::SIGKILL);
+        }
+    }
+}
+
+/// Reads what is already in a non-blocking pipe right now, without waiting: at most
+/// `limit` bytes, in chunks of [`CHUNK`]. Used after the driver reports an event, so the
+/// output written before it is sent first. A raw read is used because the reactor's
+/// readiness may not have caught up with data that is already there.
+pub fn read_ready(fd: BorrowedFd<'_>, limit: usize, mut each: impl FnMut(&[u8])) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    while total < limit {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                total += n;
+                each(&buf[..n]);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return, // EAGAIN: drained
+        }
+    }
+}
+
+/// Splits the event pipe into lines, with a bound on line length.
+pub struct LineReader {
+    rx: pipe::Receiver,
+    buf: Vec<u8>,
+}
+
+impl LineReader {
+    fn new(rx: pipe::Receiver) -> LineReader {
+        LineReader { rx, buf: Vec::new() }
+    }
+
+    /// The next line without its newline; `None` at EOF. Cancel-safe: partial lines stay
+    /// in the buffer.
+    pub async fn next_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut scanned = 0;
+        loop {
+            if let Some(i) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + i;
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            scanned = self.buf.len();
+            if self.buf.len() > MAX_EVENT_LINE {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "event line too long"));
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.rx.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Raw fds of the output pipes, for [`read_ready`].
+pub fn output_fds(p: &KernelProcess) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+    (p.stdout.as_fd(), p.stderr.as_fd())
+}
+
+/// CPU time (user + system, self + waited-for children) of `pid` from /proc, for kernels
+/// whose driver does not measure it itself.
+pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14..=17 of the whole line; `rest` starts at 3.
+    let ticks: u64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()? as u64;
+    Some(std::time::Duration::from_nanos(ticks * 1_000_000_000 / hz.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_split_across_reads_and_eof_is_reported() {
+        let (tx, rx) = pipe::pipe().unwrap();
+        let mut reader = LineReader::new(rx);
+        let mut tx = tx;
+        tx.write_all(b"one\ntw").await.unwrap();
+        assert_eq!(reader.next_line().await.unwrap().unwrap(), b"one");
+        tx.write_all(b"o\n").await.unwrap();
+        assert_eq!(reader.next_line().await.unwrap().unwrap(), b"two");
+        drop(tx);
+        assert!(reader.next_line().await.unwrap().is_none());
+    }
+
+    #[test]
+    fn our_own_cpu_time_is_readable() {
+        assert!(proc_cpu_time(std::process::id() as i32).is_some());
+    }
+}

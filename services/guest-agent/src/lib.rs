@@ -1,0 +1,98 @@
+//! The Capsa guest agent: runs inside every microVM and serves `capsa.agent.v1.AgentService`
+//! (plus health and reflection) on vsock port 1024, and a raw echo server on port 1025 for
+//! benchmarks.
+//!
+//! - [`kernel`]: persistent Python and shell kernels, one execute at a time per kernel,
+//!   with streaming output, an output cap, timeouts and interrupts.
+//! - [`files`]: upload, download, list, info, mkdir, remove.
+//! - [`stats`]: memory, processes, uptime and kernel release of the guest.
+//! - [`grpc`]: the adapter between the proto contract and those modules.
+//! - [`echo`]: the echo server.
+//!
+//! [`run`] takes already bound listeners and a shutdown future, so tests run the agent as
+//! a plain process on Unix sockets.
+
+pub mod config;
+pub mod echo;
+pub mod error;
+pub mod files;
+pub mod grpc;
+pub mod kernel;
+pub mod stats;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsa_proto::agent::v1::agent_service_server::AgentServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_vsock::VsockListener;
+
+pub use config::Config;
+
+/// A bound listener: vsock in a VM, a Unix socket in tests.
+pub enum Listener {
+    Vsock(VsockListener),
+    Unix(UnixListener),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the scratch directory")]
+    Scratch(#[source] std::io::Error),
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` resolves: then health goes NOT_SERVING, running executes are
+/// interrupted, connections drain and the kernels are stopped.
+pub async fn run(
+    config: Config,
+    grpc: Listener,
+    echo: Option<Listener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        }
+    });
+    // Code files for the shell kernel; private to the agent (0700) and removed on exit.
+    let scratch = tempfile::Builder::new().prefix("capsa-agent-").tempdir().map_err(RunError::Scratch)?;
+    let settings = kernel::KernelSettings {
+        python: config.python.clone(),
+        shell: config.shell.clone(),
+        workdir: config.workdir.clone(),
+        scratch: scratch.path().to_owned(),
+        interrupt_grace: config.interrupt_grace(),
+    };
+    let kernels = Arc::new(kernel::Kernels::start(settings, config.prestart_python, stop.clone()));
+    let api = grpc::AgentApi::new(kernels.clone(), config.default_timeout(), stop.clone());
+    let server = capsa_grpc::Server::new().add_service(AgentServiceServer::new(api));
+
+    let echo_task = echo.map(|l| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            match l {
+                Listener::Vsock(l) => echo::serve(l.incoming(), stop.cancelled_owned()).await,
+                Listener::Unix(l) => echo::serve(UnixListenerStream::new(l), stop.cancelled_owned()).await,
+            }
+        })
+    });
+    let served = match grpc {
+        Listener::Vsock(l) => server.serve(l.incoming(), stop.clone().cancelled_owned()).await,
+        Listener::Unix(l) => server.serve(UnixListenerStream::new(l), stop.clone().cancelled_owned()).await,
+    };
+    stop.cancel();
+    if let Some(t) = echo_task {
+        let _ = t.await;
+    }
+    kernels.wait_stopped(config.interrupt_grace() + Duration::from_secs(2)).await;
+    served.map_err(RunError::Serve)
+}

@@ -1,0 +1,1 @@
+//! capsa-session-manager (under construction).

@@ -1,0 +1,1 @@
+//! capsa-vm-pool (under construction).

@@ -1,0 +1,9 @@
+//! What every Capsa gRPC server shares: the closed set of error codes and their one
+//! conversion to `tonic::Status` ([`error`]), and server assembly with health, reflection,
+//! trace-context extraction and graceful shutdown ([`server`]).
+
+pub mod error;
+pub mod server;
+
+pub use error::{ErrorCode, ServiceError, to_status};
+pub use server::{Server, serve_tcp};

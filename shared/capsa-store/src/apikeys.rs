@@ -1,0 +1,159 @@
+//! API keys and per-tenant limits.
+//!
+//! A key is shown to its owner once, at creation, and stored only as its sha256 hex:
+//! `capsa:apikey:{sha256}` is a hash `{tenant, name, created_ms}`. Authentication hashes the
+//! presented key and looks that up, so a leak of Redis leaks no usable key.
+//! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`).
+
+use rand::Rng as _;
+use rand::distr::Alphanumeric;
+use redis::AsyncCommands as _;
+use redis::aio::ConnectionManager;
+use sha2::{Digest as _, Sha256};
+
+use crate::{Result, StoreError};
+
+/// Every key starts with this, so leaked keys are easy to scan for.
+pub const KEY_PREFIX: &str = "capsa_";
+const KEY_RANDOM_LEN: usize = 32;
+
+fn apikey_key(hash: &str) -> String {
+    format!("capsa:apikey:{hash}")
+}
+
+/// `capsa:tenant:{id}:limits`: per-tenant overrides of server defaults.
+pub fn limits_key(tenant_id: &str) -> String {
+    format!("capsa:tenant:{tenant_id}:limits")
+}
+
+/// sha256 hex of a plaintext key: the only form in which keys are stored.
+pub fn hash_key(plaintext: &str) -> String {
+    hex::encode(Sha256::digest(plaintext.as_bytes()))
+}
+
+/// What a stored key grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub tenant_id: String,
+    pub name: String,
+    pub created_ms: i64,
+}
+
+/// A freshly created key. `plaintext` exists only here; `Debug` redacts it.
+pub struct NewApiKey {
+    pub plaintext: String,
+    pub hash: String,
+    pub record: ApiKeyRecord,
+}
+
+impl std::fmt::Debug for NewApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewApiKey")
+            .field("plaintext", &"<redacted>")
+            .field("hash", &self.hash)
+            .field("record", &self.record)
+            .finish()
+    }
+}
+
+/// API key and tenant-limit storage. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiKeyStore {
+    conn: ConnectionManager,
+}
+
+impl ApiKeyStore {
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self { conn }
+    }
+
+    /// Creates a key for `tenant_id` (format `capsa_` + 32 random alphanumerics) and
+    /// stores its hash. The plaintext is returned once and never stored.
+    pub async fn create(&self, tenant_id: &str, name: &str) -> Result<NewApiKey> {
+        let random: String =
+            rand::rng().sample_iter(&Alphanumeric).take(KEY_RANDOM_LEN).map(char::from).collect();
+        let plaintext = format!("{KEY_PREFIX}{random}");
+        let hash = hash_key(&plaintext);
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let created_ms = secs * 1000 + micros / 1000;
+        conn.hset_multiple::<_, _, _, ()>(
+            apikey_key(&hash),
+            &[
+                ("tenant", tenant_id.to_string()),
+                ("name", name.to_string()),
+                ("created_ms", created_ms.to_string()),
+            ],
+        )
+        .await?;
+        let record =
+            ApiKeyRecord { tenant_id: tenant_id.to_string(), name: name.to_string(), created_ms };
+        Ok(NewApiKey { plaintext, hash, record })
+    }
+
+    /// Looks up a presented plaintext key; `None` when it is not a known key.
+    pub async fn lookup(&self, plaintext: &str) -> Result<Option<ApiKeyRecord>> {
+        self.lookup_hash(&hash_key(plaintext)).await
+    }
+
+    /// Looks up a key by its sha256 hex.
+    pub async fn lookup_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>> {
+        let mut conn = self.conn.clone();
+        let key = apikey_key(hash);
+        let (tenant, name, created): (Option<String>, Option<String>, Option<String>) = redis::cmd(
+            "HMGET",
+        )
+        .arg(&key)
+        .arg("tenant")
+        .arg("name")
+        .arg("created_ms")
+        .query_async(&mut conn)
+        .await?;
+        let Some(tenant_id) = tenant else { return Ok(None) };
+        let created_ms = created
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| StoreError::Corrupt { key, reason: "created_ms is not a number".into() })?;
+        Ok(Some(ApiKeyRecord { tenant_id, name: name.unwrap_or_default(), created_ms }))
+    }
+
+    /// Deletes a key by its hash; returns whether it existed.
+    pub async fn revoke_hash(&self, hash: &str) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let removed: u32 = conn.del(apikey_key(hash)).await?;
+        Ok(removed > 0)
+    }
+
+    /// Sets the tenant's cap on concurrent (creating + active) sessions, overriding the
+    /// server default.
+    pub async fn set_max_sessions(&self, tenant_id: &str, max: u32) -> Result<()> {
+        let mut conn = self.conn.clone();
+        conn.hset::<_, _, _, ()>(limits_key(tenant_id), "max_sessions", max).await?;
+        Ok(())
+    }
+
+    /// The tenant's override of the concurrent-session cap, if one is set.
+    pub async fn max_sessions(&self, tenant_id: &str) -> Result<Option<u32>> {
+        let mut conn = self.conn.clone();
+        let key = limits_key(tenant_id);
+        let raw: Option<String> = conn.hget(&key, "max_sessions").await?;
+        raw.map(|v| {
+            v.parse()
+                .map_err(|_| StoreError::Corrupt { key, reason: "max_sessions is not a u32".into() })
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashing_is_sha256_hex() {
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! The node registry: each KVM host's vm-pool announces itself with a heartbeat.
+//!
+//! Layout: `capsa:node:{id}` holds the [`NodeRecord`] as JSON with a millisecond TTL, and
+//! the set `capsa:nodes` lists every id ever announced. A node is live while its key
+//! exists; [`NodeRegistry::live_nodes`] prunes ids whose key expired, so a host that died
+//! without saying goodbye drops out once its TTL passes.
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, StoreError};
+
+const NODES_SET: &str = "capsa:nodes";
+
+fn node_key(node_id: &str) -> String {
+    format!("capsa:node:{node_id}")
+}
+
+/// What a node announces about itself on every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Stable id of the KVM host.
+    pub node_id: String,
+    /// gRPC URL of the node's vm-pool (`http://host:port`).
+    pub vmpool_url: String,
+    /// gRPC URL of the node's executor.
+    pub executor_url: String,
+    /// The VM engine in use: "cloud-hypervisor", "qemu-kvm" or "qemu-tcg".
+    pub engine: String,
+    /// How many VMs the node may lease at once.
+    pub capacity: u32,
+    /// VMs leased right now.
+    pub leased: u32,
+    /// Warm VMs waiting in the pool.
+    pub warm: u32,
+    /// When the node wrote this record (its own clock, ms since the Unix epoch).
+    pub heartbeat_ms: i64,
+}
+
+impl NodeRecord {
+    /// Leases the node can still hand out (`capacity - leased`, never negative).
+    pub fn free(&self) -> u32 {
+        self.capacity.saturating_sub(self.leased)
+    }
+}
+
+/// Reads and writes node records. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeRegistry {
+    conn: ConnectionManager,
+}
+
+impl NodeRegistry {
+    /// A registry over an open connection (see [`crate::connect`]).
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self { conn }
+    }
+
+    /// Stores `rec` under `capsa:node:{id}` for `ttl` and adds the id to `capsa:nodes`, in
+    /// one MULTI so a reader never sees the id without its record's first version.
+    /// Call it well within `ttl` (e.g. every ttl/3) to stay live.
+    pub async fn heartbeat(&self, rec: &NodeRecord, ttl: Duration) -> Result<()> {
+        let json = serde_json::to_string(rec).map_err(|e| StoreError::Corrupt {
+            key: node_key(&rec.node_id),
+            reason: e.to_string(),
+        })?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(node_key(&rec.node_id))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl_ms)
+            .ignore()
+            .sadd(NODES_SET, &rec.node_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a node at once (graceful shutdown), instead of waiting for its TTL.
+    pub async fn remove(&self, node_id: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(node_key(node_id))
+            .ignore()
+            .srem(NODES_SET, node_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// One live node's record, if its heartbeat has not expired.
+    pub async fn get(&self, node_id: &str) -> Result<Option<NodeRecord>> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn.get(node_key(node_id)).await?;
+        raw.map(|json| parse(node_id, &json)).transpose()
+    }
+
+    /// Every node whose heartbeat has not expired, sorted by id. Ids whose key has
+    /// expired are removed from `capsa:nodes` on the way.
+    pub async fn live_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.smembers(NODES_SET).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| node_key(id)).collect();
+        let values: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        let mut live = Vec::with_capacity(ids.len());
+        let mut expired = Vec::new();
+        for (id, value) in ids.iter().zip(values) {
+            match value {
+                Some(json) => live.push(parse(id, &json)?),
+                None => expired.push(id.clone()),
+            }
+        }
+        if !expired.is_empty() {
+            // A heartbeat racing this SREM re-adds its id on the next beat (SADD is in
+            // every heartbeat), so pruning never loses a live node for longer than a beat.
+            conn.srem::<_, _, ()>(NODES_SET, &expired).await?;
+        }
+        live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(live)
+    }
+}
+
+fn parse(node_id: &str, json: &str) -> Result<NodeRecord> {
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt { key: node_key(node_id), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_never_goes_negative() {
+        let mut rec = NodeRecord {
+            node_id: "n".into(),
+            vmpool_url: String::new(),
+            executor_url: String::new(),
+            engine: "qemu-tcg".into(),
+            capacity: 4,
+            leased: 1,
+            warm: 0,
+            heartbeat_ms: 0,
+        };
+        assert_eq!(rec.free(), 3);
+        rec.leased = 9;
+        assert_eq!(rec.free(), 0);
+    }
+}

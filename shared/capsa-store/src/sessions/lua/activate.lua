@@ -1,0 +1,14 @@
+-- KEYS: session hash, expiry zset, node sessions set. ARGV: id, node id, vm id, max total ms.
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return { 'missing' } end
+if st ~= 'creating' then return reply('conflict', KEYS[1]) end
+local now = now_ms()
+local create = tonumber(redis.call('HGET', KEYS[1], 'create_ms'))
+local lifetime = tonumber(redis.call('HGET', KEYS[1], 'lifetime_ms'))
+-- The lifetime counts from activation, but never past the total bound from creation.
+local expire = math.min(now + lifetime, create + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'status', 'active', 'node_id', ARGV[2], 'vm_id', ARGV[3],
+  'expire_ms', expire, 'last_active_ms', now)
+redis.call('ZADD', KEYS[2], expire, ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return reply('ok', KEYS[1])

@@ -1,0 +1,502 @@
+//! Sessions in Redis, every state change an atomic Lua script.
+//!
+//! Layout (all times are ms on Redis' clock, read with `TIME` inside the scripts, so
+//! replicas with skewed clocks still agree on deadlines):
+//! - `capsa:session:{id}`: the record hash ([`SessionRecord`]); gets a TTL of the retention
+//!   period once terminated, so ended sessions stay readable for a while, then vanish.
+//! - `capsa:sessions:expiry`: zset of every session not yet terminated, scored by the time
+//!   its next action is due: the creation deadline while creating, the lifetime deadline
+//!   while active, the claim deadline while terminating. [`SessionStore::claim_due`] walks
+//!   it, so one zset serves the reaper (expiry), stuck-create cleanup and re-claiming
+//!   teardowns whose replica died.
+//! - `capsa:tenant:{t}:sessions`: zset of the tenant's sessions by create time (paging,
+//!   newest first); entries whose hash expired are pruned as listing meets them.
+//! - `capsa:tenant:{t}:active`: set of creating + active ids (the quota count).
+//! - `capsa:tenant:{t}:sessions_total`: how many sessions the tenant ever created.
+//! - `capsa:nodesessions:{node}`: ids of sessions whose VM is on that node (reconciler).
+//!
+//! Transitions: creating → active → terminating → terminated, creating may go straight
+//! to terminating. Whoever moves a session to terminating (one winner per session) owns
+//! its teardown (finalize usage, release the VM) until the claim deadline.
+
+mod record;
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+pub use record::{EndReason, SessionRecord, SessionStatus};
+
+use crate::apikeys::limits_key;
+use crate::{Result, StoreError};
+
+const EXPIRY: &str = "capsa:sessions:expiry";
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(include_str!("lua/common.lua"), include_str!(concat!("lua/", $file))))
+        })
+    };
+}
+
+static CREATE: LazyLock<Script> = script!("create.lua");
+static ACTIVATE: LazyLock<Script> = script!("activate.lua");
+static BEGIN_END: LazyLock<Script> = script!("begin_end.lua");
+static FINISH_END: LazyLock<Script> = script!("finish_end.lua");
+static CLAIM_DUE: LazyLock<Script> = script!("claim_due.lua");
+static EXTEND: LazyLock<Script> = script!("extend.lua");
+static TOUCH: LazyLock<Script> = script!("touch.lua");
+
+fn session_key(id: &str) -> String {
+    format!("capsa:session:{id}")
+}
+fn tenant_index_key(tenant: &str) -> String {
+    format!("capsa:tenant:{tenant}:sessions")
+}
+fn tenant_active_key(tenant: &str) -> String {
+    format!("capsa:tenant:{tenant}:active")
+}
+fn tenant_total_key(tenant: &str) -> String {
+    format!("capsa:tenant:{tenant}:sessions_total")
+}
+fn node_sessions_key(node: &str) -> String {
+    format!("capsa:nodesessions:{node}")
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Bounds the store enforces.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How long a terminated session stays readable.
+    pub retention: Duration,
+    /// How long a teardown claim lasts before another replica may take it over.
+    pub claim_ttl: Duration,
+    /// How long a session may stay creating before the reaper ends it. Keep it above the
+    /// VM acquire timeout so a live creator always finishes first.
+    pub creating_bound: Duration,
+    /// Upper bound of expire - create, extensions included.
+    pub max_total_lifetime: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(24 * 3600),
+            claim_ttl: Duration::from_secs(30),
+            creating_bound: Duration::from_secs(180),
+            max_total_lifetime: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What a new session asks for (already validated by the caller).
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: String,
+    pub tenant_id: String,
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub lifetime: Duration,
+}
+
+/// Outcome of [`SessionStore::create`].
+#[derive(Debug)]
+pub enum Created {
+    Ok(SessionRecord),
+    /// The tenant already has `limit` creating + active sessions.
+    QuotaExceeded { limit: u32 },
+    /// The id is taken (ids are random; this means a caller bug).
+    IdTaken,
+}
+
+/// Outcome of a transition script.
+#[derive(Debug)]
+pub enum Transition {
+    /// This caller made the change; the record after it.
+    Won(SessionRecord),
+    /// The session was not in a state this transition applies to; the record as it is.
+    Conflict(SessionRecord),
+    /// No such session (or its retention ran out).
+    Missing,
+}
+
+/// Outcome of [`SessionStore::extend`].
+#[derive(Debug)]
+pub enum Extended {
+    Ok(SessionRecord),
+    /// Not active; the record as it is.
+    NotActive(SessionRecord),
+    /// The total lifetime would pass the bound; at most `max_extend_ms` more is allowed.
+    TooLong { max_extend_ms: i64 },
+    Missing,
+}
+
+/// One session [`SessionStore::claim_due`] won, and why it was due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub id: String,
+    /// "expired", "creating" or "reclaimed".
+    pub kind: String,
+}
+
+/// Filters of [`SessionStore::list`]: all must match.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<SessionStatus>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Position after the last session of a page: its create time and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub create_ms: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// The opaque page token for this position.
+    pub fn to_token(&self) -> String {
+        hex::encode(format!("v1:{}:{}", self.create_ms, self.id))
+    }
+
+    /// Parses a token made by [`Cursor::to_token`]; `None` for anything else.
+    pub fn from_token(token: &str) -> Option<Cursor> {
+        let raw = String::from_utf8(hex::decode(token).ok()?).ok()?;
+        let rest = raw.strip_prefix("v1:")?;
+        let (score, id) = rest.split_once(':')?;
+        if id.is_empty() {
+            return None;
+        }
+        Some(Cursor { create_ms: score.parse().ok()?, id: id.to_string() })
+    }
+}
+
+/// A page of [`SessionStore::list`].
+#[derive(Debug)]
+pub struct ListPage {
+    pub sessions: Vec<SessionRecord>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// Session storage. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionStore {
+    conn: ConnectionManager,
+    config: StoreConfig,
+}
+
+fn parse_tagged(key: &str, raw: Vec<String>) -> Result<(String, Option<SessionRecord>)> {
+    let Some((tag, rest)) = raw.split_first() else {
+        return Err(StoreError::Corrupt { key: key.into(), reason: "empty script reply".into() });
+    };
+    let rec =
+        if rest.is_empty() { None } else { Some(SessionRecord::from_pairs(key, rest)?) };
+    Ok((tag.clone(), rec))
+}
+
+fn transition(key: &str, raw: Vec<String>) -> Result<Transition> {
+    match parse_tagged(key, raw)? {
+        (tag, Some(rec)) if tag == "ok" => Ok(Transition::Won(rec)),
+        (tag, Some(rec)) if tag == "conflict" => Ok(Transition::Conflict(rec)),
+        (tag, None) if tag == "missing" => Ok(Transition::Missing),
+        (tag, _) => {
+            Err(StoreError::Corrupt { key: key.into(), reason: format!("script replied {tag}") })
+        }
+    }
+}
+
+impl SessionStore {
+    pub fn new(conn: ConnectionManager, config: StoreConfig) -> Self {
+        Self { conn, config }
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Records a new session as creating, unless the tenant is at its cap of creating +
+    /// active sessions (`capsa:tenant:{t}:limits` `max_sessions`, else `default_max`).
+    pub async fn create(&self, new: &NewSession, default_max: u32) -> Result<Created> {
+        let key = session_key(&new.id);
+        let json = |m: &BTreeMap<String, String>| {
+            serde_json::to_string(m).expect("a map of strings always serializes")
+        };
+        let raw: Vec<String> = CREATE
+            .key(&key)
+            .key(EXPIRY)
+            .key(tenant_index_key(&new.tenant_id))
+            .key(tenant_active_key(&new.tenant_id))
+            .key(tenant_total_key(&new.tenant_id))
+            .key(limits_key(&new.tenant_id))
+            .arg(&new.id)
+            .arg(&new.tenant_id)
+            .arg(default_max)
+            .arg(ms(self.config.creating_bound))
+            .arg(&new.template)
+            .arg(new.vcpus)
+            .arg(new.memory_mib)
+            .arg(json(&new.env))
+            .arg(json(&new.metadata))
+            .arg(ms(new.lifetime))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if raw.first().map(String::as_str) == Some("quota") {
+            let limit = raw.get(1).and_then(|v| v.parse().ok()).unwrap_or(default_max);
+            return Ok(Created::QuotaExceeded { limit });
+        }
+        match parse_tagged(&key, raw)? {
+            (tag, Some(rec)) if tag == "ok" => Ok(Created::Ok(rec)),
+            (tag, None) if tag == "exists" => Ok(Created::IdTaken),
+            (tag, _) => {
+                Err(StoreError::Corrupt { key, reason: format!("create script replied {tag}") })
+            }
+        }
+    }
+
+    /// creating → active on `node_id`/`vm_id`; the deadline becomes now + lifetime
+    /// (bounded by create + the total bound). `Conflict` means the session was ended
+    /// meanwhile and the caller must release the VM it holds.
+    pub async fn activate(&self, id: &str, node_id: &str, vm_id: &str) -> Result<Transition> {
+        let key = session_key(id);
+        let raw: Vec<String> = ACTIVATE
+            .key(&key)
+            .key(EXPIRY)
+            .key(node_sessions_key(node_id))
+            .arg(id)
+            .arg(node_id)
+            .arg(vm_id)
+            .arg(ms(self.config.max_total_lifetime))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        transition(&key, raw)
+    }
+
+    /// creating/active → terminating with `reason`; the winner owns the teardown.
+    /// `only_if` narrows the states it applies to (e.g. only active for VM failures).
+    pub async fn begin_end(
+        &self,
+        id: &str,
+        reason: EndReason,
+        message: &str,
+        only_if: Option<SessionStatus>,
+    ) -> Result<Transition> {
+        let key = session_key(id);
+        let raw: Vec<String> = BEGIN_END
+            .key(&key)
+            .key(EXPIRY)
+            .arg(id)
+            .arg(reason.as_str())
+            .arg(message)
+            .arg(ms(self.config.claim_ttl))
+            .arg(only_if.map(SessionStatus::as_str).unwrap_or(""))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        transition(&key, raw)
+    }
+
+    /// terminating → terminated (after the VM is released); `note` is appended to the end
+    /// message when non-empty. The record then lives for the retention period.
+    pub async fn finish_end(&self, id: &str, note: &str) -> Result<Transition> {
+        let key = session_key(id);
+        let raw: Vec<String> = FINISH_END
+            .key(&key)
+            .key(EXPIRY)
+            .arg(id)
+            .arg(ms(self.config.retention))
+            .arg(note)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        transition(&key, raw)
+    }
+
+    /// Claims up to `limit` due sessions (see the module docs); returns only those this
+    /// caller won. Two replicas calling it at once never both get one id.
+    pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>> {
+        let raw: Vec<String> = CLAIM_DUE
+            .key(EXPIRY)
+            .arg(limit)
+            .arg(ms(self.config.claim_ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(raw
+            .chunks_exact(2)
+            .map(|p| Claimed { id: p[0].clone(), kind: p[1].clone() })
+            .collect())
+    }
+
+    /// Time until the earliest due action, if any session is pending (for the reaper's
+    /// sleep), measured on Redis' clock.
+    pub async fn next_due_in(&self) -> Result<Option<Duration>> {
+        let mut conn = self.conn.clone();
+        let first: Vec<(String, f64)> =
+            redis::cmd("ZRANGE").arg(EXPIRY).arg(0).arg(0).arg("WITHSCORES").query_async(&mut conn).await?;
+        let Some((_, score)) = first.first() else { return Ok(None) };
+        let now = self.now_ms().await?;
+        Ok(Some(Duration::from_millis((*score as i64 - now).max(0) as u64)))
+    }
+
+    /// Redis' clock, ms since the Unix epoch.
+    pub async fn now_ms(&self) -> Result<i64> {
+        let (secs, micros): (i64, i64) =
+            redis::cmd("TIME").query_async(&mut self.conn.clone()).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// Adds `by` to an active session's deadline.
+    pub async fn extend(&self, id: &str, by: Duration) -> Result<Extended> {
+        let key = session_key(id);
+        let raw: Vec<String> = EXTEND
+            .key(&key)
+            .key(EXPIRY)
+            .arg(id)
+            .arg(ms(by))
+            .arg(ms(self.config.max_total_lifetime))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if raw.first().map(String::as_str) == Some("too_long") {
+            let max_extend_ms = raw.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            return Ok(Extended::TooLong { max_extend_ms });
+        }
+        Ok(match transition(&key, raw)? {
+            Transition::Won(rec) => Extended::Ok(rec),
+            Transition::Conflict(rec) => Extended::NotActive(rec),
+            Transition::Missing => Extended::Missing,
+        })
+    }
+
+    /// Records activity on an active session (one round trip, no read).
+    pub async fn touch(&self, id: &str) -> Result<()> {
+        let _: i64 = TOUCH.key(session_key(id)).invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// The session, if it exists (terminated ones until their retention ends).
+    pub async fn get(&self, id: &str) -> Result<Option<SessionRecord>> {
+        let key = session_key(id);
+        let flat: Vec<String> = self.conn.clone().hgetall(&key).await?;
+        if flat.is_empty() {
+            return Ok(None);
+        }
+        SessionRecord::from_pairs(&key, &flat).map(Some)
+    }
+
+    /// Ids of sessions whose VM lives on `node_id` (active or being torn down).
+    pub async fn node_sessions(&self, node_id: &str) -> Result<Vec<String>> {
+        Ok(self.conn.clone().smembers(node_sessions_key(node_id)).await?)
+    }
+
+    /// The tenant's creating + active count, and how many sessions it ever created.
+    pub async fn counts(&self, tenant: &str) -> Result<(u32, u64)> {
+        let (active, total): (u32, Option<u64>) = redis::pipe()
+            .scard(tenant_active_key(tenant))
+            .get(tenant_total_key(tenant))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok((active, total.unwrap_or(0)))
+    }
+
+    /// One page of the tenant's sessions, newest first, that match `filter`, starting
+    /// after `after`. Scans the tenant index in batches, so filters that match little
+    /// cost more round trips but never unbounded memory.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        filter: &ListFilter,
+        page_size: usize,
+        after: Option<&Cursor>,
+    ) -> Result<ListPage> {
+        const BATCH: usize = 256;
+        let index = tenant_index_key(tenant);
+        let mut conn = self.conn.clone();
+        let max = after.map(|c| c.create_ms.to_string()).unwrap_or_else(|| "+inf".into());
+        let mut offset = 0usize;
+        let mut out: Vec<SessionRecord> = Vec::with_capacity(page_size + 1);
+        'scan: loop {
+            let entries: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&index)
+                .arg(&max)
+                .arg("-inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(BATCH)
+                .query_async(&mut conn)
+                .await?;
+            if entries.is_empty() {
+                break;
+            }
+            offset += entries.len();
+            let mut pipe = redis::pipe();
+            for (id, _) in &entries {
+                pipe.hgetall(session_key(id));
+            }
+            let hashes: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+            let mut gone = Vec::new();
+            for ((id, score), flat) in entries.iter().zip(hashes) {
+                // Equal scores come in reverse id order, so a cursor's tie-breaker is the id.
+                if let Some(c) = after
+                    && *score as i64 == c.create_ms
+                    && *id >= c.id
+                {
+                    continue;
+                }
+                if flat.is_empty() {
+                    gone.push(id.clone());
+                    continue;
+                }
+                let rec = SessionRecord::from_pairs(&session_key(id), &flat)?;
+                if filter.status.is_some_and(|s| s != rec.status)
+                    || !filter.metadata.iter().all(|(k, v)| rec.metadata.get(k) == Some(v))
+                {
+                    continue;
+                }
+                out.push(rec);
+                if out.len() > page_size {
+                    break;
+                }
+            }
+            if !gone.is_empty() {
+                // Retention ran out for these; the index forgets them too.
+                conn.zrem::<_, _, ()>(&index, &gone).await?;
+                offset -= gone.len();
+            }
+            if out.len() > page_size {
+                break 'scan;
+            }
+        }
+        let next = if out.len() > page_size {
+            out.truncate(page_size);
+            out.last().map(|r| Cursor { create_ms: r.create_ms, id: r.id.clone() })
+        } else {
+            None
+        };
+        Ok(ListPage { sessions: out, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let c = Cursor { create_ms: 1_700_000_000_123, id: "abc".into() };
+        assert_eq!(Cursor::from_token(&c.to_token()), Some(c));
+        for bad in ["", "zz", &hex::encode("v2:1:a"), &hex::encode("v1:x:a"), &hex::encode("v1:1:")]
+        {
+            assert_eq!(Cursor::from_token(bad), None, "{bad}");
+        }
+    }
+}

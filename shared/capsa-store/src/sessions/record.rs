@@ -1,0 +1,196 @@
+//! The session record as stored in its hash, and the small enums its fields hold.
+
+use std::collections::BTreeMap;
+
+use crate::{Result, StoreError};
+
+/// Where a session is in its life. Transitions only go forward:
+/// creating → active → terminating → terminated (creating may skip to terminating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionStatus {
+    Creating,
+    Active,
+    Terminating,
+    Terminated,
+}
+
+impl SessionStatus {
+    /// The string stored in Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Creating => "creating",
+            SessionStatus::Active => "active",
+            SessionStatus::Terminating => "terminating",
+            SessionStatus::Terminated => "terminated",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "creating" => SessionStatus::Creating,
+            "active" => SessionStatus::Active,
+            "terminating" => SessionStatus::Terminating,
+            "terminated" => SessionStatus::Terminated,
+            _ => return None,
+        })
+    }
+
+    /// Terminating or terminated.
+    pub fn is_ended(self) -> bool {
+        matches!(self, SessionStatus::Terminating | SessionStatus::Terminated)
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    Deleted,
+    Expired,
+    VmFailed,
+    CreateFailed,
+}
+
+impl EndReason {
+    /// The string stored in Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Deleted => "deleted",
+            EndReason::Expired => "expired",
+            EndReason::VmFailed => "vm_failed",
+            EndReason::CreateFailed => "create_failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "deleted" => EndReason::Deleted,
+            "expired" => EndReason::Expired,
+            "vm_failed" => EndReason::VmFailed,
+            "create_failed" => EndReason::CreateFailed,
+            _ => return None,
+        })
+    }
+}
+
+/// One session, as read from `capsa:session:{id}`. Times are ms since the Unix epoch on
+/// Redis' clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub status: SessionStatus,
+    /// Set once terminating.
+    pub end_reason: Option<EndReason>,
+    pub end_message: String,
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Lifetime requested at creation; the deadline is activation + lifetime.
+    pub lifetime_ms: i64,
+    pub create_ms: i64,
+    /// Set once active.
+    pub expire_ms: Option<i64>,
+    pub last_active_ms: i64,
+    /// Set once terminated.
+    pub end_ms: Option<i64>,
+    /// Set once active.
+    pub node_id: String,
+    pub vm_id: String,
+}
+
+impl SessionRecord {
+    /// Builds a record from HGETALL's flat field/value list.
+    pub(crate) fn from_pairs(key: &str, flat: &[String]) -> Result<Self> {
+        let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
+        for pair in flat.chunks_exact(2) {
+            fields.insert(pair[0].as_str(), pair[1].as_str());
+        }
+        let corrupt = |reason: String| StoreError::Corrupt { key: key.to_string(), reason };
+        let text = |name: &str| fields.get(name).copied().unwrap_or_default().to_string();
+        let int = |name: &str| -> Result<Option<i64>> {
+            match fields.get(name) {
+                None | Some(&"") => Ok(None),
+                Some(v) => v.parse().map(Some).map_err(|_| corrupt(format!("{name} is {v:?}"))),
+            }
+        };
+        let map = |name: &str| -> Result<BTreeMap<String, String>> {
+            match fields.get(name) {
+                None | Some(&"") => Ok(BTreeMap::new()),
+                Some(v) => serde_json::from_str(v).map_err(|e| corrupt(format!("{name}: {e}"))),
+            }
+        };
+        let status_raw = text("status");
+        let status = SessionStatus::parse(&status_raw)
+            .ok_or_else(|| corrupt(format!("status is {status_raw:?}")))?;
+        let end_reason = match fields.get("end_reason") {
+            None | Some(&"") => None,
+            Some(v) => {
+                Some(EndReason::parse(v).ok_or_else(|| corrupt(format!("end_reason is {v:?}")))?)
+            }
+        };
+        let small = |name: &str| -> Result<u32> {
+            let v = int(name)?.unwrap_or(0);
+            u32::try_from(v).map_err(|_| corrupt(format!("{name} is {v}")))
+        };
+        Ok(SessionRecord {
+            id: text("id"),
+            tenant_id: text("tenant"),
+            status,
+            end_reason,
+            end_message: text("end_message"),
+            template: text("template"),
+            vcpus: small("vcpus")?,
+            memory_mib: small("memory_mib")?,
+            env: map("env")?,
+            metadata: map("metadata")?,
+            lifetime_ms: int("lifetime_ms")?.unwrap_or(0),
+            create_ms: int("create_ms")?.unwrap_or(0),
+            expire_ms: int("expire_ms")?,
+            last_active_ms: int("last_active_ms")?.unwrap_or(0),
+            end_ms: int("end_ms")?,
+            node_id: text("node_id"),
+            vm_id: text("vm_id"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(pairs: &[(&str, &str)]) -> Vec<String> {
+        pairs.iter().flat_map(|(k, v)| [k.to_string(), v.to_string()]).collect()
+    }
+
+    #[test]
+    fn parses_a_stored_hash() {
+        let rec = SessionRecord::from_pairs(
+            "k",
+            &flat(&[
+                ("id", "s1"),
+                ("tenant", "t"),
+                ("status", "terminating"),
+                ("end_reason", "vm_failed"),
+                ("vcpus", "2"),
+                ("env", r#"{"A":"1"}"#),
+                ("create_ms", "1000"),
+                ("expire_ms", "2000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(rec.status, SessionStatus::Terminating);
+        assert_eq!(rec.end_reason, Some(EndReason::VmFailed));
+        assert_eq!(rec.vcpus, 2);
+        assert_eq!(rec.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(rec.expire_ms, Some(2000));
+        assert_eq!(rec.end_ms, None);
+    }
+
+    #[test]
+    fn rejects_unknown_status() {
+        let err = SessionRecord::from_pairs("k", &flat(&[("status", "zombie")])).unwrap_err();
+        assert!(err.to_string().contains("status"), "{err}");
+    }
+}

@@ -1,0 +1,38 @@
+//! Test fixtures shared by every crate's integration tests. Each fixture starts a real
+//! process or listener on an ephemeral port and stops it on drop, even when the test panics.
+//!
+//! - [`RedisServer`]: a `redis-server` with its own port and data dir.
+//! - [`ServiceProcess`]: a Capsa service binary started with `--listen 127.0.0.1:0`; the
+//!   address comes from the `CAPSA_LISTENING=<addr>` line every service prints once bound.
+//! - [`HybridVsockProxy`]: a hybrid-vsock endpoint in front of an agent running as a plain
+//!   process (the test seam for the guest agent; VM tests use the real thing).
+//! - [`eventually!`]: polls an async condition until it holds or a deadline passes.
+
+mod process;
+mod redis;
+mod vsock;
+
+pub use process::{ServiceProcess, workspace_binary};
+pub use redis::RedisServer;
+pub use vsock::HybridVsockProxy;
+
+/// Polls `$cond` (an async expression yielding `bool`) every 20 ms until it is true, or
+/// panics after `$secs` seconds (default 10) with the condition's text.
+#[macro_export]
+macro_rules! eventually {
+    ($cond:expr) => {
+        $crate::eventually!($cond, 10)
+    };
+    ($cond:expr, $secs:expr) => {{
+        let deadline = ::std::time::Instant::now() + ::std::time::Duration::from_secs($secs);
+        loop {
+            if $cond {
+                break;
+            }
+            if ::std::time::Instant::now() > deadline {
+                panic!("condition not met within {}s: {}", $secs, stringify!($cond));
+            }
+            ::tokio::time::sleep(::std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}

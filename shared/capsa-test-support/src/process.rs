@@ -1,0 +1,113 @@
+//! Service binaries as child processes. Every Capsa service prints `CAPSA_LISTENING=<addr>`
+//! on stdout once its listener is bound, so tests start them on `127.0.0.1:0` with no fixed
+//! ports and no sleeps.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// Path of a binary built in this workspace's target dir (`target/<profile>/<name>`),
+/// found from the running test executable (`target/<profile>/deps/<test>`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo nextest run --workspace` (or build it first)",
+        path.display()
+    );
+    path
+}
+
+/// A running service; killed (SIGKILL to its process group) on drop.
+pub struct ServiceProcess {
+    child: Child,
+    addr: String,
+    name: String,
+}
+
+impl ServiceProcess {
+    /// Starts workspace binary `name` with `args` (which should include
+    /// `--listen 127.0.0.1:0`) and waits up to 60 s for its `CAPSA_LISTENING=` line.
+    pub async fn start(name: &str, args: &[String]) -> ServiceProcess {
+        Self::start_with_env(name, args, &[]).await
+    }
+
+    /// Like [`ServiceProcess::start`], with extra environment variables.
+    pub async fn start_with_env(
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> ServiceProcess {
+        let mut cmd = Command::new(workspace_binary(name));
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("CAPSA_LISTENING=") {
+                    return Some(addr.trim().to_string());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("{name} exited or never printed CAPSA_LISTENING="));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServiceProcess { child, addr, name: name.to_string() }
+    }
+
+    /// The bound address, e.g. `127.0.0.1:41234`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `http://<addr>`, for tonic clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit (SIGKILL after `grace`); returns whether
+    /// it exited on its own.
+    pub async fn terminate(mut self, grace: Duration) -> bool {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) with a pid we own; no memory is touched.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status.is_ok(),
+            Err(_) => {
+                eprintln!("{} ignored SIGTERM for {grace:?}; killing", self.name);
+                false
+            }
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // The whole group: a service's own children (VMMs) must not outlive a test.
+            // SAFETY: kill(2) on our child's process group.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! What every engine's running VM has in common: its directory, the VMM and helper
+//! processes, the console, process-level counters from `/proc`, and destruction.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use futures::FutureExt as _;
+use tokio::process::Command;
+
+use crate::console::Console;
+use crate::process::{self, Supervised};
+use crate::{EngineKind, VmCounters, VmExit, VmSpec, VmmError, layout};
+
+pub(crate) struct Instance {
+    pub id: String,
+    pub dir: PathBuf,
+    pub engine: EngineKind,
+    pub vmm: Supervised,
+    /// Companion processes the VM cannot work without (vhost-device-vsock for QEMU).
+    pub helpers: Vec<(&'static str, Supervised)>,
+    pub console: Console,
+    /// Held while destroying; `true` once done, so destroy is idempotent.
+    destroyed: tokio::sync::Mutex<bool>,
+}
+
+impl Instance {
+    pub fn new(
+        spec: &VmSpec,
+        engine: EngineKind,
+        vmm: Supervised,
+        helpers: Vec<(&'static str, Supervised)>,
+        console: Console,
+    ) -> Instance {
+        Instance {
+            id: spec.id.clone(),
+            dir: spec.dir.clone(),
+            engine,
+            vmm,
+            helpers,
+            console,
+            destroyed: tokio::sync::Mutex::new(false),
+        }
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.vmm.pid()).chain(self.helpers.iter().map(|(_, h)| h.pid())).collect()
+    }
+
+    /// The first exit among the VMM and its helpers: a VM whose vsock backend died is as
+    /// unusable as one whose VMM died.
+    pub async fn wait(&self) -> VmExit {
+        let mut waits = vec![self.vmm.wait().boxed()];
+        for (name, helper) in &self.helpers {
+            waits.push(
+                async move {
+                    let mut exit = helper.wait().await;
+                    exit.description = format!("{name} {}", exit.description);
+                    exit
+                }
+                .boxed(),
+            );
+        }
+        futures::future::select_all(waits).await.0
+    }
+
+    pub fn exit(&self) -> Option<VmExit> {
+        self.vmm.exit().or_else(|| {
+            self.helpers.iter().find_map(|(name, h)| {
+                h.exit().map(|mut e| {
+                    e.description = format!("{name} {}", e.description);
+                    e
+                })
+            })
+        })
+    }
+
+    /// cpu time and resident memory of the VMM process; disk and network left at zero
+    /// for the engine to fill in.
+    pub fn process_counters(&self) -> Result<VmCounters, VmmError> {
+        if let Some(exit) = self.vmm.exit() {
+            return Err(VmmError::Exited(exit.description));
+        }
+        let pid = self.vmm.pid();
+        let proc_path = PathBuf::from(format!("/proc/{pid}"));
+        let cpu_time = process::cpu_time(pid).map_err(|e| VmmError::io("read vmm stat", &proc_path, e))?;
+        let vmm_resident_bytes =
+            process::resident_bytes(pid).map_err(|e| VmmError::io("read vmm status", &proc_path, e))?;
+        Ok(VmCounters { cpu_time, vmm_resident_bytes, sample_time: Some(SystemTime::now()), ..Default::default() })
+    }
+
+    /// Kills every process (VMM first, so the guest stops before its devices), waits for
+    /// their exits and removes the directory. Idempotent.
+    pub async fn destroy(&self) -> Result<(), VmmError> {
+        let mut destroyed = self.destroyed.lock().await;
+        if *destroyed {
+            return Ok(());
+        }
+        self.vmm.kill_and_wait().await;
+        for (_, helper) in &self.helpers {
+            helper.kill_and_wait().await;
+        }
+        remove_dir(&self.dir).await?;
+        *destroyed = true;
+        Ok(())
+    }
+}
+
+/// Creates the VM's directory; it must not exist (a VM id is never reused).
+pub(crate) fn create_dir(dir: &Path) -> Result<(), VmmError> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| VmmError::io("create state dir", parent, e))?;
+    }
+    std::fs::create_dir(dir).map_err(|e| VmmError::io("create vm dir", dir, e))
+}
+
+pub(crate) async fn remove_dir(dir: &Path) -> Result<(), VmmError> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VmmError::io("remove vm dir", dir, e)),
+    }
+}
+
+/// Writes a pid file so a later owner of the state dir can find (and verify) the process.
+pub(crate) fn write_pid(dir: &Path, name: &str, pid: u32) -> Result<(), VmmError> {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{pid}\n")).map_err(|e| VmmError::io("write pid file", path, e))
+}
+
+/// `qemu-img create -f qcow2 -F raw -b <base> <dir>/overlay.qcow2`: a copy-on-write layer
+/// that costs no copy of the base.
+pub(crate) async fn create_overlay(qemu_img: &Path, base: &Path, dir: &Path) -> Result<PathBuf, VmmError> {
+    let overlay = dir.join(layout::OVERLAY);
+    let out = Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(&overlay)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|source| VmmError::Spawn { program: qemu_img.display().to_string(), source })?;
+    if !out.status.success() {
+        return Err(VmmError::StartupExit {
+            process: "qemu-img",
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(overlay)
+}
+
+/// Removes `dir` when dropped, unless disarmed: start-up failures leave nothing behind.
+pub(crate) struct DirGuard<'a>(Option<&'a Path>);
+
+impl<'a> DirGuard<'a> {
+    pub fn new(dir: &'a Path) -> Self {
+        DirGuard(Some(dir))
+    }
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DirGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! QEMU `-machine microvm` driver (KVM or TCG).
+//!
+//! Start-up, per VM (everything in the VM's dir):
+//! 1. `qemu-img create` the qcow2 overlay over the read-only base;
+//! 2. start `vhost-device-vsock --vm guest-cid=3,socket=vhost.sock,uds-path=vsock.sock` and
+//!    wait until `vhost.sock` listens (QEMU connects to it at start-up and fails if it can't);
+//! 3. bind `qmp.sock`, start QEMU with `-qmp unix:qmp.sock` (QEMU connects to us), and
+//!    negotiate QMP. Guest memory is a shared memfd because vhost-user needs to map it.
+//!
+//! The serial console goes to QEMU's stdout (see `console`). `-no-reboot` turns a guest
+//! panic or reboot into a QEMU exit, which is how a dead guest is noticed.
+//! Pause/resume are QMP `stop`/`cont`; snapshot and restore are not offered for QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use tokio::net::UnixListener;
+use tokio::process::Command;
+
+use crate::console::Console;
+use crate::instance::{self, DirGuard, Instance};
+use crate::process::{Supervised, find_in_path, wait_listening};
+use crate::qmp::{Qmp, blockstats_totals};
+use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, VmmError, layout};
+
+/// How long QEMU and its helper get to come up (not the guest: that is the caller's wait).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuAccel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+    pub accel: QemuAccel,
+    /// Boot this kernel instead of the spec's (a PVM guest kernel on a PVM host).
+    pub kernel_override: Option<PathBuf>,
+}
+
+impl QemuConfig {
+    /// Finds the binaries in `PATH` (vhost-device-vsock also in `~/.cargo/bin`, where
+    /// `cargo install` puts it).
+    pub fn discover(accel: QemuAccel) -> Result<QemuConfig, VmmError> {
+        let need = |name: &str| {
+            find_in_path(name).ok_or_else(|| VmmError::NoEngine(format!("{name} not found in PATH")))
+        };
+        let vhost = find_in_path("vhost-device-vsock")
+            .or_else(|| {
+                let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/vhost-device-vsock");
+                crate::process::is_executable(&p).then_some(p)
+            })
+            .ok_or_else(|| VmmError::NoEngine("vhost-device-vsock not found in PATH or ~/.cargo/bin".into()))?;
+        Ok(QemuConfig {
+            qemu: need("qemu-system-x86_64")?,
+            qemu_img: need("qemu-img")?,
+            vhost_device_vsock: vhost,
+            accel,
+            kernel_override: None,
+        })
+    }
+}
+
+pub struct Qemu {
+    config: QemuConfig,
+}
+
+impl Qemu {
+    pub fn new(config: QemuConfig) -> Qemu {
+        Qemu { config }
+    }
+
+    fn engine_kind(&self) -> EngineKind {
+        match self.config.accel {
+            QemuAccel::Kvm => EngineKind::QemuKvm,
+            QemuAccel::Tcg => EngineKind::QemuTcg,
+        }
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<QemuVm, VmmError> {
+        spec.validate()?;
+        let dir = spec.dir.as_path();
+        instance::create_dir(dir)?;
+        let guard = DirGuard::new(dir);
+        let overlay = match &spec.rootfs_base {
+            Some(base) => Some(instance::create_overlay(&self.config.qemu_img, base, dir).await?),
+            None => None,
+        };
+
+        let vhost_log = dir.join("vsock.log");
+        let mut cmd = Command::new(&self.config.vhost_device_vsock);
+        cmd.arg("--vm").arg(format!(
+            "guest-cid=3,socket={},uds-path={}",
+            dir.join(layout::VHOST_SOCKET).display(),
+            dir.join(layout::VSOCK_SOCKET).display()
+        ));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file(&vhost_log)?);
+        let (vhost, _) = Supervised::spawn(cmd, "vhost-device-vsock", Some(&vhost_log))?;
+        instance::write_pid(dir, layout::VSOCK_PID, vhost.pid())?;
+        wait_listening(&dir.join(layout::VHOST_SOCKET), &vhost, "vhost-device-vsock", STARTUP_TIMEOUT).await?;
+
+        let qmp_path = dir.join(layout::QMP_SOCKET);
+        let qmp_listener = UnixListener::bind(&qmp_path).map_err(|e| VmmError::io("bind qmp socket", &qmp_path, e))?;
+        let vmm_log = dir.join(layout::VMM_LOG);
+        let mut cmd = Command::new(&self.config.qemu);
+        cmd.args(qemu_args(spec, &self.config, overlay.as_deref()));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file(&vmm_log)?);
+        let (vmm, stdout) = Supervised::spawn(cmd, "qemu-system-x86_64", Some(&vmm_log))?;
+        instance::write_pid(dir, layout::VMM_PID, vmm.pid())?;
+        let console = Console::start(stdout.expect("stdout is piped"), &dir.join(layout::CONSOLE_LOG))?;
+
+        let stream = tokio::select! {
+            accepted = tokio::time::timeout(STARTUP_TIMEOUT, qmp_listener.accept()) => match accepted {
+                Ok(Ok((stream, _))) => stream,
+                Ok(Err(e)) => return Err(VmmError::io("accept qmp", &qmp_path, e)),
+                Err(_) => return Err(VmmError::Timeout("qemu connecting to qmp".into())),
+            },
+            exit = vmm.wait() => {
+                return Err(VmmError::StartupExit { process: "qemu-system-x86_64", detail: exit.description });
+            }
+        };
+        let qmp = Qmp::handshake(stream).await?;
+        guard.disarm();
+        let instance = Instance::new(spec, self.engine_kind(), vmm, vec![("vhost-device-vsock", vhost)], console);
+        tracing::debug!(vm = %spec.id, pid = instance.vmm.pid(), "qemu started");
+        Ok(QemuVm { instance, qmp })
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::File::create(path).map_err(|e| VmmError::io("create log", path, e))
+}
+
+/// QEMU's command line for `spec`; a pure function so it is tested without QEMU.
+pub(crate) fn qemu_args(spec: &VmSpec, config: &QemuConfig, overlay: Option<&Path>) -> Vec<String> {
+    let dir = &spec.dir;
+    let mem = spec.memory_mib;
+    let kernel = config.kernel_override.as_deref().unwrap_or(&spec.kernel);
+    let (accel, cpu) = match config.accel {
+        QemuAccel::Kvm => ("kvm", "host"),
+        QemuAccel::Tcg => ("tcg", "max"),
+    };
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("capsa-{}", spec.id),
+        "-machine".into(),
+        "microvm,memory-backend=mem,x-option-roms=off".into(),
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-m".into(),
+        format!("{mem}M"),
+        // vhost-user maps guest memory in the backend process: it must be a shared fd.
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-append".into(),
+        spec.cmdline.clone(),
+    ];
+    if let Some(initrd) = &spec.initrd {
+        args.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    if let Some(overlay) = overlay {
+        args.extend([
+            "-drive".into(),
+            // The overlay is thrown away with the VM: no flushes needed.
+            format!("id=root,file={},format=qcow2,if=none,cache=unsafe,discard=unmap", overlay.display()),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+    }
+    args.extend([
+        "-chardev".into(),
+        format!("socket,id=vsock,path={}", dir.join(layout::VHOST_SOCKET).display()),
+        "-device".into(),
+        "vhost-user-vsock-device,chardev=vsock".into(),
+        "-qmp".into(),
+        format!("unix:{}", dir.join(layout::QMP_SOCKET).display()),
+    ]);
+    args
+}
+
+impl Hypervisor for Qemu {
+    fn engine(&self) -> EngineKind {
+        self.engine_kind()
+    }
+
+    fn boot<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>> {
+        async move { self.start(spec).await.map(|vm| Arc::new(vm) as Arc<dyn VirtualMachine>) }.boxed()
+    }
+
+    fn restore<'a>(&'a self, _: &'a VmSpec, _: &'a Path) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>> {
+        let engine = self.engine_kind().as_str();
+        async move { Err(VmmError::Unsupported { operation: "restore", engine }) }.boxed()
+    }
+}
+
+/// A running QEMU VM.
+pub struct QemuVm {
+    instance: Instance,
+    qmp: Qmp,
+}
+
+impl QemuVm {
+    async fn qmp(&self, command: &str) -> Result<serde_json::Value, VmmError> {
+        if let Some(exit) = self.instance.vmm.exit() {
+            return Err(VmmError::Exited(exit.description));
+        }
+        self.qmp.execute(command, None).await
+    }
+}
+
+impl VirtualMachine for QemuVm {
+    fn id(&self) -> &str {
+        &self.instance.id
+    }
+    fn engine(&self) -> EngineKind {
+        self.instance.engine
+    }
+    fn vmm_pid(&self) -> u32 {
+        self.instance.vmm.pid()
+    }
+    fn pids(&self) -> Vec<u32> {
+        self.instance.pids()
+    }
+    fn dir(&self) -> &Path {
+        &self.instance.dir
+    }
+    fn wait(&self) -> BoxFuture<'_, VmExit> {
+        self.instance.wait().boxed()
+    }
+    fn exit(&self) -> Option<VmExit> {
+        self.instance.exit()
+    }
+    fn wait_for_console<'a>(&'a self, marker: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
+        self.instance.console.wait_for(marker).boxed()
+    }
+    fn counters(&self) -> BoxFuture<'_, Result<VmCounters, VmmError>> {
+        async move {
+            let mut counters = self.instance.process_counters()?;
+            let stats = self.qmp("query-blockstats").await?;
+            (counters.disk_read_bytes, counters.disk_write_bytes) = blockstats_totals(&stats);
+            Ok(counters)
+        }
+        .boxed()
+    }
+    fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
+        async move { self.qmp("stop").await.map(drop) }.boxed()
+    }
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>> {
+        async move { self.qmp("cont").await.map(drop) }.boxed()
+    }
+    fn snapshot<'a>(&'a self, _: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        let engine = self.instance.engine.as_str();
+        async move { Err(VmmError::Unsupported { operation: "snapshot", engine }) }.boxed()
+    }
+    fn destroy(&self) -> BoxFuture<'_, Result<(), VmmError>> {
+        self.instance.destroy().boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_shared_memory_overlay_vsock_and_qmp() {
+        let spec = VmSpec {
+            id: "vm-abc".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/img/bzImage".into(),
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+            rootfs_base: Some("/img/rootfs.ext4".into()),
+            initrd: None,
+            dir: "/state/vms/vm-abc".into(),
+        };
+        let config = QemuConfig {
+            qemu: "qemu".into(),
+            qemu_img: "qemu-img".into(),
+            vhost_device_vsock: "vhost-device-vsock".into(),
+            accel: QemuAccel::Tcg,
+            kernel_override: None,
+        };
+        let args = qemu_args(&spec, &config, Some(Path::new("/state/vms/vm-abc/overlay.qcow2")));
+        let line = args.join(" ");
+        for want in [
+            "-accel tcg",
+            "-smp 2",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "microvm,memory-backend=mem",
+            "-kernel /img/bzImage",
+            "file=/state/vms/vm-abc/overlay.qcow2,format=qcow2",
+            "socket,id=vsock,path=/state/vms/vm-abc/vhost.sock",
+            "-qmp unix:/state/vms/vm-abc/qmp.sock",
+            "-no-reboot",
+        ] {
+            assert!(line.contains(want), "missing {want:?} in {line}");
+        }
+        assert!(!line.contains("-initrd"));
+        let pvm = QemuConfig { accel: QemuAccel::Kvm, kernel_override: Some("/pvm/bzImage".into()), ..config };
+        let line = qemu_args(&spec, &pvm, None).join(" ");
+        assert!(line.contains("-accel kvm") && line.contains("-kernel /pvm/bzImage"), "{line}");
+        assert!(!line.contains("-drive"), "{line}");
+    }
+}
