@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Brings the whole Capsa stack up on this machine and runs a demo session:
+# installs what is missing, builds release binaries and the guest image (cached by content
+# hash), starts Redis and every service on localhost, writes .capsa/dev.env, runs the demo
+# with the `capsa` CLI, then keeps everything up until Ctrl-C / SIGTERM and stops it all.
+#
+#   deploy/scripts/up.sh            # stack + demo, stays up
+#   deploy/scripts/up.sh --no-wait  # stack + demo, then stop (scripts, smoke tests)
+#
+# Environment: CAPSA_PORT (public port, default 50051), CAPSA_WARM (warm VMs, default 1),
+# CAPSA_CACHE_DIR (kernel/rootfs/image cache, default /var/cache/capsa).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+export PATH="$HOME/.cargo/bin:$PATH"
+export CAPSA_CACHE_DIR="${CAPSA_CACHE_DIR:-/var/cache/capsa}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target/release"
+state="$root/.capsa"
+public_port="${CAPSA_PORT:-50051}"
+wait_for_signal=1
+[ "${1:-}" = "--no-wait" ] && wait_for_signal=0
+
+deploy/scripts/install-deps.sh
+
+echo "[up] building release binaries"
+cargo build --release --locked -p capsa-session-manager -p capsa-vm-pool -p capsa-executor \
+  -p capsa-metering -p capsa-guest-agent -p capsa-cli
+image_dir="$(deploy/guest/build-image.sh --agent "$bin/capsa-agent" | tail -n 1)"
+
+mkdir -p "$state/logs" "$state/redis" "$state/vm-state"
+pids=()
+stop_all() {
+  trap - INT TERM EXIT
+  echo "[up] stopping"
+  # Reverse start order: the public API first, Redis last; vm-pool destroys its VMs on TERM.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  echo "[up] stopped"
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Starts a service with --listen 127.0.0.1:<port>; echoes the address it printed.
+start_service() {
+  local name=$1 port=$2; shift 2
+  local out="$state/logs/$name.out"
+  : >"$out"
+  "$bin/$name" --listen "127.0.0.1:$port" "$@" >"$out" 2>"$state/logs/$name.log" &
+  pids+=("$!")
+  for _ in $(seq 1 600); do
+    if grep -q '^CAPSA_LISTENING=' "$out"; then
+      sed -n 's/^CAPSA_LISTENING=//p' "$out" | head -n 1
+      return 0
+    fi
+    kill -0 "${pids[-1]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "[up] $name did not start; see $state/logs/$name.log" >&2
+  tail -n 20 "$state/logs/$name.log" >&2
+  return 1
+}
+
+redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$state/redis" --save 60 1 \
+  --appendonly yes --protected-mode no >"$state/logs/redis.log" 2>&1 &
+pids+=("$!")
+redis_url="redis://127.0.0.1:$redis_port/"
+for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+echo "[up] redis on $redis_url"
+
+executor_addr="$(start_service capsa-executor 0 --vm-state-dir "$state/vm-state")"
+echo "[up] executor on $executor_addr"
+vmpool_addr="$(start_service capsa-vm-pool 0 --state-dir "$state/vm-state" \
+  --image-dir "$image_dir" --warm "${CAPSA_WARM:-1}" --redis-url "$redis_url" \
+  --node-id "$(hostname)" --executor-url "http://$executor_addr")"
+echo "[up] vm-pool on $vmpool_addr"
+metering_addr="$(start_service capsa-metering 0 --redis-url "$redis_url")"
+echo "[up] metering on $metering_addr"
+session_addr="$(start_service capsa-session-manager "$public_port" --redis-url "$redis_url" \
+  --metering-url "http://$metering_addr")"
+
+api_key="$("$bin/capsa-session-manager" create-api-key --redis-url "$redis_url" --tenant dev --name dev)"
+cat >"$state/dev.env" <<ENV
+CAPSA_ENDPOINT=http://$session_addr
+CAPSA_API_KEY=$api_key
+ENV
+echo
+echo "Capsa is up."
+echo "  endpoint: http://$session_addr"
+echo "  api key:  $api_key"
+echo "  (both written to $state/dev.env; logs in $state/logs/)"
+echo
+
+echo "[demo] creating a session (the first VM may still be booting under software emulation)"
+capsa="$bin/capsa"
+sid="$("$capsa" create --lifetime 10m --label demo=readme --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
+echo "[demo] session $sid"
+echo "[demo] \$ capsa exec $sid 'x = 42'";        "$capsa" exec "$sid" 'x = 42'
+echo "[demo] \$ capsa exec $sid 'print(x)'";      "$capsa" exec "$sid" 'print(x)'
+echo "[demo] \$ capsa exec $sid 'x * 2'";         "$capsa" exec "$sid" 'x * 2'
+echo "[demo] \$ capsa exec $sid --lang shell 'uname -r; echo hello > /tmp/f; cat /tmp/f'"
+"$capsa" exec "$sid" --lang shell 'uname -r; echo hello > /tmp/f; cat /tmp/f'
+echo "[demo] \$ capsa info $sid";                 "$capsa" info "$sid"
+echo "[demo] \$ capsa usage $sid";                "$capsa" usage "$sid"
+echo "[demo] \$ capsa kill $sid";                 "$capsa" kill "$sid"
+echo "[demo] done"
+
+if [ "$wait_for_signal" = 1 ]; then
+  echo "Stack is running; Ctrl-C to stop."
+  wait
+fi
