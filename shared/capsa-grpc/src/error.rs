@@ -62,6 +62,7 @@ pub trait ServiceError: StdError {
 /// with their full source chain under a fresh request id.
 pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
     let code = err.code();
+    error_counter().add(1, &[opentelemetry::KeyValue::new("code", format!("{:?}", code.grpc()))]);
     if code.is_client_visible() {
         // Unavailable keeps its cause: "vm-pool unreachable: connection refused" helps the
         // operator and names nothing secret.
@@ -70,6 +71,18 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
     let request_id = uuid::Uuid::new_v4();
     tracing::error!(%request_id, error = %chain(err), "internal error");
     Status::new(code.grpc(), format!("internal error (request id {request_id})"))
+}
+
+/// Errors by gRPC code, counted where every service error becomes a status.
+fn error_counter() -> &'static opentelemetry::metrics::Counter<u64> {
+    static COUNTER: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| {
+        capsa_telemetry::meter()
+            .u64_counter(capsa_telemetry::metrics::GRPC_ERRORS)
+            .with_description("errors returned to callers, by gRPC code")
+            .build()
+    })
 }
 
 /// "outer: inner: innermost", the way `anyhow` prints `{:#}`.

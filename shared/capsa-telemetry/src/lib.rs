@@ -4,6 +4,7 @@
 //! with [`propagate`], servers read it in [`GrpcTraceLayer`], so one Execute is one trace
 //! from session-manager through executor into the guest agent.
 
+pub mod metrics;
 mod propagation;
 
 pub use propagation::{GrpcTraceLayer, GrpcTraceService, propagate};
