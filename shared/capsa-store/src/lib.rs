@@ -12,6 +12,7 @@
 pub mod apikeys;
 pub mod nodes;
 pub mod sessions;
+pub mod usage;
 
 use std::time::Duration;
 
