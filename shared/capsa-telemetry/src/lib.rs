@@ -33,34 +33,71 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides `default_filter`. Must be called
-/// inside a Tokio runtime (the OTLP exporters run on it).
+/// Where spans and metrics go.
+pub enum Export {
+    /// OTLP/gRPC to `OTEL_EXPORTER_OTLP_ENDPOINT` when it is set; otherwise logs only.
+    FromEnv,
+    /// OTLP/gRPC over an already built channel: the guest agent has no network, so it
+    /// exports through a vsock channel that the host forwards to the collector.
+    Channel(tonic::transport::Channel),
+}
+
+/// Installs the global subscriber, exporting as `OTEL_EXPORTER_OTLP_ENDPOINT` says.
+/// `RUST_LOG` overrides `default_filter`. Must be called inside a Tokio runtime.
 pub fn init(service_name: &'static str, default_filter: &str) -> TelemetryGuard {
+    init_with(service_name, default_filter, Export::FromEnv)
+}
+
+/// Like [`init`], with the export target chosen by the caller.
+pub fn init_with(
+    service_name: &'static str,
+    default_filter: &str,
+    export: Export,
+) -> TelemetryGuard {
+    use opentelemetry_otlp::WithTonicConfig as _;
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
-    let otlp_configured = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-        || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
-    if !otlp_configured {
-        tracing_subscriber::registry().with(filter).with(fmt).init();
-        return TelemetryGuard { tracer: None, meter: None };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let channel = match export {
+        Export::Channel(channel) => Some(channel),
+        Export::FromEnv
+            if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() =>
+        {
+            None
+        }
+        Export::FromEnv => {
+            tracing_subscriber::registry().with(filter).with(fmt).init();
+            return TelemetryGuard {
+                tracer: None,
+                meter: None,
+            };
+        }
+    };
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name)
+        .build();
+    let mut span_exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    let mut metric_exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+    if let Some(channel) = channel {
+        span_exporter = span_exporter.with_channel(channel.clone());
+        metric_exporter = metric_exporter.with_channel(channel);
     }
-    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
-    let span_exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
+    let span_exporter = span_exporter
         .build()
-        .expect("the OTLP span exporter builds from its environment");
+        .expect("the OTLP span exporter builds");
+    let metric_exporter = metric_exporter
+        .build()
+        .expect("the OTLP metric exporter builds");
     let tracer_provider = SdkTracerProvider::builder()
         .with_resource(resource.clone())
         .with_batch_exporter(span_exporter)
         .build();
-    let metric_exporter = opentelemetry_otlp::MetricExporter::builder()
-        .with_tonic()
-        .build()
-        .expect("the OTLP metric exporter builds from its environment");
     let meter_provider = SdkMeterProvider::builder()
         .with_resource(resource)
         .with_periodic_exporter(metric_exporter)
@@ -72,7 +109,10 @@ pub fn init(service_name: &'static str, default_filter: &str) -> TelemetryGuard 
         .with(fmt)
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .init();
-    TelemetryGuard { tracer: Some(tracer_provider), meter: Some(meter_provider) }
+    TelemetryGuard {
+        tracer: Some(tracer_provider),
+        meter: Some(meter_provider),
+    }
 }
 
 /// The meter every Capsa metric is recorded on (a no-op until [`init`] configured OTLP).
