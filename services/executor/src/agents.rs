@@ -57,7 +57,10 @@ pub struct Agents {
 
 impl Agents {
     pub fn new(state_dir: PathBuf) -> Agents {
-        Agents { state_dir, links: Mutex::new(HashMap::new()) }
+        Agents {
+            state_dir,
+            links: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The link to `vm_id`: INVALID_ARGUMENT for a malformed id, NOT_FOUND when the VM's
@@ -68,7 +71,9 @@ impl Agents {
         })?;
         if !socket_exists(&socket) {
             self.links.lock().unwrap().remove(vm_id);
-            return Err(Error::VmNotFound { vm_id: vm_id.to_owned() });
+            return Err(Error::VmNotFound {
+                vm_id: vm_id.to_owned(),
+            });
         }
         let mut links = self.links.lock().unwrap();
         let link = links.entry(vm_id.to_owned()).or_insert_with(|| {
@@ -151,7 +156,10 @@ mod tests {
             agents.get("../etc"),
             Err(Error::InvalidArgument { field: "vm_id", .. })
         ));
-        assert!(matches!(agents.get("vm-nope"), Err(Error::VmNotFound { .. })));
+        assert!(matches!(
+            agents.get("vm-nope"),
+            Err(Error::VmNotFound { .. })
+        ));
         assert!(agents.is_empty());
     }
 
@@ -160,7 +168,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         make_socket(dir.path(), "vm-a");
         let link = Agents::new(dir.path().to_owned()).get("vm-a").unwrap();
-        assert!(Arc::ptr_eq(&link.gate(Language::Unspecified), &link.gate(Language::Python)));
-        assert!(!Arc::ptr_eq(&link.gate(Language::Shell), &link.gate(Language::Python)));
+        assert!(Arc::ptr_eq(
+            &link.gate(Language::Unspecified),
+            &link.gate(Language::Python)
+        ));
+        assert!(!Arc::ptr_eq(
+            &link.gate(Language::Shell),
+            &link.gate(Language::Python)
+        ));
     }
 }

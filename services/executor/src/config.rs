@@ -7,7 +7,11 @@ use std::time::Duration;
 /// How long the executor waits for the guest before it gives up on a call or a stream.
 /// Separate settings because they guard different failures (see [`crate::limits`]).
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "capsa-executor", version, about = "Relays code execution and file streams to the guest agents of this host's VMs.")]
+#[command(
+    name = "capsa-executor",
+    version,
+    about = "Relays code execution and file streams to the guest agents of this host's VMs."
+)]
 pub struct Config {
     /// Address to serve gRPC on, e.g. 0.0.0.0:50053 (127.0.0.1:0 in tests).
     #[arg(long, env = "CAPSA_EXECUTOR_LISTEN", default_value = "127.0.0.1:50053")]

@@ -49,7 +49,11 @@ pub enum Error {
     MissingCompletion { vm_id: String },
 
     #[error("vm {vm_id}: {limit} limit of {after:?} exceeded")]
-    LimitExceeded { vm_id: String, limit: Limit, after: Duration },
+    LimitExceeded {
+        vm_id: String,
+        limit: Limit,
+        after: Duration,
+    },
 
     #[error("executor is shutting down")]
     ShuttingDown,
@@ -68,12 +72,14 @@ impl ServiceError for Error {
                 ErrorCode::Unavailable
             }
             // The guest stopped talking (or never started): a VM-side failure.
-            Error::LimitExceeded { limit: Limit::FirstEvent | Limit::Idle, .. } => {
-                ErrorCode::Unavailable
-            }
-            Error::LimitExceeded { limit: Limit::Total | Limit::Call, .. } => {
-                ErrorCode::DeadlineExceeded
-            }
+            Error::LimitExceeded {
+                limit: Limit::FirstEvent | Limit::Idle,
+                ..
+            } => ErrorCode::Unavailable,
+            Error::LimitExceeded {
+                limit: Limit::Total | Limit::Call,
+                ..
+            } => ErrorCode::DeadlineExceeded,
             Error::ShuttingDown => ErrorCode::Unavailable,
             Error::Serve(_) => ErrorCode::Internal,
         }
@@ -82,7 +88,10 @@ impl ServiceError for Error {
 
 impl Error {
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
-        Error::InvalidArgument { field, reason: reason.into() }
+        Error::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// Classifies a status from the agent call: the agent's verdicts on the request pass
@@ -99,7 +108,10 @@ impl Error {
             _ => None,
         };
         match passthrough {
-            Some(code) => Error::Rejected { code, message: status.message().to_owned() },
+            Some(code) => Error::Rejected {
+                code,
+                message: status.message().to_owned(),
+            },
             None => Error::AgentUnavailable {
                 vm_id: vm_id.to_owned(),
                 message: format!("{:?}: {}", status.code(), status.message()),
@@ -109,7 +121,10 @@ impl Error {
 
     /// Whether this error suggests the VM may be gone, so its cached channel is rechecked.
     pub(crate) fn is_transport(&self) -> bool {
-        matches!(self, Error::AgentUnavailable { .. } | Error::LimitExceeded { .. })
+        matches!(
+            self,
+            Error::AgentUnavailable { .. } | Error::LimitExceeded { .. }
+        )
     }
 }
 
@@ -124,22 +139,44 @@ mod tests {
         let cases = [
             (Error::invalid("vm_id", "is empty"), Code::InvalidArgument),
             (Error::VmNotFound { vm_id: vm() }, Code::NotFound),
-            (Error::AgentUnavailable { vm_id: vm(), message: "x".into() }, Code::Unavailable),
+            (
+                Error::AgentUnavailable {
+                    vm_id: vm(),
+                    message: "x".into(),
+                },
+                Code::Unavailable,
+            ),
             (Error::MissingCompletion { vm_id: vm() }, Code::Unavailable),
             (
-                Error::LimitExceeded { vm_id: vm(), limit: Limit::FirstEvent, after: Duration::ZERO },
+                Error::LimitExceeded {
+                    vm_id: vm(),
+                    limit: Limit::FirstEvent,
+                    after: Duration::ZERO,
+                },
                 Code::Unavailable,
             ),
             (
-                Error::LimitExceeded { vm_id: vm(), limit: Limit::Idle, after: Duration::ZERO },
+                Error::LimitExceeded {
+                    vm_id: vm(),
+                    limit: Limit::Idle,
+                    after: Duration::ZERO,
+                },
                 Code::Unavailable,
             ),
             (
-                Error::LimitExceeded { vm_id: vm(), limit: Limit::Total, after: Duration::ZERO },
+                Error::LimitExceeded {
+                    vm_id: vm(),
+                    limit: Limit::Total,
+                    after: Duration::ZERO,
+                },
                 Code::DeadlineExceeded,
             ),
             (
-                Error::LimitExceeded { vm_id: vm(), limit: Limit::Call, after: Duration::ZERO },
+                Error::LimitExceeded {
+                    vm_id: vm(),
+                    limit: Limit::Call,
+                    after: Duration::ZERO,
+                },
                 Code::DeadlineExceeded,
             ),
             (Error::ShuttingDown, Code::Unavailable),
@@ -151,12 +188,19 @@ mod tests {
 
     #[test]
     fn agent_verdicts_pass_through_and_transport_failures_become_unavailable() {
-        let e = Error::from_agent("vm-1", &Status::invalid_argument("field `path` must be absolute"));
+        let e = Error::from_agent(
+            "vm-1",
+            &Status::invalid_argument("field `path` must be absolute"),
+        );
         let s = capsa_grpc::to_status(&e);
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "field `path` must be absolute");
 
-        for status in [Status::unknown("h2 protocol error"), Status::internal("boom"), Status::cancelled("reset")] {
+        for status in [
+            Status::unknown("h2 protocol error"),
+            Status::internal("boom"),
+            Status::cancelled("reset"),
+        ] {
             let s = capsa_grpc::to_status(&Error::from_agent("vm-1", &status));
             assert_eq!(s.code(), Code::Unavailable, "{status:?}");
             assert!(s.message().contains("vm-1"), "{}", s.message());

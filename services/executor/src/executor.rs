@@ -114,7 +114,9 @@ impl Executor {
                     }
                 };
                 let mut client = link.client();
-                let request = agent::ExecuteRequest { spec: Some(checked.spec) };
+                let request = agent::ExecuteRequest {
+                    spec: Some(checked.spec),
+                };
                 let call = tokio::select! {
                     r = tokio::time::timeout(this.limits.first_event, client.execute(request)) => r,
                     () = tx.closed() => return,
@@ -161,7 +163,9 @@ impl Executor {
                     this.agents.recheck(&link.vm_id);
                 }
                 let elapsed = started.elapsed();
-                let status = status.map_or("none", CompletionStatus::as_str_name);
+                let status = status
+                    .as_ref()
+                    .map_or("none", CompletionStatus::as_str_name);
                 tracing::info!(?end, status, ?elapsed, "execute relayed");
                 this.metrics.execute_duration.record(
                     elapsed.as_secs_f64(),
@@ -213,9 +217,11 @@ impl Executor {
         env: std::collections::HashMap<String, String>,
     ) -> Result<(), Error> {
         spec::check_env("env", &env)?;
-        self.call(vm_id, |mut c| async move { c.configure(agent::ConfigureRequest { env }).await })
-            .await
-            .map(|_| ())
+        self.call(vm_id, |mut c| async move {
+            c.configure(agent::ConfigureRequest { env }).await
+        })
+        .await
+        .map(|_| ())
     }
 
     #[tracing::instrument(skip(self))]
@@ -224,8 +230,10 @@ impl Executor {
         vm_id: &str,
         path: String,
     ) -> Result<agent::ListFilesResponse, Error> {
-        self.call(vm_id, |mut c| async move { c.list_files(agent::ListFilesRequest { path }).await })
-            .await
+        self.call(vm_id, |mut c| async move {
+            c.list_files(agent::ListFilesRequest { path }).await
+        })
+        .await
     }
 
     #[tracing::instrument(skip(self))]
@@ -248,15 +256,22 @@ impl Executor {
         mode: u32,
     ) -> Result<agent::MakeDirectoryResponse, Error> {
         self.call(vm_id, |mut c| async move {
-            c.make_directory(agent::MakeDirectoryRequest { path, mode }).await
+            c.make_directory(agent::MakeDirectoryRequest { path, mode })
+                .await
         })
         .await
     }
 
     #[tracing::instrument(skip(self))]
-    pub async fn remove_file(&self, vm_id: &str, path: String, recursive: bool) -> Result<(), Error> {
+    pub async fn remove_file(
+        &self,
+        vm_id: &str,
+        path: String,
+        recursive: bool,
+    ) -> Result<(), Error> {
         self.call(vm_id, |mut c| async move {
-            c.remove_file(agent::RemoveFileRequest { path, recursive }).await
+            c.remove_file(agent::RemoveFileRequest { path, recursive })
+                .await
         })
         .await
         .map(|_| ())
@@ -264,7 +279,10 @@ impl Executor {
 
     #[tracing::instrument(skip(self))]
     pub async fn guest_stats(&self, vm_id: &str) -> Result<agent::GetStatsResponse, Error> {
-        self.call(vm_id, |mut c| async move { c.get_stats(agent::GetStatsRequest {}).await }).await
+        self.call(vm_id, |mut c| async move {
+            c.get_stats(agent::GetStatsRequest {}).await
+        })
+        .await
     }
 }
 

@@ -26,12 +26,18 @@ use crate::relay::{CHANNEL_CAPACITY, Relay};
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 
 /// The parts of a download as the agent sends them: info first, then data.
-pub type DownloadStream = mpsc::Receiver<Result<Option<agent::download_file_response::Part>, Error>>;
+pub type DownloadStream =
+    mpsc::Receiver<Result<Option<agent::download_file_response::Part>, Error>>;
 
 impl Executor {
     /// Streams `data` into `file` on the VM; returns what the agent wrote.
     #[tracing::instrument(skip(self, data), fields(path = %file.path))]
-    pub async fn upload<S>(&self, vm_id: &str, file: UploadHeader, data: S) -> Result<UploadResult, Error>
+    pub async fn upload<S>(
+        &self,
+        vm_id: &str,
+        file: UploadHeader,
+        data: S,
+    ) -> Result<UploadResult, Error>
     where
         S: Stream<Item = Result<Bytes, Error>> + Send + Unpin + 'static,
     {
@@ -42,16 +48,18 @@ impl Executor {
             part: Some(agent::upload_file_request::Part::Header(file)),
         };
         let progress = last_progress.clone();
-        let body = futures::stream::unfold(
-            (data, Some(fail_tx)),
-            move |(mut data, mut fail_tx)| {
+        let body =
+            futures::stream::unfold((data, Some(fail_tx)), move |(mut data, mut fail_tx)| {
                 let progress = progress.clone();
                 async move {
                     match data.next().await {
                         Some(Ok(chunk)) => {
                             *progress.lock().unwrap() = Instant::now();
                             let part = agent::upload_file_request::Part::Data(chunk);
-                            Some((agent::UploadFileRequest { part: Some(part) }, (data, fail_tx)))
+                            Some((
+                                agent::UploadFileRequest { part: Some(part) },
+                                (data, fail_tx),
+                            ))
                         }
                         Some(Err(err)) => {
                             if let Some(tx) = fail_tx.take() {
@@ -63,8 +71,7 @@ impl Executor {
                         None => None,
                     }
                 }
-            },
-        );
+            });
         let body = futures::stream::once(async { header }).chain(body);
         let mut client = link.client();
         let idle = self.limits.idle;
@@ -135,7 +142,9 @@ impl Executor {
             gate: None,
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(relay.run(upstream, tx, |m: agent::DownloadFileResponse| (m.part, false)));
+        tokio::spawn(relay.run(upstream, tx, |m: agent::DownloadFileResponse| {
+            (m.part, false)
+        }));
         Ok(rx)
     }
 }

@@ -43,7 +43,10 @@ impl ExecutorService for ExecutorGrpc {
         request: Request<ConfigureVmRequest>,
     ) -> Result<Response<ConfigureVmResponse>, Status> {
         let r = request.into_inner();
-        self.executor.configure(&r.vm_id, r.env).await.map_err(status)?;
+        self.executor
+            .configure(&r.vm_id, r.env)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ConfigureVmResponse {}))
     }
 
@@ -53,8 +56,10 @@ impl ExecutorService for ExecutorGrpc {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let r = request.into_inner();
         let events = self.executor.execute(&r.vm_id, r.spec).map_err(status)?;
-        let stream = ReceiverStream::new(events)
-            .map(|item| item.map(|event| ExecuteResponse { event: Some(event) }).map_err(status));
+        let stream = ReceiverStream::new(events).map(|item| {
+            item.map(|event| ExecuteResponse { event: Some(event) })
+                .map_err(status)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -64,7 +69,9 @@ impl ExecutorService for ExecutorGrpc {
     ) -> Result<Response<UploadFileResponse>, Status> {
         let mut incoming = request.into_inner();
         let header = match incoming.message().await? {
-            Some(UploadFileRequest { part: Some(upload_file_request::Part::Header(h)) }) => h,
+            Some(UploadFileRequest {
+                part: Some(upload_file_request::Part::Header(h)),
+            }) => h,
             _ => {
                 return Err(status(Error::invalid(
                     "header",
@@ -72,25 +79,37 @@ impl ExecutorService for ExecutorGrpc {
                 )));
             }
         };
-        let file = header.file.ok_or_else(|| status(Error::invalid("header.file", "is required")))?;
+        let file = header
+            .file
+            .ok_or_else(|| status(Error::invalid("header.file", "is required")))?;
         let data = incoming.map(|message| match message {
-            Ok(UploadFileRequest { part: Some(upload_file_request::Part::Data(chunk)) }) => {
+            Ok(UploadFileRequest {
+                part: Some(upload_file_request::Part::Data(chunk)),
+            }) => {
                 if chunk.len() > MAX_CHUNK_BYTES {
                     Err(Error::invalid("data", "chunks must be at most 1 MiB"))
                 } else {
                     Ok(chunk)
                 }
             }
-            Ok(_) => Err(Error::invalid("header", "may only be the first message of an upload")),
+            Ok(_) => Err(Error::invalid(
+                "header",
+                "may only be the first message of an upload",
+            )),
             // The client's own stream broke: nothing to forward, and nobody to tell.
             Err(s) => Err(Error::Rejected {
                 code: capsa_grpc::ErrorCode::Cancelled,
                 message: format!("upload stream from the client failed: {}", s.message()),
             }),
         });
-        let result =
-            self.executor.upload(&header.vm_id, file, Box::pin(data)).await.map_err(status)?;
-        Ok(Response::new(UploadFileResponse { result: Some(result) }))
+        let result = self
+            .executor
+            .upload(&header.vm_id, file, Box::pin(data))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(UploadFileResponse {
+            result: Some(result),
+        }))
     }
 
     async fn download_file(
@@ -98,7 +117,11 @@ impl ExecutorService for ExecutorGrpc {
         request: Request<DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
         let r = request.into_inner();
-        let parts = self.executor.download(&r.vm_id, r.path).await.map_err(status)?;
+        let parts = self
+            .executor
+            .download(&r.vm_id, r.path)
+            .await
+            .map_err(status)?;
         let stream = ReceiverStream::new(parts).map(|item| {
             let part = item.map_err(status)?.map(|part| match part {
                 agent::download_file_response::Part::Info(info) => {
@@ -118,7 +141,12 @@ impl ExecutorService for ExecutorGrpc {
         request: Request<ListFilesRequest>,
     ) -> Result<Response<ListFilesResponse>, Status> {
         let r = request.into_inner();
-        let files = self.executor.list_files(&r.vm_id, r.path).await.map_err(status)?.files;
+        let files = self
+            .executor
+            .list_files(&r.vm_id, r.path)
+            .await
+            .map_err(status)?
+            .files;
         Ok(Response::new(ListFilesResponse { files }))
     }
 
@@ -127,7 +155,12 @@ impl ExecutorService for ExecutorGrpc {
         request: Request<GetFileInfoRequest>,
     ) -> Result<Response<GetFileInfoResponse>, Status> {
         let r = request.into_inner();
-        let info = self.executor.file_info(&r.vm_id, r.path).await.map_err(status)?.info;
+        let info = self
+            .executor
+            .file_info(&r.vm_id, r.path)
+            .await
+            .map_err(status)?
+            .info;
         Ok(Response::new(GetFileInfoResponse { info }))
     }
 
@@ -136,8 +169,12 @@ impl ExecutorService for ExecutorGrpc {
         request: Request<MakeDirectoryRequest>,
     ) -> Result<Response<MakeDirectoryResponse>, Status> {
         let r = request.into_inner();
-        let info =
-            self.executor.make_directory(&r.vm_id, r.path, r.mode).await.map_err(status)?.info;
+        let info = self
+            .executor
+            .make_directory(&r.vm_id, r.path, r.mode)
+            .await
+            .map_err(status)?
+            .info;
         Ok(Response::new(MakeDirectoryResponse { info }))
     }
 
@@ -146,7 +183,10 @@ impl ExecutorService for ExecutorGrpc {
         request: Request<RemoveFileRequest>,
     ) -> Result<Response<RemoveFileResponse>, Status> {
         let r = request.into_inner();
-        self.executor.remove_file(&r.vm_id, r.path, r.recursive).await.map_err(status)?;
+        self.executor
+            .remove_file(&r.vm_id, r.path, r.recursive)
+            .await
+            .map_err(status)?;
         Ok(Response::new(RemoveFileResponse {}))
     }
 

@@ -59,8 +59,9 @@ pub async fn run(
         })
     };
 
-    let server = capsa_grpc::Server::new()
-        .add_service(ExecutorServiceServer::new(grpc::ExecutorGrpc::new(executor)));
+    let server = capsa_grpc::Server::new().add_service(ExecutorServiceServer::new(
+        grpc::ExecutorGrpc::new(executor),
+    ));
     let drain = {
         let token = token.clone();
         async move {

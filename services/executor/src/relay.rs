@@ -62,7 +62,14 @@ impl Relay {
         S: Stream<Item = Result<U, tonic::Status>> + Unpin,
         F: FnMut(U) -> (D, bool),
     {
-        let Relay { vm_id, idle, total, require_final, mut gate, shutdown } = self;
+        let Relay {
+            vm_id,
+            idle,
+            total,
+            require_final,
+            mut gate,
+            shutdown,
+        } = self;
         let mut total_deadline = total.map(|t| Instant::now() + t);
         let mut saw_final = false;
         loop {
@@ -143,7 +150,11 @@ mod tests {
     /// Starts `relay` over an upstream the test feeds; `99` is the final event.
     fn start(
         relay: Relay,
-    ) -> (Up, mpsc::Receiver<Result<u32, Error>>, tokio::task::JoinHandle<RelayEnd>) {
+    ) -> (
+        Up,
+        mpsc::Receiver<Result<u32, Error>>,
+        tokio::task::JoinHandle<RelayEnd>,
+    ) {
         let (up_tx, up_rx) = mpsc::channel(64);
         let (tx, rx) = mpsc::channel(2);
         let task = tokio::spawn(relay.run(ReceiverStream::new(up_rx), tx, |m| (m, m == 99)));
@@ -170,7 +181,16 @@ mod tests {
         up.send(Ok(1)).await.unwrap();
         assert_eq!(rx.recv().await.unwrap().unwrap(), 1);
         let err = rx.recv().await.unwrap().unwrap_err();
-        assert!(matches!(err, Error::LimitExceeded { limit: Limit::Idle, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::LimitExceeded {
+                    limit: Limit::Idle,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);
     }
 
@@ -189,7 +209,16 @@ mod tests {
                 Err(e) => break e,
             }
         };
-        assert!(matches!(err, Error::LimitExceeded { limit: Limit::Total, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::LimitExceeded {
+                    limit: Limit::Total,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(started.elapsed() >= Duration::from_secs(30));
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);
         feeder.abort();
@@ -258,7 +287,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn agent_errors_are_classified() {
         let (up, mut rx, task) = start(relay(10, None));
-        up.send(Err(tonic::Status::unknown("connection reset"))).await.unwrap();
+        up.send(Err(tonic::Status::unknown("connection reset")))
+            .await
+            .unwrap();
         let err = rx.recv().await.unwrap().unwrap_err();
         assert!(matches!(err, Error::AgentUnavailable { .. }), "{err}");
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);

@@ -39,7 +39,10 @@ pub fn check(spec: Option<ExecuteSpec>, default_timeout: Duration) -> Result<Che
     if spec.code.len() > MAX_CODE_BYTES {
         return Err(Error::invalid(
             "spec.code",
-            format!("is {} bytes; the limit is {MAX_CODE_BYTES}", spec.code.len()),
+            format!(
+                "is {} bytes; the limit is {MAX_CODE_BYTES}",
+                spec.code.len()
+            ),
         ));
     }
     let timeout = match &spec.timeout {
@@ -50,19 +53,32 @@ pub fn check(spec: Option<ExecuteSpec>, default_timeout: Duration) -> Result<Che
     };
     spec.timeout = Some(capsa_proto::time::duration(timeout));
     if spec.max_output_bytes > MAX_OUTPUT_BYTES {
-        return Err(Error::invalid("spec.max_output_bytes", "must be at most 1 GiB"));
+        return Err(Error::invalid(
+            "spec.max_output_bytes",
+            "must be at most 1 GiB",
+        ));
     }
     check_env("spec.env", &spec.env)?;
     if spec.cwd.len() > MAX_PATH_BYTES || spec.cwd.contains('\0') {
-        return Err(Error::invalid("spec.cwd", "must be at most 4096 bytes without NUL"));
+        return Err(Error::invalid(
+            "spec.cwd",
+            "must be at most 4096 bytes without NUL",
+        ));
     }
-    Ok(CheckedSpec { spec, language, timeout })
+    Ok(CheckedSpec {
+        spec,
+        language,
+        timeout,
+    })
 }
 
 /// Environment maps: bounded, and every entry something `setenv` accepts.
 pub fn check_env(field: &'static str, env: &HashMap<String, String>) -> Result<(), Error> {
     if env.len() > MAX_ENV_ENTRIES {
-        return Err(Error::invalid(field, format!("has more than {MAX_ENV_ENTRIES} entries")));
+        return Err(Error::invalid(
+            field,
+            format!("has more than {MAX_ENV_ENTRIES} entries"),
+        ));
     }
     for (key, value) in env {
         if key.is_empty() || key.len() > MAX_ENV_KEY_BYTES || key.contains(['=', '\0']) {
@@ -93,7 +109,10 @@ mod tests {
     }
 
     fn spec() -> ExecuteSpec {
-        ExecuteSpec { code: "print(1)".into(), ..Default::default() }
+        ExecuteSpec {
+            code: "print(1)".into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -101,32 +120,56 @@ mod tests {
         let c = check(Some(spec()), Duration::from_secs(60)).unwrap();
         assert_eq!(c.language, Language::Unspecified);
         assert_eq!(c.timeout, Duration::from_secs(60));
-        assert_eq!(c.spec.timeout, Some(capsa_proto::time::duration(Duration::from_secs(60))));
+        assert_eq!(
+            c.spec.timeout,
+            Some(capsa_proto::time::duration(Duration::from_secs(60)))
+        );
     }
 
     #[test]
     fn every_bad_field_is_named() {
         let d = Duration::from_secs(60);
         assert_eq!(field_of(check(None, d)), "spec");
-        let s = ExecuteSpec { language: 7, ..spec() };
+        let s = ExecuteSpec {
+            language: 7,
+            ..spec()
+        };
         assert_eq!(field_of(check(Some(s), d)), "spec.language");
-        let s = ExecuteSpec { code: "x".repeat(MAX_CODE_BYTES + 1), ..spec() };
+        let s = ExecuteSpec {
+            code: "x".repeat(MAX_CODE_BYTES + 1),
+            ..spec()
+        };
         assert_eq!(field_of(check(Some(s), d)), "spec.code");
         for t in [Duration::ZERO, Duration::from_secs(3601)] {
-            let s = ExecuteSpec { timeout: Some(capsa_proto::time::duration(t)), ..spec() };
+            let s = ExecuteSpec {
+                timeout: Some(capsa_proto::time::duration(t)),
+                ..spec()
+            };
             assert_eq!(field_of(check(Some(s), d)), "spec.timeout");
         }
-        let s = ExecuteSpec { max_output_bytes: MAX_OUTPUT_BYTES + 1, ..spec() };
+        let s = ExecuteSpec {
+            max_output_bytes: MAX_OUTPUT_BYTES + 1,
+            ..spec()
+        };
         assert_eq!(field_of(check(Some(s), d)), "spec.max_output_bytes");
-        let s = ExecuteSpec { env: [("A=B".into(), "1".into())].into(), ..spec() };
+        let s = ExecuteSpec {
+            env: [("A=B".into(), "1".into())].into(),
+            ..spec()
+        };
         assert_eq!(field_of(check(Some(s), d)), "spec.env");
-        let s = ExecuteSpec { cwd: "/tmp\0".into(), ..spec() };
+        let s = ExecuteSpec {
+            cwd: "/tmp\0".into(),
+            ..spec()
+        };
         assert_eq!(field_of(check(Some(s), d)), "spec.cwd");
     }
 
     #[test]
     fn code_of_exactly_the_limit_is_accepted() {
-        let s = ExecuteSpec { code: "x".repeat(MAX_CODE_BYTES), ..spec() };
+        let s = ExecuteSpec {
+            code: "x".repeat(MAX_CODE_BYTES),
+            ..spec()
+        };
         assert!(check(Some(s), Duration::from_secs(1)).is_ok());
     }
 }
