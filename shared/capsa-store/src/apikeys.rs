@@ -70,8 +70,11 @@ impl ApiKeyStore {
     /// Creates a key for `tenant_id` (format `capsa_` + 32 random alphanumerics) and
     /// stores its hash. The plaintext is returned once and never stored.
     pub async fn create(&self, tenant_id: &str, name: &str) -> Result<NewApiKey> {
-        let random: String =
-            rand::rng().sample_iter(&Alphanumeric).take(KEY_RANDOM_LEN).map(char::from).collect();
+        let random: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(KEY_RANDOM_LEN)
+            .map(char::from)
+            .collect();
         let plaintext = format!("{KEY_PREFIX}{random}");
         let hash = hash_key(&plaintext);
         let mut conn = self.conn.clone();
@@ -86,9 +89,16 @@ impl ApiKeyStore {
             ],
         )
         .await?;
-        let record =
-            ApiKeyRecord { tenant_id: tenant_id.to_string(), name: name.to_string(), created_ms };
-        Ok(NewApiKey { plaintext, hash, record })
+        let record = ApiKeyRecord {
+            tenant_id: tenant_id.to_string(),
+            name: name.to_string(),
+            created_ms,
+        };
+        Ok(NewApiKey {
+            plaintext,
+            hash,
+            record,
+        })
     }
 
     /// Looks up a presented plaintext key; `None` when it is not a known key.
@@ -100,21 +110,29 @@ impl ApiKeyStore {
     pub async fn lookup_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>> {
         let mut conn = self.conn.clone();
         let key = apikey_key(hash);
-        let (tenant, name, created): (Option<String>, Option<String>, Option<String>) = redis::cmd(
-            "HMGET",
-        )
-        .arg(&key)
-        .arg("tenant")
-        .arg("name")
-        .arg("created_ms")
-        .query_async(&mut conn)
-        .await?;
-        let Some(tenant_id) = tenant else { return Ok(None) };
+        let (tenant, name, created): (Option<String>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(&key)
+                .arg("tenant")
+                .arg("name")
+                .arg("created_ms")
+                .query_async(&mut conn)
+                .await?;
+        let Some(tenant_id) = tenant else {
+            return Ok(None);
+        };
         let created_ms = created
             .unwrap_or_default()
             .parse()
-            .map_err(|_| StoreError::Corrupt { key, reason: "created_ms is not a number".into() })?;
-        Ok(Some(ApiKeyRecord { tenant_id, name: name.unwrap_or_default(), created_ms }))
+            .map_err(|_| StoreError::Corrupt {
+                key,
+                reason: "created_ms is not a number".into(),
+            })?;
+        Ok(Some(ApiKeyRecord {
+            tenant_id,
+            name: name.unwrap_or_default(),
+            created_ms,
+        }))
     }
 
     /// Deletes a key by its hash; returns whether it existed.
@@ -128,7 +146,8 @@ impl ApiKeyStore {
     /// server default.
     pub async fn set_max_sessions(&self, tenant_id: &str, max: u32) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.hset::<_, _, _, ()>(limits_key(tenant_id), "max_sessions", max).await?;
+        conn.hset::<_, _, _, ()>(limits_key(tenant_id), "max_sessions", max)
+            .await?;
         Ok(())
     }
 
@@ -138,8 +157,10 @@ impl ApiKeyStore {
         let key = limits_key(tenant_id);
         let raw: Option<String> = conn.hget(&key, "max_sessions").await?;
         raw.map(|v| {
-            v.parse()
-                .map_err(|_| StoreError::Corrupt { key, reason: "max_sessions is not a u32".into() })
+            v.parse().map_err(|_| StoreError::Corrupt {
+                key,
+                reason: "max_sessions is not a u32".into(),
+            })
         })
         .transpose()
     }

@@ -20,8 +20,8 @@ pub use apikeys::{ApiKeyRecord, ApiKeyStore, NewApiKey};
 pub use nodes::{NodeRecord, NodeRegistry};
 pub use redis::aio::ConnectionManager;
 pub use sessions::{
-    Claimed, Created, Cursor, EndReason, Extended, ListFilter, ListPage, NewSession,
-    SessionRecord, SessionStatus, SessionStore, StoreConfig, Transition,
+    Claimed, Created, Cursor, EndReason, Extended, ListFilter, ListPage, NewSession, SessionRecord,
+    SessionStatus, SessionStore, StoreConfig, Transition,
 };
 
 /// Errors of the store layer. Redis failures keep their cause as the source.

@@ -135,8 +135,10 @@ impl NodeRegistry {
 }
 
 fn parse(node_id: &str, json: &str) -> Result<NodeRecord> {
-    serde_json::from_str(json)
-        .map_err(|e| StoreError::Corrupt { key: node_key(node_id), reason: e.to_string() })
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        key: node_key(node_id),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

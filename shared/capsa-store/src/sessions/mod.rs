@@ -39,7 +39,10 @@ const EXPIRY: &str = "capsa:sessions:expiry";
 macro_rules! script {
     ($file:literal) => {
         LazyLock::new(|| {
-            Script::new(concat!(include_str!("lua/common.lua"), include_str!(concat!("lua/", $file))))
+            Script::new(concat!(
+                include_str!("lua/common.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
         })
     };
 }
@@ -111,11 +114,14 @@ pub struct NewSession {
 }
 
 /// Outcome of [`SessionStore::create`].
+#[allow(clippy::large_enum_variant)] // made once per create request; boxing buys nothing
 #[derive(Debug)]
 pub enum Created {
     Ok(SessionRecord),
     /// The tenant already has `limit` creating + active sessions.
-    QuotaExceeded { limit: u32 },
+    QuotaExceeded {
+        limit: u32,
+    },
     /// The id is taken (ids are random; this means a caller bug).
     IdTaken,
 }
@@ -138,7 +144,9 @@ pub enum Extended {
     /// Not active; the record as it is.
     NotActive(SessionRecord),
     /// The total lifetime would pass the bound; at most `max_extend_ms` more is allowed.
-    TooLong { max_extend_ms: i64 },
+    TooLong {
+        max_extend_ms: i64,
+    },
     Missing,
 }
 
@@ -178,7 +186,10 @@ impl Cursor {
         if id.is_empty() {
             return None;
         }
-        Some(Cursor { create_ms: score.parse().ok()?, id: id.to_string() })
+        Some(Cursor {
+            create_ms: score.parse().ok()?,
+            id: id.to_string(),
+        })
     }
 }
 
@@ -199,10 +210,16 @@ pub struct SessionStore {
 
 fn parse_tagged(key: &str, raw: Vec<String>) -> Result<(String, Option<SessionRecord>)> {
     let Some((tag, rest)) = raw.split_first() else {
-        return Err(StoreError::Corrupt { key: key.into(), reason: "empty script reply".into() });
+        return Err(StoreError::Corrupt {
+            key: key.into(),
+            reason: "empty script reply".into(),
+        });
     };
-    let rec =
-        if rest.is_empty() { None } else { Some(SessionRecord::from_pairs(key, rest)?) };
+    let rec = if rest.is_empty() {
+        None
+    } else {
+        Some(SessionRecord::from_pairs(key, rest)?)
+    };
     Ok((tag.clone(), rec))
 }
 
@@ -211,9 +228,10 @@ fn transition(key: &str, raw: Vec<String>) -> Result<Transition> {
         (tag, Some(rec)) if tag == "ok" => Ok(Transition::Won(rec)),
         (tag, Some(rec)) if tag == "conflict" => Ok(Transition::Conflict(rec)),
         (tag, None) if tag == "missing" => Ok(Transition::Missing),
-        (tag, _) => {
-            Err(StoreError::Corrupt { key: key.into(), reason: format!("script replied {tag}") })
-        }
+        (tag, _) => Err(StoreError::Corrupt {
+            key: key.into(),
+            reason: format!("script replied {tag}"),
+        }),
     }
 }
 
@@ -253,15 +271,19 @@ impl SessionStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         if raw.first().map(String::as_str) == Some("quota") {
-            let limit = raw.get(1).and_then(|v| v.parse().ok()).unwrap_or(default_max);
+            let limit = raw
+                .get(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default_max);
             return Ok(Created::QuotaExceeded { limit });
         }
         match parse_tagged(&key, raw)? {
             (tag, Some(rec)) if tag == "ok" => Ok(Created::Ok(rec)),
             (tag, None) if tag == "exists" => Ok(Created::IdTaken),
-            (tag, _) => {
-                Err(StoreError::Corrupt { key, reason: format!("create script replied {tag}") })
-            }
+            (tag, _) => Err(StoreError::Corrupt {
+                key,
+                reason: format!("create script replied {tag}"),
+            }),
         }
     }
 
@@ -332,7 +354,10 @@ impl SessionStore {
             .await?;
         Ok(raw
             .chunks_exact(2)
-            .map(|p| Claimed { id: p[0].clone(), kind: p[1].clone() })
+            .map(|p| Claimed {
+                id: p[0].clone(),
+                kind: p[1].clone(),
+            })
             .collect())
     }
 
@@ -340,17 +365,27 @@ impl SessionStore {
     /// sleep), measured on Redis' clock.
     pub async fn next_due_in(&self) -> Result<Option<Duration>> {
         let mut conn = self.conn.clone();
-        let first: Vec<(String, f64)> =
-            redis::cmd("ZRANGE").arg(EXPIRY).arg(0).arg(0).arg("WITHSCORES").query_async(&mut conn).await?;
-        let Some((_, score)) = first.first() else { return Ok(None) };
+        let first: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(EXPIRY)
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        let Some((_, score)) = first.first() else {
+            return Ok(None);
+        };
         let now = self.now_ms().await?;
-        Ok(Some(Duration::from_millis((*score as i64 - now).max(0) as u64)))
+        Ok(Some(Duration::from_millis(
+            (*score as i64 - now).max(0) as u64
+        )))
     }
 
     /// Redis' clock, ms since the Unix epoch.
     pub async fn now_ms(&self) -> Result<i64> {
-        let (secs, micros): (i64, i64) =
-            redis::cmd("TIME").query_async(&mut self.conn.clone()).await?;
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(secs * 1000 + micros / 1000)
     }
 
@@ -378,7 +413,10 @@ impl SessionStore {
 
     /// Records activity on an active session (one round trip, no read).
     pub async fn touch(&self, id: &str) -> Result<()> {
-        let _: i64 = TOUCH.key(session_key(id)).invoke_async(&mut self.conn.clone()).await?;
+        let _: i64 = TOUCH
+            .key(session_key(id))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 
@@ -394,7 +432,11 @@ impl SessionStore {
 
     /// Ids of sessions whose VM lives on `node_id` (active or being torn down).
     pub async fn node_sessions(&self, node_id: &str) -> Result<Vec<String>> {
-        Ok(self.conn.clone().smembers(node_sessions_key(node_id)).await?)
+        Ok(self
+            .conn
+            .clone()
+            .smembers(node_sessions_key(node_id))
+            .await?)
     }
 
     /// The tenant's creating + active count, and how many sessions it ever created.
@@ -420,7 +462,9 @@ impl SessionStore {
         const BATCH: usize = 256;
         let index = tenant_index_key(tenant);
         let mut conn = self.conn.clone();
-        let max = after.map(|c| c.create_ms.to_string()).unwrap_or_else(|| "+inf".into());
+        let max = after
+            .map(|c| c.create_ms.to_string())
+            .unwrap_or_else(|| "+inf".into());
         let mut offset = 0usize;
         let mut out: Vec<SessionRecord> = Vec::with_capacity(page_size + 1);
         'scan: loop {
@@ -458,7 +502,10 @@ impl SessionStore {
                 }
                 let rec = SessionRecord::from_pairs(&session_key(id), &flat)?;
                 if filter.status.is_some_and(|s| s != rec.status)
-                    || !filter.metadata.iter().all(|(k, v)| rec.metadata.get(k) == Some(v))
+                    || !filter
+                        .metadata
+                        .iter()
+                        .all(|(k, v)| rec.metadata.get(k) == Some(v))
                 {
                     continue;
                 }
@@ -478,11 +525,17 @@ impl SessionStore {
         }
         let next = if out.len() > page_size {
             out.truncate(page_size);
-            out.last().map(|r| Cursor { create_ms: r.create_ms, id: r.id.clone() })
+            out.last().map(|r| Cursor {
+                create_ms: r.create_ms,
+                id: r.id.clone(),
+            })
         } else {
             None
         };
-        Ok(ListPage { sessions: out, next })
+        Ok(ListPage {
+            sessions: out,
+            next,
+        })
     }
 }
 
@@ -492,10 +545,18 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
-        let c = Cursor { create_ms: 1_700_000_000_123, id: "abc".into() };
+        let c = Cursor {
+            create_ms: 1_700_000_000_123,
+            id: "abc".into(),
+        };
         assert_eq!(Cursor::from_token(&c.to_token()), Some(c));
-        for bad in ["", "zz", &hex::encode("v2:1:a"), &hex::encode("v1:x:a"), &hex::encode("v1:1:")]
-        {
+        for bad in [
+            "",
+            "zz",
+            &hex::encode("v2:1:a"),
+            &hex::encode("v1:x:a"),
+            &hex::encode("v1:1:"),
+        ] {
             assert_eq!(Cursor::from_token(bad), None, "{bad}");
         }
     }

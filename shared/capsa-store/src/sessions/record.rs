@@ -107,12 +107,18 @@ impl SessionRecord {
         for pair in flat.chunks_exact(2) {
             fields.insert(pair[0].as_str(), pair[1].as_str());
         }
-        let corrupt = |reason: String| StoreError::Corrupt { key: key.to_string(), reason };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: key.to_string(),
+            reason,
+        };
         let text = |name: &str| fields.get(name).copied().unwrap_or_default().to_string();
         let int = |name: &str| -> Result<Option<i64>> {
             match fields.get(name) {
                 None | Some(&"") => Ok(None),
-                Some(v) => v.parse().map(Some).map_err(|_| corrupt(format!("{name} is {v:?}"))),
+                Some(v) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| corrupt(format!("{name} is {v:?}"))),
             }
         };
         let map = |name: &str| -> Result<BTreeMap<String, String>> {
@@ -161,7 +167,10 @@ mod tests {
     use super::*;
 
     fn flat(pairs: &[(&str, &str)]) -> Vec<String> {
-        pairs.iter().flat_map(|(k, v)| [k.to_string(), v.to_string()]).collect()
+        pairs
+            .iter()
+            .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+            .collect()
     }
 
     #[test]
