@@ -1,0 +1,232 @@
+//! Running code in a real VM through the public API: persistence, streaming, errors,
+//! timeouts, shell, packages, and proof that the code runs in the guest.
+
+use capsa_e2e::exec::{self, python, shell};
+use capsa_e2e::{Stack, StackOptions};
+use capsa_proto::common::v1::{CompletionStatus, Language};
+use capsa_proto::session::v1::{
+    CreateSessionRequest, UploadFileHeader, UploadFileRequest, upload_file_request::Part,
+};
+
+async fn session(stack: &Stack) -> (capsa_e2e::Client, String) {
+    let mut client = stack.client(0).await;
+    let session = client
+        .create_session(CreateSessionRequest::default())
+        .await
+        .expect("create session")
+        .into_inner()
+        .session
+        .unwrap();
+    (client, session.id)
+}
+
+async fn upload(client: &mut capsa_e2e::Client, sid: &str, path: &str, data: Vec<u8>) {
+    let header = UploadFileRequest {
+        part: Some(Part::Header(UploadFileHeader {
+            session_id: sid.to_string(),
+            file: Some(capsa_proto::common::v1::UploadHeader {
+                path: path.into(),
+                ..Default::default()
+            }),
+        })),
+    };
+    let data = UploadFileRequest {
+        part: Some(Part::Data(data.into())),
+    };
+    client
+        .upload_file(tokio_stream::iter(vec![header, data]))
+        .await
+        .expect("upload");
+}
+
+#[tokio::test]
+async fn python_state_persists_and_errors_and_timeouts_keep_it() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (mut c, sid) = session(&stack).await;
+
+    // The seed story.
+    let out = python(&mut c, &sid, "x = 42").await;
+    assert_eq!(out.status(), CompletionStatus::Ok, "{out:?}");
+    let out = python(&mut c, &sid, "print(x)").await;
+    assert_eq!(out.stdout_text(), "42\n");
+    let out = python(&mut c, &sid, "x").await;
+    assert_eq!(out.results, vec!["42".to_string()]);
+
+    // An exception comes back as data; the state survives it.
+    let out = python(&mut c, &sid, "y = 1\n1 / 0").await;
+    assert_eq!(out.status(), CompletionStatus::Error);
+    assert_eq!(out.errors[0].name, "ZeroDivisionError");
+    assert!(
+        out.errors[0]
+            .traceback
+            .iter()
+            .any(|l| l.contains("ZeroDivisionError"))
+    );
+    let out = python(&mut c, &sid, "print(x, y)").await;
+    assert_eq!(out.stdout_text(), "42 1\n");
+
+    // A runaway loop is stopped by its timeout and the interpreter keeps its state.
+    let out = exec::run(
+        &mut c,
+        exec::request(&sid, Language::Python, "while True: pass", 1000),
+    )
+    .await;
+    assert_eq!(out.status(), CompletionStatus::Timeout, "{out:?}");
+    let out = python(&mut c, &sid, "print(x)").await;
+    assert_eq!(out.stdout_text(), "42\n");
+    assert!(!out.completion().state_lost);
+}
+
+#[tokio::test]
+async fn output_streams_while_the_code_runs() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (mut c, sid) = session(&stack).await;
+    // The code prints, then waits for a file that the test only creates after it has
+    // received that first chunk: the stream cannot finish unless output arrived early.
+    let code = "import os, time\nprint('started', flush=True)\n\
+                while not os.path.exists('/tmp/go'):\n    time.sleep(0.05)\nprint('finished')";
+    let mut stream = c
+        .execute(exec::request(&sid, Language::Python, code, 120_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let Some(capsa_proto::common::v1::execute_event::Event::Stdout(chunk)) =
+        first.event.and_then(|e| e.event)
+    else {
+        panic!("first event was not stdout");
+    };
+    assert_eq!(&chunk.data[..], b"started\n");
+    let mut files = stack.client(0).await;
+    upload(&mut files, &sid, "/tmp/go", b"go".to_vec()).await;
+    let mut rest = Vec::new();
+    let mut completed = false;
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg.event.and_then(|e| e.event) {
+            Some(capsa_proto::common::v1::execute_event::Event::Stdout(c)) => {
+                rest.extend_from_slice(&c.data)
+            }
+            Some(capsa_proto::common::v1::execute_event::Event::Completion(c)) => {
+                assert_eq!(c.status(), CompletionStatus::Ok);
+                completed = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(completed);
+    assert_eq!(rest, b"finished\n");
+}
+
+#[tokio::test]
+async fn shell_state_persists_and_code_runs_in_the_guest_kernel() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (mut c, sid) = session(&stack).await;
+    let out = shell(
+        &mut c,
+        &sid,
+        "cd /tmp && export GREETING=hello && shout() { echo \"$1!\"; }",
+    )
+    .await;
+    assert_eq!(out.status(), CompletionStatus::Ok, "{out:?}");
+    let out = shell(&mut c, &sid, "pwd; echo $GREETING; shout hey").await;
+    assert_eq!(out.stdout_text(), "/tmp\nhello\nhey!\n");
+    let out = shell(&mut c, &sid, "exit_with() { return $1; }; exit_with 3").await;
+    assert_eq!(out.status(), CompletionStatus::Error);
+    assert_eq!(out.completion().exit_code, 3);
+
+    let guest = shell(&mut c, &sid, "uname -r").await.stdout_text();
+    let host = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap()
+        .stdout;
+    let host = String::from_utf8(host).unwrap();
+    assert_ne!(
+        guest.trim(),
+        host.trim(),
+        "uname -r must be the guest kernel's"
+    );
+    assert!(
+        guest.starts_with("6.1."),
+        "guest kernel is the project's 6.1 build: {guest}"
+    );
+}
+
+#[tokio::test]
+async fn a_package_installed_from_an_uploaded_wheel_is_importable_later() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (mut c, sid) = session(&stack).await;
+    let wheel = build_wheel();
+    upload(&mut c, &sid, "/tmp/capsa_hello-1.0-py3-none-any.whl", wheel).await;
+    let out = shell(
+        &mut c,
+        &sid,
+        "pip install --no-index --quiet /tmp/capsa_hello-1.0-py3-none-any.whl",
+    )
+    .await;
+    assert_eq!(
+        out.status(),
+        CompletionStatus::Ok,
+        "pip: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = python(&mut c, &sid, "import capsa_hello\ncapsa_hello.greet()").await;
+    assert_eq!(
+        out.results,
+        vec!["'hello from a wheel'".to_string()],
+        "{out:?}"
+    );
+    let out = python(&mut c, &sid, "capsa_hello.greet().upper()").await;
+    assert_eq!(out.results, vec!["'HELLO FROM A WHEEL'".to_string()]);
+}
+
+#[tokio::test]
+async fn matplotlib_figures_come_back_as_png() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (mut c, sid) = session(&stack).await;
+    let out = python(
+        &mut c,
+        &sid,
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])",
+    )
+    .await;
+    assert_eq!(
+        out.status(),
+        CompletionStatus::Ok,
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = out
+        .displays
+        .iter()
+        .find(|(mime, _)| mime == "image/png")
+        .expect("a PNG display");
+    assert_eq!(&png.1[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+/// A wheel made at test time with the host's Python `zipfile`: one module, minimal metadata.
+fn build_wheel() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.whl");
+    let script = r#"
+import sys, zipfile
+files = {
+  "capsa_hello/__init__.py": "def greet():\n    return 'hello from a wheel'\n",
+  "capsa_hello-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: capsa-hello\nVersion: 1.0\n",
+  "capsa_hello-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: capsa-e2e\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    for name, text in files.items():
+        z.writestr(name, text)
+    z.writestr("capsa_hello-1.0.dist-info/RECORD",
+               "".join(f"{n},,\n" for n in files) + "capsa_hello-1.0.dist-info/RECORD,,\n")
+"#;
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(path).unwrap()
+}

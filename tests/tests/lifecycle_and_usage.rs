@@ -1,0 +1,285 @@
+//! Session lifecycle on real VMs (expiry, deletion, a VM that dies mid-execute) and the
+//! usage numbers metering reports for real work in the guest.
+
+use std::time::{Duration, Instant};
+
+use capsa_e2e::exec::{self, python, shell};
+use capsa_e2e::{Stack, StackOptions};
+use capsa_proto::common::v1::Language;
+use capsa_proto::session::v1::{
+    CreateSessionRequest, DeleteSessionRequest, EndReason, GetSessionRequest, GetUsageRequest,
+    SessionStatus,
+};
+use capsa_proto::vmpool::v1::GetVmRequest;
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use capsa_test_support::eventually;
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+async fn vmm_pid(stack: &Stack, vm_id: &str) -> u32 {
+    let mut pool = VmPoolServiceClient::connect(stack.vm_pool.url())
+        .await
+        .unwrap();
+    let vm = pool
+        .get_vm(GetVmRequest {
+            vm_id: vm_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert!(vm.vmm_pid > 0);
+    vm.vmm_pid
+}
+
+#[tokio::test]
+async fn expiry_and_deletion_destroy_the_vm() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut c = stack.client(0).await;
+    let short = CreateSessionRequest {
+        lifetime: Some(capsa_proto::time::duration(Duration::from_secs(10))),
+        ..Default::default()
+    };
+    let s = c
+        .create_session(short)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let pid = vmm_pid(&stack, &s.vm_id).await;
+    assert!(pid_alive(pid));
+    eventually!(
+        {
+            let got = c
+                .get_session(GetSessionRequest {
+                    session_id: s.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            got.session.unwrap().status() == SessionStatus::Terminated
+        },
+        30
+    );
+    let ended = c
+        .get_session(GetSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(ended.end_reason(), EndReason::Expired);
+    // Ended within a second of its deadline (the reaper's promise); both times come from
+    // the one clock session state uses.
+    let ms = |t: &prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos / 1_000_000);
+    let late_ms = ms(ended.end_time.as_ref().unwrap()) - ms(ended.expire_time.as_ref().unwrap());
+    assert!(
+        (0..=1000).contains(&late_ms),
+        "ended {late_ms} ms after its deadline"
+    );
+    eventually!(!pid_alive(pid), 10);
+
+    let s = c
+        .create_session(CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let pid = vmm_pid(&stack, &s.vm_id).await;
+    let deleted = c
+        .delete_session(DeleteSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(deleted.end_reason(), EndReason::Deleted);
+    eventually!(!pid_alive(pid), 10);
+    let err = exec::try_run(&mut c, exec::request(&s.id, Language::Python, "1", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("deleted") || err.message().contains("DELETED"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_mid_execute_ends_the_stream_and_the_session() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut c = stack.client(0).await;
+    let s = c
+        .create_session(CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let pid = vmm_pid(&stack, &s.vm_id).await;
+    let mut stream = c
+        .execute(exec::request(
+            &s.id,
+            Language::Python,
+            "import time\nprint('up', flush=True)\ntime.sleep(600)",
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("first chunk");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let killed_at = Instant::now();
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("stream must end, not hang")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    eprintln!("stream ended {:?} after the kill", killed_at.elapsed());
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    eventually!(
+        {
+            let got = c
+                .get_session(GetSessionRequest {
+                    session_id: s.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .session
+                .unwrap();
+            got.status() == SessionStatus::Terminated && got.end_reason() == EndReason::VmFailed
+        },
+        15
+    );
+}
+
+#[tokio::test]
+async fn usage_reflects_cpu_memory_and_disk_work_and_the_final_record_is_written_once() {
+    let stack = Stack::start(StackOptions {
+        metering_replicas: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut c = stack.client(0).await;
+    let s = c
+        .create_session(CreateSessionRequest {
+            memory_mib: 1024,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let usage = |c: &mut capsa_e2e::Client| {
+        let mut c = c.clone();
+        let id = s.id.clone();
+        async move {
+            c.get_usage(GetUsageRequest { session_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .usage
+                .unwrap()
+        }
+    };
+    eventually!(usage(&mut c).await.sample_time.is_some(), 30);
+
+    let before = usage(&mut c).await;
+    let cpu = |u: &capsa_proto::common::v1::Usage| {
+        capsa_proto::time::from_duration(u.cpu_time.as_ref().unwrap()).unwrap()
+    };
+    let out = python(
+        &mut c,
+        &s.id,
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 2: pass",
+    )
+    .await;
+    assert!(out.errors.is_empty());
+    eventually!(
+        cpu(&usage(&mut c).await) >= cpu(&before) + Duration::from_millis(1500),
+        30
+    );
+
+    let out = python(&mut c, &s.id, "blob = b'x' * (200 * 1024 * 1024)").await;
+    assert!(out.errors.is_empty(), "{out:?}");
+    eventually!(
+        usage(&mut c).await.memory_used_bytes >= before.memory_used_bytes + 150_000_000,
+        30
+    );
+    assert!(usage(&mut c).await.memory_peak_bytes >= usage(&mut c).await.memory_used_bytes);
+
+    let out = shell(
+        &mut c,
+        &s.id,
+        "dd if=/dev/urandom of=/root/disk.bin bs=1M count=64 conv=fsync status=none",
+    )
+    .await;
+    assert_eq!(
+        out.completion().exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually!(
+        usage(&mut c).await.disk_write_bytes >= before.disk_write_bytes + 64 * 1024 * 1024,
+        30
+    );
+
+    c.delete_session(DeleteSessionRequest {
+        session_id: s.id.clone(),
+    })
+    .await
+    .unwrap();
+    // Two metering replicas ran; the stream holds exactly one final record for the session.
+    let count_final = || {
+        let script = "local n = 0 \
+            for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do \
+              local f, sid, kind = e[2], nil, nil \
+              for i = 1, #f, 2 do \
+                if f[i] == 'session_id' then sid = f[i + 1] elseif f[i] == 'kind' then kind = f[i + 1] end \
+              end \
+              if sid == ARGV[1] and kind == 'final' then n = n + 1 end \
+            end return n";
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &stack.redis.port().to_string(),
+                "EVAL",
+                script,
+                "1",
+                "capsa:usage:records",
+                &s.id,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    eventually!(count_final() >= 1, 15);
+    // Give both replicas' loops time to (wrongly) append a second record before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count_final(), 1);
+}
