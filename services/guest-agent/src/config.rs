@@ -10,7 +10,10 @@ use clap::{ArgAction, Parser};
 
 /// The guest agent's settings.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "capsa-agent", about = "Capsa guest agent: kernels, files and stats over vsock")]
+#[command(
+    name = "capsa-agent",
+    about = "Capsa guest agent: kernels, files and stats over vsock"
+)]
 pub struct Config {
     /// vsock port of the AgentService (with health and reflection).
     #[arg(long, env = "CAPSA_AGENT_VSOCK_PORT", default_value_t = 1024)]

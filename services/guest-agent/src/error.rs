@@ -37,7 +37,10 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
-        Error::InvalidArgument { field, reason: reason.into() }
+        Error::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// Classifies a file-system error on `path`.
@@ -52,9 +55,10 @@ impl Error {
             | io::ErrorKind::DirectoryNotEmpty
             | io::ErrorKind::ReadOnlyFilesystem
             | io::ErrorKind::StorageFull
-            | io::ErrorKind::InvalidFilename => {
-                Error::FailedPrecondition { path, reason: source.to_string() }
-            }
+            | io::ErrorKind::InvalidFilename => Error::FailedPrecondition {
+                path,
+                reason: source.to_string(),
+            },
             _ => Error::Io { op, path, source },
         }
     }
@@ -83,12 +87,27 @@ mod tests {
         let e = |k: io::ErrorKind| Error::fs("op", "/p", io::Error::from(k)).code();
         assert_eq!(e(io::ErrorKind::NotFound), ErrorCode::NotFound);
         assert_eq!(e(io::ErrorKind::AlreadyExists), ErrorCode::AlreadyExists);
-        assert_eq!(e(io::ErrorKind::PermissionDenied), ErrorCode::PermissionDenied);
-        assert_eq!(e(io::ErrorKind::DirectoryNotEmpty), ErrorCode::FailedPrecondition);
-        assert_eq!(e(io::ErrorKind::IsADirectory), ErrorCode::FailedPrecondition);
+        assert_eq!(
+            e(io::ErrorKind::PermissionDenied),
+            ErrorCode::PermissionDenied
+        );
+        assert_eq!(
+            e(io::ErrorKind::DirectoryNotEmpty),
+            ErrorCode::FailedPrecondition
+        );
+        assert_eq!(
+            e(io::ErrorKind::IsADirectory),
+            ErrorCode::FailedPrecondition
+        );
         assert_eq!(e(io::ErrorKind::Other), ErrorCode::Internal);
-        assert_eq!(Error::invalid("path", "x").code(), ErrorCode::InvalidArgument);
-        let start = Error::KernelStart { language: "python", source: io::Error::other("x") };
+        assert_eq!(
+            Error::invalid("path", "x").code(),
+            ErrorCode::InvalidArgument
+        );
+        let start = Error::KernelStart {
+            language: "python",
+            source: io::Error::other("x"),
+        };
         assert_eq!(start.code(), ErrorCode::Unavailable);
     }
 

@@ -42,7 +42,10 @@ pub fn check_path(field: &'static str, path: &str) -> Result<PathBuf, Error> {
         return Err(Error::invalid(field, "is empty"));
     }
     if path.len() > MAX_PATH {
-        return Err(Error::invalid(field, format!("is longer than {MAX_PATH} bytes")));
+        return Err(Error::invalid(
+            field,
+            format!("is longer than {MAX_PATH} bytes"),
+        ));
     }
     if path.contains('\0') {
         return Err(Error::invalid(field, "contains a NUL byte"));
@@ -57,7 +60,10 @@ fn check_mode(mode: u32, default: u32) -> Result<u32, Error> {
     match mode {
         0 => Ok(default),
         m if m <= 0o7777 => Ok(m),
-        m => Err(Error::invalid("mode", format!("{m:#o} has bits beyond 0o7777"))),
+        m => Err(Error::invalid(
+            "mode",
+            format!("{m:#o} has bits beyond 0o7777"),
+        )),
     }
 }
 
@@ -87,20 +93,33 @@ fn info_from(path: &Path, meta: &std::fs::Metadata) -> FileInfo {
 
 pub async fn info(path: &str) -> Result<FileInfo, Error> {
     let p = check_path("path", path)?;
-    let meta = tokio::fs::symlink_metadata(&p).await.map_err(|e| Error::fs("stat", path, e))?;
+    let meta = tokio::fs::symlink_metadata(&p)
+        .await
+        .map_err(|e| Error::fs("stat", path, e))?;
     Ok(info_from(&p, &meta))
 }
 
 #[tracing::instrument]
 pub async fn list(path: &str) -> Result<Vec<FileInfo>, Error> {
     let dir = check_path("path", path)?;
-    let meta = tokio::fs::metadata(&dir).await.map_err(|e| Error::fs("stat", path, e))?;
+    let meta = tokio::fs::metadata(&dir)
+        .await
+        .map_err(|e| Error::fs("stat", path, e))?;
     if !meta.is_dir() {
-        return Err(Error::FailedPrecondition { path: path.into(), reason: "not a directory".into() });
+        return Err(Error::FailedPrecondition {
+            path: path.into(),
+            reason: "not a directory".into(),
+        });
     }
-    let mut entries = tokio::fs::read_dir(&dir).await.map_err(|e| Error::fs("list", path, e))?;
+    let mut entries = tokio::fs::read_dir(&dir)
+        .await
+        .map_err(|e| Error::fs("list", path, e))?;
     let mut out = Vec::new();
-    while let Some(entry) = entries.next_entry().await.map_err(|e| Error::fs("list", path, e))? {
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| Error::fs("list", path, e))?
+    {
         if out.len() == MAX_LIST {
             return Err(Error::FailedPrecondition {
                 path: path.into(),
@@ -128,7 +147,10 @@ pub async fn make_dir(path: &str, mode: u32) -> Result<FileInfo, Error> {
     }
     let (dir, p2) = (p.clone(), path.to_string());
     tokio::task::spawn_blocking(move || {
-        std::fs::DirBuilder::new().recursive(true).mode(mode).create(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(&dir)?;
         // The umask narrowed `mode`; the directory asked for gets exactly it.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
     })
@@ -142,9 +164,14 @@ pub async fn make_dir(path: &str, mode: u32) -> Result<FileInfo, Error> {
 pub async fn remove(path: &str, recursive: bool) -> Result<(), Error> {
     let p = check_path("path", path)?;
     if p == Path::new("/") {
-        return Err(Error::FailedPrecondition { path: path.into(), reason: "refusing to remove /".into() });
+        return Err(Error::FailedPrecondition {
+            path: path.into(),
+            reason: "refusing to remove /".into(),
+        });
     }
-    let meta = tokio::fs::symlink_metadata(&p).await.map_err(|e| Error::fs("stat", path, e))?;
+    let meta = tokio::fs::symlink_metadata(&p)
+        .await
+        .map_err(|e| Error::fs("stat", path, e))?;
     let result = if !meta.is_dir() {
         tokio::fs::remove_file(&p).await
     } else if recursive {
@@ -164,10 +191,18 @@ pub async fn remove(path: &str, recursive: bool) -> Result<(), Error> {
 /// Opens a regular file for download.
 pub async fn open_download(path: &str) -> Result<(FileInfo, tokio::fs::File), Error> {
     let p = check_path("path", path)?;
-    let file = tokio::fs::File::open(&p).await.map_err(|e| Error::fs("open", path, e))?;
-    let meta = file.metadata().await.map_err(|e| Error::fs("stat", path, e))?;
+    let file = tokio::fs::File::open(&p)
+        .await
+        .map_err(|e| Error::fs("open", path, e))?;
+    let meta = file
+        .metadata()
+        .await
+        .map_err(|e| Error::fs("stat", path, e))?;
     if !meta.is_file() {
-        return Err(Error::FailedPrecondition { path: path.into(), reason: "not a regular file".into() });
+        return Err(Error::FailedPrecondition {
+            path: path.into(),
+            reason: "not a regular file".into(),
+        });
     }
     Ok((info_from(&p, &meta), file))
 }
@@ -188,10 +223,16 @@ impl Upload {
     pub async fn begin(path: &str, mode: u32, no_overwrite: bool) -> Result<Upload, Error> {
         let dest = check_path("path", path)?;
         let mode = check_mode(mode, 0o644)?;
-        let parent = dest.parent().ok_or_else(|| Error::invalid("path", "is the root directory"))?.to_owned();
+        let parent = dest
+            .parent()
+            .ok_or_else(|| Error::invalid("path", "is the root directory"))?
+            .to_owned();
         match tokio::fs::symlink_metadata(&dest).await {
             Ok(meta) if meta.is_dir() => {
-                return Err(Error::FailedPrecondition { path: path.into(), reason: "is a directory".into() });
+                return Err(Error::FailedPrecondition {
+                    path: path.into(),
+                    reason: "is a directory".into(),
+                });
             }
             Ok(_) if no_overwrite => return Err(Error::AlreadyExists { path: path.into() }),
             _ => {}
@@ -199,7 +240,9 @@ impl Upload {
         let p = path.to_string();
         let (file, temp) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&parent)?;
-            tempfile::Builder::new().prefix(".capsa-upload-").tempfile_in(&parent)
+            tempfile::Builder::new()
+                .prefix(".capsa-upload-")
+                .tempfile_in(&parent)
         })
         .await
         .expect("upload setup does not panic")
@@ -218,17 +261,26 @@ impl Upload {
 
     pub async fn write(&mut self, data: &[u8]) -> Result<(), Error> {
         if data.len() > MAX_CHUNK {
-            return Err(Error::invalid("data", format!("chunk of {} bytes exceeds {MAX_CHUNK}", data.len())));
+            return Err(Error::invalid(
+                "data",
+                format!("chunk of {} bytes exceeds {MAX_CHUNK}", data.len()),
+            ));
         }
         self.hasher.update(data);
-        self.file.write_all(data).await.map_err(|e| Error::fs("write", &self.path, e))
+        self.file
+            .write_all(data)
+            .await
+            .map_err(|e| Error::fs("write", &self.path, e))
     }
 
     /// Applies the mode, renames the file into place and returns it with the sha256 of
     /// the bytes received.
     pub async fn finish(mut self) -> Result<(FileInfo, String), Error> {
         let path = self.path.clone();
-        self.file.flush().await.map_err(|e| Error::fs("write", &path, e))?;
+        self.file
+            .flush()
+            .await
+            .map_err(|e| Error::fs("write", &path, e))?;
         self.file
             .set_permissions(std::fs::Permissions::from_mode(self.mode))
             .await
@@ -236,7 +288,11 @@ impl Upload {
         drop(self.file);
         let (temp, dest, no_overwrite) = (self.temp, self.dest.clone(), self.no_overwrite);
         tokio::task::spawn_blocking(move || {
-            if no_overwrite { temp.persist_noclobber(&dest) } else { temp.persist(&dest) }
+            if no_overwrite {
+                temp.persist_noclobber(&dest)
+            } else {
+                temp.persist(&dest)
+            }
         })
         .await
         .expect("rename does not panic")
@@ -271,7 +327,9 @@ mod tests {
     async fn an_abandoned_upload_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/f.bin");
-        let mut up = Upload::begin(path.to_str().unwrap(), 0, false).await.unwrap();
+        let mut up = Upload::begin(path.to_str().unwrap(), 0, false)
+            .await
+            .unwrap();
         up.write(b"partial").await.unwrap();
         drop(up);
         assert!(!path.exists());

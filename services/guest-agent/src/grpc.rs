@@ -51,8 +51,16 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
-    pub fn new(kernels: Arc<Kernels>, default_timeout: Duration, shutdown: CancellationToken) -> AgentApi {
-        AgentApi { kernels, default_timeout, shutdown }
+    pub fn new(
+        kernels: Arc<Kernels>,
+        default_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> AgentApi {
+        AgentApi {
+            kernels,
+            default_timeout,
+            shutdown,
+        }
     }
 }
 
@@ -61,48 +69,87 @@ fn status(e: Error) -> Status {
 }
 
 /// Session and per-call env: names a shell can export, values without NUL.
-fn check_env(env: impl IntoIterator<Item = (String, String)>) -> Result<BTreeMap<String, String>, Error> {
+fn check_env(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, Error> {
     let mut out = BTreeMap::new();
     for (k, v) in env {
-        let valid_name = k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        let valid_name = k
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid_name {
-            return Err(Error::invalid("env", format!("{k:?} is not a valid variable name")));
+            return Err(Error::invalid(
+                "env",
+                format!("{k:?} is not a valid variable name"),
+            ));
         }
         if v.contains('\0') {
-            return Err(Error::invalid("env", format!("the value of {k} contains a NUL byte")));
+            return Err(Error::invalid(
+                "env",
+                format!("the value of {k} contains a NUL byte"),
+            ));
         }
         out.insert(k, v);
     }
     Ok(out)
 }
 
-pub fn execute_request(spec: Option<common::ExecuteSpec>, default_timeout: Duration) -> Result<ExecuteRequest, Error> {
+pub fn execute_request(
+    spec: Option<common::ExecuteSpec>,
+    default_timeout: Duration,
+) -> Result<ExecuteRequest, Error> {
     let spec = spec.ok_or_else(|| Error::invalid("spec", "is missing"))?;
     let language = match common::Language::try_from(spec.language) {
         Ok(common::Language::Unspecified | common::Language::Python) => Language::Python,
         Ok(common::Language::Shell) => Language::Shell,
-        Err(_) => return Err(Error::invalid("language", format!("unknown value {}", spec.language))),
+        Err(_) => {
+            return Err(Error::invalid(
+                "language",
+                format!("unknown value {}", spec.language),
+            ));
+        }
     };
     if spec.code.len() > MAX_CODE {
-        return Err(Error::invalid("code", format!("is {} bytes; the limit is {MAX_CODE}", spec.code.len())));
+        return Err(Error::invalid(
+            "code",
+            format!("is {} bytes; the limit is {MAX_CODE}", spec.code.len()),
+        ));
     }
     let timeout = match &spec.timeout {
         None => default_timeout,
         Some(d) => match capsa_proto::time::from_duration(d) {
             Some(t) if !t.is_zero() && t <= MAX_TIMEOUT => t,
-            _ => return Err(Error::invalid("timeout", format!("must be positive and at most {MAX_TIMEOUT:?}"))),
+            _ => {
+                return Err(Error::invalid(
+                    "timeout",
+                    format!("must be positive and at most {MAX_TIMEOUT:?}"),
+                ));
+            }
         },
     };
     let max_output_bytes = match spec.max_output_bytes {
         0 => DEFAULT_MAX_OUTPUT,
         n if n <= MAX_OUTPUT_LIMIT => n,
-        n => return Err(Error::invalid("max_output_bytes", format!("{n} exceeds {MAX_OUTPUT_LIMIT}"))),
+        n => {
+            return Err(Error::invalid(
+                "max_output_bytes",
+                format!("{n} exceeds {MAX_OUTPUT_LIMIT}"),
+            ));
+        }
     };
-    let cwd = if spec.cwd.is_empty() { None } else { Some(files::check_path("cwd", &spec.cwd)?) };
+    let cwd = if spec.cwd.is_empty() {
+        None
+    } else {
+        Some(files::check_path("cwd", &spec.cwd)?)
+    };
     if let Some(dir) = &cwd {
         if !dir.is_dir() {
-            return Err(Error::invalid("cwd", format!("{} is not an existing directory", dir.display())));
+            return Err(Error::invalid(
+                "cwd",
+                format!("{} is not an existing directory", dir.display()),
+            ));
         }
     }
     Ok(ExecuteRequest {
@@ -120,12 +167,26 @@ fn event_to_proto(event: Event) -> pb::ExecuteResponse {
     let event = match event {
         Event::Stdout(data) => E::Stdout(common::OutputChunk { data }),
         Event::Stderr(data) => E::Stderr(common::OutputChunk { data }),
-        Event::Display(data) => E::Display(common::DisplayData { data: data.into_iter().collect() }),
-        Event::Result(data) => E::Result(common::ExecuteResult { data: data.into_iter().collect() }),
-        Event::Error { name, value, traceback } => E::Error(common::ExecuteError { name, value, traceback }),
+        Event::Display(data) => E::Display(common::DisplayData {
+            data: data.into_iter().collect(),
+        }),
+        Event::Result(data) => E::Result(common::ExecuteResult {
+            data: data.into_iter().collect(),
+        }),
+        Event::Error {
+            name,
+            value,
+            traceback,
+        } => E::Error(common::ExecuteError {
+            name,
+            value,
+            traceback,
+        }),
         Event::Completion(c) => E::Completion(completion_to_proto(c)),
     };
-    pb::ExecuteResponse { event: Some(common::ExecuteEvent { event: Some(event) }) }
+    pb::ExecuteResponse {
+        event: Some(common::ExecuteEvent { event: Some(event) }),
+    }
 }
 
 fn completion_to_proto(c: Completion) -> common::Completion {
@@ -170,7 +231,10 @@ fn info_to_proto(i: FileInfo) -> common::FileInfo {
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
-    async fn configure(&self, request: Request<pb::ConfigureRequest>) -> Result<Response<pb::ConfigureResponse>, Status> {
+    async fn configure(
+        &self,
+        request: Request<pb::ConfigureRequest>,
+    ) -> Result<Response<pb::ConfigureResponse>, Status> {
         let env = check_env(request.into_inner().env).map_err(status)?;
         self.kernels.configure(env).await.map_err(status)?;
         Ok(Response::new(pb::ConfigureResponse {}))
@@ -178,12 +242,19 @@ impl AgentService for AgentApi {
 
     type ExecuteStream = BoxStream<pb::ExecuteResponse>;
 
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
-        let req = execute_request(request.into_inner().spec, self.default_timeout).map_err(status)?;
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let req =
+            execute_request(request.into_inner().spec, self.default_timeout).map_err(status)?;
         let (tx, rx) = mpsc::channel(EXECUTE_BUFFER);
         let cancel = self.shutdown.child_token();
         let guard = cancel.clone().drop_guard();
-        self.kernels.execute(req, tx, cancel).await.map_err(status)?;
+        self.kernels
+            .execute(req, tx, cancel)
+            .await
+            .map_err(status)?;
         let stream = ReceiverStream::new(rx).map(move |item| {
             let _ = &guard; // dropped with the stream: the client went away
             item.map(event_to_proto).map_err(status)
@@ -191,27 +262,52 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn upload_file(&self, request: Request<Streaming<pb::UploadFileRequest>>) -> Result<Response<pb::UploadFileResponse>, Status> {
+    async fn upload_file(
+        &self,
+        request: Request<Streaming<pb::UploadFileRequest>>,
+    ) -> Result<Response<pb::UploadFileResponse>, Status> {
         use pb::upload_file_request::Part;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
-            Some(pb::UploadFileRequest { part: Some(Part::Header(h)) }) => h,
-            _ => return Err(status(Error::invalid("header", "the first message must be the upload header"))),
+            Some(pb::UploadFileRequest {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(status(Error::invalid(
+                    "header",
+                    "the first message must be the upload header",
+                )));
+            }
         };
         let span = tracing::info_span!("upload", path = %header.path);
         async move {
-            let mut upload = files::Upload::begin(&header.path, header.mode, header.no_overwrite).await.map_err(status)?;
+            let mut upload = files::Upload::begin(&header.path, header.mode, header.no_overwrite)
+                .await
+                .map_err(status)?;
             while let Some(msg) = stream.message().await? {
                 match msg.part {
                     Some(Part::Data(data)) => upload.write(&data).await.map_err(status)?,
-                    Some(Part::Header(_)) => return Err(status(Error::invalid("header", "only the first message may be a header"))),
-                    None => return Err(status(Error::invalid("part", "message has neither header nor data"))),
+                    Some(Part::Header(_)) => {
+                        return Err(status(Error::invalid(
+                            "header",
+                            "only the first message may be a header",
+                        )));
+                    }
+                    None => {
+                        return Err(status(Error::invalid(
+                            "part",
+                            "message has neither header nor data",
+                        )));
+                    }
                 }
             }
             let (info, sha256) = upload.finish().await.map_err(status)?;
             tracing::info!(size = info.size, "uploaded");
             Ok(Response::new(pb::UploadFileResponse {
-                result: Some(common::UploadResult { info: Some(info_to_proto(info)), sha256 }),
+                result: Some(common::UploadResult {
+                    info: Some(info_to_proto(info)),
+                    sha256,
+                }),
             }))
         }
         .instrument(span)
@@ -220,12 +316,17 @@ impl AgentService for AgentApi {
 
     type DownloadFileStream = BoxStream<pb::DownloadFileResponse>;
 
-    async fn download_file(&self, request: Request<pb::DownloadFileRequest>) -> Result<Response<Self::DownloadFileStream>, Status> {
+    async fn download_file(
+        &self,
+        request: Request<pb::DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
         use pb::download_file_response::Part;
         let path = request.into_inner().path;
         let (info, mut file) = files::open_download(&path).await.map_err(status)?;
         let (tx, rx) = mpsc::channel(DOWNLOAD_BUFFER);
-        let first = pb::DownloadFileResponse { part: Some(Part::Info(info_to_proto(info))) };
+        let first = pb::DownloadFileResponse {
+            part: Some(Part::Info(info_to_proto(info))),
+        };
         tokio::spawn(async move {
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -246,7 +347,9 @@ impl AgentService for AgentApi {
                     return;
                 }
                 let last = chunk.len() < files::MAX_CHUNK;
-                let msg = pb::DownloadFileResponse { part: Some(Part::Data(chunk.freeze())) };
+                let msg = pb::DownloadFileResponse {
+                    part: Some(Part::Data(chunk.freeze())),
+                };
                 if tx.send(Ok(msg)).await.is_err() || last {
                     return; // client gone, or end of file
                 }
@@ -255,30 +358,58 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list_files(&self, request: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesResponse>, Status> {
-        let files = files::list(&request.into_inner().path).await.map_err(status)?;
-        Ok(Response::new(pb::ListFilesResponse { files: files.into_iter().map(info_to_proto).collect() }))
+    async fn list_files(
+        &self,
+        request: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let files = files::list(&request.into_inner().path)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListFilesResponse {
+            files: files.into_iter().map(info_to_proto).collect(),
+        }))
     }
 
-    async fn get_file_info(&self, request: Request<pb::GetFileInfoRequest>) -> Result<Response<pb::GetFileInfoResponse>, Status> {
-        let info = files::info(&request.into_inner().path).await.map_err(status)?;
-        Ok(Response::new(pb::GetFileInfoResponse { info: Some(info_to_proto(info)) }))
+    async fn get_file_info(
+        &self,
+        request: Request<pb::GetFileInfoRequest>,
+    ) -> Result<Response<pb::GetFileInfoResponse>, Status> {
+        let info = files::info(&request.into_inner().path)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GetFileInfoResponse {
+            info: Some(info_to_proto(info)),
+        }))
     }
 
-    async fn make_directory(&self, request: Request<pb::MakeDirectoryRequest>) -> Result<Response<pb::MakeDirectoryResponse>, Status> {
+    async fn make_directory(
+        &self,
+        request: Request<pb::MakeDirectoryRequest>,
+    ) -> Result<Response<pb::MakeDirectoryResponse>, Status> {
         let r = request.into_inner();
         let info = files::make_dir(&r.path, r.mode).await.map_err(status)?;
-        Ok(Response::new(pb::MakeDirectoryResponse { info: Some(info_to_proto(info)) }))
+        Ok(Response::new(pb::MakeDirectoryResponse {
+            info: Some(info_to_proto(info)),
+        }))
     }
 
-    async fn remove_file(&self, request: Request<pb::RemoveFileRequest>) -> Result<Response<pb::RemoveFileResponse>, Status> {
+    async fn remove_file(
+        &self,
+        request: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
         let r = request.into_inner();
         files::remove(&r.path, r.recursive).await.map_err(status)?;
         Ok(Response::new(pb::RemoveFileResponse {}))
     }
 
-    async fn get_stats(&self, _request: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
-        let s = tokio::task::spawn_blocking(stats::read).await.map_err(|e| Status::internal(e.to_string()))?.map_err(status)?;
+    async fn get_stats(
+        &self,
+        _request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let s = tokio::task::spawn_blocking(stats::read)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
         Ok(Response::new(pb::GetStatsResponse {
             memory_total_bytes: s.memory_total_bytes,
             memory_used_bytes: s.memory_used_bytes,
@@ -294,7 +425,10 @@ mod tests {
     use super::*;
 
     fn spec(f: impl FnOnce(&mut common::ExecuteSpec)) -> Option<common::ExecuteSpec> {
-        let mut s = common::ExecuteSpec { code: "1".into(), ..Default::default() };
+        let mut s = common::ExecuteSpec {
+            code: "1".into(),
+            ..Default::default()
+        };
         f(&mut s);
         Some(s)
     }
@@ -319,15 +453,53 @@ mod tests {
     fn bad_fields_are_named() {
         let d = Duration::from_secs(60);
         assert_eq!(field_of(execute_request(None, d)), "spec");
-        assert_eq!(field_of(execute_request(spec(|s| s.code = "x".repeat(MAX_CODE + 1)), d)), "code");
-        assert_eq!(field_of(execute_request(spec(|s| s.language = 9), d)), "language");
         assert_eq!(
-            field_of(execute_request(spec(|s| s.timeout = Some(prost_types::Duration { seconds: 0, nanos: 0 })), d)),
+            field_of(execute_request(
+                spec(|s| s.code = "x".repeat(MAX_CODE + 1)),
+                d
+            )),
+            "code"
+        );
+        assert_eq!(
+            field_of(execute_request(spec(|s| s.language = 9), d)),
+            "language"
+        );
+        assert_eq!(
+            field_of(execute_request(
+                spec(|s| s.timeout = Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 0
+                })),
+                d
+            )),
             "timeout"
         );
-        assert_eq!(field_of(execute_request(spec(|s| s.cwd = "relative".into()), d)), "cwd");
-        assert_eq!(field_of(execute_request(spec(|s| s.cwd = "/no/such/dir/anywhere".into()), d)), "cwd");
-        assert_eq!(field_of(execute_request(spec(|s| { s.env.insert("A-B".into(), "1".into()); }), d)), "env");
-        assert_eq!(field_of(execute_request(spec(|s| s.max_output_bytes = MAX_OUTPUT_LIMIT + 1), d)), "max_output_bytes");
+        assert_eq!(
+            field_of(execute_request(spec(|s| s.cwd = "relative".into()), d)),
+            "cwd"
+        );
+        assert_eq!(
+            field_of(execute_request(
+                spec(|s| s.cwd = "/no/such/dir/anywhere".into()),
+                d
+            )),
+            "cwd"
+        );
+        assert_eq!(
+            field_of(execute_request(
+                spec(|s| {
+                    s.env.insert("A-B".into(), "1".into());
+                }),
+                d
+            )),
+            "env"
+        );
+        assert_eq!(
+            field_of(execute_request(
+                spec(|s| s.max_output_bytes = MAX_OUTPUT_LIMIT + 1),
+                d
+            )),
+            "max_output_bytes"
+        );
     }
 }

@@ -64,7 +64,10 @@ pub async fn run(
         }
     });
     // Code files for the shell kernel; private to the agent (0700) and removed on exit.
-    let scratch = tempfile::Builder::new().prefix("capsa-agent-").tempdir().map_err(RunError::Scratch)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("capsa-agent-")
+        .tempdir()
+        .map_err(RunError::Scratch)?;
     let settings = kernel::KernelSettings {
         python: config.python.clone(),
         shell: config.shell.clone(),
@@ -72,7 +75,11 @@ pub async fn run(
         scratch: scratch.path().to_owned(),
         interrupt_grace: config.interrupt_grace(),
     };
-    let kernels = Arc::new(kernel::Kernels::start(settings, config.prestart_python, stop.clone()));
+    let kernels = Arc::new(kernel::Kernels::start(
+        settings,
+        config.prestart_python,
+        stop.clone(),
+    ));
     let api = grpc::AgentApi::new(kernels.clone(), config.default_timeout(), stop.clone());
     let server = capsa_grpc::Server::new().add_service(AgentServiceServer::new(api));
 
@@ -81,18 +88,30 @@ pub async fn run(
         tokio::spawn(async move {
             match l {
                 Listener::Vsock(l) => echo::serve(l.incoming(), stop.cancelled_owned()).await,
-                Listener::Unix(l) => echo::serve(UnixListenerStream::new(l), stop.cancelled_owned()).await,
+                Listener::Unix(l) => {
+                    echo::serve(UnixListenerStream::new(l), stop.cancelled_owned()).await
+                }
             }
         })
     });
     let served = match grpc {
-        Listener::Vsock(l) => server.serve(l.incoming(), stop.clone().cancelled_owned()).await,
-        Listener::Unix(l) => server.serve(UnixListenerStream::new(l), stop.clone().cancelled_owned()).await,
+        Listener::Vsock(l) => {
+            server
+                .serve(l.incoming(), stop.clone().cancelled_owned())
+                .await
+        }
+        Listener::Unix(l) => {
+            server
+                .serve(UnixListenerStream::new(l), stop.clone().cancelled_owned())
+                .await
+        }
     };
     stop.cancel();
     if let Some(t) = echo_task {
         let _ = t.await;
     }
-    kernels.wait_stopped(config.interrupt_grace() + Duration::from_secs(2)).await;
+    kernels
+        .wait_stopped(config.interrupt_grace() + Duration::from_secs(2))
+        .await;
     served.map_err(RunError::Serve)
 }

@@ -5,8 +5,8 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use capsa_guest_agent::{Config, Listener};
+use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -32,16 +32,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("bind {}", path.display()))?;
             let echo = match &config.echo_unix {
                 Some(p) => Some(Listener::Unix(
-                    tokio::net::UnixListener::bind(p).with_context(|| format!("bind {}", p.display()))?,
+                    tokio::net::UnixListener::bind(p)
+                        .with_context(|| format!("bind {}", p.display()))?,
                 )),
                 None => None,
             };
-            (Listener::Unix(grpc), echo, format!("unix:{}", path.display()))
+            (
+                Listener::Unix(grpc),
+                echo,
+                format!("unix:{}", path.display()),
+            )
         }
         None => {
             let any = tokio_vsock::VMADDR_CID_ANY;
-            let grpc = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(any, config.vsock_port))
-                .with_context(|| format!("bind vsock port {}", config.vsock_port))?;
+            let grpc = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                any,
+                config.vsock_port,
+            ))
+            .with_context(|| format!("bind vsock port {}", config.vsock_port))?;
             let echo = match config.echo_port {
                 0 => None,
                 port => Some(Listener::Vsock(
@@ -49,7 +57,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                         .with_context(|| format!("bind vsock port {port}"))?,
                 )),
             };
-            (Listener::Vsock(grpc), echo, format!("vsock:{}", config.vsock_port))
+            (
+                Listener::Vsock(grpc),
+                echo,
+                format!("vsock:{}", config.vsock_port),
+            )
         }
     };
     let mut out = std::io::stdout().lock();

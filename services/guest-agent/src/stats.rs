@@ -14,7 +14,13 @@ pub struct Stats {
 }
 
 pub fn read() -> Result<Stats, Error> {
-    let io = |what: &'static str| move |e| Error::Io { op: "read", path: what.into(), source: e };
+    let io = |what: &'static str| {
+        move |e| Error::Io {
+            op: "read",
+            path: what.into(),
+            source: e,
+        }
+    };
     let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(io("/proc/meminfo"))?;
     let (total, available) = parse_meminfo(&meminfo).ok_or_else(|| Error::Io {
         op: "parse",
@@ -25,7 +31,11 @@ pub fn read() -> Result<Stats, Error> {
     let process_count = std::fs::read_dir("/proc")
         .map_err(io("/proc"))?
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .count();
     let uname = nix::sys::utsname::uname().map_err(|e| Error::Io {
         op: "call",

@@ -61,7 +61,11 @@ pub enum Event {
     Stderr(Bytes),
     Display(HashMap<String, Bytes>),
     Result(HashMap<String, Bytes>),
-    Error { name: String, value: String, traceback: Vec<String> },
+    Error {
+        name: String,
+        value: String,
+        traceback: Vec<String>,
+    },
     Completion(Completion),
 }
 
@@ -102,7 +106,11 @@ pub struct KernelSettings {
 }
 
 enum Job {
-    Execute { req: ExecuteRequest, events: EventSender, cancel: CancellationToken },
+    Execute {
+        req: ExecuteRequest,
+        events: EventSender,
+        cancel: CancellationToken,
+    },
     Configure(BTreeMap<String, String>),
     Start,
 }
@@ -117,7 +125,11 @@ pub struct Kernels {
 impl Kernels {
     /// Starts both actors; they stop (killing their kernels) once `stop` is cancelled
     /// and the job in hand is done.
-    pub fn start(settings: KernelSettings, prestart_python: bool, stop: CancellationToken) -> Kernels {
+    pub fn start(
+        settings: KernelSettings,
+        prestart_python: bool,
+        stop: CancellationToken,
+    ) -> Kernels {
         let settings = Arc::new(settings);
         let (python, py_rx) = mpsc::channel(64);
         let (shell, sh_rx) = mpsc::channel(64);
@@ -129,7 +141,11 @@ impl Kernels {
             // The queue is empty and open: this cannot fail.
             let _ = python.try_send(Job::Start);
         }
-        Kernels { python, shell, tasks: std::sync::Mutex::new(tasks) }
+        Kernels {
+            python,
+            shell,
+            tasks: std::sync::Mutex::new(tasks),
+        }
     }
 
     /// Queues an execute; its events go to `events`. Cancelling `cancel` (the client went
@@ -142,9 +158,15 @@ impl Kernels {
     ) -> Result<(), Error> {
         let language = req.language;
         self.queue(language)
-            .send(Job::Execute { req, events, cancel })
+            .send(Job::Execute {
+                req,
+                events,
+                cancel,
+            })
             .await
-            .map_err(|_| Error::KernelGone { language: language.name() })
+            .map_err(|_| Error::KernelGone {
+                language: language.name(),
+            })
     }
 
     /// Sets session env variables in both kernels (running ones in place).
@@ -153,7 +175,9 @@ impl Kernels {
             self.queue(language)
                 .send(Job::Configure(env.clone()))
                 .await
-                .map_err(|_| Error::KernelGone { language: language.name() })?;
+                .map_err(|_| Error::KernelGone {
+                    language: language.name(),
+                })?;
         }
         Ok(())
     }
@@ -168,7 +192,10 @@ impl Kernels {
     /// Waits, at most `timeout`, for the actors to stop after the stop token was cancelled.
     pub async fn wait_stopped(&self, timeout: Duration) {
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("not poisoned"));
-        if tokio::time::timeout(timeout, futures::future::join_all(tasks)).await.is_err() {
+        if tokio::time::timeout(timeout, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
             tracing::warn!("kernels did not stop in time");
         }
     }
@@ -213,12 +240,21 @@ impl Actor {
                     }
                 }
                 Job::Configure(env) => self.configure(env).await,
-                Job::Execute { req, events, cancel } => {
+                Job::Execute {
+                    req,
+                    events,
+                    cancel,
+                } => {
                     if cancel.is_cancelled() {
                         continue; // the client left while it was queued
                     }
                     self.seq += 1;
-                    let span = tracing::info_span!("execute", language = self.language.name(), seq = self.seq, code_bytes = req.code.len());
+                    let span = tracing::info_span!(
+                        "execute",
+                        language = self.language.name(),
+                        seq = self.seq,
+                        code_bytes = req.code.len()
+                    );
                     self.execute(req, events, cancel).instrument(span).await;
                 }
             }
@@ -245,15 +281,27 @@ impl Actor {
         let (program, args) = match self.language {
             Language::Python => {
                 // Figures render off-screen; the driver saves them as PNG.
-                env.entry("MPLBACKEND".into()).or_insert_with(|| "Agg".into());
+                env.entry("MPLBACKEND".into())
+                    .or_insert_with(|| "Agg".into());
                 (self.settings.python.clone(), python::args())
             }
             Language::Shell => (self.settings.shell.clone(), shell::args()),
         };
-        let spawn = Spawn { program, args, env, workdir: self.settings.workdir.clone() };
-        let p = KernelProcess::spawn(spawn)
-            .map_err(|source| Error::KernelStart { language: self.language.name(), source })?;
-        tracing::info!(language = self.language.name(), pid = p.pid(), "kernel started");
+        let spawn = Spawn {
+            program,
+            args,
+            env,
+            workdir: self.settings.workdir.clone(),
+        };
+        let p = KernelProcess::spawn(spawn).map_err(|source| Error::KernelStart {
+            language: self.language.name(),
+            source,
+        })?;
+        tracing::info!(
+            language = self.language.name(),
+            pid = p.pid(),
+            "kernel started"
+        );
         // A new shell already has the whole session env.
         self.pending_env.clear();
         self.process = Some(p);
@@ -279,7 +327,12 @@ impl Actor {
         }
     }
 
-    async fn execute(&mut self, req: ExecuteRequest, events: EventSender, cancel: CancellationToken) {
+    async fn execute(
+        &mut self,
+        req: ExecuteRequest,
+        events: EventSender,
+        cancel: CancellationToken,
+    ) {
         if let Err(e) = self.ensure_started() {
             let _ = events.send(Err(e)).await;
             return;
@@ -287,14 +340,23 @@ impl Actor {
         let state_lost = std::mem::take(&mut self.lost_state);
         let pending_env = std::mem::take(&mut self.pending_env);
         let prepared = match self.language {
-            Language::Python => Ok(run::Prepared { line: python::exec_request(&req), files: Vec::new() }),
+            Language::Python => Ok(run::Prepared {
+                line: python::exec_request(&req),
+                files: Vec::new(),
+            }),
             Language::Shell => shell::prepare(&req, &pending_env, &self.settings.scratch, self.seq),
         };
         let prepared = match prepared {
             Ok(p) => p,
             Err(source) => {
                 let path = self.settings.scratch.display().to_string();
-                let _ = events.send(Err(Error::Io { op: "write code file", path, source })).await;
+                let _ = events
+                    .send(Err(Error::Io {
+                        op: "write code file",
+                        path,
+                        source,
+                    }))
+                    .await;
                 return;
             }
         };

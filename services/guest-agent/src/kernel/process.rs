@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 
@@ -79,7 +79,9 @@ impl KernelProcess {
         }
         let mut child = cmd.spawn()?;
         drop((req_r, evt_w));
-        let pid = child.id().ok_or_else(|| io::Error::other("kernel exited at once"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| io::Error::other("kernel exited at once"))?;
         Ok(KernelProcess {
             pgid: Pid::from_raw(pid as i32),
             stdout: child.stdout.take().expect("stdout is piped"),
@@ -150,7 +152,10 @@ pub struct LineReader {
 
 impl LineReader {
     fn new(rx: pipe::Receiver) -> LineReader {
-        LineReader { rx, buf: Vec::new() }
+        LineReader {
+            rx,
+            buf: Vec::new(),
+        }
     }
 
     /// The next line without its newline; `None` at EOF. Cancel-safe: partial lines stay
@@ -166,7 +171,10 @@ impl LineReader {
             }
             scanned = self.buf.len();
             if self.buf.len() > MAX_EVENT_LINE {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "event line too long"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "event line too long",
+                ));
             }
             let mut chunk = [0u8; 8192];
             let n = self.rx.read(&mut chunk).await?;
@@ -178,11 +186,6 @@ impl LineReader {
     }
 }
 
-/// Raw fds of the output pipes, for [`read_ready`].
-pub fn output_fds(p: &KernelProcess) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
-    (p.stdout.as_fd(), p.stderr.as_fd())
-}
-
 /// CPU time (user + system, self + waited-for children) of `pid` from /proc, for kernels
 /// whose driver does not measure it itself.
 pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
@@ -191,9 +194,17 @@ pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime, stime, cutime, cstime are fields 14..=17 of the whole line; `rest` starts at 3.
-    let ticks: u64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()? as u64;
-    Some(std::time::Duration::from_nanos(ticks * 1_000_000_000 / hz.max(1)))
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()? as u64;
+    Some(std::time::Duration::from_nanos(
+        ticks * 1_000_000_000 / hz.max(1),
+    ))
 }
 
 #[cfg(test)]

@@ -40,10 +40,23 @@ fn line(msg: serde_json::Value) -> Vec<u8> {
 #[derive(Deserialize)]
 #[serde(tag = "ev", rename_all = "lowercase")]
 enum Wire {
-    Result { data: HashMap<String, String> },
-    Display { data: HashMap<String, String> },
-    Error { name: String, value: String, traceback: Vec<String> },
-    Done { ok: bool, exit_code: i32, cpu_ns: u64, interp_ns: u64 },
+    Result {
+        data: HashMap<String, String>,
+    },
+    Display {
+        data: HashMap<String, String>,
+    },
+    Error {
+        name: String,
+        value: String,
+        traceback: Vec<String>,
+    },
+    Done {
+        ok: bool,
+        exit_code: i32,
+        cpu_ns: u64,
+        interp_ns: u64,
+    },
 }
 
 pub fn parse_event(line: &[u8]) -> Result<DriverEvent, String> {
@@ -51,10 +64,21 @@ pub fn parse_event(line: &[u8]) -> Result<DriverEvent, String> {
     Ok(match wire {
         Wire::Result { data } => DriverEvent::Emit(Event::Result(unhex(data)?)),
         Wire::Display { data } => DriverEvent::Emit(Event::Display(unhex(data)?)),
-        Wire::Error { name, value, traceback } => {
-            DriverEvent::Emit(Event::Error { name, value, traceback })
-        }
-        Wire::Done { ok, exit_code, cpu_ns, interp_ns } => DriverEvent::Done(Done {
+        Wire::Error {
+            name,
+            value,
+            traceback,
+        } => DriverEvent::Emit(Event::Error {
+            name,
+            value,
+            traceback,
+        }),
+        Wire::Done {
+            ok,
+            exit_code,
+            cpu_ns,
+            interp_ns,
+        } => DriverEvent::Done(Done {
             ok,
             exit_code,
             cpu: Some(Duration::from_nanos(cpu_ns)),

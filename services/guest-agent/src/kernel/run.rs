@@ -153,7 +153,10 @@ pub async fn run(
             c.status = if done.ok { Status::Ok } else { Status::Error };
             if let Some((reason, _)) = run.interrupt {
                 c.status = run.interrupted_status(reason);
-                c.message = format!("{}; the code was interrupted and the kernel kept its state", run.why(reason));
+                c.message = format!(
+                    "{}; the code was interrupted and the kernel kept its state",
+                    run.why(reason)
+                );
             }
             // A completion that raced the SIGKILL still leaves a dead kernel behind.
             c.state_lost |= run.killed;
@@ -173,7 +176,10 @@ pub async fn run(
                 }
                 Some((reason, _)) => {
                     c.status = run.interrupted_status(reason);
-                    c.message = format!("{}; the {language} kernel exited when interrupted (state lost)", run.why(reason));
+                    c.message = format!(
+                        "{}; the {language} kernel exited when interrupted (state lost)",
+                        run.why(reason)
+                    );
                 }
                 None => {
                     c.status = Status::KernelDied;
@@ -194,7 +200,14 @@ pub async fn run(
 impl Run<'_> {
     async fn pump(&mut self, p: &mut KernelProcess, line: &[u8]) -> End {
         let language = self.ctx.language;
-        let KernelProcess { child, stdout, stderr, requests, events, .. } = p;
+        let KernelProcess {
+            child,
+            stdout,
+            stderr,
+            requests,
+            events,
+            ..
+        } = p;
         let mut out_buf = vec![0u8; CHUNK];
         let mut err_buf = vec![0u8; CHUNK];
         let (mut out_open, mut err_open, mut events_open) = (true, true, true);
@@ -313,8 +326,12 @@ impl Run<'_> {
     async fn drain(&mut self, stdout: &ChildStdout, stderr: &ChildStderr) {
         use std::os::fd::AsFd as _;
         let mut chunks: Vec<(bool, Bytes)> = Vec::new();
-        read_ready(stdout.as_fd(), DRAIN_LIMIT, |b| chunks.push((true, Bytes::copy_from_slice(b))));
-        read_ready(stderr.as_fd(), DRAIN_LIMIT, |b| chunks.push((false, Bytes::copy_from_slice(b))));
+        read_ready(stdout.as_fd(), DRAIN_LIMIT, |b| {
+            chunks.push((true, Bytes::copy_from_slice(b)))
+        });
+        read_ready(stderr.as_fd(), DRAIN_LIMIT, |b| {
+            chunks.push((false, Bytes::copy_from_slice(b)))
+        });
         for (is_stdout, data) in chunks {
             self.output(is_stdout, &data).await;
         }
@@ -331,7 +348,12 @@ impl Run<'_> {
         if take > 0 {
             self.delivered += take as u64;
             let chunk = Bytes::copy_from_slice(&data[..take]);
-            self.send(if is_stdout { Event::Stdout(chunk) } else { Event::Stderr(chunk) }).await;
+            self.send(if is_stdout {
+                Event::Stdout(chunk)
+            } else {
+                Event::Stderr(chunk)
+            })
+            .await;
         }
         if take < data.len() {
             self.truncated = true;
@@ -369,7 +391,9 @@ impl Run<'_> {
 
 fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt as _;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 fn describe_exit(status: Option<ExitStatus>) -> String {
@@ -393,7 +417,13 @@ mod tests {
     fn exits_are_described_with_code_or_signal() {
         assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
         assert_eq!(exit_code(ExitStatus::from_raw(11)), 139);
-        assert_eq!(describe_exit(Some(ExitStatus::from_raw(3 << 8))), "exited with status 3");
-        assert_eq!(describe_exit(Some(ExitStatus::from_raw(11))), "was killed by signal 11 (SIGSEGV)");
+        assert_eq!(
+            describe_exit(Some(ExitStatus::from_raw(3 << 8))),
+            "exited with status 3"
+        );
+        assert_eq!(
+            describe_exit(Some(ExitStatus::from_raw(11))),
+            "was killed by signal 11 (SIGSEGV)"
+        );
     }
 }

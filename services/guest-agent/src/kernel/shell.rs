@@ -17,7 +17,9 @@ use super::run::{Done, DriverEvent, Prepared};
 const DRIVER: &str = include_str!("driver.sh");
 
 pub fn args() -> Vec<String> {
-    ["--noprofile", "--norc", "-c", DRIVER, "capsa-shell"].map(String::from).to_vec()
+    ["--noprofile", "--norc", "-c", DRIVER, "capsa-shell"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Writes the code and runner files for `req`; returns the request line.
@@ -49,7 +51,10 @@ pub fn prepare(
     }
     std::fs::write(&runner_path, runner)?;
     let line = format!("run {}\n", runner_path.to_string_lossy()).into_bytes();
-    Ok(Prepared { line, files: vec![code_path, runner_path] })
+    Ok(Prepared {
+        line,
+        files: vec![code_path, runner_path],
+    })
 }
 
 /// Single-quotes `s` for bash.
@@ -64,7 +69,10 @@ pub fn parse_event(line: &[u8]) -> Result<DriverEvent, String> {
     if parts.next() != Some("done") {
         return Err(format!("unknown shell event {text:?}"));
     }
-    let status: i32 = parts.next().and_then(|s| s.parse().ok()).ok_or("bad status")?;
+    let status: i32 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status")?;
     let start = parts.next().and_then(epoch).ok_or("bad start time")?;
     let end = parts.next().and_then(epoch).ok_or("bad end time")?;
     Ok(DriverEvent::Done(Done {
@@ -115,7 +123,10 @@ mod tests {
         let session = BTreeMap::from([("S".to_string(), "1".to_string())]);
         let p = prepare(&req, &session, dir.path(), 7).unwrap();
         let runner = std::fs::read_to_string(&p.files[1]).unwrap();
-        assert!(runner.starts_with("export S='1'\n(\ncd -- '/tmp' || exit 1\nexport A='x'\\''y'\n"), "{runner}");
+        assert!(
+            runner.starts_with("export S='1'\n(\ncd -- '/tmp' || exit 1\nexport A='x'\\''y'\n"),
+            "{runner}"
+        );
         assert_eq!(std::fs::read_to_string(&p.files[0]).unwrap(), "echo hi");
     }
 }

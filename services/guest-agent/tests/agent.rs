@@ -1,0 +1,106 @@
+//! The agent as a whole: session env in both kernels, stats, the echo server, shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use capsa_proto::agent::v1 as pb;
+use common::{Agent, python, shell};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+#[tokio::test]
+async fn configure_sets_env_in_both_kernels_running_or_not() {
+    let agent = Agent::start_with(&["--prestart-python", "false"], &[]).await;
+    let mut c = agent.client();
+    // The shell kernel is running, the Python one is not started yet.
+    assert_eq!(
+        shell(&mut c, "echo \"[$SESSION_VAR]\"").await.stdout(),
+        "[]\n"
+    );
+    let env = [("SESSION_VAR".to_string(), "one 'quoted' value".to_string())].into();
+    c.configure(pb::ConfigureRequest { env }).await.unwrap();
+    assert_eq!(
+        shell(&mut c, "echo \"$SESSION_VAR\"").await.stdout(),
+        "one 'quoted' value\n"
+    );
+    assert_eq!(
+        python(&mut c, "import os\nos.environ['SESSION_VAR']")
+            .await
+            .results,
+        vec!["\"one 'quoted' value\""]
+    );
+    // Now both are running: an update applies in place.
+    let env = [("SESSION_VAR".to_string(), "two".to_string())].into();
+    c.configure(pb::ConfigureRequest { env }).await.unwrap();
+    assert_eq!(shell(&mut c, "echo $SESSION_VAR").await.stdout(), "two\n");
+    assert_eq!(
+        python(&mut c, "import os\nos.environ['SESSION_VAR']")
+            .await
+            .results,
+        vec!["'two'"]
+    );
+    // A restarted kernel starts with the session env too.
+    shell(&mut c, "exit 1").await;
+    assert_eq!(shell(&mut c, "echo $SESSION_VAR").await.stdout(), "two\n");
+}
+
+#[tokio::test]
+async fn stats_describe_the_machine() {
+    let agent = Agent::start().await;
+    let s = agent
+        .client()
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        s.memory_total_bytes > 0
+            && s.memory_used_bytes > 0
+            && s.memory_used_bytes <= s.memory_total_bytes
+    );
+    assert!(s.process_count > 1, "{s:?}");
+    assert!(s.uptime_ms > 0);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(s.kernel_release, release.trim());
+}
+
+#[tokio::test]
+async fn the_echo_server_echoes() {
+    let agent = Agent::start().await;
+    let mut s = tokio::net::UnixStream::connect(&agent.echo_socket)
+        .await
+        .unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let read = r.read_to_end(&mut back);
+    let (_, n) = tokio::join!(write, read);
+    assert_eq!(n.unwrap(), payload.len());
+    assert_eq!(back, payload);
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_agent_and_its_kernels() {
+    let agent = Agent::start().await;
+    let mut c = agent.client();
+    let o = python(&mut c, "import os\nos.getpid()").await;
+    let py_pid: i32 = o.results[0].parse().unwrap();
+    let o = shell(&mut c, "echo $$").await;
+    let sh_pid: i32 = o.stdout().trim().parse().unwrap();
+    let Agent { process, .. } = agent;
+    assert!(
+        process.terminate(Duration::from_secs(20)).await,
+        "the agent exits on SIGTERM"
+    );
+    for pid in [py_pid, sh_pid] {
+        capsa_test_support::eventually!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        );
+    }
+}
