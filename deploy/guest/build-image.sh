@@ -26,6 +26,11 @@ free_mib="${CAPSA_ROOTFS_FREE_MIB:-2048}"
 # QEMU microvm finds virtio-mmio devices through ACPI (or appends
 # virtio_mmio.device= itself when acpi=off); Cloud Hypervisor uses virtio-pci.
 cmdline="${CAPSA_KERNEL_CMDLINE:-console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/capsa-init quiet panic=-1 reboot=t}"
+# Under QEMU TCG there is no kvm-clock, no HPET/PM timer and the PIT cannot
+# calibrate the TSC on microvm: without this the kernel hangs at boot. TCG's
+# guest TSC runs at the host TSC rate, so the driver appends the host's TSC
+# frequency in kHz (see README.md). Not needed (and not wanted) under KVM.
+tcg_append='tsc_early_khz={host_tsc_khz}'
 
 log() { echo "[image] $*" >&2; }
 die() { echo "[image] ERROR: $*" >&2; exit 1; }
@@ -107,6 +112,7 @@ cat >"$tmp/manifest.json" <<JSON
 {
   "hash": "$hash",
   "kernel_cmdline": "$cmdline",
+  "kernel_cmdline_tcg_append": "$tcg_append",
   "rootfs": "rootfs.ext4",
   "rootfs_format": "raw",
   "bzimage": "bzImage",
