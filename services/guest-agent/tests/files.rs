@@ -18,6 +18,7 @@ fn header(path: &str, mode: u32, no_overwrite: bool) -> pb::UploadFileRequest {
             path: path.into(),
             mode,
             no_overwrite,
+            size: None,
         })),
     }
 }

@@ -312,11 +312,11 @@ impl Actor {
         self.session_env.extend(env.clone());
         match self.language {
             Language::Python => {
-                if let Some(p) = &mut self.process {
-                    if let Err(e) = p.send(&python::env_request(&env)).await {
-                        // The kernel is dying; its successor starts with the full env.
-                        tracing::warn!(error = %e, "cannot update the python kernel's env");
-                    }
+                if let Some(p) = &mut self.process
+                    && let Err(e) = p.send(&python::env_request(&env)).await
+                {
+                    // The kernel is dying; its successor starts with the full env.
+                    tracing::warn!(error = %e, "cannot update the python kernel's env");
                 }
             }
             Language::Shell => {
