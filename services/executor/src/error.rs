@@ -42,6 +42,10 @@ pub enum Error {
     #[error("{message}")]
     Rejected { code: ErrorCode, message: String },
 
+    /// The caller's own request stream broke off.
+    #[error("request stream failed: {message}")]
+    ClientStream { message: String },
+
     #[error("guest agent of vm {vm_id} unavailable: {message}")]
     AgentUnavailable { vm_id: String, message: String },
 
@@ -68,6 +72,7 @@ impl ServiceError for Error {
             Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
             Error::VmNotFound { .. } => ErrorCode::NotFound,
             Error::Rejected { code, .. } => *code,
+            Error::ClientStream { .. } => ErrorCode::Cancelled,
             Error::AgentUnavailable { .. } | Error::MissingCompletion { .. } => {
                 ErrorCode::Unavailable
             }
@@ -180,6 +185,12 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::ClientStream {
+                    message: "x".into(),
+                },
+                Code::Cancelled,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(capsa_grpc::to_status(&err).code(), code, "{err}");

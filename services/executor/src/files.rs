@@ -1,22 +1,26 @@
 //! File streams between a client and a guest agent.
 //!
-//! Upload: the client's chunks are pulled straight into the agent call's request body, so
-//! at most one chunk plus the HTTP/2 windows are in flight. The agent commits the file only
-//! when the body ends cleanly; a client stream that fails must therefore never look like a
-//! clean end. On such a failure the body stalls forever and the call is dropped, which
-//! resets the agent stream, and the agent discards its temp file.
+//! Upload: the client's chunks are fed one at a time into the agent call's request body,
+//! so at most a chunk plus the HTTP/2 windows are in flight. The agent commits the file
+//! when the body ends cleanly, and a tonic server cannot tell a caller's cancel
+//! (RST_STREAM CANCEL) from a clean end: both read as end-of-stream. So:
+//! - the body ends cleanly only on an explicit finish; when the feeder stops any other way
+//!   (an error, a limit, the caller gone and this future dropped), the body sends an abort
+//!   marker instead, a second header, which the agent must reject (discarding its temp
+//!   file);
+//! - the agent call runs in its own task, so dropping this future does not reset the call
+//!   before the marker goes out;
+//! - a declared `size` is checked: an upload that ends short was cancelled upstream, even
+//!   if it looked clean here, and is aborted the same way.
 //!
 //! Download: one relay (see [`crate::relay`]) with the idle limit and no total limit; a
 //! large file legitimately takes long, a silent agent does not.
-
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use capsa_proto::agent::v1 as agent;
 use capsa_proto::common::v1::{UploadHeader, UploadResult};
 use futures::{Stream, StreamExt as _};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::sync::mpsc;
 
 use crate::error::{Error, Limit};
 use crate::executor::Executor;
@@ -29,79 +33,157 @@ pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 pub type DownloadStream =
     mpsc::Receiver<Result<Option<agent::download_file_response::Part>, Error>>;
 
+type UploadCall =
+    tokio::task::JoinHandle<Result<tonic::Response<agent::UploadFileResponse>, tonic::Status>>;
+
+/// What the feeder hands the agent call's body.
+enum Feed {
+    Data(Bytes),
+    Finish,
+}
+
+/// The agent's request body: the header, the fed chunks, then a clean end on
+/// [`Feed::Finish`] or the abort marker if the feeder went away without finishing.
+fn agent_body(
+    header: UploadHeader,
+    feed: mpsc::Receiver<Feed>,
+) -> impl Stream<Item = agent::UploadFileRequest> + Send + 'static {
+    use agent::upload_file_request::Part;
+    let message = |part| agent::UploadFileRequest { part: Some(part) };
+    let header = message(Part::Header(header));
+    let rest = futures::stream::unfold(Some(feed), move |feed| async move {
+        let mut feed = feed?;
+        match feed.recv().await {
+            Some(Feed::Data(chunk)) => Some((message(Part::Data(chunk)), Some(feed))),
+            Some(Feed::Finish) => None,
+            None => Some((message(Part::Header(UploadHeader::default())), None)),
+        }
+    });
+    futures::stream::once(async { header }).chain(rest)
+}
+
 impl Executor {
     /// Streams `data` into `file` on the VM; returns what the agent wrote.
-    #[tracing::instrument(skip(self, data), fields(path = %file.path))]
+    #[tracing::instrument(skip(self, data), fields(path = %file.path, size = ?file.size))]
     pub async fn upload<S>(
         &self,
         vm_id: &str,
         file: UploadHeader,
-        data: S,
+        mut data: S,
     ) -> Result<UploadResult, Error>
     where
         S: Stream<Item = Result<Bytes, Error>> + Send + Unpin + 'static,
     {
         let link = self.agents.get(vm_id)?;
-        let (fail_tx, fail_rx) = oneshot::channel::<Error>();
-        let last_progress = Arc::new(Mutex::new(Instant::now()));
-        let header = agent::UploadFileRequest {
-            part: Some(agent::upload_file_request::Part::Header(file)),
-        };
-        let progress = last_progress.clone();
-        let body =
-            futures::stream::unfold((data, Some(fail_tx)), move |(mut data, mut fail_tx)| {
-                let progress = progress.clone();
-                async move {
-                    match data.next().await {
-                        Some(Ok(chunk)) => {
-                            *progress.lock().unwrap() = Instant::now();
-                            let part = agent::upload_file_request::Part::Data(chunk);
-                            Some((
-                                agent::UploadFileRequest { part: Some(part) },
-                                (data, fail_tx),
-                            ))
-                        }
-                        Some(Err(err)) => {
-                            if let Some(tx) = fail_tx.take() {
-                                let _ = tx.send(err);
-                            }
-                            // Never end cleanly after a failure: see the module doc.
-                            futures::future::pending().await
-                        }
-                        None => None,
-                    }
-                }
-            });
-        let body = futures::stream::once(async { header }).chain(body);
+        let declared = file.size;
+        let (feed, body) = mpsc::channel(1);
         let mut client = link.client();
+        let body = agent_body(file, body);
+        let mut call: UploadCall = tokio::spawn(async move { client.upload_file(body).await });
         let idle = self.limits.idle;
-        let stalled = async {
-            loop {
-                let deadline = *last_progress.lock().unwrap() + idle;
-                if Instant::now() >= deadline {
-                    break;
+        let idle_error = || Error::LimitExceeded {
+            vm_id: vm_id.to_owned(),
+            limit: Limit::Idle,
+            after: idle,
+        };
+        let mut received = 0u64;
+        let fed = loop {
+            let next = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break Err(Error::ShuttingDown),
+                done = &mut call => return self.upload_answer(vm_id, done),
+                () = tokio::time::sleep(idle) => break Err(idle_error()),
+                next = data.next() => next,
+            };
+            let item = match next {
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if let Some(size) = declared
+                        && received > size
+                    {
+                        break Err(Error::invalid(
+                            "data",
+                            format!("exceeds the declared size of {size} bytes"),
+                        ));
+                    }
+                    Feed::Data(chunk)
                 }
-                tokio::time::sleep_until(deadline).await;
+                Some(Err(err)) => break Err(err),
+                None => match declared {
+                    Some(size) if size != received => {
+                        break Err(Error::invalid(
+                            "size",
+                            format!("declares {size} bytes but the upload ended after {received}"),
+                        ));
+                    }
+                    _ => Feed::Finish,
+                },
+            };
+            let finished = matches!(item, Feed::Finish);
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break Err(Error::ShuttingDown),
+                done = &mut call => return self.upload_answer(vm_id, done),
+                () = tokio::time::sleep(idle) => break Err(idle_error()),
+                sent = feed.send(item) => if sent.is_err() {
+                    return self.upload_answer(vm_id, call.await);
+                },
+            }
+            if finished {
+                break Ok(());
             }
         };
-        let result = tokio::select! {
-            response = client.upload_file(body) => match response {
-                Ok(r) => r.into_inner().result.ok_or_else(|| Error::AgentUnavailable {
-                    vm_id: vm_id.to_owned(),
-                    message: "upload answered without a result".into(),
-                }),
-                Err(status) => Err(Error::from_agent(vm_id, &status)),
+        match fed {
+            Ok(()) => match tokio::time::timeout(idle, &mut call).await {
+                Ok(done) => self.upload_answer(vm_id, done),
+                Err(_) => {
+                    call.abort();
+                    Err(idle_error())
+                }
             },
-            Ok(err) = fail_rx => Err(err),
-            () = stalled => Err(Error::LimitExceeded { vm_id: vm_id.to_owned(), limit: Limit::Idle, after: idle }),
-            () = self.shutdown.cancelled() => Err(Error::ShuttingDown),
-        };
-        if let Err(err) = &result
-            && err.is_transport()
-        {
-            self.agents.recheck(vm_id);
+            Err(err) => {
+                // The body now sends the abort marker; let the call finish on its own.
+                drop(feed);
+                let abort = call.abort_handle();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(idle, call).await.is_err() {
+                        abort.abort();
+                    }
+                });
+                if err.is_transport() {
+                    self.agents.recheck(vm_id);
+                }
+                Err(err)
+            }
         }
-        result
+    }
+
+    fn upload_answer(
+        &self,
+        vm_id: &str,
+        done: Result<
+            Result<tonic::Response<agent::UploadFileResponse>, tonic::Status>,
+            tokio::task::JoinError,
+        >,
+    ) -> Result<UploadResult, Error> {
+        let unavailable = |message: String| Error::AgentUnavailable {
+            vm_id: vm_id.to_owned(),
+            message,
+        };
+        match done {
+            Ok(Ok(response)) => response
+                .into_inner()
+                .result
+                .ok_or_else(|| unavailable("upload answered without a result".into())),
+            Ok(Err(status)) => {
+                let err = Error::from_agent(vm_id, &status);
+                if err.is_transport() {
+                    self.agents.recheck(vm_id);
+                }
+                Err(err)
+            }
+            Err(join) => Err(unavailable(format!("upload call ended abnormally: {join}"))),
+        }
     }
 
     /// Opens a download from the VM and relays it; fails before the stream starts when the

@@ -96,10 +96,8 @@ impl ExecutorService for ExecutorGrpc {
                 "header",
                 "may only be the first message of an upload",
             )),
-            // The client's own stream broke: nothing to forward, and nobody to tell.
-            Err(s) => Err(Error::Rejected {
-                code: capsa_grpc::ErrorCode::Cancelled,
-                message: format!("upload stream from the client failed: {}", s.message()),
+            Err(s) => Err(Error::ClientStream {
+                message: s.message().to_owned(),
             }),
         });
         let result = self
