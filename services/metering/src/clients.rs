@@ -1,0 +1,246 @@
+//! Calls to the nodes: each node's vm-pool (which VMs are leased, their host-side
+//! counters) and executor (what the guest reports of itself). One lazily connecting
+//! channel per URL, cached; every call carries the trace context and a deadline, so a
+//! node that hangs costs one timeout, not a stuck sampling round.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use capsa_proto::executor::v1::GetGuestStatsRequest;
+use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use capsa_proto::vmpool::v1::{GetVmCountersRequest, GetVmRequest, ListVmsRequest, Vm, VmState};
+use capsa_store::NodeRecord;
+use capsa_store::usage::Sample;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+
+type Propagate = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+type VmPoolClient = VmPoolServiceClient<InterceptedService<Channel, Propagate>>;
+type ExecutorClient = ExecutorServiceClient<InterceptedService<Channel, Propagate>>;
+
+const VMPOOL: &str = "vm-pool";
+const EXECUTOR: &str = "executor";
+
+/// Who a leased VM's usage is booked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub session_id: String,
+    pub tenant_id: String,
+    /// Uptime counts from here when vm-pool does not say when it leased the VM (ms).
+    pub fallback_lease_ms: i64,
+}
+
+/// A sample, and why the guest's part of it is missing, if it is.
+#[derive(Debug)]
+pub struct Reading {
+    pub sample: Sample,
+    pub guest_error: Option<Error>,
+}
+
+/// Channels to every node metering has talked to. Cheap to share behind an `Arc`.
+pub struct NodeClients {
+    channels: Mutex<HashMap<String, Channel>>,
+    timeout: Duration,
+}
+
+impl NodeClients {
+    /// `timeout` bounds each call (and each connect).
+    pub fn new(timeout: Duration) -> NodeClients {
+        NodeClients {
+            channels: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    fn channel(&self, service: &'static str, url: &str) -> Result<Channel, Error> {
+        let mut channels = self.channels.lock().unwrap();
+        if let Some(channel) = channels.get(url) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| Error::Node {
+                service,
+                url: url.to_owned(),
+                code: tonic::Code::InvalidArgument,
+                message: format!("bad url: {e}"),
+            })?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(url.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    fn vmpool(&self, node: &NodeRecord) -> Result<VmPoolClient, Error> {
+        let channel = self.channel(VMPOOL, &node.vmpool_url)?;
+        Ok(VmPoolServiceClient::with_interceptor(
+            channel,
+            capsa_telemetry::propagate as Propagate,
+        ))
+    }
+
+    fn executor(&self, node: &NodeRecord) -> Result<ExecutorClient, Error> {
+        let channel = self.channel(EXECUTOR, &node.executor_url)?;
+        Ok(ExecutorServiceClient::with_interceptor(
+            channel,
+            capsa_telemetry::propagate as Propagate,
+        ))
+    }
+
+    /// Forgets the channels of every URL not in `keep` (nodes that left the registry).
+    pub fn retain(&self, keep: &HashSet<&str>) {
+        self.channels
+            .lock()
+            .unwrap()
+            .retain(|url, _| keep.contains(url.as_str()));
+    }
+
+    /// The node's VMs in state LEASED that carry a lease id.
+    #[tracing::instrument(skip_all, fields(node = %node.node_id))]
+    pub async fn leased_vms(&self, node: &NodeRecord) -> Result<Vec<Vm>, Error> {
+        let url = &node.vmpool_url;
+        let vms = self
+            .vmpool(node)?
+            .list_vms(ListVmsRequest {})
+            .await
+            .map_err(|s| Error::node(VMPOOL, url, &s))?
+            .into_inner()
+            .vms;
+        Ok(vms
+            .into_iter()
+            .filter(|vm| vm.state() == VmState::Leased && !vm.lease_id.is_empty())
+            .collect())
+    }
+
+    /// One VM as its vm-pool describes it (NOT_FOUND once destroyed).
+    pub async fn get_vm(&self, node: &NodeRecord, vm_id: &str) -> Result<Vm, Error> {
+        let url = &node.vmpool_url;
+        self.vmpool(node)?
+            .get_vm(GetVmRequest {
+                vm_id: vm_id.to_owned(),
+            })
+            .await
+            .map_err(|s| Error::node(VMPOOL, url, &s))?
+            .into_inner()
+            .vm
+            .ok_or_else(|| Error::Node {
+                service: VMPOOL,
+                url: url.clone(),
+                code: tonic::Code::Internal,
+                message: format!("GetVm({vm_id}) answered without a vm"),
+            })
+    }
+
+    /// Reads `vm`'s counters from vm-pool and its memory from the guest (through the
+    /// executor) at once. The counters are required; the guest's memory is not (a busy or
+    /// dying guest still has host-side counters worth keeping).
+    #[tracing::instrument(skip_all, fields(node = %node.node_id, vm = %vm.id, session = %owner.session_id))]
+    pub async fn read(&self, node: &NodeRecord, vm: &Vm, owner: &Owner) -> Result<Reading, Error> {
+        let mut vmpool = self.vmpool(node)?;
+        let mut executor = self.executor(node)?;
+        let (counters, guest) = tokio::join!(
+            vmpool.get_vm_counters(GetVmCountersRequest {
+                vm_id: vm.id.clone()
+            }),
+            executor.get_guest_stats(GetGuestStatsRequest {
+                vm_id: vm.id.clone()
+            }),
+        );
+        let counters = counters
+            .map_err(|s| Error::node(VMPOOL, &node.vmpool_url, &s))?
+            .into_inner();
+        let (memory_used_bytes, guest_error) = match guest {
+            Ok(stats) => (Some(stats.into_inner().memory_used_bytes), None),
+            Err(s) => (None, Some(Error::node(EXECUTOR, &node.executor_url, &s))),
+        };
+        let sample_ms = counters
+            .sample_time
+            .as_ref()
+            .map_or_else(now_ms, timestamp_ms);
+        let lease_ms = vm
+            .lease_time
+            .as_ref()
+            .map(timestamp_ms)
+            .filter(|&ms| ms > 0)
+            .unwrap_or(owner.fallback_lease_ms);
+        let sample = Sample {
+            session_id: owner.session_id.clone(),
+            tenant_id: owner.tenant_id.clone(),
+            node_id: node.node_id.clone(),
+            vm_id: vm.id.clone(),
+            sample_ms,
+            lease_ms,
+            cpu_time_us: counters.cpu_time.as_ref().map_or(0, duration_us),
+            vmm_resident_bytes: counters.vmm_resident_bytes,
+            disk_read_bytes: counters.disk_read_bytes,
+            disk_write_bytes: counters.disk_write_bytes,
+            network_rx_bytes: counters.network_rx_bytes,
+            network_tx_bytes: counters.network_tx_bytes,
+            memory_used_bytes,
+        };
+        Ok(Reading {
+            sample,
+            guest_error,
+        })
+    }
+}
+
+fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
+fn duration_us(d: &prost_types::Duration) -> u64 {
+    capsa_proto::time::from_duration(d)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// This process' clock, ms since the Unix epoch: only when vm-pool sent no sample time.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proto_times_convert() {
+        assert_eq!(
+            timestamp_ms(&prost_types::Timestamp {
+                seconds: 2,
+                nanos: 345_000_000
+            }),
+            2345
+        );
+        assert_eq!(
+            duration_us(&prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000
+            }),
+            1_000_500
+        );
+        assert_eq!(
+            duration_us(&prost_types::Duration {
+                seconds: -1,
+                nanos: 0
+            }),
+            0
+        );
+    }
+
+    #[test]
+    fn a_bad_url_is_a_node_error() {
+        let clients = NodeClients::new(Duration::from_secs(1));
+        let err = clients.channel(VMPOOL, "not a url").unwrap_err();
+        assert!(err.to_string().contains("bad url"), "{err}");
+    }
+}

@@ -1,0 +1,198 @@
+//! The answers metering gives: a session's usage, a tenant's totals, and finalizing a
+//! session (final sample, then the `final` usage record exactly once).
+//!
+//! Clocks: counters, `sample_ms` and the lease time come from the vm-pool that owns the VM;
+//! record times and the "now" of a live session's uptime come from Redis (`TIME`), the
+//! clock every replica shares. A live session's uptime is therefore Redis-now minus the
+//! vm-pool lease time; the two are NTP-synchronised hosts in any real deployment.
+
+use std::sync::Arc;
+
+use capsa_store::usage::{Finalized, SessionUsage, Usage, UsageStore};
+use capsa_store::{NodeRegistry, SessionRecord, SessionStore};
+
+use crate::clients::{NodeClients, Owner};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// Longest accepted id (session or tenant): ids are generated, never this long.
+const MAX_ID_LEN: usize = 256;
+
+#[derive(Clone)]
+pub struct Ledger {
+    registry: NodeRegistry,
+    sessions: SessionStore,
+    usage: UsageStore,
+    clients: Arc<NodeClients>,
+    metrics: Metrics,
+}
+
+fn check_id(field: &'static str, id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::invalid(field, "is empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::invalid(field, "is longer than 256 bytes"));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid(
+            field,
+            "contains whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+impl Ledger {
+    pub fn new(
+        registry: NodeRegistry,
+        sessions: SessionStore,
+        usage: UsageStore,
+        clients: Arc<NodeClients>,
+        metrics: Metrics,
+    ) -> Ledger {
+        Ledger {
+            registry,
+            sessions,
+            usage,
+            clients,
+            metrics,
+        }
+    }
+
+    /// The session's tenant and usage. A session that exists but was never sampled has
+    /// only its uptime (since it was created). NOT_FOUND if neither is known.
+    #[tracing::instrument(skip(self))]
+    pub async fn session_usage(&self, session_id: &str) -> Result<(String, Usage), Error> {
+        check_id("session_id", session_id)?;
+        if let Some(stored) = self.usage.session(session_id).await? {
+            let mut usage = stored.usage;
+            if !stored.finalized {
+                let now = self.usage.now_ms().await?;
+                let live = u64::try_from(now - stored.lease_ms).unwrap_or(0);
+                usage.uptime_ms = usage.uptime_ms.max(live);
+            }
+            return Ok((stored.tenant_id, usage));
+        }
+        let Some(rec) = self.sessions.get(session_id).await? else {
+            return Err(Error::SessionNotFound {
+                session_id: session_id.to_owned(),
+            });
+        };
+        let until = match rec.end_ms {
+            Some(end) => end,
+            None => self.usage.now_ms().await?,
+        };
+        let usage = Usage {
+            uptime_ms: u64::try_from(until - rec.create_ms).unwrap_or(0),
+            ..Usage::default()
+        };
+        Ok((rec.tenant_id, usage))
+    }
+
+    /// The tenant's totals (zero for a tenant with no usage yet).
+    #[tracing::instrument(skip(self))]
+    pub async fn tenant_usage(&self, tenant_id: &str) -> Result<Usage, Error> {
+        check_id("tenant_id", tenant_id)?;
+        Ok(self.usage.tenant(tenant_id).await?)
+    }
+
+    /// Takes a final sample if the VM is still there (else the last stored sample stands),
+    /// then appends the `final` record unless some call already did.
+    #[tracing::instrument(skip(self))]
+    pub async fn finalize(&self, session_id: &str) -> Result<Finalized, Error> {
+        check_id("session_id", session_id)?;
+        let (rec, stored) = tokio::try_join!(
+            self.sessions.get(session_id),
+            self.usage.session(session_id)
+        )?;
+        let owner = match (&rec, &stored) {
+            (Some(rec), _) => Owner {
+                session_id: session_id.to_owned(),
+                tenant_id: rec.tenant_id.clone(),
+                fallback_lease_ms: rec.create_ms,
+            },
+            (None, Some(stored)) => Owner {
+                session_id: session_id.to_owned(),
+                tenant_id: stored.tenant_id.clone(),
+                fallback_lease_ms: stored.lease_ms,
+            },
+            (None, None) => {
+                return Err(Error::SessionNotFound {
+                    session_id: session_id.to_owned(),
+                });
+            }
+        };
+        if !stored.as_ref().is_some_and(|s| s.finalized) {
+            self.final_sample(&owner, rec.as_ref(), stored.as_ref())
+                .await;
+        }
+        let done = self
+            .usage
+            .finalize(session_id, &owner.tenant_id, owner.fallback_lease_ms)
+            .await?;
+        if done.appended {
+            self.metrics.record("final");
+            tracing::info!(tenant = %owner.tenant_id, "final usage record appended");
+        }
+        Ok(done)
+    }
+
+    /// Best effort: any failure (node gone, VM destroyed, Redis hiccup) leaves the last
+    /// stored sample as the final numbers.
+    async fn final_sample(
+        &self,
+        owner: &Owner,
+        rec: Option<&SessionRecord>,
+        stored: Option<&SessionUsage>,
+    ) {
+        let (node_id, vm_id) = match (rec, stored) {
+            (Some(r), _) if !r.vm_id.is_empty() => (r.node_id.as_str(), r.vm_id.as_str()),
+            (_, Some(s)) if !s.vm_id.is_empty() => (s.node_id.as_str(), s.vm_id.as_str()),
+            _ => {
+                tracing::debug!("session never had a vm; nothing to sample");
+                return;
+            }
+        };
+        let result = async {
+            let Some(node) = self.registry.get(node_id).await? else {
+                tracing::info!(node_id, "node gone; finalizing with the last sample");
+                return Ok(());
+            };
+            let vm = self.clients.get_vm(&node, vm_id).await?;
+            if vm.lease_id != owner.session_id {
+                tracing::warn!(vm_id, lease = %vm.lease_id, "vm leased to someone else; not sampled");
+                return Ok(());
+            }
+            let reading = self.clients.read(&node, &vm, owner).await?;
+            self.usage.apply_sample(&reading.sample, None).await?;
+            self.metrics.sample();
+            Ok::<_, Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_vm_gone() => {
+                tracing::info!(vm_id, "vm gone; finalizing with the last sample");
+            }
+            Err(e) => {
+                self.metrics.error("final_sample");
+                tracing::warn!(vm_id, error = %capsa_grpc::error::chain(&e), "final sample failed; finalizing with the last sample");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("session_id", "sess-1").is_ok());
+        for bad in ["", "a b", "a\nb", &"x".repeat(257)] {
+            let err = check_id("session_id", bad).unwrap_err();
+            assert!(err.to_string().contains("`session_id`"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The sampling loop: every interval, for each live node (from the registry), list its
+//! leased VMs, read each one's counters and guest memory, and apply the sample to Redis.
+//! Rounds are best effort and independent: a node or VM that fails is logged and counted,
+//! and the next round tries again. Several replicas may run this loop at once; the store's
+//! scripts make that safe (see `capsa_store::usage`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsa_proto::vmpool::v1::Vm;
+use capsa_store::usage::{Applied, UsageStore};
+use capsa_store::{NodeRecord, NodeRegistry, SessionStore};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::clients::{NodeClients, Owner};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// What one round did (for logs and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    pub nodes: usize,
+    pub stored: usize,
+    pub failed: usize,
+}
+
+pub struct Sampler {
+    registry: NodeRegistry,
+    sessions: SessionStore,
+    usage: UsageStore,
+    clients: Arc<NodeClients>,
+    metrics: Metrics,
+    record_interval: Duration,
+    concurrency: usize,
+    /// Session id → owner: a session's tenant never changes, so it is read once.
+    owners: Mutex<HashMap<String, Owner>>,
+}
+
+impl Sampler {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        registry: NodeRegistry,
+        sessions: SessionStore,
+        usage: UsageStore,
+        clients: Arc<NodeClients>,
+        metrics: Metrics,
+        record_interval: Duration,
+        concurrency: usize,
+    ) -> Sampler {
+        Sampler {
+            registry,
+            sessions,
+            usage,
+            clients,
+            metrics,
+            record_interval,
+            concurrency,
+            owners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs a round every `interval` until `token` is cancelled. A round cut short by
+    /// cancellation loses nothing: each sample is applied atomically or not at all.
+    pub async fn run(self: Arc<Self>, interval: Duration, token: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = token.cancelled() => return,
+            }
+            let started = Instant::now();
+            let span = tracing::info_span!("sample_round");
+            let round = tokio::select! {
+                round = self.round().instrument(span) => round,
+                () = token.cancelled() => return,
+            };
+            self.metrics.round(started.elapsed().as_secs_f64());
+            tracing::debug!(?round, "sampling round done");
+        }
+    }
+
+    /// One pass over every live node.
+    pub async fn round(&self) -> Round {
+        let nodes = match self.registry.live_nodes().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                self.metrics.error("registry");
+                tracing::warn!(error = %capsa_grpc::error::chain(&e), "cannot read the node registry");
+                return Round {
+                    failed: 1,
+                    ..Round::default()
+                };
+            }
+        };
+        let urls: HashSet<&str> = nodes
+            .iter()
+            .flat_map(|n| [n.vmpool_url.as_str(), n.executor_url.as_str()])
+            .collect();
+        self.clients.retain(&urls);
+        let per_node = futures::future::join_all(nodes.iter().map(|n| self.sample_node(n))).await;
+        let mut round = Round {
+            nodes: nodes.len(),
+            ..Round::default()
+        };
+        let mut seen = HashSet::new();
+        for (stored, failed, sessions) in per_node {
+            round.stored += stored;
+            round.failed += failed;
+            seen.extend(sessions);
+        }
+        self.owners
+            .lock()
+            .unwrap()
+            .retain(|id, _| seen.contains(id));
+        round
+    }
+
+    /// Samples every leased VM of `node`; returns (stored, failed, session ids seen).
+    async fn sample_node(&self, node: &NodeRecord) -> (usize, usize, Vec<String>) {
+        let vms = match self.clients.leased_vms(node).await {
+            Ok(vms) => vms,
+            Err(e) => {
+                self.metrics.error("list_vms");
+                tracing::warn!(node = %node.node_id, error = %e, "cannot list vms");
+                return (0, 1, Vec::new());
+            }
+        };
+        let sessions = vms.iter().map(|vm| vm.lease_id.clone()).collect();
+        // Futures built up front: a closure inside the stream type trips the compiler's
+        // higher-ranked lifetime check for the spawned sampler task.
+        let work: Vec<_> = vms.iter().map(|vm| self.sample_vm(node, vm)).collect();
+        let results: Vec<bool> = futures::stream::iter(work)
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        let stored = results.iter().filter(|ok| **ok).count();
+        (stored, results.len() - stored, sessions)
+    }
+
+    /// Samples one VM; false if nothing was stored.
+    async fn sample_vm(&self, node: &NodeRecord, vm: &Vm) -> bool {
+        let owner = match self.owner(&vm.lease_id).await {
+            Ok(Some(owner)) => owner,
+            Ok(None) => {
+                // Leased under an id that is no session (yet, or any more): nobody to bill.
+                tracing::debug!(vm = %vm.id, lease = %vm.lease_id, "lease without a session");
+                return false;
+            }
+            Err(e) => {
+                self.metrics.error("session");
+                tracing::warn!(error = %capsa_grpc::error::chain(&e), "cannot read session");
+                return false;
+            }
+        };
+        let reading = match self.clients.read(node, vm, &owner).await {
+            Ok(reading) => reading,
+            Err(e) => {
+                self.metrics.error("counters");
+                tracing::warn!(vm = %vm.id, error = %e, "cannot read vm counters");
+                return false;
+            }
+        };
+        if let Some(e) = &reading.guest_error {
+            self.metrics.error("guest_stats");
+            tracing::debug!(vm = %vm.id, error = %e, "guest stats missing from sample");
+        }
+        match self
+            .usage
+            .apply_sample(&reading.sample, Some(self.record_interval))
+            .await
+        {
+            Ok(applied) => {
+                self.metrics.sample();
+                if applied == Applied::StoredWithRecord {
+                    self.metrics.record("interim");
+                    tracing::info!(session = %owner.session_id, "interim usage record appended");
+                }
+                applied != Applied::Finalized
+            }
+            Err(e) => {
+                self.metrics.error("store");
+                tracing::warn!(error = %capsa_grpc::error::chain(&e), "cannot store sample");
+                false
+            }
+        }
+    }
+
+    async fn owner(&self, session_id: &str) -> Result<Option<Owner>, Error> {
+        if let Some(owner) = self.owners.lock().unwrap().get(session_id) {
+            return Ok(Some(owner.clone()));
+        }
+        let Some(rec) = self.sessions.get(session_id).await? else {
+            return Ok(None);
+        };
+        let owner = Owner {
+            session_id: rec.id,
+            tenant_id: rec.tenant_id,
+            fallback_lease_ms: rec.create_ms,
+        };
+        self.owners
+            .lock()
+            .unwrap()
+            .insert(session_id.to_owned(), owner.clone());
+        Ok(Some(owner))
+    }
+}

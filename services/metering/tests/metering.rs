@@ -1,0 +1,522 @@
+//! Metering as a real process against a real Redis, with fake nodes (vm-pool and executor
+//! doubles answering scripted counters): deltas into tenant totals, peak memory, two
+//! replicas sampling and finalizing concurrently, interim records, finalize after the VM
+//! is gone, and the errors callers see.
+
+mod common;
+
+use std::time::Duration;
+
+use capsa_proto::metering::v1::{
+    FinalizeSessionRequest, GetSessionUsageRequest, GetTenantUsageRequest,
+};
+use capsa_test_support::eventually;
+use common::{FakeNode, MIB, VmState, World, client, cpu_us, now_ms, secs};
+use tonic::Code;
+
+fn vm(lease: &str, cpu_ms: u64, memory: Option<u64>) -> VmState {
+    VmState {
+        lease_id: lease.into(),
+        lease_ms: now_ms() - 10_000,
+        cpu: Duration::from_millis(cpu_ms),
+        vmm_resident_bytes: 64 * MIB,
+        memory_used_bytes: memory,
+        ..VmState::default()
+    }
+}
+
+async fn session_cpu_us(
+    c: &mut capsa_proto::metering::v1::metering_service_client::MeteringServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+) -> u64 {
+    match c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: id.into(),
+        })
+        .await
+    {
+        Ok(r) => cpu_us(&r.into_inner().usage.unwrap().cpu_time),
+        Err(_) => 0,
+    }
+}
+
+async fn tenant(
+    c: &mut capsa_proto::metering::v1::metering_service_client::MeteringServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+) -> capsa_proto::common::v1::Usage {
+    c.get_tenant_usage(GetTenantUsageRequest {
+        tenant_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .total
+    .unwrap()
+}
+
+#[tokio::test]
+async fn totals_grow_by_deltas_and_peak_memory_is_kept() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 1000, Some(100 * MIB)));
+    node.set_vm("vm-2", vm("s2", 2000, Some(50 * MIB)));
+    node.set_vm("vm-3", vm("s3", 7000, Some(10 * MIB)));
+    node.update("vm-1", |v| {
+        v.disk_write_bytes = 1000;
+        v.network_rx_bytes = 10;
+    });
+    world.session("s1", "t1", Some((&node, "vm-1"))).await;
+    world.session("s2", "t1", Some((&node, "vm-2"))).await;
+    world.session("s3", "t2", Some((&node, "vm-3"))).await;
+    let metering = world.metering(&["--sample-interval", "50ms"]).await;
+    let mut c = client(&metering).await;
+
+    eventually!(cpu_us(&tenant(&mut c, "t1").await.cpu_time) == 3_000_000);
+    let s1 = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    let s1 = s1.into_inner();
+    assert_eq!(s1.tenant_id, "t1");
+    let u = s1.usage.unwrap();
+    assert_eq!(cpu_us(&u.cpu_time), 1_000_000);
+    assert_eq!(u.disk_write_bytes, 1000);
+    assert_eq!(u.network_rx_bytes, 10);
+    assert_eq!(u.memory_used_bytes, 100 * MIB);
+    assert_eq!(u.vmm_resident_bytes, 64 * MIB);
+    assert!(
+        secs(&u.uptime) >= 10.0,
+        "uptime counts from the lease: {:?}",
+        u.uptime
+    );
+    assert!(u.sample_time.is_some());
+
+    // Counters grow: the tenant grows by exactly the difference.
+    node.update("vm-1", |v| {
+        v.cpu = Duration::from_millis(4000);
+        v.memory_used_bytes = Some(300 * MIB);
+        v.disk_write_bytes = 5000;
+    });
+    eventually!(cpu_us(&tenant(&mut c, "t1").await.cpu_time) == 6_000_000);
+    eventually!(tenant(&mut c, "t1").await.memory_used_bytes == 350 * MIB);
+    let t1 = tenant(&mut c, "t1").await;
+    assert_eq!(t1.disk_write_bytes, 5000);
+    assert_eq!(t1.vmm_resident_bytes, 128 * MIB);
+    assert_eq!(t1.memory_peak_bytes, 350 * MIB);
+
+    // Memory falls: used follows, peaks stay.
+    node.update("vm-1", |v| v.memory_used_bytes = Some(20 * MIB));
+    eventually!(tenant(&mut c, "t1").await.memory_used_bytes == 70 * MIB);
+    let u = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    let u = u.into_inner().usage.unwrap();
+    assert_eq!(
+        (u.memory_used_bytes, u.memory_peak_bytes),
+        (20 * MIB, 300 * MIB)
+    );
+    assert_eq!(tenant(&mut c, "t1").await.memory_peak_bytes, 350 * MIB);
+
+    // A guest that does not answer keeps its last memory; host counters still move.
+    node.update("vm-1", |v| {
+        v.memory_used_bytes = None;
+        v.cpu = Duration::from_millis(4500);
+    });
+    eventually!(session_cpu_us(&mut c, "s1").await == 4_500_000);
+    let u = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(u.into_inner().usage.unwrap().memory_used_bytes, 20 * MIB);
+
+    // Counters never move backwards (a stale read is ignored).
+    node.update("vm-1", |v| v.cpu = Duration::from_millis(100));
+    node.wait_for_samples(6).await;
+    assert_eq!(session_cpu_us(&mut c, "s1").await, 4_500_000);
+    assert_eq!(cpu_us(&tenant(&mut c, "t1").await.cpu_time), 6_500_000);
+
+    // The other tenant saw only its own session.
+    let t2 = tenant(&mut c, "t2").await;
+    assert_eq!(
+        (cpu_us(&t2.cpu_time), t2.memory_used_bytes),
+        (7_000_000, 10 * MIB)
+    );
+    // A tenant with no usage is all zero, not an error.
+    assert_eq!(cpu_us(&tenant(&mut c, "nobody").await.cpu_time), 0);
+}
+
+#[tokio::test]
+async fn two_replicas_sampling_concurrently_never_double_count() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    for (vm_id, s) in [("vm-a", "sa"), ("vm-b", "sb")] {
+        node.set_vm(vm_id, vm(s, 0, Some(MIB)));
+        world.session(s, "t", Some((&node, vm_id))).await;
+    }
+    let a = world.metering(&["--sample-interval", "10ms"]).await;
+    let b = world.metering(&["--sample-interval", "10ms"]).await;
+    let (mut ca, mut cb) = (client(&a).await, client(&b).await);
+
+    for step in 1..=15u64 {
+        for vm_id in ["vm-a", "vm-b"] {
+            node.update(vm_id, |v| {
+                v.cpu = Duration::from_millis(step * 100);
+                v.network_tx_bytes = step * 1000;
+            });
+        }
+        // Several reads per step, from both replicas, interleaved.
+        node.wait_for_samples(6).await;
+    }
+    eventually!(cpu_us(&tenant(&mut ca, "t").await.cpu_time) == 3_000_000);
+    // More rounds by both replicas change nothing.
+    node.wait_for_samples(20).await;
+    for c in [&mut ca, &mut cb] {
+        let t = tenant(c, "t").await;
+        assert_eq!(cpu_us(&t.cpu_time), 3_000_000);
+        assert_eq!(t.network_tx_bytes, 30_000);
+        assert_eq!(t.memory_used_bytes, 2 * MIB);
+        assert_eq!(session_cpu_us(c, "sa").await, 1_500_000);
+    }
+}
+
+#[tokio::test]
+async fn finalize_appends_one_record_with_two_replicas_racing() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 2000, Some(80 * MIB)));
+    world.session("s1", "t", Some((&node, "vm-1"))).await;
+    let a = world.metering(&["--sample-interval", "20ms"]).await;
+    let b = world.metering(&["--sample-interval", "20ms"]).await;
+    let (ca, cb) = (client(&a).await, client(&b).await);
+    eventually!(session_cpu_us(&mut ca.clone(), "s1").await == 2_000_000);
+
+    let calls = (0..12).map(|i| {
+        let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+        tokio::spawn(async move {
+            c.finalize_session(FinalizeSessionRequest {
+                session_id: "s1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        })
+    });
+    let results = futures::future::join_all(calls).await;
+    let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(results.iter().filter(|r| r.record_appended).count(), 1);
+    for r in &results {
+        assert_eq!(cpu_us(&r.usage.as_ref().unwrap().cpu_time), 2_000_000);
+    }
+    let finals = world.records_of("s1", "final").await;
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    let f = &finals[0];
+    assert_eq!(
+        (f["tenant_id"].as_str(), f["cpu_time_us"].as_str()),
+        ("t", "2000000")
+    );
+    assert_eq!(f["memory_used_bytes"], (80 * MIB).to_string());
+    assert!(f["record_ms"].parse::<i64>().unwrap() > 0);
+
+    // Billing reads it through a consumer group exactly once.
+    let mut conn = world.conn.clone();
+    let stream = capsa_store::usage::RECORDS_STREAM;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("billing")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    type Reply = Option<Vec<(String, Vec<(String, Vec<String>)>)>>;
+    let reader = conn.clone();
+    let read = |consumer: &'static str| {
+        let mut conn = reader.clone();
+        async move {
+            let r: Reply = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("billing")
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(100)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            r.unwrap_or_default()
+                .into_iter()
+                .flat_map(|(_, entries)| entries)
+                .collect::<Vec<_>>()
+        }
+    };
+    let (first, second) = tokio::join!(read("w1"), read("w2"));
+    let delivered: Vec<_> = first.iter().chain(second.iter()).collect();
+    let finals: Vec<_> = delivered
+        .iter()
+        .filter(|(_, f)| {
+            let f = common::pairs(f);
+            f["session_id"] == "s1" && f["kind"] == "final"
+        })
+        .collect();
+    assert_eq!(finals.len(), 1);
+    let ids: Vec<&String> = delivered.iter().map(|(id, _)| id).collect();
+    let acked: i64 = redis::cmd("XACK")
+        .arg(stream)
+        .arg("billing")
+        .arg(&ids)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(acked as usize, ids.len());
+    assert!(read("w1").await.is_empty(), "nothing is delivered twice");
+
+    // After finalizing, samples of the still-running VM are ignored: totals stay.
+    node.update("vm-1", |v| v.cpu = Duration::from_millis(9000));
+    node.wait_for_samples(6).await;
+    let mut ca = ca;
+    assert_eq!(cpu_us(&tenant(&mut ca, "t").await.cpu_time), 2_000_000);
+    assert_eq!(
+        tenant(&mut ca, "t").await.memory_used_bytes,
+        0,
+        "an ended session holds no memory"
+    );
+    assert_eq!(world.records_of("s1", "final").await.len(), 1);
+}
+
+#[tokio::test]
+async fn finalize_takes_a_fresh_sample_while_the_vm_exists() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 1000, Some(MIB)));
+    world.session("s1", "t", Some((&node, "vm-1"))).await;
+    // One round at start, then none for an hour: only FinalizeSession can see the change.
+    let m = world.metering(&["--sample-interval", "1h"]).await;
+    let mut c = client(&m).await;
+    eventually!(session_cpu_us(&mut c, "s1").await == 1_000_000);
+    node.update("vm-1", |v| v.cpu = Duration::from_millis(5000));
+    let r = c
+        .finalize_session(FinalizeSessionRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    let r = r.into_inner();
+    assert!(r.record_appended);
+    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 5_000_000);
+    assert_eq!(
+        world.records_of("s1", "final").await[0]["cpu_time_us"],
+        "5000000"
+    );
+}
+
+#[tokio::test]
+async fn vm_or_node_gone_at_finalize_uses_the_last_sample() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 2000, Some(MIB)));
+    node.set_vm("vm-2", vm("s2", 3000, Some(MIB)));
+    world.session("s1", "t", Some((&node, "vm-1"))).await;
+    world.session("s2", "t", Some((&node, "vm-2"))).await;
+    let m = world.metering(&["--sample-interval", "30ms"]).await;
+    let mut c = client(&m).await;
+    eventually!(cpu_us(&tenant(&mut c, "t").await.cpu_time) == 5_000_000);
+
+    node.remove_vm("vm-1");
+    let r = c
+        .finalize_session(FinalizeSessionRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    let r = r.into_inner();
+    assert!(r.record_appended);
+    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 2_000_000);
+
+    // The whole node leaves the registry (and stops answering).
+    world.registry.remove("n1").await.unwrap();
+    drop(node);
+    let r = c
+        .finalize_session(FinalizeSessionRequest {
+            session_id: "s2".into(),
+        })
+        .await
+        .unwrap();
+    let r = r.into_inner();
+    assert!(r.record_appended);
+    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 3_000_000);
+    assert_eq!(cpu_us(&tenant(&mut c, "t").await.cpu_time), 5_000_000);
+    // Finalized usage stays readable; the uptime is frozen at the end.
+    let u = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s2".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(cpu_us(&u.into_inner().usage.unwrap().cpu_time), 3_000_000);
+}
+
+#[tokio::test]
+async fn interim_records_come_every_interval_and_stop_at_finalize() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 1000, Some(MIB)));
+    world.session("s1", "t", Some((&node, "vm-1"))).await;
+    let args = ["--sample-interval", "20ms", "--record-interval", "300ms"];
+    let a = world.metering(&args).await;
+    let _b = world.metering(&args).await;
+    let mut c = client(&a).await;
+    eventually!(world.records_of("s1", "interim").await.len() >= 3);
+
+    let interims = world.records_of("s1", "interim").await;
+    let times: Vec<i64> = interims
+        .iter()
+        .map(|f| f["record_ms"].parse().unwrap())
+        .collect();
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 300,
+            "two replicas, still one record per interval: {times:?}"
+        );
+    }
+    assert_eq!(interims[0]["cpu_time_us"], "1000000");
+
+    c.finalize_session(FinalizeSessionRequest {
+        session_id: "s1".into(),
+    })
+    .await
+    .unwrap();
+    let after = world.records_of("s1", "interim").await.len();
+    node.wait_for_samples(40).await;
+    assert_eq!(world.records_of("s1", "interim").await.len(), after);
+    assert_eq!(world.records_of("s1", "final").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_session_never_sampled_has_its_uptime_and_a_final_record() {
+    let world = World::start().await;
+    world.session("s1", "t", None).await;
+    let m = world.metering(&["--sample-interval", "1h"]).await;
+    let mut c = client(&m).await;
+    let u = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    let u = u.into_inner();
+    assert_eq!(u.tenant_id, "t");
+    assert_eq!(cpu_us(&u.usage.unwrap().cpu_time), 0);
+
+    let r = c
+        .finalize_session(FinalizeSessionRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    assert!(r.into_inner().record_appended);
+    let again = c
+        .finalize_session(FinalizeSessionRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!again.into_inner().record_appended);
+    let finals = world.records_of("s1", "final").await;
+    assert_eq!(finals.len(), 1);
+    assert_eq!(
+        (
+            finals[0]["tenant_id"].as_str(),
+            finals[0]["cpu_time_us"].as_str()
+        ),
+        ("t", "0")
+    );
+}
+
+#[tokio::test]
+async fn unknown_sessions_are_not_found_and_bad_input_names_the_field() {
+    let world = World::start().await;
+    let m = world.metering(&[]).await;
+    let mut c = client(&m).await;
+
+    let e = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .finalize_session(FinalizeSessionRequest {
+            session_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(world.records().await.is_empty());
+
+    for bad in ["", "has space", &"x".repeat(300)] {
+        let e = c
+            .get_session_usage(GetSessionUsageRequest {
+                session_id: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("session_id"), "{}", e.message());
+        let e = c
+            .finalize_session(FinalizeSessionRequest {
+                session_id: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("session_id"), "{}", e.message());
+        let e = c
+            .get_tenant_usage(GetTenantUsageRequest {
+                tenant_id: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("tenant_id"), "{}", e.message());
+    }
+}
+
+#[tokio::test]
+async fn bad_config_exits_64_and_sigterm_exits_cleanly() {
+    let bin = capsa_test_support::workspace_binary("capsa-metering");
+    let status = tokio::process::Command::new(&bin)
+        .args(["--sample-interval", "0s"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(64));
+
+    let world = World::start().await;
+    let m = world.metering(&["--sample-interval", "20ms"]).await;
+    assert!(
+        m.terminate(Duration::from_secs(10)).await,
+        "metering ignored SIGTERM"
+    );
+}
