@@ -29,12 +29,19 @@ pub(crate) struct ChApi {
 
 impl ChApi {
     pub fn new(socket: &Path) -> ChApi {
-        ChApi { socket: socket.to_owned() }
+        ChApi {
+            socket: socket.to_owned(),
+        }
     }
 
     /// `PUT /api/v1/<endpoint>`; returns the JSON body, if any.
-    pub async fn put(&self, endpoint: &str, body: Option<&Value>) -> Result<Option<Value>, VmmError> {
-        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("a json value serialises")));
+    pub async fn put(
+        &self,
+        endpoint: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        let body =
+            body.map(|b| Bytes::from(serde_json::to_vec(b).expect("a json value serialises")));
         self.request(http::Method::PUT, endpoint, body).await
     }
 
@@ -45,7 +52,12 @@ impl ChApi {
             .ok_or_else(|| api_err(endpoint, "empty response body".into()))
     }
 
-    async fn request(&self, method: http::Method, endpoint: &str, body: Option<Bytes>) -> Result<Option<Value>, VmmError> {
+    async fn request(
+        &self,
+        method: http::Method,
+        endpoint: &str,
+        body: Option<Bytes>,
+    ) -> Result<Option<Value>, VmmError> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(method, endpoint, body))
             .await
             .map_err(|_| VmmError::Timeout(format!("cloud hypervisor api {endpoint}")))?
@@ -75,7 +87,10 @@ impl ChApi {
         let req = req
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| api_err(endpoint, format!("request: {e}")))?;
-        let resp = sender.send_request(req).await.map_err(|e| api_err(endpoint, format!("send: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| api_err(endpoint, format!("send: {e}")))?;
         let status = resp.status();
         let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
             .collect()
@@ -90,12 +105,17 @@ impl ChApi {
         if bytes.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| api_err(endpoint, format!("bad json: {e}")))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| api_err(endpoint, format!("bad json: {e}")))
     }
 }
 
 fn api_err(endpoint: &str, message: String) -> VmmError {
-    VmmError::Api { endpoint: endpoint.to_owned(), message }
+    VmmError::Api {
+        endpoint: endpoint.to_owned(),
+        message,
+    }
 }
 
 #[cfg(test)]
@@ -181,14 +201,28 @@ mod tests {
             _ => (405, "Error from API: VM is not booted".into()),
         });
         let api = ChApi::new(&sock);
-        assert_eq!(api.put("vm.create", Some(&json!({"cpus": {"boot_vcpus": 1}}))).await.unwrap(), None);
-        assert_eq!(api.get("vm.counters").await.unwrap()["_disk0"]["read_bytes"], 5);
+        assert_eq!(
+            api.put("vm.create", Some(&json!({"cpus": {"boot_vcpus": 1}})))
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            api.get("vm.counters").await.unwrap()["_disk0"]["read_bytes"],
+            5
+        );
         let err = api.put("vm.pause", None).await.unwrap_err().to_string();
-        assert!(err.contains("405") && err.contains("VM is not booted"), "{err}");
+        assert!(
+            err.contains("405") && err.contains("VM is not booted"),
+            "{err}"
+        );
         let log = log.lock().unwrap();
         assert_eq!(log[0].method, "PUT");
         assert_eq!(log[0].path, "/api/v1/vm.create");
-        assert_eq!(serde_json::from_str::<Value>(&log[0].body).unwrap()["cpus"]["boot_vcpus"], 1);
+        assert_eq!(
+            serde_json::from_str::<Value>(&log[0].body).unwrap()["cpus"]["boot_vcpus"],
+            1
+        );
         assert_eq!(log[1].method, "GET");
         assert_eq!(log[2].body, "");
     }

@@ -54,12 +54,17 @@ impl CloudHypervisor {
         let api_path = dir.join(layout::API_SOCKET);
         let vmm_log = dir.join(layout::VMM_LOG);
         let mut cmd = Command::new(&self.config.binary);
-        cmd.arg("--api-socket").arg(format!("path={}", api_path.display()));
-        let log = std::fs::File::create(&vmm_log).map_err(|e| VmmError::io("create log", &vmm_log, e))?;
+        cmd.arg("--api-socket")
+            .arg(format!("path={}", api_path.display()));
+        let log =
+            std::fs::File::create(&vmm_log).map_err(|e| VmmError::io("create log", &vmm_log, e))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
         let (vmm, stdout) = Supervised::spawn(cmd, "cloud-hypervisor", Some(&vmm_log))?;
         instance::write_pid(dir, layout::VMM_PID, vmm.pid())?;
-        let console = Console::start(stdout.expect("stdout is piped"), &dir.join(layout::CONSOLE_LOG))?;
+        let console = Console::start(
+            stdout.expect("stdout is piped"),
+            &dir.join(layout::CONSOLE_LOG),
+        )?;
         wait_listening(&api_path, &vmm, "cloud-hypervisor", STARTUP_TIMEOUT).await?;
         Ok((vmm, console, ChApi::new(&api_path)))
     }
@@ -69,15 +74,28 @@ impl CloudHypervisor {
         instance::create_dir(&spec.dir)?;
         let guard = DirGuard::new(&spec.dir);
         let overlay = match &spec.rootfs_base {
-            Some(base) => Some(instance::create_overlay(&self.config.qemu_img, base, &spec.dir).await?),
+            Some(base) => {
+                Some(instance::create_overlay(&self.config.qemu_img, base, &spec.dir).await?)
+            }
             None => None,
         };
         let (vmm, console, api) = self.start_vmm(spec).await?;
-        let kernel = self.config.kernel_override.as_deref().unwrap_or(&spec.kernel);
-        api.put("vm.create", Some(&vm_config(spec, kernel, overlay.as_deref()))).await?;
+        let kernel = self
+            .config
+            .kernel_override
+            .as_deref()
+            .unwrap_or(&spec.kernel);
+        api.put(
+            "vm.create",
+            Some(&vm_config(spec, kernel, overlay.as_deref())),
+        )
+        .await?;
         api.put("vm.boot", None).await?;
         guard.disarm();
-        Ok(ChVm { instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console), api })
+        Ok(ChVm {
+            instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console),
+            api,
+        })
     }
 
     async fn start_restored(&self, spec: &VmSpec, snapshot: &Path) -> Result<ChVm, VmmError> {
@@ -87,9 +105,16 @@ impl CloudHypervisor {
         prepare_restore(snapshot, &local, &spec.dir).await?;
         let (vmm, console, api) = self.start_vmm(spec).await?;
         let source_url = format!("file://{}", local.display());
-        api.put("vm.restore", Some(&json!({ "source_url": source_url, "resume": true }))).await?;
+        api.put(
+            "vm.restore",
+            Some(&json!({ "source_url": source_url, "resume": true })),
+        )
+        .await?;
         guard.disarm();
-        Ok(ChVm { instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console), api })
+        Ok(ChVm {
+            instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console),
+            api,
+        })
     }
 }
 
@@ -99,8 +124,10 @@ pub(crate) fn vm_config(spec: &VmSpec, kernel: &Path, overlay: Option<&Path>) ->
     if let Some(initrd) = &spec.initrd {
         payload["initramfs"] = json!(initrd);
     }
-    let disks: Vec<Value> =
-        overlay.into_iter().map(|p| json!({ "path": p, "backing_files": true })).collect();
+    let disks: Vec<Value> = overlay
+        .into_iter()
+        .map(|p| json!({ "path": p, "backing_files": true }))
+        .collect();
     json!({
         "cpus": { "boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus },
         "memory": { "size": u64::from(spec.memory_mib) << 20 },
@@ -116,21 +143,37 @@ pub(crate) fn vm_config(spec: &VmSpec, kernel: &Path, overlay: Option<&Path>) ->
 /// (copied across filesystems), the overlay copied into `vm_dir`, and `config.json`
 /// rewritten so the disk and the vsock socket are the new VM's.
 async fn prepare_restore(snapshot: &Path, local: &Path, vm_dir: &Path) -> Result<(), VmmError> {
-    tokio::fs::create_dir(local).await.map_err(|e| VmmError::io("create snapshot copy", local, e))?;
-    let mut entries = tokio::fs::read_dir(snapshot).await.map_err(|e| VmmError::io("read snapshot", snapshot, e))?;
-    while let Some(entry) = entries.next_entry().await.map_err(|e| VmmError::io("read snapshot", snapshot, e))? {
+    tokio::fs::create_dir(local)
+        .await
+        .map_err(|e| VmmError::io("create snapshot copy", local, e))?;
+    let mut entries = tokio::fs::read_dir(snapshot)
+        .await
+        .map_err(|e| VmmError::io("read snapshot", snapshot, e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| VmmError::io("read snapshot", snapshot, e))?
+    {
         let name = entry.file_name();
         let src = entry.path();
         if name == SNAPSHOT_CONFIG {
             continue;
         }
-        let dest = if name == layout::OVERLAY { vm_dir.join(&name) } else { local.join(&name) };
+        let dest = if name == layout::OVERLAY {
+            vm_dir.join(&name)
+        } else {
+            local.join(&name)
+        };
         if name == layout::OVERLAY || tokio::fs::hard_link(&src, &dest).await.is_err() {
-            tokio::fs::copy(&src, &dest).await.map_err(|e| VmmError::io("copy snapshot file", &src, e))?;
+            tokio::fs::copy(&src, &dest)
+                .await
+                .map_err(|e| VmmError::io("copy snapshot file", &src, e))?;
         }
     }
     let config_path = snapshot.join(SNAPSHOT_CONFIG);
-    let text = tokio::fs::read(&config_path).await.map_err(|e| VmmError::io("read snapshot config", &config_path, e))?;
+    let text = tokio::fs::read(&config_path)
+        .await
+        .map_err(|e| VmmError::io("read snapshot config", &config_path, e))?;
     let mut config: Value = serde_json::from_slice(&text)
         .map_err(|e| VmmError::InvalidSpec(format!("snapshot config.json: {e}")))?;
     retarget_config(&mut config, vm_dir);
@@ -157,13 +200,29 @@ impl Hypervisor for CloudHypervisor {
         EngineKind::CloudHypervisor
     }
 
-    fn boot<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>> {
-        async move { self.start(spec).await.map(|vm| Arc::new(vm) as Arc<dyn VirtualMachine>) }.boxed()
+    fn boot<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>> {
+        async move {
+            self.start(spec)
+                .await
+                .map(|vm| Arc::new(vm) as Arc<dyn VirtualMachine>)
+        }
+        .boxed()
     }
 
-    fn restore<'a>(&'a self, spec: &'a VmSpec, snapshot: &'a Path) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>> {
-        async move { self.start_restored(spec, snapshot).await.map(|vm| Arc::new(vm) as Arc<dyn VirtualMachine>) }
-            .boxed()
+    fn restore<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        snapshot: &'a Path,
+    ) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>> {
+        async move {
+            self.start_restored(spec, snapshot)
+                .await
+                .map(|vm| Arc::new(vm) as Arc<dyn VirtualMachine>)
+        }
+        .boxed()
     }
 }
 
@@ -244,9 +303,13 @@ impl VirtualMachine for ChVm {
     fn snapshot<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
         async move {
             self.alive()?;
-            tokio::fs::create_dir_all(dest).await.map_err(|e| VmmError::io("create snapshot dir", dest, e))?;
+            tokio::fs::create_dir_all(dest)
+                .await
+                .map_err(|e| VmmError::io("create snapshot dir", dest, e))?;
             let url = format!("file://{}", dest.display());
-            self.api.put("vm.snapshot", Some(&json!({ "destination_url": url }))).await?;
+            self.api
+                .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+                .await?;
             let overlay = self.instance.dir.join(layout::OVERLAY);
             if tokio::fs::try_exists(&overlay).await.unwrap_or(false) {
                 tokio::fs::copy(&overlay, dest.join(layout::OVERLAY))
@@ -261,7 +324,11 @@ impl VirtualMachine for ChVm {
         async move {
             if self.instance.vmm.exit().is_none() {
                 // Polite first, briefly: the VM is thrown away, so a kill is just as correct.
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.api.put("vmm.shutdown", None)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    self.api.put("vmm.shutdown", None),
+                )
+                .await;
             }
             self.instance.destroy().await
         }
@@ -289,14 +356,21 @@ mod tests {
     #[test]
     fn vm_config_matches_the_openapi_shapes() {
         let s = spec(Path::new("/state"));
-        let c = vm_config(&s, Path::new("/img/vmlinux"), Some(Path::new("/state/vms/vm-c1/overlay.qcow2")));
+        let c = vm_config(
+            &s,
+            Path::new("/img/vmlinux"),
+            Some(Path::new("/state/vms/vm-c1/overlay.qcow2")),
+        );
         assert_eq!(c["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 2}));
         assert_eq!(c["memory"]["size"], 512u64 << 20);
         assert_eq!(c["payload"]["kernel"], "/img/vmlinux");
         assert_eq!(c["payload"]["cmdline"], "console=ttyS0 root=/dev/vda");
         assert!(c["payload"].get("initramfs").is_none());
         assert_eq!(c["disks"][0]["path"], "/state/vms/vm-c1/overlay.qcow2");
-        assert_eq!(c["vsock"], json!({"cid": 3, "socket": "/state/vms/vm-c1/vsock.sock"}));
+        assert_eq!(
+            c["vsock"],
+            json!({"cid": 3, "socket": "/state/vms/vm-c1/vsock.sock"})
+        );
         assert_eq!(c["serial"]["mode"], "Tty");
     }
 
@@ -309,7 +383,15 @@ mod tests {
         });
         let mut c = VmCounters::default();
         counter_totals(&reply, &mut c);
-        assert_eq!((c.disk_read_bytes, c.disk_write_bytes, c.network_rx_bytes, c.network_tx_bytes), (11, 22, 7, 9));
+        assert_eq!(
+            (
+                c.disk_read_bytes,
+                c.disk_write_bytes,
+                c.network_rx_bytes,
+                c.network_tx_bytes
+            ),
+            (11, 22, 7, 9)
+        );
     }
 
     /// The whole start-up conversation against a fake API: a shell script stands in for the
@@ -322,8 +404,13 @@ mod tests {
         // The stand-in "cloud-hypervisor": binds nothing (the fake server below does, at the
         // path it is given) and waits to be killed.
         let bin = root.path().join("fake-ch");
-        std::fs::write(&bin, "#!/bin/sh\necho 'fake serial line'\nexec sleep 1000\n").unwrap();
-        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\necho 'fake serial line'\nexec sleep 1000\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         std::fs::create_dir_all(root.path().join("vms")).unwrap();
         // The fake API must exist inside the VM dir, which boot() creates: serve it from a
         // task that waits for the dir.
@@ -335,7 +422,9 @@ mod tests {
                 while !dir.exists() {
                     tokio::task::yield_now().await;
                 }
-                let _ = tx.send(crate::ch_api::fake::serve(&api_path, |_| (204, String::new())));
+                let _ = tx.send(crate::ch_api::fake::serve(&api_path, |_| {
+                    (204, String::new())
+                }));
             });
             rx
         };
@@ -354,7 +443,13 @@ mod tests {
         let paths: Vec<String> = log.lock().unwrap().iter().map(|r| r.path.clone()).collect();
         assert_eq!(
             paths,
-            ["/api/v1/vm.create", "/api/v1/vm.boot", "/api/v1/vm.pause", "/api/v1/vm.resume", "/api/v1/vmm.shutdown"]
+            [
+                "/api/v1/vm.create",
+                "/api/v1/vm.boot",
+                "/api/v1/vm.pause",
+                "/api/v1/vm.resume",
+                "/api/v1/vmm.shutdown"
+            ]
         );
         assert_eq!(log.lock().unwrap()[0].method, "PUT");
     }

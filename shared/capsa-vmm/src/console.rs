@@ -25,10 +25,14 @@ pub(crate) struct Console {
 impl Console {
     /// Starts draining `stdout` into `path`.
     pub fn start(stdout: ChildStdout, path: &Path) -> Result<Console, VmmError> {
-        let file = std::fs::File::create(path).map_err(|e| VmmError::io("create console log", path, e))?;
+        let file =
+            std::fs::File::create(path).map_err(|e| VmmError::io("create console log", path, e))?;
         let (tx, progress) = watch::channel((0u64, false));
         tokio::spawn(drain(stdout, tokio::fs::File::from_std(file), tx));
-        Ok(Console { path: path.to_owned(), progress })
+        Ok(Console {
+            path: path.to_owned(),
+            progress,
+        })
     }
 
     /// Resolves once `marker` is in the log; errors if the console closes without it.
@@ -41,7 +45,9 @@ impl Console {
                 return Ok(());
             }
             if closed || rx.changed().await.is_err() {
-                return Err(VmmError::Exited(format!("console closed before {marker:?} appeared")));
+                return Err(VmmError::Exited(format!(
+                    "console closed before {marker:?} appeared"
+                )));
             }
         }
     }
@@ -81,7 +87,10 @@ mod tests {
         // More than the cap, then the marker: the marker is dropped by the cap, so the
         // waiter must fail once the pipe closes instead of hanging.
         let mut child = tokio::process::Command::new("sh")
-            .args(["-c", "echo booting; echo ready-1; head -c 2000000 /dev/zero; echo ready-2"])
+            .args([
+                "-c",
+                "echo booting; echo ready-1; head -c 2000000 /dev/zero; echo ready-2",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

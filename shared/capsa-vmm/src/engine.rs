@@ -92,12 +92,18 @@ pub struct HostFacts {
 
 impl HostFacts {
     /// Looks at this host. `cloud_hypervisor` overrides the `PATH` lookup of the binary.
-    pub fn probe(cloud_hypervisor: Option<PathBuf>, qemu: Option<PathBuf>, pvm_guest_kernel: Option<PathBuf>) -> HostFacts {
+    pub fn probe(
+        cloud_hypervisor: Option<PathBuf>,
+        qemu: Option<PathBuf>,
+        pvm_guest_kernel: Option<PathBuf>,
+    ) -> HostFacts {
         HostFacts {
             cloud_hypervisor: cloud_hypervisor
                 .filter(|p| is_executable(p))
                 .or_else(|| find_in_path("cloud-hypervisor")),
-            qemu: qemu.filter(|p| is_executable(p)).or_else(|| find_in_path("qemu-system-x86_64")),
+            qemu: qemu
+                .filter(|p| is_executable(p))
+                .or_else(|| find_in_path("qemu-system-x86_64")),
             kvm: probe_kvm(),
             pvm_guest_kernel,
         }
@@ -132,20 +138,46 @@ pub fn choose(pref: EnginePreference, facts: &HostFacts) -> Result<EngineChoice,
     let qemu = facts.qemu.clone();
     let no_qemu = || VmmError::NoEngine("qemu-system-x86_64 not found in PATH".into());
     let pick = |kind, binary, reason: String| {
-        Ok(EngineChoice { kind, reason, kernel_override: pvm_kernel.clone(), binary })
+        Ok(EngineChoice {
+            kind,
+            reason,
+            kernel_override: pvm_kernel.clone(),
+            binary,
+        })
     };
     match pref {
         EnginePreference::Fixed(EngineKind::CloudHypervisor) => {
             let binary = ch.ok_or_else(|| VmmError::NoEngine("cloud-hypervisor binary not found (--cloud-hypervisor, CAPSA_CLOUD_HYPERVISOR or PATH)".into()))?;
-            pick(EngineKind::CloudHypervisor, binary, format!("configured (--engine cloud-hypervisor); {}", reason_of(&kvm)))
+            pick(
+                EngineKind::CloudHypervisor,
+                binary,
+                format!(
+                    "configured (--engine cloud-hypervisor); {}",
+                    reason_of(&kvm)
+                ),
+            )
         }
-        EnginePreference::Fixed(kind) => {
-            pick(kind, qemu.ok_or_else(no_qemu)?, format!("configured (--engine {kind}); {}", reason_of(&kvm)))
-        }
+        EnginePreference::Fixed(kind) => pick(
+            kind,
+            qemu.ok_or_else(no_qemu)?,
+            format!("configured (--engine {kind}); {}", reason_of(&kvm)),
+        ),
         EnginePreference::Auto => match (&kvm, ch, qemu) {
-            (Ok(why), Some(ch), _) => pick(EngineKind::CloudHypervisor, ch, format!("auto: cloud-hypervisor found and {why}")),
-            (Ok(why), None, Some(q)) => pick(EngineKind::QemuKvm, q, format!("auto: no cloud-hypervisor binary; {why}")),
-            (Err(why), _, Some(q)) => pick(EngineKind::QemuTcg, q, format!("auto: KVM not usable ({why}); software emulation")),
+            (Ok(why), Some(ch), _) => pick(
+                EngineKind::CloudHypervisor,
+                ch,
+                format!("auto: cloud-hypervisor found and {why}"),
+            ),
+            (Ok(why), None, Some(q)) => pick(
+                EngineKind::QemuKvm,
+                q,
+                format!("auto: no cloud-hypervisor binary; {why}"),
+            ),
+            (Err(why), _, Some(q)) => pick(
+                EngineKind::QemuTcg,
+                q,
+                format!("auto: KVM not usable ({why}); software emulation"),
+            ),
             (_, _, None) => Err(no_qemu()),
         },
     }
@@ -163,16 +195,26 @@ const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 
 fn probe_kvm() -> Kvm {
     use std::os::fd::AsRawFd as _;
-    let file = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(f) => f,
         Err(e) => return Kvm::Unusable(format!("/dev/kvm: {e}")),
     };
     // SAFETY: an ioctl without arguments on a file descriptor we own.
     let version = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION as _) };
     if version != 12 {
-        return Kvm::Unusable(format!("/dev/kvm answered KVM_GET_API_VERSION with {version}"));
+        return Kvm::Unusable(format!(
+            "/dev/kvm answered KVM_GET_API_VERSION with {version}"
+        ));
     }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() { Kvm::Pvm } else { Kvm::Usable }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        Kvm::Pvm
+    } else {
+        Kvm::Usable
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +237,11 @@ mod tests {
         assert_eq!(c.binary, PathBuf::from("/usr/bin/cloud-hypervisor"));
         let c = choose(EnginePreference::Auto, &facts(false, Kvm::Usable, false)).unwrap();
         assert_eq!(c.kind, EngineKind::QemuKvm);
-        let c = choose(EnginePreference::Auto, &facts(true, Kvm::Unusable("/dev/kvm: No such file".into()), false)).unwrap();
+        let c = choose(
+            EnginePreference::Auto,
+            &facts(true, Kvm::Unusable("/dev/kvm: No such file".into()), false),
+        )
+        .unwrap();
         assert_eq!(c.kind, EngineKind::QemuTcg);
         assert!(c.reason.contains("No such file"), "{}", c.reason);
     }
@@ -221,7 +267,11 @@ mod tests {
         assert_eq!(c.kind, EngineKind::QemuKvm);
         assert!(c.reason.contains("warning"), "{}", c.reason);
         let err = choose("cloud-hypervisor".parse().unwrap(), &f).unwrap_err();
-        assert!(err.to_string().contains("cloud-hypervisor binary not found"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cloud-hypervisor binary not found"),
+            "{err}"
+        );
         let mut f = facts(true, Kvm::Usable, false);
         f.qemu = None;
         assert!(choose("qemu-tcg".parse().unwrap(), &f).is_err());

@@ -21,7 +21,10 @@ pub enum VmmError {
     },
     /// The VMM (or a helper) exited while the VM was being started.
     #[error("{process} exited during start-up: {detail}")]
-    StartupExit { process: &'static str, detail: String },
+    StartupExit {
+        process: &'static str,
+        detail: String,
+    },
     #[error("{0} timed out")]
     Timeout(String),
     #[error("qmp {command}: {message}")]
@@ -29,7 +32,10 @@ pub enum VmmError {
     #[error("cloud hypervisor api {endpoint}: {message}")]
     Api { endpoint: String, message: String },
     #[error("{operation} is not supported by {engine}")]
-    Unsupported { operation: &'static str, engine: &'static str },
+    Unsupported {
+        operation: &'static str,
+        engine: &'static str,
+    },
     /// The VM's VMM is gone; the operation needs it running.
     #[error("vm has exited: {0}")]
     Exited(String),
@@ -39,6 +45,10 @@ pub enum VmmError {
 
 impl VmmError {
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        VmmError::Io { what, path: path.into(), source }
+        VmmError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
     }
 }

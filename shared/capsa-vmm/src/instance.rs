@@ -43,7 +43,9 @@ impl Instance {
     }
 
     pub fn pids(&self) -> Vec<u32> {
-        std::iter::once(self.vmm.pid()).chain(self.helpers.iter().map(|(_, h)| h.pid())).collect()
+        std::iter::once(self.vmm.pid())
+            .chain(self.helpers.iter().map(|(_, h)| h.pid()))
+            .collect()
     }
 
     /// The first exit among the VMM and its helpers: a VM whose vsock backend died is as
@@ -82,10 +84,16 @@ impl Instance {
         }
         let pid = self.vmm.pid();
         let proc_path = PathBuf::from(format!("/proc/{pid}"));
-        let cpu_time = process::cpu_time(pid).map_err(|e| VmmError::io("read vmm stat", &proc_path, e))?;
-        let vmm_resident_bytes =
-            process::resident_bytes(pid).map_err(|e| VmmError::io("read vmm status", &proc_path, e))?;
-        Ok(VmCounters { cpu_time, vmm_resident_bytes, sample_time: Some(SystemTime::now()), ..Default::default() })
+        let cpu_time =
+            process::cpu_time(pid).map_err(|e| VmmError::io("read vmm stat", &proc_path, e))?;
+        let vmm_resident_bytes = process::resident_bytes(pid)
+            .map_err(|e| VmmError::io("read vmm status", &proc_path, e))?;
+        Ok(VmCounters {
+            cpu_time,
+            vmm_resident_bytes,
+            sample_time: Some(SystemTime::now()),
+            ..Default::default()
+        })
     }
 
     /// Kills every process (VMM first, so the guest stops before its devices), waits for
@@ -129,7 +137,11 @@ pub(crate) fn write_pid(dir: &Path, name: &str, pid: u32) -> Result<(), VmmError
 
 /// `qemu-img create -f qcow2 -F raw -b <base> <dir>/overlay.qcow2`: a copy-on-write layer
 /// that costs no copy of the base.
-pub(crate) async fn create_overlay(qemu_img: &Path, base: &Path, dir: &Path) -> Result<PathBuf, VmmError> {
+pub(crate) async fn create_overlay(
+    qemu_img: &Path,
+    base: &Path,
+    dir: &Path,
+) -> Result<PathBuf, VmmError> {
     let overlay = dir.join(layout::OVERLAY);
     let out = Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -138,7 +150,10 @@ pub(crate) async fn create_overlay(qemu_img: &Path, base: &Path, dir: &Path) -> 
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|source| VmmError::Spawn { program: qemu_img.display().to_string(), source })?;
+        .map_err(|source| VmmError::Spawn {
+            program: qemu_img.display().to_string(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(VmmError::StartupExit {
             process: "qemu-img",

