@@ -23,6 +23,11 @@ pub struct Config {
     #[arg(long, env = "CAPSA_AGENT_ECHO_PORT", default_value_t = 1025)]
     pub echo_port: u32,
 
+    /// Host vsock port (CID 2) that spans and metrics are exported to over OTLP/gRPC, if
+    /// something listens there at boot; 0 turns export off. Not used with --listen-unix.
+    #[arg(long, env = "CAPSA_AGENT_OTLP_VSOCK_PORT", default_value_t = 4317)]
+    pub otlp_vsock_port: u32,
+
     /// Test seam: serve gRPC on this Unix socket instead of vsock.
     #[arg(long, env = "CAPSA_AGENT_LISTEN_UNIX")]
     pub listen_unix: Option<PathBuf>,

@@ -8,6 +8,7 @@
 //! - [`stats`]: memory, processes, uptime and kernel release of the guest.
 //! - [`grpc`]: the adapter between the proto contract and those modules.
 //! - [`echo`]: the echo server.
+//! - [`otlp`]: telemetry export to the host over vsock.
 //!
 //! [`run`] takes already bound listeners and a shutdown future, so tests run the agent as
 //! a plain process on Unix sockets.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod files;
 pub mod grpc;
 pub mod kernel;
+pub mod otlp;
 pub mod stats;
 
 use std::future::Future;

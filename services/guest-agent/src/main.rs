@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use capsa_guest_agent::{Config, Listener};
+use capsa_telemetry::Export;
 use clap::Parser as _;
 
 #[tokio::main]
@@ -15,7 +16,20 @@ async fn main() -> ExitCode {
         eprintln!("capsa-agent: {e}");
         return ExitCode::from(64);
     }
-    let _telemetry = capsa_telemetry::init("capsa-guest-agent", "info");
+    // In a VM, export through the host if it listens; the test seam uses the environment.
+    let otlp = match (&config.listen_unix, config.otlp_vsock_port) {
+        (None, port) if port != 0 => capsa_guest_agent::otlp::host_channel(port).await,
+        _ => None,
+    };
+    let exporting = otlp.is_some();
+    let export = otlp.map_or(Export::FromEnv, Export::Channel);
+    let _telemetry = capsa_telemetry::init_with("capsa-guest-agent", "info", export);
+    if exporting {
+        tracing::info!(
+            port = config.otlp_vsock_port,
+            "exporting telemetry to the host over vsock"
+        );
+    }
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -193,6 +193,7 @@ pub async fn run(
         }
     };
     tracing::info!(status = ?c.status, exit_code = c.exit_code, wall_ms = wall_time.as_millis() as u64, output_bytes = c.output_bytes, truncated = c.output_truncated, "execute finished");
+    record_duration(language, c.status, wall_time);
     run.send(Event::Completion(c)).await;
     Outcome { kernel_gone }
 }
@@ -387,6 +388,27 @@ impl Run<'_> {
             }
         }
     }
+}
+
+fn record_duration(language: &'static str, status: Status, wall_time: Duration) {
+    use opentelemetry::KeyValue;
+    static HISTOGRAM: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>> =
+        std::sync::OnceLock::new();
+    let h = HISTOGRAM.get_or_init(|| {
+        capsa_telemetry::meter()
+            .f64_histogram(capsa_telemetry::metrics::EXECUTE_DURATION)
+            .with_unit("s")
+            .build()
+    });
+    let status = format!("{status:?}").to_lowercase();
+    h.record(
+        wall_time.as_secs_f64(),
+        &[
+            KeyValue::new("service", "capsa-guest-agent"),
+            KeyValue::new("language", language),
+            KeyValue::new("status", status),
+        ],
+    );
 }
 
 fn exit_code(status: ExitStatus) -> i32 {
