@@ -26,6 +26,12 @@
 //! the same script, so it is appended once however many callers race; samples arriving
 //! after it are ignored, so a tenant's totals always equal the sum of its sessions' final
 //! and running numbers. Interim records are guarded by `last_record_ms` on Redis' clock.
+//! The scripts touch a session's and its tenant's keys together, so like the session
+//! scripts they assume one Redis (or Sentinel), not Cluster.
+//!
+//! The counters are the VMM's since it started, so a session's usage includes its VM's
+//! boot and warm-pool wait (small next to any real work under KVM). Subtracting them would
+//! need vm-pool to report the counters at lease time.
 //!
 //! How a billing job consumes the stream (a consumer group delivers each entry to one
 //! consumer, and keeps it pending until acknowledged):

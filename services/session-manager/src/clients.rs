@@ -1,0 +1,92 @@
+//! gRPC clients of the nodes (vm-pool, executor) and of metering. One tonic `Channel` per
+//! URL, cached: channels multiplex calls, so every replica holds one HTTP/2 connection per
+//! node service. Every channel has a connect timeout and HTTP/2 keepalives, so a dead node
+//! is an error within seconds instead of a hung call, and every call carries the caller's
+//! trace context (`capsa_telemetry::propagate`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
+use capsa_proto::metering::v1::metering_service_client::MeteringServiceClient;
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+
+/// The interceptor every outgoing call goes through.
+pub type Propagate = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+/// A channel whose calls carry trace context.
+pub type Traced = InterceptedService<Channel, Propagate>;
+
+/// The executor client type the proxy calls.
+pub type ExecutorClient = ExecutorServiceClient<Traced>;
+
+/// Output chunks are up to 1 MiB plus framing; leave room.
+const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// Cached channels to node services and metering.
+pub struct Clients {
+    channels: Mutex<HashMap<String, Channel>>,
+    metering_url: Option<String>,
+}
+
+impl Clients {
+    pub fn new(metering_url: Option<String>) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            metering_url,
+        }
+    }
+
+    fn channel(&self, url: &str) -> Result<Traced, Error> {
+        let mut channels = self.channels.lock().expect("channel cache lock");
+        let channel = match channels.get(url) {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(url.to_string())
+                    .map_err(|e| Error::Internal(format!("node url {url:?} is invalid: {e}")))?
+                    .connect_timeout(Duration::from_secs(3))
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(3))
+                    .keep_alive_while_idle(true)
+                    .tcp_nodelay(true);
+                // Lazy: connects on first use and reconnects after failures by itself.
+                let c = endpoint.connect_lazy();
+                channels.insert(url.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(InterceptedService::new(
+            channel,
+            capsa_telemetry::propagate as Propagate,
+        ))
+    }
+
+    pub fn vmpool(&self, url: &str) -> Result<VmPoolServiceClient<Traced>, Error> {
+        Ok(VmPoolServiceClient::new(self.channel(url)?))
+    }
+
+    pub fn executor(&self, url: &str) -> Result<ExecutorServiceClient<Traced>, Error> {
+        Ok(ExecutorServiceClient::new(self.channel(url)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The metering client, or UNAVAILABLE when no metering URL is configured.
+    pub fn metering(&self) -> Result<MeteringServiceClient<Traced>, Error> {
+        let url = self.metering_url.as_deref().ok_or_else(|| {
+            Error::Unavailable("metering is not configured on this server".into())
+        })?;
+        Ok(MeteringServiceClient::new(self.channel(url)?))
+    }
+}
+
+/// A request with a deadline the server sees too (`grpc-timeout`).
+pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    req
+}

@@ -1,0 +1,142 @@
+//! Command line and environment: `serve` (the default: the flags below at top level run the
+//! server) and `create-api-key` (admin: prints a new key and nothing else on stdout).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The session-manager command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "capsa-session-manager",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the server (also what no subcommand does).
+    Serve(Config),
+    /// Creates an API key for a tenant and prints it (shown only this once).
+    CreateApiKey(CreateApiKey),
+}
+
+/// `create-api-key` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct CreateApiKey {
+    #[arg(long, env = "CAPSA_REDIS_URL")]
+    pub redis_url: Redacted,
+    /// Tenant the key acts for.
+    #[arg(long)]
+    pub tenant: String,
+    /// Free-form label of the key (who or what uses it).
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Sets the tenant's cap on concurrent sessions (overrides the server default).
+    #[arg(long)]
+    pub max_sessions: Option<u32>,
+}
+
+/// Server configuration. Tests build it with [`Config::for_redis`] and adjust fields.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "CAPSA_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Redis holding sessions, keys and nodes (`redis://host:port/db`).
+    #[arg(
+        long,
+        env = "CAPSA_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: Redacted,
+    /// MeteringService URL; without it FinalizeSession is skipped and usage calls fail
+    /// with UNAVAILABLE.
+    #[arg(long, env = "CAPSA_METERING_URL")]
+    pub metering_url: Option<String>,
+    /// Default cap on a tenant's concurrent (creating + active) sessions.
+    #[arg(long, env = "CAPSA_MAX_SESSIONS_PER_TENANT", default_value_t = 20)]
+    pub max_sessions_per_tenant: u32,
+    /// How long AcquireVm may take (cold boots under software emulation are slow).
+    #[arg(long, env = "CAPSA_ACQUIRE_TIMEOUT_SECS", default_value_t = 120)]
+    pub acquire_timeout_secs: u64,
+    /// How long ended sessions stay readable.
+    #[arg(long, env = "CAPSA_RETENTION_SECS", default_value_t = 24 * 3600)]
+    pub retention_secs: u64,
+    /// How long a replica owns a teardown before another may take it over.
+    #[arg(long, env = "CAPSA_CLAIM_TTL_SECS", default_value_t = 30)]
+    pub claim_ttl_secs: u64,
+    /// Longest sleep of the expiry reaper between polls.
+    #[arg(long, env = "CAPSA_REAPER_INTERVAL_MS", default_value_t = 250)]
+    pub reaper_interval_ms: u64,
+    /// Period of the reconciler (orphan VMs, failed VMs).
+    #[arg(long, env = "CAPSA_RECONCILE_INTERVAL_MS", default_value_t = 2000)]
+    pub reconcile_interval_ms: u64,
+    /// Bound of the best-effort FinalizeSession call while ending a session.
+    #[arg(long, env = "CAPSA_FINALIZE_TIMEOUT_MS", default_value_t = 2000)]
+    pub finalize_timeout_ms: u64,
+}
+
+impl Config {
+    /// Defaults with the given Redis URL (for tests and embedding).
+    pub fn for_redis(redis_url: &str) -> Self {
+        let cli = Cli::parse_from(["capsa-session-manager", "--redis-url", redis_url]);
+        cli.serve
+    }
+
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_secs(self.acquire_timeout_secs)
+    }
+
+    pub fn store_config(&self) -> capsa_store::StoreConfig {
+        capsa_store::StoreConfig {
+            retention: Duration::from_secs(self.retention_secs),
+            claim_ttl: Duration::from_secs(self.claim_ttl_secs),
+            // A live creator always gives up (acquire timeout) before the reaper steps in.
+            creating_bound: self.acquire_timeout() + Duration::from_secs(60),
+            max_total_lifetime: crate::validate::MAX_LIFETIME,
+        }
+    }
+}
+
+/// A secret string (a Redis URL may carry a password): `Debug` shows no content.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Redacted(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_level_flags_mean_serve_and_subcommands_parse() {
+        let cli = Cli::parse_from(["x", "--listen", "127.0.0.1:0", "--redis-url", "redis://h/"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen, "127.0.0.1:0");
+        assert_eq!(cli.serve.max_sessions_per_tenant, 20);
+        let cli = Cli::parse_from(["x", "create-api-key", "--redis-url", "r", "--tenant", "t"]);
+        let Some(Command::CreateApiKey(k)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(k.tenant, "t");
+        assert!(!format!("{k:?}").contains("\"r\""));
+    }
+}

@@ -1,0 +1,129 @@
+//! The session-manager's errors and their gRPC codes. Client-caused errors carry a message
+//! naming the field or the state; node and Redis failures are UNAVAILABLE with their cause;
+//! errors relayed from a node keep the node's code.
+
+use capsa_grpc::{ErrorCode, ServiceError};
+use tonic::Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad request field; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    /// The session is not in a state the call needs (e.g. not ACTIVE).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A quota, or no node with room.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A node, metering or the session's VM is down or not answering.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The session store (Redis) failed.
+    #[error("session store failed")]
+    Store(#[from] capsa_store::StoreError),
+    /// A node answered a relayed call with this status.
+    #[error("{}", .0.message())]
+    Upstream(tonic::Status),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// "invalid `field`: why".
+    pub fn field(field: &str, why: impl std::fmt::Display) -> Self {
+        Error::InvalidArgument(format!("invalid `{field}`: {why}"))
+    }
+}
+
+impl ServiceError for Error {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Store(capsa_store::StoreError::Redis(_)) => ErrorCode::Unavailable,
+            Error::Store(_) => ErrorCode::Internal,
+            Error::Upstream(status) => upstream_code(status.code()),
+            Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// A node's status code as ours: client-caused codes pass through (a missing file is
+/// NOT_FOUND to the client too); anything the node could not explain becomes INTERNAL.
+fn upstream_code(code: Code) -> ErrorCode {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange => ErrorCode::InvalidArgument,
+        Code::NotFound => ErrorCode::NotFound,
+        Code::AlreadyExists => ErrorCode::AlreadyExists,
+        Code::FailedPrecondition => ErrorCode::FailedPrecondition,
+        Code::ResourceExhausted => ErrorCode::ResourceExhausted,
+        Code::PermissionDenied => ErrorCode::PermissionDenied,
+        Code::Aborted => ErrorCode::Aborted,
+        Code::Cancelled => ErrorCode::Cancelled,
+        Code::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+        Code::Unavailable => ErrorCode::Unavailable,
+        Code::Ok
+        | Code::Unknown
+        | Code::Unauthenticated
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::DataLoss => ErrorCode::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_pinned() {
+        let table: Vec<(Error, Code)> = vec![
+            (
+                Error::field("vcpus", "must be 1 to 8"),
+                Code::InvalidArgument,
+            ),
+            (Error::Unauthenticated("no key"), Code::Unauthenticated),
+            (Error::NotFound("x".into()), Code::NotFound),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::ResourceExhausted("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (Error::Unavailable("x".into()), Code::Unavailable),
+            (
+                Error::Store(capsa_store::StoreError::Corrupt {
+                    key: "k".into(),
+                    reason: "r".into(),
+                }),
+                Code::Internal,
+            ),
+            (
+                Error::Upstream(tonic::Status::not_found("f")),
+                Code::NotFound,
+            ),
+            (
+                Error::Upstream(tonic::Status::already_exists("f")),
+                Code::AlreadyExists,
+            ),
+            (Error::Upstream(tonic::Status::unknown("f")), Code::Internal),
+            (Error::Internal("x".into()), Code::Internal),
+        ];
+        for (err, code) in table {
+            assert_eq!(capsa_grpc::to_status(&err).code(), code, "{err:?}");
+        }
+        let s = capsa_grpc::to_status(&Error::field("vcpus", "must be 1 to 8"));
+        assert_eq!(s.message(), "invalid `vcpus`: must be 1 to 8");
+    }
+}

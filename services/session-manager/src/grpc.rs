@@ -1,0 +1,299 @@
+//! The gRPC adapter: authenticates each call, translates proto ⇄ domain, and turns
+//! errors into statuses through `capsa_grpc::to_status`. No business logic lives here.
+
+use std::sync::Arc;
+
+use capsa_proto::session::v1 as pb;
+use capsa_proto::session::v1::session_service_server::SessionService;
+use capsa_proto::time::timestamp_ms;
+use capsa_store::{EndReason, SessionRecord, SessionStatus};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::app::App;
+use crate::error::Error;
+use crate::proxy::Relay;
+use crate::validate;
+
+pub struct SessionApi {
+    app: Arc<App>,
+}
+
+impl SessionApi {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+
+    async fn tenant<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let header = match req.metadata().get("authorization") {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| {
+                status(&Error::Unauthenticated(
+                    "authorization metadata is not ASCII",
+                ))
+            })?),
+        };
+        self.app.authenticate(header).await.map_err(|e| status(&e))
+    }
+}
+
+fn status(err: &Error) -> Status {
+    capsa_grpc::to_status(err)
+}
+
+/// The domain record as the public message.
+pub fn session_to_proto(rec: &SessionRecord) -> pb::Session {
+    pb::Session {
+        id: rec.id.clone(),
+        status: match rec.status {
+            SessionStatus::Creating => pb::SessionStatus::Creating,
+            SessionStatus::Active => pb::SessionStatus::Active,
+            SessionStatus::Terminating => pb::SessionStatus::Terminating,
+            SessionStatus::Terminated => pb::SessionStatus::Terminated,
+        } as i32,
+        end_reason: match rec.end_reason {
+            None => pb::EndReason::Unspecified,
+            Some(EndReason::Deleted) => pb::EndReason::Deleted,
+            Some(EndReason::Expired) => pb::EndReason::Expired,
+            Some(EndReason::VmFailed) => pb::EndReason::VmFailed,
+            Some(EndReason::CreateFailed) => pb::EndReason::CreateFailed,
+        } as i32,
+        end_message: rec.end_message.clone(),
+        template: rec.template.clone(),
+        vcpus: rec.vcpus,
+        memory_mib: rec.memory_mib,
+        env: rec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        metadata: rec
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        create_time: Some(timestamp_ms(rec.create_ms)),
+        expire_time: rec.expire_ms.map(timestamp_ms),
+        last_active_time: Some(timestamp_ms(rec.last_active_ms)),
+        end_time: rec.end_ms.map(timestamp_ms),
+        node_id: rec.node_id.clone(),
+        vm_id: rec.vm_id.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let spec = validate::create(req.get_ref()).map_err(|e| status(&e))?;
+        let rec = self
+            .app
+            .create_session(&tenant, spec)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::CreateSessionResponse {
+            session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        req: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        validate::session_id(&req.get_ref().session_id).map_err(|e| status(&e))?;
+        let rec = self
+            .app
+            .session(&tenant, &req.get_ref().session_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let (filter, page_size, after) = validate::list(req.get_ref()).map_err(|e| status(&e))?;
+        let (sessions, next) = self
+            .app
+            .list_sessions(&tenant, &filter, page_size, after.as_ref())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.iter().map(session_to_proto).collect(),
+            next_page_token: next.map(|c| c.to_token()).unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        req: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        validate::session_id(&req.get_ref().session_id).map_err(|e| status(&e))?;
+        let rec = self
+            .app
+            .delete_session(&tenant, &req.get_ref().session_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteSessionResponse {
+            session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    async fn extend_session(
+        &self,
+        req: Request<pb::ExtendSessionRequest>,
+    ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.get_ref();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        let by = validate::extend_by(r.extend_by.as_ref()).map_err(|e| status(&e))?;
+        let rec = self
+            .app
+            .extend_session(&tenant, &r.session_id, by)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ExtendSessionResponse {
+            session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    type ExecuteStream = Relay<pb::ExecuteResponse>;
+
+    async fn execute(
+        &self,
+        req: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let stream = self
+            .app
+            .execute(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(stream))
+    }
+
+    async fn upload_file(
+        &self,
+        req: Request<Streaming<pb::UploadFileRequest>>,
+    ) -> Result<Response<pb::UploadFileResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let result = self
+            .app
+            .upload(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::UploadFileResponse {
+            result: Some(result),
+        }))
+    }
+
+    type DownloadFileStream = Relay<pb::DownloadFileResponse>;
+
+    async fn download_file(
+        &self,
+        req: Request<pb::DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let stream = self
+            .app
+            .download(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(stream))
+    }
+
+    async fn list_files(
+        &self,
+        req: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let files = self
+            .app
+            .list_files(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ListFilesResponse { files }))
+    }
+
+    async fn get_file_info(
+        &self,
+        req: Request<pb::GetFileInfoRequest>,
+    ) -> Result<Response<pb::GetFileInfoResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let info = self
+            .app
+            .file_info(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetFileInfoResponse { info }))
+    }
+
+    async fn make_directory(
+        &self,
+        req: Request<pb::MakeDirectoryRequest>,
+    ) -> Result<Response<pb::MakeDirectoryResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let info = self
+            .app
+            .make_directory(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::MakeDirectoryResponse { info }))
+    }
+
+    async fn remove_file(
+        &self,
+        req: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        self.app
+            .remove_file(&tenant, req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::RemoveFileResponse {}))
+    }
+
+    async fn get_usage(
+        &self,
+        req: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let id = &req.get_ref().session_id;
+        validate::session_id(id).map_err(|e| status(&e))?;
+        let usage = self
+            .app
+            .session_usage(&tenant, id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetUsageResponse {
+            session_id: id.clone(),
+            usage,
+        }))
+    }
+
+    async fn get_tenant_usage(
+        &self,
+        req: Request<pb::GetTenantUsageRequest>,
+    ) -> Result<Response<pb::GetTenantUsageResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let u = self
+            .app
+            .tenant_usage(&tenant)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetTenantUsageResponse {
+            tenant_id: tenant,
+            total: u.total,
+            active_sessions: u.active_sessions,
+            total_sessions: u.total_sessions,
+        }))
+    }
+}

@@ -1,0 +1,319 @@
+//! Session lifecycle calls: create (place on a node, acquire a VM, activate, configure),
+//! get, list, delete, extend, and usage. Every call is scoped to the caller's tenant: a
+//! session of another tenant is NOT_FOUND, exactly like one that does not exist.
+
+use std::time::Duration;
+
+use capsa_proto::common::v1::Usage;
+use capsa_proto::executor::v1::ConfigureVmRequest;
+use capsa_proto::metering::v1::{GetSessionUsageRequest, GetTenantUsageRequest};
+use capsa_proto::vmpool::v1::AcquireVmRequest;
+use capsa_store::{
+    Created, Cursor, EndReason, Extended, ListFilter, NewSession, NodeRecord, SessionRecord,
+    SessionStatus, Transition,
+};
+use tracing::Instrument as _;
+
+use crate::app::App;
+use crate::clients::with_timeout;
+use crate::error::Error;
+use crate::validate::CreateSpec;
+
+const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
+const USAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Usage numbers of a tenant, with its session counts.
+pub struct TenantUsage {
+    pub total: Option<Usage>,
+    pub active_sessions: u32,
+    pub total_sessions: u64,
+}
+
+impl App {
+    /// Creates a session and returns it ACTIVE, or ends it CREATE_FAILED and says why.
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id))]
+    pub async fn create_session(
+        &self,
+        tenant: &str,
+        spec: CreateSpec,
+    ) -> Result<SessionRecord, Error> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        tracing::Span::current().record("session_id", id.as_str());
+        let new = NewSession {
+            id: id.clone(),
+            tenant_id: tenant.to_string(),
+            template: spec.template.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            env: spec.env.clone(),
+            metadata: spec.metadata.clone(),
+            lifetime: spec.lifetime,
+        };
+        match self
+            .sessions
+            .create(&new, self.config.max_sessions_per_tenant)
+            .await?
+        {
+            Created::Ok(_) => {}
+            Created::QuotaExceeded { limit } => {
+                return Err(Error::ResourceExhausted(format!(
+                    "tenant {tenant} already has its limit of {limit} concurrent sessions"
+                )));
+            }
+            Created::IdTaken => return Err(Error::Internal(format!("session id {id} collided"))),
+        }
+        let node = match self.place().await {
+            Ok(node) => node,
+            Err(err) => return Err(self.fail_create(&id, err).await),
+        };
+        let acquire = AcquireVmRequest {
+            template: spec.template.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            lease_id: id.clone(),
+        };
+        let timeout = self.config.acquire_timeout();
+        let acquired = async {
+            let mut client = self.clients.vmpool(&node.vmpool_url)?;
+            match tokio::time::timeout(timeout, client.acquire_vm(with_timeout(acquire, timeout)))
+                .await
+            {
+                Ok(Ok(resp)) => resp
+                    .into_inner()
+                    .vm
+                    .ok_or_else(|| Error::Unavailable("vm-pool returned no vm".into())),
+                Ok(Err(status)) => Err(Error::Unavailable(format!(
+                    "node {} could not provide a vm: {}",
+                    node.node_id,
+                    status.message()
+                ))),
+                Err(_) => Err(Error::Unavailable(format!(
+                    "node {} did not provide a vm within {timeout:?}",
+                    node.node_id
+                ))),
+            }
+        }
+        .instrument(tracing::info_span!("acquire_vm", node = %node.node_id))
+        .await;
+        let vm = match acquired {
+            Ok(vm) => vm,
+            Err(err) => return Err(self.fail_create(&id, err).await),
+        };
+        let rec = match self.sessions.activate(&id, &node.node_id, &vm.id).await? {
+            Transition::Won(rec) => rec,
+            Transition::Conflict(rec) => {
+                // Ended meanwhile (deleted, or reaped): the VM is ours alone to give back.
+                self.release_vm(&node.node_id, &vm.id).await;
+                return Err(Error::FailedPrecondition(format!(
+                    "session {id} was ended while it was being created: {}",
+                    describe_end(&rec)
+                )));
+            }
+            Transition::Missing => {
+                self.release_vm(&node.node_id, &vm.id).await;
+                return Err(Error::Internal(format!(
+                    "session {id} vanished while creating"
+                )));
+            }
+        };
+        if !spec.env.is_empty() {
+            let req = ConfigureVmRequest {
+                vm_id: vm.id.clone(),
+                env: spec.env.into_iter().collect(),
+            };
+            let configured = async {
+                let mut client = self.clients.executor(&node.executor_url)?;
+                match tokio::time::timeout(
+                    CONFIGURE_TIMEOUT,
+                    client.configure_vm(with_timeout(req, CONFIGURE_TIMEOUT)),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(Error::Unavailable(format!(
+                        "node {} could not configure the vm: {}",
+                        node.node_id,
+                        status.message()
+                    ))),
+                    Err(_) => Err(Error::Unavailable(format!(
+                        "node {} did not configure the vm within {CONFIGURE_TIMEOUT:?}",
+                        node.node_id
+                    ))),
+                }
+            }
+            .await;
+            if let Err(err) = configured {
+                if let Transition::Won(rec) = self
+                    .sessions
+                    .begin_end(&id, EndReason::CreateFailed, &err.to_string(), None)
+                    .await?
+                {
+                    let _ = self.teardown(rec).await;
+                }
+                return Err(err);
+            }
+        }
+        tracing::info!(node = %node.node_id, vm = %vm.id, "session active");
+        Ok(rec)
+    }
+
+    /// The live node with the most free leases.
+    async fn place(&self) -> Result<NodeRecord, Error> {
+        let nodes = self.nodes.live_nodes().await?;
+        if nodes.is_empty() {
+            return Err(Error::Unavailable(
+                "no node is registered to run sessions".into(),
+            ));
+        }
+        let count = nodes.len();
+        nodes
+            .into_iter()
+            .filter(|n| n.free() > 0)
+            .max_by_key(|n| n.free())
+            .ok_or_else(|| {
+                Error::ResourceExhausted(format!(
+                    "no node has room for a new session ({count} full)"
+                ))
+            })
+    }
+
+    /// Ends a session that never got a VM as CREATE_FAILED; returns `err` for the client.
+    async fn fail_create(&self, id: &str, err: Error) -> Error {
+        let message = err.to_string();
+        tracing::warn!(session_id = id, error = %message, "create failed");
+        match self
+            .sessions
+            .begin_end(id, EndReason::CreateFailed, &message, None)
+            .await
+        {
+            Ok(Transition::Won(_)) => {
+                if let Err(e) = self.sessions.finish_end(id, "").await {
+                    tracing::warn!(session_id = id, error = %e, "cannot finish failed create");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(session_id = id, error = %e, "cannot end failed create"),
+        }
+        err
+    }
+
+    /// The tenant's session, or NOT_FOUND (also for another tenant's).
+    pub async fn session(&self, tenant: &str, id: &str) -> Result<SessionRecord, Error> {
+        match self.sessions.get(id).await? {
+            Some(rec) if rec.tenant_id == tenant => Ok(rec),
+            _ => Err(Error::NotFound(format!("session {id} not found"))),
+        }
+    }
+
+    pub async fn list_sessions(
+        &self,
+        tenant: &str,
+        filter: &ListFilter,
+        page_size: usize,
+        after: Option<&Cursor>,
+    ) -> Result<(Vec<SessionRecord>, Option<Cursor>), Error> {
+        let page = self.sessions.list(tenant, filter, page_size, after).await?;
+        Ok((page.sessions, page.next))
+    }
+
+    /// Ends the session (idempotent: an ended session comes back as it is).
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %id))]
+    pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<SessionRecord, Error> {
+        let rec = self.session(tenant, id).await?;
+        if rec.status.is_ended() {
+            return Ok(rec);
+        }
+        match self
+            .sessions
+            .begin_end(id, EndReason::Deleted, "deleted by the client", None)
+            .await?
+        {
+            Transition::Won(rec) => {
+                // The teardown runs inline so the reply shows TERMINATED; if it fails the
+                // session stays TERMINATING and the reaper finishes it after the claim.
+                let _ = self.teardown(rec).await;
+            }
+            Transition::Conflict(_) | Transition::Missing => {}
+        }
+        self.session(tenant, id).await
+    }
+
+    pub async fn extend_session(
+        &self,
+        tenant: &str,
+        id: &str,
+        by: Duration,
+    ) -> Result<SessionRecord, Error> {
+        self.session(tenant, id).await?;
+        match self.sessions.extend(id, by).await? {
+            Extended::Ok(rec) => Ok(rec),
+            Extended::NotActive(rec) => Err(not_active(&rec)),
+            Extended::TooLong { max_extend_ms } => Err(Error::field(
+                "extend_by",
+                format!(
+                    "would take the session past its 24 h total lifetime; at most {}s more is allowed",
+                    max_extend_ms / 1000
+                ),
+            )),
+            Extended::Missing => Err(Error::NotFound(format!("session {id} not found"))),
+        }
+    }
+
+    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<Option<Usage>, Error> {
+        self.session(tenant, id).await?;
+        let mut client = self.clients.metering()?;
+        let req = GetSessionUsageRequest {
+            session_id: id.to_string(),
+        };
+        let resp = tokio::time::timeout(USAGE_TIMEOUT, client.get_session_usage(req))
+            .await
+            .map_err(|_| Error::Unavailable("metering did not answer in time".into()))?
+            .map_err(Error::Upstream)?;
+        Ok(resp.into_inner().usage)
+    }
+
+    pub async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, Error> {
+        let (active_sessions, total_sessions) = self.sessions.counts(tenant).await?;
+        let mut client = self.clients.metering()?;
+        let req = GetTenantUsageRequest {
+            tenant_id: tenant.to_string(),
+        };
+        let resp = tokio::time::timeout(USAGE_TIMEOUT, client.get_tenant_usage(req))
+            .await
+            .map_err(|_| Error::Unavailable("metering did not answer in time".into()))?
+            .map_err(Error::Upstream)?;
+        Ok(TenantUsage {
+            total: resp.into_inner().total,
+            active_sessions,
+            total_sessions,
+        })
+    }
+}
+
+/// FAILED_PRECONDITION for a session that is not ACTIVE, naming its status and end.
+pub fn not_active(rec: &SessionRecord) -> Error {
+    match rec.status {
+        SessionStatus::Creating => {
+            Error::FailedPrecondition(format!("session {} is CREATING, not ACTIVE", rec.id))
+        }
+        _ => Error::FailedPrecondition(format!(
+            "session {} is {}, not ACTIVE: {}",
+            rec.id,
+            rec.status.as_str().to_uppercase(),
+            describe_end(rec)
+        )),
+    }
+}
+
+/// "ended: EXPIRED (the session lifetime ran out)".
+pub fn describe_end(rec: &SessionRecord) -> String {
+    let reason = rec
+        .end_reason
+        .map(|r| r.as_str().to_uppercase())
+        .unwrap_or_default();
+    if rec.end_message.is_empty() {
+        format!("ended: {reason}")
+    } else {
+        format!("ended: {reason} ({})", rec.end_message)
+    }
+}

@@ -1,0 +1,520 @@
+//! The session calls end to end against a real session-manager process: create, get,
+//! list (paging, filters), delete, extend, auth, tenant isolation, quotas, placement
+//! failures, usage and the create-api-key command.
+
+mod common;
+
+use std::collections::HashMap;
+
+use capsa_proto::session::v1 as pb;
+use capsa_test_support::workspace_binary;
+use common::{Harness, create, get, secs};
+use tonic::Code;
+
+#[tokio::test]
+async fn create_get_delete_and_extend() {
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let req = pb::CreateSessionRequest {
+        env: HashMap::from([("GREETING".into(), "hi".into())]),
+        metadata: HashMap::from([("team".into(), "ml".into())]),
+        lifetime: secs(60),
+        ..Default::default()
+    };
+    let s = c
+        .create_session(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(s.status, pb::SessionStatus::Active as i32);
+    assert_eq!(
+        (s.template.as_str(), s.node_id.as_str()),
+        ("default", common::NODE_ID)
+    );
+    assert!(!s.vm_id.is_empty());
+    let lifetime = s.expire_time.unwrap().seconds - s.create_time.unwrap().seconds;
+    assert!((59..=61).contains(&lifetime), "{lifetime}");
+    // The session env went to the VM's kernels.
+    assert_eq!(h.node.state().configured[&s.vm_id]["GREETING"], "hi");
+    assert_eq!(h.node.state().acquires[&s.id], 1);
+
+    let got = get(&mut c, &s.id).await;
+    assert_eq!(got.metadata["team"], "ml");
+
+    let ext = pb::ExtendSessionRequest {
+        session_id: s.id.clone(),
+        extend_by: secs(120),
+    };
+    let e = c
+        .extend_session(ext)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(
+        e.expire_time.unwrap().seconds,
+        s.expire_time.unwrap().seconds + 120
+    );
+    let too_far = pb::ExtendSessionRequest {
+        session_id: s.id.clone(),
+        extend_by: secs(86_400),
+    };
+    let err = c.extend_session(too_far).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("extend_by") && err.message().contains("24 h"),
+        "{}",
+        err.message()
+    );
+
+    let del = pb::DeleteSessionRequest {
+        session_id: s.id.clone(),
+    };
+    let d = c
+        .delete_session(del.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(d.status, pb::SessionStatus::Terminated as i32);
+    assert_eq!(d.end_reason, pb::EndReason::Deleted as i32);
+    assert!(d.end_time.is_some());
+    assert_eq!(h.node.state().releases[&s.vm_id], 1);
+    assert_eq!(h.node.state().finalized, std::slice::from_ref(&s.id));
+    // Idempotent: deleting again returns it unchanged and releases nothing more.
+    let again = c
+        .delete_session(del)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(again, d);
+    assert_eq!(h.node.state().releases[&s.vm_id], 1);
+    // Extending an ended session names why it ended.
+    let ext = pb::ExtendSessionRequest {
+        session_id: s.id.clone(),
+        extend_by: secs(10),
+    };
+    let err = c.extend_session(ext).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("DELETED"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_and_filters() {
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let req = pb::CreateSessionRequest {
+            metadata: HashMap::from([(
+                "parity".into(),
+                (if i % 2 == 0 { "even" } else { "odd" }).into(),
+            )]),
+            ..Default::default()
+        };
+        ids.push(
+            c.create_session(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .session
+                .unwrap()
+                .id,
+        );
+    }
+    c.delete_session(pb::DeleteSessionRequest {
+        session_id: ids[0].clone(),
+    })
+    .await
+    .unwrap();
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let req = pb::ListSessionsRequest {
+            page_size: 3,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let page = c.list_sessions(req).await.unwrap().into_inner();
+        assert!(page.sessions.len() <= 3);
+        seen.extend(page.sessions.into_iter().map(|s| s.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    // Sessions created in the same millisecond may swap; the set and count are exact.
+    assert_eq!(seen.len(), 7);
+    let mut a = seen.clone();
+    a.sort();
+    newest_first.sort();
+    assert_eq!(a, newest_first);
+
+    let req = pb::ListSessionsRequest {
+        status: pb::SessionStatus::Terminated as i32,
+        ..Default::default()
+    };
+    let ended = c.list_sessions(req).await.unwrap().into_inner().sessions;
+    assert_eq!(
+        ended.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        [ids[0].as_str()]
+    );
+
+    let req = pb::ListSessionsRequest {
+        status: pb::SessionStatus::Active as i32,
+        metadata: HashMap::from([("parity".into(), "even".into())]),
+        ..Default::default()
+    };
+    let even = c.list_sessions(req).await.unwrap().into_inner().sessions;
+    assert_eq!(even.len(), 3, "ids 2, 4, 6 (0 is deleted)");
+}
+
+#[tokio::test]
+async fn missing_or_wrong_keys_are_unauthenticated() {
+    let h = Harness::start(1).await;
+    for auth in [
+        None,
+        Some("Bearer capsa_nottherightkeyatallxxxxxxxxxxxx"),
+        Some("Basic abc"),
+        Some("Bearer"),
+    ] {
+        let mut c = h.client_with(0, auth).await;
+        let err = c
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::Unauthenticated,
+            "{auth:?}: {}",
+            err.message()
+        );
+        let err = c
+            .create_session(pb::CreateSessionRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = c
+            .execute(pb::ExecuteRequest {
+                session_id: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert!(h.node.state().acquires.is_empty());
+}
+
+#[tokio::test]
+async fn another_tenants_session_is_not_found_everywhere() {
+    let h = Harness::start(1).await;
+    let mut mine = h.client(0).await;
+    let s = create(&mut mine, None).await;
+    let other_key = h.new_key("t2").await;
+    let mut other = h.client_with(0, Some(&format!("Bearer {other_key}"))).await;
+    let id = || s.id.clone();
+    let codes = vec![
+        (
+            "get",
+            other
+                .get_session(pb::GetSessionRequest { session_id: id() })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "delete",
+            other
+                .delete_session(pb::DeleteSessionRequest { session_id: id() })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "extend",
+            other
+                .extend_session(pb::ExtendSessionRequest {
+                    session_id: id(),
+                    extend_by: secs(5),
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "execute",
+            other
+                .execute(pb::ExecuteRequest {
+                    session_id: id(),
+                    code: "1".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "list_files",
+            other
+                .list_files(pb::ListFilesRequest {
+                    session_id: id(),
+                    path: "/".into(),
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "download",
+            other
+                .download_file(pb::DownloadFileRequest {
+                    session_id: id(),
+                    path: "/a".into(),
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "file_info",
+            other
+                .get_file_info(pb::GetFileInfoRequest {
+                    session_id: id(),
+                    path: "/a".into(),
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "mkdir",
+            other
+                .make_directory(pb::MakeDirectoryRequest {
+                    session_id: id(),
+                    path: "/d".into(),
+                    mode: 0,
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "remove",
+            other
+                .remove_file(pb::RemoveFileRequest {
+                    session_id: id(),
+                    path: "/a".into(),
+                    recursive: false,
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "usage",
+            other
+                .get_usage(pb::GetUsageRequest { session_id: id() })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+    ];
+    for (call, code) in codes {
+        assert_eq!(code, Code::NotFound, "{call}");
+    }
+    let header = pb::UploadFileHeader {
+        session_id: id(),
+        file: Some(capsa_proto::common::v1::UploadHeader {
+            path: "/a".into(),
+            ..Default::default()
+        }),
+    };
+    let msgs = vec![pb::UploadFileRequest {
+        part: Some(pb::upload_file_request::Part::Header(header)),
+    }];
+    let err = other
+        .upload_file(tokio_stream::iter(msgs))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        other
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions
+            .is_empty()
+    );
+    // Still alive for its owner.
+    assert_eq!(
+        get(&mut mine, &s.id).await.status,
+        pb::SessionStatus::Active as i32
+    );
+    assert!(h.node.state().executes.is_empty());
+}
+
+#[tokio::test]
+async fn quota_caps_concurrent_sessions_per_tenant() {
+    let h = Harness::start(1).await;
+    h.keys().await.set_max_sessions("t1", 2).await.unwrap();
+    let mut c = h.client(0).await;
+    let a = create(&mut c, None).await;
+    create(&mut c, None).await;
+    let err = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("limit of 2"), "{}", err.message());
+    c.delete_session(pb::DeleteSessionRequest { session_id: a.id })
+        .await
+        .unwrap();
+    create(&mut c, None).await;
+    // Other tenants have their own count.
+    let k = h.new_key("t2").await;
+    let mut other = h.client_with(0, Some(&format!("Bearer {k}"))).await;
+    create(&mut other, None).await;
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_provide_a_vm_ends_the_session_create_failed() {
+    let h = Harness::start(1).await;
+    h.node.state().fail_acquire = Some("out of memory on the host".into());
+    let mut c = h.client(0).await;
+    let err = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("out of memory on the host"),
+        "{}",
+        err.message()
+    );
+    let list = c
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(list.len(), 1);
+    let s = &list[0];
+    assert_eq!(s.status, pb::SessionStatus::Terminated as i32);
+    assert_eq!(s.end_reason, pb::EndReason::CreateFailed as i32);
+    assert!(
+        s.end_message.contains("out of memory on the host"),
+        "{}",
+        s.end_message
+    );
+    // A failed create does not hold quota.
+    h.node.state().fail_acquire = None;
+    create(&mut c, None).await;
+}
+
+#[tokio::test]
+async fn no_node_or_full_nodes_are_reported_and_recorded() {
+    let h = Harness::start_with(1, false).await;
+    let mut c = h.client(0).await;
+    let err = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("no node"), "{}", err.message());
+    common::register(&h.redis, &h.node, 2, 2).await;
+    let err = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("no node has room"),
+        "{}",
+        err.message()
+    );
+    let list = c
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(list.len(), 2);
+    assert!(
+        list.iter()
+            .all(|s| s.end_reason == pb::EndReason::CreateFailed as i32)
+    );
+}
+
+#[tokio::test]
+async fn usage_comes_from_metering_after_the_tenant_check() {
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, None).await;
+    let u = c
+        .get_usage(pb::GetUsageRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (u.session_id.as_str(), u.usage.unwrap().memory_used_bytes),
+        (s.id.as_str(), 42)
+    );
+    let t = c
+        .get_tenant_usage(pb::GetTenantUsageRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.tenant_id, "t1");
+    assert_eq!((t.active_sessions, t.total_sessions), (1, 1));
+    assert_eq!(t.total.unwrap().memory_used_bytes, 7);
+}
+
+#[tokio::test]
+async fn create_api_key_prints_only_a_working_key() {
+    let h = Harness::start(1).await;
+    let out = std::process::Command::new(workspace_binary("capsa-session-manager"))
+        .args([
+            "create-api-key",
+            "--redis-url",
+            &h.redis.url(),
+            "--tenant",
+            "cli-t",
+            "--max-sessions",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key = stdout.trim();
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert!(key.starts_with("capsa_") && key.len() == 38, "{key}");
+    let mut c = h.client_with(0, Some(&format!("Bearer {key}"))).await;
+    create(&mut c, None).await;
+    let err = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::ResourceExhausted,
+        "--max-sessions 1 applies"
+    );
+}

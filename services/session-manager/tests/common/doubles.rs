@@ -1,0 +1,470 @@
+//! Test doubles of a node (VmPoolService + ExecutorService) and of MeteringService, served
+//! in-process on 127.0.0.1:0. They count acquires and releases per VM, play scripted
+//! Execute events, keep uploaded files in memory, and can be told to fail.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use capsa_proto::common::v1::{
+    Completion, CompletionStatus, ExecuteEvent, FileInfo, OutputChunk, UploadResult, Usage,
+    execute_event,
+};
+use capsa_proto::executor::v1 as ex;
+use capsa_proto::executor::v1::executor_service_server::{ExecutorService, ExecutorServiceServer};
+use capsa_proto::metering::v1 as me;
+use capsa_proto::metering::v1::metering_service_server::{MeteringService, MeteringServiceServer};
+use capsa_proto::vmpool::v1 as vp;
+use capsa_proto::vmpool::v1::vm_pool_service_server::{VmPoolService, VmPoolServiceServer};
+use futures::Stream;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// What the doubles saw and how they behave; tests read and set it directly.
+#[derive(Default)]
+pub struct State {
+    pub vms: HashMap<String, vp::Vm>,
+    /// lease id → AcquireVm calls.
+    pub acquires: HashMap<String, u32>,
+    /// vm id → ReleaseVm calls.
+    pub releases: HashMap<String, u32>,
+    /// When set, AcquireVm fails UNAVAILABLE with this message.
+    pub fail_acquire: Option<String>,
+    /// vm id → env of ConfigureVm.
+    pub configured: HashMap<String, HashMap<String, String>>,
+    pub finalized: Vec<String>,
+    /// Specs of every Execute, in arrival order.
+    pub executes: Vec<ex::ExecuteRequest>,
+    /// Code `fail-vm`: one stdout event, then the VM is FAILED and the stream UNAVAILABLE.
+    /// Code `hold`: one stdout event, then wait for the client to go away.
+    pub cancelled_executes: u32,
+    /// (vm id, path) → contents.
+    pub files: HashMap<(String, String), Vec<u8>>,
+    next_vm: u32,
+}
+
+pub type Shared = Arc<Mutex<State>>;
+
+#[derive(Clone)]
+pub struct Doubles {
+    pub state: Shared,
+    pub held: Arc<Notify>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub fn vm(id: &str, lease: &str, state: vp::VmState) -> vp::Vm {
+    vp::Vm {
+        id: id.into(),
+        template: "default".into(),
+        state: state as i32,
+        lease_id: lease.into(),
+        engine: "qemu-tcg".into(),
+        ..Default::default()
+    }
+}
+
+fn ev(e: execute_event::Event) -> ex::ExecuteResponse {
+    ex::ExecuteResponse {
+        event: Some(ExecuteEvent { event: Some(e) }),
+    }
+}
+
+fn info(path: &str, size: u64, mode: u32) -> FileInfo {
+    FileInfo {
+        path: path.into(),
+        name: path.rsplit('/').next().unwrap_or_default().into(),
+        r#type: capsa_proto::common::v1::FileType::Regular as i32,
+        size,
+        mode,
+        modify_time: None,
+    }
+}
+
+#[tonic::async_trait]
+impl VmPoolService for Doubles {
+    async fn acquire_vm(
+        &self,
+        req: Request<vp::AcquireVmRequest>,
+    ) -> Result<Response<vp::AcquireVmResponse>, Status> {
+        let req = req.into_inner();
+        let mut s = self.state.lock().unwrap();
+        *s.acquires.entry(req.lease_id.clone()).or_default() += 1;
+        if let Some(msg) = &s.fail_acquire {
+            return Err(Status::unavailable(msg.clone()));
+        }
+        if let Some(vm) = s.vms.values().find(|v| v.lease_id == req.lease_id) {
+            return Ok(Response::new(vp::AcquireVmResponse {
+                vm: Some(vm.clone()),
+                warm_hit: true,
+            }));
+        }
+        s.next_vm += 1;
+        let v = vm(
+            &format!("vm-{}", s.next_vm),
+            &req.lease_id,
+            vp::VmState::Leased,
+        );
+        s.vms.insert(v.id.clone(), v.clone());
+        Ok(Response::new(vp::AcquireVmResponse {
+            vm: Some(v),
+            warm_hit: true,
+        }))
+    }
+
+    async fn release_vm(
+        &self,
+        req: Request<vp::ReleaseVmRequest>,
+    ) -> Result<Response<vp::ReleaseVmResponse>, Status> {
+        let id = req.into_inner().vm_id;
+        let mut s = self.state.lock().unwrap();
+        *s.releases.entry(id.clone()).or_default() += 1;
+        let released = s.vms.remove(&id).is_some();
+        Ok(Response::new(vp::ReleaseVmResponse { released }))
+    }
+
+    async fn get_vm(
+        &self,
+        req: Request<vp::GetVmRequest>,
+    ) -> Result<Response<vp::GetVmResponse>, Status> {
+        let id = req.into_inner().vm_id;
+        match self.state.lock().unwrap().vms.get(&id) {
+            Some(v) => Ok(Response::new(vp::GetVmResponse {
+                vm: Some(v.clone()),
+            })),
+            None => Err(Status::not_found(format!("vm {id} not found"))),
+        }
+    }
+
+    async fn list_vms(
+        &self,
+        _: Request<vp::ListVmsRequest>,
+    ) -> Result<Response<vp::ListVmsResponse>, Status> {
+        let vms = self.state.lock().unwrap().vms.values().cloned().collect();
+        Ok(Response::new(vp::ListVmsResponse { vms }))
+    }
+
+    type WatchVmStream = BoxStream<vp::WatchVmResponse>;
+
+    async fn watch_vm(
+        &self,
+        _: Request<vp::WatchVmRequest>,
+    ) -> Result<Response<Self::WatchVmStream>, Status> {
+        Err(Status::unimplemented("not used by session-manager"))
+    }
+
+    async fn get_vm_counters(
+        &self,
+        _: Request<vp::GetVmCountersRequest>,
+    ) -> Result<Response<vp::GetVmCountersResponse>, Status> {
+        Err(Status::unimplemented("not used by session-manager"))
+    }
+
+    async fn get_node_info(
+        &self,
+        _: Request<vp::GetNodeInfoRequest>,
+    ) -> Result<Response<vp::GetNodeInfoResponse>, Status> {
+        Err(Status::unimplemented("not used by session-manager"))
+    }
+}
+
+#[tonic::async_trait]
+impl ExecutorService for Doubles {
+    async fn configure_vm(
+        &self,
+        req: Request<ex::ConfigureVmRequest>,
+    ) -> Result<Response<ex::ConfigureVmResponse>, Status> {
+        let req = req.into_inner();
+        self.state
+            .lock()
+            .unwrap()
+            .configured
+            .insert(req.vm_id, req.env);
+        Ok(Response::new(ex::ConfigureVmResponse {}))
+    }
+
+    type ExecuteStream = BoxStream<ex::ExecuteResponse>;
+
+    async fn execute(
+        &self,
+        req: Request<ex::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let req = req.into_inner();
+        let code = req
+            .spec
+            .as_ref()
+            .map(|s| s.code.clone())
+            .unwrap_or_default();
+        let vm_id = req.vm_id.clone();
+        self.state.lock().unwrap().executes.push(req);
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.state.clone();
+        let held = self.held.clone();
+        tokio::spawn(async move {
+            let out = |s: &str| {
+                ev(execute_event::Event::Stdout(OutputChunk {
+                    data: Bytes::from(s.to_string()),
+                }))
+            };
+            match code.as_str() {
+                "fail-vm" => {
+                    let _ = tx.send(Ok(out("before"))).await;
+                    if let Some(v) = state.lock().unwrap().vms.get_mut(&vm_id) {
+                        v.state = vp::VmState::Failed as i32;
+                        v.failure = "vmm exited".into();
+                    }
+                    let _ = tx
+                        .send(Err(Status::unavailable("agent connection lost")))
+                        .await;
+                }
+                "hold" => {
+                    let _ = tx.send(Ok(out("started"))).await;
+                    held.notify_one();
+                    tx.closed().await;
+                    state.lock().unwrap().cancelled_executes += 1;
+                }
+                _ => {
+                    for i in 0..3 {
+                        let _ = tx.send(Ok(out(&format!("line {i}\n")))).await;
+                    }
+                    let _ = tx
+                        .send(Ok(ev(execute_event::Event::Stderr(OutputChunk {
+                            data: Bytes::from_static(b"warn\n"),
+                        }))))
+                        .await;
+                    let done = Completion {
+                        status: CompletionStatus::Ok as i32,
+                        output_bytes: 26,
+                        ..Default::default()
+                    };
+                    let _ = tx
+                        .send(Ok(ev(execute_event::Event::Completion(done))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_file(
+        &self,
+        req: Request<Streaming<ex::UploadFileRequest>>,
+    ) -> Result<Response<ex::UploadFileResponse>, Status> {
+        let mut stream = req.into_inner();
+        let Some(ex::UploadFileRequest {
+            part: Some(ex::upload_file_request::Part::Header(h)),
+        }) = stream.message().await?
+        else {
+            return Err(Status::invalid_argument("header first"));
+        };
+        let file = h.file.unwrap_or_default();
+        let mut data = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(ex::upload_file_request::Part::Data(d)) => data.extend_from_slice(&d),
+                _ => return Err(Status::invalid_argument("data only after the header")),
+            }
+        }
+        let key = (h.vm_id, file.path.clone());
+        let mut s = self.state.lock().unwrap();
+        if file.no_overwrite && s.files.contains_key(&key) {
+            return Err(Status::already_exists(format!("{} exists", file.path)));
+        }
+        let sha256 = hex::encode(Sha256::digest(&data));
+        let mode = if file.mode == 0 { 0o644 } else { file.mode };
+        let result = UploadResult {
+            info: Some(info(&file.path, data.len() as u64, mode)),
+            sha256,
+        };
+        s.files.insert(key, data);
+        Ok(Response::new(ex::UploadFileResponse {
+            result: Some(result),
+        }))
+    }
+
+    type DownloadFileStream = BoxStream<ex::DownloadFileResponse>;
+
+    async fn download_file(
+        &self,
+        req: Request<ex::DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        let req = req.into_inner();
+        let data = self
+            .state
+            .lock()
+            .unwrap()
+            .files
+            .get(&(req.vm_id, req.path.clone()))
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("{} not found", req.path)))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            use ex::download_file_response::Part;
+            let first = ex::DownloadFileResponse {
+                part: Some(Part::Info(info(&req.path, data.len() as u64, 0o644))),
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            for chunk in data.chunks(1 << 20) {
+                let msg = ex::DownloadFileResponse {
+                    part: Some(Part::Data(Bytes::copy_from_slice(chunk))),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_files(
+        &self,
+        req: Request<ex::ListFilesRequest>,
+    ) -> Result<Response<ex::ListFilesResponse>, Status> {
+        let req = req.into_inner();
+        let s = self.state.lock().unwrap();
+        let files = s
+            .files
+            .iter()
+            .filter(|((vm, p), _)| *vm == req.vm_id && p.starts_with(&req.path))
+            .map(|((_, p), d)| info(p, d.len() as u64, 0o644))
+            .collect();
+        Ok(Response::new(ex::ListFilesResponse { files }))
+    }
+
+    async fn get_file_info(
+        &self,
+        req: Request<ex::GetFileInfoRequest>,
+    ) -> Result<Response<ex::GetFileInfoResponse>, Status> {
+        let req = req.into_inner();
+        let s = self.state.lock().unwrap();
+        let d = s
+            .files
+            .get(&(req.vm_id, req.path.clone()))
+            .ok_or_else(|| Status::not_found(format!("{} not found", req.path)))?;
+        Ok(Response::new(ex::GetFileInfoResponse {
+            info: Some(info(&req.path, d.len() as u64, 0o644)),
+        }))
+    }
+
+    async fn make_directory(
+        &self,
+        req: Request<ex::MakeDirectoryRequest>,
+    ) -> Result<Response<ex::MakeDirectoryResponse>, Status> {
+        let req = req.into_inner();
+        let mut i = info(&req.path, 0, if req.mode == 0 { 0o755 } else { req.mode });
+        i.r#type = capsa_proto::common::v1::FileType::Directory as i32;
+        Ok(Response::new(ex::MakeDirectoryResponse { info: Some(i) }))
+    }
+
+    async fn remove_file(
+        &self,
+        req: Request<ex::RemoveFileRequest>,
+    ) -> Result<Response<ex::RemoveFileResponse>, Status> {
+        let req = req.into_inner();
+        match self
+            .state
+            .lock()
+            .unwrap()
+            .files
+            .remove(&(req.vm_id, req.path.clone()))
+        {
+            Some(_) => Ok(Response::new(ex::RemoveFileResponse {})),
+            None => Err(Status::not_found(format!("{} not found", req.path))),
+        }
+    }
+
+    async fn get_guest_stats(
+        &self,
+        _: Request<ex::GetGuestStatsRequest>,
+    ) -> Result<Response<ex::GetGuestStatsResponse>, Status> {
+        Err(Status::unimplemented("not used by session-manager"))
+    }
+}
+
+#[tonic::async_trait]
+impl MeteringService for Doubles {
+    async fn get_session_usage(
+        &self,
+        req: Request<me::GetSessionUsageRequest>,
+    ) -> Result<Response<me::GetSessionUsageResponse>, Status> {
+        let usage = Usage {
+            memory_used_bytes: 42,
+            ..Default::default()
+        };
+        Ok(Response::new(me::GetSessionUsageResponse {
+            session_id: req.into_inner().session_id,
+            tenant_id: String::new(),
+            usage: Some(usage),
+        }))
+    }
+
+    async fn get_tenant_usage(
+        &self,
+        req: Request<me::GetTenantUsageRequest>,
+    ) -> Result<Response<me::GetTenantUsageResponse>, Status> {
+        let total = Usage {
+            memory_used_bytes: 7,
+            ..Default::default()
+        };
+        Ok(Response::new(me::GetTenantUsageResponse {
+            tenant_id: req.into_inner().tenant_id,
+            total: Some(total),
+        }))
+    }
+
+    async fn finalize_session(
+        &self,
+        req: Request<me::FinalizeSessionRequest>,
+    ) -> Result<Response<me::FinalizeSessionResponse>, Status> {
+        self.state
+            .lock()
+            .unwrap()
+            .finalized
+            .push(req.into_inner().session_id);
+        Ok(Response::new(me::FinalizeSessionResponse {
+            usage: None,
+            record_appended: true,
+        }))
+    }
+}
+
+/// The doubles served on 127.0.0.1:0; stops serving on drop.
+pub struct DoubleServer {
+    pub doubles: Doubles,
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DoubleServer {
+    pub async fn start() -> DoubleServer {
+        let doubles = Doubles {
+            state: Shared::default(),
+            held: Arc::new(Notify::new()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = capsa_grpc::Server::new()
+            .add_service(VmPoolServiceServer::new(doubles.clone()))
+            .add_service(ExecutorServiceServer::new(doubles.clone()))
+            .add_service(MeteringServiceServer::new(doubles.clone()));
+        let task = tokio::spawn(async move {
+            let _ = capsa_grpc::serve_tcp(server, listener, std::future::pending()).await;
+        });
+        DoubleServer { doubles, url, task }
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.doubles.state.lock().unwrap()
+    }
+}
+
+impl Drop for DoubleServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
