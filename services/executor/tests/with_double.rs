@@ -183,7 +183,7 @@ async fn a_slow_client_does_not_grow_the_executors_memory() {
             received += c.data.len();
         }
         // A slow reader: the agent could produce 256 MiB far faster than this drains it.
-        if received % (4 << 20) == 0 {
+        if received.is_multiple_of(4 << 20) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             peak = peak.max(node.executor_rss());
         }
