@@ -36,6 +36,8 @@ pub struct State {
     /// vm id → env of ConfigureVm.
     pub configured: HashMap<String, HashMap<String, String>>,
     pub finalized: Vec<String>,
+    /// ListVms calls (each is one reconciler pass of one replica).
+    pub list_calls: u32,
     /// Specs of every Execute, in arrival order.
     pub executes: Vec<ex::ExecuteRequest>,
     /// Code `fail-vm`: one stdout event, then the VM is FAILED and the stream UNAVAILABLE.
@@ -143,7 +145,9 @@ impl VmPoolService for Doubles {
         &self,
         _: Request<vp::ListVmsRequest>,
     ) -> Result<Response<vp::ListVmsResponse>, Status> {
-        let vms = self.state.lock().unwrap().vms.values().cloned().collect();
+        let mut s = self.state.lock().unwrap();
+        s.list_calls += 1;
+        let vms = s.vms.values().cloned().collect();
         Ok(Response::new(vp::ListVmsResponse { vms }))
     }
 

@@ -1,0 +1,119 @@
+//! Sessions end on their own: expiry across two replicas (each VM released exactly once),
+//! a restart that loses nothing, and the reconciler (failed VMs, orphan VMs).
+
+mod common;
+
+use std::time::Duration;
+
+use capsa_proto::session::v1 as pb;
+use capsa_proto::vmpool::v1::VmState;
+use capsa_test_support::eventually;
+use common::{Harness, create, doubles, get};
+
+#[tokio::test]
+async fn two_replicas_reap_a_hundred_sessions_releasing_each_vm_once() {
+    let h = Harness::start(2).await;
+    h.keys().await.set_max_sessions("t1", 200).await.unwrap();
+    let (mut a, mut b) = (h.client(0).await, h.client(1).await);
+    let mut sessions = Vec::new();
+    for i in 0..100 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        sessions.push(create(c, Some(10)).await);
+    }
+    eventually!(
+        {
+            let req = pb::ListSessionsRequest {
+                status: pb::SessionStatus::Terminated as i32,
+                page_size: 1000,
+                ..Default::default()
+            };
+            a.list_sessions(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+                .len()
+                == 100
+        },
+        40
+    );
+    for s in &sessions {
+        let ended = get(&mut b, &s.id).await;
+        assert_eq!(ended.end_reason, pb::EndReason::Expired as i32, "{}", s.id);
+        // Ended within a second (plus the claim round trip) of its deadline.
+        let late = ended.end_time.unwrap().seconds - ended.expire_time.unwrap().seconds;
+        assert!(late <= 2, "{} ended {late}s after its deadline", s.id);
+    }
+    // Let both reconcilers make full passes over the ended sessions, then count: a
+    // reconciler that took an ended session's VM for an orphan would release it again.
+    let passes = h.node.state().list_calls;
+    eventually!(h.node.state().list_calls >= passes + 4);
+    let state = h.node.state();
+    assert_eq!(state.releases.len(), 100);
+    assert!(
+        state.releases.values().all(|&n| n == 1),
+        "{:?}",
+        state.releases
+    );
+    assert!(state.vms.is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_loses_nothing_and_sessions_still_expire() {
+    let mut h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, Some(10)).await;
+    let old = h.replicas.pop().unwrap();
+    assert!(
+        old.terminate(Duration::from_secs(10)).await,
+        "graceful exit on SIGTERM"
+    );
+    h.add_replica().await;
+    let mut c = h.client(0).await;
+    let again = get(&mut c, &s.id).await;
+    assert_eq!(again.status, pb::SessionStatus::Active as i32);
+    assert_eq!(again.vm_id, s.vm_id);
+    eventually!(
+        get(&mut c, &s.id).await.status == pb::SessionStatus::Terminated as i32,
+        20
+    );
+    assert_eq!(
+        get(&mut c, &s.id).await.end_reason,
+        pb::EndReason::Expired as i32
+    );
+    assert_eq!(h.node.state().releases[&s.vm_id], 1);
+}
+
+#[tokio::test]
+async fn the_reconciler_ends_sessions_whose_vm_failed_and_releases_orphans() {
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, None).await;
+    let gone = create(&mut c, None).await;
+    {
+        let mut st = h.node.state();
+        let vm = st.vms.get_mut(&s.vm_id).unwrap();
+        vm.state = VmState::Failed as i32;
+        vm.failure = "kernel panic".into();
+        st.vms.remove(&gone.vm_id);
+        // A VM leased to a session nobody recorded (a create that died mid-way).
+        st.vms.insert(
+            "vm-orphan".into(),
+            doubles::vm("vm-orphan", "no-such-session", VmState::Leased),
+        );
+    }
+    eventually!(get(&mut c, &s.id).await.status == pb::SessionStatus::Terminated as i32);
+    let ended = get(&mut c, &s.id).await;
+    assert_eq!(ended.end_reason, pb::EndReason::VmFailed as i32);
+    assert!(
+        ended.end_message.contains("kernel panic"),
+        "{}",
+        ended.end_message
+    );
+    eventually!(get(&mut c, &gone.id).await.status == pb::SessionStatus::Terminated as i32);
+    assert_eq!(
+        get(&mut c, &gone.id).await.end_reason,
+        pb::EndReason::VmFailed as i32
+    );
+    eventually!(h.node.state().releases.get("vm-orphan") == Some(&1));
+}
