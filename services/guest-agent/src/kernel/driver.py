@@ -33,6 +33,7 @@ _events = os.fdopen(4, "wb", buffering=0)
 os.set_inheritable(3, False)
 os.set_inheritable(4, False)
 
+sys.argv = [""]  # as in the interactive interpreter
 sys.stdout.reconfigure(write_through=True)
 sys.stderr.reconfigure(write_through=True)
 

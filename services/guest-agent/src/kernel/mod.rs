@@ -6,6 +6,16 @@
 //!
 //! Session env (`Configure`) travels through the same queue, so it applies to every execute
 //! queued after it and is never applied in the middle of a running one.
+//!
+//! Python is started at boot by default (`--prestart-python`): a cold interpreter costs
+//! tens of milliseconds natively and far more under emulation, and most sessions run Python.
+//! The shell starts on its first execute.
+//!
+//! Output written between executes (a background thread or process) waits in the pipe and
+//! arrives with the next execute; a writer that fills the pipe blocks until then. Interrupts
+//! go to the kernel's whole process group, which includes processes the code started in the
+//! foreground and Python `subprocess.Popen` children; bash's `cmd &` jobs ignore SIGINT, and
+//! a process meant to outlive interrupts should start its own session (`setsid`).
 
 mod process;
 mod python;

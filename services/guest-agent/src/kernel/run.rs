@@ -319,7 +319,9 @@ impl Run<'_> {
     fn why(&self, reason: Reason) -> String {
         match reason {
             Reason::Timeout => format!("timed out after {:?}", self.timeout),
-            Reason::ClientGone => "the client went away".to_string(),
+            Reason::ClientGone => {
+                "cancelled (the client went away or the agent is stopping)".to_string()
+            }
         }
     }
 

@@ -4,10 +4,15 @@
 //! since the last execute, then sources the code. A per-call env or cwd runs the code in a
 //! subshell `( cd ..; export ..; source code )`, so neither can leak into the session;
 //! the price is that variables it sets do not persist either.
+//!
+//! `exit` in user code ends the kernel's bash itself (it runs in the kernel, not in a
+//! child): the execute completes as KERNEL_DIED with that exit code and the next execute
+//! gets a fresh shell with the session env.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,6 +34,11 @@ pub fn prepare(
     scratch: &Path,
     seq: u64,
 ) -> io::Result<Prepared> {
+    // User code may have emptied /tmp; the directory is the agent's, so bring it back.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(scratch)?;
     let code_path = scratch.join(format!("exec-{seq}.sh"));
     let runner_path = scratch.join(format!("exec-{seq}.run.sh"));
     std::fs::write(&code_path, &req.code)?;
