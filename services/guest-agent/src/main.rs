@@ -11,7 +11,15 @@ use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = match Config::try_parse() {
+        Ok(config) => config,
+        Err(e) => {
+            // --help and --version are not errors; a bad flag is a configuration error.
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     if let Err(e) = config.validate() {
         eprintln!("capsa-agent: {e}");
         return ExitCode::from(64);

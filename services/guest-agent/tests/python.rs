@@ -195,6 +195,28 @@ async fn output_past_the_cap_is_cut_with_a_marker() {
 }
 
 #[tokio::test]
+async fn past_the_cap_the_pipes_are_still_drained() {
+    let agent = Agent::start().await;
+    let mut c = agent.client();
+    python(&mut c, "x = 'kept'").await;
+    let mut s = spec(Language::Python, "while True:\n    print('z' * 1000)");
+    s.max_output_bytes = 10_000;
+    s.timeout = secs(1);
+    let o = execute(&mut c, s).await;
+    assert_eq!(o.status(), S::Timeout);
+    assert!(o.completion.output_truncated);
+    assert_eq!(o.stdout.len(), 10_000);
+    // Far more than the cap plus a pipe's worth was read and dropped: the writer never
+    // blocked on a full pipe.
+    assert!(
+        o.completion.output_bytes > 1_000_000,
+        "{}",
+        o.completion.output_bytes
+    );
+    assert_eq!(python(&mut c, "x").await.results, vec!["'kept'"]);
+}
+
+#[tokio::test]
 async fn binary_output_is_not_mangled() {
     let agent = Agent::start().await;
     let mut c = agent.client();
