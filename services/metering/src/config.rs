@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, env = "CAPSA_METERING_RPC_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub rpc_timeout: Duration,
 
+    /// Bound of the final sample FinalizeSession takes before it appends the record with
+    /// the last stored numbers. Keep it below the caller's FinalizeSession timeout.
+    #[arg(long, env = "CAPSA_METERING_FINAL_SAMPLE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub final_sample_timeout: Duration,
+
     /// How long a finalized session's usage stays readable. Keep it above the session
     /// retention so a late FinalizeSession still sees the session as finalized.
     #[arg(long, env = "CAPSA_METERING_RETENTION", default_value = "7d", value_parser = parse_duration)]

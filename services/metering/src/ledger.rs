@@ -7,6 +7,7 @@
 //! vm-pool lease time; the two are NTP-synchronised hosts in any real deployment.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use capsa_store::usage::{Finalized, SessionUsage, Usage, UsageStore};
 use capsa_store::{NodeRegistry, SessionRecord, SessionStore};
@@ -14,6 +15,7 @@ use capsa_store::{NodeRegistry, SessionRecord, SessionStore};
 use crate::clients::{NodeClients, Owner};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use tracing::Instrument as _;
 
 /// Longest accepted id (session or tenant): ids are generated, never this long.
 const MAX_ID_LEN: usize = 256;
@@ -25,6 +27,8 @@ pub struct Ledger {
     usage: UsageStore,
     clients: Arc<NodeClients>,
     metrics: Metrics,
+    /// Bound of the final sample: the caller (session-manager) waits only so long.
+    final_sample_timeout: Duration,
 }
 
 fn check_id(field: &'static str, id: &str) -> Result<(), Error> {
@@ -50,6 +54,7 @@ impl Ledger {
         usage: UsageStore,
         clients: Arc<NodeClients>,
         metrics: Metrics,
+        final_sample_timeout: Duration,
     ) -> Ledger {
         Ledger {
             registry,
@@ -57,6 +62,7 @@ impl Ledger {
             usage,
             clients,
             metrics,
+            final_sample_timeout,
         }
     }
 
@@ -98,10 +104,21 @@ impl Ledger {
     }
 
     /// Takes a final sample if the VM is still there (else the last stored sample stands),
-    /// then appends the `final` record unless some call already did.
+    /// then appends the `final` record unless some call already did. Runs to the end even
+    /// if the caller goes away meanwhile: a record half-decided is worse than a late one.
     #[tracing::instrument(skip(self))]
     pub async fn finalize(&self, session_id: &str) -> Result<Finalized, Error> {
         check_id("session_id", session_id)?;
+        let this = self.clone();
+        let id = session_id.to_owned();
+        let task = tokio::spawn(
+            async move { this.finalize_detached(&id).await }.instrument(tracing::Span::current()),
+        );
+        task.await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    async fn finalize_detached(&self, session_id: &str) -> Result<Finalized, Error> {
         let (rec, stored) = tokio::try_join!(
             self.sessions.get(session_id),
             self.usage.session(session_id)
@@ -124,8 +141,14 @@ impl Ledger {
             }
         };
         if !stored.as_ref().is_some_and(|s| s.finalized) {
-            self.final_sample(&owner, rec.as_ref(), stored.as_ref())
-                .await;
+            let sample = self.final_sample(&owner, rec.as_ref(), stored.as_ref());
+            if tokio::time::timeout(self.final_sample_timeout, sample)
+                .await
+                .is_err()
+            {
+                self.metrics.error("final_sample");
+                tracing::warn!("final sample timed out; finalizing with the last sample");
+            }
         }
         let done = self
             .usage

@@ -52,7 +52,14 @@ pub async fn run(
         config.record_interval,
         usize::from(config.sample_concurrency),
     ));
-    let ledger = ledger::Ledger::new(registry, sessions, usage, clients, metrics);
+    let ledger = ledger::Ledger::new(
+        registry,
+        sessions,
+        usage,
+        clients,
+        metrics,
+        config.final_sample_timeout,
+    );
     tracing::info!(
         sample_interval = ?config.sample_interval,
         record_interval = ?config.record_interval,

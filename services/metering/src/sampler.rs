@@ -3,6 +3,10 @@
 //! Rounds are best effort and independent: a node or VM that fails is logged and counted,
 //! and the next round tries again. Several replicas may run this loop at once; the store's
 //! scripts make that safe (see `capsa_store::usage`).
+//!
+//! Each round also finalizes abandoned sessions: usage still open for a session that is
+//! terminated (or whose record is gone) means its FinalizeSession never arrived (the
+//! caller timed out or died); the last sample becomes its final record.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -10,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use capsa_proto::vmpool::v1::Vm;
 use capsa_store::usage::{Applied, UsageStore};
-use capsa_store::{NodeRecord, NodeRegistry, SessionStore};
+use capsa_store::{NodeRecord, NodeRegistry, SessionStatus, SessionStore};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -25,6 +29,8 @@ pub struct Round {
     pub nodes: usize,
     pub stored: usize,
     pub failed: usize,
+    /// Abandoned sessions this round finalized.
+    pub finalized: usize,
 }
 
 pub struct Sampler {
@@ -116,7 +122,56 @@ impl Sampler {
             .lock()
             .unwrap()
             .retain(|id, _| seen.contains(id));
+        round.finalized = self.finalize_abandoned(&seen).await;
         round
+    }
+
+    /// Finalizes open usage of sessions not leased this round whose record says they
+    /// ended (or is gone). Returns how many final records this call appended.
+    async fn finalize_abandoned(&self, leased: &HashSet<String>) -> usize {
+        let open = match self.usage.open_sessions().await {
+            Ok(open) => open,
+            Err(e) => {
+                self.metrics.error("store");
+                tracing::warn!(error = %capsa_grpc::error::chain(&e), "cannot list open usage");
+                return 0;
+            }
+        };
+        let mut appended = 0;
+        for id in open.iter().filter(|id| !leased.contains(*id)) {
+            match self.finalize_if_ended(id).await {
+                Ok(true) => {
+                    appended += 1;
+                    self.metrics.record("final");
+                    tracing::info!(session = %id, "finalized usage of an ended session nobody finalized");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.metrics.error("store");
+                    tracing::warn!(session = %id, error = %capsa_grpc::error::chain(&e), "cannot finalize abandoned usage");
+                }
+            }
+        }
+        appended
+    }
+
+    async fn finalize_if_ended(&self, session_id: &str) -> Result<bool, Error> {
+        let rec = self.sessions.get(session_id).await?;
+        // Terminating: its owner finalizes (and the reaper retries a stuck teardown).
+        if rec.is_some_and(|r| r.status != SessionStatus::Terminated) {
+            return Ok(false);
+        }
+        let Some(stored) = self.usage.session(session_id).await? else {
+            return Ok(false);
+        };
+        if stored.finalized {
+            return Ok(false);
+        }
+        let done = self
+            .usage
+            .finalize(session_id, &stored.tenant_id, stored.lease_ms)
+            .await?;
+        Ok(done.appended)
     }
 
     /// Samples every leased VM of `node`; returns (stored, failed, session ids seen).

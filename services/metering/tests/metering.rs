@@ -1,7 +1,6 @@
 //! Metering as a real process against a real Redis, with fake nodes (vm-pool and executor
 //! doubles answering scripted counters): deltas into tenant totals, peak memory, two
-//! replicas sampling and finalizing concurrently, interim records, finalize after the VM
-//! is gone, and the errors callers see.
+//! replicas sampling concurrently, interim records, and the errors callers see.
 
 mod common;
 
@@ -11,52 +10,8 @@ use capsa_proto::metering::v1::{
     FinalizeSessionRequest, GetSessionUsageRequest, GetTenantUsageRequest,
 };
 use capsa_test_support::eventually;
-use common::{FakeNode, MIB, VmState, World, client, cpu_us, now_ms, secs};
+use common::{FakeNode, MIB, World, client, cpu_us, secs, session_cpu_us, tenant, vm};
 use tonic::Code;
-
-fn vm(lease: &str, cpu_ms: u64, memory: Option<u64>) -> VmState {
-    VmState {
-        lease_id: lease.into(),
-        lease_ms: now_ms() - 10_000,
-        cpu: Duration::from_millis(cpu_ms),
-        vmm_resident_bytes: 64 * MIB,
-        memory_used_bytes: memory,
-        ..VmState::default()
-    }
-}
-
-async fn session_cpu_us(
-    c: &mut capsa_proto::metering::v1::metering_service_client::MeteringServiceClient<
-        tonic::transport::Channel,
-    >,
-    id: &str,
-) -> u64 {
-    match c
-        .get_session_usage(GetSessionUsageRequest {
-            session_id: id.into(),
-        })
-        .await
-    {
-        Ok(r) => cpu_us(&r.into_inner().usage.unwrap().cpu_time),
-        Err(_) => 0,
-    }
-}
-
-async fn tenant(
-    c: &mut capsa_proto::metering::v1::metering_service_client::MeteringServiceClient<
-        tonic::transport::Channel,
-    >,
-    id: &str,
-) -> capsa_proto::common::v1::Usage {
-    c.get_tenant_usage(GetTenantUsageRequest {
-        tenant_id: id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .total
-    .unwrap()
-}
 
 #[tokio::test]
 async fn totals_grow_by_deltas_and_peak_memory_is_kept() {
@@ -193,188 +148,6 @@ async fn two_replicas_sampling_concurrently_never_double_count() {
 }
 
 #[tokio::test]
-async fn finalize_appends_one_record_with_two_replicas_racing() {
-    let world = World::start().await;
-    let node = FakeNode::start("n1").await;
-    world.register(&node).await;
-    node.set_vm("vm-1", vm("s1", 2000, Some(80 * MIB)));
-    world.session("s1", "t", Some((&node, "vm-1"))).await;
-    let a = world.metering(&["--sample-interval", "20ms"]).await;
-    let b = world.metering(&["--sample-interval", "20ms"]).await;
-    let (ca, cb) = (client(&a).await, client(&b).await);
-    eventually!(session_cpu_us(&mut ca.clone(), "s1").await == 2_000_000);
-
-    let calls = (0..12).map(|i| {
-        let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
-        tokio::spawn(async move {
-            c.finalize_session(FinalizeSessionRequest {
-                session_id: "s1".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        })
-    });
-    let results = futures::future::join_all(calls).await;
-    let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
-    assert_eq!(results.iter().filter(|r| r.record_appended).count(), 1);
-    for r in &results {
-        assert_eq!(cpu_us(&r.usage.as_ref().unwrap().cpu_time), 2_000_000);
-    }
-    let finals = world.records_of("s1", "final").await;
-    assert_eq!(finals.len(), 1, "{finals:?}");
-    let f = &finals[0];
-    assert_eq!(
-        (f["tenant_id"].as_str(), f["cpu_time_us"].as_str()),
-        ("t", "2000000")
-    );
-    assert_eq!(f["memory_used_bytes"], (80 * MIB).to_string());
-    assert!(f["record_ms"].parse::<i64>().unwrap() > 0);
-
-    // Billing reads it through a consumer group exactly once.
-    let mut conn = world.conn.clone();
-    let stream = capsa_store::usage::RECORDS_STREAM;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg("billing")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    type Reply = Option<Vec<(String, Vec<(String, Vec<String>)>)>>;
-    let reader = conn.clone();
-    let read = |consumer: &'static str| {
-        let mut conn = reader.clone();
-        async move {
-            let r: Reply = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("billing")
-                .arg(consumer)
-                .arg("COUNT")
-                .arg(100)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(">")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            r.unwrap_or_default()
-                .into_iter()
-                .flat_map(|(_, entries)| entries)
-                .collect::<Vec<_>>()
-        }
-    };
-    let (first, second) = tokio::join!(read("w1"), read("w2"));
-    let delivered: Vec<_> = first.iter().chain(second.iter()).collect();
-    let finals: Vec<_> = delivered
-        .iter()
-        .filter(|(_, f)| {
-            let f = common::pairs(f);
-            f["session_id"] == "s1" && f["kind"] == "final"
-        })
-        .collect();
-    assert_eq!(finals.len(), 1);
-    let ids: Vec<&String> = delivered.iter().map(|(id, _)| id).collect();
-    let acked: i64 = redis::cmd("XACK")
-        .arg(stream)
-        .arg("billing")
-        .arg(&ids)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(acked as usize, ids.len());
-    assert!(read("w1").await.is_empty(), "nothing is delivered twice");
-
-    // After finalizing, samples of the still-running VM are ignored: totals stay.
-    node.update("vm-1", |v| v.cpu = Duration::from_millis(9000));
-    node.wait_for_samples(6).await;
-    let mut ca = ca;
-    assert_eq!(cpu_us(&tenant(&mut ca, "t").await.cpu_time), 2_000_000);
-    assert_eq!(
-        tenant(&mut ca, "t").await.memory_used_bytes,
-        0,
-        "an ended session holds no memory"
-    );
-    assert_eq!(world.records_of("s1", "final").await.len(), 1);
-}
-
-#[tokio::test]
-async fn finalize_takes_a_fresh_sample_while_the_vm_exists() {
-    let world = World::start().await;
-    let node = FakeNode::start("n1").await;
-    world.register(&node).await;
-    node.set_vm("vm-1", vm("s1", 1000, Some(MIB)));
-    world.session("s1", "t", Some((&node, "vm-1"))).await;
-    // One round at start, then none for an hour: only FinalizeSession can see the change.
-    let m = world.metering(&["--sample-interval", "1h"]).await;
-    let mut c = client(&m).await;
-    eventually!(session_cpu_us(&mut c, "s1").await == 1_000_000);
-    node.update("vm-1", |v| v.cpu = Duration::from_millis(5000));
-    let r = c
-        .finalize_session(FinalizeSessionRequest {
-            session_id: "s1".into(),
-        })
-        .await
-        .unwrap();
-    let r = r.into_inner();
-    assert!(r.record_appended);
-    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 5_000_000);
-    assert_eq!(
-        world.records_of("s1", "final").await[0]["cpu_time_us"],
-        "5000000"
-    );
-}
-
-#[tokio::test]
-async fn vm_or_node_gone_at_finalize_uses_the_last_sample() {
-    let world = World::start().await;
-    let node = FakeNode::start("n1").await;
-    world.register(&node).await;
-    node.set_vm("vm-1", vm("s1", 2000, Some(MIB)));
-    node.set_vm("vm-2", vm("s2", 3000, Some(MIB)));
-    world.session("s1", "t", Some((&node, "vm-1"))).await;
-    world.session("s2", "t", Some((&node, "vm-2"))).await;
-    let m = world.metering(&["--sample-interval", "30ms"]).await;
-    let mut c = client(&m).await;
-    eventually!(cpu_us(&tenant(&mut c, "t").await.cpu_time) == 5_000_000);
-
-    node.remove_vm("vm-1");
-    let r = c
-        .finalize_session(FinalizeSessionRequest {
-            session_id: "s1".into(),
-        })
-        .await
-        .unwrap();
-    let r = r.into_inner();
-    assert!(r.record_appended);
-    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 2_000_000);
-
-    // The whole node leaves the registry (and stops answering).
-    world.registry.remove("n1").await.unwrap();
-    drop(node);
-    let r = c
-        .finalize_session(FinalizeSessionRequest {
-            session_id: "s2".into(),
-        })
-        .await
-        .unwrap();
-    let r = r.into_inner();
-    assert!(r.record_appended);
-    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 3_000_000);
-    assert_eq!(cpu_us(&tenant(&mut c, "t").await.cpu_time), 5_000_000);
-    // Finalized usage stays readable; the uptime is frozen at the end.
-    let u = c
-        .get_session_usage(GetSessionUsageRequest {
-            session_id: "s2".into(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(cpu_us(&u.into_inner().usage.unwrap().cpu_time), 3_000_000);
-}
-
-#[tokio::test]
 async fn interim_records_come_every_interval_and_stop_at_finalize() {
     let world = World::start().await;
     let node = FakeNode::start("n1").await;
@@ -409,47 +182,6 @@ async fn interim_records_come_every_interval_and_stop_at_finalize() {
     node.wait_for_samples(40).await;
     assert_eq!(world.records_of("s1", "interim").await.len(), after);
     assert_eq!(world.records_of("s1", "final").await.len(), 1);
-}
-
-#[tokio::test]
-async fn a_session_never_sampled_has_its_uptime_and_a_final_record() {
-    let world = World::start().await;
-    world.session("s1", "t", None).await;
-    let m = world.metering(&["--sample-interval", "1h"]).await;
-    let mut c = client(&m).await;
-    let u = c
-        .get_session_usage(GetSessionUsageRequest {
-            session_id: "s1".into(),
-        })
-        .await
-        .unwrap();
-    let u = u.into_inner();
-    assert_eq!(u.tenant_id, "t");
-    assert_eq!(cpu_us(&u.usage.unwrap().cpu_time), 0);
-
-    let r = c
-        .finalize_session(FinalizeSessionRequest {
-            session_id: "s1".into(),
-        })
-        .await
-        .unwrap();
-    assert!(r.into_inner().record_appended);
-    let again = c
-        .finalize_session(FinalizeSessionRequest {
-            session_id: "s1".into(),
-        })
-        .await
-        .unwrap();
-    assert!(!again.into_inner().record_appended);
-    let finals = world.records_of("s1", "final").await;
-    assert_eq!(finals.len(), 1);
-    assert_eq!(
-        (
-            finals[0]["tenant_id"].as_str(),
-            finals[0]["cpu_time_us"].as_str()
-        ),
-        ("t", "0")
-    );
 }
 
 #[tokio::test]

@@ -89,6 +89,7 @@ async fn finalize_is_exactly_once_and_freezes_the_session() {
         .apply_sample(&sample("s", "t", 3), None)
         .await
         .unwrap();
+    assert_eq!(stores[0].open_sessions().await.unwrap(), ["s"]);
     let tasks = (0..30).map(|i| {
         let store = stores[i % 3].clone();
         tokio::spawn(async move { store.finalize("s", "t", 0).await })
@@ -104,6 +105,7 @@ async fn finalize_is_exactly_once_and_freezes_the_session() {
             .all(|d| d.usage.finalized && d.usage.usage.cpu_time_us == 3_000_000)
     );
 
+    assert!(stores[0].open_sessions().await.unwrap().is_empty());
     let later = stores[1]
         .apply_sample(&sample("s", "t", 9), Some(Duration::from_millis(1)))
         .await;

@@ -11,6 +11,8 @@
 //!   counters are sums over all its sessions ever; `memory_used_bytes` and
 //!   `vmm_resident_bytes` are sums over its sessions not yet finalized (what it holds now);
 //!   `memory_peak_bytes` is the highest that sum reached.
+//! - `capsa:usage:open`: set of sessions sampled but not yet finalized, so a session whose
+//!   FinalizeSession never came (its caller died) is found and finalized later.
 //! - `capsa:usage:records` ([`RECORDS_STREAM`]): one entry per usage record, fields
 //!   `session_id`, `tenant_id`, `kind` (`interim` or `final`), every field of
 //!   [`RECORD_FIELDS`], and `record_ms`. Values are cumulative since the session started,
@@ -59,6 +61,8 @@ use crate::{Result, StoreError};
 
 /// The stream of usage records.
 pub const RECORDS_STREAM: &str = "capsa:usage:records";
+
+const OPEN_SET: &str = "capsa:usage:open";
 
 /// The usage fields of a record and of the session and tenant hashes, in this order.
 pub const RECORD_FIELDS: [&str; 10] = [
@@ -115,7 +119,7 @@ end
 "#;
 
 const SAMPLE_LUA: &str = r#"
--- KEYS: session usage, tenant usage, records stream.
+-- KEYS: session usage, tenant usage, records stream, open set.
 -- ARGV: session id, tenant id, node id, vm id, sample ms, lease ms, cpu us, vmm resident,
 -- disk read, disk write, net rx, net tx, memory used (-1: unknown), interim interval ms
 -- (0: none).
@@ -126,6 +130,7 @@ if redis.call('EXISTS', s) == 0 then
   -- The first interim record comes one interval after the first sample.
   redis.call('HSET', s, 'session_id', ARGV[1], 'tenant_id', ARGV[2], 'lease_ms', ARGV[6],
     'last_record_ms', int(now), 'finalized', '0')
+  redis.call('SADD', KEYS[4], ARGV[1])
 end
 redis.call('HSET', s, 'node_id', ARGV[3], 'vm_id', ARGV[4])
 local sample = tonumber(ARGV[5])
@@ -167,7 +172,7 @@ return { 'applied' }
 "#;
 
 const FINALIZE_LUA: &str = r#"
--- KEYS: session usage, tenant usage, records stream.
+-- KEYS: session usage, tenant usage, records stream, open set.
 -- ARGV: session id, tenant id, lease ms (used only if never sampled), retention ms.
 local s, t = KEYS[1], KEYS[2]
 if redis.call('HGET', s, 'finalized') == '1' then return reply('already', s) end
@@ -186,6 +191,7 @@ redis.call('HINCRBY', t, 'vmm_resident_bytes', int(-num(s, 'vmm_resident_bytes')
 redis.call('HSET', s, 'finalized', '1', 'final_ms', int(now))
 append(KEYS[3], s, 'final', now)
 redis.call('PEXPIRE', s, ARGV[4])
+redis.call('SREM', KEYS[4], ARGV[1])
 return reply('appended', s)
 "#;
 
@@ -341,6 +347,7 @@ impl UsageStore {
             .key(&key)
             .key(tenant_key(&sample.tenant_id))
             .key(RECORDS_STREAM)
+            .key(OPEN_SET)
             .arg(&sample.session_id)
             .arg(&sample.tenant_id)
             .arg(&sample.node_id)
@@ -382,6 +389,7 @@ impl UsageStore {
             .key(&key)
             .key(tenant_key(tenant_id))
             .key(RECORDS_STREAM)
+            .key(OPEN_SET)
             .arg(session_id)
             .arg(tenant_id)
             .arg(lease_ms)
@@ -427,6 +435,11 @@ impl UsageStore {
         let key = tenant_key(tenant_id);
         let fields: BTreeMap<String, String> = self.conn.clone().hgetall(&key).await?;
         Usage::from_fields(&key, &fields)
+    }
+
+    /// Sessions sampled but not finalized yet.
+    pub async fn open_sessions(&self) -> Result<Vec<String>> {
+        Ok(self.conn.clone().smembers(OPEN_SET).await?)
     }
 
     /// Redis' clock, ms since the Unix epoch.

@@ -7,13 +7,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use capsa_proto::executor::v1 as ex;
 use capsa_proto::executor::v1::executor_service_server::{ExecutorService, ExecutorServiceServer};
 use capsa_proto::metering::v1::metering_service_client::MeteringServiceClient;
+use capsa_proto::metering::v1::{GetSessionUsageRequest, GetTenantUsageRequest};
 use capsa_proto::vmpool::v1 as vp;
 use capsa_proto::vmpool::v1::vm_pool_service_server::{VmPoolService, VmPoolServiceServer};
 use capsa_store::{NewSession, NodeRecord, NodeRegistry, SessionStore, StoreConfig, Transition};
@@ -43,6 +44,8 @@ pub struct VmState {
 struct Shared {
     vms: Arc<Mutex<HashMap<String, VmState>>>,
     counter_calls: Arc<AtomicUsize>,
+    /// GetVmCounters never answers (a hung node).
+    hang: Arc<AtomicBool>,
 }
 
 /// vm-pool and executor doubles for one node.
@@ -106,6 +109,11 @@ impl FakeNode {
     /// The VM is destroyed: vm-pool no longer lists or knows it.
     pub fn remove_vm(&self, vm_id: &str) {
         self.shared.vms.lock().unwrap().remove(vm_id);
+    }
+
+    /// From now on GetVmCounters never answers.
+    pub fn hang(&self) {
+        self.shared.hang.store(true, Ordering::SeqCst);
     }
 
     /// How many GetVmCounters calls were answered (to wait for sampling rounds).
@@ -212,6 +220,9 @@ impl VmPoolService for Shared {
         &self,
         r: Request<vp::GetVmCountersRequest>,
     ) -> Result<Response<vp::GetVmCountersResponse>, Status> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let id = r.into_inner().vm_id;
         let s = self.vm(&id)?;
         self.counter_calls.fetch_add(1, Ordering::SeqCst);
@@ -364,6 +375,17 @@ impl World {
         ServiceProcess::start("capsa-metering", &all).await
     }
 
+    /// Ends a session the way session-manager's teardown does, minus FinalizeSession.
+    pub async fn end_session(&self, id: &str) {
+        let t = self
+            .sessions
+            .begin_end(id, capsa_store::EndReason::Deleted, "", None)
+            .await;
+        assert!(matches!(t.unwrap(), Transition::Won(_)));
+        let t = self.sessions.finish_end(id, "").await;
+        assert!(matches!(t.unwrap(), Transition::Won(_)));
+    }
+
     /// Every record of the usage stream: (entry id, fields).
     pub async fn records(&self) -> Vec<(String, BTreeMap<String, String>)> {
         let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
@@ -407,4 +429,41 @@ pub fn secs(d: &Option<prost_types::Duration>) -> f64 {
 pub fn cpu_us(d: &Option<prost_types::Duration>) -> u64 {
     let d = d.as_ref().expect("duration set");
     d.seconds as u64 * 1_000_000 + d.nanos as u64 / 1000
+}
+
+pub type Client = MeteringServiceClient<Channel>;
+
+/// A leased VM of session `lease`, leased 10 s ago.
+pub fn vm(lease: &str, cpu_ms: u64, memory: Option<u64>) -> VmState {
+    VmState {
+        lease_id: lease.into(),
+        lease_ms: now_ms() - 10_000,
+        cpu: Duration::from_millis(cpu_ms),
+        vmm_resident_bytes: 64 * MIB,
+        memory_used_bytes: memory,
+        ..VmState::default()
+    }
+}
+
+/// The session's cpu time in µs; 0 while metering does not know the session.
+pub async fn session_cpu_us(c: &mut Client, id: &str) -> u64 {
+    let req = GetSessionUsageRequest {
+        session_id: id.into(),
+    };
+    match c.get_session_usage(req).await {
+        Ok(r) => cpu_us(&r.into_inner().usage.unwrap().cpu_time),
+        Err(_) => 0,
+    }
+}
+
+pub async fn tenant(c: &mut Client, id: &str) -> capsa_proto::common::v1::Usage {
+    let req = GetTenantUsageRequest {
+        tenant_id: id.into(),
+    };
+    c.get_tenant_usage(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .total
+        .unwrap()
 }
