@@ -120,6 +120,8 @@ enum Job {
         req: ExecuteRequest,
         events: EventSender,
         cancel: CancellationToken,
+        /// Made in the caller's context, so the execute joins the request's trace.
+        span: tracing::Span,
     },
     Configure(BTreeMap<String, String>),
     Start,
@@ -167,11 +169,18 @@ impl Kernels {
         cancel: CancellationToken,
     ) -> Result<(), Error> {
         let language = req.language;
+        let span = tracing::info_span!(
+            "execute",
+            language = language.name(),
+            code_bytes = req.code.len(),
+            seq = tracing::field::Empty,
+        );
         self.queue(language)
             .send(Job::Execute {
                 req,
                 events,
                 cancel,
+                span,
             })
             .await
             .map_err(|_| Error::KernelGone {
@@ -254,17 +263,13 @@ impl Actor {
                     req,
                     events,
                     cancel,
+                    span,
                 } => {
                     if cancel.is_cancelled() {
                         continue; // the client left while it was queued
                     }
                     self.seq += 1;
-                    let span = tracing::info_span!(
-                        "execute",
-                        language = self.language.name(),
-                        seq = self.seq,
-                        code_bytes = req.code.len()
-                    );
+                    span.record("seq", self.seq);
                     self.execute(req, events, cancel).instrument(span).await;
                 }
             }
