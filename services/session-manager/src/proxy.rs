@@ -22,7 +22,7 @@ use tonic::Status;
 use crate::app::App;
 use crate::clients::with_timeout;
 use crate::error::Error;
-use crate::sessions::not_active;
+use crate::sessions::{describe_end, not_active};
 use crate::validate;
 
 /// Bound of every relay channel: a few chunks in flight, never a whole output.
@@ -75,6 +75,14 @@ impl App {
                 tokio::spawn(async move {
                     let _ = app.teardown(rec).await;
                 });
+            }
+            // Ended meanwhile (deleted, expired): that, not the VM, is why the call broke.
+            Ok(Transition::Conflict(rec)) if rec.end_reason != Some(EndReason::VmFailed) => {
+                return Error::FailedPrecondition(format!(
+                    "session {} ended during the call: {}",
+                    rec.id,
+                    describe_end(&rec)
+                ));
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot end session after vm failure"),
