@@ -1,0 +1,335 @@
+//! The command line, as clap parses it. Validation that clap cannot express (durations,
+//! `K=V` pairs, octal modes) happens in value parsers here, so a bad argument is a usage
+//! error (exit 2) before anything is sent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit status of `capsa exec` when the code did not simply run to its end.
+pub const EXIT_TIMEOUT: u8 = 124;
+pub const EXIT_INTERRUPTED: u8 = 130;
+pub const EXIT_KERNEL_DIED: u8 = 137;
+
+const EXEC_HELP: &str = "\
+Exit status:
+  0        the code ran to its end (shell: exit status 0)
+  1..255   shell: the code's exit status; python: 1 after an uncaught exception
+  124      the execute timed out (--timeout); the kernel's state is kept unless noted
+  130      the execute was interrupted
+  137      the kernel died; its state (variables, imports) is lost
+  1        also: an API or connection error (printed as `capsa: CODE: message`)
+  2        usage error
+
+Output: stdout and stderr stream live as raw bytes; a trailing expression's value is
+printed like a REPL; display data (e.g. matplotlib PNGs) is saved to files.
+With --json, every event is one JSON line on stdout (output as \"text\" when it is
+UTF-8, else \"base64\").";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "capsa",
+    version,
+    about = "Run code in persistent Capsa sandboxes."
+)]
+pub struct Cli {
+    /// API endpoint, e.g. http://127.0.0.1:50051 [default: from .capsa/dev.env]
+    #[arg(long, env = "CAPSA_ENDPOINT", global = true, hide_env_values = true)]
+    pub endpoint: Option<String>,
+
+    /// API key [default: from .capsa/dev.env]
+    #[arg(long, env = "CAPSA_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Machine-readable output: one JSON object per line.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a session and print its id.
+    Create(CreateArgs),
+    /// Run code in a session's persistent kernel.
+    #[command(after_help = EXEC_HELP)]
+    Exec(ExecArgs),
+    /// Upload a local file into a session.
+    Upload(UploadArgs),
+    /// Download a file from a session (streams to disk; LOCAL `-` is stdout).
+    Download(DownloadArgs),
+    /// List a directory in a session.
+    Ls(LsArgs),
+    /// Show a session.
+    Info(SessionArg),
+    /// Resource use of a session, or of your whole tenant with --tenant.
+    Usage(UsageArgs),
+    /// Push a session's deadline out by DURATION.
+    Extend(ExtendArgs),
+    /// End a session and destroy its VM.
+    Kill(SessionArg),
+    /// List your sessions, newest first.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM template [default: the server's default]
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    #[arg(long)]
+    pub memory_mib: Option<u32>,
+    /// Lifetime, e.g. 10m or 1h [default: the server's, 5m]
+    #[arg(long, value_parser = parse_duration)]
+    pub lifetime: Option<Duration>,
+    /// Environment for every kernel, K=V (repeatable).
+    #[arg(long = "env", value_parser = parse_pair)]
+    pub env: Vec<(String, String)>,
+    /// Label to filter `capsa list` by, K=V (repeatable).
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    Python,
+    Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    pub session: String,
+    /// Code to run; `-` reads it from stdin.
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    pub code: Option<String>,
+    /// Read the code from FILE.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Lang::Python)]
+    pub lang: Lang,
+    /// Timeout measured in the sandbox, e.g. 30s [default: the server's, 60s]
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Extra environment for this call only, K=V (repeatable).
+    #[arg(long = "env", value_parser = parse_pair)]
+    pub env: Vec<(String, String)>,
+    /// Working directory for this call only.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Output cap in bytes [default: the server's, 32 MiB]
+    #[arg(long)]
+    pub max_output_bytes: Option<u64>,
+    /// Directory to save display data (images) in [default: the system temp dir]
+    #[arg(long)]
+    pub display_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    pub session: String,
+    pub local: PathBuf,
+    pub remote: String,
+    /// Permission bits in octal, e.g. 755 [default: 644]
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// Fail instead of replacing an existing file.
+    #[arg(long)]
+    pub no_overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    pub session: String,
+    pub remote: String,
+    pub local: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    pub session: String,
+    #[arg(default_value = "/")]
+    pub path: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionArg {
+    pub session: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    #[arg(required_unless_present = "tenant", conflicts_with = "tenant")]
+    pub session: Option<String>,
+    /// Sum over every session of your tenant.
+    #[arg(long)]
+    pub tenant: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtendArgs {
+    pub session: String,
+    #[arg(value_parser = parse_duration)]
+    pub by: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFilter {
+    Creating,
+    Active,
+    Terminating,
+    Terminated,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long, value_enum)]
+    pub status: Option<StatusFilter>,
+    /// Only sessions with this label, K=V (repeatable; all must match).
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse(s)
+}
+
+/// `K=V` with a non-empty key.
+pub fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Octal permission bits, e.g. `755` or `0o600`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o7777 => Ok(mode),
+        _ => Err(format!(
+            "expected octal permission bits like 755, got {s:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("capsa").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn exec_takes_code_or_a_file_and_its_options() {
+        let cli = parse(&[
+            "exec",
+            "s-1",
+            "print(1)",
+            "--lang",
+            "shell",
+            "--timeout",
+            "30s",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--cwd",
+            "/tmp",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        let Command::Exec(e) = cli.command else {
+            panic!()
+        };
+        assert_eq!(e.code.as_deref(), Some("print(1)"));
+        assert_eq!(e.lang, Lang::Shell);
+        assert_eq!(e.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            e.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(e.cwd.as_deref(), Some("/tmp"));
+
+        let Command::Exec(e) = parse(&["exec", "s-1", "-f", "job.py"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(e.file, Some(PathBuf::from("job.py")));
+        assert_eq!(e.lang, Lang::Python);
+    }
+
+    #[test]
+    fn exec_usage_errors() {
+        for bad in [
+            &["exec", "s-1"][..],
+            &["exec", "s-1", "x", "-f", "y"],
+            &["exec", "s-1", "x", "--timeout", "soon"],
+            &["exec", "s-1", "x", "--env", "novalue"],
+            &["exec", "s-1", "x", "--lang", "ruby"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn create_list_usage_and_upload_options() {
+        let Command::Create(c) = parse(&[
+            "create",
+            "--lifetime",
+            "10m",
+            "--vcpus",
+            "2",
+            "--env",
+            "K=V",
+            "--label",
+            "team=ml",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(c.lifetime, Some(Duration::from_secs(600)));
+        assert_eq!((c.vcpus, c.memory_mib), (Some(2), None));
+        assert_eq!(c.labels, [("team".into(), "ml".into())]);
+
+        let Command::List(l) = parse(&["list", "--status", "active", "--label", "a=b"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(l.status, Some(StatusFilter::Active));
+
+        assert!(parse(&["usage"]).is_err());
+        assert!(parse(&["usage", "--tenant"]).is_ok());
+        assert!(parse(&["usage", "s-1"]).is_ok());
+
+        let Command::Upload(u) = parse(&["upload", "s-1", "a", "/b", "--mode", "755"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(u.mode, Some(0o755));
+        assert!(parse(&["upload", "s-1", "a", "/b", "--mode", "9"]).is_err());
+        assert!(
+            matches!(parse(&["extend", "s-1", "1h"]).unwrap().command, Command::Extend(e) if e.by == Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn modes_and_pairs() {
+        assert_eq!(parse_mode("0o600"), Ok(0o600));
+        assert!(parse_mode("12345").is_err());
+        assert!(parse_pair("=v").is_err());
+        assert_eq!(parse_pair("k="), Ok(("k".into(), String::new())));
+    }
+}
