@@ -371,3 +371,22 @@ async fn bad_requests_are_rejected_naming_the_field() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("`env`"), "{}", err.message());
 }
+
+#[tokio::test]
+async fn a_corrupted_event_pipe_is_survived_or_ends_the_kernel() {
+    let agent = Agent::start().await;
+    let mut c = agent.client();
+    // A malformed line is logged and skipped.
+    let o = python(&mut c, "import os\nos.write(4, b'not json\\n')\nx = 1").await;
+    assert_eq!(o.status(), S::Ok, "{o:?}");
+    // An endless line would grow the agent's buffer without bound: the kernel is killed.
+    let o = python(&mut c, "import os\nos.write(4, b'x' * (65 * 1024 * 1024))").await;
+    assert_eq!(o.status(), S::KernelDied, "{o:?}");
+    assert!(o.completion.state_lost);
+    assert!(
+        o.completion.message.contains("malformed"),
+        "{}",
+        o.completion.message
+    );
+    assert_eq!(python(&mut c, "'ok'").await.results, vec!["'ok'"]);
+}

@@ -69,6 +69,8 @@ pub struct Done {
 enum Reason {
     Timeout,
     ClientGone,
+    /// The driver broke its protocol (e.g. an endless event line); the kernel is killed.
+    Broken,
 }
 
 enum Fire {
@@ -248,6 +250,7 @@ impl Run<'_> {
                     Ok(None) => events_open = false,
                     Err(e) => {
                         tracing::warn!(error = %e, "driver event pipe failed; killing the kernel");
+                        self.interrupt.get_or_insert((Reason::Broken, Instant::now()));
                         self.kill();
                         events_open = false;
                     }
@@ -295,12 +298,10 @@ impl Run<'_> {
         self.interrupt = Some((reason, Instant::now() + self.ctx.grace));
     }
 
+    /// Callers set `interrupt` first: it says why, in the completion.
     fn kill(&mut self) {
         self.signal(Signal::SIGKILL);
         self.killed = true;
-        if self.interrupt.is_none() {
-            self.interrupt = Some((Reason::Timeout, Instant::now()));
-        }
     }
 
     fn signal(&self, signal: Signal) {
@@ -313,6 +314,7 @@ impl Run<'_> {
         match reason {
             Reason::Timeout => Status::Timeout,
             Reason::ClientGone => Status::Interrupted,
+            Reason::Broken => Status::KernelDied,
         }
     }
 
@@ -322,6 +324,7 @@ impl Run<'_> {
             Reason::ClientGone => {
                 "cancelled (the client went away or the agent is stopping)".to_string()
             }
+            Reason::Broken => "the kernel's driver sent a malformed event stream".to_string(),
         }
     }
 
