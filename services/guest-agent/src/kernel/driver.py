@@ -27,8 +27,6 @@ import time
 import traceback
 import types
 
-_requests = os.fdopen(3, "rb", buffering=0)
-_events = os.fdopen(4, "wb", buffering=0)
 # Processes the user starts must not hold the control pipes.
 os.set_inheritable(3, False)
 os.set_inheritable(4, False)
@@ -58,7 +56,10 @@ signal.signal(signal.SIGINT, _on_sigint)
 
 
 def _send(obj):
-    _events.write(json.dumps(obj).encode() + b"\n")
+    # A pipe write may be partial (a signal mid-write): loop until the line is out.
+    data = memoryview(json.dumps(obj).encode() + b"\n")
+    while data:
+        data = data[os.write(4, data):]
 
 
 def _cpu_ns():
