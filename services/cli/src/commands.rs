@@ -20,6 +20,7 @@ use crate::args::*;
 use crate::config::Target;
 use crate::error::CliError;
 use crate::render::{self, ExecRenderer};
+use crate::view;
 
 /// Chunk size for uploads (the API's maximum).
 const CHUNK: usize = 1 << 20;
@@ -101,13 +102,13 @@ pub async fn create(client: &mut Client, a: CreateArgs, json: bool) -> Result<u8
         .session
         .unwrap_or_default();
     if json {
-        say(render::session_json(&session))?;
+        say(view::session_json(&session))?;
     } else {
         // Only the id on stdout, so `sid=$(capsa create)` works.
         say(&session.id)?;
         note(format!(
             "capsa: session expires at {}",
-            render::timestamp(&session.expire_time)
+            view::timestamp(&session.expire_time)
         ));
     }
     Ok(0)
@@ -232,13 +233,13 @@ pub async fn upload(client: &mut Client, a: UploadArgs, json: bool) -> Result<u8
     }
     let info = result.info.unwrap_or_default();
     if json {
-        let mut v = render::file_json(&info);
+        let mut v = view::file_json(&info);
         v["sha256"] = serde_json::json!(result.sha256);
         say(v)?;
     } else {
         note(format!(
             "capsa: uploaded {}",
-            render::bytes_note(
+            view::bytes_note(
                 Path::new(&info.path),
                 info.size,
                 &result.sha256,
@@ -329,14 +330,14 @@ pub async fn download(client: &mut Client, a: DownloadArgs, json: bool) -> Resul
     }
     let sha = hex::encode(hasher.finalize());
     if json {
-        let mut v = render::file_json(&info);
+        let mut v = view::file_json(&info);
         v["sha256"] = serde_json::json!(sha);
         v["local"] = serde_json::json!(target.display().to_string());
         say(v)?;
     } else {
         note(format!(
             "capsa: downloaded {}",
-            render::bytes_note(&target, size, &sha, started.elapsed())
+            view::bytes_note(&target, size, &sha, started.elapsed())
         ));
     }
     Ok(0)
@@ -351,9 +352,9 @@ pub async fn ls(client: &mut Client, a: LsArgs, json: bool) -> Result<u8, CliErr
     files.sort_by(|x, y| x.name.cmp(&y.name));
     for f in &files {
         if json {
-            say(render::file_json(f))?;
+            say(view::file_json(f))?;
         } else {
-            say(render::file_row(f))?;
+            say(view::file_row(f))?;
         }
     }
     Ok(0)
@@ -370,9 +371,9 @@ pub async fn info(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, 
         .session
         .unwrap_or_default();
     if json {
-        say(render::session_json(&session))?;
+        say(view::session_json(&session))?;
     } else {
-        print_block(&render::session_text(&session))?;
+        print_block(&view::session_text(&session))?;
     }
     Ok(0)
 }
@@ -393,7 +394,7 @@ pub async fn usage(client: &mut Client, a: UsageArgs, json: bool) -> Result<u8, 
                 .into_inner();
             let usage = r.usage.unwrap_or_default();
             if json {
-                let mut v = render::usage_json(&usage);
+                let mut v = view::usage_json(&usage);
                 v["session_id"] = serde_json::json!(r.session_id);
                 say(v)?;
             } else {
@@ -401,7 +402,7 @@ pub async fn usage(client: &mut Client, a: UsageArgs, json: bool) -> Result<u8, 
                     "{:<14} {}\n{}",
                     "session",
                     r.session_id,
-                    render::usage_text(&usage)
+                    view::usage_text(&usage)
                 ))?;
             }
         }
@@ -412,7 +413,7 @@ pub async fn usage(client: &mut Client, a: UsageArgs, json: bool) -> Result<u8, 
                 .into_inner();
             let total = r.total.unwrap_or_default();
             if json {
-                let mut v = render::usage_json(&total);
+                let mut v = view::usage_json(&total);
                 v["tenant_id"] = serde_json::json!(r.tenant_id);
                 v["active_sessions"] = serde_json::json!(r.active_sessions);
                 v["total_sessions"] = serde_json::json!(r.total_sessions);
@@ -426,7 +427,7 @@ pub async fn usage(client: &mut Client, a: UsageArgs, json: bool) -> Result<u8, 
                     r.active_sessions,
                     "sessions",
                     r.total_sessions,
-                    render::usage_text(&total)
+                    view::usage_text(&total)
                 ))?;
             }
         }
@@ -446,12 +447,12 @@ pub async fn extend(client: &mut Client, a: ExtendArgs, json: bool) -> Result<u8
         .session
         .unwrap_or_default();
     if json {
-        say(render::session_json(&session))?;
+        say(view::session_json(&session))?;
     } else {
         say(format!(
             "{} expires at {}",
             session.id,
-            render::timestamp(&session.expire_time)
+            view::timestamp(&session.expire_time)
         ))?;
     }
     Ok(0)
@@ -468,9 +469,9 @@ pub async fn kill(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, 
         .session
         .unwrap_or_default();
     if json {
-        say(render::session_json(&session))?;
+        say(view::session_json(&session))?;
     } else {
-        let v = render::session_json(&session);
+        let v = view::session_json(&session);
         say(format!(
             "{} {} ({})",
             session.id,
@@ -491,7 +492,7 @@ pub async fn list(client: &mut Client, a: ListArgs, json: bool) -> Result<u8, Cl
     };
     let metadata: std::collections::HashMap<_, _> = a.labels.into_iter().collect();
     if !json {
-        say(render::SESSION_HEADER)?;
+        say(view::SESSION_HEADER)?;
     }
     let mut page_token = String::new();
     loop {
@@ -504,9 +505,9 @@ pub async fn list(client: &mut Client, a: ListArgs, json: bool) -> Result<u8, Cl
         let page = client.list_sessions(request).await?.into_inner();
         for s in &page.sessions {
             if json {
-                say(render::session_json(s))?;
+                say(view::session_json(s))?;
             } else {
-                say(render::session_row(s))?;
+                say(view::session_row(s))?;
             }
         }
         if page.next_page_token.is_empty() {

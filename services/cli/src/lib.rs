@@ -1,7 +1,8 @@
 //! `capsa`, the command-line client of the public SessionService.
 //!
 //! - [`args`]: the command line; [`config`]: endpoint and key (flags, env, `.capsa/dev.env`);
-//! - [`commands`]: one function per subcommand; [`render`]: text and JSON output;
+//! - [`commands`]: one function per subcommand; [`render`]: exec output as text or JSON
+//!   lines; [`view`]: sessions, usage and files;
 //! - [`duration`]: `30s` / `10m` / `1h` / `500ms`; [`error`]: exit codes.
 
 pub mod args;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod render;
+pub mod view;
 
 use args::{Cli, Command};
 pub use error::CliError;

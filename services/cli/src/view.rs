@@ -1,0 +1,244 @@
+//! How sessions, usage and files look: `key value` blocks and table rows for people, JSON
+//! objects for scripts. Timestamps are RFC 3339 in UTC.
+
+use std::path::Path;
+use std::time::Duration;
+
+use capsa_proto::common::v1::{FileInfo, FileType, Usage};
+use capsa_proto::session::v1::Session;
+use serde_json::{Value, json};
+
+use crate::render::millis;
+
+/// RFC 3339 in UTC, e.g. `2026-11-28T13:45:00Z`; empty when unset.
+pub fn timestamp(t: &Option<prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return String::new() };
+    let days = t.seconds.div_euclid(86_400);
+    let secs = t.seconds.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn name_of<T: AsRef<str>>(s: T, prefix: &str) -> String {
+    s.as_ref().trim_start_matches(prefix).to_string()
+}
+
+pub fn session_json(s: &Session) -> Value {
+    json!({
+        "id": s.id,
+        "status": name_of(s.status().as_str_name(), "SESSION_STATUS_"),
+        "end_reason": name_of(s.end_reason().as_str_name(), "END_REASON_"),
+        "end_message": s.end_message,
+        "template": s.template,
+        "vcpus": s.vcpus,
+        "memory_mib": s.memory_mib,
+        "env": s.env,
+        "labels": s.metadata,
+        "create_time": timestamp(&s.create_time),
+        "expire_time": timestamp(&s.expire_time),
+        "last_active_time": timestamp(&s.last_active_time),
+        "end_time": timestamp(&s.end_time),
+        "node_id": s.node_id,
+        "vm_id": s.vm_id,
+    })
+}
+
+/// `key: value` lines for a human.
+pub fn session_text(s: &Session) -> String {
+    let v = session_json(s);
+    let mut out = String::new();
+    for key in [
+        "id",
+        "status",
+        "template",
+        "vcpus",
+        "memory_mib",
+        "create_time",
+        "expire_time",
+        "last_active_time",
+        "node_id",
+        "vm_id",
+    ] {
+        out += &format!("{key:<17} {}\n", plain(&v[key]));
+    }
+    if s.end_reason() != capsa_proto::session::v1::EndReason::Unspecified {
+        out += &format!("{:<17} {}\n", "end_reason", plain(&v["end_reason"]));
+        out += &format!("{:<17} {}\n", "end_time", plain(&v["end_time"]));
+        if !s.end_message.is_empty() {
+            out += &format!("{:<17} {}\n", "end_message", s.end_message);
+        }
+    }
+    for (title, map) in [("env", &s.env), ("labels", &s.metadata)] {
+        let mut pairs: Vec<_> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.sort();
+        out += &format!("{title:<17} {}\n", pairs.join(" "));
+    }
+    out
+}
+
+/// One table row for `capsa list`.
+pub fn session_row(s: &Session) -> String {
+    let mut labels: Vec<_> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!(
+        "{:<38} {:<12} {:<10} {:>5} {:>7}  {:<20}  {:<20}  {}",
+        s.id,
+        name_of(s.status().as_str_name(), "SESSION_STATUS_"),
+        s.template,
+        s.vcpus,
+        s.memory_mib,
+        timestamp(&s.create_time),
+        timestamp(&s.expire_time),
+        labels.join(",")
+    )
+}
+
+pub const SESSION_HEADER: &str = "ID                                     STATUS       TEMPLATE   VCPUS  MEM_MIB  CREATED               EXPIRES               LABELS";
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn usage_json(u: &Usage) -> Value {
+    json!({
+        "cpu_time_ms": millis(&u.cpu_time),
+        "memory_used_bytes": u.memory_used_bytes,
+        "memory_peak_bytes": u.memory_peak_bytes,
+        "vmm_resident_bytes": u.vmm_resident_bytes,
+        "network_rx_bytes": u.network_rx_bytes,
+        "network_tx_bytes": u.network_tx_bytes,
+        "disk_read_bytes": u.disk_read_bytes,
+        "disk_write_bytes": u.disk_write_bytes,
+        "uptime_ms": millis(&u.uptime),
+        "sample_time": timestamp(&u.sample_time),
+    })
+}
+
+pub fn usage_text(u: &Usage) -> String {
+    let d = |d: &Option<prost_types::Duration>| {
+        d.as_ref()
+            .and_then(capsa_proto::time::from_duration)
+            .map_or("-".into(), crate::duration::format)
+    };
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    [
+        ("cpu_time", d(&u.cpu_time)),
+        ("memory_used", mib(u.memory_used_bytes)),
+        ("memory_peak", mib(u.memory_peak_bytes)),
+        ("vmm_resident", mib(u.vmm_resident_bytes)),
+        ("network_rx", format!("{} B", u.network_rx_bytes)),
+        ("network_tx", format!("{} B", u.network_tx_bytes)),
+        ("disk_read", format!("{} B", u.disk_read_bytes)),
+        ("disk_write", format!("{} B", u.disk_write_bytes)),
+        ("uptime", d(&u.uptime)),
+        ("sampled_at", timestamp(&u.sample_time)),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k:<14} {v}\n"))
+    .collect()
+}
+
+pub fn file_json(f: &FileInfo) -> Value {
+    json!({
+        "path": f.path,
+        "name": f.name,
+        "type": name_of(f.r#type().as_str_name(), "FILE_TYPE_").to_lowercase(),
+        "size": f.size,
+        "mode": format!("{:o}", f.mode),
+        "modify_time": timestamp(&f.modify_time),
+    })
+}
+
+/// An `ls -l`-like line.
+pub fn file_row(f: &FileInfo) -> String {
+    let kind = match f.r#type() {
+        FileType::Directory => 'd',
+        FileType::Symlink => 'l',
+        FileType::Regular => '-',
+        _ => '?',
+    };
+    let suffix = if f.r#type() == FileType::Directory {
+        "/"
+    } else {
+        ""
+    };
+    format!(
+        "{kind}{:04o} {:>12}  {:<20}  {}{suffix}",
+        f.mode,
+        f.size,
+        timestamp(&f.modify_time),
+        f.name
+    )
+}
+
+/// A note for humans on stderr, e.g. after an upload.
+pub fn bytes_note(path: &Path, size: u64, sha256: &str, elapsed: Duration) -> String {
+    format!(
+        "{} ({size} bytes, sha256 {sha256}) in {}",
+        path.display(),
+        crate::duration::format(elapsed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        });
+        assert_eq!(timestamp(&t), "2023-11-14T22:13:20Z");
+        let leap = Some(prost_types::Timestamp {
+            seconds: 951_782_400,
+            nanos: 0,
+        });
+        assert_eq!(timestamp(&leap), "2000-02-29T00:00:00Z");
+        assert_eq!(timestamp(&None), "");
+    }
+
+    #[test]
+    fn sessions_render_for_people_and_scripts() {
+        let s = Session {
+            id: "s-1".into(),
+            status: capsa_proto::session::v1::SessionStatus::Active as i32,
+            metadata: [("team".to_string(), "ml".to_string())].into(),
+            ..Default::default()
+        };
+        let v = session_json(&s);
+        assert_eq!(
+            (v["status"].as_str(), v["labels"]["team"].as_str()),
+            (Some("ACTIVE"), Some("ml"))
+        );
+        assert!(session_text(&s).contains("status            ACTIVE\n"));
+        assert!(session_row(&s).starts_with("s-1 "));
+        let f = FileInfo {
+            name: "d".into(),
+            r#type: FileType::Directory as i32,
+            mode: 0o755,
+            ..Default::default()
+        };
+        assert!(file_row(&f).starts_with("d0755"), "{}", file_row(&f));
+        assert!(file_row(&f).ends_with("d/"));
+        assert_eq!(file_json(&f)["type"], "directory");
+    }
+}

@@ -1,0 +1,726 @@
+//! The real `capsa` binary against an in-test SessionService double on 127.0.0.1:0:
+//! streaming to the terminal, exit statuses, JSON lines, configuration, file transfer.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use capsa_proto::common::v1::*;
+use capsa_proto::session::v1::session_service_server::{SessionService, SessionServiceServer};
+use capsa_proto::session::v1::*;
+use futures::Stream;
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+const KEY: &str = "test-key";
+
+#[derive(Default)]
+struct State {
+    last_execute: Mutex<Option<ExecuteRequest>>,
+    files: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+#[derive(Clone)]
+struct Double {
+    state: Arc<State>,
+}
+
+fn check_auth<T>(r: &Request<T>) -> Result<(), Status> {
+    match r
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(v) if v == format!("Bearer {KEY}") => Ok(()),
+        _ => Err(Status::unauthenticated("invalid API key")),
+    }
+}
+
+fn event(e: execute_event::Event) -> Result<ExecuteResponse, Status> {
+    Ok(ExecuteResponse {
+        event: Some(ExecuteEvent { event: Some(e) }),
+    })
+}
+
+fn out(data: &[u8]) -> Result<ExecuteResponse, Status> {
+    event(execute_event::Event::Stdout(OutputChunk {
+        data: Bytes::copy_from_slice(data),
+    }))
+}
+
+fn done(
+    status: CompletionStatus,
+    exit_code: i32,
+    message: &str,
+) -> Result<ExecuteResponse, Status> {
+    event(execute_event::Event::Completion(Completion {
+        status: status as i32,
+        exit_code,
+        message: message.into(),
+        state_lost: status == CompletionStatus::KernelDied,
+        wall_time: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 7_000_000,
+        }),
+        ..Default::default()
+    }))
+}
+
+fn session(id: &str) -> Session {
+    Session {
+        id: id.into(),
+        status: SessionStatus::Active as i32,
+        template: "default".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        expire_time: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SessionService for Double {
+    type ExecuteStream = BoxStream<ExecuteResponse>;
+    type DownloadFileStream = BoxStream<DownloadFileResponse>;
+
+    async fn create_session(
+        &self,
+        r: Request<CreateSessionRequest>,
+    ) -> Result<Response<CreateSessionResponse>, Status> {
+        check_auth(&r)?;
+        let r = r.into_inner();
+        let mut s = session("s-new");
+        s.env = r.env;
+        s.metadata = r.metadata;
+        Ok(Response::new(CreateSessionResponse { session: Some(s) }))
+    }
+
+    async fn get_session(
+        &self,
+        r: Request<GetSessionRequest>,
+    ) -> Result<Response<GetSessionResponse>, Status> {
+        check_auth(&r)?;
+        let id = r.into_inner().session_id;
+        if id == "missing" {
+            return Err(Status::not_found("session missing not found"));
+        }
+        Ok(Response::new(GetSessionResponse {
+            session: Some(session(&id)),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        r: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        check_auth(&r)?;
+        // Two pages, so the CLI must follow the token.
+        let (ids, next) = match r.into_inner().page_token.as_str() {
+            "" => (["s-1", "s-2"], "page-2"),
+            _ => (["s-3", "s-4"], ""),
+        };
+        Ok(Response::new(ListSessionsResponse {
+            sessions: ids.iter().map(|id| session(id)).collect(),
+            next_page_token: next.into(),
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        r: Request<DeleteSessionRequest>,
+    ) -> Result<Response<DeleteSessionResponse>, Status> {
+        check_auth(&r)?;
+        let mut s = session(&r.into_inner().session_id);
+        s.status = SessionStatus::Terminated as i32;
+        s.end_reason = EndReason::Deleted as i32;
+        Ok(Response::new(DeleteSessionResponse { session: Some(s) }))
+    }
+
+    async fn extend_session(
+        &self,
+        r: Request<ExtendSessionRequest>,
+    ) -> Result<Response<ExtendSessionResponse>, Status> {
+        check_auth(&r)?;
+        let r = r.into_inner();
+        let mut s = session(&r.session_id);
+        s.expire_time = Some(prost_types::Timestamp {
+            seconds: 1_700_000_000 + r.extend_by.unwrap_or_default().seconds,
+            nanos: 0,
+        });
+        Ok(Response::new(ExtendSessionResponse { session: Some(s) }))
+    }
+
+    async fn execute(
+        &self,
+        r: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        check_auth(&r)?;
+        let r = r.into_inner();
+        *self.state.last_execute.lock().unwrap() = Some(r.clone());
+        let code = r.code.trim().to_string();
+        let events: Vec<Result<ExecuteResponse, Status>> = match code.as_str() {
+            "hello" => vec![
+                out(b"hello\n"),
+                event(execute_event::Event::Stderr(OutputChunk {
+                    data: "careful\n".into(),
+                })),
+                event(execute_event::Event::Result(ExecuteResult {
+                    data: [("text/plain".to_string(), Bytes::from("42"))].into(),
+                })),
+                done(CompletionStatus::Ok, 0, ""),
+            ],
+            "binary" => {
+                vec![
+                    out(&(0..=255u8).collect::<Vec<_>>()),
+                    done(CompletionStatus::Ok, 0, ""),
+                ]
+            }
+            "raise" => vec![
+                event(execute_event::Event::Error(ExecuteError {
+                    name: "ValueError".into(),
+                    value: "bad".into(),
+                    traceback: vec![
+                        "Traceback (most recent call last):\n".into(),
+                        "ValueError: bad\n".into(),
+                    ],
+                })),
+                done(CompletionStatus::Error, 1, ""),
+            ],
+            "timeout" => vec![
+                out(b"tick\n"),
+                done(CompletionStatus::Timeout, 0, "timed out after 1s"),
+            ],
+            "died" => vec![done(
+                CompletionStatus::KernelDied,
+                0,
+                "the kernel exited with status 3",
+            )],
+            "interrupted" => vec![done(CompletionStatus::Interrupted, 0, "interrupted")],
+            "png" => vec![
+                event(execute_event::Event::Display(DisplayData {
+                    data: [("image/png".to_string(), Bytes::from_static(b"\x89PNG-fake"))].into(),
+                })),
+                done(CompletionStatus::Ok, 0, ""),
+            ],
+            "boom" => vec![out(b"partial\n"), Err(Status::unavailable("vm gone"))],
+            other => match other.strip_prefix("exit:") {
+                Some(n) => vec![done(CompletionStatus::Error, n.parse().unwrap(), "")],
+                None => vec![out(other.as_bytes()), done(CompletionStatus::Ok, 0, "")],
+            },
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter(events))))
+    }
+
+    async fn upload_file(
+        &self,
+        r: Request<Streaming<UploadFileRequest>>,
+    ) -> Result<Response<UploadFileResponse>, Status> {
+        check_auth(&r)?;
+        let mut incoming = r.into_inner();
+        let Some(UploadFileRequest {
+            part: Some(upload_file_request::Part::Header(h)),
+        }) = incoming.message().await?
+        else {
+            return Err(Status::invalid_argument("header first"));
+        };
+        let file = h.file.unwrap_or_default();
+        let mut data = Vec::new();
+        while let Some(m) = incoming.message().await? {
+            match m.part {
+                Some(upload_file_request::Part::Data(d)) if d.len() <= 1 << 20 => {
+                    data.extend_from_slice(&d)
+                }
+                _ => return Err(Status::invalid_argument("bad chunk")),
+            }
+        }
+        if file.size != Some(data.len() as u64) {
+            return Err(Status::invalid_argument("size mismatch"));
+        }
+        let sha256 = hex::encode(sha2::Sha256::digest(&data));
+        let info = FileInfo {
+            path: file.path.clone(),
+            name: file.path.rsplit('/').next().unwrap_or_default().into(),
+            r#type: FileType::Regular as i32,
+            size: data.len() as u64,
+            mode: if file.mode == 0 { 0o644 } else { file.mode },
+            ..Default::default()
+        };
+        self.state.files.lock().unwrap().insert(file.path, data);
+        Ok(Response::new(UploadFileResponse {
+            result: Some(UploadResult {
+                info: Some(info),
+                sha256,
+            }),
+        }))
+    }
+
+    async fn download_file(
+        &self,
+        r: Request<DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        check_auth(&r)?;
+        let path = r.into_inner().path;
+        let Some(data) = self.state.files.lock().unwrap().get(&path).cloned() else {
+            return Err(Status::not_found(format!("{path} not found")));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let info = FileInfo {
+                name: path.rsplit('/').next().unwrap_or_default().into(),
+                path,
+                size: data.len() as u64,
+                ..Default::default()
+            };
+            let _ = tx
+                .send(Ok(DownloadFileResponse {
+                    part: Some(download_file_response::Part::Info(info)),
+                }))
+                .await;
+            for chunk in data.chunks(1 << 20) {
+                let part = download_file_response::Part::Data(Bytes::copy_from_slice(chunk));
+                if tx
+                    .send(Ok(DownloadFileResponse { part: Some(part) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_files(
+        &self,
+        r: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
+        check_auth(&r)?;
+        let files = self
+            .state
+            .files
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(path, data)| FileInfo {
+                path: path.clone(),
+                name: path.rsplit('/').next().unwrap_or_default().into(),
+                r#type: FileType::Regular as i32,
+                size: data.len() as u64,
+                mode: 0o644,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(ListFilesResponse { files }))
+    }
+
+    async fn get_file_info(
+        &self,
+        _r: Request<GetFileInfoRequest>,
+    ) -> Result<Response<GetFileInfoResponse>, Status> {
+        Err(Status::unimplemented("not used by the CLI"))
+    }
+
+    async fn make_directory(
+        &self,
+        _r: Request<MakeDirectoryRequest>,
+    ) -> Result<Response<MakeDirectoryResponse>, Status> {
+        Err(Status::unimplemented("not used by the CLI"))
+    }
+
+    async fn remove_file(
+        &self,
+        _r: Request<RemoveFileRequest>,
+    ) -> Result<Response<RemoveFileResponse>, Status> {
+        Err(Status::unimplemented("not used by the CLI"))
+    }
+
+    async fn get_usage(
+        &self,
+        r: Request<GetUsageRequest>,
+    ) -> Result<Response<GetUsageResponse>, Status> {
+        check_auth(&r)?;
+        let usage = Usage {
+            memory_used_bytes: 64 << 20,
+            network_rx_bytes: 10,
+            ..Default::default()
+        };
+        Ok(Response::new(GetUsageResponse {
+            session_id: r.into_inner().session_id,
+            usage: Some(usage),
+        }))
+    }
+
+    async fn get_tenant_usage(
+        &self,
+        r: Request<GetTenantUsageRequest>,
+    ) -> Result<Response<GetTenantUsageResponse>, Status> {
+        check_auth(&r)?;
+        Ok(Response::new(GetTenantUsageResponse {
+            tenant_id: "t-1".into(),
+            total: Some(Usage::default()),
+            active_sessions: 2,
+            total_sessions: 5,
+        }))
+    }
+}
+
+/// The double on 127.0.0.1:0 plus a scratch dir to run the CLI in; stops on drop.
+struct Api {
+    endpoint: String,
+    state: Arc<State>,
+    dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Api {
+    async fn start() -> Api {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(State::default());
+        let service = SessionServiceServer::new(Double {
+            state: state.clone(),
+        });
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        Api {
+            endpoint,
+            state,
+            dir: tempfile::tempdir().unwrap(),
+            task,
+        }
+    }
+
+    /// Runs `capsa` with the endpoint and key as flags.
+    async fn capsa(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--endpoint", &self.endpoint, "--api-key", KEY];
+        all.extend_from_slice(args);
+        self.capsa_raw(&all, None).await
+    }
+
+    /// Runs `capsa` with exactly `args`, in the scratch dir, with no CAPSA_* environment.
+    async fn capsa_raw(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_capsa"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env_remove("CAPSA_ENDPOINT")
+            .env_remove("CAPSA_API_KEY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(data) = stdin {
+            input.write_all(data).await.unwrap();
+        }
+        drop(input);
+        child.wait_with_output().await.unwrap()
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn exec_streams_output_prints_the_result_and_sends_the_options() {
+    let api = Api::start().await;
+    let o = api
+        .capsa(&[
+            "exec",
+            "s-1",
+            "hello",
+            "--timeout",
+            "30s",
+            "--env",
+            "A=1",
+            "--cwd",
+            "/work",
+            "--lang",
+            "shell",
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "hello\n42\n");
+    assert_eq!(text(&o.stderr), "careful\n");
+    let r = api.state.last_execute.lock().unwrap().clone().unwrap();
+    assert_eq!(r.session_id, "s-1");
+    assert_eq!(r.language(), Language::Shell);
+    assert_eq!(
+        r.timeout,
+        Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0
+        })
+    );
+    assert_eq!(r.env.get("A").map(String::as_str), Some("1"));
+    assert_eq!(r.cwd, "/work");
+}
+
+#[tokio::test]
+async fn exit_statuses_follow_the_completion() {
+    let api = Api::start().await;
+    for (code, status, stderr_has) in [
+        ("exit:3", 3, ""),
+        ("raise", 1, "ValueError: bad"),
+        ("timeout", 124, "capsa: timed out: timed out after 1s"),
+        ("interrupted", 130, "capsa: interrupted"),
+        ("died", 137, "state is lost"),
+        ("boom", 1, "capsa: UNAVAILABLE: vm gone"),
+    ] {
+        let o = api.capsa(&["exec", "s-1", code]).await;
+        assert_eq!(o.status.code(), Some(status), "{code}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(stderr_has),
+            "{code}: {}",
+            text(&o.stderr)
+        );
+    }
+    // Output that arrived before a broken stream was still shown.
+    let o = api.capsa(&["exec", "s-1", "boom"]).await;
+    assert_eq!(text(&o.stdout), "partial\n");
+}
+
+#[tokio::test]
+async fn binary_output_is_passed_through_unchanged() {
+    let api = Api::start().await;
+    let o = api.capsa(&["exec", "s-1", "binary"]).await;
+    assert_eq!(o.stdout, (0..=255u8).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn json_mode_prints_one_event_per_line() {
+    let api = Api::start().await;
+    let o = api.capsa(&["--json", "exec", "s-1", "hello"]).await;
+    assert_eq!(o.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["stdout", "stderr", "result", "completion"]);
+    assert_eq!(lines[0]["text"], "hello\n");
+    assert_eq!(lines[2]["data"]["text/plain"]["text"], "42");
+    assert_eq!(lines[3]["status"], "OK");
+    assert_eq!(lines[3]["wall_time_ms"], 7);
+
+    let o = api.capsa(&["exec", "--json", "s-1", "exit:4"]).await;
+    assert_eq!(o.status.code(), Some(4));
+    let last: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["status"].as_str(), last["exit_code"].as_i64()),
+        (Some("ERROR"), Some(4))
+    );
+}
+
+#[tokio::test]
+async fn code_from_stdin_and_from_a_file() {
+    let api = Api::start().await;
+    let o = api
+        .capsa_raw(
+            &[
+                "--endpoint",
+                &api.endpoint,
+                "--api-key",
+                KEY,
+                "exec",
+                "s-1",
+                "-",
+            ],
+            Some(b"hello\n"),
+        )
+        .await;
+    assert_eq!(text(&o.stdout), "hello\n42\n");
+    std::fs::write(api.dir.path().join("job.py"), "exit:5").unwrap();
+    let o = api.capsa(&["exec", "s-1", "-f", "job.py"]).await;
+    assert_eq!(o.status.code(), Some(5));
+}
+
+#[tokio::test]
+async fn endpoint_and_key_come_from_dev_env_and_bad_keys_are_api_errors() {
+    let api = Api::start().await;
+    let o = api.capsa_raw(&["info", "s-1"], None).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).starts_with("capsa: no endpoint"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    std::fs::create_dir_all(api.dir.path().join(".capsa")).unwrap();
+    std::fs::write(
+        api.dir.path().join(".capsa/dev.env"),
+        format!("CAPSA_ENDPOINT={}\nCAPSA_API_KEY={KEY}\n", api.endpoint),
+    )
+    .unwrap();
+    let o = api.capsa_raw(&["info", "s-1"], None).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("s-1"));
+
+    let o = api
+        .capsa_raw(&["--api-key", "wrong", "info", "s-1"], None)
+        .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(text(&o.stderr), "capsa: UNAUTHENTICATED: invalid API key\n");
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2_and_api_errors_exit_1() {
+    let api = Api::start().await;
+    let o = api.capsa(&["exec", "s-1"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    let o = api.capsa(&["exec", "s-1", "x", "--timeout", "soon"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    let o = api.capsa(&["info", "missing"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "capsa: NOT_FOUND: session missing not found\n"
+    );
+}
+
+#[tokio::test]
+async fn upload_then_download_round_trips_a_file() {
+    let api = Api::start().await;
+    let data: Vec<u8> = (0..3 * (1 << 20) + 123)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let local = api.dir.path().join("in.bin");
+    std::fs::write(&local, &data).unwrap();
+    let o = api
+        .capsa(&[
+            "--json",
+            "upload",
+            "s-1",
+            local.to_str().unwrap(),
+            "/data/in.bin",
+            "--mode",
+            "600",
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(v["sha256"], hex::encode(sha2::Sha256::digest(&data)));
+    assert_eq!(
+        (v["size"].as_u64(), v["mode"].as_str()),
+        (Some(data.len() as u64), Some("600"))
+    );
+
+    let back = api.dir.path().join("out.bin");
+    let o = api
+        .capsa(&["download", "s-1", "/data/in.bin", back.to_str().unwrap()])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    // Into a directory: named after the remote file; and to stdout with `-`.
+    let o = api
+        .capsa(&[
+            "download",
+            "s-1",
+            "/data/in.bin",
+            api.dir.path().to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(std::fs::read(api.dir.path().join("in.bin")).unwrap(), data);
+    let o = api.capsa(&["download", "s-1", "/data/in.bin", "-"]).await;
+    assert_eq!(o.stdout, data);
+
+    let o = api
+        .capsa(&["download", "s-1", "/nope", back.to_str().unwrap()])
+        .await;
+    assert_eq!(o.status.code(), Some(1));
+    let o = api.capsa(&["ls", "s-1", "/data"]).await;
+    assert!(text(&o.stdout).contains("in.bin"), "{}", text(&o.stdout));
+    // No partial files were left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(api.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("capsa-part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn display_data_is_saved_where_asked() {
+    let api = Api::start().await;
+    let dir = api.dir.path().join("plots");
+    std::fs::create_dir(&dir).unwrap();
+    let o = api
+        .capsa(&["exec", "s-1", "png", "--display-dir", dir.to_str().unwrap()])
+        .await;
+    assert_eq!(o.status.code(), Some(0));
+    let saved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(std::fs::read(&saved[0]).unwrap(), b"\x89PNG-fake");
+    assert!(text(&o.stderr).contains(&saved[0].display().to_string()));
+}
+
+#[tokio::test]
+async fn session_commands() {
+    let api = Api::start().await;
+    let o = api
+        .capsa(&[
+            "create",
+            "--lifetime",
+            "10m",
+            "--env",
+            "K=V",
+            "--label",
+            "team=ml",
+        ])
+        .await;
+    assert_eq!(text(&o.stdout), "s-new\n");
+    let o = api.capsa(&["--json", "create", "--label", "team=ml"]).await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(v["labels"]["team"], "ml");
+
+    let o = api.capsa(&["--json", "list", "--status", "active"]).await;
+    let ids: Vec<String> = text(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["s-1", "s-2", "s-3", "s-4"]);
+
+    let o = api.capsa(&["extend", "s-1", "1h"]).await;
+    assert_eq!(text(&o.stdout), "s-1 expires at 2023-11-14T23:13:20Z\n");
+    let o = api.capsa(&["kill", "s-1"]).await;
+    assert_eq!(text(&o.stdout), "s-1 TERMINATED (DELETED)\n");
+    let o = api.capsa(&["--json", "usage", "--tenant"]).await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(
+        (v["active_sessions"].as_u64(), v["total_sessions"].as_u64()),
+        (Some(2), Some(5))
+    );
+    let o = api.capsa(&["usage", "s-1"]).await;
+    assert!(text(&o.stdout).contains("64.0 MiB"), "{}", text(&o.stdout));
+}
