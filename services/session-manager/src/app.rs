@@ -2,6 +2,9 @@
 //! clients and the config. Business logic hangs off [`App`] in `sessions`, `teardown`,
 //! `proxy` and `reaper`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use capsa_store::{ApiKeyStore, ConnectionManager, NodeRegistry, SessionStore};
 
 use crate::clients::Clients;
@@ -14,11 +17,25 @@ pub struct App {
     pub keys: ApiKeyStore,
     pub nodes: NodeRegistry,
     pub clients: Clients,
+    /// Sessions not yet terminated (all tenants), refreshed by the reconciler and exported
+    /// as the `capsa.sessions.active` gauge. Every replica reports the same global number.
+    pub open_sessions: Arc<AtomicU64>,
 }
 
 impl App {
     pub fn new(config: Config, conn: ConnectionManager) -> Self {
+        let open_sessions = Arc::new(AtomicU64::new(0));
+        let gauge_source = open_sessions.clone();
+        // The instrument lives as long as the meter provider; its callback reads the atomic.
+        let _gauge = capsa_telemetry::meter()
+            .u64_observable_gauge(capsa_telemetry::metrics::SESSIONS_ACTIVE)
+            .with_description("sessions not yet terminated, across all tenants")
+            .with_callback(move |observer| {
+                observer.observe(gauge_source.load(Ordering::Relaxed), &[])
+            })
+            .build();
         Self {
+            open_sessions,
             sessions: SessionStore::new(conn.clone(), config.store_config()),
             keys: ApiKeyStore::new(conn.clone()),
             nodes: NodeRegistry::new(conn),

@@ -79,6 +79,10 @@ pub async fn reconciler(app: Arc<App>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        if let Ok(open) = app.sessions.open_count().await {
+            app.open_sessions
+                .store(open, std::sync::atomic::Ordering::Relaxed);
+        }
         match app.nodes.live_nodes().await {
             Ok(nodes) => {
                 for node in nodes {

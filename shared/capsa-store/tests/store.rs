@@ -99,6 +99,7 @@ async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
     ));
     assert_eq!(s.node_sessions("n1").await.unwrap(), ["s1"]);
     assert_eq!(s.counts("t").await.unwrap(), (1, 1));
+    assert_eq!(s.open_count().await.unwrap(), 1);
 
     // Two concurrent enders: exactly one wins.
     let (a, b) = tokio::join!(
@@ -130,6 +131,7 @@ async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
         Transition::Conflict(_)
     ));
     assert!(s.node_sessions("n1").await.unwrap().is_empty());
+    assert_eq!(s.open_count().await.unwrap(), 0);
     assert!(matches!(
         s.begin_end("nope", EndReason::Deleted, "", None)
             .await

@@ -407,4 +407,10 @@ impl SessionStore {
             .await?;
         Ok((active, total.unwrap_or(0)))
     }
+
+    /// Sessions not yet terminated, across every tenant: each one has exactly one entry in
+    /// the due set until it ends.
+    pub async fn open_count(&self) -> Result<u64> {
+        Ok(self.conn.clone().zcard(EXPIRY).await?)
+    }
 }
