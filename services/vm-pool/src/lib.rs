@@ -1,1 +1,161 @@
-//! capsa-vm-pool (under construction).
+//! capsa-vm-pool: one per KVM host. Keeps warm microVMs booted per template and hands
+//! each out to exactly one lease; a released VM is destroyed, never reused.
+//!
+//! Start-up: choose the engine ([`capsa_vmm::engine`]), load the templates' images, reap
+//! whatever a previous run left in `<state_dir>/vms` ([`capsa_vmm::orphans`]), start the
+//! refill loop and the node heartbeat, serve gRPC. Shutdown, on the caller's signal:
+//! health NOT_SERVING and no new calls (capsa-grpc), the pool stops booting and ends watch
+//! streams, the node record is removed, then every VM is destroyed.
+
+pub mod boot;
+pub mod config;
+pub mod error;
+pub mod grpc;
+mod metrics;
+pub mod node;
+pub mod pool;
+pub mod vm;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use capsa_proto::vmpool::v1::vm_pool_service_server::VmPoolServiceServer;
+use capsa_vmm::{
+    CloudHypervisor, CloudHypervisorConfig, EngineKind, GuestImage, HostFacts, Hypervisor, Qemu,
+    QemuAccel, QemuConfig,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::Error;
+pub use pool::{Pool, Settings, Template};
+
+/// Chooses the engine and builds its driver.
+pub fn hypervisor(
+    config: &Config,
+) -> Result<(Arc<dyn Hypervisor>, capsa_vmm::EngineChoice), Error> {
+    let facts = HostFacts::probe(
+        config.cloud_hypervisor.clone(),
+        None,
+        config.pvm_guest_kernel.clone(),
+    );
+    let choice = capsa_vmm::engine::choose(config.engine, &facts)?;
+    tracing::info!(engine = %choice.kind, reason = %choice.reason, "engine chosen");
+    let die_with_parent = !config.orphan_vms_on_crash;
+    let hv: Arc<dyn Hypervisor> = match choice.kind {
+        EngineKind::CloudHypervisor => {
+            let qemu_img = QemuConfig::discover(QemuAccel::Kvm)?.qemu_img;
+            Arc::new(CloudHypervisor::new(CloudHypervisorConfig {
+                binary: choice.binary.clone(),
+                qemu_img,
+                kernel_override: choice.kernel_override.clone(),
+                die_with_parent,
+            }))
+        }
+        kind => {
+            let accel = if kind == EngineKind::QemuKvm {
+                QemuAccel::Kvm
+            } else {
+                QemuAccel::Tcg
+            };
+            let mut qemu = QemuConfig::discover(accel)?;
+            qemu.qemu = choice.binary.clone();
+            qemu.kernel_override = choice.kernel_override.clone();
+            qemu.die_with_parent = die_with_parent;
+            Arc::new(Qemu::new(qemu))
+        }
+    };
+    Ok((hv, choice))
+}
+
+/// Loads every configured template's image.
+pub fn templates(config: &Config) -> Result<Vec<Template>, Error> {
+    let all = config.all_templates();
+    if all.is_empty() {
+        return Err(Error::Config(
+            "no template: pass --image-dir (and/or --template NAME=DIR)".into(),
+        ));
+    }
+    all.into_iter()
+        .map(|(name, dir)| {
+            let image = GuestImage::load(&dir)
+                .map_err(|e| Error::Config(format!("template {name}: {}", capsa_grpc::error::chain(&e))))?;
+            tracing::info!(template = %name, image = %image.dir.display(), hash = %image.hash, "template loaded");
+            Ok(Template { name, image, vcpus: config.vcpus, memory_mib: config.memory_mib, warm_target: config.warm })
+        })
+        .collect()
+}
+
+/// Runs vm-pool on `listener` until `shutdown` resolves, then decommissions the node.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let templates = templates(&config)?;
+    let (hv, choice) = hypervisor(&config)?;
+    std::fs::create_dir_all(config.state_dir.join("vms"))
+        .map_err(|e| Error::Config(format!("state dir {}: {e}", config.state_dir.display())))?;
+    let reaped = capsa_vmm::orphans::reap(&config.state_dir.join("vms")).await?;
+    if !reaped.killed.is_empty() || !reaped.removed_dirs.is_empty() {
+        tracing::warn!(killed = ?reaped.killed, dirs = reaped.removed_dirs.len(), "reaped leftovers of a previous run");
+    }
+    let settings = Settings {
+        state_dir: config.state_dir.clone(),
+        capacity: config.capacity,
+        max_concurrent_boots: config.max_concurrent_boots,
+        boot_timeout: config.boot_timeout,
+        max_vcpus: config.max_vcpus,
+        max_memory_mib: config.max_memory_mib,
+    };
+    let pool = Pool::new(hv, choice, templates, settings);
+    let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
+
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("listener address: {e}")))?;
+    let identity = node::NodeIdentity {
+        node_id: config.node_id.clone().unwrap_or_else(node::hostname),
+        vmpool_url: config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}")),
+        executor_url: config.executor_url.clone(),
+    };
+    let stop_heartbeat = CancellationToken::new();
+    let heartbeat = match &config.redis_url {
+        Some(url) => {
+            let registry = node::connect(url, &identity, &pool).await?;
+            tracing::info!(node = %identity.node_id, "node registered");
+            Some(tokio::spawn(node::heartbeat_loop(
+                registry,
+                identity.clone(),
+                pool.clone(),
+                stop_heartbeat.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    let server = capsa_grpc::Server::new().add_service(VmPoolServiceServer::new(
+        grpc::Service::new(pool.clone(), identity.node_id.clone()),
+    ));
+    let closing = pool.clone();
+    let served = capsa_grpc::serve_tcp(server, listener, async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        // Ends watch streams and pending boots so in-flight calls can drain.
+        closing.close();
+    })
+    .await;
+
+    stop_heartbeat.cancel();
+    if let Some(h) = heartbeat {
+        let _ = h.await;
+    }
+    pool.destroy_all().await;
+    let _ = refill.await;
+    served?;
+    Ok(())
+}

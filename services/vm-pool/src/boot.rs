@@ -1,0 +1,348 @@
+//! Booting VMs, keeping the warm pools full, and noticing deaths.
+//!
+//! A boot: take a boot slot (bounded concurrency) → the hypervisor starts the VMM → a
+//! watcher task awaits the VMM's exit for the rest of the VM's life → the agent's
+//! `grpc.health.v1` Check over hybrid vsock answers SERVING → the VM is `Warm` (queued) or,
+//! for a cold boot, `Leased`. A VMM that exits, or an agent silent past the boot timeout,
+//! makes the VM `Failed` with the reason; its processes and dir are destroyed at once.
+//!
+//! The refill loop wakes on every change (and on backoff deadlines) and starts boots
+//! while a template has fewer warm + booting VMs than its target and the node has room.
+//! Consecutive failed boots of a template back its refills off exponentially (1 s .. 60 s)
+//! so a broken image does not spin.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use capsa_vmm::{VirtualMachine, VmSpec};
+use tokio::sync::watch;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::error::Error;
+use crate::pool::{Entry, Shared, State, Template};
+use crate::vm::{VmInfo, VmState, new_vm_id};
+
+/// How long an unleased failed VM stays listed.
+const FAILED_RETENTION: Duration = Duration::from_secs(60);
+/// Per health-check attempt (the vsock connect is retried with a short backoff).
+const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Records a new `Booting` VM; `lease` is set for a cold boot on behalf of a lease.
+pub(crate) fn insert_booting(
+    shared: &Shared,
+    st: &mut State,
+    tpl: &Template,
+    vcpus: u32,
+    memory_mib: u32,
+    lease: Option<&str>,
+) -> String {
+    let id = new_vm_id();
+    let info = VmInfo {
+        id: id.clone(),
+        template: tpl.name.clone(),
+        vcpus,
+        memory_mib,
+        state: VmState::Booting,
+        lease_id: lease.map(str::to_owned),
+        engine: shared.engine.kind,
+        vmm_pid: 0,
+        boot_time: SystemTime::now(),
+        boot_duration: None,
+        lease_time: lease.map(|_| SystemTime::now()),
+        failure: None,
+    };
+    st.vms.insert(
+        id.clone(),
+        Entry {
+            info: watch::channel(info).0,
+            vm: None,
+        },
+    );
+    id
+}
+
+/// Boots the `Booting` VM `id` and brings it to `Warm` or `Leased`.
+#[tracing::instrument(skip(shared, tpl), fields(template = %tpl.name))]
+pub(crate) async fn run_boot(
+    shared: &Arc<Shared>,
+    id: &str,
+    tpl: &Template,
+    vcpus: u32,
+    memory_mib: u32,
+) -> Result<VmInfo, Error> {
+    let _slot = tokio::select! {
+        slot = shared.boot_slots.acquire() => slot.expect("the boot semaphore is never closed"),
+        _ = shared.closing.cancelled() => return Err(fail(shared, id, "vm-pool is shutting down".into())),
+    };
+    let started = Instant::now();
+    let kind = shared.engine.kind;
+    let spec = VmSpec {
+        id: id.to_owned(),
+        vcpus,
+        memory_mib,
+        kernel: tpl.image.kernel_for(kind).to_owned(),
+        cmdline: tpl.image.cmdline_for(kind),
+        rootfs_base: Some(tpl.image.rootfs.clone()),
+        initrd: None,
+        dir: shared.settings.state_dir.join("vms").join(id),
+    };
+    let vm = match shared.hv.boot(&spec).await {
+        Ok(vm) => vm,
+        Err(e) => {
+            return Err(fail(
+                shared,
+                id,
+                format!("vmm start failed: {}", capsa_grpc::error::chain(&e)),
+            ));
+        }
+    };
+    if !attach(shared, id, &vm) {
+        // Released (or the pool shut down) while the VMM was starting.
+        let _ = vm.destroy().await;
+        return Err(Error::Unavailable(format!(
+            "vm {id} was released during its boot"
+        )));
+    }
+    spawn_watcher(shared.clone(), vm.clone());
+
+    let vsock = vm.vsock_path();
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(shared.settings.boot_timeout, wait_healthy(&vsock)) => match r {
+            Ok(()) => Ok(()),
+            Err(_) => Err(format!(
+                "agent did not answer its health check within {:?}{}",
+                shared.settings.boot_timeout,
+                console_tail(&vm)
+            )),
+        },
+        exit = vm.wait() => Err(format!("vmm {} during boot{}", exit.description, console_tail(&vm))),
+        _ = shared.closing.cancelled() => Err("vm-pool is shutting down".into()),
+    };
+    if let Err(reason) = outcome {
+        let err = fail(shared, id, reason);
+        let _ = vm.destroy().await;
+        return Err(err);
+    }
+    let took = started.elapsed();
+    shared.metrics.booted(took);
+    let mut st = shared.lock();
+    let st = &mut *st;
+    st.backoff.remove(&tpl.name);
+    let Some(entry) = st.vms.get(id) else {
+        drop(vm);
+        return Err(Error::Unavailable(format!(
+            "vm {id} was released during its boot"
+        )));
+    };
+    if entry.info.borrow().state != VmState::Booting {
+        let state = entry.info.borrow().state;
+        return Err(Error::Unavailable(format!(
+            "vm {id} became {state:?} during its boot"
+        )));
+    }
+    entry.info.send_modify(|i| {
+        i.boot_duration = Some(took);
+        i.state = if i.lease_id.is_some() {
+            VmState::Leased
+        } else {
+            VmState::Warm
+        };
+    });
+    let info = entry.info.borrow().clone();
+    if info.state == VmState::Warm {
+        let q = st.warm.entry(tpl.name.clone()).or_default();
+        q.push_back(id.to_owned());
+        shared.metrics.warm(&tpl.name, q.len());
+    }
+    tracing::info!(vm = id, boot_ms = took.as_millis() as u64, state = ?info.state, "vm booted");
+    shared.changed.notify_one();
+    Ok(info)
+}
+
+/// Stores the VM handle on its entry; false when the entry is gone.
+fn attach(shared: &Shared, id: &str, vm: &Arc<dyn VirtualMachine>) -> bool {
+    let mut st = shared.lock();
+    let Some(entry) = st.vms.get_mut(id) else {
+        return false;
+    };
+    entry.vm = Some(vm.clone());
+    entry.info.send_modify(|i| i.vmm_pid = vm.vmm_pid());
+    true
+}
+
+/// Awaits the VMM's exit for the VM's whole life: an exit while the VM is live is a failure.
+fn spawn_watcher(shared: Arc<Shared>, vm: Arc<dyn VirtualMachine>) {
+    tokio::spawn(async move {
+        let exit = vm.wait().await;
+        let failed = mark_failed(&shared, vm.id(), &format!("vmm {}", exit.description));
+        if failed {
+            tracing::warn!(vm = vm.id(), exit = %exit.description, "vmm exited; vm failed");
+        }
+        // Whatever the state, nothing of a dead VM stays: helper processes, sockets, dir.
+        if let Err(e) = vm.destroy().await {
+            tracing::error!(vm = vm.id(), error = %capsa_grpc::error::chain(&e), "cleanup after exit failed");
+        }
+    });
+}
+
+/// Marks a live VM `Failed` (if it still is live) and returns an Unavailable error for it.
+fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
+    mark_failed(shared, id, &reason);
+    // Not inside an `if let` on the guard: back_off takes the lock itself.
+    let template = shared
+        .lock()
+        .vms
+        .get(id)
+        .map(|e| e.info.borrow().template.clone());
+    if let Some(template) = template {
+        back_off(shared, &template);
+    }
+    tracing::warn!(vm = id, %reason, "boot failed");
+    Error::Unavailable(format!("boot of {id} failed: {reason}"))
+}
+
+/// Marks `id` failed when it is live; true if it changed.
+pub(crate) fn mark_failed(shared: &Arc<Shared>, id: &str, reason: &str) -> bool {
+    let mut st = shared.lock();
+    let st = &mut *st;
+    let Some(entry) = st.vms.get(id) else {
+        return false;
+    };
+    if !entry.info.borrow().state.is_live() {
+        return false;
+    }
+    entry.info.send_modify(|i| {
+        i.state = VmState::Failed;
+        i.failure = Some(reason.to_owned());
+    });
+    let info = entry.info.borrow().clone();
+    if let Some(q) = st.warm.get_mut(&info.template) {
+        q.retain(|v| v != id);
+        shared.metrics.warm(&info.template, q.len());
+    }
+    if info.lease_id.is_none() {
+        // Nobody will release it: forget it after a while.
+        let shared2 = shared.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(FAILED_RETENTION).await;
+            let mut st = shared2.lock();
+            if st
+                .vms
+                .get(&id)
+                .is_some_and(|e| e.info.borrow().state == VmState::Failed)
+            {
+                st.vms.remove(&id);
+            }
+        });
+    }
+    shared.changed.notify_one();
+    true
+}
+
+fn back_off(shared: &Shared, template: &str) {
+    let mut st = shared.lock();
+    let (failures, until) = st
+        .backoff
+        .entry(template.to_owned())
+        .or_insert((0, Instant::now()));
+    *failures += 1;
+    let delay = Duration::from_secs(1u64 << (*failures - 1).min(6)).min(Duration::from_secs(60));
+    *until = Instant::now() + delay;
+}
+
+/// Polls the agent's health over hybrid vsock until it says SERVING.
+pub(crate) async fn wait_healthy(vsock: &Path) {
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);
+        let mut client = HealthClient::new(channel);
+        let check = client.check(HealthCheckRequest {
+            service: String::new(),
+        });
+        if let Ok(Ok(resp)) = tokio::time::timeout(HEALTH_ATTEMPT_TIMEOUT, check).await
+            && resp.into_inner().status == ServingStatus::Serving as i32
+        {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+fn console_tail(vm: &Arc<dyn VirtualMachine>) -> String {
+    let text = std::fs::read(vm.console_log()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(2048)..]).into_owned();
+    match text.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => format!(" (console: {})", line.trim()),
+        None => String::new(),
+    }
+}
+
+/// Keeps every template's warm + booting count at its target, within capacity.
+pub(crate) async fn refill_loop(shared: Arc<Shared>) {
+    loop {
+        let next_backoff = start_refills(&shared);
+        let backoff_sleep = async {
+            match next_backoff {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shared.changed.notified() => {}
+            _ = backoff_sleep => {}
+            _ = shared.closing.cancelled() => return,
+        }
+    }
+}
+
+/// Starts the boots the deficits call for; returns the earliest backoff deadline that
+/// held a template back.
+fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
+    if shared.closing.is_cancelled() {
+        return None;
+    }
+    let mut st = shared.lock();
+    let mut live = st
+        .vms
+        .values()
+        .filter(|e| e.info.borrow().state.is_live())
+        .count() as u32;
+    let mut next_backoff: Option<Instant> = None;
+    let mut names: Vec<&Template> = shared.templates.values().collect();
+    names.sort_by(|a, b| a.name.cmp(&b.name));
+    for tpl in names {
+        if let Some(&(_, until)) = st.backoff.get(&tpl.name)
+            && until > Instant::now()
+        {
+            next_backoff = Some(next_backoff.map_or(until, |n| n.min(until)));
+            continue;
+        }
+        let have = st
+            .vms
+            .values()
+            .filter(|e| {
+                let i = e.info.borrow();
+                i.template == tpl.name
+                    && i.lease_id.is_none()
+                    && matches!(i.state, VmState::Warm | VmState::Booting)
+            })
+            .count() as u32;
+        for _ in have..tpl.warm_target {
+            if live >= shared.settings.capacity {
+                return next_backoff;
+            }
+            live += 1;
+            let id = insert_booting(shared, &mut st, tpl, tpl.vcpus, tpl.memory_mib, None);
+            let (shared, tpl) = (shared.clone(), tpl.clone());
+            tokio::spawn(async move {
+                let _ = run_boot(&shared, &id, &tpl, tpl.vcpus, tpl.memory_mib).await;
+            });
+        }
+    }
+    next_backoff
+}

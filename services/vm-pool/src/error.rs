@@ -1,0 +1,76 @@
+//! vm-pool's errors and the gRPC code of each.
+
+use capsa_grpc::{ErrorCode, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad request field; the message names it.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The node is at capacity.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A boot failed or the pool is shutting down; another node or a retry may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Start-up configuration that cannot work (bad image dir, no engine).
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("vmm")]
+    Vmm(#[from] capsa_vmm::VmmError),
+    #[error("node registry")]
+    Store(#[from] capsa_store::StoreError),
+    #[error("grpc server")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+impl ServiceError for Error {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Config(_) | Error::Vmm(_) | Error::Store(_) | Error::Serve(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_pinned() {
+        let cases = [
+            (
+                Error::InvalidArgument("lease_id is empty".into()),
+                tonic::Code::InvalidArgument,
+            ),
+            (Error::NotFound("vm".into()), tonic::Code::NotFound),
+            (
+                Error::FailedPrecondition("x".into()),
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                Error::ResourceExhausted("x".into()),
+                tonic::Code::ResourceExhausted,
+            ),
+            (Error::Unavailable("x".into()), tonic::Code::Unavailable),
+            (Error::Config("x".into()), tonic::Code::Internal),
+        ];
+        for (err, code) in cases {
+            let status = capsa_grpc::to_status(&err);
+            assert_eq!(status.code(), code, "{err}");
+        }
+        let s = capsa_grpc::to_status(&Error::InvalidArgument("lease_id is empty".into()));
+        assert_eq!(s.message(), "lease_id is empty");
+    }
+}

@@ -1,0 +1,202 @@
+//! Fixtures for vm-pool's integration tests: the guest image, a vm-pool process on
+//! `127.0.0.1:0` with its own state dir, and process accounting. Whatever happens, a
+//! [`PoolUnderTest`] leaves no VMM behind: on drop it kills vm-pool and reaps every VMM
+//! or vhost-device-vsock pointing into its state dir.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use capsa_proto::vmpool::v1::{GetNodeInfoRequest, ListVmsRequest, Vm, VmState};
+use capsa_test_support::ServiceProcess;
+use tonic::transport::Channel;
+
+/// Generous: software-emulated boots on a 2-core machine shared with other test binaries.
+pub const BOOT_WAIT_SECS: u64 = 300;
+
+pub fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("CAPSA_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache =
+                std::env::var_os("CAPSA_CACHE_DIR").unwrap_or_else(|| "/var/cache/capsa".into());
+            PathBuf::from(cache).join("images/current")
+        });
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no guest image at {}: build it first (cargo build --release -p capsa-guest-agent && \
+         deploy/guest/build-image.sh --agent target/release/capsa-agent) or set CAPSA_IMAGE_DIR",
+        dir.display()
+    );
+    dir
+}
+
+pub struct PoolUnderTest {
+    pub process: Option<ServiceProcess>,
+    pub state: tempfile::TempDir,
+}
+
+impl PoolUnderTest {
+    /// Starts vm-pool with `extra` args on a fresh state dir.
+    pub async fn start(extra: &[&str]) -> PoolUnderTest {
+        let state = tempfile::Builder::new()
+            .prefix("capsa-vmpool-test-")
+            .tempdir()
+            .unwrap();
+        let process = Some(start_process(state.path(), extra).await);
+        PoolUnderTest { process, state }
+    }
+
+    /// Starts another vm-pool on the same state dir (after the previous one was killed).
+    pub async fn restart(&mut self, extra: &[&str]) {
+        assert!(self.process.is_none(), "kill the previous process first");
+        self.process = Some(start_process(self.state.path(), extra).await);
+    }
+
+    pub fn process(&self) -> &ServiceProcess {
+        self.process.as_ref().expect("vm-pool running")
+    }
+
+    pub async fn client(&self) -> VmPoolServiceClient<Channel> {
+        VmPoolServiceClient::connect(self.process().url())
+            .await
+            .unwrap()
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state.path().join("vms")
+    }
+
+    /// SIGKILLs vm-pool alone (not its process group), as a crash would.
+    pub async fn crash(&mut self) {
+        let p = self.process.take().expect("vm-pool running");
+        let pid = p.pid();
+        // SAFETY: kill(2) on the vm-pool process this fixture started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        capsa_test_support::eventually!(!pid_alive(pid), 10);
+        // Dropping the handle kills its (now empty) process group; the VMMs have their own.
+        drop(p);
+    }
+
+    /// VMM and vhost-device-vsock processes pointing into this state dir.
+    pub fn vm_processes(&self) -> Vec<u32> {
+        vm_processes(&self.vms_dir())
+    }
+}
+
+impl Drop for PoolUnderTest {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let vms = self.vms_dir();
+        // A fresh thread: Drop may run inside the test's runtime, which cannot block on
+        // another.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            if let Ok(reaped) = rt.block_on(capsa_vmm::orphans::reap(&vms))
+                && !reaped.killed.is_empty()
+            {
+                eprintln!(
+                    "test cleanup killed leftover vm processes {:?}",
+                    reaped.killed
+                );
+            }
+        })
+        .join();
+    }
+}
+
+async fn start_process(state: &Path, extra: &[&str]) -> ServiceProcess {
+    let image = image_dir();
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--image-dir".into(),
+        image.display().to_string(),
+        "--max-concurrent-boots".into(),
+        "2".into(),
+        "--boot-timeout-secs".into(),
+        BOOT_WAIT_SECS.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ServiceProcess::start("capsa-vm-pool", &args).await
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Live processes named like a VMM or its helper whose arguments point into `vms_dir`.
+pub fn vm_processes(vms_dir: &Path) -> Vec<u32> {
+    let prefix = format!("{}/", vms_dir.display());
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let name = args
+                .first()
+                .map(|a| a.rsplit('/').next().unwrap_or("").to_owned())
+                .unwrap_or_default();
+            (name.starts_with("qemu-system")
+                || name == "vhost-device-vsock"
+                || name == "cloud-hypervisor")
+                && args.iter().any(|a| a.contains(&prefix))
+                && pid_alive(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Waits until the pool reports `n` warm VMs of the default template.
+pub async fn wait_warm(client: &mut VmPoolServiceClient<Channel>, n: u32) {
+    capsa_test_support::eventually!(
+        {
+            let info = client
+                .get_node_info(GetNodeInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            info.pools
+                .iter()
+                .any(|p| p.template == "default" && p.warm >= n)
+        },
+        BOOT_WAIT_SECS
+    );
+}
+
+pub async fn list(client: &mut VmPoolServiceClient<Channel>) -> Vec<Vm> {
+    client
+        .list_vms(ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+}
+
+pub async fn warm_vms(client: &mut VmPoolServiceClient<Channel>) -> Vec<Vm> {
+    list(client)
+        .await
+        .into_iter()
+        .filter(|v| v.state == VmState::Warm as i32)
+        .collect()
+}
