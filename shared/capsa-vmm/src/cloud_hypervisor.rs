@@ -37,6 +37,8 @@ pub struct CloudHypervisorConfig {
     pub qemu_img: PathBuf,
     /// Boot this kernel instead of the spec's (a PVM guest kernel on a PVM host).
     pub kernel_override: Option<PathBuf>,
+    /// Have the kernel kill the VMM when this process dies (see `Supervised::spawn`).
+    pub die_with_parent: bool,
 }
 
 pub struct CloudHypervisor {
@@ -59,7 +61,12 @@ impl CloudHypervisor {
         let log =
             std::fs::File::create(&vmm_log).map_err(|e| VmmError::io("create log", &vmm_log, e))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-        let (vmm, stdout) = Supervised::spawn(cmd, "cloud-hypervisor", Some(&vmm_log))?;
+        let (vmm, stdout) = Supervised::spawn(
+            cmd,
+            "cloud-hypervisor",
+            Some(&vmm_log),
+            self.config.die_with_parent,
+        )?;
         instance::write_pid(dir, layout::VMM_PID, vmm.pid())?;
         let console = Console::start(
             stdout.expect("stdout is piped"),
@@ -432,6 +439,7 @@ mod tests {
             binary: bin,
             qemu_img: "qemu-img".into(),
             kernel_override: None,
+            die_with_parent: true,
         });
         let vm = ch.boot(&s).await.unwrap();
         let log = log.await.unwrap();

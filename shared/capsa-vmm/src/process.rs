@@ -26,12 +26,34 @@ impl Supervised {
     /// Spawns `cmd` in a new process group and starts supervising it. Returns the child's
     /// stdout when `cmd` piped it. `stderr_log`, when given, is read for the last line to
     /// describe the exit.
+    ///
+    /// With `die_with_parent` the kernel SIGKILLs the child when this process dies
+    /// (`PR_SET_PDEATHSIG`), so even a SIGKILLed owner leaves no VMM behind. Without it the
+    /// child survives its owner as an orphan, for [`crate::orphans::reap`] to find.
     pub fn spawn(
         mut cmd: Command,
         program: &str,
         stderr_log: Option<&Path>,
+        die_with_parent: bool,
     ) -> Result<(Supervised, Option<ChildStdout>), VmmError> {
         cmd.process_group(0).kill_on_drop(true);
+        if die_with_parent {
+            let parent = std::process::id();
+            // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+            // calls (prctl, getppid); it allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died before prctl took effect.
+                    if libc::getppid() as u32 != parent {
+                        return Err(std::io::Error::other("parent exited during spawn"));
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             program: program.to_owned(),
             source,
@@ -258,7 +280,7 @@ mod tests {
     async fn supervised_exit_is_seen_and_kill_reaches_the_group() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "sleep 100 & wait"]);
-        let (p, _) = Supervised::spawn(cmd, "sh", None).unwrap();
+        let (p, _) = Supervised::spawn(cmd, "sh", None, true).unwrap();
         assert!(p.exit().is_none());
         assert!(cpu_time(p.pid()).is_ok());
         assert!(resident_bytes(p.pid()).unwrap() > 0);
@@ -297,7 +319,7 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo 'bad thing happened' >&2; exit 3"]);
         cmd.stderr(std::fs::File::create(&log).unwrap());
-        let (p, _) = Supervised::spawn(cmd, "sh", Some(&log)).unwrap();
+        let (p, _) = Supervised::spawn(cmd, "sh", Some(&log), false).unwrap();
         let exit = p.wait().await;
         assert_eq!(exit.code, Some(3));
         assert!(

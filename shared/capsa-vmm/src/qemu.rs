@@ -44,6 +44,9 @@ pub struct QemuConfig {
     pub accel: QemuAccel,
     /// Boot this kernel instead of the spec's (a PVM guest kernel on a PVM host).
     pub kernel_override: Option<PathBuf>,
+    /// Have the kernel kill the VMM and its helper when this process dies (see
+    /// `Supervised::spawn`); off, they outlive a crashed owner until reaped.
+    pub die_with_parent: bool,
 }
 
 impl QemuConfig {
@@ -69,6 +72,7 @@ impl QemuConfig {
             vhost_device_vsock: vhost,
             accel,
             kernel_override: None,
+            die_with_parent: true,
         })
     }
 }
@@ -109,7 +113,12 @@ impl Qemu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&vhost_log)?);
-        let (vhost, _) = Supervised::spawn(cmd, "vhost-device-vsock", Some(&vhost_log))?;
+        let (vhost, _) = Supervised::spawn(
+            cmd,
+            "vhost-device-vsock",
+            Some(&vhost_log),
+            self.config.die_with_parent,
+        )?;
         instance::write_pid(dir, layout::VSOCK_PID, vhost.pid())?;
         wait_listening(
             &dir.join(layout::VHOST_SOCKET),
@@ -128,7 +137,12 @@ impl Qemu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file(&vmm_log)?);
-        let (vmm, stdout) = Supervised::spawn(cmd, "qemu-system-x86_64", Some(&vmm_log))?;
+        let (vmm, stdout) = Supervised::spawn(
+            cmd,
+            "qemu-system-x86_64",
+            Some(&vmm_log),
+            self.config.die_with_parent,
+        )?;
         instance::write_pid(dir, layout::VMM_PID, vmm.pid())?;
         let console = Console::start(
             stdout.expect("stdout is piped"),
@@ -358,6 +372,7 @@ mod tests {
             vhost_device_vsock: "vhost-device-vsock".into(),
             accel: QemuAccel::Tcg,
             kernel_override: None,
+            die_with_parent: true,
         };
         let args = qemu_args(
             &spec,

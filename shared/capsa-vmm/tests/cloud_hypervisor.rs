@@ -28,6 +28,7 @@ async fn boots_pauses_snapshots_and_destroys() {
         binary,
         qemu_img: "qemu-img".into(),
         kernel_override: None,
+        die_with_parent: true,
     });
     let state = tempfile::tempdir().unwrap();
     let kind = EngineKind::CloudHypervisor;
