@@ -154,6 +154,21 @@ impl Stack {
                 .await,
             );
         }
+        // vm-pool registers its node just after it starts listening; sessions created before
+        // that are UNAVAILABLE ("no node is registered"), so the stack is ready only then.
+        let registered = || {
+            let out = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &redis.port().to_string(),
+                    "EXISTS",
+                    "capsa:node:e2e-node",
+                ])
+                .output()
+                .expect("run redis-cli");
+            String::from_utf8_lossy(&out.stdout).trim() == "1"
+        };
+        capsa_test_support::eventually!(registered(), 30);
         let api_key = create_api_key(&redis.url(), "e2e-tenant");
         Stack {
             session_managers,

@@ -90,13 +90,23 @@ async fn output_streams_while_the_code_runs() {
         .await
         .unwrap()
         .into_inner();
-    let first = stream.message().await.unwrap().unwrap();
-    let Some(capsa_proto::common::v1::execute_event::Event::Stdout(chunk)) =
-        first.event.and_then(|e| e.event)
-    else {
-        panic!("first event was not stdout");
-    };
-    assert_eq!(&chunk.data[..], b"started\n");
+    // Output arrives as the program writes it (`print` may write the text and the newline
+    // separately), so gather stdout events until the whole first line is in.
+    let mut early = Vec::new();
+    while !early.ends_with(b"\n") {
+        let msg = stream
+            .message()
+            .await
+            .unwrap()
+            .expect("stream ended before any output");
+        match msg.event.and_then(|e| e.event) {
+            Some(capsa_proto::common::v1::execute_event::Event::Stdout(chunk)) => {
+                early.extend_from_slice(&chunk.data)
+            }
+            other => panic!("expected stdout while the code waits, got {other:?}"),
+        }
+    }
+    assert_eq!(early, b"started\n");
     let mut files = stack.client(0).await;
     upload(&mut files, &sid, "/tmp/go", b"go".to_vec()).await;
     let mut rest = Vec::new();
