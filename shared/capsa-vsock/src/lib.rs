@@ -7,6 +7,10 @@
 //!    connection when nothing listens on that port (the guest is still booting);
 //! 3. from then on the stream is the guest connection, byte for byte.
 //!
+//! The other direction: a guest connecting to the host (CID 2) on port P reaches whatever
+//! listens on the host's Unix socket `<socket>_P`. [`GuestPortForward`] listens there and
+//! relays each connection to a TCP address (the guest agent exports telemetry this way).
+//!
 //! [`connect`] does the handshake; [`channel`] wraps it as a tonic connector so gRPC runs
 //! over it. A handshake that fails is [`VsockError::Handshake`] or [`VsockError::Io`], both
 //! transient while a VM boots: [`wait_for_port`] retries them with backoff.
@@ -28,7 +32,9 @@ pub const AGENT_PORT: u32 = 1024;
 pub fn vm_socket_path(state_dir: &Path, vm_id: &str) -> Option<PathBuf> {
     let valid = !vm_id.is_empty()
         && vm_id.len() <= 64
-        && vm_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        && vm_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
     valid.then(|| state_dir.join("vms").join(vm_id).join("vsock.sock"))
 }
 
@@ -44,16 +50,30 @@ pub enum VsockError {
         source: std::io::Error,
     },
     #[error("vsock handshake on {path} port {port}: {reply}")]
-    Handshake { path: PathBuf, port: u32, reply: String },
+    Handshake {
+        path: PathBuf,
+        port: u32,
+        reply: String,
+    },
     #[error("vsock handshake on {path} port {port} timed out after {timeout:?}")]
-    Timeout { path: PathBuf, port: u32, timeout: Duration },
+    Timeout {
+        path: PathBuf,
+        port: u32,
+        timeout: Duration,
+    },
 }
 
 /// Connects to `port` in the guest behind the hybrid vsock socket at `path`.
 pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, VsockError> {
-    let io_err = |source| VsockError::Io { path: path.to_owned(), source };
+    let io_err = |source| VsockError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut stream = UnixStream::connect(path).await.map_err(io_err)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(io_err)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(io_err)?;
     // Read byte by byte: anything after the newline already belongs to the guest stream.
     let mut reply = Vec::with_capacity(16);
     loop {
@@ -100,7 +120,11 @@ pub async fn wait_for_port(
             Ok(Err(e)) if tokio::time::Instant::now() + delay >= deadline => return Err(e),
             Ok(Err(_)) => {}
             Err(_) => {
-                return Err(VsockError::Timeout { path: path.to_owned(), port, timeout });
+                return Err(VsockError::Timeout {
+                    path: path.to_owned(),
+                    port,
+                    timeout,
+                });
             }
         }
         tokio::time::sleep(delay).await;
@@ -121,6 +145,45 @@ pub fn channel(path: PathBuf, port: u32) -> tonic::transport::Channel {
             let path = path.clone();
             async move { connect(&path, port).await.map(TokioIo::new) }
         }))
+}
+
+/// Relays guest-initiated connections to host port `port` (the Unix socket
+/// `<vsock socket>_<port>`) to a TCP `target`. Stops listening and removes the socket on drop.
+pub struct GuestPortForward {
+    socket_path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GuestPortForward {
+    /// Binds `<vsock_socket>_<port>` and relays each connection to `target`, which is
+    /// resolved per connection so a restarted collector is found again.
+    pub fn start(vsock_socket: &Path, port: u32, target: String) -> std::io::Result<Self> {
+        let mut name = vsock_socket.as_os_str().to_owned();
+        name.push(format!("_{port}"));
+        let socket_path = PathBuf::from(name);
+        let listener = tokio::net::UnixListener::bind(&socket_path)?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut guest, _)) = listener.accept().await {
+                let target = target.clone();
+                tokio::spawn(async move {
+                    match tokio::net::TcpStream::connect(&target).await {
+                        Ok(mut upstream) => {
+                            let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+                        }
+                        Err(e) => tracing::debug!(%target, error = %e, "guest port forward"),
+                    }
+                });
+            }
+        });
+        Ok(GuestPortForward { socket_path, task })
+    }
+}
+
+impl Drop for GuestPortForward {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
 }
 
 #[cfg(test)]
@@ -169,8 +232,13 @@ mod tests {
         fake_vmm(UnixListener::bind(&path).unwrap(), 9999);
         let err = connect(&path, AGENT_PORT).await.unwrap_err();
         assert!(matches!(err, VsockError::Handshake { .. }), "{err}");
-        let err = wait_for_port(&path, AGENT_PORT, Duration::from_millis(100)).await.unwrap_err();
-        assert!(matches!(err, VsockError::Handshake { .. } | VsockError::Timeout { .. }));
+        let err = wait_for_port(&path, AGENT_PORT, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            VsockError::Handshake { .. } | VsockError::Timeout { .. }
+        ));
     }
 
     #[test]
@@ -186,8 +254,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn guest_connections_to_a_host_port_reach_the_tcp_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = target.local_addr().unwrap().to_string();
+        let forward = GuestPortForward::start(&vsock, 4317, addr).unwrap();
+        let side = dir.path().join("vsock.sock_4317");
+        let mut guest = UnixStream::connect(&side).await.unwrap();
+        let (mut host, _) = target.accept().await.unwrap();
+        guest.write_all(b"span").await.unwrap();
+        let mut buf = [0u8; 4];
+        host.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"span");
+        drop(forward);
+        assert!(!side.exists(), "the socket goes with the forward");
+    }
+
+    #[tokio::test]
     async fn missing_socket_is_io_error() {
-        let err = connect(Path::new("/nonexistent/capsa.vsock"), AGENT_PORT).await.unwrap_err();
+        let err = connect(Path::new("/nonexistent/capsa.vsock"), AGENT_PORT)
+            .await
+            .unwrap_err();
         assert!(matches!(err, VsockError::Io { .. }), "{err}");
     }
 }
