@@ -200,7 +200,11 @@ fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
     if let Some(template) = template {
         back_off(shared, &template);
     }
-    tracing::warn!(vm = id, %reason, "boot failed");
+    if shared.closing.is_cancelled() {
+        tracing::debug!(vm = id, %reason, "boot abandoned");
+    } else {
+        tracing::warn!(vm = id, %reason, "boot failed");
+    }
     Error::Unavailable(format!("boot of {id} failed: {reason}"))
 }
 
@@ -255,7 +259,7 @@ fn back_off(shared: &Shared, template: &str) {
 }
 
 /// Polls the agent's health over hybrid vsock until it says SERVING.
-pub(crate) async fn wait_healthy(vsock: &Path) {
+pub async fn wait_healthy(vsock: &Path) {
     let mut delay = Duration::from_millis(20);
     loop {
         let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);

@@ -1,0 +1,329 @@
+//! `capsa-vm-pool-bench`: boot and lease latency on this host's engine, beside the floor.
+//!
+//! The floor is the same engine booting the do-nothing initramfs of
+//! `deploy/guest/build-floor-initramfs.sh` (no disk, no agent; ready = "capsa-floor-ready"
+//! on the serial console). Measured, medians over `--samples` runs:
+//! - cold boot: VMM start until the agent answers its health check over vsock;
+//! - VMM resident memory of an idle VM (agent image and floor);
+//! - warm AcquireVm latency (gRPC, in-process vm-pool on 127.0.0.1:0) with 1 caller, and
+//!   with `--concurrency` callers at once against a pool pre-warmed to that size.
+//!
+//! Run: `cargo run --release -p capsa-vm-pool --bin capsa-vm-pool-bench`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use capsa_proto::vmpool::v1::{AcquireVmRequest, GetNodeInfoRequest, ReleaseVmRequest};
+use capsa_vmm::{GuestImage, Hypervisor, VmSpec};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "capsa-vm-pool-bench",
+    about = "Boot and lease latency beside the floor"
+)]
+struct Args {
+    /// Guest image (default: $CAPSA_CACHE_DIR/images/current).
+    #[arg(long, env = "CAPSA_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    /// Boots per measurement (cold and floor), and sequential warm acquires.
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+    /// Concurrent AcquireVm callers in the concurrent round (the pool is pre-warmed to it).
+    #[arg(long, default_value_t = 50)]
+    concurrency: u32,
+    /// Memory of every VM, floor included (MiB).
+    #[arg(long, default_value_t = 512)]
+    memory_mib: u32,
+}
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time an idle VM gets to settle before its resident memory is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = capsa_telemetry::init("capsa-vm-pool-bench", "warn");
+    let image_dir = args.image_dir.clone().unwrap_or_else(|| {
+        let cache =
+            std::env::var_os("CAPSA_CACHE_DIR").unwrap_or_else(|| "/var/cache/capsa".into());
+        PathBuf::from(cache).join("images/current")
+    });
+    let image = GuestImage::load(&image_dir)
+        .context("guest image (build it with deploy/guest/build-image.sh)")?;
+    let floor = floor_initramfs()?;
+    let state = tempfile::Builder::new()
+        .prefix("capsa-vmpool-bench-")
+        .tempdir()?;
+    let mut config = capsa_vm_pool::Config::for_image(state.path().to_owned(), image_dir.clone());
+    config.memory_mib = args.memory_mib;
+    let (hv, choice) = capsa_vm_pool::hypervisor(&config)?;
+    println!("engine: {} ({})", choice.kind, choice.reason);
+
+    let kind = choice.kind;
+    let mut n = 0;
+    let mut spec = |floor_boot: bool| {
+        n += 1;
+        let id = format!("vm-bench{n}");
+        VmSpec {
+            dir: state.path().join("vms").join(&id),
+            id,
+            vcpus: 1,
+            memory_mib: args.memory_mib,
+            kernel: image.kernel_for(kind).to_owned(),
+            cmdline: if floor_boot {
+                capsa_vmm::image::tcg_cmdline(
+                    "console=ttyS0 panic=-1 quiet",
+                    image.tcg_append.as_deref(),
+                    kind,
+                )
+            } else {
+                image.cmdline_for(kind)
+            },
+            rootfs_base: (!floor_boot).then(|| image.rootfs.clone()),
+            initrd: floor_boot.then(|| floor.clone()),
+        }
+    };
+
+    let (mut floor_boot, mut floor_rss, mut cold_boot, mut cold_rss) =
+        (vec![], vec![], vec![], vec![]);
+    for i in 0..args.samples {
+        eprintln!("boot sample {}/{}", i + 1, args.samples);
+        let (t, rss) = boot_once(&hv, &spec(true), Ready::Console).await?;
+        floor_boot.push(t);
+        floor_rss.push(rss);
+        let (t, rss) = boot_once(&hv, &spec(false), Ready::Agent).await?;
+        cold_boot.push(t);
+        cold_rss.push(rss);
+    }
+
+    let (warm_1, warm_n) = warm_acquires(&args, config).await?;
+
+    let floor_med = median(&mut floor_boot);
+    let row = |name: &str, value: String, ratio: String| {
+        println!("| {name:<44} | {value:>12} | {ratio:>16} |")
+    };
+    println!();
+    println!(
+        "| {:<44} | {:>12} | {:>16} |",
+        "measurement (median unless noted)", "value", "vs floor boot"
+    );
+    println!("|{:-<46}|{:-<14}|{:-<18}|", "", "", "");
+    row(
+        "floor boot to console ready",
+        fmt_d(floor_med),
+        "1.00x".into(),
+    );
+    let cold = median(&mut cold_boot);
+    row(
+        "cold boot to agent ready",
+        fmt_d(cold),
+        ratio(cold, floor_med),
+    );
+    for (label, mut v) in [
+        ("warm AcquireVm, 1 caller", warm_1),
+        (
+            &*format!("warm AcquireVm, {} callers", args.concurrency),
+            warm_n,
+        ),
+    ] {
+        let (p50, p99) = (percentile(&mut v, 50), percentile(&mut v, 99));
+        row(&format!("{label}: p50"), fmt_d(p50), ratio(p50, floor_med));
+        row(&format!("{label}: p99"), fmt_d(p99), ratio(p99, floor_med));
+    }
+    let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
+    row(
+        "VMM resident memory, idle agent VM",
+        format!("{} MiB", cr >> 20),
+        format!("{:.2}x floor RSS", cr as f64 / fr.max(1) as f64),
+    );
+    row(
+        "VMM resident memory, idle floor VM",
+        format!("{} MiB", fr >> 20),
+        "1.00x floor RSS".into(),
+    );
+    println!(
+        "\n{} boot samples each; {} sequential warm acquires; engine {}",
+        args.samples, args.samples, kind
+    );
+    Ok(())
+}
+
+enum Ready {
+    Console,
+    Agent,
+}
+
+/// Boots once; returns the time to ready and the VMM's resident bytes once idle.
+async fn boot_once(
+    hv: &Arc<dyn Hypervisor>,
+    spec: &VmSpec,
+    ready: Ready,
+) -> anyhow::Result<(Duration, u64)> {
+    let started = Instant::now();
+    let vm = hv.boot(spec).await?;
+    let vsock = vm.vsock_path();
+    let outcome = tokio::time::timeout(BOOT_TIMEOUT, async {
+        match ready {
+            Ready::Console => vm
+                .wait_for_console("capsa-floor-ready")
+                .await
+                .map_err(anyhow::Error::from),
+            Ready::Agent => {
+                capsa_vm_pool::boot::wait_healthy(&vsock).await;
+                Ok(())
+            }
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    let result = match outcome {
+        Ok(Ok(())) => {
+            tokio::time::sleep(SETTLE).await;
+            Ok((took, vm.counters().await?.vmm_resident_bytes))
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow::anyhow!(
+            "{} not ready within {BOOT_TIMEOUT:?}",
+            vm.id()
+        )),
+    };
+    vm.destroy().await?;
+    result
+}
+
+/// Warm AcquireVm latencies: `samples` sequential ones, then `concurrency` at once.
+async fn warm_acquires(
+    args: &Args,
+    mut config: capsa_vm_pool::Config,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    config.warm = args.concurrency.max(1);
+    config.capacity = args.concurrency.max(1) + 2;
+    config.max_concurrent_boots = 2;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(capsa_vm_pool::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let mut c = VmPoolServiceClient::connect(url).await?;
+    let acquire = |c: &mut VmPoolServiceClient<tonic::transport::Channel>, lease: String| {
+        let mut c = c.clone();
+        async move {
+            let t = Instant::now();
+            let r = c
+                .acquire_vm(AcquireVmRequest {
+                    lease_id: lease,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            anyhow::Ok((
+                t.elapsed(),
+                r.warm_hit,
+                r.vm.map(|v| v.id).unwrap_or_default(),
+            ))
+        }
+    };
+
+    eprintln!("pre-warming {} VMs", args.concurrency);
+    wait_warm(&mut c, args.concurrency).await?;
+    let round = futures::future::join_all(
+        (0..args.concurrency).map(|i| acquire(&mut c, format!("concurrent-{i}"))),
+    )
+    .await;
+    let mut concurrent = vec![];
+    for r in round {
+        let (took, warm_hit, id) = r?;
+        if !warm_hit {
+            bail!("a concurrent acquire missed the warm pool");
+        }
+        concurrent.push(took);
+        c.release_vm(ReleaseVmRequest { vm_id: id }).await?;
+    }
+
+    let mut sequential = vec![];
+    for i in 0..args.samples {
+        wait_warm(&mut c, 1).await?;
+        let (took, warm_hit, id) = acquire(&mut c, format!("seq-{i}")).await?;
+        if !warm_hit {
+            bail!("a sequential acquire missed the warm pool");
+        }
+        sequential.push(took);
+        c.release_vm(ReleaseVmRequest { vm_id: id }).await?;
+    }
+    let _ = stop.send(());
+    server.await??;
+    Ok((sequential, concurrent))
+}
+
+async fn wait_warm(
+    c: &mut VmPoolServiceClient<tonic::transport::Channel>,
+    n: u32,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + BOOT_TIMEOUT * 4;
+    loop {
+        let info = c.get_node_info(GetNodeInfoRequest {}).await?.into_inner();
+        if info.pools.iter().map(|p| p.warm).sum::<u32>() >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("pool did not reach {n} warm VMs");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn floor_initramfs() -> anyhow::Result<PathBuf> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/guest/build-floor-initramfs.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .context("run build-floor-initramfs.sh")?;
+    if !out.status.success() {
+        bail!(
+            "build-floor-initramfs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    Ok(PathBuf::from(
+        stdout.lines().last().unwrap_or_default().trim(),
+    ))
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    percentile(v, 50)
+}
+
+fn median_u(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0)
+}
+
+/// Nearest-rank percentile.
+fn percentile(v: &mut [Duration], p: usize) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort_unstable();
+    let rank = (p * v.len()).div_ceil(100).max(1);
+    v[rank - 1]
+}
+
+fn fmt_d(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+fn ratio(a: Duration, floor: Duration) -> String {
+    format!("{:.4}x", a.as_secs_f64() / floor.as_secs_f64().max(1e-9))
+}
