@@ -25,6 +25,8 @@ use crate::error::Error;
 use crate::pool::{Entry, Shared, State, Template};
 use crate::vm::{VmInfo, VmState, new_vm_id};
 
+/// Host port the guest agent exports telemetry to over vsock (OTLP's own port).
+const GUEST_OTLP_PORT: u32 = 4317;
 /// How long an unleased failed VM stays listed.
 const FAILED_RETENTION: Duration = Duration::from_secs(60);
 /// Per health-check attempt (the vsock connect is retried with a short backoff).
@@ -59,6 +61,7 @@ pub(crate) fn insert_booting(
         Entry {
             info: watch::channel(info).0,
             vm: None,
+            otlp_forward: None,
         },
     );
     id
@@ -170,6 +173,17 @@ fn attach(shared: &Shared, id: &str, vm: &Arc<dyn VirtualMachine>) -> bool {
     };
     entry.vm = Some(vm.clone());
     entry.info.send_modify(|i| i.vmm_pid = vm.vmm_pid());
+    // Listening before the guest agent probes for it (seconds after the VMM starts).
+    if let Some(target) = &shared.settings.guest_otlp_target {
+        match capsa_vsock::GuestPortForward::start(
+            &vm.vsock_path(),
+            GUEST_OTLP_PORT,
+            target.clone(),
+        ) {
+            Ok(forward) => entry.otlp_forward = Some(forward),
+            Err(e) => tracing::warn!(vm = id, error = %e, "cannot relay guest telemetry"),
+        }
+    }
     true
 }
 

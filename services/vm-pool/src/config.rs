@@ -32,6 +32,12 @@ pub struct Config {
     #[arg(long = "template", value_parser = parse_template)]
     pub templates: Vec<(String, PathBuf)>,
 
+    /// Where the guest agents' telemetry goes: each agent exports OTLP over vsock to host
+    /// port 4317, and vm-pool relays that port of every VM to this OTLP/gRPC endpoint
+    /// (`http://host:port`). Defaults to the standard variable; unset, guests only log.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub guest_otlp_endpoint: Option<String>,
+
     /// Warm VMs kept booted per template.
     #[arg(long, env = "CAPSA_VMPOOL_WARM", default_value_t = 2)]
     pub warm: u32,

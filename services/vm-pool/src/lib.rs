@@ -108,6 +108,7 @@ pub async fn run(
         boot_timeout: config.boot_timeout,
         max_vcpus: config.max_vcpus,
         max_memory_mib: config.max_memory_mib,
+        guest_otlp_target: config.guest_otlp_endpoint.as_deref().map(otlp_target),
     };
     let pool = Pool::new(hv, choice, templates, settings);
     let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
@@ -158,4 +159,28 @@ pub async fn run(
     let _ = refill.await;
     served?;
     Ok(())
+}
+
+/// `http://collector:4317/` → `collector:4317`: the relay speaks TCP, not URLs.
+fn otlp_target(endpoint: &str) -> String {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
+
+#[cfg(test)]
+mod otlp_target_tests {
+    #[test]
+    fn endpoints_become_host_port() {
+        assert_eq!(
+            super::otlp_target("http://127.0.0.1:4317"),
+            "127.0.0.1:4317"
+        );
+        assert_eq!(
+            super::otlp_target("http://collector:4317/"),
+            "collector:4317"
+        );
+        assert_eq!(super::otlp_target("collector:4317"), "collector:4317");
+    }
 }

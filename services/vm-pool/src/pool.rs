@@ -48,6 +48,8 @@ pub struct Settings {
     pub boot_timeout: Duration,
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// `host:port` that each VM's guest telemetry port is relayed to, if any.
+    pub guest_otlp_target: Option<String>,
 }
 
 /// Counts for GetNodeInfo and the node record.
@@ -90,6 +92,8 @@ pub(crate) struct Entry {
     pub info: watch::Sender<VmInfo>,
     /// Set once the VMM runs.
     pub vm: Option<Arc<dyn VirtualMachine>>,
+    /// Relays the guest's telemetry while the VM lives; dropped with the entry.
+    pub otlp_forward: Option<capsa_vsock::GuestPortForward>,
 }
 
 #[derive(Debug, Clone)]
