@@ -99,7 +99,19 @@ impl App {
             Ok(vm) => vm,
             Err(err) => return Err(self.fail_create(&id, err).await),
         };
-        let rec = match self.sessions.activate(&id, &node.node_id, &vm.id).await? {
+        let rec = match self
+            .sessions
+            .activate(
+                &id,
+                &node.node_id,
+                &capsa_store::VmShape {
+                    id: &vm.id,
+                    vcpus: vm.vcpus,
+                    memory_mib: vm.memory_mib,
+                },
+            )
+            .await?
+        {
             Transition::Won(rec) => rec,
             Transition::Conflict(rec) => {
                 // Ended meanwhile (deleted, or reaped): the VM is ours alone to give back.

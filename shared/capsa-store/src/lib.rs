@@ -21,7 +21,7 @@ pub use nodes::{NodeRecord, NodeRegistry};
 pub use redis::aio::ConnectionManager;
 pub use sessions::{
     Claimed, Created, Cursor, EndReason, Extended, ListFilter, ListPage, NewSession, SessionRecord,
-    SessionStatus, SessionStore, StoreConfig, Transition,
+    SessionStatus, SessionStore, StoreConfig, Transition, VmShape,
 };
 
 /// Errors of the store layer. Redis failures keep their cause as the source.

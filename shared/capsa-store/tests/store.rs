@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use capsa_store::{
     ApiKeyStore, Created, Cursor, EndReason, Extended, ListFilter, NewSession, NodeRecord,
-    NodeRegistry, SessionStatus, SessionStore, StoreConfig, Transition,
+    NodeRegistry, SessionStatus, SessionStore, StoreConfig, Transition, VmShape,
 };
 use capsa_test_support::{RedisServer, eventually};
 
@@ -83,7 +83,13 @@ async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
         Created::IdTaken
     ));
 
-    let Transition::Won(active) = s.activate("s1", "n1", "vm1").await.unwrap() else {
+    // The request left the shape to the node (0 = template default); the VM's is recorded.
+    let shape = VmShape {
+        id: "vm1",
+        vcpus: 2,
+        memory_mib: 1024,
+    };
+    let Transition::Won(active) = s.activate("s1", "n1", &shape).await.unwrap() else {
         panic!()
     };
     assert_eq!(active.status, SessionStatus::Active);
@@ -91,10 +97,25 @@ async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
         (active.node_id.as_str(), active.vm_id.as_str()),
         ("n1", "vm1")
     );
+    assert_eq!(
+        (active.vcpus, active.memory_mib),
+        (2, 1024),
+        "the vm's shape is recorded"
+    );
     let expire = active.expire_ms.unwrap();
     assert!(expire >= active.create_ms + 60_000 && expire <= active.create_ms + 70_000);
     assert!(matches!(
-        s.activate("s1", "n1", "vm1").await.unwrap(),
+        s.activate(
+            "s1",
+            "n1",
+            &VmShape {
+                id: "vm1",
+                vcpus: 1,
+                memory_mib: 512
+            }
+        )
+        .await
+        .unwrap(),
         Transition::Conflict(_)
     ));
     assert_eq!(s.node_sessions("n1").await.unwrap(), ["s1"]);
@@ -219,7 +240,17 @@ async fn concurrent_claimers_split_due_sessions_without_overlap() {
         s.create(&new_session(&id, "t", Duration::from_millis(200)), 1000)
             .await
             .unwrap();
-        s.activate(&id, "n1", &format!("vm-{id}")).await.unwrap();
+        s.activate(
+            &id,
+            "n1",
+            &VmShape {
+                id: &format!("vm-{id}"),
+                vcpus: 1,
+                memory_mib: 512,
+            },
+        )
+        .await
+        .unwrap();
     }
     let s2 = store(&redis, StoreConfig::default()).await;
     let mut won = Vec::new();
@@ -257,7 +288,17 @@ async fn stale_claims_are_reclaimed_and_stuck_creates_are_ended() {
     s.create(&new_session("dying", "t", Duration::from_secs(60)), 5)
         .await
         .unwrap();
-    s.activate("dying", "n1", "vm1").await.unwrap();
+    s.activate(
+        "dying",
+        "n1",
+        &VmShape {
+            id: "vm1",
+            vcpus: 1,
+            memory_mib: 512,
+        },
+    )
+    .await
+    .unwrap();
     s.begin_end("dying", EndReason::Deleted, "", None)
         .await
         .unwrap();
@@ -301,7 +342,19 @@ async fn extend_respects_the_total_bound_and_needs_an_active_session() {
         s.extend("x", Duration::from_secs(1)).await.unwrap(),
         Extended::NotActive(_)
     ));
-    let Transition::Won(a) = s.activate("x", "n", "v").await.unwrap() else {
+    let Transition::Won(a) = s
+        .activate(
+            "x",
+            "n",
+            &VmShape {
+                id: "v",
+                vcpus: 1,
+                memory_mib: 512,
+            },
+        )
+        .await
+        .unwrap()
+    else {
         panic!()
     };
     let Extended::Ok(b) = s.extend("x", Duration::from_secs(60)).await.unwrap() else {
@@ -341,7 +394,17 @@ async fn listing_pages_newest_first_with_filters() {
             .insert("team".into(), if i % 2 == 0 { "x" } else { "y" }.into());
         s.create(&new, 1000).await.unwrap();
         if i % 3 == 0 {
-            s.activate(&id, "n", "v").await.unwrap();
+            s.activate(
+                &id,
+                "n",
+                &VmShape {
+                    id: "v",
+                    vcpus: 1,
+                    memory_mib: 512,
+                },
+            )
+            .await
+            .unwrap();
         }
         created.push(id);
     }

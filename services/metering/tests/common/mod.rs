@@ -358,7 +358,19 @@ impl World {
             capsa_store::Created::Ok(_)
         ));
         if let Some((node, vm)) = on {
-            let t = self.sessions.activate(id, &node.node_id, vm).await.unwrap();
+            let t = self
+                .sessions
+                .activate(
+                    id,
+                    &node.node_id,
+                    &capsa_store::VmShape {
+                        id: vm,
+                        vcpus: 1,
+                        memory_mib: 512,
+                    },
+                )
+                .await
+                .unwrap();
             assert!(matches!(t, Transition::Won(_)), "{t:?}");
         }
     }

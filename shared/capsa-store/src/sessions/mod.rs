@@ -57,6 +57,14 @@ static CLAIM_DUE: LazyLock<Script> = script!("claim_due.lua");
 static EXTEND: LazyLock<Script> = script!("extend.lua");
 static TOUCH: LazyLock<Script> = script!("touch.lua");
 
+/// The VM a session was activated with, as the node reported it.
+#[derive(Debug, Clone, Copy)]
+pub struct VmShape<'a> {
+    pub id: &'a str,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
 fn session_key(id: &str) -> String {
     format!("capsa:session:{id}")
 }
@@ -249,7 +257,7 @@ impl SessionStore {
     /// creating → active on `node_id`/`vm_id`; the deadline becomes now + lifetime
     /// (bounded by create + the total bound). `Conflict` means the session was ended
     /// meanwhile and the caller must release the VM it holds.
-    pub async fn activate(&self, id: &str, node_id: &str, vm_id: &str) -> Result<Transition> {
+    pub async fn activate(&self, id: &str, node_id: &str, vm: &VmShape<'_>) -> Result<Transition> {
         let key = session_key(id);
         let raw: Vec<String> = ACTIVATE
             .key(&key)
@@ -257,8 +265,10 @@ impl SessionStore {
             .key(node_sessions_key(node_id))
             .arg(id)
             .arg(node_id)
-            .arg(vm_id)
+            .arg(vm.id)
             .arg(ms(self.config.max_total_lifetime))
+            .arg(vm.vcpus)
+            .arg(vm.memory_mib)
             .invoke_async(&mut self.conn.clone())
             .await?;
         transition(&key, raw)
