@@ -1,63 +1,26 @@
 //! `capsa-metering`: parses its config, binds, prints `CAPSA_LISTENING=<addr>`, and samples
 //! and serves until SIGINT or SIGTERM.
 
-use std::io::Write as _;
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use tokio::signal::unix::{SignalKind, signal};
-
-/// Exit code for a configuration metering cannot run with (EX_USAGE).
-const EXIT_BAD_CONFIG: u8 = 64;
+use capsa_grpc::process::{EXIT_BAD_CONFIG, bind_and_announce, parse_args, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match capsa_metering::Config::try_parse() {
+    let config: capsa_metering::Config = match parse_args() {
         Ok(config) => config,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+        Err(code) => return code,
     };
     let _telemetry = capsa_telemetry::init("capsa-metering", "info");
     if let Err(e) = redis::Client::open(config.redis_url.as_str()) {
         tracing::error!(error = %e, "bad --redis-url");
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
-    let listener = match tokio::net::TcpListener::bind(&config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(listen = %config.listen, error = %e, "cannot bind");
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+    let listener = match bind_and_announce(&config.listen).await {
+        Ok(listener) => listener,
+        Err(code) => return code,
     };
-    let addr = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "no local address");
-            return ExitCode::FAILURE;
-        }
-    };
-    println!("CAPSA_LISTENING={addr}");
-    let _ = std::io::stdout().flush();
-
-    let shutdown = async {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
-    match capsa_metering::run(config, listener, shutdown).await {
+    match capsa_metering::run(config, listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %capsa_grpc::error::chain(&e), "metering failed");

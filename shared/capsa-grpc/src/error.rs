@@ -62,7 +62,13 @@ pub trait ServiceError: StdError {
 /// with their full source chain under a fresh request id.
 pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
     let code = err.code();
-    error_counter().add(1, &[opentelemetry::KeyValue::new("code", format!("{:?}", code.grpc()))]);
+    error_counter().add(
+        1,
+        &[opentelemetry::KeyValue::new(
+            "code",
+            format!("{:?}", code.grpc()),
+        )],
+    );
     if code.is_client_visible() {
         // Unavailable keeps its cause: "vm-pool unreachable: connection refused" helps the
         // operator and names nothing secret.
@@ -70,7 +76,10 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
     }
     let request_id = uuid::Uuid::new_v4();
     tracing::error!(%request_id, error = %chain(err), "internal error");
-    Status::new(code.grpc(), format!("internal error (request id {request_id})"))
+    Status::new(
+        code.grpc(),
+        format!("internal error (request id {request_id})"),
+    )
 }
 
 /// Errors by gRPC code, counted where every service error becomes a status.
@@ -147,12 +156,20 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "field `code` is empty");
 
-        let s = to_status(&DemoError::Store(std::io::Error::other("10.0.0.7:6379 refused")));
+        let s = to_status(&DemoError::Store(std::io::Error::other(
+            "10.0.0.7:6379 refused",
+        )));
         assert_eq!(s.code(), Code::Internal);
-        assert!(s.message().starts_with("internal error (request id "), "{}", s.message());
+        assert!(
+            s.message().starts_with("internal error (request id "),
+            "{}",
+            s.message()
+        );
         assert!(!s.message().contains("10.0.0.7"));
 
-        let s = to_status(&DemoError::Down(std::io::Error::other("connection refused")));
+        let s = to_status(&DemoError::Down(std::io::Error::other(
+            "connection refused",
+        )));
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(s.message(), "vm-pool unreachable: connection refused");
     }

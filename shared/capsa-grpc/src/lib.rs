@@ -1,8 +1,10 @@
 //! What every Capsa gRPC server shares: the closed set of error codes and their one
 //! conversion to `tonic::Status` ([`error`]), and server assembly with health, reflection,
-//! trace-context extraction and graceful shutdown ([`server`]).
+//! trace-context extraction and graceful shutdown ([`server`]), and the process glue every
+//! service `main` shares ([`process`]).
 
 pub mod error;
+pub mod process;
 pub mod server;
 
 pub use error::{ErrorCode, ServiceError, to_status};

@@ -39,7 +39,11 @@ impl Server {
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
         routes.add_service(reflection);
-        Self { routes, health, names: Vec::new() }
+        Self {
+            routes,
+            health,
+            names: Vec::new(),
+        }
     }
 
     /// Adds a service; it reports SERVING once [`Server::serve`] starts.
@@ -77,18 +81,30 @@ impl Server {
         IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Server { routes, health, names } = self;
+        let Server {
+            routes,
+            health,
+            names,
+        } = self;
         for name in &names {
-            health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+            health
+                .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                .await;
         }
-        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
         let drain_signal = async move {
             shutdown.await;
             // Load balancers see NOT_SERVING before the listener closes.
             for name in &names {
-                health.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
+                health
+                    .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                    .await;
             }
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
         };
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
