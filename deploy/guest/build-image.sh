@@ -127,5 +127,11 @@ cat >"$tmp/manifest.json" <<JSON
 JSON
 rm -rf "$out"; mv "$tmp" "$out"
 set_current
+# Each agent build makes a new 1.4 GiB image: keep the newest few (a running vm-pool may
+# still boot from a recent one), drop the rest.
+keep="${CAPSA_IMAGES_KEEP:-3}"
+ls -1dt "$images"/*/ 2>/dev/null | tail -n +"$((keep + 1))" | while read -r old; do
+  log "pruning old image $(basename "$old")"; rm -rf "$old"
+done
 log "done: rootfs.ext4 $(du -h --apparent-size "$out/rootfs.ext4" | cut -f1) apparent, $(du -h "$out/rootfs.ext4" | cut -f1) on disk"
 echo "$out"
