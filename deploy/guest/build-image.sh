@@ -130,8 +130,11 @@ set_current
 # Each agent build makes a new 1.4 GiB image: keep the newest few (a running vm-pool may
 # still boot from a recent one), drop the rest.
 keep="${CAPSA_IMAGES_KEEP:-3}"
-ls -1dt "$images"/*/ 2>/dev/null | tail -n +"$((keep + 1))" | while read -r old; do
-  log "pruning old image $(basename "$old")"; rm -rf "$old"
+# (find -type d lists real directories only: never the `current` symlink or .tmp-* dirs.)
+find "$images" -mindepth 1 -maxdepth 1 -type d -not -name '.*' -printf '%T@ %p\n' \
+  | sort -rn | tail -n +"$((keep + 1))" | cut -d' ' -f2- | while read -r old; do
+  [[ "$old" == "$out" ]] && continue
+  log "pruning old image $(basename "$old")"; rm -rf -- "$old"
 done
 log "done: rootfs.ext4 $(du -h --apparent-size "$out/rootfs.ext4" | cut -f1) apparent, $(du -h "$out/rootfs.ext4" | cut -f1) on disk"
 echo "$out"
