@@ -36,8 +36,11 @@ stop_all() {
   # Reverse start order: the public API first, Redis last; vm-pool destroys its VMs on TERM.
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
+    # Give each process 15 s to finish (vm-pool destroys its VMs), then kill it.
+    ( sleep 15; kill -KILL "$pid" 2>/dev/null ) &
+    local killer=$!
+    wait "$pid" 2>/dev/null || true
+    kill "$killer" 2>/dev/null || true
   done
   echo "[up] stopped"
 }
@@ -45,7 +48,8 @@ trap stop_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Starts a service with --listen 127.0.0.1:<port>; echoes the address it printed.
+# Starts a service with --listen 127.0.0.1:<port> and sets $addr to the address it printed.
+# (Not called as $(...): a subshell would lose the pid it records for stop_all.)
 start_service() {
   local name=$1 port=$2; shift 2
   local out="$state/logs/$name.out"
@@ -54,7 +58,7 @@ start_service() {
   pids+=("$!")
   for _ in $(seq 1 600); do
     if grep -q '^CAPSA_LISTENING=' "$out"; then
-      sed -n 's/^CAPSA_LISTENING=//p' "$out" | head -n 1
+      addr="$(sed -n 's/^CAPSA_LISTENING=//p' "$out" | head -n 1)"
       return 0
     fi
     kill -0 "${pids[-1]}" 2>/dev/null || break
@@ -73,16 +77,24 @@ redis_url="redis://127.0.0.1:$redis_port/"
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 echo "[up] redis on $redis_url"
 
-executor_addr="$(start_service capsa-executor 0 --vm-state-dir "$state/vm-state")"
+start_service capsa-executor 0 --vm-state-dir "$state/vm-state"
+executor_addr=$addr
 echo "[up] executor on $executor_addr"
-vmpool_addr="$(start_service capsa-vm-pool 0 --state-dir "$state/vm-state" \
+start_service capsa-vm-pool 0 --state-dir "$state/vm-state" \
   --image-dir "$image_dir" --warm "${CAPSA_WARM:-1}" --redis-url "$redis_url" \
-  --node-id "$(hostname)" --executor-url "http://$executor_addr")"
-echo "[up] vm-pool on $vmpool_addr"
-metering_addr="$(start_service capsa-metering 0 --redis-url "$redis_url")"
+  --node-id "$(hostname)" --executor-url "http://$executor_addr"
+echo "[up] vm-pool on $addr"
+start_service capsa-metering 0 --redis-url "$redis_url"
+metering_addr=$addr
 echo "[up] metering on $metering_addr"
-session_addr="$(start_service capsa-session-manager "$public_port" --redis-url "$redis_url" \
-  --metering-url "http://$metering_addr")"
+start_service capsa-session-manager "$public_port" --redis-url "$redis_url" \
+  --metering-url "http://$metering_addr"
+session_addr=$addr
+# Sessions need a registered node: wait for vm-pool's first heartbeat.
+for _ in $(seq 1 100); do
+  [ "$(redis-cli -p "$redis_port" EXISTS "capsa:node:$(hostname)")" = 1 ] && break
+  sleep 0.1
+done
 
 api_key="$("$bin/capsa-session-manager" create-api-key --redis-url "$redis_url" --tenant dev --name dev)"
 cat >"$state/dev.env" <<ENV

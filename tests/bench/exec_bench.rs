@@ -82,7 +82,8 @@ async fn main() {
     let code = format!(
         "import sys\nsys.stdout.buffer.write(b'x' * {THROUGHPUT_BYTES})\nsys.stdout.flush()"
     );
-    let req = exec::request(&session.id, Language::Python, &code, 600_000);
+    let mut req = exec::request(&session.id, Language::Python, &code, 600_000);
+    req.max_output_bytes = 2 * THROUGHPUT_BYTES as u64; // above the 32 MiB default cap
     let started = Instant::now();
     let out = exec::run(&mut client, req).await;
     let stack_secs = started.elapsed().as_secs_f64();

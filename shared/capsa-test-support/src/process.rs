@@ -9,11 +9,17 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-/// Path of a binary built in this workspace's target dir (`target/<profile>/<name>`),
-/// found from the running test executable (`target/<profile>/deps/<test>`).
+/// Path of a binary built in this workspace's target dir (`target/<profile>/<name>`), found
+/// from the running executable: a test (`target/<profile>/deps/<test>`) or a bench binary
+/// (`target/<profile>/<bench>`).
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let dir = exe.parent().expect("exe dir");
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>")
+    } else {
+        dir
+    };
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
@@ -68,7 +74,11 @@ impl ServiceProcess {
         .unwrap_or_else(|| panic!("{name} exited or never printed CAPSA_LISTENING="));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServiceProcess { child, addr, name: name.to_string() }
+        ServiceProcess {
+            child,
+            addr,
+            name: name.to_string(),
+        }
     }
 
     /// The bound address, e.g. `127.0.0.1:41234`.

@@ -21,7 +21,14 @@ impl RedisServer {
             let port = free_port();
             let dir = tempfile::tempdir().expect("temp dir for redis");
             let child = Command::new(&bin)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
                 .args(["--appendonly", "no", "--protected-mode", "no"])
                 .arg("--dir")
                 .arg(dir.path())
@@ -29,7 +36,11 @@ impl RedisServer {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {bin} (install redis-server): {e}"));
-            let mut server = RedisServer { child, port, _dir: dir };
+            let mut server = RedisServer {
+                child,
+                port,
+                _dir: dir,
+            };
             if server.wait_ready(Duration::from_secs(10)) {
                 return server;
             }
@@ -77,5 +88,9 @@ impl Drop for RedisServer {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -41,7 +41,10 @@ impl HybridVsockProxy {
                 });
             }
         });
-        HybridVsockProxy { socket_path: socket_path.to_owned(), task }
+        HybridVsockProxy {
+            socket_path: socket_path.to_owned(),
+            task,
+        }
     }
 
     pub fn socket_path(&self) -> &Path {
