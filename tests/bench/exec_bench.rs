@@ -29,7 +29,10 @@ async fn main() {
     let stack = Stack::start(StackOptions::default()).await;
     let mut client = stack.client(0).await;
     let session = client
-        .create_session(CreateSessionRequest::default())
+        .create_session(CreateSessionRequest {
+            lifetime: Some(capsa_proto::time::duration(Duration::from_secs(3600))),
+            ..Default::default()
+        })
         .await
         .expect("create session")
         .into_inner()
@@ -46,6 +49,7 @@ async fn main() {
 
     let mut e2e = Vec::with_capacity(samples);
     let mut interp = Vec::with_capacity(samples);
+    let mut agent_wall = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
         let out = exec::python(&mut client, &session.id, "x = 1").await;
@@ -56,6 +60,8 @@ async fn main() {
             .as_ref()
             .expect("interpreter_time");
         interp.push(capsa_proto::time::from_duration(t).unwrap());
+        let w = out.completion().wall_time.as_ref().expect("wall_time");
+        agent_wall.push(capsa_proto::time::from_duration(w).unwrap());
     }
 
     let mut echo = capsa_vsock::connect(&vsock, ECHO_PORT)
@@ -77,6 +83,18 @@ async fn main() {
         .zip(&interp)
         .map(|(total, i)| total.saturating_sub(*i).saturating_sub(vsock_rtt_p50))
         .collect();
+    // Where the overhead is: inside the guest (the agent's wall time around the
+    // interpreter) or on the host (three services and their hops, minus one vsock trip).
+    let in_guest: Vec<Duration> = agent_wall
+        .iter()
+        .zip(&interp)
+        .map(|(w, i)| w.saturating_sub(*i))
+        .collect();
+    let on_host: Vec<Duration> = e2e
+        .iter()
+        .zip(&agent_wall)
+        .map(|(total, w)| total.saturating_sub(*w).saturating_sub(vsock_rtt_p50))
+        .collect();
 
     // Throughput: the same number of bytes through the whole stack and through bare vsock.
     let code = format!(
@@ -91,18 +109,29 @@ async fn main() {
 
     let (mut rd, mut wr) = echo.into_split();
     let started = Instant::now();
+    // The writer hands its half back instead of dropping it: a half-close would let the
+    // echo end the connection while its last bytes are still in flight.
     let writer = tokio::spawn(async move {
         let block = vec![0x78u8; 1 << 16];
         for _ in 0..THROUGHPUT_BYTES / block.len() {
             wr.write_all(&block).await.unwrap();
         }
+        wr
     });
     let mut buf = vec![0u8; 1 << 16];
     let mut got = 0;
-    while got < THROUGHPUT_BYTES {
-        got += rd.read(&mut buf).await.unwrap();
-    }
-    writer.await.unwrap();
+    let reading = async {
+        while got < THROUGHPUT_BYTES {
+            match rd.read(&mut buf).await.unwrap() {
+                0 => panic!("echo connection closed after {got} bytes"),
+                n => got += n,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(300), reading)
+        .await
+        .unwrap_or_else(|_| panic!("bare vsock echo stalled after {got} bytes"));
+    let _open_until_read = writer.await.unwrap();
     let vsock_secs = started.elapsed().as_secs_f64();
 
     let mib = THROUGHPUT_BYTES as f64 / (1 << 20) as f64;
@@ -115,6 +144,8 @@ async fn main() {
         ("interpreter in the guest", &interp),
         ("bare vsock round trip (echo)", &rtt),
         ("Capsa's own overhead (the rest)", &overhead),
+        ("  of which: agent, in the guest", &in_guest),
+        ("  of which: services on the host", &on_host),
     ] {
         println!(
             "| {name:<33} | {:>10.3} | {:>10.3} |",

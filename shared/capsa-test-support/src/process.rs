@@ -57,6 +57,15 @@ impl ServiceProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .process_group(0);
+        // If the test process dies without unwinding (killed by a timeout or Ctrl-C), the
+        // service gets SIGTERM from the kernel, so vm-pool still destroys its VMs.
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();

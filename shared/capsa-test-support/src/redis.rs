@@ -20,7 +20,16 @@ impl RedisServer {
         for _attempt in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("temp dir for redis");
-            let child = Command::new(&bin)
+            let mut cmd = Command::new(&bin);
+            // Dies with the test process even when that one is killed without unwinding.
+            // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd
                 .args([
                     "--port",
                     &port.to_string(),
