@@ -78,7 +78,13 @@ pub mod time {
         fn durations_round_trip_and_reject_negative() {
             let d = Duration::from_millis(1500);
             assert_eq!(from_duration(&duration(d)), Some(d));
-            assert_eq!(from_duration(&prost_types::Duration { seconds: -1, nanos: 0 }), None);
+            assert_eq!(
+                from_duration(&prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0
+                }),
+                None
+            );
         }
 
         #[test]
