@@ -156,19 +156,12 @@ impl Stack {
         }
         // vm-pool registers its node just after it starts listening; sessions created before
         // that are UNAVAILABLE ("no node is registered"), so the stack is ready only then.
-        let registered = || {
-            let out = std::process::Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &redis.port().to_string(),
-                    "EXISTS",
-                    "capsa:node:e2e-node",
-                ])
-                .output()
-                .expect("run redis-cli");
-            String::from_utf8_lossy(&out.stdout).trim() == "1"
-        };
-        capsa_test_support::eventually!(registered(), 30);
+        let nodes = capsa_store::NodeRegistry::new(
+            capsa_store::connect(&redis.url())
+                .await
+                .expect("connect to redis"),
+        );
+        capsa_test_support::eventually!(matches!(nodes.get("e2e-node").await, Ok(Some(_))), 30);
         let api_key = create_api_key(&redis.url(), "e2e-tenant");
         Stack {
             session_managers,
