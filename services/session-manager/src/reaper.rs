@@ -6,9 +6,11 @@
 //!   interval (250 ms), so a session ends within a second of its deadline. Claims are
 //!   atomic, so replicas share the work and never both end one session.
 //! - The **reconciler** compares each live node's VMs with the sessions: it releases
-//!   leased VMs that no session owns (the session is gone, or ended without knowing this
-//!   VM, e.g. a create that died after AcquireVm), and ends ACTIVE sessions whose VM
-//!   failed or disappeared (VM_FAILED).
+//!   leased VMs that no session owns (the session is gone, ended without knowing this VM,
+//!   e.g. a create that died after AcquireVm, or ended while the node was not heartbeating
+//!   so its teardown could not release the VM), and ends ACTIVE sessions whose VM failed
+//!   or disappeared (VM_FAILED). It also ends the ACTIVE sessions of nodes whose heartbeat
+//!   lapsed, so they do not stay ACTIVE until a call or their deadline finds out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -91,6 +93,55 @@ pub async fn reconciler(app: Arc<App>, stop: CancellationToken) {
             }
             Err(e) => tracing::warn!(error = %e, "listing nodes failed"),
         }
+        match app.nodes.lapsed_nodes().await {
+            Ok(ids) => {
+                for id in ids {
+                    sweep_lapsed_node(&app, &id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing lapsed nodes failed"),
+        }
+    }
+}
+
+/// Ends every ACTIVE session on a node that stopped heartbeating: its VMs are presumed
+/// dead with it. Their teardown finds the node gone and finishes without a release; if
+/// the node comes back, its still-leased VMs are released as orphans.
+#[tracing::instrument(skip_all, fields(node = %node_id))]
+async fn sweep_lapsed_node(app: &Arc<App>, node_id: &str) {
+    let session_ids = match app.sessions.node_sessions(node_id).await {
+        Ok(ids) => ids,
+        Err(e) => return tracing::warn!(error = %e, "reading node sessions failed"),
+    };
+    let failure = format!("node {node_id} stopped heartbeating");
+    for id in session_ids {
+        let Ok(Some(rec)) = app.sessions.get(&id).await else {
+            continue;
+        };
+        if rec.status == SessionStatus::Active && rec.node_id == node_id {
+            end_vm_failed(app, &id, &failure).await;
+        }
+    }
+}
+
+/// ACTIVE → VM_FAILED, then the teardown in the background; a no-op when another replica
+/// or path ended the session first.
+async fn end_vm_failed(app: &Arc<App>, id: &str, failure: &str) {
+    if let Ok(Transition::Won(rec)) = app
+        .sessions
+        .begin_end(
+            id,
+            EndReason::VmFailed,
+            failure,
+            Some(SessionStatus::Active),
+        )
+        .await
+    {
+        tracing::warn!(session_id = %id, %failure, "ending session whose vm failed");
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _ = app.teardown(rec).await;
+        });
     }
 }
 
@@ -103,6 +154,10 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
         Err(e) => return tracing::warn!(error = %e, "reading node sessions failed"),
     };
     let Ok(mut client) = app.clients.vmpool(&node.vmpool_url) else {
+        return;
+    };
+    // On Redis' clock, like the sessions' end times.
+    let Ok(listed_after_ms) = app.sessions.now_ms().await else {
         return;
     };
     let vms = match tokio::time::timeout(
@@ -123,8 +178,14 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
     {
         let orphan = match app.sessions.get(&vm.lease_id).await {
             Ok(None) => true,
-            // A session that ended knowing this VM released it in its teardown.
-            Ok(Some(rec)) => rec.status == SessionStatus::Terminated && rec.vm_id != vm.id,
+            // A teardown releases the VM before it marks the session TERMINATED, so a VM
+            // still leased to a session that terminated before this listing began was not
+            // released (the node was not heartbeating then). One that terminated later
+            // may be this listing's staleness: its teardown released it.
+            Ok(Some(rec)) => {
+                rec.status == SessionStatus::Terminated
+                    && (rec.vm_id != vm.id || rec.end_ms.is_some_and(|t| t < listed_after_ms))
+            }
             Err(_) => false,
         };
         if orphan {
@@ -150,21 +211,6 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
             }
             Some(_) => continue,
         };
-        if let Ok(Transition::Won(rec)) = app
-            .sessions
-            .begin_end(
-                &id,
-                EndReason::VmFailed,
-                &failure,
-                Some(SessionStatus::Active),
-            )
-            .await
-        {
-            tracing::warn!(session_id = %id, %failure, "ending session whose vm failed");
-            let app = app.clone();
-            tokio::spawn(async move {
-                let _ = app.teardown(rec).await;
-            });
-        }
+        end_vm_failed(app, &id, &failure).await;
     }
 }

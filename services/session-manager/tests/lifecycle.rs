@@ -1,5 +1,6 @@
 //! Sessions end on their own: expiry across two replicas (each VM released exactly once),
-//! a restart that loses nothing, and the reconciler (failed VMs, orphan VMs).
+//! a restart that loses nothing, and the reconciler (failed VMs, orphan VMs, nodes that
+//! stop heartbeating).
 
 mod common;
 
@@ -7,8 +8,9 @@ use std::time::Duration;
 
 use capsa_proto::session::v1 as pb;
 use capsa_proto::vmpool::v1::VmState;
+use capsa_store::NodeRegistry;
 use capsa_test_support::eventually;
-use common::{Harness, create, doubles, get};
+use common::{Harness, NODE_ID, create, doubles, get, register};
 
 #[tokio::test]
 async fn two_replicas_reap_a_hundred_sessions_releasing_each_vm_once() {
@@ -116,4 +118,31 @@ async fn the_reconciler_ends_sessions_whose_vm_failed_and_releases_orphans() {
         pb::EndReason::VmFailed as i32
     );
     eventually!(h.node.state().releases.get("vm-orphan") == Some(&1));
+}
+
+#[tokio::test]
+async fn a_node_that_stops_heartbeating_has_its_sessions_ended_and_its_vms_released_on_return() {
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, None).await;
+    let registry = NodeRegistry::new(capsa_store::connect(&h.redis.url()).await.unwrap());
+    // The heartbeat lapses (same as its TTL running out); nobody calls the session.
+    registry.remove(NODE_ID).await.unwrap();
+
+    eventually!(get(&mut c, &s.id).await.status == pb::SessionStatus::Terminated as i32);
+    let ended = get(&mut c, &s.id).await;
+    assert_eq!(ended.end_reason, pb::EndReason::VmFailed as i32);
+    assert!(
+        ended.end_message.contains("stopped heartbeating"),
+        "{}",
+        ended.end_message
+    );
+    eventually!(registry.lapsed_nodes().await.unwrap().is_empty());
+    assert_eq!(h.node.state().releases.get(&s.vm_id), None, "node was gone");
+
+    // The node was alive after all: its VM is still leased to the ended session, and the
+    // reconciler releases it once the node heartbeats again.
+    assert!(h.node.state().vms.contains_key(&s.vm_id));
+    register(&h.redis, &h.node, 1000, 0).await;
+    eventually!(h.node.state().releases.get(&s.vm_id) == Some(&1));
 }

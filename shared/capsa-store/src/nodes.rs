@@ -1,19 +1,36 @@
 //! The node registry: each KVM host's vm-pool announces itself with a heartbeat.
 //!
 //! Layout: `capsa:node:{id}` holds the [`NodeRecord`] as JSON with a millisecond TTL, and
-//! the set `capsa:nodes` lists every id ever announced. A node is live while its key
-//! exists; [`NodeRegistry::live_nodes`] prunes ids whose key expired, so a host that died
-//! without saying goodbye drops out once its TTL passes.
+//! the set `capsa:nodes` lists every id announced and not yet forgotten. A node is live
+//! while its key exists. A node whose key is gone (it died without saying goodbye, or
+//! shut down) is *lapsed*: it stays in `capsa:nodes` while sessions still name it, so the
+//! reconciler can find and end them ([`NodeRegistry::lapsed_nodes`]), and is forgotten
+//! once it has none.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::AsyncCommands as _;
+use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use crate::sessions::node_sessions_key;
 use crate::{Result, StoreError};
 
-const NODES_SET: &str = "capsa:nodes";
+pub(crate) const NODES_SET: &str = "capsa:nodes";
+
+/// Forgets a node, atomically, only if its record is gone and no session names it.
+/// KEYS: node key, its sessions set, `capsa:nodes`; ARGV: node id.
+static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('SCARD', KEYS[2]) == 0 then
+  return redis.call('SREM', KEYS[3], ARGV[1])
+end
+return 0",
+    )
+});
 
 fn node_key(node_id: &str) -> String {
     format!("capsa:node:{node_id}")
@@ -84,16 +101,21 @@ impl NodeRegistry {
         Ok(())
     }
 
-    /// Removes a node at once (graceful shutdown), instead of waiting for its TTL.
+    /// Takes a node out of service at once (graceful shutdown), instead of waiting for its
+    /// TTL; it is forgotten as soon as no session names it.
     pub async fn remove(&self, node_id: &str) -> Result<()> {
         let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
-            .del(node_key(node_id))
-            .ignore()
-            .srem(NODES_SET, node_id)
-            .ignore()
-            .query_async::<()>(&mut conn)
+        conn.del::<_, ()>(node_key(node_id)).await?;
+        self.forget(node_id).await
+    }
+
+    async fn forget(&self, node_id: &str) -> Result<()> {
+        FORGET
+            .key(node_key(node_id))
+            .key(node_sessions_key(node_id))
+            .key(NODES_SET)
+            .arg(node_id)
+            .invoke_async::<i64>(&mut self.conn.clone())
             .await?;
         Ok(())
     }
@@ -105,32 +127,45 @@ impl NodeRegistry {
         raw.map(|json| parse(node_id, &json)).transpose()
     }
 
-    /// Every node whose heartbeat has not expired, sorted by id. Ids whose key has
-    /// expired are removed from `capsa:nodes` on the way.
+    /// Every node whose heartbeat has not expired, sorted by id. Lapsed nodes that no
+    /// session names any more are forgotten on the way.
     pub async fn live_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let (mut live, lapsed) = self.scan().await?;
+        for id in lapsed {
+            // A heartbeat racing this re-adds its id on the next beat (SADD is in every
+            // heartbeat), so forgetting never loses a live node for longer than a beat.
+            self.forget(&id).await?;
+        }
+        live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(live)
+    }
+
+    /// Ids of nodes whose heartbeat expired but that sessions still name, sorted.
+    pub async fn lapsed_nodes(&self) -> Result<Vec<String>> {
+        let (_, mut lapsed) = self.scan().await?;
+        lapsed.sort();
+        Ok(lapsed)
+    }
+
+    /// Splits `capsa:nodes` into live records and lapsed ids.
+    async fn scan(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn.smembers(NODES_SET).await?;
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         let keys: Vec<String> = ids.iter().map(|id| node_key(id)).collect();
         let values: Vec<Option<String>> =
             redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         let mut live = Vec::with_capacity(ids.len());
-        let mut expired = Vec::new();
-        for (id, value) in ids.iter().zip(values) {
+        let mut lapsed = Vec::new();
+        for (id, value) in ids.into_iter().zip(values) {
             match value {
-                Some(json) => live.push(parse(id, &json)?),
-                None => expired.push(id.clone()),
+                Some(json) => live.push(parse(&id, &json)?),
+                None => lapsed.push(id),
             }
         }
-        if !expired.is_empty() {
-            // A heartbeat racing this SREM re-adds its id on the next beat (SADD is in
-            // every heartbeat), so pruning never loses a live node for longer than a beat.
-            conn.srem::<_, _, ()>(NODES_SET, &expired).await?;
-        }
-        live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        Ok(live)
+        Ok((live, lapsed))
     }
 }
 

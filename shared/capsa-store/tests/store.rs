@@ -64,6 +64,60 @@ async fn nodes_live_while_heartbeating_and_drop_out_after_ttl() {
 }
 
 #[tokio::test]
+async fn a_lapsed_node_is_kept_while_sessions_name_it_then_forgotten() {
+    let redis = RedisServer::start();
+    let conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let reg = NodeRegistry::new(conn.clone());
+    let s = store(&redis, StoreConfig::default()).await;
+    reg.heartbeat(&node("n", 4), Duration::from_millis(300))
+        .await
+        .unwrap();
+    reg.heartbeat(&node("idle", 4), Duration::from_millis(300))
+        .await
+        .unwrap();
+    s.create(&new_session("s1", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    let shape = VmShape {
+        id: "vm1",
+        vcpus: 1,
+        memory_mib: 512,
+    };
+    assert!(matches!(
+        s.activate("s1", "n", &shape).await.unwrap(),
+        Transition::Won(_)
+    ));
+
+    // Both heartbeats lapse: the idle node is forgotten, the one with a session is not.
+    eventually!(reg.live_nodes().await.unwrap().is_empty());
+    assert_eq!(reg.lapsed_nodes().await.unwrap(), ["n"]);
+    assert_eq!(s.node_sessions("n").await.unwrap(), ["s1"]);
+
+    // A graceful remove of a node that still has sessions keeps it findable too.
+    reg.heartbeat(&node("m", 4), Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.create(&new_session("s2", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    s.activate("s2", "m", &VmShape { id: "vm2", ..shape })
+        .await
+        .unwrap();
+    reg.remove("m").await.unwrap();
+    assert_eq!(reg.lapsed_nodes().await.unwrap(), ["m", "n"]);
+
+    // Once their sessions end, the next listing forgets them.
+    for id in ["s1", "s2"] {
+        s.begin_end(id, EndReason::VmFailed, "node gone", None)
+            .await
+            .unwrap();
+        s.finish_end(id, "").await.unwrap();
+    }
+    assert!(reg.live_nodes().await.unwrap().is_empty());
+    assert!(reg.lapsed_nodes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
     let redis = RedisServer::start();
     let s = store(&redis, StoreConfig::default()).await;

@@ -77,7 +77,7 @@ fn tenant_active_key(tenant: &str) -> String {
 fn tenant_total_key(tenant: &str) -> String {
     format!("capsa:tenant:{tenant}:sessions_total")
 }
-fn node_sessions_key(node: &str) -> String {
+pub(crate) fn node_sessions_key(node: &str) -> String {
     format!("capsa:nodesessions:{node}")
 }
 
@@ -263,6 +263,7 @@ impl SessionStore {
             .key(&key)
             .key(EXPIRY)
             .key(node_sessions_key(node_id))
+            .key(crate::nodes::NODES_SET)
             .arg(id)
             .arg(node_id)
             .arg(vm.id)

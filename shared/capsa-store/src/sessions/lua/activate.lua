@@ -1,4 +1,4 @@
--- KEYS: session hash, expiry zset, node sessions set.
+-- KEYS: session hash, expiry zset, node sessions set, the nodes set.
 -- ARGV: id, node id, vm id, max total ms, vcpus and memory_mib of the VM (the request's 0
 -- for "template default" becomes what the node actually gave).
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -13,4 +13,7 @@ redis.call('HSET', KEYS[1], 'status', 'active', 'node_id', ARGV[2], 'vm_id', ARG
   'expire_ms', expire, 'last_active_ms', now, 'vcpus', ARGV[5], 'memory_mib', ARGV[6])
 redis.call('ZADD', KEYS[2], expire, ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
+-- Keeps the node known even if its heartbeat lapsed since placement, so the reconciler
+-- still finds this session if the node never comes back.
+redis.call('SADD', KEYS[4], ARGV[2])
 return reply('ok', KEYS[1])
