@@ -44,6 +44,11 @@ pub struct Config {
     #[arg(long, env = "CAPSA_METERING_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// How often the usage-record stream is trimmed below what every consumer group has
+    /// acknowledged (a stream no group reads is never trimmed).
+    #[arg(long, env = "CAPSA_METERING_RECORDS_TRIM_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub records_trim_interval: Duration,
+
     /// VMs sampled at once per node.
     #[arg(long, env = "CAPSA_METERING_SAMPLE_CONCURRENCY", default_value = "16", value_parser = clap::value_parser!(u16).range(1..))]
     pub sample_concurrency: u16,

@@ -5,6 +5,7 @@
 //!
 //! - [`sampler`]: the sampling loop; [`clients`]: calls to the nodes' vm-pool and executor.
 //! - [`ledger`]: session and tenant usage, FinalizeSession.
+//! - [`records`]: trims the usage-record stream below what billing acknowledged.
 //! - [`grpc`]: the gRPC adapter; [`config`], [`error`], [`metrics`].
 
 pub mod clients;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod grpc;
 pub mod ledger;
 pub mod metrics;
+pub mod records;
 pub mod sampler;
 
 use std::future::Future;
@@ -40,6 +42,7 @@ pub async fn run(
     // Metering only reads sessions; the store's bounds matter to writers alone.
     let sessions = SessionStore::new(conn.clone(), StoreConfig::default());
     let usage = UsageStore::new(conn, config.retention);
+    let trimming_usage = usage.clone();
     let clients = Arc::new(clients::NodeClients::new(config.rpc_timeout));
     let metrics = metrics::Metrics::new();
 
@@ -68,6 +71,11 @@ pub async fn run(
 
     let token = CancellationToken::new();
     let sampling = tokio::spawn(sampler.run(config.sample_interval, token.clone()));
+    let trimming = tokio::spawn(records::trim_loop(
+        trimming_usage,
+        config.records_trim_interval,
+        token.clone(),
+    ));
     let server = capsa_grpc::Server::new()
         .add_service(MeteringServiceServer::new(grpc::MeteringGrpc::new(ledger)));
     let drain = {
@@ -81,5 +89,6 @@ pub async fn run(
     let served = capsa_grpc::serve_tcp(server, listener, drain).await;
     token.cancel();
     let _ = sampling.await;
+    let _ = trimming.await;
     served.map_err(Error::Serve)
 }

@@ -1,7 +1,7 @@
 //! FinalizeSession against metering as a real process, a real Redis and fake nodes: one
 //! final record however many replicas race, a fresh sample while the VM exists, the last
-//! sample when it is gone or its node hangs, callers that leave, and sessions nobody
-//! finalized.
+//! sample when it is gone or its node hangs, callers that leave, sessions nobody
+//! finalized, and records trimmed once billing acknowledged them.
 
 mod common;
 
@@ -322,4 +322,51 @@ async fn a_hung_node_delays_finalize_only_by_its_budget_and_a_leaving_caller_cha
         world.records_of("s2", "final").await[0]["cpu_time_us"],
         "3000000"
     );
+}
+
+#[tokio::test]
+async fn records_billing_acknowledged_are_trimmed_and_the_rest_kept() {
+    let world = World::start().await;
+    let m = world.metering(&["--records-trim-interval", "100ms"]).await;
+    let mut c = client(&m).await;
+    for id in ["s1", "s2"] {
+        world.session(id, "t", None).await;
+        c.finalize_session(FinalizeSessionRequest {
+            session_id: id.into(),
+        })
+        .await
+        .unwrap();
+    }
+    // Without a consumer group every record stays, however many trims run.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(world.records().await.len(), 2);
+
+    let mut conn = world.conn.clone();
+    let stream = capsa_store::usage::RECORDS_STREAM;
+    redis::cmd("XGROUP")
+        .arg(&["CREATE", stream, "billing", "0"][..])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    type Reply = Vec<(String, Vec<(String, Vec<String>)>)>;
+    let read: Reply = redis::cmd("XREADGROUP")
+        .arg(
+            &[
+                "GROUP", "billing", "w1", "COUNT", "1", "STREAMS", stream, ">",
+            ][..],
+        )
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first = read[0].1[0].0.clone();
+    redis::cmd("XACK")
+        .arg(&[stream, "billing", &first][..])
+        .query_async::<u64>(&mut conn)
+        .await
+        .unwrap();
+    // The acknowledged record goes; the one billing has not read stays.
+    eventually!(world.records().await.len() == 1);
+    let left = world.records().await;
+    assert_ne!(left[0].0, first);
+    assert_eq!(left[0].1["session_id"], "s2");
 }

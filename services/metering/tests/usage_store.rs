@@ -1,9 +1,10 @@
 //! `capsa_store::usage` against a real Redis, without metering in between: the sample and
-//! finalize scripts under many concurrent callers and out-of-order samples.
+//! finalize scripts under many concurrent callers and out-of-order samples, and trimming
+//! the records stream below what every consumer group acknowledged.
 
 use std::time::Duration;
 
-use capsa_store::usage::{Applied, RECORDS_STREAM, Sample, UsageStore};
+use capsa_store::usage::{Applied, RECORDS_STREAM, Sample, Trimmed, UsageStore};
 use capsa_test_support::RedisServer;
 
 fn sample(session: &str, tenant: &str, step: u64) -> Sample {
@@ -200,4 +201,88 @@ async fn interim_records_are_rate_limited_per_session() {
         .await
         .unwrap();
     assert_eq!(len, before);
+}
+
+#[tokio::test]
+async fn trimming_drops_only_what_every_consumer_group_acknowledged() {
+    let redis = RedisServer::start();
+    let store = stores(&redis, 1).await.remove(0);
+    let mut conn = capsa_store::connect(&redis.url()).await.unwrap();
+    assert_eq!(
+        store.trim_acknowledged().await.unwrap(),
+        Trimmed::Entries(0)
+    );
+    for i in 0..5 {
+        store.finalize(&format!("s{i}"), "t", 1).await.unwrap();
+    }
+    let len = |mut conn: redis::aio::ConnectionManager| async move {
+        redis::cmd("XLEN")
+            .arg(RECORDS_STREAM)
+            .query_async::<u64>(&mut conn)
+            .await
+            .unwrap()
+    };
+    // Nobody bills yet: nothing may go.
+    assert_eq!(
+        store.trim_acknowledged().await.unwrap(),
+        Trimmed::NoConsumerGroup
+    );
+    assert_eq!(len(conn.clone()).await, 5);
+
+    for group in ["billing", "audit"] {
+        redis::cmd("XGROUP")
+            .arg(&["CREATE", RECORDS_STREAM, group, "0"][..])
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Reads `count` entries for `group` and acknowledges the first `ack` of them.
+    let read = |group: &'static str, count: usize, ack: usize| {
+        let mut conn = conn.clone();
+        async move {
+            type Reply = Vec<(String, Vec<(String, Vec<String>)>)>;
+            let r: Reply = redis::cmd("XREADGROUP")
+                .arg(&["GROUP", group, "worker", "COUNT"][..])
+                .arg(count)
+                .arg(&["STREAMS", RECORDS_STREAM, ">"][..])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let ids: Vec<String> = r[0].1.iter().map(|(id, _)| id.clone()).collect();
+            assert_eq!(ids.len(), count);
+            if ack > 0 {
+                redis::cmd("XACK")
+                    .arg(RECORDS_STREAM)
+                    .arg(group)
+                    .arg(&ids[..ack])
+                    .query_async::<u64>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            ids
+        }
+    };
+    // billing: 5 delivered, 3 acknowledged (4th is its oldest pending);
+    // audit: 2 delivered and acknowledged (it needs the 3rd next).
+    let billing = read("billing", 5, 3).await;
+    read("audit", 2, 2).await;
+    assert_eq!(
+        store.trim_acknowledged().await.unwrap(),
+        Trimmed::Entries(2)
+    );
+    assert_eq!(len(conn.clone()).await, 3);
+
+    read("audit", 3, 3).await;
+    redis::cmd("XACK")
+        .arg(RECORDS_STREAM)
+        .arg("billing")
+        .arg(&billing[3..])
+        .query_async::<u64>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.trim_acknowledged().await.unwrap(),
+        Trimmed::Entries(3)
+    );
+    assert_eq!(len(conn.clone()).await, 0);
 }

@@ -46,8 +46,9 @@
 //! A worker that restarts first re-reads its own pending entries (`... STREAMS
 //! capsa:usage:records 0`); entries of a worker that died are taken over with `XAUTOCLAIM`.
 //! Billing must be idempotent per entry id (an entry may be redelivered before its XACK).
-//! Nothing trims the stream: trim with `XTRIM MINID` below the oldest entry every group
-//! has acknowledged.
+//! [`UsageStore::trim_acknowledged`] (run periodically by metering) drops the entries every
+//! consumer group has acknowledged; with no group at all it keeps everything, so records
+//! are never lost before billing is set up.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -310,6 +311,54 @@ impl SessionUsage {
     }
 }
 
+/// Outcome of [`UsageStore::trim_acknowledged`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trimmed {
+    /// This many entries were acknowledged by every consumer group and are gone.
+    Entries(u64),
+    /// No consumer group reads the stream; every entry was kept.
+    NoConsumerGroup,
+}
+
+/// Trims the records stream below the oldest entry some consumer group still needs: its
+/// oldest pending (delivered, unacknowledged) entry, or, with nothing pending, the entry
+/// after its last delivered one. KEYS: the stream. Returns the count trimmed, or -1 when
+/// the stream has no consumer group.
+const TRIM_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return -1 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function older(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local keep
+for _, group in ipairs(groups) do
+  local name, last
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then last = group[i + 1] end
+  end
+  local pending = redis.call('XPENDING', KEYS[1], name)
+  local needs
+  if tonumber(pending[1]) > 0 then
+    needs = pending[2]
+  else
+    local ms, seq = parse(last)
+    needs = string.format('%d-%d', ms, seq + 1)
+  end
+  if keep == nil or older(needs, keep) then keep = needs end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', keep)
+"#;
+
+static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(TRIM_LUA));
+
 /// Outcome of [`UsageStore::finalize`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finalized {
@@ -373,6 +422,16 @@ impl UsageStore {
                 reason: format!("sample script replied {other:?}"),
             }),
         }
+    }
+
+    /// Drops the records every consumer group has acknowledged (see [`Trimmed`]). A group
+    /// created later starts after them; create groups before trimming matters to them.
+    pub async fn trim_acknowledged(&self) -> Result<Trimmed> {
+        let n: i64 = TRIM
+            .key(RECORDS_STREAM)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(u64::try_from(n).map_or(Trimmed::NoConsumerGroup, Trimmed::Entries))
     }
 
     /// Marks the session finalized and appends its `final` record, once: a second call
