@@ -168,6 +168,9 @@ impl NodeClients {
             .map(timestamp_ms)
             .filter(|&ms| ms > 0)
             .unwrap_or(owner.fallback_lease_ms);
+        // The lease's own usage: the VM's boot and warm wait are the node's cost.
+        let at_lease = counters.at_lease.unwrap_or_default();
+        let since_lease = |now: u64, then: u64| now.saturating_sub(then);
         let sample = Sample {
             session_id: owner.session_id.clone(),
             tenant_id: owner.tenant_id.clone(),
@@ -175,12 +178,15 @@ impl NodeClients {
             vm_id: vm.id.clone(),
             sample_ms,
             lease_ms,
-            cpu_time_us: counters.cpu_time.as_ref().map_or(0, duration_us),
+            cpu_time_us: since_lease(
+                counters.cpu_time.as_ref().map_or(0, duration_us),
+                at_lease.cpu_time.as_ref().map_or(0, duration_us),
+            ),
             vmm_resident_bytes: counters.vmm_resident_bytes,
-            disk_read_bytes: counters.disk_read_bytes,
-            disk_write_bytes: counters.disk_write_bytes,
-            network_rx_bytes: counters.network_rx_bytes,
-            network_tx_bytes: counters.network_tx_bytes,
+            disk_read_bytes: since_lease(counters.disk_read_bytes, at_lease.disk_read_bytes),
+            disk_write_bytes: since_lease(counters.disk_write_bytes, at_lease.disk_write_bytes),
+            network_rx_bytes: since_lease(counters.network_rx_bytes, at_lease.network_rx_bytes),
+            network_tx_bytes: since_lease(counters.network_tx_bytes, at_lease.network_tx_bytes),
             memory_used_bytes,
         };
         Ok(Reading {

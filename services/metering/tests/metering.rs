@@ -1,6 +1,7 @@
 //! Metering as a real process against a real Redis, with fake nodes (vm-pool and executor
 //! doubles answering scripted counters): deltas into tenant totals, peak memory, two
-//! replicas sampling concurrently, interim records, and the errors callers see.
+//! replicas sampling concurrently, interim records, usage counted from the lease, and the
+//! errors callers see.
 
 mod common;
 
@@ -251,4 +252,38 @@ async fn bad_config_exits_64_and_sigterm_exits_cleanly() {
         m.terminate(Duration::from_secs(10)).await,
         "metering ignored SIGTERM"
     );
+}
+
+#[tokio::test]
+async fn usage_counts_from_the_lease_not_from_the_boot() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 5000, Some(MIB)));
+    node.update("vm-1", |v| {
+        v.disk_read_bytes = 900;
+        v.network_tx_bytes = 70;
+        // Booting and waiting warm took 3 s of cpu and read 600 bytes.
+        v.at_lease = Some(capsa_proto::vmpool::v1::CountersAtLease {
+            cpu_time: Some(capsa_proto::time::duration(Duration::from_millis(3000))),
+            disk_read_bytes: 600,
+            network_tx_bytes: 20,
+            ..Default::default()
+        });
+    });
+    world.session("s1", "t", Some((&node, "vm-1"))).await;
+    let metering = world.metering(&["--sample-interval", "50ms"]).await;
+    let mut c = client(&metering).await;
+    eventually!(session_cpu_us(&mut c, "s1").await == 2_000_000);
+    let u = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!((u.disk_read_bytes, u.network_tx_bytes), (300, 50));
+    assert_eq!(cpu_us(&tenant(&mut c, "t").await.cpu_time), 2_000_000);
 }

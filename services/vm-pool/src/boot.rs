@@ -62,6 +62,7 @@ pub(crate) fn insert_booting(
             info: watch::channel(info).0,
             vm: None,
             otlp_forward: None,
+            at_lease: Default::default(),
         },
     );
     id

@@ -139,7 +139,7 @@ impl VmPoolService for Service {
         req: Request<pb::GetVmCountersRequest>,
     ) -> Result<Response<pb::GetVmCountersResponse>, Status> {
         let vm_id = req.into_inner().vm_id;
-        let c = self.pool.counters(&vm_id).await.map_err(status)?;
+        let (c, at_lease) = self.pool.counters(&vm_id).await.map_err(status)?;
         Ok(Response::new(pb::GetVmCountersResponse {
             vm_id,
             cpu_time: Some(duration(c.cpu_time)),
@@ -149,6 +149,13 @@ impl VmPoolService for Service {
             network_rx_bytes: c.network_rx_bytes,
             network_tx_bytes: c.network_tx_bytes,
             sample_time: c.sample_time.map(timestamp),
+            at_lease: at_lease.map(|b| pb::CountersAtLease {
+                cpu_time: Some(duration(b.cpu_time)),
+                disk_read_bytes: b.disk_read_bytes,
+                disk_write_bytes: b.disk_write_bytes,
+                network_rx_bytes: b.network_rx_bytes,
+                network_tx_bytes: b.network_tx_bytes,
+            }),
         }))
     }
 

@@ -1,5 +1,6 @@
 //! The lease life cycle on real VMs: the pool warms up (agent healthy over vsock), hands a
 //! warm VM to a lease, answers retries of that lease with the same VM, reports counters
+//! (and the counters at lease time, which metering leaves out of the lease's usage)
 //! and node info, streams state changes, destroys on release; bad requests are refused
 //! with the field named; the node registers in Redis and a graceful shutdown removes the
 //! record and every VM.
@@ -123,6 +124,16 @@ async fn warm_lease_retry_counters_watch_release_and_graceful_shutdown() {
         cpu > Duration::ZERO && counters.vmm_resident_bytes > 0 && counters.disk_read_bytes > 0,
         "{counters:?}"
     );
+    // What booting and waiting warm cost, for metering to leave out of the lease's usage.
+    let at_lease = counters
+        .at_lease
+        .expect("a leased vm reports counters at lease");
+    let boot_cpu = capsa_proto::time::from_duration(&at_lease.cpu_time.unwrap()).unwrap();
+    assert!(boot_cpu > Duration::ZERO && boot_cpu <= cpu, "{counters:?}");
+    assert!(
+        at_lease.disk_read_bytes > 0 && at_lease.disk_read_bytes <= counters.disk_read_bytes,
+        "the guest read its root fs while booting: {counters:?}"
+    );
 
     // Bad requests name the field.
     for (req, field) in [
@@ -213,6 +224,13 @@ async fn warm_lease_retry_counters_watch_release_and_graceful_shutdown() {
 
     // The pool refills; then a graceful shutdown destroys everything and deregisters.
     wait_warm(&mut c, 1).await;
+    let refill = common::warm_vms(&mut c).await.remove(0);
+    let unleased = c
+        .get_vm_counters(GetVmCountersRequest { vm_id: refill.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unleased.at_lease, None, "a warm vm has no lease yet");
     let before = pool.vm_processes();
     assert!(!before.is_empty());
     let process = pool.process.take().unwrap();

@@ -31,9 +31,8 @@
 //! The scripts touch a session's and its tenant's keys together, so like the session
 //! scripts they assume one Redis (or Sentinel), not Cluster.
 //!
-//! The counters are the VMM's since it started, so a session's usage includes its VM's
-//! boot and warm-pool wait (small next to any real work under KVM). Subtracting them would
-//! need vm-pool to report the counters at lease time.
+//! The counters count from the lease: metering subtracts the VMM's counters at lease time
+//! (reported by vm-pool), so a session is not billed for its VM's boot and warm-pool wait.
 //!
 //! How a billing job consumes the stream (a consumer group delivers each entry to one
 //! consumer, and keeps it pending until acknowledged):

@@ -38,6 +38,8 @@ pub struct VmState {
     pub network_tx_bytes: u64,
     /// `None`: GetGuestStats fails.
     pub memory_used_bytes: Option<u64>,
+    /// What vm-pool reports as the counters at lease time.
+    pub at_lease: Option<vp::CountersAtLease>,
 }
 
 #[derive(Clone, Default)]
@@ -235,6 +237,7 @@ impl VmPoolService for Shared {
             network_rx_bytes: s.network_rx_bytes,
             network_tx_bytes: s.network_tx_bytes,
             sample_time: Some(timestamp(now_ms())),
+            at_lease: s.at_lease,
         }))
     }
     async fn get_node_info(
