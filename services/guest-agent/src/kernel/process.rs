@@ -21,8 +21,14 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
-/// Output is read in chunks of at most this many bytes, never by lines.
-pub const CHUNK: usize = 64 * 1024;
+/// Output is read in chunks of at most this many bytes, never by lines. Large chunks matter
+/// most where the guest is slow (software emulation): every chunk costs a wakeup, a read
+/// and one message through each hop, whatever its size.
+pub const CHUNK: usize = 256 * 1024;
+
+/// The kernel's stdout and stderr pipes hold this much (Linux' default is 64 KiB), so a
+/// writer can get a whole chunk ahead while the agent sends the previous one.
+const PIPE_SIZE: libc::c_int = 1024 * 1024;
 
 /// An event line longer than this is a protocol violation (a PNG of a huge figure still fits).
 const MAX_EVENT_LINE: usize = 64 * 1024 * 1024;
@@ -40,6 +46,10 @@ pub struct KernelProcess {
     pub pgid: Pid,
     pub stdout: ChildStdout,
     pub stderr: ChildStderr,
+    /// Read buffers for stdout and stderr, allocated once per kernel: a fresh pair per
+    /// execute cost milliseconds of page faults under software emulation.
+    pub out_buf: Box<[u8]>,
+    pub err_buf: Box<[u8]>,
     pub requests: pipe::Sender,
     pub events: LineReader,
 }
@@ -82,10 +92,19 @@ impl KernelProcess {
         let pid = child
             .id()
             .ok_or_else(|| io::Error::other("kernel exited at once"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        for fd in [stdout.as_raw_fd(), stderr.as_raw_fd()] {
+            // SAFETY: fcntl on a pipe fd this process owns. Failure (a lower
+            // /proc/sys/fs/pipe-max-size) only costs speed, so it is ignored.
+            unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        }
         Ok(KernelProcess {
             pgid: Pid::from_raw(pid as i32),
-            stdout: child.stdout.take().expect("stdout is piped"),
-            stderr: child.stderr.take().expect("stderr is piped"),
+            stdout,
+            stderr,
+            out_buf: vec![0u8; CHUNK].into_boxed_slice(),
+            err_buf: vec![0u8; CHUNK].into_boxed_slice(),
             child,
             requests: pipe::Sender::from_owned_fd(req_w)?,
             events: LineReader::new(pipe::Receiver::from_owned_fd(evt_r)?),
@@ -125,14 +144,13 @@ impl Drop for KernelProcess {
 }
 
 /// Reads what is already in a non-blocking pipe right now, without waiting: at most
-/// `limit` bytes, in chunks of [`CHUNK`]. Used after the driver reports an event, so the
+/// `limit` bytes, in chunks of `buf`'s size. Used after the driver reports an event, so the
 /// output written before it is sent first. A raw read is used because the reactor's
 /// readiness may not have caught up with data that is already there.
-pub fn read_ready(fd: BorrowedFd<'_>, limit: usize, mut each: impl FnMut(&[u8])) {
-    let mut buf = vec![0u8; CHUNK];
+pub fn read_ready(fd: BorrowedFd<'_>, buf: &mut [u8], limit: usize, mut each: impl FnMut(&[u8])) {
     let mut total = 0;
     while total < limit {
-        match nix::unistd::read(fd, &mut buf) {
+        match nix::unistd::read(fd, buf) {
             Ok(0) => return,
             Ok(n) => {
                 total += n;

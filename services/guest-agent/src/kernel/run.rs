@@ -24,7 +24,7 @@ use tokio::process::{ChildStderr, ChildStdout};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::process::{CHUNK, KernelProcess, proc_cpu_time, read_ready};
+use super::process::{KernelProcess, proc_cpu_time, read_ready};
 use super::{Completion, Event, EventSender, ExecuteRequest, Language, Status, python, shell};
 
 /// Most bytes taken from one pipe when draining before an event: a background writer
@@ -207,12 +207,12 @@ impl Run<'_> {
             child,
             stdout,
             stderr,
+            out_buf,
+            err_buf,
             requests,
             events,
             ..
         } = p;
-        let mut out_buf = vec![0u8; CHUNK];
-        let mut err_buf = vec![0u8; CHUNK];
         let (mut out_open, mut err_open, mut events_open) = (true, true, true);
         let mut written = 0;
         loop {
@@ -226,17 +226,17 @@ impl Run<'_> {
                         written = line.len();
                     }
                 },
-                r = stdout.read(&mut out_buf), if out_open => match r {
+                r = stdout.read(out_buf), if out_open => match r {
                     Ok(n) if n > 0 => self.output(true, &out_buf[..n]).await,
                     _ => out_open = false,
                 },
-                r = stderr.read(&mut err_buf), if err_open => match r {
+                r = stderr.read(err_buf), if err_open => match r {
                     Ok(n) if n > 0 => self.output(false, &err_buf[..n]).await,
                     _ => err_open = false,
                 },
                 r = events.next_line(), if events_open => match r {
                     Ok(Some(raw)) => {
-                        self.drain(stdout, stderr).await;
+                        self.drain(stdout, stderr, out_buf).await;
                         let parsed = match language {
                             Language::Python => python::parse_event(&raw),
                             Language::Shell => shell::parse_event(&raw),
@@ -256,7 +256,7 @@ impl Run<'_> {
                     }
                 },
                 status = child.wait() => {
-                    self.drain(stdout, stderr).await;
+                    self.drain(stdout, stderr, out_buf).await;
                     return End::Exited(status.ok());
                 }
             }
@@ -329,13 +329,13 @@ impl Run<'_> {
     }
 
     /// Takes what is in both output pipes right now.
-    async fn drain(&mut self, stdout: &ChildStdout, stderr: &ChildStderr) {
+    async fn drain(&mut self, stdout: &ChildStdout, stderr: &ChildStderr, buf: &mut [u8]) {
         use std::os::fd::AsFd as _;
         let mut chunks: Vec<(bool, Bytes)> = Vec::new();
-        read_ready(stdout.as_fd(), DRAIN_LIMIT, |b| {
+        read_ready(stdout.as_fd(), buf, DRAIN_LIMIT, |b| {
             chunks.push((true, Bytes::copy_from_slice(b)))
         });
-        read_ready(stderr.as_fd(), DRAIN_LIMIT, |b| {
+        read_ready(stderr.as_fd(), buf, DRAIN_LIMIT, |b| {
             chunks.push((false, Bytes::copy_from_slice(b)))
         });
         for (is_stdout, data) in chunks {
