@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod config;
+mod counters;
 pub mod error;
 pub mod grpc;
 mod metrics;
