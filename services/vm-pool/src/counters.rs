@@ -49,8 +49,8 @@ impl Pool {
         Ok((counters_of(&vm).await?, baseline))
     }
 
-    /// Takes the leased VM's counters in the background (see [`crate::pool::Entry::at_lease`]), so
-    /// AcquireVm does not wait for them.
+    /// Takes the leased VM's counters in the background (see
+    /// [`crate::pool::Entry::at_lease`]), so AcquireVm does not wait for them.
     pub(crate) fn record_counters_at_lease(&self, vm_id: &str) {
         let (vm, cell) = {
             let st = self.0.lock();
