@@ -81,8 +81,10 @@ exec 9>"$images/.lock"
 flock 9
 if [[ -f "$out/manifest.json" ]]; then set_current; log "cached: $out"; echo "$out"; exit 0; fi
 
+# Under the lock no other build is running: any .tmp-* left is from a build that was killed.
+rm -rf "$images"/.tmp-*
 tmp="$images/.tmp-$hash"
-rm -rf "$tmp"; mkdir -p "$tmp"
+mkdir -p "$tmp"
 stage="$tmp/stage"
 log "staging root tree (hardlinked from $base/rootfs)"
 # Hardlink copy: cheap. Only NEW files are added below (never modify a linked file).
