@@ -4,8 +4,9 @@
 //! the set `capsa:nodes` lists every id announced and not yet forgotten. A node is live
 //! while its key exists. A node whose key is gone (it died without saying goodbye, or
 //! shut down) is *lapsed*: it stays in `capsa:nodes` while sessions still name it, so the
-//! reconciler can find and end them ([`NodeRegistry::lapsed_nodes`]), and is forgotten
-//! once it has none.
+//! reconciler can find and end them ([`NodeRegistry::live_and_lapsed`]), and is forgotten
+//! once it has none. Only the reconciler's view and a graceful remove write: placement
+//! and sampling read [`NodeRegistry::live_nodes`] on their hot paths.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -106,18 +107,19 @@ impl NodeRegistry {
     pub async fn remove(&self, node_id: &str) -> Result<()> {
         let mut conn = self.conn.clone();
         conn.del::<_, ()>(node_key(node_id)).await?;
-        self.forget(node_id).await
+        self.forget(node_id).await.map(drop)
     }
 
-    async fn forget(&self, node_id: &str) -> Result<()> {
-        FORGET
+    /// Whether the node was forgotten (see [`FORGET`]).
+    async fn forget(&self, node_id: &str) -> Result<bool> {
+        let removed: i64 = FORGET
             .key(node_key(node_id))
             .key(node_sessions_key(node_id))
             .key(NODES_SET)
             .arg(node_id)
-            .invoke_async::<i64>(&mut self.conn.clone())
+            .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        Ok(removed == 1)
     }
 
     /// One live node's record, if its heartbeat has not expired.
@@ -127,27 +129,33 @@ impl NodeRegistry {
         raw.map(|json| parse(node_id, &json)).transpose()
     }
 
-    /// Every node whose heartbeat has not expired, sorted by id. Lapsed nodes that no
-    /// session names any more are forgotten on the way.
+    /// Every node whose heartbeat has not expired, sorted by id. Read-only.
     pub async fn live_nodes(&self) -> Result<Vec<NodeRecord>> {
-        let (mut live, lapsed) = self.scan().await?;
+        Ok(self.scan().await?.0)
+    }
+
+    /// The reconciler's view, from one read: the live nodes, and the ids of lapsed nodes
+    /// that sessions still name, both sorted. Lapsed nodes no session names are forgotten
+    /// on the way.
+    pub async fn live_and_lapsed(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
+        let (live, lapsed) = self.scan().await?;
+        let mut named = Vec::with_capacity(lapsed.len());
         for id in lapsed {
             // A heartbeat racing this re-adds its id on the next beat (SADD is in every
             // heartbeat), so forgetting never loses a live node for longer than a beat.
-            self.forget(&id).await?;
+            if !self.forget(&id).await? {
+                named.push(id);
+            }
         }
-        live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        Ok(live)
+        Ok((live, named))
     }
 
-    /// Ids of nodes whose heartbeat expired but that sessions still name, sorted.
+    /// The lapsed half of [`NodeRegistry::live_and_lapsed`].
     pub async fn lapsed_nodes(&self) -> Result<Vec<String>> {
-        let (_, mut lapsed) = self.scan().await?;
-        lapsed.sort();
-        Ok(lapsed)
+        Ok(self.live_and_lapsed().await?.1)
     }
 
-    /// Splits `capsa:nodes` into live records and lapsed ids.
+    /// Splits `capsa:nodes` into live records and lapsed ids, both sorted.
     async fn scan(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn.smembers(NODES_SET).await?;
@@ -165,6 +173,8 @@ impl NodeRegistry {
                 None => lapsed.push(id),
             }
         }
+        live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        lapsed.sort();
         Ok((live, lapsed))
     }
 }
