@@ -12,7 +12,7 @@ use std::time::Duration;
 use capsa_proto::common::v1::{ExecuteSpec, FileInfo, UploadResult};
 use capsa_proto::executor::v1 as ex;
 use capsa_proto::session::v1 as pb;
-use capsa_proto::vmpool::v1::{GetVmRequest, VmState};
+use capsa_proto::vmpool::v1::GetVmRequest;
 use capsa_store::{EndReason, NodeRecord, SessionRecord, SessionStatus, Transition};
 use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
@@ -23,6 +23,7 @@ use crate::app::App;
 use crate::clients::with_timeout;
 use crate::error::Error;
 use crate::sessions::{describe_end, not_active};
+use crate::teardown::vm_failure;
 use crate::validate;
 
 /// Bound of every relay channel: a few chunks in flight, never a whole output.
@@ -51,31 +52,15 @@ impl App {
             Some(node) => Ok(Target { session, node }),
             None => {
                 let why = format!("node {} stopped heartbeating", session.node_id);
-                Err(self.end_vm_failed(&session, &why).await)
+                Err(self.vm_failed_error(&session, &why).await)
             }
         }
     }
 
     /// Ends an ACTIVE session as VM_FAILED (teardown in the background) and returns the
     /// UNAVAILABLE the client gets.
-    async fn end_vm_failed(self: &Arc<Self>, session: &SessionRecord, why: &str) -> Error {
-        match self
-            .sessions
-            .begin_end(
-                &session.id,
-                EndReason::VmFailed,
-                why,
-                Some(SessionStatus::Active),
-            )
-            .await
-        {
-            Ok(Transition::Won(rec)) => {
-                tracing::warn!(session_id = %session.id, %why, "session's vm failed");
-                let app = self.clone();
-                tokio::spawn(async move {
-                    let _ = app.teardown(rec).await;
-                });
-            }
+    async fn vm_failed_error(self: &Arc<Self>, session: &SessionRecord, why: &str) -> Error {
+        match self.end_vm_failed(&session.id, why).await {
             // Ended meanwhile (deleted, expired): that, not the VM, is why the call broke.
             Ok(Transition::Conflict(rec)) if rec.end_reason != Some(EndReason::VmFailed) => {
                 return Error::FailedPrecondition(format!(
@@ -111,13 +96,7 @@ impl App {
             .await
             {
                 Ok(Ok(resp)) => match resp.into_inner().vm {
-                    Some(vm) if vm.state == VmState::Failed as i32 => {
-                        Some(format!("vm {} failed: {}", vm.id, vm.failure))
-                    }
-                    Some(vm) if vm.state == VmState::Destroyed as i32 => {
-                        Some(format!("vm {} was destroyed", vm.id))
-                    }
-                    Some(_) => None,
+                    Some(vm) => vm_failure(&vm),
                     None => Some(format!("vm {} is gone", t.session.vm_id)),
                 },
                 Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
@@ -127,7 +106,7 @@ impl App {
             }
         };
         match check.await {
-            Some(why) => self.end_vm_failed(&t.session, &why).await,
+            Some(why) => self.vm_failed_error(&t.session, &why).await,
             None => Error::Unavailable(format!(
                 "node {} is unavailable: {}",
                 t.node.node_id,

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capsa_proto::vmpool::v1::{ListVmsRequest, VmState};
-use capsa_store::{EndReason, NodeRecord, SessionStatus, Transition};
+use capsa_store::{NodeRecord, SessionStatus};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::clients::with_timeout;
+use crate::teardown::vm_failure;
 
 const CLAIM_BATCH: usize = 100;
 const MAX_CONCURRENT_TEARDOWNS: usize = 64;
@@ -85,21 +86,16 @@ pub async fn reconciler(app: Arc<App>, stop: CancellationToken) {
             app.open_sessions
                 .store(open, std::sync::atomic::Ordering::Relaxed);
         }
-        match app.nodes.live_nodes().await {
-            Ok(nodes) => {
-                for node in nodes {
+        match app.nodes.live_and_lapsed().await {
+            Ok((live, lapsed)) => {
+                for node in live {
                     reconcile_node(&app, &node).await;
                 }
-            }
-            Err(e) => tracing::warn!(error = %e, "listing nodes failed"),
-        }
-        match app.nodes.lapsed_nodes().await {
-            Ok(ids) => {
-                for id in ids {
+                for id in lapsed {
                     sweep_lapsed_node(&app, &id).await;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "listing lapsed nodes failed"),
+            Err(e) => tracing::warn!(error = %e, "listing nodes failed"),
         }
     }
 }
@@ -119,29 +115,8 @@ async fn sweep_lapsed_node(app: &Arc<App>, node_id: &str) {
             continue;
         };
         if rec.status == SessionStatus::Active && rec.node_id == node_id {
-            end_vm_failed(app, &id, &failure).await;
+            let _ = app.end_vm_failed(&id, &failure).await;
         }
-    }
-}
-
-/// ACTIVE → VM_FAILED, then the teardown in the background; a no-op when another replica
-/// or path ended the session first.
-async fn end_vm_failed(app: &Arc<App>, id: &str, failure: &str) {
-    if let Ok(Transition::Won(rec)) = app
-        .sessions
-        .begin_end(
-            id,
-            EndReason::VmFailed,
-            failure,
-            Some(SessionStatus::Active),
-        )
-        .await
-    {
-        tracing::warn!(session_id = %id, %failure, "ending session whose vm failed");
-        let app = app.clone();
-        tokio::spawn(async move {
-            let _ = app.teardown(rec).await;
-        });
     }
 }
 
@@ -203,14 +178,11 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
         }
         let failure = match by_id.get(rec.vm_id.as_str()) {
             None => format!("vm {} is gone from node {}", rec.vm_id, node.node_id),
-            Some(vm) if vm.state == VmState::Failed as i32 => {
-                format!("vm {} failed: {}", vm.id, vm.failure)
-            }
-            Some(vm) if vm.state == VmState::Destroyed as i32 => {
-                format!("vm {} was destroyed", vm.id)
-            }
-            Some(_) => continue,
+            Some(vm) => match vm_failure(vm) {
+                Some(failure) => failure,
+                None => continue,
+            },
         };
-        end_vm_failed(app, &id, &failure).await;
+        let _ = app.end_vm_failed(&id, &failure).await;
     }
 }

@@ -6,9 +6,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use capsa_proto::metering::v1::FinalizeSessionRequest;
-use capsa_proto::vmpool::v1::ReleaseVmRequest;
-use capsa_store::SessionRecord;
+use capsa_proto::vmpool::v1::{ReleaseVmRequest, Vm, VmState};
+use capsa_store::{EndReason, SessionRecord, SessionStatus, Transition};
 
 use crate::app::App;
 use crate::clients::with_timeout;
@@ -24,7 +26,44 @@ enum Released {
     NodeGone,
 }
 
+/// Why a VM its node still lists can no longer serve its session, if it cannot.
+pub fn vm_failure(vm: &Vm) -> Option<String> {
+    if vm.state == VmState::Failed as i32 {
+        Some(format!("vm {} failed: {}", vm.id, vm.failure))
+    } else if vm.state == VmState::Destroyed as i32 {
+        Some(format!("vm {} was destroyed", vm.id))
+    } else {
+        None
+    }
+}
+
 impl App {
+    /// Ends an ACTIVE session as VM_FAILED; the winner's teardown runs in the background.
+    /// The transition tells a caller that lost why (another path ended the session first).
+    pub async fn end_vm_failed(
+        self: &Arc<Self>,
+        session_id: &str,
+        why: &str,
+    ) -> Result<Transition, capsa_store::StoreError> {
+        let transition = self
+            .sessions
+            .begin_end(
+                session_id,
+                EndReason::VmFailed,
+                why,
+                Some(SessionStatus::Active),
+            )
+            .await?;
+        if let Transition::Won(rec) = &transition {
+            tracing::warn!(%session_id, %why, "ending session whose vm failed");
+            let (app, rec) = (self.clone(), rec.clone());
+            tokio::spawn(async move {
+                let _ = app.teardown(rec).await;
+            });
+        }
+        Ok(transition)
+    }
+
     /// Finalize, release, mark terminated. See the module docs.
     #[tracing::instrument(skip_all, fields(session_id = %rec.id, vm = %rec.vm_id))]
     pub async fn teardown(&self, rec: SessionRecord) -> Result<(), Error> {
