@@ -85,11 +85,8 @@ fn tenant_key(tenant: &str) -> String {
     format!("capsa:usage:tenant:{tenant}")
 }
 
+/// Prepended to the usage scripts, after the shared clock and reply helpers.
 const COMMON_LUA: &str = r#"
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 -- Numbers are written with %d: Lua's default formatting turns large ones into 1e+15.
 local function int(x) return string.format('%d', x) end
 local function num(key, field) return tonumber(redis.call('HGET', key, field) or '0') end
@@ -109,12 +106,6 @@ local function append(stream, s, kind, now)
   args[#args + 1] = 'record_ms'
   args[#args + 1] = int(now)
   redis.call(unpack(args))
-end
-local function reply(tag, key)
-  local out = { tag }
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all do out[#out + 1] = all[i] end
-  return out
 end
 "#;
 
@@ -195,9 +186,12 @@ redis.call('SREM', KEYS[4], ARGV[1])
 return reply('appended', s)
 "#;
 
-static SAMPLE: LazyLock<Script> = LazyLock::new(|| Script::new(&[COMMON_LUA, SAMPLE_LUA].concat()));
+const CLOCK_AND_REPLY_LUA: &str = include_str!("lua/clock_and_reply.lua");
+
+static SAMPLE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[CLOCK_AND_REPLY_LUA, COMMON_LUA, SAMPLE_LUA].concat()));
 static FINALIZE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&[COMMON_LUA, FINALIZE_LUA].concat()));
+    LazyLock::new(|| Script::new(&[CLOCK_AND_REPLY_LUA, COMMON_LUA, FINALIZE_LUA].concat()));
 
 /// One reading of a leased VM, as metering takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -42,6 +42,7 @@ macro_rules! script {
     ($file:literal) => {
         LazyLock::new(|| {
             Script::new(concat!(
+                include_str!("../lua/clock_and_reply.lua"),
                 include_str!("lua/common.lua"),
                 include_str!(concat!("lua/", $file))
             ))
