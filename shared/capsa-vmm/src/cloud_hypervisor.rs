@@ -22,7 +22,7 @@ use tokio::process::Command;
 
 use crate::ch_api::ChApi;
 use crate::console::Console;
-use crate::instance::{self, DirGuard, Instance};
+use crate::instance::{self, DirGuard, Instance, delegate_to_instance};
 use crate::process::{Supervised, wait_listening};
 use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, VmmError, layout};
 
@@ -261,30 +261,7 @@ pub(crate) fn counter_totals(reply: &Value, counters: &mut VmCounters) {
 }
 
 impl VirtualMachine for ChVm {
-    fn id(&self) -> &str {
-        &self.instance.id
-    }
-    fn engine(&self) -> EngineKind {
-        EngineKind::CloudHypervisor
-    }
-    fn vmm_pid(&self) -> u32 {
-        self.instance.vmm.pid()
-    }
-    fn pids(&self) -> Vec<u32> {
-        self.instance.pids()
-    }
-    fn dir(&self) -> &Path {
-        &self.instance.dir
-    }
-    fn wait(&self) -> BoxFuture<'_, VmExit> {
-        self.instance.wait().boxed()
-    }
-    fn exit(&self) -> Option<VmExit> {
-        self.instance.exit()
-    }
-    fn wait_for_console<'a>(&'a self, marker: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
-        self.instance.console.wait_for(marker).boxed()
-    }
+    delegate_to_instance!();
     fn counters(&self) -> BoxFuture<'_, Result<VmCounters, VmmError>> {
         async move {
             let mut counters = self.instance.process_counters()?;

@@ -11,6 +11,38 @@ use crate::console::Console;
 use crate::process::{self, Supervised};
 use crate::{EngineKind, VmCounters, VmExit, VmSpec, VmmError, layout};
 
+/// The [`crate::VirtualMachine`] methods every engine answers from its `instance` field
+/// alone; used inside each engine's `impl VirtualMachine`.
+macro_rules! delegate_to_instance {
+    () => {
+        fn id(&self) -> &str {
+            &self.instance.id
+        }
+        fn engine(&self) -> EngineKind {
+            self.instance.engine
+        }
+        fn vmm_pid(&self) -> u32 {
+            self.instance.vmm.pid()
+        }
+        fn pids(&self) -> Vec<u32> {
+            self.instance.pids()
+        }
+        fn dir(&self) -> &Path {
+            &self.instance.dir
+        }
+        fn wait(&self) -> BoxFuture<'_, VmExit> {
+            self.instance.wait().boxed()
+        }
+        fn exit(&self) -> Option<VmExit> {
+            self.instance.exit()
+        }
+        fn wait_for_console<'a>(&'a self, marker: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
+            self.instance.console.wait_for(marker).boxed()
+        }
+    };
+}
+pub(crate) use delegate_to_instance;
+
 pub(crate) struct Instance {
     pub id: String,
     pub dir: PathBuf,

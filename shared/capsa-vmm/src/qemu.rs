@@ -26,7 +26,7 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use crate::console::Console;
-use crate::instance::{self, DirGuard, Instance};
+use crate::instance::{self, DirGuard, Instance, delegate_to_instance};
 use crate::process::{Supervised, find_in_path, wait_listening};
 use crate::qmp::{Qmp, blockstats_totals};
 use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, VmmError, layout};
@@ -305,30 +305,7 @@ impl QemuVm {
 }
 
 impl VirtualMachine for QemuVm {
-    fn id(&self) -> &str {
-        &self.instance.id
-    }
-    fn engine(&self) -> EngineKind {
-        self.instance.engine
-    }
-    fn vmm_pid(&self) -> u32 {
-        self.instance.vmm.pid()
-    }
-    fn pids(&self) -> Vec<u32> {
-        self.instance.pids()
-    }
-    fn dir(&self) -> &Path {
-        &self.instance.dir
-    }
-    fn wait(&self) -> BoxFuture<'_, VmExit> {
-        self.instance.wait().boxed()
-    }
-    fn exit(&self) -> Option<VmExit> {
-        self.instance.exit()
-    }
-    fn wait_for_console<'a>(&'a self, marker: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
-        self.instance.console.wait_for(marker).boxed()
-    }
+    delegate_to_instance!();
     fn counters(&self) -> BoxFuture<'_, Result<VmCounters, VmmError>> {
         async move {
             let mut counters = self.instance.process_counters()?;
