@@ -195,6 +195,33 @@ async fn output_past_the_cap_is_cut_with_a_marker() {
 }
 
 #[tokio::test]
+async fn stdout_written_before_stderr_is_delivered_first() {
+    // Two pipes carry no order between them. When both have data the agent reads stdout
+    // first, so what the code wrote to stdout before stderr never arrives after it (and
+    // counts against the output cap first).
+    use capsa_proto::common::v1::execute_event::Event;
+    let agent = Agent::start().await;
+    let mut c = agent.client();
+    for _ in 0..20 {
+        let o = python(
+            &mut c,
+            "import sys\nsys.stdout.write('out')\nsys.stderr.write('err')",
+        )
+        .await;
+        let order: Vec<&str> = o
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Stdout(_) => Some("stdout"),
+                Event::Stderr(_) => Some("stderr"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["stdout", "stderr"]);
+    }
+}
+
+#[tokio::test]
 async fn past_the_cap_the_pipes_are_still_drained() {
     let agent = Agent::start().await;
     let mut c = agent.client();

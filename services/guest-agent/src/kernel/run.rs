@@ -216,7 +216,11 @@ impl Run<'_> {
         let (mut out_open, mut err_open, mut events_open) = (true, true, true);
         let mut written = 0;
         loop {
+            // Biased, in this order: timers are honoured even under an output flood, and
+            // stdout is read before stderr, so output the code wrote to stdout before it
+            // wrote to stderr is delivered (and counted against the cap) first.
             tokio::select! {
+                biased;
                 fire = self.fire() => self.on_fire(fire),
                 r = requests.write(&line[written..]), if written < line.len() => match r {
                     Ok(n) => written += n,
