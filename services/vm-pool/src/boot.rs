@@ -82,6 +82,9 @@ pub(crate) async fn run_boot(
         _ = shared.closing.cancelled() => return Err(fail(shared, id, "vm-pool is shutting down".into())),
     };
     let started = Instant::now();
+    // One bound for the whole boot, VMM start-up included: a boot stuck anywhere holds a
+    // boot slot, and with it every boot queued behind it.
+    let deadline = tokio::time::Instant::now() + shared.settings.boot_timeout;
     let kind = shared.engine.kind;
     let spec = VmSpec {
         id: id.to_owned(),
@@ -93,14 +96,21 @@ pub(crate) async fn run_boot(
         initrd: None,
         dir: shared.settings.state_dir.join("vms").join(id),
     };
-    let vm = match shared.hv.boot(&spec).await {
-        Ok(vm) => vm,
-        Err(e) => {
+    let vm = match tokio::time::timeout_at(deadline, shared.hv.boot(&spec)).await {
+        Ok(Ok(vm)) => vm,
+        Ok(Err(e)) => {
             return Err(fail(
                 shared,
                 id,
                 format!("vmm start failed: {}", capsa_grpc::error::chain(&e)),
             ));
+        }
+        Err(_) => {
+            let reason = format!(
+                "the vmm did not start within {:?}",
+                shared.settings.boot_timeout
+            );
+            return Err(fail(shared, id, reason));
         }
     };
     if !attach(shared, id, &vm) {
@@ -114,7 +124,7 @@ pub(crate) async fn run_boot(
 
     let vsock = vm.vsock_path();
     let outcome = tokio::select! {
-        r = tokio::time::timeout(shared.settings.boot_timeout, wait_healthy(&vsock)) => match r {
+        r = tokio::time::timeout_at(deadline, wait_healthy(&vsock)) => match r {
             Ok(()) => Ok(()),
             Err(_) => Err(format!(
                 "agent did not answer its health check within {:?}{}",
@@ -203,7 +213,7 @@ fn spawn_watcher(shared: Arc<Shared>, vm: Arc<dyn VirtualMachine>) {
     });
 }
 
-/// Marks a live VM `Failed` (if it still is live) and returns an Unavailable error for it.
+/// Marks a live VM `Failed` (if it still is live) and returns the error for it.
 fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
     mark_failed(shared, id, &reason);
     // Not inside an `if let` on the guard: back_off takes the lock itself.
@@ -212,15 +222,17 @@ fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
         .vms
         .get(id)
         .map(|e| e.info.borrow().template.clone());
-    if let Some(template) = template {
-        back_off(shared, &template);
+    if let Some(template) = &template {
+        back_off(shared, template);
     }
-    if shared.closing.is_cancelled() {
+    if shared.closing.is_cancelled() || template.is_none() {
+        // Shutting down, or released mid-boot (its entry is gone): not the boot's fault.
         tracing::debug!(vm = id, %reason, "boot abandoned");
+        Error::Unavailable(format!("boot of {id} abandoned: {reason}"))
     } else {
         tracing::warn!(vm = id, %reason, "boot failed");
+        Error::BootFailed(format!("boot of {id} failed: {reason}"))
     }
-    Error::Unavailable(format!("boot of {id} failed: {reason}"))
 }
 
 /// Marks `id` failed when it is live; true if it changed.

@@ -67,8 +67,9 @@ pub struct Config {
     pub max_memory_mib: u32,
 
     /// Time from starting a VMM to its agent's first healthy answer before the boot counts
-    /// as failed (seconds; software emulation is slow).
-    #[arg(long = "boot-timeout-secs", env = "CAPSA_VMPOOL_BOOT_TIMEOUT_SECS", default_value = "180", value_parser = parse_secs)]
+    /// as failed (seconds). Software-emulated boots take 4 to 15 s on a busy 2-core host;
+    /// a failed cold boot is retried once, within session-manager's acquire timeout.
+    #[arg(long = "boot-timeout-secs", env = "CAPSA_VMPOOL_BOOT_TIMEOUT_SECS", default_value = "60", value_parser = parse_secs)]
     pub boot_timeout: Duration,
 
     /// auto, cloud-hypervisor, qemu-kvm or qemu-tcg.

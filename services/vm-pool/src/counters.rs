@@ -63,9 +63,21 @@ impl Pool {
             (vm, entry.at_lease.clone())
         };
         let vm_id = vm_id.to_owned();
+        let pool = self.clone();
         tokio::spawn(async move {
             if let Err(e) = cell.get_or_try_init(|| vm.counters()).await {
-                tracing::warn!(vm = %vm_id, error = %e, "counters at lease not taken");
+                // A lease released at once races this read; only a live VM's miss matters.
+                let live = pool
+                    .0
+                    .lock()
+                    .vms
+                    .get(&vm_id)
+                    .is_some_and(|e| e.info.borrow().state.is_live());
+                if live {
+                    tracing::warn!(vm = %vm_id, error = %e, "counters at lease not taken");
+                } else {
+                    tracing::debug!(vm = %vm_id, error = %e, "counters at lease not taken: the vm is gone");
+                }
             }
         });
     }

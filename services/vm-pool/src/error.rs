@@ -14,9 +14,13 @@ pub enum Error {
     /// The node is at capacity.
     #[error("{0}")]
     ResourceExhausted(String),
-    /// A boot failed or the pool is shutting down; another node or a retry may succeed.
+    /// The pool is shutting down, or a VM went away during its boot; another node or a
+    /// retry may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// A VM's boot failed (its VMM exited, or its agent stayed silent past the boot timeout).
+    #[error("{0}")]
+    BootFailed(String),
     /// Start-up configuration that cannot work (bad image dir, no engine).
     #[error("configuration: {0}")]
     Config(String),
@@ -35,7 +39,7 @@ impl ServiceError for Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
-            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Unavailable(_) | Error::BootFailed(_) => ErrorCode::Unavailable,
             Error::Config(_) | Error::Vmm(_) | Error::Store(_) | Error::Serve(_) => {
                 ErrorCode::Internal
             }
@@ -64,6 +68,7 @@ mod tests {
                 tonic::Code::ResourceExhausted,
             ),
             (Error::Unavailable("x".into()), tonic::Code::Unavailable),
+            (Error::BootFailed("x".into()), tonic::Code::Unavailable),
             (Error::Config("x".into()), tonic::Code::Internal),
         ];
         for (err, code) in cases {

@@ -193,7 +193,7 @@ impl Pool {
         let result = match self.take_warm(&tpl, vcpus, memory_mib, lease_id) {
             Some(info) => Ok((info, true)),
             None => self
-                .cold_boot(&tpl, vcpus, memory_mib, lease_id)
+                .cold_boot_with_one_retry(&tpl, vcpus, memory_mib, lease_id)
                 .await
                 .map(|info| (info, false)),
         };
@@ -310,6 +310,32 @@ impl Pool {
             return Some(entry.info.borrow().clone());
         }
         None
+    }
+
+    /// A cold boot that fails (its VMM exited, its agent stayed silent) is tried once more
+    /// with a fresh VM: one bad boot should not fail the caller's session, while a second
+    /// failure in a row says the node or image is broken, which the caller must hear.
+    async fn cold_boot_with_one_retry(
+        &self,
+        tpl: &Template,
+        vcpus: u32,
+        memory_mib: u32,
+        lease_id: &str,
+    ) -> Result<VmInfo, Error> {
+        match self.cold_boot(tpl, vcpus, memory_mib, lease_id).await {
+            Err(Error::BootFailed(first)) => {
+                tracing::warn!(error = %first, "cold boot failed; booting another vm for the lease");
+                self.cold_boot(tpl, vcpus, memory_mib, lease_id)
+                    .await
+                    .map_err(|e| match e {
+                        Error::BootFailed(second) => Error::BootFailed(format!(
+                            "two boots failed in a row: {first}; then {second}"
+                        )),
+                        other => other,
+                    })
+            }
+            other => other,
+        }
     }
 
     /// Boots a VM for a lease (a warm miss), making room by evicting a warm VM of another

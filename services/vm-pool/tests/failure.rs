@@ -1,5 +1,6 @@
 //! A VMM killed from outside (`kill -9`) is noticed within 2 s: WatchVm streams FAILED
-//! with the reason, GetVm shows it, and the pool boots a replacement warm VM.
+//! with the reason, GetVm shows it, and the pool boots a replacement warm VM. A cold boot
+//! whose VMM dies is retried once with a fresh VM; a second death fails the AcquireVm.
 
 mod common;
 
@@ -109,4 +110,101 @@ async fn a_killed_vmm_fails_the_vm_at_once_and_the_pool_refills() {
         .released
     );
     wait_warm(&mut c, 1).await;
+}
+
+/// Waits for the VMM of the cold boot for `lease_id` that is not in `seen`, then kills it.
+async fn kill_booting_vmm(
+    c: &mut VmPoolServiceClient<Channel>,
+    lease_id: &str,
+    seen: &[String],
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let booting = common::list(c).await.into_iter().find(|vm| {
+            vm.lease_id == lease_id
+                && vm.state == VmState::Booting as i32
+                && vm.vmm_pid != 0
+                && !seen.contains(&vm.id)
+        });
+        if let Some(vm) = booting {
+            // SAFETY: kill(2) on a VMM of the pool this test started.
+            unsafe { libc::kill(vm.vmm_pid as i32, libc::SIGKILL) };
+            return vm.id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no booting vm for lease {lease_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_boot_that_dies_is_retried_once_then_reported() {
+    let pool = PoolUnderTest::start(&["--warm", "0", "--capacity", "3"]).await;
+    let mut c = pool.client().await;
+    let acquirer = c.clone();
+    let acquire = |lease_id: &'static str| {
+        let mut c = acquirer.clone();
+        tokio::spawn(async move {
+            c.acquire_vm(AcquireVmRequest {
+                lease_id: lease_id.into(),
+                ..Default::default()
+            })
+            .await
+        })
+    };
+
+    // One death: the lease gets a second, healthy VM; the first is listed FAILED.
+    let pending = acquire("retried");
+    let first = kill_booting_vmm(&mut c, "retried", &[]).await;
+    let vm = pending
+        .await
+        .unwrap()
+        .expect("the retry boots")
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_ne!(vm.id, first);
+    assert_eq!(
+        (vm.state, vm.lease_id.as_str()),
+        (VmState::Leased as i32, "retried")
+    );
+    let dead = c
+        .get_vm(GetVmRequest {
+            vm_id: first.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(dead.state, VmState::Failed as i32);
+    assert!(dead.failure.contains("signal 9"), "{}", dead.failure);
+
+    // Two deaths in a row: UNAVAILABLE naming both, and nothing is left running for it.
+    let pending = acquire("doomed");
+    let a = kill_booting_vmm(&mut c, "doomed", &[]).await;
+    let b = kill_booting_vmm(&mut c, "doomed", std::slice::from_ref(&a)).await;
+    let err = pending
+        .await
+        .unwrap()
+        .expect_err("two failed boots fail the acquire");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("two boots failed")
+            && err.message().contains(&a)
+            && err.message().contains(&b),
+        "{}",
+        err.message()
+    );
+    // Only the retried lease's VM (VMM and helper) is running.
+    capsa_test_support::eventually!(pool.vm_processes().len() == 2, 10);
+    assert!(
+        c.release_vm(ReleaseVmRequest { vm_id: vm.id })
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
 }
