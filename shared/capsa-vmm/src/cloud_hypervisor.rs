@@ -133,7 +133,10 @@ pub(crate) fn vm_config(spec: &VmSpec, kernel: &Path, overlay: Option<&Path>) ->
     }
     let disks: Vec<Value> = overlay
         .into_iter()
-        .map(|p| json!({ "path": p, "backing_files": true }))
+        // image_type explicitly: Cloud Hypervisor (v53) that has to detect a qcow2 itself turns
+        // backing_files off in the config it keeps, so a restore of that config would open
+        // the overlay without its base (found by running the driver against a real binary).
+        .map(|p| json!({ "path": p, "image_type": "Qcow2", "backing_files": true }))
         .collect();
     json!({
         "cpus": { "boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus },
@@ -350,7 +353,10 @@ mod tests {
         assert_eq!(c["payload"]["kernel"], "/img/vmlinux");
         assert_eq!(c["payload"]["cmdline"], "console=ttyS0 root=/dev/vda");
         assert!(c["payload"].get("initramfs").is_none());
-        assert_eq!(c["disks"][0]["path"], "/state/vms/vm-c1/overlay.qcow2");
+        assert_eq!(
+            c["disks"][0],
+            json!({"path": "/state/vms/vm-c1/overlay.qcow2", "image_type": "Qcow2", "backing_files": true})
+        );
         assert_eq!(
             c["vsock"],
             json!({"cid": 3, "socket": "/state/vms/vm-c1/vsock.sock"})
