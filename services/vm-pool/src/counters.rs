@@ -67,13 +67,7 @@ impl Pool {
         tokio::spawn(async move {
             if let Err(e) = cell.get_or_try_init(|| vm.counters()).await {
                 // A lease released at once races this read; only a live VM's miss matters.
-                let live = pool
-                    .0
-                    .lock()
-                    .vms
-                    .get(&vm_id)
-                    .is_some_and(|e| e.info.borrow().state.is_live());
-                if live {
+                if pool.get(&vm_id).is_ok_and(|vm| vm.state.is_live()) {
                     tracing::warn!(vm = %vm_id, error = %e, "counters at lease not taken");
                 } else {
                     tracing::debug!(vm = %vm_id, error = %e, "counters at lease not taken: the vm is gone");

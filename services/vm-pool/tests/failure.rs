@@ -118,25 +118,23 @@ async fn kill_booting_vmm(
     lease_id: &str,
     seen: &[String],
 ) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let booting = common::list(c).await.into_iter().find(|vm| {
-            vm.lease_id == lease_id
-                && vm.state == VmState::Booting as i32
-                && vm.vmm_pid != 0
-                && !seen.contains(&vm.id)
-        });
-        if let Some(vm) = booting {
-            // SAFETY: kill(2) on a VMM of the pool this test started.
-            unsafe { libc::kill(vm.vmm_pid as i32, libc::SIGKILL) };
-            return vm.id;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no booting vm for lease {lease_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut booting;
+    capsa_test_support::eventually!(
+        {
+            booting = common::list(c).await.into_iter().find(|vm| {
+                vm.lease_id == lease_id
+                    && vm.state == VmState::Booting as i32
+                    && vm.vmm_pid != 0
+                    && !seen.contains(&vm.id)
+            });
+            booting.is_some()
+        },
+        60
+    );
+    let vm = booting.expect("found above");
+    // SAFETY: kill(2) on a VMM of the pool this test started.
+    unsafe { libc::kill(vm.vmm_pid as i32, libc::SIGKILL) };
+    vm.id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
