@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
 # Idempotent host dependency installer for Capsa on Debian 12 (bookworm).
 # Installs only what is missing; prints one line per step. Run as root.
+#
+# Everything the build, the scripts and the tests run is named here: Debian packages by name,
+# tools from crates.io and npm at pinned versions. Nothing may be there "by chance" (the
+# protobuf compiler was, once). The one prerequisite is a Rust toolchain (rustup, Rust >= the
+# workspace's rust-version): Debian's own cargo is too old for this workspace.
 set -euo pipefail
 
 APT_PACKAGES=(
-  redis-server qemu-system-x86 qemu-utils debootstrap linux-source
-  bc bison flex libelf-dev libssl-dev protobuf-compiler
-  busybox-static cpio xz-utils e2fsprogs
+  # build: C toolchain for -sys crates and the guest kernel, kernel build tools
+  gcc make libc6-dev pkg-config bc bison flex libelf-dev libssl-dev linux-source
+  # guest image: rootfs, ext4 image, floor initramfs, compression
+  debootstrap e2fsprogs busybox-static cpio xz-utils
+  # run: VMs, state, the scripts' helpers (python3: free ports and JSON in up.sh; git: buf breaking)
+  qemu-system-x86 qemu-utils redis-server redis-tools python3 git ca-certificates
 )
+# Pinned so every machine lints, tests and boots with the same tools.
+BUF_VERSION=1.75.0
+NEXTEST_VERSION=0.9.143
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+
 export DEBIAN_FRONTEND=noninteractive
 log="${TMPDIR:-/tmp}/capsa-install-deps.log"
 : >"$log"
@@ -17,6 +30,16 @@ fail() { step "$1" "FAILED (see $log)"; tail -n 20 "$log" >&2; exit 1; }
 
 [[ $EUID == 0 ]] || { echo "[deps] must run as root" >&2; exit 1; }
 
+apt_updated=0
+apt_install() {
+  if [[ $apt_updated == 0 ]]; then
+    step "apt-get update" "..."
+    apt-get update -qq >>"$log" 2>&1 || fail "apt-get update"
+    apt_updated=1
+  fi
+  apt-get install -y -qq --no-install-recommends "$@" >>"$log" 2>&1 || fail "apt-get install $*"
+}
+
 # --- apt --------------------------------------------------------------------
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -25,33 +48,58 @@ done
 if [[ ${#missing[@]} -eq 0 ]]; then
   step "apt packages (${#APT_PACKAGES[@]})" "already installed"
 else
-  step "apt-get update" "..."
-  apt-get update -qq >>"$log" 2>&1 || fail "apt-get update"
   step "apt-get install ${#missing[@]} package(s)" "${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$log" 2>&1 || fail "apt-get install"
+  # The whole list in one transaction, not just the missing ones: installing one package can
+  # remove another that conflicts with it (qemu-system-x86 from bookworm removed a newer
+  # qemu-utils from backports), and apt then picks versions that fit together.
+  apt_install "${APT_PACKAGES[@]}"
   step "apt packages" "installed"
 fi
+# What the scripts and tests run, checked by command so a removed package is caught here.
+for cmd in gcc make qemu-system-x86_64 qemu-img redis-server redis-cli debootstrap mkfs.ext4 \
+  busybox cpio xz python3 git flock sha256sum; do
+  command -v "$cmd" >/dev/null 2>&1 || { step "$cmd" "MISSING after apt install"; exit 1; }
+done
 
-# --- buf (protobuf lint/breaking) ----------------------------------------------
-if command -v buf >/dev/null 2>&1; then
-  step "buf" "present ($(buf --version 2>/dev/null))"
-elif command -v npm >/dev/null 2>&1; then
-  npm install -g --silent @bufbuild/buf >>"$log" 2>&1 || fail "npm install -g @bufbuild/buf"
-  step "buf" "installed via npm"
+# --- Rust toolchain (prerequisite) -----------------------------------------------
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null 2>&1 \
+  || { step "cargo" "MISSING: install Rust with rustup (https://rustup.rs), then rerun"; exit 1; }
+step "cargo" "present ($(cargo --version))"
+
+# --- buf (protobuf lint/breaking), from npm ----------------------------------------
+if command -v buf >/dev/null 2>&1 && [[ "$(buf --version 2>/dev/null)" == "$BUF_VERSION" ]]; then
+  step "buf" "present ($BUF_VERSION)"
 else
-  step "buf" "SKIPPED: npm not found (install nodejs/npm, then rerun)"
+  if ! command -v npm >/dev/null 2>&1; then
+    step "npm (for buf)" "installing Debian's npm"
+    apt_install npm
+  fi
+  npm install -g --silent "@bufbuild/buf@$BUF_VERSION" >>"$log" 2>&1 \
+    || fail "npm install -g @bufbuild/buf@$BUF_VERSION"
+  hash -r
+  step "buf" "installed $BUF_VERSION via npm ($(command -v buf))"
+fi
+
+# --- cargo-nextest (the test runner) ------------------------------------------------
+if cargo nextest --version 2>/dev/null | grep -q "^cargo-nextest $NEXTEST_VERSION"; then
+  step "cargo-nextest" "present ($NEXTEST_VERSION)"
+else
+  step "cargo-nextest" "building $NEXTEST_VERSION with cargo (a few minutes)..."
+  cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked >>"$log" 2>&1 \
+    || fail "cargo install cargo-nextest"
+  step "cargo-nextest" "installed ($(command -v cargo-nextest))"
 fi
 
 # --- vhost-device-vsock (vsock backend for QEMU) ---------------------------------
-export PATH="$HOME/.cargo/bin:$PATH"
-if command -v vhost-device-vsock >/dev/null 2>&1; then
-  step "vhost-device-vsock" "present ($(command -v vhost-device-vsock))"
-elif command -v cargo >/dev/null 2>&1; then
-  step "vhost-device-vsock" "building with cargo (a few minutes)..."
-  cargo install vhost-device-vsock --locked >>"$log" 2>&1 || fail "cargo install vhost-device-vsock"
-  step "vhost-device-vsock" "installed ($(command -v vhost-device-vsock))"
+if command -v vhost-device-vsock >/dev/null 2>&1 \
+  && [[ "$(vhost-device-vsock --version 2>/dev/null)" == "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION" ]]; then
+  step "vhost-device-vsock" "present ($VHOST_DEVICE_VSOCK_VERSION)"
 else
-  step "vhost-device-vsock" "SKIPPED: cargo not found (install rustup, then rerun)"
+  step "vhost-device-vsock" "building $VHOST_DEVICE_VSOCK_VERSION with cargo (a few minutes)..."
+  cargo install vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" --locked >>"$log" 2>&1 \
+    || fail "cargo install vhost-device-vsock"
+  step "vhost-device-vsock" "installed ($(command -v vhost-device-vsock))"
 fi
 
 # --- sanity ----------------------------------------------------------------
