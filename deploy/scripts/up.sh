@@ -97,7 +97,9 @@ for _ in $(seq 1 100); do
 done
 
 api_key="$("$bin/capsa-session-manager" create-api-key --redis-url "$redis_url" --tenant dev --name dev)"
-cat >"$state/dev.env" <<ENV
+# The key is a secret: the file is the owner's alone (0600), created so from the start.
+rm -f "$state/dev.env"
+(umask 077 && cat >"$state/dev.env") <<ENV
 CAPSA_ENDPOINT=http://$session_addr
 CAPSA_API_KEY=$api_key
 ENV

@@ -34,13 +34,18 @@ UTF-8, else \"base64\").";
     about = "Run code in persistent Capsa sandboxes."
 )]
 pub struct Cli {
-    /// API endpoint, e.g. http://127.0.0.1:50051 [default: from .capsa/dev.env]
+    /// API endpoint, e.g. http://127.0.0.1:50051 [default: from the env file]
     #[arg(long, env = "CAPSA_ENDPOINT", global = true, hide_env_values = true)]
     pub endpoint: Option<String>,
 
-    /// API key [default: from .capsa/dev.env]
+    /// API key [default: from the env file]
     #[arg(long, env = "CAPSA_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// File of CAPSA_ENDPOINT= / CAPSA_API_KEY= lines to read what the flags and environment
+    /// do not set [default: .capsa/dev.env in the current directory only, never a parent's]
+    #[arg(long, env = "CAPSA_ENV_FILE", global = true, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
 
     /// Machine-readable output: one JSON object per line.
     #[arg(long, global = true)]

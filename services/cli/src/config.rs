@@ -1,6 +1,9 @@
 //! Where the API is and which key to use. Precedence: `--endpoint` / `--api-key`, then the
-//! `CAPSA_ENDPOINT` / `CAPSA_API_KEY` environment (both handled by clap), then the nearest
-//! `.capsa/dev.env` in the current directory or a parent (written by the dev setup).
+//! `CAPSA_ENDPOINT` / `CAPSA_API_KEY` environment (both handled by clap), then an env file:
+//! the one named by `--env-file` / `CAPSA_ENV_FILE`, else `.capsa/dev.env` in the current
+//! directory (written by the dev setup). Never a parent directory's: whoever can write a
+//! parent (a shared /tmp, a cloned repo) could otherwise point the CLI, and the key it
+//! sends, at a server of theirs.
 //!
 //! `dev.env` is `KEY=VALUE` lines; blank lines and `#` comments are skipped, an `export `
 //! prefix and surrounding quotes are accepted.
@@ -45,23 +48,23 @@ pub fn parse_dev_env(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// The nearest `.capsa/dev.env` at or above `start`.
-pub fn find_dev_env(start: &Path) -> Option<PathBuf> {
-    start
-        .ancestors()
-        .map(|dir| dir.join(".capsa").join("dev.env"))
-        .find(|p| p.is_file())
+/// `.capsa/dev.env` in `cwd`, if there is one.
+pub fn find_dev_env(cwd: &Path) -> Option<PathBuf> {
+    Some(cwd.join(".capsa").join("dev.env")).filter(|p| p.is_file())
 }
 
 /// Resolves the target from what clap gathered (flags or environment) and, for whatever is
-/// still missing, the nearest `dev.env` above `cwd`.
+/// still missing, the env file (`env_file`, which must exist, else `cwd/.capsa/dev.env`).
 pub fn resolve(
     endpoint: Option<String>,
     api_key: Option<String>,
+    env_file: Option<&Path>,
     cwd: &Path,
 ) -> Result<Target, CliError> {
     let file = if endpoint.is_none() || api_key.is_none() {
-        find_dev_env(cwd)
+        env_file
+            .map(Path::to_path_buf)
+            .or_else(|| find_dev_env(cwd))
             .map(|path| {
                 std::fs::read_to_string(&path)
                     .map(|text| parse_dev_env(&text))
@@ -76,14 +79,14 @@ pub fn resolve(
         .or_else(|| file.get("CAPSA_ENDPOINT").cloned())
         .ok_or_else(|| {
             CliError::Usage(
-                "no endpoint: pass --endpoint, set CAPSA_ENDPOINT, or create .capsa/dev.env".into(),
+                "no endpoint: pass --endpoint, set CAPSA_ENDPOINT, pass --env-file, or run from the directory holding .capsa/dev.env".into(),
             )
         })?;
     let api_key = api_key
         .or_else(|| file.get("CAPSA_API_KEY").cloned())
         .ok_or_else(|| {
             CliError::Usage(
-                "no API key: pass --api-key, set CAPSA_API_KEY, or create .capsa/dev.env".into(),
+                "no API key: pass --api-key, set CAPSA_API_KEY, pass --env-file, or run from the directory holding .capsa/dev.env".into(),
             )
         })?;
     let endpoint = if endpoint.contains("://") {
@@ -110,7 +113,7 @@ mod tests {
     }
 
     #[test]
-    fn the_nearest_dev_env_above_the_cwd_fills_the_gaps() {
+    fn the_cwd_dev_env_fills_the_gaps_and_a_parent_one_is_ignored() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join(".capsa")).unwrap();
         std::fs::write(
@@ -121,13 +124,29 @@ mod tests {
         let deep = root.path().join("a/b");
         std::fs::create_dir_all(&deep).unwrap();
 
-        let t = resolve(None, None, &deep).unwrap();
+        let t = resolve(None, None, None, root.path()).unwrap();
         assert_eq!(
             (t.endpoint.as_str(), t.api_key.as_str()),
             ("http://10.0.0.1:1", "from-file")
         );
+        // Below it, the parent's file is not trusted: nothing is configured.
+        let err = resolve(None, None, None, &deep).unwrap_err();
+        assert!(
+            matches!(err, CliError::Usage(ref m) if m.contains("no endpoint")),
+            "{err}"
+        );
+        // Unless named explicitly.
+        let named = root.path().join(".capsa/dev.env");
+        let t = resolve(None, None, Some(&named), &deep).unwrap();
+        assert_eq!(t.api_key, "from-file");
+        // A named file that does not exist is an error, not a silent fallback.
+        let err = resolve(None, None, Some(&deep.join("nope.env")), root.path()).unwrap_err();
+        assert!(
+            matches!(err, CliError::Usage(ref m) if m.contains("nope.env")),
+            "{err}"
+        );
         // Flags (or the environment, which clap folds into them) win over the file.
-        let t = resolve(Some("https://api.example".into()), None, &deep).unwrap();
+        let t = resolve(Some("https://api.example".into()), None, None, root.path()).unwrap();
         assert_eq!(
             (t.endpoint.as_str(), t.api_key.as_str()),
             ("https://api.example", "from-file")
@@ -138,12 +157,12 @@ mod tests {
     #[test]
     fn nothing_configured_is_a_usage_error() {
         let empty = tempfile::tempdir().unwrap();
-        let err = resolve(None, None, empty.path()).unwrap_err();
+        let err = resolve(None, None, None, empty.path()).unwrap_err();
         assert!(
             matches!(err, CliError::Usage(ref m) if m.contains("no endpoint")),
             "{err}"
         );
-        let err = resolve(Some("h:1".into()), None, empty.path()).unwrap_err();
+        let err = resolve(Some("h:1".into()), None, None, empty.path()).unwrap_err();
         assert!(
             matches!(err, CliError::Usage(ref m) if m.contains("no API key")),
             "{err}"

@@ -20,7 +20,7 @@ pub use error::CliError;
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
     let cwd = std::env::current_dir()
         .map_err(|e| CliError::Usage(format!("no current directory: {e}")))?;
-    let target = config::resolve(cli.endpoint, cli.api_key, &cwd)?;
+    let target = config::resolve(cli.endpoint, cli.api_key, cli.env_file.as_deref(), &cwd)?;
     let mut client = commands::connect(&target).await?;
     let json = cli.json;
     match cli.command {

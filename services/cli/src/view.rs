@@ -46,7 +46,7 @@ pub fn session_json(s: &Session) -> Value {
         "template": s.template,
         "vcpus": s.vcpus,
         "memory_mib": s.memory_mib,
-        "env": s.env,
+        "env_names": s.env_names,
         "labels": s.metadata,
         "create_time": timestamp(&s.create_time),
         "expire_time": timestamp(&s.expire_time),
@@ -82,11 +82,10 @@ pub fn session_text(s: &Session) -> String {
             out += &format!("{:<17} {}\n", "end_message", s.end_message);
         }
     }
-    for (title, map) in [("env", &s.env), ("labels", &s.metadata)] {
-        let mut pairs: Vec<_> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        pairs.sort();
-        out += &format!("{title:<17} {}\n", pairs.join(" "));
-    }
+    out += &format!("{:<17} {}\n", "env", s.env_names.join(" "));
+    let mut labels: Vec<_> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    out += &format!("{:<17} {}\n", "labels", labels.join(" "));
     out
 }
 

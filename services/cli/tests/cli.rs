@@ -99,7 +99,8 @@ impl SessionService for Double {
         check_auth(&r)?;
         let r = r.into_inner();
         let mut s = session("s-new");
-        s.env = r.env;
+        s.env_names = r.env.into_keys().collect();
+        s.env_names.sort();
         s.metadata = r.metadata;
         Ok(Response::new(CreateSessionResponse { session: Some(s) }))
     }
@@ -424,6 +425,7 @@ impl Api {
             .current_dir(self.dir.path())
             .env_remove("CAPSA_ENDPOINT")
             .env_remove("CAPSA_API_KEY")
+            .env_remove("CAPSA_ENV_FILE")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

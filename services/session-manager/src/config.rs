@@ -25,6 +25,30 @@ pub enum Command {
     Serve(Config),
     /// Creates an API key for a tenant and prints it (shown only this once).
     CreateApiKey(CreateApiKey),
+    /// Lists API keys (id, tenant, name, creation time; never the key itself).
+    ListApiKeys(ListApiKeys),
+    /// Revokes an API key by the id `list-api-keys` prints; calls with it fail at once.
+    RevokeApiKey(RevokeApiKey),
+}
+
+/// `list-api-keys` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct ListApiKeys {
+    #[arg(long, env = "CAPSA_REDIS_URL")]
+    pub redis_url: Redacted,
+    /// Only this tenant's keys.
+    #[arg(long)]
+    pub tenant: Option<String>,
+}
+
+/// `revoke-api-key` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct RevokeApiKey {
+    #[arg(long, env = "CAPSA_REDIS_URL")]
+    pub redis_url: Redacted,
+    /// Key id: the start (at least 8 hex digits) of the key's sha256, as listed.
+    #[arg(long)]
+    pub id: String,
 }
 
 /// `create-api-key` arguments.

@@ -61,11 +61,9 @@ pub fn session_to_proto(rec: &SessionRecord) -> pb::Session {
         template: rec.template.clone(),
         vcpus: rec.vcpus,
         memory_mib: rec.memory_mib,
-        env: rec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        // Values are never stored, so never returned: names only.
+        env: Default::default(),
+        env_names: rec.env_names.clone(),
         metadata: rec
             .metadata
             .iter()

@@ -22,7 +22,7 @@ use capsa_proto::session::v1::session_service_server::SessionServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Cli, Command, Config, CreateApiKey};
+pub use config::{Cli, Command, Config, CreateApiKey, ListApiKeys, RevokeApiKey};
 pub use error::Error;
 
 /// Everything [`run`] can fail with before or while serving.
@@ -67,4 +67,66 @@ pub async fn create_api_key(args: &CreateApiKey) -> Result<String, capsa_store::
         keys.set_max_sessions(&args.tenant, max).await?;
     }
     Ok(keys.create(&args.tenant, &args.name).await?.plaintext)
+}
+
+/// Characters of a key's sha256 hex that `list-api-keys` shows as its id.
+const KEY_ID_SHOWN: usize = 16;
+
+/// `list-api-keys`: one line per key, `id tenant created name`, oldest first.
+pub async fn list_api_keys(args: &ListApiKeys) -> Result<Vec<String>, capsa_store::StoreError> {
+    let conn = capsa_store::connect(&args.redis_url.0).await?;
+    let keys = capsa_store::ApiKeyStore::new(conn);
+    Ok(keys
+        .list(args.tenant.as_deref())
+        .await?
+        .into_iter()
+        .map(|(hash, rec)| {
+            format!(
+                "{}  {}  {}  {}",
+                &hash[..KEY_ID_SHOWN],
+                rec.tenant_id,
+                // prost's Timestamp displays as RFC 3339 (UTC).
+                capsa_proto::time::timestamp_ms(rec.created_ms),
+                rec.name
+            )
+        })
+        .collect())
+}
+
+/// Why `revoke-api-key` did not revoke.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("no api key has id {0}")]
+    NotFound(String),
+    #[error("{1} api keys start with {0}: give more of the id")]
+    Ambiguous(String, usize),
+    #[error(
+        "a key id is at least {} hex digits, as list-api-keys prints it",
+        capsa_store::apikeys::MIN_KEY_ID_LEN
+    )]
+    Malformed,
+    #[error(transparent)]
+    Store(#[from] capsa_store::StoreError),
+}
+
+/// `revoke-api-key`: deletes the key and returns `id tenant name` of what was revoked.
+pub async fn revoke_api_key(args: &RevokeApiKey) -> Result<String, RevokeError> {
+    let conn = capsa_store::connect(&args.redis_url.0).await?;
+    let keys = capsa_store::ApiKeyStore::new(conn);
+    match keys.find_by_id(&args.id).await? {
+        capsa_store::KeyById::One(hash, rec) => {
+            if !keys.revoke_hash(&hash).await? {
+                return Err(RevokeError::NotFound(args.id.clone()));
+            }
+            Ok(format!(
+                "revoked {}  {}  {}",
+                &hash[..KEY_ID_SHOWN],
+                rec.tenant_id,
+                rec.name
+            ))
+        }
+        capsa_store::KeyById::None => Err(RevokeError::NotFound(args.id.clone())),
+        capsa_store::KeyById::Ambiguous(n) => Err(RevokeError::Ambiguous(args.id.clone(), n)),
+        capsa_store::KeyById::Malformed => Err(RevokeError::Malformed),
+    }
 }

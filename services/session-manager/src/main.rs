@@ -1,5 +1,6 @@
 //! `capsa-session-manager`: `serve` (default) binds, prints `CAPSA_LISTENING=<addr>` and
-//! runs until SIGINT/SIGTERM; `create-api-key` prints a new key and nothing else.
+//! runs until SIGINT/SIGTERM; `create-api-key` prints a new key and nothing else;
+//! `list-api-keys` and `revoke-api-key` manage keys by id (a prefix of the key's sha256).
 
 use std::process::ExitCode;
 
@@ -23,6 +24,36 @@ async fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %capsa_grpc::error::chain(&e), "create-api-key failed");
                     ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            };
+        }
+        Some(Command::ListApiKeys(args)) => {
+            return match capsa_session_manager::list_api_keys(&args).await {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %capsa_grpc::error::chain(&e), "list-api-keys failed");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            };
+        }
+        Some(Command::RevokeApiKey(args)) => {
+            return match capsa_session_manager::revoke_api_key(&args).await {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e @ capsa_session_manager::RevokeError::Store(_)) => {
+                    tracing::error!(error = %capsa_grpc::error::chain(&e), "revoke-api-key failed");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+                Err(e) => {
+                    eprintln!("revoke-api-key: {e}");
+                    ExitCode::FAILURE
                 }
             };
         }

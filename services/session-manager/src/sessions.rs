@@ -45,7 +45,7 @@ impl App {
             template: spec.template.clone(),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            env: spec.env.clone(),
+            env_names: spec.env.keys().cloned().collect(),
             metadata: spec.metadata.clone(),
             lifetime: spec.lifetime,
         };

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use capsa_proto::session::v1 as pb;
 use capsa_test_support::workspace_binary;
 use common::{Harness, create, get, secs};
+use prost::Message as _;
 use tonic::Code;
 
 #[tokio::test]
@@ -42,6 +43,10 @@ async fn create_get_delete_and_extend() {
 
     let got = get(&mut c, &s.id).await;
     assert_eq!(got.metadata["team"], "ml");
+    assert_eq!(
+        (got.env.len(), got.env_names.as_slice()),
+        (0, ["GREETING".to_string()].as_slice())
+    );
 
     let ext = pb::ExtendSessionRequest {
         session_id: s.id.clone(),
@@ -482,6 +487,89 @@ async fn usage_comes_from_metering_after_the_tenant_check() {
     assert_eq!(t.total.unwrap().memory_used_bytes, 7);
 }
 
+/// Session env is where users put their secrets: the value reaches the VM, and is then in
+/// no reply (create, get, list) and nowhere in Redis, for the whole life of the record.
+/// Lua that returns every key of the database with its content.
+const READ_EVERY_KEY: &str = "local out = {} \
+    for _, k in ipairs(redis.call('KEYS', '*')) do \
+      local t = redis.call('TYPE', k).ok table.insert(out, k) \
+      if t == 'string' then table.insert(out, redis.call('GET', k)) \
+      elseif t == 'hash' then for _, v in ipairs(redis.call('HGETALL', k)) do table.insert(out, v) end \
+      elseif t == 'set' then for _, v in ipairs(redis.call('SMEMBERS', k)) do table.insert(out, v) end \
+      elseif t == 'zset' then for _, v in ipairs(redis.call('ZRANGE', k, 0, -1)) do table.insert(out, v) end \
+      elseif t == 'list' then for _, v in ipairs(redis.call('LRANGE', k, 0, -1)) do table.insert(out, v) end \
+      elseif t == 'stream' then for _, e in ipairs(redis.call('XRANGE', k, '-', '+')) do \
+        for _, v in ipairs(e[2]) do table.insert(out, v) end end end \
+    end return out";
+
+#[tokio::test]
+async fn env_values_go_to_the_vm_and_are_never_stored_or_returned() {
+    const SECRET: &str = "s3cr3t-value-9f2b7c";
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let req = pb::CreateSessionRequest {
+        env: HashMap::from([
+            ("OPENAI_API_KEY".into(), SECRET.into()),
+            ("A_FLAG".into(), "1".into()),
+        ]),
+        lifetime: secs(60),
+        ..Default::default()
+    };
+    let created = c.create_session(req).await.unwrap().into_inner();
+    let s = created.session.clone().unwrap();
+    assert_eq!(
+        h.node.state().configured[&s.vm_id]["OPENAI_API_KEY"],
+        SECRET
+    );
+    let got = c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = c
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    c.delete_session(pb::DeleteSessionRequest {
+        session_id: s.id.clone(),
+    })
+    .await
+    .unwrap();
+    let ended = get(&mut c, &s.id).await;
+    for (what, bytes) in [
+        ("create", created.encode_to_vec()),
+        ("get", got.encode_to_vec()),
+        ("list", listed.encode_to_vec()),
+        ("get after delete", ended.encode_to_vec()),
+    ] {
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "{what} returned the env value"
+        );
+    }
+    assert_eq!(ended.env_names, ["A_FLAG", "OPENAI_API_KEY"]);
+    assert!(ended.env.is_empty());
+    // Nothing in Redis holds the value: read every key, whatever its type.
+    let dump = std::process::Command::new("redis-cli")
+        .args(["-u", &h.redis.url(), "eval", READ_EVERY_KEY, "0"])
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains(&s.id),
+        "the dump must cover the session: {dump}"
+    );
+    assert!(!dump.contains(SECRET), "redis holds the env value: {dump}");
+}
+
 #[tokio::test]
 async fn create_api_key_prints_only_a_working_key() {
     let h = Harness::start(1).await;
@@ -517,4 +605,100 @@ async fn create_api_key_prints_only_a_working_key() {
         Code::ResourceExhausted,
         "--max-sessions 1 applies"
     );
+}
+
+/// Runs a session-manager admin command against the harness' Redis.
+fn admin(h: &Harness, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(workspace_binary("capsa-session-manager"))
+        .args(args)
+        .args(["--redis-url", &h.redis.url()])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
+    let h = Harness::start(1).await;
+    let create_key = |tenant: &str, name: &str| {
+        let out = admin(&h, &["create-api-key", "--tenant", tenant, "--name", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let ci_key = create_key("acme", "ci");
+    let laptop_key = create_key("acme", "laptop");
+    create_key("other", "theirs");
+
+    let out = admin(&h, &["list-api-keys", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = listing
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{listing}");
+    assert_eq!(
+        (rows[0][1], rows[0][3]),
+        ("acme", "ci"),
+        "oldest first: {listing}"
+    );
+    assert_eq!((rows[1][1], rows[1][3]), ("acme", "laptop"), "{listing}");
+    assert!(
+        rows[0][2].ends_with('Z'),
+        "RFC 3339 creation time: {listing}"
+    );
+    assert!(
+        !listing.contains(&ci_key) && !listing.contains(&ci_key["capsa_".len()..]),
+        "the listing must not show keys: {listing}"
+    );
+    let all = String::from_utf8(admin(&h, &["list-api-keys"]).stdout).unwrap();
+    // The harness' own key, and the three above.
+    assert_eq!(all.lines().count(), 4, "{all}");
+
+    let mut ci = h.client_with(0, Some(&format!("Bearer {ci_key}"))).await;
+    let mut laptop = h
+        .client_with(0, Some(&format!("Bearer {laptop_key}")))
+        .await;
+    let s = create(&mut ci, None).await;
+
+    // Bad ids change nothing.
+    for (id, expect) in [("zz", "at least 8 hex"), ("0000000000", "no api key")] {
+        let out = admin(&h, &["revoke-api-key", "--id", id]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{id}: {err}");
+    }
+    let ci_id = rows[0][0];
+    let out = admin(&h, &["revoke-api-key", "--id", &ci_id[..10]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("revoked {ci_id}  acme  ci")
+    );
+
+    let err = ci
+        .get_session(pb::GetSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // The tenant's other key, and its session, are untouched.
+    assert_eq!(get(&mut laptop, &s.id).await.id, s.id);
+    let again = admin(&h, &["revoke-api-key", "--id", ci_id]);
+    assert_eq!(again.status.code(), Some(1), "a revoked key is gone");
+    let listing =
+        String::from_utf8(admin(&h, &["list-api-keys", "--tenant", "acme"]).stdout).unwrap();
+    assert_eq!(listing.lines().count(), 1, "{listing}");
 }

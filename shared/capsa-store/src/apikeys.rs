@@ -31,6 +31,20 @@ pub fn hash_key(plaintext: &str) -> String {
     hex::encode(Sha256::digest(plaintext.as_bytes()))
 }
 
+/// Shortest key id (a prefix of the key's sha256 hex) that `find_by_id` accepts.
+pub const MIN_KEY_ID_LEN: usize = 8;
+
+/// Outcome of [`ApiKeyStore::find_by_id`].
+#[derive(Debug)]
+pub enum KeyById {
+    One(String, ApiKeyRecord),
+    None,
+    /// More than one key starts with the id: the caller must give more digits.
+    Ambiguous(usize),
+    /// Not hex, or shorter than [`MIN_KEY_ID_LEN`].
+    Malformed,
+}
+
 /// What a stored key grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
@@ -135,11 +149,77 @@ impl ApiKeyStore {
         }))
     }
 
-    /// Deletes a key by its hash; returns whether it existed.
+    /// Deletes a key by its hash; returns whether it existed. Authentication looks every
+    /// call's key up in Redis (nothing is cached), so the key stops working at once.
     pub async fn revoke_hash(&self, hash: &str) -> Result<bool> {
         let mut conn = self.conn.clone();
         let removed: u32 = conn.del(apikey_key(hash)).await?;
         Ok(removed > 0)
+    }
+
+    /// Every stored key as `(sha256 hex, record)`, of one tenant or of all, oldest first.
+    /// Walks the key space with SCAN: an operator's command, not a request path.
+    pub async fn list(&self, tenant_id: Option<&str>) -> Result<Vec<(String, ApiKeyRecord)>> {
+        let mut conn = self.conn.clone();
+        let prefix = apikey_key("");
+        let mut hashes = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            hashes.extend(
+                batch
+                    .iter()
+                    .filter_map(|k| k.strip_prefix(&prefix))
+                    .map(str::to_string),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        hashes.sort();
+        hashes.dedup();
+        let mut keys = Vec::with_capacity(hashes.len());
+        for hash in hashes {
+            // A key revoked between the scan and this read is simply not listed.
+            if let Some(rec) = self.lookup_hash(&hash).await? {
+                if tenant_id.is_none_or(|t| t == rec.tenant_id) {
+                    keys.push((hash, rec));
+                }
+            }
+        }
+        keys.sort_by(|a, b| (a.1.created_ms, &a.0).cmp(&(b.1.created_ms, &b.0)));
+        Ok(keys)
+    }
+
+    /// The one stored key whose sha256 hex starts with `id_prefix` (at least
+    /// [`MIN_KEY_ID_LEN`] hex digits, as `list-api-keys` prints them).
+    pub async fn find_by_id(&self, id_prefix: &str) -> Result<KeyById> {
+        let id = id_prefix.to_ascii_lowercase();
+        if id.len() < MIN_KEY_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(KeyById::Malformed);
+        }
+        let mut found: Vec<_> = self
+            .list(None)
+            .await?
+            .into_iter()
+            .filter(|(hash, _)| hash.starts_with(&id))
+            .collect();
+        Ok(match found.len() {
+            0 => KeyById::None,
+            1 => {
+                let (hash, record) = found.remove(0);
+                KeyById::One(hash, record)
+            }
+            n => KeyById::Ambiguous(n),
+        })
     }
 
     /// Sets the tenant's cap on concurrent (creating + active) sessions, overriding the

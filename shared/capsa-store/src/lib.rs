@@ -16,7 +16,7 @@ pub mod usage;
 
 use std::time::Duration;
 
-pub use apikeys::{ApiKeyRecord, ApiKeyStore, NewApiKey};
+pub use apikeys::{ApiKeyRecord, ApiKeyStore, KeyById, NewApiKey};
 pub use nodes::{NodeRecord, NodeRegistry};
 pub use redis::aio::ConnectionManager;
 pub use sessions::{

@@ -22,7 +22,7 @@ fn new_session(id: &str, tenant: &str, lifetime: Duration) -> NewSession {
         template: "default".into(),
         vcpus: 1,
         memory_mib: 512,
-        env: BTreeMap::from([("A".into(), "1".into())]),
+        env_names: vec!["A".into()],
         metadata: BTreeMap::new(),
         lifetime,
     }
@@ -129,7 +129,7 @@ async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
         panic!("create")
     };
     assert_eq!(rec.status, SessionStatus::Creating);
-    assert_eq!(rec.env.get("A").map(String::as_str), Some("1"));
+    assert_eq!(rec.env_names, ["A"]);
     assert!(matches!(
         s.create(&new_session("s1", "t", Duration::from_secs(60)), 5)
             .await

@@ -119,7 +119,8 @@ pub struct NewSession {
     pub template: String,
     pub vcpus: u32,
     pub memory_mib: u32,
-    pub env: BTreeMap<String, String>,
+    /// Names of the env variables the session sets (values are never stored).
+    pub env_names: Vec<String>,
     pub metadata: BTreeMap<String, String>,
     pub lifetime: Duration,
 }
@@ -216,9 +217,9 @@ impl SessionStore {
     /// active sessions (`capsa:tenant:{t}:limits` `max_sessions`, else `default_max`).
     pub async fn create(&self, new: &NewSession, default_max: u32) -> Result<Created> {
         let key = session_key(&new.id);
-        let json = |m: &BTreeMap<String, String>| {
-            serde_json::to_string(m).expect("a map of strings always serializes")
-        };
+        fn json(v: &impl serde::Serialize) -> String {
+            serde_json::to_string(v).expect("strings and maps of strings always serialize")
+        }
         let raw: Vec<String> = CREATE
             .key(&key)
             .key(EXPIRY)
@@ -233,7 +234,7 @@ impl SessionStore {
             .arg(&new.template)
             .arg(new.vcpus)
             .arg(new.memory_mib)
-            .arg(json(&new.env))
+            .arg(json(&new.env_names))
             .arg(json(&new.metadata))
             .arg(ms(new.lifetime))
             .invoke_async(&mut self.conn.clone())

@@ -85,7 +85,9 @@ pub struct SessionRecord {
     pub template: String,
     pub vcpus: u32,
     pub memory_mib: u32,
-    pub env: BTreeMap<String, String>,
+    /// Names of the session's env variables. Their values are never stored: they go to the
+    /// VM once at creation and may be secrets.
+    pub env_names: Vec<String>,
     pub metadata: BTreeMap<String, String>,
     /// Lifetime requested at creation; the deadline is activation + lifetime.
     pub lifetime_ms: i64,
@@ -149,7 +151,12 @@ impl SessionRecord {
             template: text("template"),
             vcpus: small("vcpus")?,
             memory_mib: small("memory_mib")?,
-            env: map("env")?,
+            env_names: match fields.get("env_names") {
+                None | Some(&"") => Vec::new(),
+                Some(v) => {
+                    serde_json::from_str(v).map_err(|e| corrupt(format!("env_names: {e}")))?
+                }
+            },
             metadata: map("metadata")?,
             lifetime_ms: int("lifetime_ms")?.unwrap_or(0),
             create_ms: int("create_ms")?.unwrap_or(0),
@@ -183,7 +190,7 @@ mod tests {
                 ("status", "terminating"),
                 ("end_reason", "vm_failed"),
                 ("vcpus", "2"),
-                ("env", r#"{"A":"1"}"#),
+                ("env_names", r#"["A"]"#),
                 ("create_ms", "1000"),
                 ("expire_ms", "2000"),
             ]),
@@ -192,7 +199,7 @@ mod tests {
         assert_eq!(rec.status, SessionStatus::Terminating);
         assert_eq!(rec.end_reason, Some(EndReason::VmFailed));
         assert_eq!(rec.vcpus, 2);
-        assert_eq!(rec.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(rec.env_names, ["A"]);
         assert_eq!(rec.expire_ms, Some(2000));
         assert_eq!(rec.end_ms, None);
     }

@@ -1,7 +1,7 @@
 -- KEYS: session hash, expiry zset, tenant index zset, tenant active set, tenant total
 -- counter, tenant limits hash.
 -- ARGV: id, tenant, default max sessions, creating bound ms, template, vcpus, memory_mib,
--- env json, metadata json, lifetime ms.
+-- env names json (never values), metadata json, lifetime ms.
 local max = tonumber(redis.call('HGET', KEYS[6], 'max_sessions') or ARGV[3])
 if redis.call('SCARD', KEYS[4]) >= max then
   return { 'quota', tostring(max) }
@@ -11,7 +11,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'status', 'creating',
-  'template', ARGV[5], 'vcpus', ARGV[6], 'memory_mib', ARGV[7], 'env', ARGV[8],
+  'template', ARGV[5], 'vcpus', ARGV[6], 'memory_mib', ARGV[7], 'env_names', ARGV[8],
   'metadata', ARGV[9], 'lifetime_ms', ARGV[10], 'create_ms', now, 'last_active_ms', now)
 -- While creating, the expiry score is the creation deadline: a replica that dies
 -- mid-create leaves a session the reaper ends.
