@@ -303,3 +303,75 @@ async fn usage_reflects_cpu_memory_and_disk_work_and_the_final_record_is_written
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count_final(), 1);
 }
+
+/// Sends `signal` (`STOP`, `CONT`, ...) to `pid` with kill(1).
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// A node that stalls (vm-pool stopped for 15 s; a long pause or a CPU-starved host looks
+/// the same) misses its heartbeats, but its VMs are healthy: the session stays ACTIVE
+/// and keeps its state. (Before the grace period it ended VM_FAILED within seconds.)
+#[tokio::test]
+async fn a_node_stalled_for_fifteen_seconds_keeps_its_sessions() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut c = stack.client(0).await;
+    let s = c
+        .create_session(CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    python(&mut c, &s.id, "x = 42").await;
+    let nodes =
+        capsa_store::NodeRegistry::new(capsa_store::connect(&stack.redis.url()).await.unwrap());
+
+    let pool = stack.vm_pool.pid();
+    signal(pool, "STOP");
+    let stopped_at = Instant::now();
+    // Resumed even if an assertion below fails, so the stack's teardown can stop it.
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.0.to_string()])
+                .status();
+        }
+    }
+    let resume = Resume(pool);
+    eventually!(matches!(nodes.get("e2e-node").await, Ok(None)), 30);
+    let get = GetSessionRequest {
+        session_id: s.id.clone(),
+    };
+    // Watched for the whole stall.
+    while stopped_at.elapsed() < Duration::from_secs(15) {
+        let now = c
+            .get_session(get.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        assert_eq!(now.status, SessionStatus::Active as i32, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(resume);
+    eventually!(matches!(nodes.get("e2e-node").await, Ok(Some(_))), 30);
+    let after = c
+        .get_session(get)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(after.status, SessionStatus::Active as i32, "{after:?}");
+    assert_eq!(
+        python(&mut c, &s.id, "print(x)").await.stdout_text(),
+        "42\n"
+    );
+}

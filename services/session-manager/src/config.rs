@@ -102,6 +102,11 @@ pub struct Config {
     /// Period of the reconciler (orphan VMs, failed VMs).
     #[arg(long, env = "CAPSA_RECONCILE_INTERVAL_MS", default_value_t = 2000)]
     pub reconcile_interval_ms: u64,
+    /// How long a node may miss heartbeats, while it does not answer either, before its
+    /// sessions end as VM_FAILED. A node that answers is never judged by its heartbeat; a
+    /// stopped or CPU-starved one gets this long to come back (a graceful remove gets none).
+    #[arg(long, env = "CAPSA_NODE_GRACE_SECS", default_value_t = 30)]
+    pub node_grace_secs: u64,
     /// Bound of the best-effort FinalizeSession call while ending a session.
     #[arg(long, env = "CAPSA_FINALIZE_TIMEOUT_MS", default_value_t = 2000)]
     pub finalize_timeout_ms: u64,

@@ -88,7 +88,7 @@ impl SessionService for SessionApi {
         let spec = validate::create(req.get_ref()).map_err(|e| status(&e))?;
         let rec = self
             .app
-            .create_session(&tenant, spec)
+            .create_session_for_caller(&tenant, spec)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::CreateSessionResponse {

@@ -9,15 +9,17 @@
 //!   leased VMs that no session owns (the session is gone, ended without knowing this VM,
 //!   e.g. a create that died after AcquireVm, or ended while the node was not heartbeating
 //!   so its teardown could not release the VM), and ends ACTIVE sessions whose VM failed
-//!   or disappeared (VM_FAILED). It also ends the ACTIVE sessions of nodes whose heartbeat
-//!   lapsed, so they do not stay ACTIVE until a call or their deadline finds out.
+//!   or disappeared (VM_FAILED). It also judges nodes whose heartbeat lapsed: one that still
+//!   answers ListVms is reconciled like a live one (a missed beat is not a lost VM); one
+//!   that does not answer for the grace period (`--node-grace-secs`) has its ACTIVE
+//!   sessions ended, so they do not stay ACTIVE until a call or their deadline finds out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use capsa_proto::vmpool::v1::{ListVmsRequest, VmState};
-use capsa_store::{NodeRecord, SessionStatus};
+use capsa_store::{LapsedNode, NodeRecord, SessionStatus};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +30,9 @@ use crate::teardown::vm_failure;
 const CLAIM_BATCH: usize = 100;
 const MAX_CONCURRENT_TEARDOWNS: usize = 64;
 const LIST_VMS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of the direct question to a lapsed node: one that is stopped accepts the
+/// connection and never answers, and the reconciler's other nodes wait meanwhile.
+const LAPSED_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the reaper until `stop` is cancelled.
 pub async fn reaper(app: Arc<App>, stop: CancellationToken) {
@@ -91,8 +96,8 @@ pub async fn reconciler(app: Arc<App>, stop: CancellationToken) {
                 for node in live {
                     reconcile_node(&app, &node).await;
                 }
-                for id in lapsed {
-                    sweep_lapsed_node(&app, &id).await;
+                for node in lapsed {
+                    judge_lapsed_node(&app, &node).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "listing nodes failed"),
@@ -100,16 +105,40 @@ pub async fn reconciler(app: Arc<App>, stop: CancellationToken) {
     }
 }
 
-/// Ends every ACTIVE session on a node that stopped heartbeating: its VMs are presumed
-/// dead with it. Their teardown finds the node gone and finishes without a release; if
-/// the node comes back, its still-leased VMs are released as orphans.
-#[tracing::instrument(skip_all, fields(node = %node_id))]
-async fn sweep_lapsed_node(app: &Arc<App>, node_id: &str) {
+/// A node that stopped heartbeating: asked directly first. If it answers, it is reconciled
+/// like a live node. If it does not, and has been lapsed for the grace period, every ACTIVE
+/// session on it ends: its VMs are presumed dead with it. Their teardown finds the node gone
+/// and finishes without a release; if the node comes back, its still-leased VMs are
+/// released as orphans.
+#[tracing::instrument(skip_all, fields(node = %lapsed.node_id))]
+async fn judge_lapsed_node(app: &Arc<App>, lapsed: &LapsedNode) {
+    if let Some(last) = &lapsed.last {
+        if list_vms(app, last, LAPSED_PROBE_TIMEOUT).await.is_ok() {
+            tracing::warn!(
+                lapsed_for = ?lapsed.lapsed_for,
+                "node answers but its heartbeat lapsed (is its Redis link down?)"
+            );
+            return reconcile_node(app, last).await;
+        }
+    }
+    let grace = Duration::from_secs(app.config.node_grace_secs);
+    if lapsed.lapsed_for < grace {
+        tracing::info!(lapsed_for = ?lapsed.lapsed_for, ?grace, "node silent, within its grace");
+        return;
+    }
+    let node_id = lapsed.node_id.as_str();
     let session_ids = match app.sessions.node_sessions(node_id).await {
         Ok(ids) => ids,
         Err(e) => return tracing::warn!(error = %e, "reading node sessions failed"),
     };
-    let failure = format!("node {node_id} stopped heartbeating");
+    let failure = if lapsed.lapsed_for == Duration::MAX {
+        format!("node {node_id} shut down")
+    } else {
+        format!(
+            "node {node_id} stopped heartbeating and has not answered for {}s",
+            lapsed.lapsed_for.as_secs()
+        )
+    };
     for id in session_ids {
         let Ok(Some(rec)) = app.sessions.get(&id).await else {
             continue;
@@ -128,22 +157,13 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
         Ok(ids) => ids,
         Err(e) => return tracing::warn!(error = %e, "reading node sessions failed"),
     };
-    let Ok(mut client) = app.clients.vmpool(&node.vmpool_url) else {
-        return;
-    };
     // On Redis' clock, like the sessions' end times.
     let Ok(listed_after_ms) = app.sessions.now_ms().await else {
         return;
     };
-    let vms = match tokio::time::timeout(
-        LIST_VMS_TIMEOUT,
-        client.list_vms(with_timeout(ListVmsRequest {}, LIST_VMS_TIMEOUT)),
-    )
-    .await
-    {
-        Ok(Ok(resp)) => resp.into_inner().vms,
-        Ok(Err(status)) => return tracing::warn!(error = %status.message(), "ListVms failed"),
-        Err(_) => return tracing::warn!("ListVms timed out"),
+    let vms = match list_vms(app, node, LIST_VMS_TIMEOUT).await {
+        Ok(vms) => vms,
+        Err(e) => return tracing::warn!(error = %e, "ListVms failed"),
     };
     let by_id: HashMap<&str, _> = vms.iter().map(|vm| (vm.id.as_str(), vm)).collect();
 
@@ -184,5 +204,27 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
             },
         };
         let _ = app.end_vm_failed(&id, &failure).await;
+    }
+}
+
+/// The node's VMs, asked of its vm-pool within `timeout`.
+async fn list_vms(
+    app: &Arc<App>,
+    node: &NodeRecord,
+    timeout: Duration,
+) -> Result<Vec<capsa_proto::vmpool::v1::Vm>, String> {
+    let mut client = app
+        .clients
+        .vmpool(&node.vmpool_url)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(
+        timeout,
+        client.list_vms(with_timeout(ListVmsRequest {}, timeout)),
+    )
+    .await
+    {
+        Ok(Ok(resp)) => Ok(resp.into_inner().vms),
+        Ok(Err(status)) => Err(status.message().to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }

@@ -2,6 +2,7 @@
 //! get, list, delete, extend, and usage. Every call is scoped to the caller's tenant: a
 //! session of another tenant is NOT_FOUND, exactly like one that does not exist.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use capsa_proto::common::v1::Usage;
@@ -30,6 +31,55 @@ pub struct TenantUsage {
 }
 
 impl App {
+    /// [`App::create_session`] in a task of its own, so the creation finishes or rolls back
+    /// whatever the caller does. A caller that goes away first (its deadline, a disconnect)
+    /// never learnt the session's id: the session is ended CREATE_FAILED and its VM released,
+    /// instead of a CREATING session holding the tenant's quota and a leased VM until the
+    /// creation bound, or an ACTIVE one nobody knows of.
+    pub async fn create_session_for_caller(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: CreateSpec,
+    ) -> Result<SessionRecord, Error> {
+        let (answer, caller) = tokio::sync::oneshot::channel();
+        let app = self.clone();
+        let tenant = tenant.to_string();
+        tokio::spawn(
+            async move {
+                let created = app.create_session(&tenant, spec).await;
+                if let Err(Ok(rec)) = answer.send(created) {
+                    app.abandon_create(rec).await;
+                }
+            }
+            .in_current_span(),
+        );
+        caller
+            .await
+            .map_err(|_| Error::Internal("the session creation task failed".into()))?
+    }
+
+    /// Ends a session created for a caller that went away before the answer.
+    async fn abandon_create(&self, rec: SessionRecord) {
+        tracing::warn!(session_id = %rec.id, "caller went away during create; rolling back");
+        match self
+            .sessions
+            .begin_end(
+                &rec.id,
+                EndReason::CreateFailed,
+                "the caller went away before the create finished",
+                None,
+            )
+            .await
+        {
+            Ok(Transition::Won(rec)) => {
+                let _ = self.teardown(rec).await;
+            }
+            Ok(_) => {}
+            // The session keeps its lifetime; the reaper ends it then.
+            Err(e) => tracing::warn!(session_id = %rec.id, error = %e, "cannot roll back create"),
+        }
+    }
+
     /// Creates a session and returns it ACTIVE, or ends it CREATE_FAILED and says why.
     #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id))]
     pub async fn create_session(

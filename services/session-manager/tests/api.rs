@@ -702,3 +702,50 @@ async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
         String::from_utf8(admin(&h, &["list-api-keys", "--tenant", "acme"]).stdout).unwrap();
     assert_eq!(listing.lines().count(), 1, "{listing}");
 }
+
+/// A caller that gives up on CreateSession (its deadline) never learns the session's id:
+/// the creation still runs to its end on its own, then rolls back: the session ends
+/// CREATE_FAILED, its VM is released once, and the tenant's quota is free again.
+#[tokio::test]
+async fn a_create_whose_caller_gives_up_rolls_back_on_its_own() {
+    let h = Harness::start(1).await;
+    h.keys().await.set_max_sessions("t1", 1).await.unwrap();
+    h.node.state().acquire_delay = Some(std::time::Duration::from_secs(2));
+    let mut c = h.client(0).await;
+    let mut req = tonic::Request::new(pb::CreateSessionRequest::default());
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let err = c.create_session(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+
+    let store = h.store().await;
+    let page = store
+        .list("t1", &Default::default(), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(page.sessions.len(), 1);
+    let id = page.sessions[0].id.clone();
+    capsa_test_support::eventually!(
+        store.get(&id).await.unwrap().unwrap().status == capsa_store::SessionStatus::Terminated
+    );
+    let rec = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.end_reason, Some(capsa_store::EndReason::CreateFailed));
+    assert!(
+        rec.end_message.contains("caller went away"),
+        "{}",
+        rec.end_message
+    );
+    assert_eq!(h.node.state().acquires[&id], 1);
+    assert_eq!(
+        h.node.state().releases.get(&rec.vm_id),
+        Some(&1),
+        "the vm goes back"
+    );
+
+    // The quota (1) is free again.
+    h.node.state().acquire_delay = None;
+    let s = create(&mut c, None).await;
+    assert_eq!(s.status, pb::SessionStatus::Active as i32);
+}

@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capsa_proto::session::v1 as pb;
 use capsa_proto::vmpool::v1::VmState;
 use capsa_store::NodeRegistry;
 use capsa_test_support::eventually;
-use common::{Harness, NODE_ID, create, doubles, get, register};
+use common::{Harness, NODE_GRACE, NODE_ID, create, doubles, get, register, register_for};
 
 #[tokio::test]
 async fn two_replicas_reap_a_hundred_sessions_releasing_each_vm_once() {
@@ -126,18 +126,21 @@ async fn a_node_that_stops_heartbeating_has_its_sessions_ended_and_its_vms_relea
     let mut c = h.client(0).await;
     let s = create(&mut c, None).await;
     let registry = NodeRegistry::new(capsa_store::connect(&h.redis.url()).await.unwrap());
-    // The heartbeat lapses (same as its TTL running out); nobody calls the session.
+    // The node shuts down: it says so (no grace is due) and no longer answers; nobody
+    // calls the session.
+    h.node.state().silent = true;
     registry.remove(NODE_ID).await.unwrap();
 
     eventually!(get(&mut c, &s.id).await.status == pb::SessionStatus::Terminated as i32);
     let ended = get(&mut c, &s.id).await;
     assert_eq!(ended.end_reason, pb::EndReason::VmFailed as i32);
     assert!(
-        ended.end_message.contains("stopped heartbeating"),
+        ended.end_message.contains("node-a shut down"),
         "{}",
         ended.end_message
     );
     eventually!(registry.lapsed_nodes().await.unwrap().is_empty());
+    h.node.state().silent = false;
     assert_eq!(h.node.state().releases.get(&s.vm_id), None, "node was gone");
 
     // The node was alive after all: its VM is still leased to the ended session, and the
@@ -145,4 +148,77 @@ async fn a_node_that_stops_heartbeating_has_its_sessions_ended_and_its_vms_relea
     assert!(h.node.state().vms.contains_key(&s.vm_id));
     register(&h.redis, &h.node, 1000, 0).await;
     eventually!(h.node.state().releases.get(&s.vm_id) == Some(&1));
+}
+
+/// A node that misses heartbeats (stopped, CPU-starved, cut off from Redis) but still
+/// answers is not declared lost: its sessions stay ACTIVE however long the lapse.
+#[tokio::test]
+async fn a_node_that_misses_heartbeats_but_answers_keeps_its_sessions() {
+    let h = Harness::start_with(1, false).await;
+    register_for(&h.redis, &h.node, 1000, 0, Duration::from_secs(2)).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, None).await;
+    let registry = NodeRegistry::new(capsa_store::connect(&h.redis.url()).await.unwrap());
+    eventually!(registry.live_nodes().await.unwrap().is_empty());
+    // Watched for three grace periods past the lapse.
+    let watch_until = Instant::now() + 3 * NODE_GRACE;
+    while Instant::now() < watch_until {
+        assert_eq!(
+            get(&mut c, &s.id).await.status,
+            pb::SessionStatus::Active as i32
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.node.state().releases.is_empty());
+    // Heartbeating again, it is live and the session carries on.
+    register(&h.redis, &h.node, 1000, 1).await;
+    assert_eq!(registry.lapsed_nodes().await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        get(&mut c, &s.id).await.status,
+        pb::SessionStatus::Active as i32
+    );
+}
+
+/// A node that misses heartbeats and does not answer gets the grace period, then its
+/// sessions end VM_FAILED; one back within the grace keeps them.
+#[tokio::test]
+async fn a_silent_node_gets_a_grace_period_then_its_sessions_end() {
+    let h = Harness::start_with(1, false).await;
+    register_for(&h.redis, &h.node, 1000, 0, Duration::from_secs(2)).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, None).await;
+    let registry = NodeRegistry::new(capsa_store::connect(&h.redis.url()).await.unwrap());
+
+    // A stall shorter than the grace: silent and lapsed, then back.
+    h.node.state().silent = true;
+    eventually!(registry.live_nodes().await.unwrap().is_empty());
+    tokio::time::sleep(NODE_GRACE / 2).await;
+    register_for(&h.redis, &h.node, 1000, 1, Duration::from_secs(2)).await;
+    h.node.state().silent = false;
+    assert_eq!(
+        get(&mut c, &s.id).await.status,
+        pb::SessionStatus::Active as i32
+    );
+
+    // A node that is gone: silent past the grace.
+    h.node.state().silent = true;
+    eventually!(registry.live_nodes().await.unwrap().is_empty());
+    let lapsed_at_again = Instant::now();
+    eventually!(get(&mut c, &s.id).await.status == pb::SessionStatus::Terminated as i32);
+    // Not before the grace ran out (timed from when the reconciler first saw the lapse,
+    // which is at or after `lapsed_at_again`).
+    assert!(
+        lapsed_at_again.elapsed() >= NODE_GRACE,
+        "{:?}",
+        lapsed_at_again.elapsed()
+    );
+    let ended = get(&mut c, &s.id).await;
+    assert_eq!(ended.end_reason, pb::EndReason::VmFailed as i32);
+    assert!(
+        ended
+            .end_message
+            .contains("stopped heartbeating and has not answered"),
+        "{}",
+        ended.end_message
+    );
 }

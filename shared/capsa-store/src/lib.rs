@@ -17,7 +17,7 @@ pub mod usage;
 use std::time::Duration;
 
 pub use apikeys::{ApiKeyRecord, ApiKeyStore, KeyById, NewApiKey};
-pub use nodes::{NodeRecord, NodeRegistry};
+pub use nodes::{LapsedNode, NodeRecord, NodeRegistry};
 pub use redis::aio::ConnectionManager;
 pub use sessions::{
     Claimed, Created, Cursor, EndReason, Extended, ListFilter, ListPage, NewSession, SessionRecord,

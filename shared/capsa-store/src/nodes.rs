@@ -2,11 +2,15 @@
 //!
 //! Layout: `capsa:node:{id}` holds the [`NodeRecord`] as JSON with a millisecond TTL, and
 //! the set `capsa:nodes` lists every id announced and not yet forgotten. A node is live
-//! while its key exists. A node whose key is gone (it died without saying goodbye, or
-//! shut down) is *lapsed*: it stays in `capsa:nodes` while sessions still name it, so the
-//! reconciler can find and end them ([`NodeRegistry::live_and_lapsed`]), and is forgotten
-//! once it has none. Only the reconciler's view and a graceful remove write: placement
-//! and sampling read [`NodeRegistry::live_nodes`] on their hot paths.
+//! while its key exists. A node whose key is gone (it died without saying goodbye, shut
+//! down, or only stalled: a stopped or CPU-starved process misses beats too) is *lapsed*:
+//! it stays in `capsa:nodes` while sessions still name it, so the reconciler can judge it
+//! ([`NodeRegistry::live_and_lapsed`]), and is forgotten once it has none. For that
+//! judgement the last record stays in `capsa:node:{id}:last` (no TTL: the URLs to ask the
+//! node directly) and `capsa:nodes:lapsed_since` holds, per lapsed node, when a reconciler
+//! first saw it lapsed (Redis clock; 0 for a graceful remove, which is not a stall).
+//! Only the reconciler's view, heartbeats and a graceful remove write: placement and
+//! sampling read [`NodeRegistry::live_nodes`] on their hot paths.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -20,16 +24,32 @@ use crate::sessions::node_sessions_key;
 use crate::{Result, StoreError};
 
 pub(crate) const NODES_SET: &str = "capsa:nodes";
+const LAPSED_SINCE: &str = "capsa:nodes:lapsed_since";
 
 /// Forgets a node, atomically, only if its record is gone and no session names it.
-/// KEYS: node key, its sessions set, `capsa:nodes`; ARGV: node id.
+/// KEYS: node key, its sessions set, `capsa:nodes`, its last record, lapsed-since hash;
+/// ARGV: node id.
 static FORGET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('SCARD', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[4])
+  redis.call('HDEL', KEYS[5], ARGV[1])
   return redis.call('SREM', KEYS[3], ARGV[1])
 end
 return 0",
+    )
+});
+
+/// Marks a lapsed node (first sighting wins) and returns how long it has been lapsed, on
+/// Redis' clock. KEYS: lapsed-since hash; ARGV: node id.
+static MARK_LAPSED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSETNX', KEYS[1], ARGV[1], now)
+return now - tonumber(redis.call('HGET', KEYS[1], ARGV[1]))",
     )
 });
 
@@ -37,6 +57,20 @@ fn node_key(node_id: &str) -> String {
     format!("capsa:node:{node_id}")
 }
 
+fn last_record_key(node_id: &str) -> String {
+    format!("capsa:node:{node_id}:last")
+}
+
+/// A node whose heartbeat lapsed while sessions still name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LapsedNode {
+    pub node_id: String,
+    /// Its last heartbeat's record (how to reach it), if one was kept.
+    pub last: Option<NodeRecord>,
+    /// Since the first reconciler pass that saw it lapsed; `Duration::MAX` after a
+    /// graceful remove (the node said it is going).
+    pub lapsed_for: Duration,
+}
 /// What a node announces about itself on every heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -91,11 +125,16 @@ impl NodeRegistry {
             .atomic()
             .cmd("SET")
             .arg(node_key(&rec.node_id))
-            .arg(json)
+            .arg(&json)
             .arg("PX")
             .arg(ttl_ms)
             .ignore()
+            .set(last_record_key(&rec.node_id), &json)
+            .ignore()
             .sadd(NODES_SET, &rec.node_id)
+            .ignore()
+            // Beating again ends a lapse: the next one is timed from its own start.
+            .hdel(LAPSED_SINCE, &rec.node_id)
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -103,10 +142,18 @@ impl NodeRegistry {
     }
 
     /// Takes a node out of service at once (graceful shutdown), instead of waiting for its
-    /// TTL; it is forgotten as soon as no session names it.
+    /// TTL: it counts as lapsed for ever (no grace), and is forgotten as soon as no session
+    /// names it.
     pub async fn remove(&self, node_id: &str) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.del::<_, ()>(node_key(node_id)).await?;
+        redis::pipe()
+            .atomic()
+            .del(node_key(node_id))
+            .ignore()
+            .hset(LAPSED_SINCE, node_id, 0)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
         self.forget(node_id).await.map(drop)
     }
 
@@ -116,6 +163,8 @@ impl NodeRegistry {
             .key(node_key(node_id))
             .key(node_sessions_key(node_id))
             .key(NODES_SET)
+            .key(last_record_key(node_id))
+            .key(LAPSED_SINCE)
             .arg(node_id)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -134,25 +183,50 @@ impl NodeRegistry {
         Ok(self.scan().await?.0)
     }
 
-    /// The reconciler's view, from one read: the live nodes, and the ids of lapsed nodes
-    /// that sessions still name, both sorted. Lapsed nodes no session names are forgotten
-    /// on the way.
-    pub async fn live_and_lapsed(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
+    /// The reconciler's view, from one read: the live nodes, and the lapsed nodes that
+    /// sessions still name (marking when each was first seen lapsed), both sorted by id.
+    /// Lapsed nodes no session names are forgotten on the way.
+    pub async fn live_and_lapsed(&self) -> Result<(Vec<NodeRecord>, Vec<LapsedNode>)> {
         let (live, lapsed) = self.scan().await?;
         let mut named = Vec::with_capacity(lapsed.len());
-        for id in lapsed {
+        for node_id in lapsed {
             // A heartbeat racing this re-adds its id on the next beat (SADD is in every
             // heartbeat), so forgetting never loses a live node for longer than a beat.
-            if !self.forget(&id).await? {
-                named.push(id);
+            if self.forget(&node_id).await? {
+                continue;
             }
+            let mut conn = self.conn.clone();
+            let last: Option<String> = conn.get(last_record_key(&node_id)).await?;
+            let last = last.map(|json| parse(&node_id, &json)).transpose()?;
+            let lapsed_ms: i64 = MARK_LAPSED
+                .key(LAPSED_SINCE)
+                .arg(&node_id)
+                .invoke_async(&mut conn)
+                .await?;
+            // "Since 0" is the graceful remove's mark: lapsed for ever.
+            let lapsed_for = if lapsed_ms >= 1_000_000_000_000 {
+                Duration::MAX
+            } else {
+                Duration::from_millis(lapsed_ms.max(0).unsigned_abs())
+            };
+            named.push(LapsedNode {
+                node_id,
+                last,
+                lapsed_for,
+            });
         }
         Ok((live, named))
     }
 
-    /// The lapsed half of [`NodeRegistry::live_and_lapsed`].
+    /// The ids of the lapsed half of [`NodeRegistry::live_and_lapsed`].
     pub async fn lapsed_nodes(&self) -> Result<Vec<String>> {
-        Ok(self.live_and_lapsed().await?.1)
+        Ok(self
+            .live_and_lapsed()
+            .await?
+            .1
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect())
     }
 
     /// Splits `capsa:nodes` into live records and lapsed ids, both sorted.

@@ -92,6 +92,28 @@ async fn a_lapsed_node_is_kept_while_sessions_name_it_then_forgotten() {
     eventually!(reg.live_nodes().await.unwrap().is_empty());
     assert_eq!(reg.lapsed_nodes().await.unwrap(), ["n"]);
     assert_eq!(s.node_sessions("n").await.unwrap(), ["s1"]);
+    // It keeps its last record (how to ask it directly), and how long it has been lapsed
+    // is timed from the first pass that saw it, on Redis' clock.
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert_eq!(lapsed[0].last, Some(node("n", 4)));
+    let first = lapsed[0].lapsed_for;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert!(
+        lapsed[0].lapsed_for >= first + Duration::from_millis(250),
+        "{lapsed:?}"
+    );
+    // A node that beats again is not lapsed, and its next lapse is timed afresh.
+    reg.heartbeat(&node("n", 4), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(reg.lapsed_nodes().await.unwrap().is_empty());
+    eventually!(reg.live_nodes().await.unwrap().is_empty());
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert!(
+        lapsed[0].lapsed_for < Duration::from_millis(250),
+        "{lapsed:?}"
+    );
 
     // A graceful remove of a node that still has sessions keeps it findable too.
     reg.heartbeat(&node("m", 4), Duration::from_secs(60))
@@ -105,6 +127,9 @@ async fn a_lapsed_node_is_kept_while_sessions_name_it_then_forgotten() {
         .unwrap();
     reg.remove("m").await.unwrap();
     assert_eq!(reg.lapsed_nodes().await.unwrap(), ["m", "n"]);
+    // A graceful remove is no stall: no grace is due.
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert_eq!(lapsed[0].lapsed_for, Duration::MAX);
 
     // Once their sessions end, the next listing forgets them.
     for id in ["s1", "s2"] {

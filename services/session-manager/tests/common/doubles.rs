@@ -33,11 +33,15 @@ pub struct State {
     pub releases: HashMap<String, u32>,
     /// When set, AcquireVm fails UNAVAILABLE with this message.
     pub fail_acquire: Option<String>,
+    /// When set, AcquireVm takes this long (a cold boot).
+    pub acquire_delay: Option<std::time::Duration>,
     /// vm id → env of ConfigureVm.
     pub configured: HashMap<String, HashMap<String, String>>,
     pub finalized: Vec<String>,
     /// ListVms calls (each is one reconciler pass of one replica).
     pub list_calls: u32,
+    /// When set, ListVms fails UNAVAILABLE: the node does not answer.
+    pub silent: bool,
     /// Specs of every Execute, in arrival order.
     pub executes: Vec<ex::ExecuteRequest>,
     /// Code `fail-vm`: one stdout event, then the VM is FAILED and the stream UNAVAILABLE.
@@ -93,6 +97,10 @@ impl VmPoolService for Doubles {
         req: Request<vp::AcquireVmRequest>,
     ) -> Result<Response<vp::AcquireVmResponse>, Status> {
         let req = req.into_inner();
+        let delay = self.state.lock().unwrap().acquire_delay;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut s = self.state.lock().unwrap();
         *s.acquires.entry(req.lease_id.clone()).or_default() += 1;
         if let Some(msg) = &s.fail_acquire {
@@ -147,6 +155,9 @@ impl VmPoolService for Doubles {
     ) -> Result<Response<vp::ListVmsResponse>, Status> {
         let mut s = self.state.lock().unwrap();
         s.list_calls += 1;
+        if s.silent {
+            return Err(Status::unavailable("node double is silent"));
+        }
         let vms = s.vms.values().cloned().collect();
         Ok(Response::new(vp::ListVmsResponse { vms }))
     }

@@ -40,6 +40,9 @@ pub struct Harness {
 
 pub const NODE_ID: &str = "node-a";
 
+/// `--node-grace-secs` of every replica: how long a silent, lapsed node is given.
+pub const NODE_GRACE: Duration = Duration::from_secs(3);
+
 impl Harness {
     /// Redis, the doubles registered as node `node-a` (capacity 1000), `replicas`
     /// session-managers, and an API key of tenant `t1`.
@@ -78,6 +81,8 @@ impl Harness {
             "300",
             "--claim-ttl-secs",
             "5",
+            "--node-grace-secs",
+            &NODE_GRACE.as_secs().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -121,6 +126,17 @@ impl Harness {
 
 /// Registers the doubles as node `node-a` for an hour.
 pub async fn register(redis: &RedisServer, node: &DoubleServer, capacity: u32, leased: u32) {
+    register_for(redis, node, capacity, leased, Duration::from_secs(3600)).await
+}
+
+/// Registers the doubles as node `node-a` with a heartbeat that lapses after `ttl`.
+pub async fn register_for(
+    redis: &RedisServer,
+    node: &DoubleServer,
+    capacity: u32,
+    leased: u32,
+    ttl: Duration,
+) {
     let reg = NodeRegistry::new(capsa_store::connect(&redis.url()).await.unwrap());
     let rec = NodeRecord {
         node_id: NODE_ID.into(),
@@ -132,9 +148,7 @@ pub async fn register(redis: &RedisServer, node: &DoubleServer, capacity: u32, l
         warm: 1,
         heartbeat_ms: 0,
     };
-    reg.heartbeat(&rec, Duration::from_secs(3600))
-        .await
-        .unwrap();
+    reg.heartbeat(&rec, ttl).await.unwrap();
 }
 
 pub fn secs(s: i64) -> Option<prost_types::Duration> {
