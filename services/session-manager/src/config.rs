@@ -87,6 +87,13 @@ pub struct Config {
     /// Default cap on a tenant's concurrent (creating + active) sessions.
     #[arg(long, env = "CAPSA_MAX_SESSIONS_PER_TENANT", default_value_t = 20)]
     pub max_sessions_per_tenant: u32,
+    /// Session creates a tenant may make per second, sustained (RESOURCE_EXHAUSTED with
+    /// RetryInfo past it). Each tenant has its own budget.
+    #[arg(long, env = "CAPSA_CREATE_RATE_PER_SEC", default_value_t = 2.0, value_parser = positive_rate)]
+    pub create_rate_per_sec: f64,
+    /// Creates a tenant may make at once before the rate applies.
+    #[arg(long, env = "CAPSA_CREATE_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub create_burst: u32,
     /// How long AcquireVm may take (cold boots under software emulation are slow).
     #[arg(long, env = "CAPSA_ACQUIRE_TIMEOUT_SECS", default_value_t = 120)]
     pub acquire_timeout_secs: u64,
@@ -131,6 +138,15 @@ impl Config {
             creating_bound: self.acquire_timeout() + Duration::from_secs(60),
             max_total_lifetime: crate::validate::MAX_LIFETIME,
         }
+    }
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a positive number of creates per second"
+        )),
     }
 }
 

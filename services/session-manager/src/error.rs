@@ -20,6 +20,9 @@ pub enum Error {
     /// A quota, or no node with room.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A rate limit: the caller may try again after the duration (sent as RetryInfo).
+    #[error("{0}")]
+    RateLimited(String, std::time::Duration),
     /// A node, metering or the session's VM is down or not answering.
     #[error("{0}")]
     Unavailable(String),
@@ -47,12 +50,19 @@ impl ServiceError for Error {
             Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
-            Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::RateLimited(..) => ErrorCode::ResourceExhausted,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Store(capsa_store::StoreError::Redis(_)) => ErrorCode::Unavailable,
             Error::Store(_) => ErrorCode::Internal,
             Error::Upstream(status) => upstream_code(status.code()),
             Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::RateLimited(_, after) => Some(*after),
+            _ => None,
         }
     }
 }

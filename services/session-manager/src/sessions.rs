@@ -87,6 +87,25 @@ impl App {
         tenant: &str,
         spec: CreateSpec,
     ) -> Result<SessionRecord, Error> {
+        if let Some(after) = self
+            .keys
+            .take_create_token(
+                tenant,
+                self.config.create_rate_per_sec,
+                self.config.create_burst,
+            )
+            .await?
+        {
+            return Err(Error::RateLimited(
+                format!(
+                    "tenant {tenant} is creating sessions faster than its limit ({} per second, bursts of {}); retry in {} ms",
+                    self.config.create_rate_per_sec,
+                    self.config.create_burst,
+                    after.as_millis()
+                ),
+                after,
+            ));
+        }
         let id = uuid::Uuid::new_v4().simple().to_string();
         tracing::Span::current().record("session_id", id.as_str());
         let new = NewSession {

@@ -749,3 +749,58 @@ async fn a_create_whose_caller_gives_up_rolls_back_on_its_own() {
     let s = create(&mut c, None).await;
     assert_eq!(s.status, pb::SessionStatus::Active as i32);
 }
+
+/// One tenant flooding CreateSession is slowed down alone: past its burst it gets
+/// RESOURCE_EXHAUSTED with a RetryInfo saying when to come back, nothing is recorded for the
+/// refused creates, and another tenant creates as usual meanwhile.
+#[tokio::test]
+async fn a_tenant_creating_too_fast_is_rate_limited_alone_with_retry_info() {
+    let mut h = Harness::start(0).await;
+    h.create_limit = (1.0, 3);
+    h.add_replica().await;
+    let mut flooder = h.client(0).await;
+    let other_key = h.new_key("t2").await;
+    let mut other = h.client_with(0, Some(&format!("Bearer {other_key}"))).await;
+
+    for _ in 0..3 {
+        create(&mut flooder, None).await;
+    }
+    let err = flooder
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("faster than its limit") && err.message().contains("retry in"),
+        "{}",
+        err.message()
+    );
+    let details = capsa_grpc::error::RpcStatus::decode(err.details()).unwrap();
+    assert_eq!(
+        details.details[0].type_url,
+        capsa_grpc::error::RETRY_INFO_TYPE_URL
+    );
+    let retry = capsa_grpc::error::RetryInfo::decode(details.details[0].value.as_slice())
+        .unwrap()
+        .retry_delay
+        .unwrap();
+    let retry = capsa_proto::time::from_duration(&retry).unwrap();
+    assert!(
+        retry > std::time::Duration::ZERO && retry <= std::time::Duration::from_secs(1),
+        "{retry:?}"
+    );
+    // The other tenant is not slowed down by the flood.
+    for _ in 0..3 {
+        create(&mut other, None).await;
+    }
+    // Refused creates left nothing behind.
+    let store = h.store().await;
+    let listed = store
+        .list("t1", &Default::default(), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(listed.sessions.len(), 3);
+    // Once the retry delay has passed, the flooder may create again.
+    tokio::time::sleep(retry).await;
+    create(&mut flooder, None).await;
+}

@@ -56,6 +56,53 @@ impl ErrorCode {
 /// Implemented by every service's error enum.
 pub trait ServiceError: StdError {
     fn code(&self) -> ErrorCode;
+
+    /// When the caller may try again (a rate limit): sent as the standard
+    /// `google.rpc.RetryInfo` status detail, which gRPC clients read.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// `google.rpc.Status`, the body of the `grpc-status-details-bin` trailer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<prost_types::Any>,
+}
+
+/// `google.rpc.RetryInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    pub retry_delay: Option<prost_types::Duration>,
+}
+
+/// The type URL of [`RetryInfo`] in a status' details.
+pub const RETRY_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+/// A status whose details carry `RetryInfo { retry_delay: after }`.
+fn with_retry_info(code: Code, message: String, after: std::time::Duration) -> Status {
+    let retry = RetryInfo {
+        retry_delay: Some(capsa_proto::time::duration(after)),
+    };
+    let details = RpcStatus {
+        code: code as i32,
+        message: message.clone(),
+        details: vec![prost_types::Any {
+            type_url: RETRY_INFO_TYPE_URL.into(),
+            value: prost::Message::encode_to_vec(&retry),
+        }],
+    };
+    Status::with_details(
+        code,
+        message,
+        prost::Message::encode_to_vec(&details).into(),
+    )
 }
 
 /// Converts a service error into the status sent to the client, logging internal errors
@@ -70,6 +117,9 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
         )],
     );
     if code.is_client_visible() {
+        if let Some(after) = err.retry_after() {
+            return with_retry_info(code.grpc(), chain(err), after);
+        }
         // Unavailable keeps its cause: "vm-pool unreachable: connection refused" helps the
         // operator and names nothing secret.
         return Status::new(code.grpc(), chain(err));

@@ -3,7 +3,8 @@
 //! A key is shown to its owner once, at creation, and stored only as its sha256 hex:
 //! `capsa:apikey:{sha256}` is a hash `{tenant, name, created_ms}`. Authentication hashes the
 //! presented key and looks that up, so a leak of Redis leaks no usable key.
-//! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`).
+//! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`), and
+//! `capsa:tenant:{id}:create_bucket` the tenant's token bucket for session creates.
 
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
@@ -16,6 +17,31 @@ use crate::{Result, StoreError};
 /// Every key starts with this, so leaked keys are easy to scan for.
 pub const KEY_PREFIX: &str = "capsa_";
 const KEY_RANDOM_LEN: usize = 32;
+
+/// One token per create; refills at ARGV[1] tokens per second up to ARGV[2], on Redis' clock.
+/// Returns 0 when a token was taken, else the ms until one is there (nothing is taken).
+/// KEYS: the tenant's bucket.
+static TAKE_CREATE_TOKEN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local per_ms = tonumber(ARGV[1]) / 1000
+local burst = tonumber(ARGV[2])
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or burst)
+local since = tonumber(redis.call('HGET', KEYS[1], 'ts') or now)
+tokens = math.min(burst, tokens + math.max(0, now - since) * per_ms)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_ms) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / per_ms) + 1000)
+return wait",
+    )
+});
+
+fn create_bucket_key(tenant_id: &str) -> String {
+    format!("capsa:tenant:{tenant_id}:create_bucket")
+}
 
 fn apikey_key(hash: &str) -> String {
     format!("capsa:apikey:{hash}")
@@ -229,6 +255,24 @@ impl ApiKeyStore {
         conn.hset::<_, _, _, ()>(limits_key(tenant_id), "max_sessions", max)
             .await?;
         Ok(())
+    }
+
+    /// Takes one of the tenant's create tokens (`per_sec` refill, `burst` at most): `None`
+    /// when taken, else how long until one is there. Each tenant has its own bucket, so
+    /// one tenant's flood never slows another's creates.
+    pub async fn take_create_token(
+        &self,
+        tenant_id: &str,
+        per_sec: f64,
+        burst: u32,
+    ) -> Result<Option<std::time::Duration>> {
+        let wait_ms: u64 = TAKE_CREATE_TOKEN
+            .key(create_bucket_key(tenant_id))
+            .arg(per_sec)
+            .arg(burst)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((wait_ms > 0).then(|| std::time::Duration::from_millis(wait_ms)))
     }
 
     /// The tenant's override of the concurrent-session cap, if one is set.

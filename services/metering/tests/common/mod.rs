@@ -352,7 +352,7 @@ impl World {
             template: "default".into(),
             vcpus: 1,
             memory_mib: 512,
-            env: BTreeMap::new(),
+            env_names: Vec::new(),
             metadata: BTreeMap::new(),
             lifetime: Duration::from_secs(3600),
         };

@@ -33,6 +33,9 @@ impl tonic::service::Interceptor for Bearer {
 /// Fields drop in order: replicas first, Redis last.
 pub struct Harness {
     pub replicas: Vec<ServiceProcess>,
+    /// `--create-rate-per-sec` and `--create-burst` of replicas started from now on:
+    /// unlimited in effect, since tests create sessions in bursts (the limit has its own test).
+    pub create_limit: (f64, u32),
     pub node: DoubleServer,
     pub redis: RedisServer,
     pub key: String,
@@ -58,6 +61,7 @@ impl Harness {
         }
         let mut h = Harness {
             replicas: Vec::new(),
+            create_limit: (10_000.0, 10_000),
             node,
             redis,
             key: String::new(),
@@ -83,6 +87,10 @@ impl Harness {
             "5",
             "--node-grace-secs",
             &NODE_GRACE.as_secs().to_string(),
+            "--create-rate-per-sec",
+            &self.create_limit.0.to_string(),
+            "--create-burst",
+            &self.create_limit.1.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
