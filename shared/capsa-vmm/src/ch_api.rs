@@ -6,6 +6,13 @@
 //! error whose body (Cloud Hypervisor's error chain as text) goes into the message. One
 //! connection per request: the API socket is local and requests are rare, so keep-alive
 //! state is not worth carrying.
+//!
+//! Bodies are the `cloud-hypervisor-client` models (see [`crate::ch_model`]); the transport
+//! is our own rather than that crate's `DefaultApiClient`, which suits this driver poorly:
+//! it has no request timeout (a wedged VMM would hang a boot or a snapshot), reads bodies
+//! without a size limit, can only decode a reply into its model (so what the model does not
+//! know is lost before [`crate::ch_model::Preserved`] could keep it), and its pooled
+//! `hyper_util` legacy client over `hyperlocal` buys nothing for a few requests per VM.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use crate::VmmError;
@@ -34,22 +42,28 @@ impl ChApi {
         }
     }
 
-    /// `PUT /api/v1/<endpoint>`; returns the JSON body, if any.
-    pub async fn put(
-        &self,
-        endpoint: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, VmmError> {
-        let body =
-            body.map(|b| Bytes::from(serde_json::to_vec(b).expect("a json value serialises")));
-        self.request(http::Method::PUT, endpoint, body).await
+    /// `PUT /api/v1/<endpoint>` without a body.
+    pub async fn put(&self, endpoint: &str) -> Result<(), VmmError> {
+        self.request(http::Method::PUT, endpoint, None)
+            .await
+            .map(drop)
     }
 
-    /// `GET /api/v1/<endpoint>`; the JSON body.
-    pub async fn get(&self, endpoint: &str) -> Result<Value, VmmError> {
-        self.request(http::Method::GET, endpoint, None)
+    /// `PUT /api/v1/<endpoint>` with `body` as JSON.
+    pub async fn put_json<B: Serialize>(&self, endpoint: &str, body: &B) -> Result<(), VmmError> {
+        let body = serde_json::to_vec(body).map_err(|e| api_err(endpoint, format!("body: {e}")))?;
+        self.request(http::Method::PUT, endpoint, Some(Bytes::from(body)))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /api/v1/<endpoint>`, its JSON body read as `T`.
+    pub async fn get<T: DeserializeOwned>(&self, endpoint: &str) -> Result<T, VmmError> {
+        let body = self
+            .request(http::Method::GET, endpoint, None)
             .await?
-            .ok_or_else(|| api_err(endpoint, "empty response body".into()))
+            .ok_or_else(|| api_err(endpoint, "empty response body".into()))?;
+        serde_json::from_slice(&body).map_err(|e| api_err(endpoint, format!("bad reply: {e}")))
     }
 
     async fn request(
@@ -57,7 +71,7 @@ impl ChApi {
         method: http::Method,
         endpoint: &str,
         body: Option<Bytes>,
-    ) -> Result<Option<Value>, VmmError> {
+    ) -> Result<Option<Bytes>, VmmError> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(method, endpoint, body))
             .await
             .map_err(|_| VmmError::Timeout(format!("cloud hypervisor api {endpoint}")))?
@@ -68,7 +82,7 @@ impl ChApi {
         method: http::Method,
         endpoint: &str,
         body: Option<Bytes>,
-    ) -> Result<Option<Value>, VmmError> {
+    ) -> Result<Option<Bytes>, VmmError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| VmmError::io("connect cloud hypervisor api", &self.socket, e))?;
@@ -102,12 +116,7 @@ impl ChApi {
             let text = String::from_utf8_lossy(&bytes);
             return Err(api_err(endpoint, format!("{status}: {}", text.trim())));
         }
-        if bytes.is_empty() {
-            return Ok(None);
-        }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| api_err(endpoint, format!("bad json: {e}")))
+        Ok((!bytes.is_empty()).then_some(bytes))
     }
 }
 
@@ -189,7 +198,7 @@ pub(crate) mod fake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[tokio::test]
     async fn put_get_and_error_bodies() {
@@ -198,24 +207,28 @@ mod tests {
         let log = fake::serve(&sock, |r| match r.path.as_str() {
             "/api/v1/vm.create" => (204, String::new()),
             "/api/v1/vm.counters" => (200, r#"{"_disk0":{"read_bytes":5}}"#.into()),
+            "/api/v1/vm.info" => (200, "{not json".into()),
+            "/api/v1/vm.boot" => (204, String::new()),
             _ => (405, "Error from API: VM is not booted".into()),
         });
         let api = ChApi::new(&sock);
-        assert_eq!(
-            api.put("vm.create", Some(&json!({"cpus": {"boot_vcpus": 1}})))
-                .await
-                .unwrap(),
-            None
-        );
-        assert_eq!(
-            api.get("vm.counters").await.unwrap()["_disk0"]["read_bytes"],
-            5
-        );
-        let err = api.put("vm.pause", None).await.unwrap_err().to_string();
+        api.put_json("vm.create", &json!({"cpus": {"boot_vcpus": 1}}))
+            .await
+            .unwrap();
+        let counters: Value = api.get("vm.counters").await.unwrap();
+        assert_eq!(counters["_disk0"]["read_bytes"], 5);
+        let err = api.put("vm.pause").await.unwrap_err().to_string();
         assert!(
             err.contains("405") && err.contains("VM is not booted"),
             "{err}"
         );
+        let err = api.get::<Value>("vm.info").await.unwrap_err().to_string();
+        assert!(
+            err.contains("vm.info") && err.contains("bad reply"),
+            "{err}"
+        );
+        let err = api.get::<Value>("vm.boot").await.unwrap_err().to_string();
+        assert!(err.contains("empty response body"), "{err}");
         let log = log.lock().unwrap();
         assert_eq!(log[0].method, "PUT");
         assert_eq!(log[0].path, "/api/v1/vm.create");
@@ -225,5 +238,23 @@ mod tests {
         );
         assert_eq!(log[1].method, "GET");
         assert_eq!(log[2].body, "");
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_does_not_answer_is_a_timeout_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        // Accepts and never answers.
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        });
+        tokio::time::pause();
+        let err = ChApi::new(&sock).put("vm.boot").await.unwrap_err();
+        assert!(matches!(err, VmmError::Timeout(_)), "{err}");
+        held.abort();
     }
 }

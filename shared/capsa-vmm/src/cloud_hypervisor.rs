@@ -1,26 +1,31 @@
 //! Cloud Hypervisor driver (KVM only).
 //!
 //! Start-up: the VMM starts with only `--api-socket path=<dir>/api.sock`; once the socket
-//! listens, `PUT vm.create` sends the whole [`vm_config`] and `PUT vm.boot` starts it.
+//! listens, `GET vmm.ping` must report a release we can drive ([`ch_model::check_ping`]),
+//! `PUT vm.create` sends the whole [`ch_model::vm_config`], `GET vm.info` must show the VMM
+//! kept every field of it ([`ch_model::check_kept`]), and `PUT vm.boot` starts it.
 //! Hybrid vsock is native (`vsock.sock`), the disk is the qcow2 overlay with its backing
 //! file, the serial console is Cloud Hypervisor's stdout (mode `Tty`).
 //!
 //! Snapshots: `vm.snapshot` (VM paused) writes `config.json`, `state.json` and memory files
 //! into the destination; we add a copy of the overlay (the VM's disk state at that instant).
 //! Restore builds a new VM dir: copies the overlay, links the memory files, rewrites
-//! `config.json` so the disk and vsock point into the new dir, and `PUT vm.restore`s it.
+//! `config.json` so the disk and vsock point into the new dir (every other field, known to
+//! the API model or not, as the VMM wrote it: [`ch_model::Preserved`]), and
+//! `PUT vm.restore`s it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cloud_hypervisor_client::models::{VmConfig, VmInfo, VmmPingResponse};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use serde_json::{Value, json};
 use tokio::process::Command;
 
 use crate::ch_api::ChApi;
+use crate::ch_model::{self, Counters, Preserved};
 use crate::console::Console;
 use crate::instance::{self, DirGuard, Instance, delegate_to_instance};
 use crate::process::{Supervised, wait_listening};
@@ -50,7 +55,8 @@ impl CloudHypervisor {
         CloudHypervisor { config }
     }
 
-    /// Starts the VMM process with its API socket; the VM is not created yet.
+    /// Starts the VMM process with its API socket and checks its version; the VM is not
+    /// created yet.
     async fn start_vmm(&self, spec: &VmSpec) -> Result<(Supervised, Console, ChApi), VmmError> {
         let dir = &spec.dir;
         let api_path = dir.join(layout::API_SOCKET);
@@ -73,7 +79,11 @@ impl CloudHypervisor {
             &dir.join(layout::CONSOLE_LOG),
         )?;
         wait_listening(&api_path, &vmm, "cloud-hypervisor", STARTUP_TIMEOUT).await?;
-        Ok((vmm, console, ChApi::new(&api_path)))
+        let api = ChApi::new(&api_path);
+        let ping: VmmPingResponse = api.get("vmm.ping").await?;
+        let version = ch_model::check_ping(&ping)?;
+        tracing::debug!(%version, build = ?ping.build_version, "cloud-hypervisor answers");
+        Ok((vmm, console, api))
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<ChVm, VmmError> {
@@ -92,12 +102,15 @@ impl CloudHypervisor {
             .kernel_override
             .as_deref()
             .unwrap_or(&spec.kernel);
-        api.put(
-            "vm.create",
-            Some(&vm_config(spec, kernel, overlay.as_deref())),
-        )
-        .await?;
-        api.put("vm.boot", None).await?;
+        let config = ch_model::vm_config(spec, kernel, overlay.as_deref())?;
+        api.put_json("vm.create", &config).await?;
+        let info: Preserved<VmInfo> = api.get("vm.info").await?;
+        let sent = serde_json::to_value(&config).expect("a model serialises");
+        ch_model::check_kept(&sent, &info.to_json()["config"]).map_err(|e| VmmError::Api {
+            endpoint: "vm.info".into(),
+            message: format!("the vmm did not keep the vm.create config: {e}"),
+        })?;
+        api.put("vm.boot").await?;
         guard.disarm();
         Ok(ChVm {
             instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console),
@@ -111,42 +124,14 @@ impl CloudHypervisor {
         let local = spec.dir.join("snapshot");
         prepare_restore(snapshot, &local, &spec.dir).await?;
         let (vmm, console, api) = self.start_vmm(spec).await?;
-        let source_url = format!("file://{}", local.display());
-        api.put(
-            "vm.restore",
-            Some(&json!({ "source_url": source_url, "resume": true })),
-        )
-        .await?;
+        api.put_json("vm.restore", &ch_model::restore_config(&local)?)
+            .await?;
         guard.disarm();
         Ok(ChVm {
             instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console),
             api,
         })
     }
-}
-
-/// The `VmConfig` body of `vm.create`.
-pub(crate) fn vm_config(spec: &VmSpec, kernel: &Path, overlay: Option<&Path>) -> Value {
-    let mut payload = json!({ "kernel": kernel, "cmdline": spec.cmdline });
-    if let Some(initrd) = &spec.initrd {
-        payload["initramfs"] = json!(initrd);
-    }
-    let disks: Vec<Value> = overlay
-        .into_iter()
-        // image_type explicitly: Cloud Hypervisor (v53) that has to detect a qcow2 itself turns
-        // backing_files off in the config it keeps, so a restore of that config would open
-        // the overlay without its base (found by running the driver against a real binary).
-        .map(|p| json!({ "path": p, "image_type": "Qcow2", "backing_files": true }))
-        .collect();
-    json!({
-        "cpus": { "boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus },
-        "memory": { "size": u64::from(spec.memory_mib) << 20 },
-        "payload": payload,
-        "disks": disks,
-        "vsock": { "cid": 3, "socket": spec.vsock_path() },
-        "serial": { "mode": "Tty" },
-        "console": { "mode": "Off" },
-    })
 }
 
 /// Lays out a restorable copy of `snapshot` in `local`: memory and state files hard-linked
@@ -184,9 +169,9 @@ async fn prepare_restore(snapshot: &Path, local: &Path, vm_dir: &Path) -> Result
     let text = tokio::fs::read(&config_path)
         .await
         .map_err(|e| VmmError::io("read snapshot config", &config_path, e))?;
-    let mut config: Value = serde_json::from_slice(&text)
+    let mut config: Preserved<VmConfig> = serde_json::from_slice(&text)
         .map_err(|e| VmmError::InvalidSpec(format!("snapshot config.json: {e}")))?;
-    retarget_config(&mut config, vm_dir);
+    retarget_config(&mut config.typed, vm_dir)?;
     let out = local.join(SNAPSHOT_CONFIG);
     tokio::fs::write(&out, serde_json::to_vec(&config).expect("json serialises"))
         .await
@@ -194,15 +179,20 @@ async fn prepare_restore(snapshot: &Path, local: &Path, vm_dir: &Path) -> Result
 }
 
 /// Points a snapshot's disk and vsock socket into `vm_dir`.
-fn retarget_config(config: &mut Value, vm_dir: &Path) {
-    if let Some(disks) = config.get_mut("disks").and_then(Value::as_array_mut) {
-        for disk in disks {
-            disk["path"] = json!(vm_dir.join(layout::OVERLAY));
-        }
+fn retarget_config(config: &mut VmConfig, vm_dir: &Path) -> Result<(), VmmError> {
+    let text = |name: &str| {
+        let path = vm_dir.join(name);
+        path.to_str().map(str::to_owned).ok_or_else(|| {
+            VmmError::InvalidSpec(format!("vm dir {} is not UTF-8", vm_dir.display()))
+        })
+    };
+    for disk in config.disks.iter_mut().flatten() {
+        disk.path = Some(text(layout::OVERLAY)?);
     }
-    if let Some(vsock) = config.get_mut("vsock").filter(|v| v.is_object()) {
-        vsock["socket"] = json!(vm_dir.join(layout::VSOCK_SOCKET));
+    if let Some(vsock) = &mut config.vsock {
+        vsock.socket = text(layout::VSOCK_SOCKET)?;
     }
+    Ok(())
 }
 
 impl Hypervisor for CloudHypervisor {
@@ -253,9 +243,9 @@ impl ChVm {
 
 /// Sums every device's byte counters in a `vm.counters` reply
 /// (`{"_disk0": {"read_bytes": .., "write_bytes": ..}, "_net0": {"rx_bytes": ..}}`).
-pub(crate) fn counter_totals(reply: &Value, counters: &mut VmCounters) {
-    for dev in reply.as_object().into_iter().flat_map(|m| m.values()) {
-        let get = |k: &str| dev.get(k).and_then(Value::as_u64).unwrap_or(0);
+pub(crate) fn counter_totals(reply: &Counters, counters: &mut VmCounters) {
+    for dev in reply.values() {
+        let get = |k: &str| dev.get(k).copied().unwrap_or(0);
         counters.disk_read_bytes += get("read_bytes");
         counters.disk_write_bytes += get("write_bytes");
         counters.network_rx_bytes += get("rx_bytes");
@@ -268,7 +258,8 @@ impl VirtualMachine for ChVm {
     fn counters(&self) -> BoxFuture<'_, Result<VmCounters, VmmError>> {
         async move {
             let mut counters = self.instance.process_counters()?;
-            counter_totals(&self.api.get("vm.counters").await?, &mut counters);
+            let reply: Counters = self.api.get("vm.counters").await?;
+            counter_totals(&reply, &mut counters);
             Ok(counters)
         }
         .boxed()
@@ -276,14 +267,14 @@ impl VirtualMachine for ChVm {
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
         async move {
             self.alive()?;
-            self.api.put("vm.pause", None).await.map(drop)
+            self.api.put("vm.pause").await
         }
         .boxed()
     }
     fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>> {
         async move {
             self.alive()?;
-            self.api.put("vm.resume", None).await.map(drop)
+            self.api.put("vm.resume").await
         }
         .boxed()
     }
@@ -293,9 +284,8 @@ impl VirtualMachine for ChVm {
             tokio::fs::create_dir_all(dest)
                 .await
                 .map_err(|e| VmmError::io("create snapshot dir", dest, e))?;
-            let url = format!("file://{}", dest.display());
             self.api
-                .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+                .put_json("vm.snapshot", &ch_model::snapshot_config(dest)?)
                 .await?;
             let overlay = self.instance.dir.join(layout::OVERLAY);
             if tokio::fs::try_exists(&overlay).await.unwrap_or(false) {
@@ -311,11 +301,8 @@ impl VirtualMachine for ChVm {
         async move {
             if self.instance.vmm.exit().is_none() {
                 // Polite first, briefly: the VM is thrown away, so a kill is just as correct.
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    self.api.put("vmm.shutdown", None),
-                )
-                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.api.put("vmm.shutdown"))
+                    .await;
             }
             self.instance.destroy().await
         }
@@ -325,7 +312,14 @@ impl VirtualMachine for ChVm {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use cloud_hypervisor_client::models::{RestoreConfig, VmSnapshotConfig};
+    use serde_json::{Value, json};
+
     use super::*;
+    use crate::ch_api::fake::{self, Recorded, Reply};
+    use crate::ch_model::tests::assert_is_model;
 
     fn spec(dir: &Path) -> VmSpec {
         VmSpec {
@@ -341,36 +335,13 @@ mod tests {
     }
 
     #[test]
-    fn vm_config_matches_the_openapi_shapes() {
-        let s = spec(Path::new("/state"));
-        let c = vm_config(
-            &s,
-            Path::new("/img/vmlinux"),
-            Some(Path::new("/state/vms/vm-c1/overlay.qcow2")),
-        );
-        assert_eq!(c["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 2}));
-        assert_eq!(c["memory"]["size"], 512u64 << 20);
-        assert_eq!(c["payload"]["kernel"], "/img/vmlinux");
-        assert_eq!(c["payload"]["cmdline"], "console=ttyS0 root=/dev/vda");
-        assert!(c["payload"].get("initramfs").is_none());
-        assert_eq!(
-            c["disks"][0],
-            json!({"path": "/state/vms/vm-c1/overlay.qcow2", "image_type": "Qcow2", "backing_files": true})
-        );
-        assert_eq!(
-            c["vsock"],
-            json!({"cid": 3, "socket": "/state/vms/vm-c1/vsock.sock"})
-        );
-        assert_eq!(c["serial"]["mode"], "Tty");
-    }
-
-    #[test]
     fn counters_sum_every_device() {
-        let reply = json!({
+        let reply: Counters = serde_json::from_value(json!({
             "_disk0": {"read_bytes": 10, "write_bytes": 20, "read_ops": 1},
             "_disk1": {"read_bytes": 1, "write_bytes": 2},
             "_net0": {"rx_bytes": 7, "tx_bytes": 9},
-        });
+        }))
+        .unwrap();
         let mut c = VmCounters::default();
         counter_totals(&reply, &mut c);
         assert_eq!(
@@ -384,16 +355,10 @@ mod tests {
         );
     }
 
-    /// The whole start-up conversation against a fake API: a shell script stands in for the
-    /// VMM binary and serves nothing itself; the test's fake server owns the API socket.
-    #[tokio::test]
-    async fn boot_creates_then_boots_and_destroy_shuts_down() {
-        let root = tempfile::tempdir().unwrap();
-        let s = spec(root.path());
-        std::fs::write(&s.kernel, b"elf").unwrap();
-        // The stand-in "cloud-hypervisor": binds nothing (the fake server below does, at the
-        // path it is given) and waits to be killed.
-        let bin = root.path().join("fake-ch");
+    /// A stand-in "cloud-hypervisor" that binds nothing (the test's fake server owns the
+    /// API socket at the path it is given), prints a serial line and waits to be killed.
+    fn fake_binary(root: &Path) -> CloudHypervisor {
+        let bin = root.join("fake-ch");
         std::fs::write(
             &bin,
             "#!/bin/sh\necho 'fake serial line'\nexec sleep 1000\n",
@@ -401,59 +366,211 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        std::fs::create_dir_all(root.path().join("vms")).unwrap();
-        // The fake API must exist inside the VM dir, which boot() creates: serve it from a
-        // task that waits for the dir.
-        let api_path = s.dir.join(layout::API_SOCKET);
-        let log = {
-            let dir = s.dir.clone();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
-                while !dir.exists() {
-                    tokio::task::yield_now().await;
-                }
-                let _ = tx.send(crate::ch_api::fake::serve(&api_path, |_| {
-                    (204, String::new())
-                }));
-            });
-            rx
-        };
-        let ch = CloudHypervisor::new(CloudHypervisorConfig {
+        CloudHypervisor::new(CloudHypervisorConfig {
             binary: bin,
             qemu_img: "qemu-img".into(),
             kernel_override: None,
             die_with_parent: true,
+        })
+    }
+
+    /// Serves the fake API inside `vm_dir` once the driver has created that dir.
+    fn serve_when_created(
+        vm_dir: &Path,
+        answer: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Arc<Mutex<Vec<Recorded>>>> {
+        let dir = vm_dir.to_owned();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            while !dir.exists() {
+                tokio::task::yield_now().await;
+            }
+            let _ = tx.send(fake::serve(&dir.join(layout::API_SOCKET), answer));
         });
+        rx
+    }
+
+    /// A VMM of `version` that keeps the vm.create config, minus `drop_disk_field`.
+    fn vmm(
+        version: &'static str,
+        drop_disk_field: Option<&'static str>,
+    ) -> impl Fn(&Recorded) -> Reply + Send + Sync + 'static {
+        let created = Mutex::new(Value::Null);
+        move |r| match r.path.as_str() {
+            "/api/v1/vmm.ping" => (
+                200,
+                json!({"build_version": format!("v{version}"), "version": version, "pid": 1,
+                       "features": ["kvm"]})
+                .to_string(),
+            ),
+            "/api/v1/vm.create" => {
+                let mut config: Value = serde_json::from_str(&r.body).unwrap();
+                // What a real VMM adds: ids and defaults.
+                config["disks"][0]["id"] = json!("_disk0");
+                config["disks"][0]["readonly"] = json!(false);
+                config["rng"] = json!({"src": "/dev/urandom", "iommu": false});
+                if let Some(field) = drop_disk_field {
+                    config["disks"][0].as_object_mut().unwrap().remove(field);
+                }
+                *created.lock().unwrap() = config;
+                (204, String::new())
+            }
+            "/api/v1/vm.info" => {
+                let config = created.lock().unwrap().clone();
+                (
+                    200,
+                    json!({"config": config, "state": "Created"}).to_string(),
+                )
+            }
+            _ => (204, String::new()),
+        }
+    }
+
+    fn paths(log: &Mutex<Vec<Recorded>>) -> Vec<String> {
+        log.lock().unwrap().iter().map(|r| r.path.clone()).collect()
+    }
+
+    /// The whole start-up conversation against a fake API, every body checked against the
+    /// API models.
+    #[tokio::test]
+    async fn boot_checks_the_vmm_then_creates_and_boots_and_destroy_shuts_down() {
+        let root = tempfile::tempdir().unwrap();
+        let mut s = spec(root.path());
+        std::fs::write(&s.kernel, b"elf").unwrap();
+        let base = root.path().join("rootfs.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        s.rootfs_base = Some(base);
+        std::fs::create_dir_all(root.path().join("vms")).unwrap();
+        let log = serve_when_created(&s.dir, vmm("53.0.0", None));
+        let ch = fake_binary(root.path());
         let vm = ch.boot(&s).await.unwrap();
         let log = log.await.unwrap();
         vm.wait_for_console("fake serial line").await.unwrap();
         vm.pause().await.unwrap();
         vm.resume().await.unwrap();
+        let snap = root.path().join("snap");
+        vm.snapshot(&snap).await.unwrap();
+        assert!(snap.join(layout::OVERLAY).is_file());
         vm.destroy().await.unwrap();
         assert!(!s.dir.exists());
-        let paths: Vec<String> = log.lock().unwrap().iter().map(|r| r.path.clone()).collect();
         assert_eq!(
-            paths,
+            paths(&log),
             [
+                "/api/v1/vmm.ping",
                 "/api/v1/vm.create",
+                "/api/v1/vm.info",
                 "/api/v1/vm.boot",
                 "/api/v1/vm.pause",
                 "/api/v1/vm.resume",
+                "/api/v1/vm.snapshot",
                 "/api/v1/vmm.shutdown"
             ]
         );
-        assert_eq!(log.lock().unwrap()[0].method, "PUT");
+        let log = log.lock().unwrap();
+        let methods: Vec<&str> = log.iter().map(|r| r.method.as_str()).collect();
+        assert_eq!(
+            methods,
+            ["GET", "PUT", "GET", "PUT", "PUT", "PUT", "PUT", "PUT"]
+        );
+        let body = |i: usize| serde_json::from_str::<Value>(&log[i].body).unwrap();
+        let create = body(1);
+        assert_is_model::<VmConfig>(&create);
+        assert_eq!(create["disks"][0]["image_type"], "Qcow2");
+        assert_eq!(
+            create["disks"][0]["path"],
+            s.dir.join(layout::OVERLAY).to_str().unwrap()
+        );
+        let snapshot = body(6);
+        assert_is_model::<VmSnapshotConfig>(&snapshot);
+        assert_eq!(
+            snapshot["destination_url"],
+            format!("file://{}", snap.display())
+        );
+        for bodiless in [0, 2, 3, 4, 5, 7] {
+            assert_eq!(log[bodiless].body, "", "{}", log[bodiless].path);
+        }
     }
 
-    #[test]
-    fn restore_config_points_into_the_new_vm_dir() {
-        let mut config = json!({
-            "disks": [{"path": "/old/vms/vm-a/overlay.qcow2", "backing_files": true}],
-            "vsock": {"cid": 3, "socket": "/old/vms/vm-a/vsock.sock"},
+    #[tokio::test]
+    async fn a_vmm_too_old_for_our_fields_is_refused_before_vm_create() {
+        let root = tempfile::tempdir().unwrap();
+        let s = spec(root.path());
+        std::fs::write(&s.kernel, b"elf").unwrap();
+        std::fs::create_dir_all(root.path().join("vms")).unwrap();
+        let log = serve_when_created(&s.dir, vmm("50.0.0", None));
+        let err = fake_binary(root.path())
+            .boot(&s)
+            .await
+            .err()
+            .expect("an old vmm is refused");
+        assert!(matches!(err, VmmError::UnsupportedVmm { .. }), "{err}");
+        let err = err.to_string();
+        assert!(err.contains("50.0.0") && err.contains("v51.0"), "{err}");
+        assert_eq!(paths(&log.await.unwrap()), ["/api/v1/vmm.ping"]);
+        assert!(!s.dir.exists(), "the failed boot cleans up its dir");
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_drops_a_field_we_sent_is_refused_before_vm_boot() {
+        let root = tempfile::tempdir().unwrap();
+        let mut s = spec(root.path());
+        std::fs::write(&s.kernel, b"elf").unwrap();
+        let base = root.path().join("rootfs.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        s.rootfs_base = Some(base);
+        std::fs::create_dir_all(root.path().join("vms")).unwrap();
+        let log = serve_when_created(&s.dir, vmm("53.0.0", Some("backing_files")));
+        let err = fake_binary(root.path()).boot(&s).await.err().unwrap();
+        let err = err.to_string();
+        assert!(
+            err.contains("vm.info") && err.contains("disks[0].backing_files"),
+            "{err}"
+        );
+        assert!(!paths(&log.await.unwrap()).contains(&"/api/v1/vm.boot".to_owned()));
+    }
+
+    /// Restore rewrites only the disk and vsock paths of the snapshot's config.json; every
+    /// other field, including those the API model does not know, reaches the VMM as written.
+    #[tokio::test]
+    async fn restore_keeps_every_field_of_the_snapshot_config() {
+        let root = tempfile::tempdir().unwrap();
+        let snap = root.path().join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        let written = json!({
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "future_cpu_knob": 3},
+            "memory": {"size": 536870912, "hotplug_method": "Acpi"},
+            "payload": {"kernel": "/img/vmlinux", "cmdline": "console=ttyS0"},
+            "disks": [{"path": "/old/vms/vm-a/overlay.qcow2", "backing_files": true,
+                       "image_type": "Qcow2", "future_disk_knob": "x"}],
+            "vsock": {"cid": 3, "socket": "/old/vms/vm-a/vsock.sock", "iommu": false},
+            "serial": {"mode": "Tty"},
+            "future_section": {"enabled": true},
         });
-        retarget_config(&mut config, Path::new("/new/vms/vm-b"));
-        assert_eq!(config["disks"][0]["path"], "/new/vms/vm-b/overlay.qcow2");
-        assert_eq!(config["vsock"]["socket"], "/new/vms/vm-b/vsock.sock");
-        assert_eq!(config["disks"][0]["backing_files"], true);
+        std::fs::write(snap.join(SNAPSHOT_CONFIG), written.to_string()).unwrap();
+        std::fs::write(snap.join("state.json"), b"{}").unwrap();
+        std::fs::write(snap.join("memory-ranges"), b"mem").unwrap();
+        std::fs::write(snap.join(layout::OVERLAY), b"qcow").unwrap();
+        let s = spec(root.path());
+        std::fs::create_dir_all(root.path().join("vms")).unwrap();
+        let log = serve_when_created(&s.dir, vmm("53.0.0", None));
+        let vm = fake_binary(root.path()).restore(&s, &snap).await.unwrap();
+        let log = log.await.unwrap();
+        assert_eq!(paths(&log), ["/api/v1/vmm.ping", "/api/v1/vm.restore"]);
+        let restore: Value = serde_json::from_str(&log.lock().unwrap()[1].body).unwrap();
+        assert_is_model::<RestoreConfig>(&restore);
+        let local = s.dir.join("snapshot");
+        assert_eq!(
+            restore,
+            json!({"source_url": format!("file://{}", local.display()), "resume": true})
+        );
+        let rewritten: Value =
+            serde_json::from_slice(&std::fs::read(local.join(SNAPSHOT_CONFIG)).unwrap()).unwrap();
+        let mut expected = written;
+        expected["disks"][0]["path"] = json!(s.dir.join(layout::OVERLAY));
+        expected["vsock"]["socket"] = json!(s.vsock_path());
+        assert_eq!(rewritten, expected);
+        assert_eq!(std::fs::read(s.dir.join(layout::OVERLAY)).unwrap(), b"qcow");
+        assert_eq!(std::fs::read(local.join("memory-ranges")).unwrap(), b"mem");
+        vm.destroy().await.unwrap();
     }
 }

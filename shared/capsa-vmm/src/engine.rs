@@ -97,10 +97,17 @@ impl HostFacts {
         qemu: Option<PathBuf>,
         pvm_guest_kernel: Option<PathBuf>,
     ) -> HostFacts {
+        let cloud_hypervisor = cloud_hypervisor.filter(|p| {
+            let ok = is_executable(p);
+            if !ok {
+                // Named by the operator but unusable: say so, or `auto` would quietly pick
+                // another engine (or another cloud-hypervisor from PATH).
+                tracing::warn!(path = %p.display(), "configured cloud-hypervisor is not an executable file; looking in PATH");
+            }
+            ok
+        });
         HostFacts {
-            cloud_hypervisor: cloud_hypervisor
-                .filter(|p| is_executable(p))
-                .or_else(|| find_in_path("cloud-hypervisor")),
+            cloud_hypervisor: cloud_hypervisor.or_else(|| find_in_path("cloud-hypervisor")),
             qemu: qemu
                 .filter(|p| is_executable(p))
                 .or_else(|| find_in_path("qemu-system-x86_64")),

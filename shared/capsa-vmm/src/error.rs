@@ -31,6 +31,13 @@ pub enum VmmError {
     Qmp { command: String, message: String },
     #[error("cloud hypervisor api {endpoint}: {message}")]
     Api { endpoint: String, message: String },
+    /// The VMM binary is a release Capsa cannot drive (see `ch_model::MIN_VMM_VERSION`).
+    #[error("cloud-hypervisor {found} is not supported: capsa needs {required} or later ({why})")]
+    UnsupportedVmm {
+        found: String,
+        required: String,
+        why: String,
+    },
     #[error("{operation} is not supported by {engine}")]
     Unsupported {
         operation: &'static str,

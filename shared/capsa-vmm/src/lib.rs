@@ -17,6 +17,7 @@
 //! `Arc<dyn Hypervisor>` chosen at start-up, and tests can put a fake behind it.
 
 mod ch_api;
+mod ch_model;
 mod cloud_hypervisor;
 mod console;
 pub mod engine;
@@ -34,6 +35,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 
+pub use ch_model::{API_SPEC_VERSION, MIN_VMM_VERSION, VmmVersion};
 pub use cloud_hypervisor::{CloudHypervisor, CloudHypervisorConfig};
 pub use engine::{EngineChoice, EngineKind, EnginePreference, HostFacts};
 pub use error::VmmError;
