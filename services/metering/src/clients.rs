@@ -155,7 +155,14 @@ impl NodeClients {
             .map_err(|s| Error::node(VMPOOL, &node.vmpool_url, &s))?
             .into_inner();
         let (memory_used_bytes, guest_error) = match guest {
-            Ok(stats) => (Some(stats.into_inner().memory_used_bytes), None),
+            Ok(stats) => (
+                Some(bounded_guest_memory(
+                    stats.into_inner().memory_used_bytes,
+                    u64::from(vm.memory_mib) << 20,
+                    counters.vmm_resident_bytes,
+                )),
+                None,
+            ),
             Err(s) => (None, Some(Error::node(EXECUTOR, &node.executor_url, &s))),
         };
         let sample_ms = counters
@@ -194,6 +201,27 @@ impl NodeClients {
             guest_error,
         })
     }
+}
+
+/// The guest's own memory figure, bounded by what the host knows. Root in the guest can
+/// report any number (it reads its own `/proc/meminfo`), but cannot use more than the VM's
+/// memory (`vm_memory_bytes`; 0 when unknown) nor more than the host holds resident for the
+/// VMM. Memory is billed from the host's figure; this one is information.
+fn bounded_guest_memory(reported: u64, vm_memory_bytes: u64, vmm_resident_bytes: u64) -> u64 {
+    let mut bounded = reported.min(vmm_resident_bytes);
+    if vm_memory_bytes > 0 {
+        bounded = bounded.min(vm_memory_bytes);
+    }
+    if bounded < reported {
+        tracing::warn!(
+            reported,
+            bounded,
+            vm_memory_bytes,
+            vmm_resident_bytes,
+            "guest reports more memory in use than the host holds for it"
+        );
+    }
+    bounded
 }
 
 fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {

@@ -31,6 +31,7 @@ pub fn to_proto(u: &Usage) -> common::Usage {
         cpu_time: Some(time::duration(Duration::from_micros(u.cpu_time_us))),
         memory_used_bytes: u.memory_used_bytes,
         memory_peak_bytes: u.memory_peak_bytes,
+        vmm_resident_peak_bytes: u.vmm_resident_peak_bytes,
         vmm_resident_bytes: u.vmm_resident_bytes,
         network_rx_bytes: u.network_rx_bytes,
         network_tx_bytes: u.network_tx_bytes,

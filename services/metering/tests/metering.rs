@@ -46,7 +46,7 @@ async fn totals_grow_by_deltas_and_peak_memory_is_kept() {
     assert_eq!(u.disk_write_bytes, 1000);
     assert_eq!(u.network_rx_bytes, 10);
     assert_eq!(u.memory_used_bytes, 100 * MIB);
-    assert_eq!(u.vmm_resident_bytes, 64 * MIB);
+    assert_eq!(u.vmm_resident_bytes, 512 * MIB);
     assert!(
         secs(&u.uptime) >= 10.0,
         "uptime counts from the lease: {:?}",
@@ -64,7 +64,7 @@ async fn totals_grow_by_deltas_and_peak_memory_is_kept() {
     eventually!(tenant(&mut c, "t1").await.memory_used_bytes == 350 * MIB);
     let t1 = tenant(&mut c, "t1").await;
     assert_eq!(t1.disk_write_bytes, 5000);
-    assert_eq!(t1.vmm_resident_bytes, 128 * MIB);
+    assert_eq!(t1.vmm_resident_bytes, 1024 * MIB);
     assert_eq!(t1.memory_peak_bytes, 350 * MIB);
 
     // Memory falls: used follows, peaks stay.
@@ -286,4 +286,58 @@ async fn usage_counts_from_the_lease_not_from_the_boot() {
         .unwrap();
     assert_eq!((u.disk_read_bytes, u.network_tx_bytes), (300, 50));
     assert_eq!(cpu_us(&tenant(&mut c, "t").await.cpu_time), 2_000_000);
+}
+
+/// Root in the guest can report any memory figure: metering bounds it by what the host
+/// holds for the VM (and the VM's size), and keeps the host-measured peak that memory is
+/// billed from, which the guest cannot touch.
+#[tokio::test]
+async fn a_guest_lying_about_its_memory_is_bounded_by_the_host_figures() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    let mut liar = vm("s1", 1000, Some(64 * 1024 * MIB));
+    liar.vmm_resident_bytes = 300 * MIB;
+    node.set_vm("vm-1", liar);
+    world.session("s1", "t1", Some((&node, "vm-1"))).await;
+    let metering = world.metering(&["--sample-interval", "50ms"]).await;
+    let mut c = client(&metering).await;
+    let usage = |c: &mut common::Client| {
+        let mut c = c.clone();
+        async move {
+            c.get_session_usage(GetSessionUsageRequest {
+                session_id: "s1".into(),
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().usage)
+        }
+    };
+    eventually!(
+        usage(&mut c)
+            .await
+            .is_some_and(|u| u.vmm_resident_peak_bytes == 300 * MIB)
+    );
+    let u = usage(&mut c).await.unwrap();
+    assert_eq!(
+        (u.memory_used_bytes, u.memory_peak_bytes),
+        (300 * MIB, 300 * MIB),
+        "bounded by the host's resident figure, not 64 GiB"
+    );
+    // The host's figure falls: the billed peak stays, the bound follows.
+    node.update("vm-1", |v| v.vmm_resident_bytes = 200 * MIB);
+    eventually!(
+        usage(&mut c)
+            .await
+            .is_some_and(|u| u.vmm_resident_bytes == 200 * MIB)
+    );
+    let u = usage(&mut c).await.unwrap();
+    assert_eq!(
+        (u.memory_used_bytes, u.vmm_resident_peak_bytes),
+        (200 * MIB, 300 * MIB)
+    );
+    assert_eq!(
+        tenant(&mut c, "t1").await.vmm_resident_peak_bytes,
+        300 * MIB
+    );
 }

@@ -4,13 +4,14 @@
 //! - `capsa:usage:session:{id}`: hash with the session's latest sample: the cumulative
 //!   counters (`cpu_time_us`, `disk_*_bytes`, `network_*_bytes`, `uptime_ms`), the gauges
 //!   (`memory_used_bytes`, `vmm_resident_bytes`, with `sample_ms` the time they were taken),
-//!   `memory_peak_bytes`, and bookkeeping (`tenant_id`, `node_id`, `vm_id`, `lease_ms`,
+//!   `memory_peak_bytes`, `vmm_resident_peak_bytes` (host-measured: what memory is billed
+//!   from; the guest's own figure is information), and bookkeeping (`tenant_id`, `node_id`, `vm_id`, `lease_ms`,
 //!   `last_record_ms`, `finalized`, `final_ms`). It gets a TTL of the retention period once
 //!   finalized.
 //! - `capsa:usage:tenant:{t}`: hash of the tenant's totals under the same field names:
 //!   counters are sums over all its sessions ever; `memory_used_bytes` and
 //!   `vmm_resident_bytes` are sums over its sessions not yet finalized (what it holds now);
-//!   `memory_peak_bytes` is the highest that sum reached.
+//!   `memory_peak_bytes` and `vmm_resident_peak_bytes` are the highest those sums reached.
 //! - `capsa:usage:open`: set of sessions sampled but not yet finalized, so a session whose
 //!   FinalizeSession never came (its caller died) is found and finalized later.
 //! - `capsa:usage:records` ([`RECORDS_STREAM`]): one entry per usage record, fields
@@ -65,11 +66,12 @@ pub const RECORDS_STREAM: &str = "capsa:usage:records";
 const OPEN_SET: &str = "capsa:usage:open";
 
 /// The usage fields of a record and of the session and tenant hashes, in this order.
-pub const RECORD_FIELDS: [&str; 10] = [
+pub const RECORD_FIELDS: [&str; 11] = [
     "cpu_time_us",
     "memory_used_bytes",
     "memory_peak_bytes",
     "vmm_resident_bytes",
+    "vmm_resident_peak_bytes",
     "network_rx_bytes",
     "network_tx_bytes",
     "disk_read_bytes",
@@ -94,7 +96,7 @@ local function raise(key, field, value)
   if value > num(key, field) then redis.call('HSET', key, field, int(value)) end
 end
 local FIELDS = { 'cpu_time_us', 'memory_used_bytes', 'memory_peak_bytes',
-  'vmm_resident_bytes', 'network_rx_bytes', 'network_tx_bytes', 'disk_read_bytes',
+  'vmm_resident_bytes', 'vmm_resident_peak_bytes', 'network_rx_bytes', 'network_tx_bytes', 'disk_read_bytes',
   'disk_write_bytes', 'uptime_ms', 'sample_ms' }
 local function append(stream, s, kind, now)
   local args = { 'XADD', stream, '*', 'session_id', redis.call('HGET', s, 'session_id'),
@@ -150,9 +152,11 @@ if sample >= num(s, 'sample_ms') then
   gauge('vmm_resident_bytes', tonumber(ARGV[8]))
   if mem >= 0 then gauge('memory_used_bytes', mem) end
   raise(t, 'memory_peak_bytes', num(t, 'memory_used_bytes'))
+  raise(t, 'vmm_resident_peak_bytes', num(t, 'vmm_resident_bytes'))
   raise(t, 'sample_ms', sample)
 end
 if mem >= 0 then raise(s, 'memory_peak_bytes', mem) end
+raise(s, 'vmm_resident_peak_bytes', tonumber(ARGV[8]))
 local interval = tonumber(ARGV[14])
 if interval > 0 and now - num(s, 'last_record_ms') >= interval then
   redis.call('HSET', s, 'last_record_ms', int(now))
@@ -233,6 +237,8 @@ pub struct Usage {
     pub memory_used_bytes: u64,
     pub memory_peak_bytes: u64,
     pub vmm_resident_bytes: u64,
+    /// Highest `vmm_resident_bytes` seen; host-measured, what memory is billed from.
+    pub vmm_resident_peak_bytes: u64,
     pub network_rx_bytes: u64,
     pub network_tx_bytes: u64,
     pub disk_read_bytes: u64,
@@ -261,6 +267,7 @@ impl Usage {
             cpu_time_us: unsigned("cpu_time_us")?,
             memory_used_bytes: unsigned("memory_used_bytes")?,
             memory_peak_bytes: unsigned("memory_peak_bytes")?,
+            vmm_resident_peak_bytes: unsigned("vmm_resident_peak_bytes")?,
             vmm_resident_bytes: unsigned("vmm_resident_bytes")?,
             network_rx_bytes: unsigned("network_rx_bytes")?,
             network_tx_bytes: unsigned("network_tx_bytes")?,

@@ -454,7 +454,7 @@ pub fn vm(lease: &str, cpu_ms: u64, memory: Option<u64>) -> VmState {
         lease_id: lease.into(),
         lease_ms: now_ms() - 10_000,
         cpu: Duration::from_millis(cpu_ms),
-        vmm_resident_bytes: 64 * MIB,
+        vmm_resident_bytes: 512 * MIB,
         memory_used_bytes: memory,
         ..VmState::default()
     }
