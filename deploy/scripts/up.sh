@@ -70,8 +70,11 @@ start_service() {
 }
 
 redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+# A memory limit, and never evict: evicting would silently drop session state; at the
+# limit writes fail (and are logged), which is the signal to give Redis more room.
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$state/redis" --save 60 1 \
-  --appendonly yes --protected-mode no >"$state/logs/redis.log" 2>&1 &
+  --appendonly yes --protected-mode no --maxmemory "${CAPSA_REDIS_MAXMEMORY:-1gb}" \
+  --maxmemory-policy noeviction >"$state/logs/redis.log" 2>&1 &
 pids+=("$!")
 redis_url="redis://127.0.0.1:$redis_port/"
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done

@@ -804,3 +804,50 @@ async fn a_tenant_creating_too_fast_is_rate_limited_alone_with_retry_info() {
     tokio::time::sleep(retry).await;
     create(&mut flooder, None).await;
 }
+
+/// Redis runs with a memory limit and `noeviction`: at the limit, new sessions are refused
+/// with UNAVAILABLE naming the store, and nothing that exists is evicted or lost.
+#[tokio::test]
+async fn a_full_redis_refuses_new_sessions_and_evicts_nothing() {
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let s = create(&mut c, None).await;
+    let redis_cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &h.redis.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(
+        redis_cli(&["CONFIG", "GET", "maxmemory-policy"]),
+        "maxmemory-policy\nnoeviction"
+    );
+    // Redis at its limit: any write that needs memory is refused.
+    assert_eq!(redis_cli(&["CONFIG", "SET", "maxmemory", "1"]), "OK");
+    let err = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("session store failed"),
+        "{}",
+        err.message()
+    );
+    // Reads still work, and the existing session is intact.
+    assert_eq!(
+        get(&mut c, &s.id).await.status,
+        pb::SessionStatus::Active as i32
+    );
+    assert_eq!(redis_cli(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    assert_eq!(
+        create(&mut c, None).await.status,
+        pb::SessionStatus::Active as i32
+    );
+    assert_eq!(
+        get(&mut c, &s.id).await.status,
+        pb::SessionStatus::Active as i32
+    );
+}

@@ -556,3 +556,40 @@ async fn api_keys_are_stored_hashed_and_looked_up() {
     assert!(keys.revoke_hash(&k.hash).await.unwrap());
     assert!(keys.lookup(&k.plaintext).await.unwrap().is_none());
 }
+
+/// Sessions with large metadata make shorter pages, never a reply of any size: a page
+/// holds at most MAX_PAGE_BYTES of records, and walking the pages still finds every one.
+#[tokio::test]
+async fn list_pages_are_bounded_in_bytes() {
+    let redis = RedisServer::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    let big = "x".repeat(100 * 1024);
+    for i in 0..60 {
+        let mut new = new_session(&format!("s{i:02}"), "t", Duration::from_secs(60));
+        new.metadata = BTreeMap::from([("blob".into(), big.clone())]);
+        assert!(matches!(s.create(&new, 100).await.unwrap(), Created::Ok(_)));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = s
+            .list("t", &ListFilter::default(), 1000, after.as_ref())
+            .await
+            .unwrap();
+        pages += 1;
+        let bytes: usize = page.sessions.iter().map(|r| r.metadata["blob"].len()).sum();
+        assert!(
+            bytes <= capsa_store::MAX_PAGE_BYTES,
+            "page of {bytes} bytes"
+        );
+        assert!(!page.sessions.is_empty());
+        seen.extend(page.sessions.into_iter().map(|r| r.id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 60);
+    assert!(pages >= 2, "6 MiB of records cannot fit one page");
+}

@@ -39,6 +39,8 @@ impl RedisServer {
                     "",
                 ])
                 .args(["--appendonly", "no", "--protected-mode", "no"])
+                // As deployed: a memory limit, and never evict session state.
+                .args(["--maxmemory", "512mb", "--maxmemory-policy", "noeviction"])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())

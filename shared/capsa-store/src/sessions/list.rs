@@ -16,6 +16,9 @@ pub struct ListFilter {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Most bytes of session records (field names and values as stored) one page holds.
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+
 /// Position after the last session of a page: its create time and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
@@ -54,7 +57,9 @@ pub struct ListPage {
 impl SessionStore {
     /// One page of the tenant's sessions, newest first, that match `filter`, starting
     /// after `after`. Scans the tenant index in batches, so filters that match little
-    /// cost more round trips but never unbounded memory.
+    /// cost more round trips but never unbounded memory. A page also ends before it holds
+    /// more than [`MAX_PAGE_BYTES`] of records (at least one record), so sessions with
+    /// large metadata make shorter pages rather than a reply of any size.
     pub async fn list(
         &self,
         tenant: &str,
@@ -70,6 +75,8 @@ impl SessionStore {
             .unwrap_or_else(|| "+inf".into());
         let mut offset = 0usize;
         let mut out: Vec<SessionRecord> = Vec::with_capacity(page_size + 1);
+        let mut page_bytes = 0usize;
+        let mut full_by_bytes = false;
         'scan: loop {
             let entries: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
                 .arg(&index)
@@ -112,6 +119,12 @@ impl SessionStore {
                 {
                     continue;
                 }
+                let size: usize = flat.iter().map(String::len).sum();
+                if !out.is_empty() && page_bytes + size > MAX_PAGE_BYTES {
+                    full_by_bytes = true;
+                    break 'scan;
+                }
+                page_bytes += size;
                 out.push(rec);
                 if out.len() > page_size {
                     break;
@@ -126,7 +139,7 @@ impl SessionStore {
                 break 'scan;
             }
         }
-        let next = if out.len() > page_size {
+        let next = if out.len() > page_size || full_by_bytes {
             out.truncate(page_size);
             out.last().map(|r| Cursor {
                 create_ms: r.create_ms,

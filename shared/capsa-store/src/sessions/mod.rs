@@ -30,7 +30,7 @@ use redis::AsyncCommands as _;
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-pub use list::{Cursor, ListFilter, ListPage};
+pub use list::{Cursor, ListFilter, ListPage, MAX_PAGE_BYTES};
 pub use record::{EndReason, SessionRecord, SessionStatus};
 
 use crate::apikeys::limits_key;
