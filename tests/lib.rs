@@ -187,7 +187,8 @@ impl Stack {
             .await
             .unwrap();
         let bearer = Bearer(format!("Bearer {key}").parse().unwrap());
-        SessionServiceClient::with_interceptor(channel, bearer).max_decoding_message_size(8 << 20)
+        SessionServiceClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
     }
 
     /// Another tenant's key, for isolation tests.

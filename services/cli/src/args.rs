@@ -126,7 +126,8 @@ pub struct ExecArgs {
     /// Working directory for this call only.
     #[arg(long)]
     pub cwd: Option<String>,
-    /// Output cap in bytes [default: the server's, 32 MiB]
+    /// Output cap in bytes: stdout, stderr, results and display data together [default: the
+    /// server's, 32 MiB]
     #[arg(long)]
     pub max_output_bytes: Option<u64>,
     /// Directory to save display data (images) in [default: the system temp dir]

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use capsa_proto::common::v1::{Language, UploadHeader, execute_event::Event};
+use capsa_proto::limits::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use capsa_proto::session::v1::session_service_client::SessionServiceClient;
 use capsa_proto::session::v1::*;
 use futures::StreamExt as _;
@@ -21,9 +22,6 @@ use crate::config::Target;
 use crate::error::CliError;
 use crate::render::{self, ExecRenderer};
 use crate::view;
-
-/// Chunk size for uploads (the API's maximum).
-const CHUNK: usize = 1 << 20;
 
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]
@@ -57,7 +55,11 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
         .connect()
         .await
         .map_err(|e| connect_err(capsa_error_chain(&e)))?;
-    Ok(SessionServiceClient::with_interceptor(channel, Auth(auth)))
+    // Uploads go in chunks of the API's maximum; results and figures come back in messages
+    // up to the contract's limit, past tonic's default 4 MiB.
+    Ok(SessionServiceClient::with_interceptor(channel, Auth(auth))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 fn capsa_error_chain(e: &dyn std::error::Error) -> String {
@@ -194,8 +196,8 @@ pub async fn upload(client: &mut Client, a: UploadArgs, json: bool) -> Result<u8
     let chunks = futures::stream::unfold(file, move |mut file| {
         let (h, re) = (h.clone(), re.clone());
         async move {
-            let mut buf = BytesMut::with_capacity(CHUNK);
-            while buf.len() < CHUNK {
+            let mut buf = BytesMut::with_capacity(MAX_CHUNK_BYTES);
+            while buf.len() < MAX_CHUNK_BYTES {
                 match file.read_buf(&mut buf).await {
                     Ok(0) => break,
                     Ok(_) => {}

@@ -212,6 +212,13 @@ impl SessionService for Double {
                 })),
                 done(CompletionStatus::Ok, 0, ""),
             ],
+            // Over tonic's default 4 MiB decode limit, within the contract's.
+            "bigpng" => vec![
+                event(execute_event::Event::Display(DisplayData {
+                    data: [("image/png".to_string(), Bytes::from(vec![7u8; 5_000_000]))].into(),
+                })),
+                done(CompletionStatus::Ok, 0, ""),
+            ],
             "boom" => vec![out(b"partial\n"), Err(Status::unavailable("vm gone"))],
             other => match other.strip_prefix("exit:") {
                 Some(n) => vec![done(CompletionStatus::Error, n.parse().unwrap(), "")],
@@ -680,6 +687,29 @@ async fn display_data_is_saved_where_asked() {
     assert_eq!(saved.len(), 1);
     assert_eq!(std::fs::read(&saved[0]).unwrap(), b"\x89PNG-fake");
     assert!(text(&o.stderr).contains(&saved[0].display().to_string()));
+}
+
+#[tokio::test]
+async fn a_figure_over_4_mib_is_received_and_saved_whole() {
+    let api = Api::start().await;
+    let dir = api.dir.path().join("big");
+    std::fs::create_dir(&dir).unwrap();
+    let o = api
+        .capsa(&[
+            "exec",
+            "s-1",
+            "bigpng",
+            "--display-dir",
+            dir.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let saved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(std::fs::read(&saved[0]).unwrap(), vec![7u8; 5_000_000]);
 }
 
 #[tokio::test]

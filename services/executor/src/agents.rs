@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
 use capsa_proto::common::v1::Language;
+use capsa_proto::limits::MAX_MESSAGE_BYTES;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -33,11 +34,15 @@ pub struct VmLink {
 }
 
 impl VmLink {
+    /// The agent's events and chunks reach the executor's clients unchanged, so both sides
+    /// of the executor use the contract's message limit.
     pub fn client(&self) -> AgentClient {
         AgentServiceClient::with_interceptor(
             self.channel.clone(),
             capsa_telemetry::propagate as Propagate,
         )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// The gate of the kernel `language` runs in (UNSPECIFIED is Python, like the agent).

@@ -26,9 +26,6 @@ use crate::error::{Error, Limit};
 use crate::executor::Executor;
 use crate::relay::{CHANNEL_CAPACITY, Relay};
 
-/// The largest data chunk accepted in either direction.
-pub const MAX_CHUNK_BYTES: usize = 1 << 20;
-
 /// The parts of a download as the agent sends them: info first, then data.
 pub type DownloadStream =
     mpsc::Receiver<Result<Option<agent::download_file_response::Part>, Error>>;

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use capsa_proto::agent::v1 as agent;
 use capsa_proto::executor::v1::executor_service_server::ExecutorService;
 use capsa_proto::executor::v1::*;
+use capsa_proto::limits::MAX_CHUNK_BYTES;
 use futures::{Stream, StreamExt as _};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::executor::Executor;
-use crate::files::MAX_CHUNK_BYTES;
 
 type GrpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

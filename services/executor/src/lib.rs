@@ -59,9 +59,10 @@ pub async fn run(
         })
     };
 
-    let server = capsa_grpc::Server::new().add_service(ExecutorServiceServer::new(
-        grpc::ExecutorGrpc::new(executor),
-    ));
+    let service = ExecutorServiceServer::new(grpc::ExecutorGrpc::new(executor))
+        .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
+    let server = capsa_grpc::Server::new().add_service(service);
     let drain = {
         let token = token.clone();
         async move {

@@ -6,20 +6,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use capsa_proto::common::v1::{ExecuteSpec, Language};
+use capsa_proto::limits::{
+    MAX_CODE_BYTES, MAX_ENV_ENTRIES, MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_EXEC_TIMEOUT,
+    MAX_OUTPUT_BYTES, MAX_PATH_BYTES,
+};
 
 use crate::error::Error;
-
-/// Largest `code`, in bytes.
-pub const MAX_CODE_BYTES: usize = 1 << 20;
-/// Longest execute timeout accepted (the public API allows 1 h).
-pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Largest per-execute output cap (the public API allows 1 GiB).
-pub const MAX_OUTPUT_BYTES: u64 = 1 << 30;
-/// Environment bounds: entries, and bytes per value.
-pub const MAX_ENV_ENTRIES: usize = 256;
-pub const MAX_ENV_VALUE_BYTES: usize = 128 << 10;
-const MAX_ENV_KEY_BYTES: usize = 256;
-const MAX_PATH_BYTES: usize = 4096;
 
 /// An execute the executor accepted: the spec to forward (with its timeout filled in) and
 /// the facts the stream limits and the kernel gate need.
@@ -49,20 +41,25 @@ pub fn check(spec: Option<ExecuteSpec>, default_timeout: Duration) -> Result<Che
         None => default_timeout,
         Some(d) => capsa_proto::time::from_duration(d)
             .filter(|t| !t.is_zero() && *t <= MAX_EXEC_TIMEOUT)
-            .ok_or_else(|| Error::invalid("spec.timeout", "must be between 1 ms and 1 h"))?,
+            .ok_or_else(|| {
+                Error::invalid(
+                    "spec.timeout",
+                    format!("must be between 1 ms and {MAX_EXEC_TIMEOUT:?}"),
+                )
+            })?,
     };
     spec.timeout = Some(capsa_proto::time::duration(timeout));
     if spec.max_output_bytes > MAX_OUTPUT_BYTES {
         return Err(Error::invalid(
             "spec.max_output_bytes",
-            "must be at most 1 GiB",
+            format!("must be at most {MAX_OUTPUT_BYTES}"),
         ));
     }
     check_env("spec.env", &spec.env)?;
     if spec.cwd.len() > MAX_PATH_BYTES || spec.cwd.contains('\0') {
         return Err(Error::invalid(
             "spec.cwd",
-            "must be at most 4096 bytes without NUL",
+            format!("must be at most {MAX_PATH_BYTES} bytes without NUL"),
         ));
     }
     Ok(CheckedSpec {
@@ -81,16 +78,18 @@ pub fn check_env(field: &'static str, env: &HashMap<String, String>) -> Result<(
         ));
     }
     for (key, value) in env {
-        if key.is_empty() || key.len() > MAX_ENV_KEY_BYTES || key.contains(['=', '\0']) {
+        if key.is_empty() || key.len() > MAX_ENV_NAME_BYTES || key.contains(['=', '\0']) {
             return Err(Error::invalid(
                 field,
-                format!("has an invalid name {key:?} (1 to 256 bytes, no '=' or NUL)"),
+                format!(
+                    "has an invalid name {key:?} (1 to {MAX_ENV_NAME_BYTES} bytes, no '=' or NUL)"
+                ),
             ));
         }
         if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
             return Err(Error::invalid(
                 field,
-                format!("value of {key} must be at most 128 KiB without NUL"),
+                format!("value of {key} must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"),
             ));
         }
     }

@@ -371,3 +371,64 @@ async fn an_upload_that_ends_short_leaves_nothing_behind_in_the_guest() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn a_value_and_a_figure_over_4_mib_pass_through_the_executor() {
+    // tonic's default decode limit is 4 MiB; every hop uses the contract's limit instead,
+    // so neither event fails the stream ("decoded message length too large").
+    let (node, _agent, _vm) = setup().await;
+    let mut client = node.client().await;
+    // matplotlib is not installed on the test host: a stand-in pyplot whose figures save
+    // as PNGs of 5 MB.
+    let fake = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(fake.path().join("matplotlib")).unwrap();
+    std::fs::write(fake.path().join("matplotlib/__init__.py"), "").unwrap();
+    std::fs::write(
+        fake.path().join("matplotlib/pyplot.py"),
+        "_figs = {}\n\
+class _Fig:\n    def savefig(self, buf, format):\n        buf.write(b'\\x89PNG' + b'p' * 4_999_996)\n\
+def figure(num=None):\n    num = num or len(_figs) + 1\n    return _figs.setdefault(num, _Fig())\n\
+def get_fignums(): return sorted(_figs)\n\
+def close(which): _figs.clear()\n",
+    )
+    .unwrap();
+    let code = format!(
+        "import sys\nsys.path.insert(0, {:?})\nimport matplotlib.pyplot as plt\nplt.figure()\n'v' * 5_000_000",
+        fake.path().display().to_string()
+    );
+    let r = run(&mut client, VM, python(&code)).await;
+    assert_eq!(
+        r.completion().status(),
+        CompletionStatus::Ok,
+        "{:?}",
+        r.stderr
+    );
+    assert_eq!(r.result_text().map(|t| t.len()), Some(5_000_002));
+    let pngs: Vec<usize> = r
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Display(d) => d.data.get("image/png").map(|p| p.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pngs, [5_000_000]);
+    assert_eq!(r.completion().output_bytes, 10_000_002);
+}
+
+#[tokio::test]
+async fn result_bytes_count_against_max_output_bytes() {
+    let (node, _agent, _vm) = setup().await;
+    let mut client = node.client().await;
+    let mut spec = python("print('x' * 99)\n'y' * 5_000_000");
+    spec.max_output_bytes = 1000;
+    let r = run(&mut client, VM, spec).await;
+    assert_eq!(r.completion().status(), CompletionStatus::Ok);
+    assert_eq!(r.stdout.len(), 100);
+    let result = r.result_text().unwrap();
+    assert_eq!(result.len(), 900);
+    assert!(result.starts_with("'yyy"));
+    assert_eq!(r.stderr, b"\n[capsa: output truncated after 1000 bytes]\n");
+    assert!(r.completion().output_truncated);
+    assert_eq!(r.completion().output_bytes, 100 + 5_000_002);
+}

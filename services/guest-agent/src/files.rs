@@ -6,15 +6,12 @@ use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use capsa_proto::limits::{MAX_CHUNK_BYTES, MAX_PATH_BYTES};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::error::Error;
 
-/// Upload and download chunks are at most this big.
-pub const MAX_CHUNK: usize = 1024 * 1024;
-/// Longest path accepted, in bytes (Linux's PATH_MAX).
-pub const MAX_PATH: usize = 4096;
 /// Most entries ListFiles returns (the response must fit one gRPC message).
 pub const MAX_LIST: usize = 10_000;
 
@@ -36,15 +33,15 @@ pub struct FileInfo {
     pub modified: Option<SystemTime>,
 }
 
-/// Checks a client-supplied path: absolute, at most [`MAX_PATH`] bytes, no NUL.
+/// Checks a client-supplied path: absolute, at most [`MAX_PATH_BYTES`] bytes, no NUL.
 pub fn check_path(field: &'static str, path: &str) -> Result<PathBuf, Error> {
     if path.is_empty() {
         return Err(Error::invalid(field, "is empty"));
     }
-    if path.len() > MAX_PATH {
+    if path.len() > MAX_PATH_BYTES {
         return Err(Error::invalid(
             field,
-            format!("is longer than {MAX_PATH} bytes"),
+            format!("is longer than {MAX_PATH_BYTES} bytes"),
         ));
     }
     if path.contains('\0') {
@@ -260,10 +257,10 @@ impl Upload {
     }
 
     pub async fn write(&mut self, data: &[u8]) -> Result<(), Error> {
-        if data.len() > MAX_CHUNK {
+        if data.len() > MAX_CHUNK_BYTES {
             return Err(Error::invalid(
                 "data",
-                format!("chunk of {} bytes exceeds {MAX_CHUNK}", data.len()),
+                format!("chunk of {} bytes exceeds {MAX_CHUNK_BYTES}", data.len()),
             ));
         }
         self.hasher.update(data);
@@ -313,7 +310,7 @@ mod tests {
             let e = check_path("path", bad).unwrap_err();
             assert!(e.to_string().contains("`path`"), "{e}");
         }
-        assert!(check_path("path", &format!("/{}", "a".repeat(MAX_PATH))).is_err());
+        assert!(check_path("path", &format!("/{}", "a".repeat(MAX_PATH_BYTES))).is_err());
     }
 
     #[test]

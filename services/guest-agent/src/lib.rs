@@ -83,7 +83,11 @@ pub async fn run(
         stop.clone(),
     ));
     let api = grpc::AgentApi::new(kernels.clone(), config.default_timeout(), stop.clone());
-    let server = capsa_grpc::Server::new().add_service(AgentServiceServer::new(api));
+    // The executor's agent client uses the same limits: every event fits through both.
+    let service = AgentServiceServer::new(api)
+        .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
+    let server = capsa_grpc::Server::new().add_service(service);
 
     let echo_task = echo.map(|l| {
         let stop = stop.clone();

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
+use capsa_proto::limits::MAX_MESSAGE_BYTES;
 use capsa_proto::metering::v1::metering_service_client::MeteringServiceClient;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use tonic::service::interceptor::InterceptedService;
@@ -23,9 +24,6 @@ pub type Traced = InterceptedService<Channel, Propagate>;
 
 /// The executor client type the proxy calls.
 pub type ExecutorClient = ExecutorServiceClient<Traced>;
-
-/// Output chunks are up to 1 MiB plus framing; leave room.
-const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 /// Cached channels to node services and metering.
 pub struct Clients {
@@ -69,6 +67,8 @@ impl Clients {
         Ok(VmPoolServiceClient::new(self.channel(url)?))
     }
 
+    /// Events and file chunks pass through unchanged: the same message limit as the public
+    /// server and the executor's own.
     pub fn executor(&self, url: &str) -> Result<ExecutorServiceClient<Traced>, Error> {
         Ok(ExecutorServiceClient::new(self.channel(url)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

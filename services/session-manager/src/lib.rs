@@ -49,8 +49,8 @@ pub async fn run(
     tokio::spawn(reaper::reaper(app.clone(), stop.clone()));
     tokio::spawn(reaper::reconciler(app.clone(), stop.clone()));
     let service = SessionServiceServer::new(grpc::SessionApi::new(app))
-        .max_decoding_message_size(8 << 20)
-        .max_encoding_message_size(8 << 20);
+        .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
     let server = capsa_grpc::Server::new().add_service(service);
     tracing::info!("session-manager serving");
     capsa_grpc::serve_tcp(server, listener, shutdown)

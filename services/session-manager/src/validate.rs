@@ -5,6 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use capsa_proto::common::v1::{ExecuteSpec, Language};
+use capsa_proto::limits::{
+    DEFAULT_EXEC_TIMEOUT, MAX_CHUNK_BYTES, MAX_CODE_BYTES, MAX_ENV_ENTRIES, MAX_ENV_NAME_BYTES,
+    MAX_ENV_VALUE_BYTES, MAX_EXEC_TIMEOUT, MAX_OUTPUT_BYTES, MAX_PATH_BYTES,
+};
 use capsa_proto::session::v1 as pb;
 use capsa_store::{Cursor, ListFilter, SessionStatus};
 
@@ -15,15 +19,6 @@ type Result<T> = std::result::Result<T, Error>;
 pub const MIN_LIFETIME: Duration = Duration::from_secs(10);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
-pub const MAX_CODE_BYTES: usize = 1 << 20;
-pub const MAX_CHUNK_BYTES: usize = 1 << 20;
-pub const MAX_PATH_BYTES: usize = 4096;
-pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
-pub const MAX_OUTPUT_BYTES: u64 = 1 << 30;
-const MAX_ENV_ENTRIES: usize = 128;
-const MAX_ENV_KEY_BYTES: usize = 256;
-const MAX_ENV_VALUE_BYTES: usize = 32 << 10;
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY_BYTES: usize = 63;
 const MAX_METADATA_VALUE_BYTES: usize = 256;
@@ -124,14 +119,19 @@ pub fn env(field: &str, env: &HashMap<String, String>) -> Result<BTreeMap<String
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid_name || k.len() > MAX_ENV_KEY_BYTES {
+        if !valid_name || k.len() > MAX_ENV_NAME_BYTES {
             return Err(Error::field(
                 field,
-                format!("name {k:?} must match [A-Za-z_][A-Za-z0-9_]* within 256 bytes"),
+                format!(
+                    "name {k:?} must match [A-Za-z_][A-Za-z0-9_]* within {MAX_ENV_NAME_BYTES} bytes"
+                ),
             ));
         }
         if v.len() > MAX_ENV_VALUE_BYTES {
-            return Err(Error::field(field, format!("value of {k} is over 32 KiB")));
+            return Err(Error::field(
+                field,
+                format!("value of {k} is over {MAX_ENV_VALUE_BYTES} bytes"),
+            ));
         }
         if v.contains('\0') {
             return Err(Error::field(field, format!("value of {k} contains NUL")));
@@ -239,7 +239,7 @@ pub fn execute(req: &pb::ExecuteRequest) -> Result<ExecuteSpec> {
     if req.code.len() > MAX_CODE_BYTES {
         return Err(Error::field(
             "code",
-            format!("{} bytes is over 1 MiB", req.code.len()),
+            format!("{} bytes is over {MAX_CODE_BYTES}", req.code.len()),
         ));
     }
     let timeout = match &req.timeout {
@@ -247,7 +247,10 @@ pub fn execute(req: &pb::ExecuteRequest) -> Result<ExecuteSpec> {
         Some(d) => duration("timeout", d, Duration::from_millis(1), MAX_EXEC_TIMEOUT)?,
     };
     if req.max_output_bytes > MAX_OUTPUT_BYTES {
-        return Err(Error::field("max_output_bytes", "is over 1 GiB"));
+        return Err(Error::field(
+            "max_output_bytes",
+            format!("is over {MAX_OUTPUT_BYTES}"),
+        ));
     }
     let env = env("env", &req.env)?;
     if !req.cwd.is_empty() {
@@ -263,13 +266,16 @@ pub fn execute(req: &pb::ExecuteRequest) -> Result<ExecuteSpec> {
     })
 }
 
-/// A guest path: absolute, at most 4096 bytes, no NUL.
+/// A guest path: absolute, at most [`MAX_PATH_BYTES`], no NUL.
 pub fn path(field: &str, p: &str) -> Result<()> {
     if !p.starts_with('/') {
         return Err(Error::field(field, "must be an absolute path"));
     }
     if p.len() > MAX_PATH_BYTES {
-        return Err(Error::field(field, "is over 4096 bytes"));
+        return Err(Error::field(
+            field,
+            format!("is over {MAX_PATH_BYTES} bytes"),
+        ));
     }
     if p.contains('\0') {
         return Err(Error::field(field, "contains NUL"));
@@ -304,7 +310,7 @@ pub fn chunk(len: usize) -> Result<()> {
     if len > MAX_CHUNK_BYTES {
         return Err(Error::field(
             "data",
-            format!("chunk of {len} bytes is over 1 MiB"),
+            format!("chunk of {len} bytes is over {MAX_CHUNK_BYTES}"),
         ));
     }
     Ok(())

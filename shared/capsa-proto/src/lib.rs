@@ -1,10 +1,13 @@
 //! Generated code for Capsa's gRPC contracts (`proto/capsa/<area>/v1`), one module per
-//! package, plus the encoded descriptor set every server registers for reflection.
+//! package, plus the encoded descriptor set every server registers for reflection, and
+//! [`limits`]: the contract's size and time limits every service and the CLI read.
 
 #![allow(clippy::all, missing_docs)]
 
 /// Encoded `FileDescriptorSet` of every Capsa proto, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("capsa_descriptor");
+
+pub mod limits;
 
 pub mod common {
     pub mod v1 {

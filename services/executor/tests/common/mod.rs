@@ -37,10 +37,12 @@ impl Node {
         Node { dir, executor }
     }
 
+    /// A client with the contract's message limit, as session-manager's.
     pub async fn client(&self) -> ExecutorServiceClient<Channel> {
         ExecutorServiceClient::connect(self.executor.url())
             .await
             .unwrap()
+            .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
     }
 
     /// Where vm-pool would put `vm_id`'s socket; its directory is created.

@@ -11,14 +11,9 @@ use crate::error::Error;
 use crate::files::{self, FileInfo, FileKind};
 use crate::kernel::{Completion, Event, ExecuteRequest, Language};
 
-/// Largest `code` accepted.
-pub const MAX_CODE: usize = 1024 * 1024;
-/// `max_output_bytes` when the request says 0.
-pub const DEFAULT_MAX_OUTPUT: u64 = 32 * 1024 * 1024;
-/// Largest `max_output_bytes` accepted.
-pub const MAX_OUTPUT_LIMIT: u64 = 1024 * 1024 * 1024;
-/// Longest timeout accepted.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+use capsa_proto::limits::{
+    DEFAULT_MAX_OUTPUT_BYTES, MAX_CODE_BYTES, MAX_EXEC_TIMEOUT, MAX_OUTPUT_BYTES,
+};
 
 /// Session and per-call env: names a shell can export, values without NUL.
 pub fn check_env(
@@ -63,31 +58,34 @@ pub fn execute_request(
             ));
         }
     };
-    if spec.code.len() > MAX_CODE {
+    if spec.code.len() > MAX_CODE_BYTES {
         return Err(Error::invalid(
             "code",
-            format!("is {} bytes; the limit is {MAX_CODE}", spec.code.len()),
+            format!(
+                "is {} bytes; the limit is {MAX_CODE_BYTES}",
+                spec.code.len()
+            ),
         ));
     }
     let timeout = match &spec.timeout {
         None => default_timeout,
         Some(d) => match capsa_proto::time::from_duration(d) {
-            Some(t) if !t.is_zero() && t <= MAX_TIMEOUT => t,
+            Some(t) if !t.is_zero() && t <= MAX_EXEC_TIMEOUT => t,
             _ => {
                 return Err(Error::invalid(
                     "timeout",
-                    format!("must be positive and at most {MAX_TIMEOUT:?}"),
+                    format!("must be positive and at most {MAX_EXEC_TIMEOUT:?}"),
                 ));
             }
         },
     };
     let max_output_bytes = match spec.max_output_bytes {
-        0 => DEFAULT_MAX_OUTPUT,
-        n if n <= MAX_OUTPUT_LIMIT => n,
+        0 => DEFAULT_MAX_OUTPUT_BYTES,
+        n if n <= MAX_OUTPUT_BYTES => n,
         n => {
             return Err(Error::invalid(
                 "max_output_bytes",
-                format!("{n} exceeds {MAX_OUTPUT_LIMIT}"),
+                format!("{n} exceeds {MAX_OUTPUT_BYTES}"),
             ));
         }
     };
@@ -206,7 +204,7 @@ mod tests {
         let r = execute_request(spec(|_| {}), Duration::from_secs(60)).unwrap();
         assert_eq!(r.language, Language::Python);
         assert_eq!(r.timeout, Duration::from_secs(60));
-        assert_eq!(r.max_output_bytes, DEFAULT_MAX_OUTPUT);
+        assert_eq!(r.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES);
         assert!(r.cwd.is_none());
     }
 
@@ -216,7 +214,7 @@ mod tests {
         assert_eq!(field_of(execute_request(None, d)), "spec");
         assert_eq!(
             field_of(execute_request(
-                spec(|s| s.code = "x".repeat(MAX_CODE + 1)),
+                spec(|s| s.code = "x".repeat(MAX_CODE_BYTES + 1)),
                 d
             )),
             "code"
@@ -257,7 +255,7 @@ mod tests {
         );
         assert_eq!(
             field_of(execute_request(
-                spec(|s| s.max_output_bytes = MAX_OUTPUT_LIMIT + 1),
+                spec(|s| s.max_output_bytes = MAX_OUTPUT_BYTES + 1),
                 d
             )),
             "max_output_bytes"

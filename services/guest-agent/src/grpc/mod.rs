@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use capsa_proto::agent::v1 as pb;
 use capsa_proto::agent::v1::agent_service_server::AgentService;
 use capsa_proto::common::v1 as common;
+use capsa_proto::limits::MAX_CHUNK_BYTES;
 use futures::{Stream, StreamExt as _};
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
@@ -27,7 +28,6 @@ use crate::error::Error;
 use crate::files;
 use crate::kernel::Kernels;
 use crate::stats;
-pub use convert::{DEFAULT_MAX_OUTPUT, MAX_CODE, MAX_OUTPUT_LIMIT, MAX_TIMEOUT};
 use convert::{check_env, event_to_proto, execute_request, info_to_proto};
 
 /// Events buffered between a kernel and a slow client.
@@ -166,8 +166,8 @@ impl AgentService for AgentApi {
                 return;
             }
             loop {
-                let mut chunk = BytesMut::with_capacity(files::MAX_CHUNK);
-                while chunk.len() < files::MAX_CHUNK {
+                let mut chunk = BytesMut::with_capacity(MAX_CHUNK_BYTES);
+                while chunk.len() < MAX_CHUNK_BYTES {
                     match file.read_buf(&mut chunk).await {
                         Ok(0) => break,
                         Ok(_) => {}
@@ -180,7 +180,7 @@ impl AgentService for AgentApi {
                 if chunk.is_empty() {
                     return;
                 }
-                let last = chunk.len() < files::MAX_CHUNK;
+                let last = chunk.len() < MAX_CHUNK_BYTES;
                 let msg = pb::DownloadFileResponse {
                     part: Some(Part::Data(chunk.freeze())),
                 };

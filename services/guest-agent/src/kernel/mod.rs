@@ -19,6 +19,7 @@
 
 mod process;
 mod python;
+mod rich;
 mod run;
 mod shell;
 

@@ -7,16 +7,23 @@
 //! that follow it. Events go to a bounded channel; while the client is slow the loop
 //! waits on that channel and stops reading the pipes, so the child blocks on write.
 //!
+//! The output cap counts stdout, stderr and the data of Result and Display events together;
+//! past it everything is counted and dropped after one marker. A Result or Display event
+//! larger than one message is cut to fit (see [`super::rich`]) with a marker on stderr, and
+//! an error's value and traceback are cut too, so no event can fail the stream at a hop.
+//!
 //! Timers: at the deadline (or when the client goes away) the kernel's process group gets
 //! SIGINT; if the driver has not reported completion `grace` later, the group gets SIGKILL
 //! and the kernel is replaced on the next execute (state lost). The pipes are read until
 //! the end in every case, so the kernel is left ready for the next call.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use bytes::Bytes;
+use capsa_proto::limits::MAX_EVENT_DATA_BYTES;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -25,7 +32,9 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::process::{KernelProcess, proc_cpu_time, read_ready};
-use super::{Completion, Event, EventSender, ExecuteRequest, Language, Status, python, shell};
+use super::{
+    Completion, Event, EventSender, ExecuteRequest, Language, Status, python, rich, shell,
+};
 
 /// Most bytes taken from one pipe when draining before an event: a background writer
 /// that never stops must not keep the completion from being sent.
@@ -247,6 +256,31 @@ impl Run<'_> {
                         };
                         match parsed {
                             Ok(DriverEvent::Done(done)) => return End::Done(done),
+                            Ok(DriverEvent::Emit(Event::Result(data))) => {
+                                self.rich(data, Event::Result, "result").await
+                            }
+                            Ok(DriverEvent::Emit(Event::Display(data))) => {
+                                self.rich(data, Event::Display, "display data").await
+                            }
+                            Ok(DriverEvent::Emit(Event::Error {
+                                mut name,
+                                mut value,
+                                mut traceback,
+                            })) => {
+                                // Not output (not counted), but it must fit one message.
+                                rich::fit_error(
+                                    &mut name,
+                                    &mut value,
+                                    &mut traceback,
+                                    MAX_EVENT_DATA_BYTES,
+                                );
+                                let error = Event::Error {
+                                    name,
+                                    value,
+                                    traceback,
+                                };
+                                self.send(error).await
+                            }
                             Ok(DriverEvent::Emit(event)) => self.send(event).await,
                             Err(e) => tracing::warn!(error = %e, "malformed driver event"),
                         }
@@ -366,10 +400,50 @@ impl Run<'_> {
             .await;
         }
         if take < data.len() {
-            self.truncated = true;
-            let marker = format!("\n[capsa: output truncated after {} bytes]\n", self.cap);
+            self.truncate().await;
+        }
+    }
+
+    /// A Result or Display event: its bytes count against the cap together with stdout and
+    /// stderr, and it is cut to what fits under the cap and in one message (see
+    /// [`rich`](super::rich)). Past the cap: the usual marker, and the output ends. Cut only
+    /// to fit a message: a marker naming what was cut, and the output goes on.
+    async fn rich(
+        &mut self,
+        data: HashMap<String, Bytes>,
+        event: fn(HashMap<String, Bytes>) -> Event,
+        what: &str,
+    ) {
+        let size: u64 = data.values().map(|v| v.len() as u64).sum();
+        self.produced += size;
+        if self.truncated {
+            return;
+        }
+        let cap_room = self.cap - self.delivered;
+        let fitted = rich::fit(data, cap_room, MAX_EVENT_DATA_BYTES);
+        if !fitted.data.is_empty() {
+            self.delivered += fitted.value_bytes;
+            self.send(event(fitted.data)).await;
+        }
+        if fitted.cuts.is_empty() {
+            return;
+        }
+        if size > cap_room {
+            self.truncate().await;
+        } else {
+            let marker = format!(
+                "\n[capsa: {what} cut to fit one message of {MAX_EVENT_DATA_BYTES} bytes: {}]\n",
+                rich::describe(&fitted.cuts)
+            );
             self.send(Event::Stderr(Bytes::from(marker))).await;
         }
+    }
+
+    /// The cap is reached: one marker on stderr, and nothing more is forwarded.
+    async fn truncate(&mut self) {
+        self.truncated = true;
+        let marker = format!("\n[capsa: output truncated after {} bytes]\n", self.cap);
+        self.send(Event::Stderr(Bytes::from(marker))).await;
     }
 
     /// Sends one event, waiting for room in the channel while still honouring the timers.

@@ -61,7 +61,7 @@ impl Agent {
             self.proxy.socket_path().to_owned(),
             1024,
         ))
-        .max_decoding_message_size(8 * 1024 * 1024)
+        .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
     }
 }
 

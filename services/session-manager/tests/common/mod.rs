@@ -128,7 +128,8 @@ impl Harness {
             .await
             .unwrap();
         let bearer = Bearer(authorization.map(|a| a.parse().unwrap()));
-        SessionServiceClient::with_interceptor(channel, bearer).max_decoding_message_size(8 << 20)
+        SessionServiceClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
     }
 }
 
