@@ -152,7 +152,7 @@ pub fn usage_text(u: &Usage) -> String {
         ("sampled_at", timestamp(&u.sample_time)),
     ]
     .iter()
-    .map(|(k, v)| format!("{k:<14} {v}\n"))
+    .map(|(k, v)| format!("{k:<17} {v}\n"))
     .collect()
 }
 
