@@ -223,3 +223,14 @@ fn create_api_key(redis_url: &str, tenant: &str) -> String {
 }
 
 pub mod exec;
+
+/// A session with the defaults, created through `client`; panics if the create fails.
+pub async fn create_default_session(client: &mut Client) -> capsa_proto::session::v1::Session {
+    client
+        .create_session(capsa_proto::session::v1::CreateSessionRequest::default())
+        .await
+        .expect("create session")
+        .into_inner()
+        .session
+        .expect("a created session")
+}

@@ -4,19 +4,11 @@
 use capsa_e2e::exec::{self, python, shell};
 use capsa_e2e::{Stack, StackOptions};
 use capsa_proto::common::v1::{CompletionStatus, Language};
-use capsa_proto::session::v1::{
-    CreateSessionRequest, UploadFileHeader, UploadFileRequest, upload_file_request::Part,
-};
+use capsa_proto::session::v1::{UploadFileHeader, UploadFileRequest, upload_file_request::Part};
 
 async fn session(stack: &Stack) -> (capsa_e2e::Client, String) {
     let mut client = stack.client(0).await;
-    let session = client
-        .create_session(CreateSessionRequest::default())
-        .await
-        .expect("create session")
-        .into_inner()
-        .session
-        .unwrap();
+    let session = capsa_e2e::create_default_session(&mut client).await;
     (client, session.id)
 }
 

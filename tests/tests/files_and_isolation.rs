@@ -28,14 +28,7 @@ fn chunk(seed: &mut u64, len: usize) -> Vec<u8> {
 async fn a_200_mib_file_goes_up_and_comes_back_identical() {
     let stack = Stack::start(StackOptions::default()).await;
     let mut c = stack.client(0).await;
-    let sid = c
-        .create_session(CreateSessionRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
-        .id;
+    let sid = capsa_e2e::create_default_session(&mut c).await.id;
 
     let total = 200 * MIB;
     let (tx, rx) = tokio::sync::mpsc::channel(4);

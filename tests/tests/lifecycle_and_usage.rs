@@ -105,13 +105,7 @@ async fn expiry_and_deletion_destroy_the_vm() {
     assert_eq!(ended.end_reason(), EndReason::Expired);
     eventually!(!pid_alive(pid), 10);
 
-    let s = c
-        .create_session(CreateSessionRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = capsa_e2e::create_default_session(&mut c).await;
     let pid = vmm_pid(&stack, &s.vm_id).await;
     let deleted = c
         .delete_session(DeleteSessionRequest {
@@ -139,13 +133,7 @@ async fn expiry_and_deletion_destroy_the_vm() {
 async fn a_vm_that_dies_mid_execute_ends_the_stream_and_the_session() {
     let stack = Stack::start(StackOptions::default()).await;
     let mut c = stack.client(0).await;
-    let s = c
-        .create_session(CreateSessionRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = capsa_e2e::create_default_session(&mut c).await;
     let pid = vmm_pid(&stack, &s.vm_id).await;
     let mut stream = c
         .execute(exec::request(
@@ -158,11 +146,7 @@ async fn a_vm_that_dies_mid_execute_ends_the_stream_and_the_session() {
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().expect("first chunk");
-    let killed = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(pid, "KILL");
     let killed_at = Instant::now();
     let err = loop {
         match tokio::time::timeout(Duration::from_secs(30), stream.message())
@@ -320,13 +304,7 @@ fn signal(pid: u32, signal: &str) {
 async fn a_node_stalled_for_fifteen_seconds_keeps_its_sessions() {
     let stack = Stack::start(StackOptions::default()).await;
     let mut c = stack.client(0).await;
-    let s = c
-        .create_session(CreateSessionRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = capsa_e2e::create_default_session(&mut c).await;
     python(&mut c, &s.id, "x = 42").await;
     let nodes =
         capsa_store::NodeRegistry::new(capsa_store::connect(&stack.redis.url()).await.unwrap());

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use capsa_e2e::{Stack, StackOptions, exec};
 use capsa_proto::common::v1::Language;
-use capsa_proto::session::v1::CreateSessionRequest;
 use capsa_test_support::eventually;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -93,14 +92,7 @@ async fn one_execute_is_one_trace_from_session_manager_into_the_guest() {
     })
     .await;
     let mut c = stack.client(0).await;
-    let sid = c
-        .create_session(CreateSessionRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
-        .id;
+    let sid = capsa_e2e::create_default_session(&mut c).await.id;
 
     // The client's own span: a trace id this test chose, so its spans are easy to find.
     let trace_id = [0x5a; 16];

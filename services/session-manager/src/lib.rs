@@ -60,7 +60,7 @@ pub async fn run(
 
 /// `create-api-key`: creates the key (and the tenant's session cap, if given) and returns
 /// the plaintext for the caller to print.
-pub async fn create_api_key(args: &CreateApiKey) -> Result<String, capsa_store::StoreError> {
+pub async fn create_api_key(args: &CreateApiKey) -> Result<String, AdminError> {
     let conn = capsa_store::connect(&args.redis_url.0).await?;
     let keys = capsa_store::ApiKeyStore::new(conn);
     if let Some(max) = args.max_sessions {
@@ -73,7 +73,7 @@ pub async fn create_api_key(args: &CreateApiKey) -> Result<String, capsa_store::
 const KEY_ID_SHOWN: usize = 16;
 
 /// `list-api-keys`: one line per key, `id tenant created name`, oldest first.
-pub async fn list_api_keys(args: &ListApiKeys) -> Result<Vec<String>, capsa_store::StoreError> {
+pub async fn list_api_keys(args: &ListApiKeys) -> Result<String, AdminError> {
     let conn = capsa_store::connect(&args.redis_url.0).await?;
     let keys = capsa_store::ApiKeyStore::new(conn);
     Ok(keys
@@ -90,12 +90,14 @@ pub async fn list_api_keys(args: &ListApiKeys) -> Result<Vec<String>, capsa_stor
                 rec.name
             )
         })
-        .collect())
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
-/// Why `revoke-api-key` did not revoke.
+/// Why an admin command (`create-api-key`, `list-api-keys`, `revoke-api-key`) failed: the
+/// store (exit 69, unreachable dependency), or a request it refused (exit 1).
 #[derive(Debug, thiserror::Error)]
-pub enum RevokeError {
+pub enum AdminError {
     #[error("no api key has id {0}")]
     NotFound(String),
     #[error("{1} api keys start with {0}: give more of the id")]
@@ -110,13 +112,13 @@ pub enum RevokeError {
 }
 
 /// `revoke-api-key`: deletes the key and returns `id tenant name` of what was revoked.
-pub async fn revoke_api_key(args: &RevokeApiKey) -> Result<String, RevokeError> {
+pub async fn revoke_api_key(args: &RevokeApiKey) -> Result<String, AdminError> {
     let conn = capsa_store::connect(&args.redis_url.0).await?;
     let keys = capsa_store::ApiKeyStore::new(conn);
     match keys.find_by_id(&args.id).await? {
         capsa_store::KeyById::One(hash, rec) => {
             if !keys.revoke_hash(&hash).await? {
-                return Err(RevokeError::NotFound(args.id.clone()));
+                return Err(AdminError::NotFound(args.id.clone()));
             }
             Ok(format!(
                 "revoked {}  {}  {}",
@@ -125,8 +127,8 @@ pub async fn revoke_api_key(args: &RevokeApiKey) -> Result<String, RevokeError> 
                 rec.name
             ))
         }
-        capsa_store::KeyById::None => Err(RevokeError::NotFound(args.id.clone())),
-        capsa_store::KeyById::Ambiguous(n) => Err(RevokeError::Ambiguous(args.id.clone(), n)),
-        capsa_store::KeyById::Malformed => Err(RevokeError::Malformed),
+        capsa_store::KeyById::None => Err(AdminError::NotFound(args.id.clone())),
+        capsa_store::KeyById::Ambiguous(n) => Err(AdminError::Ambiguous(args.id.clone(), n)),
+        capsa_store::KeyById::Malformed => Err(AdminError::Malformed),
     }
 }

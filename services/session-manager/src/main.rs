@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use capsa_grpc::process::{EXIT_UNAVAILABLE, bind_and_announce, parse_args, shutdown_signal};
-use capsa_session_manager::{Cli, Command};
+use capsa_session_manager::{AdminError, Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,46 +16,22 @@ async fn main() -> ExitCode {
     let _telemetry = capsa_telemetry::init("capsa-session-manager", "info");
     let config = match cli.command {
         Some(Command::CreateApiKey(args)) => {
-            return match capsa_session_manager::create_api_key(&args).await {
-                Ok(key) => {
-                    println!("{key}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!(error = %capsa_grpc::error::chain(&e), "create-api-key failed");
-                    ExitCode::from(EXIT_UNAVAILABLE)
-                }
-            };
+            return admin(
+                "create-api-key",
+                capsa_session_manager::create_api_key(&args).await,
+            );
         }
         Some(Command::ListApiKeys(args)) => {
-            return match capsa_session_manager::list_api_keys(&args).await {
-                Ok(lines) => {
-                    for line in lines {
-                        println!("{line}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!(error = %capsa_grpc::error::chain(&e), "list-api-keys failed");
-                    ExitCode::from(EXIT_UNAVAILABLE)
-                }
-            };
+            return admin(
+                "list-api-keys",
+                capsa_session_manager::list_api_keys(&args).await,
+            );
         }
         Some(Command::RevokeApiKey(args)) => {
-            return match capsa_session_manager::revoke_api_key(&args).await {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(e @ capsa_session_manager::RevokeError::Store(_)) => {
-                    tracing::error!(error = %capsa_grpc::error::chain(&e), "revoke-api-key failed");
-                    ExitCode::from(EXIT_UNAVAILABLE)
-                }
-                Err(e) => {
-                    eprintln!("revoke-api-key: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            return admin(
+                "revoke-api-key",
+                capsa_session_manager::revoke_api_key(&args).await,
+            );
         }
         Some(Command::Serve(config)) => config,
         None => cli.serve,
@@ -72,6 +48,27 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %capsa_grpc::error::chain(&e), "session-manager failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints an admin command's output; a store failure exits 69 (unreachable dependency), a
+/// request the command refused exits 1 with the reason on stderr.
+fn admin(command: &str, result: Result<String, AdminError>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ AdminError::Store(_)) => {
+            tracing::error!(error = %capsa_grpc::error::chain(&e), "{command} failed");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(e) => {
+            eprintln!("{command}: {e}");
             ExitCode::FAILURE
         }
     }

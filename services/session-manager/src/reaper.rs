@@ -112,14 +112,14 @@ pub async fn reconciler(app: Arc<App>, stop: CancellationToken) {
 /// released as orphans.
 #[tracing::instrument(skip_all, fields(node = %lapsed.node_id))]
 async fn judge_lapsed_node(app: &Arc<App>, lapsed: &LapsedNode) {
-    if let Some(last) = &lapsed.last {
-        if list_vms(app, last, LAPSED_PROBE_TIMEOUT).await.is_ok() {
-            tracing::warn!(
-                lapsed_for = ?lapsed.lapsed_for,
-                "node answers but its heartbeat lapsed (is its Redis link down?)"
-            );
-            return reconcile_node(app, last).await;
-        }
+    if let Some(last) = &lapsed.last
+        && list_vms(app, last, LAPSED_PROBE_TIMEOUT).await.is_ok()
+    {
+        tracing::warn!(
+            lapsed_for = ?lapsed.lapsed_for,
+            "node answers but its heartbeat lapsed (is its Redis link down?)"
+        );
+        return reconcile_node(app, last).await;
     }
     let grace = Duration::from_secs(app.config.node_grace_secs);
     if lapsed.lapsed_for < grace {

@@ -23,9 +23,10 @@ const KEY_RANDOM_LEN: usize = 32;
 /// KEYS: the tenant's bucket.
 static TAKE_CREATE_TOKEN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        &[
+            crate::CLOCK_AND_REPLY_LUA,
+            r"
+local now = now_ms()
 local per_ms = tonumber(ARGV[1]) / 1000
 local burst = tonumber(ARGV[2])
 local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or burst)
@@ -36,6 +37,8 @@ if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / per_ms) + 1000)
 return wait",
+        ]
+        .concat(),
     )
 });
 
@@ -215,10 +218,10 @@ impl ApiKeyStore {
         let mut keys = Vec::with_capacity(hashes.len());
         for hash in hashes {
             // A key revoked between the scan and this read is simply not listed.
-            if let Some(rec) = self.lookup_hash(&hash).await? {
-                if tenant_id.is_none_or(|t| t == rec.tenant_id) {
-                    keys.push((hash, rec));
-                }
+            if let Some(rec) = self.lookup_hash(&hash).await?
+                && tenant_id.is_none_or(|t| t == rec.tenant_id)
+            {
+                keys.push((hash, rec));
             }
         }
         keys.sort_by(|a, b| (a.1.created_ms, &a.0).cmp(&(b.1.created_ms, &b.0)));

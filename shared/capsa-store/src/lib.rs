@@ -10,6 +10,10 @@
 //! itself), made by [`connect`].
 
 pub mod apikeys;
+
+/// `now_ms()` (Redis `TIME`, the clock every replica shares) and `reply(tag, key)`, prepended
+/// to every Lua script of the store.
+pub(crate) const CLOCK_AND_REPLY_LUA: &str = include_str!("lua/clock_and_reply.lua");
 pub mod nodes;
 pub mod sessions;
 pub mod usage;

@@ -41,15 +41,21 @@ return 0",
     )
 });
 
-/// Marks a lapsed node (first sighting wins) and returns how long it has been lapsed, on
-/// Redis' clock. KEYS: lapsed-since hash; ARGV: node id.
+/// Marks a lapsed node (first sighting wins) and returns how long it has been lapsed, in ms
+/// on Redis' clock, or -1 after a graceful remove (marked since 0: no grace is due).
+/// KEYS: lapsed-since hash; ARGV: node id.
 static MARK_LAPSED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        &[
+            crate::CLOCK_AND_REPLY_LUA,
+            r"
+local now = now_ms()
 redis.call('HSETNX', KEYS[1], ARGV[1], now)
-return now - tonumber(redis.call('HGET', KEYS[1], ARGV[1]))",
+local since = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if since == 0 then return -1 end
+return now - since",
+        ]
+        .concat(),
     )
 });
 
@@ -203,12 +209,7 @@ impl NodeRegistry {
                 .arg(&node_id)
                 .invoke_async(&mut conn)
                 .await?;
-            // "Since 0" is the graceful remove's mark: lapsed for ever.
-            let lapsed_for = if lapsed_ms >= 1_000_000_000_000 {
-                Duration::MAX
-            } else {
-                Duration::from_millis(lapsed_ms.max(0).unsigned_abs())
-            };
+            let lapsed_for = u64::try_from(lapsed_ms).map_or(Duration::MAX, Duration::from_millis);
             named.push(LapsedNode {
                 node_id,
                 last,

@@ -58,7 +58,7 @@ use redis::AsyncCommands as _;
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-use crate::{Result, StoreError};
+use crate::{CLOCK_AND_REPLY_LUA, Result, StoreError};
 
 /// The stream of usage records.
 pub const RECORDS_STREAM: &str = "capsa:usage:records";
@@ -189,8 +189,6 @@ redis.call('PEXPIRE', s, ARGV[4])
 redis.call('SREM', KEYS[4], ARGV[1])
 return reply('appended', s)
 "#;
-
-const CLOCK_AND_REPLY_LUA: &str = include_str!("lua/clock_and_reply.lua");
 
 static SAMPLE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&[CLOCK_AND_REPLY_LUA, COMMON_LUA, SAMPLE_LUA].concat()));

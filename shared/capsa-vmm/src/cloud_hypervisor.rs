@@ -321,6 +321,17 @@ mod tests {
     use crate::ch_api::fake::{self, Recorded, Reply};
     use crate::ch_model::tests::assert_is_model;
 
+    /// [`spec`] with its kernel and a 1 MiB base image on disk, and the VMs' dir made.
+    fn bootable_spec(dir: &Path) -> VmSpec {
+        let mut s = spec(dir);
+        std::fs::write(&s.kernel, b"elf").unwrap();
+        let base = dir.join("rootfs.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        s.rootfs_base = Some(base);
+        std::fs::create_dir_all(dir.join("vms")).unwrap();
+        s
+    }
+
     fn spec(dir: &Path) -> VmSpec {
         VmSpec {
             id: "vm-c1".into(),
@@ -435,12 +446,7 @@ mod tests {
     #[tokio::test]
     async fn boot_checks_the_vmm_then_creates_and_boots_and_destroy_shuts_down() {
         let root = tempfile::tempdir().unwrap();
-        let mut s = spec(root.path());
-        std::fs::write(&s.kernel, b"elf").unwrap();
-        let base = root.path().join("rootfs.raw");
-        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
-        s.rootfs_base = Some(base);
-        std::fs::create_dir_all(root.path().join("vms")).unwrap();
+        let s = bootable_spec(root.path());
         let log = serve_when_created(&s.dir, vmm("53.0.0", None));
         let ch = fake_binary(root.path());
         let vm = ch.boot(&s).await.unwrap();
@@ -513,12 +519,7 @@ mod tests {
     #[tokio::test]
     async fn a_vmm_that_drops_a_field_we_sent_is_refused_before_vm_boot() {
         let root = tempfile::tempdir().unwrap();
-        let mut s = spec(root.path());
-        std::fs::write(&s.kernel, b"elf").unwrap();
-        let base = root.path().join("rootfs.raw");
-        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
-        s.rootfs_base = Some(base);
-        std::fs::create_dir_all(root.path().join("vms")).unwrap();
+        let s = bootable_spec(root.path());
         let log = serve_when_created(&s.dir, vmm("53.0.0", Some("backing_files")));
         let err = fake_binary(root.path()).boot(&s).await.err().unwrap();
         let err = err.to_string();
