@@ -1,43 +1,11 @@
 //! Running code through the public API and gathering what comes back, for assertions.
 
-use capsa_proto::common::v1::{
-    Completion, CompletionStatus, ExecuteError, Language, execute_event::Event,
-};
+use capsa_proto::common::v1::Language;
 use capsa_proto::session::v1::ExecuteRequest;
 
 use crate::Client;
 
-/// Everything one Execute stream carried, in order.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    /// `text/plain` of each trailing-expression result.
-    pub results: Vec<String>,
-    pub errors: Vec<ExecuteError>,
-    /// MIME types of display data, with their bytes.
-    pub displays: Vec<(String, Vec<u8>)>,
-    pub completion: Option<Completion>,
-    /// Kinds of the events in arrival order ("stdout", "stderr", "result", ...).
-    pub order: Vec<&'static str>,
-}
-
-impl Outcome {
-    pub fn stdout_text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-    pub fn status(&self) -> CompletionStatus {
-        self.completion
-            .as_ref()
-            .expect("stream ended without a completion")
-            .status()
-    }
-    pub fn completion(&self) -> &Completion {
-        self.completion
-            .as_ref()
-            .expect("stream ended without a completion")
-    }
-}
+pub use capsa_test_support::execute::Outcome;
 
 /// A request for `code` in `language` with `timeout_ms` (0: server default).
 pub fn request(
@@ -63,46 +31,12 @@ pub async fn run(client: &mut Client, req: ExecuteRequest) -> Outcome {
 
 /// Runs `req` and gathers the whole stream, or returns the status it failed with.
 pub async fn try_run(client: &mut Client, req: ExecuteRequest) -> Result<Outcome, tonic::Status> {
-    let mut stream = client.execute(req).await?.into_inner();
-    let mut out = Outcome::default();
-    while let Some(msg) = stream.message().await? {
-        let Some(event) = msg.event.and_then(|e| e.event) else {
-            continue;
-        };
-        match event {
-            Event::Stdout(c) => {
-                out.order.push("stdout");
-                out.stdout.extend_from_slice(&c.data);
-            }
-            Event::Stderr(c) => {
-                out.order.push("stderr");
-                out.stderr.extend_from_slice(&c.data);
-            }
-            Event::Result(r) => {
-                out.order.push("result");
-                let text = r
-                    .data
-                    .get("text/plain")
-                    .map(|b| String::from_utf8_lossy(b).into_owned());
-                out.results.push(text.unwrap_or_default());
-            }
-            Event::Error(e) => {
-                out.order.push("error");
-                out.errors.push(e);
-            }
-            Event::Display(d) => {
-                out.order.push("display");
-                for (mime, bytes) in d.data {
-                    out.displays.push((mime, bytes.to_vec()));
-                }
-            }
-            Event::Completion(c) => {
-                out.order.push("completion");
-                out.completion = Some(c);
-            }
-        }
+    let stream = client.execute(req).await?.into_inner();
+    let mut out = capsa_test_support::execute::collect(stream).await;
+    match out.error.take() {
+        Some(status) => Err(status),
+        None => Ok(out),
     }
-    Ok(out)
 }
 
 /// Python shorthand for [`run`].

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capsa_proto::session::v1::session_service_client::SessionServiceClient;
+use capsa_proto::vmpool::v1::ListVmsRequest;
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_test_support::{RedisServer, ServiceProcess, workspace_binary};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -44,6 +46,11 @@ pub struct StackOptions {
     pub metering_replicas: usize,
     /// Extra environment for every service (e.g. OTLP settings).
     pub env: Vec<(String, String)>,
+    /// Redis with an append-only file fsynced on every write, so [`Stack::restart_redis`]
+    /// loses nothing it acknowledged.
+    pub durable_redis: bool,
+    /// Extra vm-pool flags (e.g. `--orphan-vms-on-crash`).
+    pub vm_pool_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -53,6 +60,8 @@ impl Default for StackOptions {
             replicas: 1,
             metering_replicas: 1,
             env: Vec::new(),
+            durable_redis: false,
+            vm_pool_args: Vec::new(),
         }
     }
 }
@@ -65,6 +74,18 @@ pub struct Stack {
     pub executor: ServiceProcess,
     pub redis: RedisServer,
     pub api_key: String,
+    pub state_dir: tempfile::TempDir,
+    /// Flags (but `--listen`) and environment the node services were started with, for
+    /// their restarts.
+    executor_args: Vec<String>,
+    vm_pool_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// What [`Stack::stop`] leaves.
+pub struct Stopped {
+    /// How each service exited, in stop order.
+    pub exits: Vec<(&'static str, std::process::ExitStatus)>,
     pub state_dir: tempfile::TempDir,
 }
 
@@ -84,7 +105,11 @@ impl tonic::service::Interceptor for Bearer {
 impl Stack {
     pub async fn start(opts: StackOptions) -> Stack {
         let image = image_dir();
-        let redis = RedisServer::start();
+        let redis = if opts.durable_redis {
+            RedisServer::start_durable()
+        } else {
+            RedisServer::start()
+        };
         let state_dir = tempfile::Builder::new()
             .prefix("capsa-e2e-")
             .tempdir()
@@ -98,33 +123,28 @@ impl Stack {
             .collect();
         let s = |p: &std::path::Path| p.display().to_string();
 
-        let executor = ServiceProcess::start_with_env(
-            "capsa-executor",
-            &args(&["--listen", "127.0.0.1:0", "--vm-state-dir", &s(&vm_state)]),
-            &env,
-        )
-        .await;
-        let vm_pool = ServiceProcess::start_with_env(
-            "capsa-vm-pool",
-            &args(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                &s(&vm_state),
-                "--image-dir",
-                &s(&image),
-                "--warm",
-                &opts.warm.to_string(),
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                "e2e-node",
-                "--executor-url",
-                &executor.url(),
-            ]),
-            &env,
-        )
-        .await;
+        let executor_args = args(&["--vm-state-dir", &s(&vm_state)]);
+        let executor =
+            ServiceProcess::start_with_env("capsa-executor", &listen("0", &executor_args), &env)
+                .await;
+        let mut vm_pool_args = args(&[
+            "--state-dir",
+            &s(&vm_state),
+            "--image-dir",
+            &s(&image),
+            "--warm",
+            &opts.warm.to_string(),
+            "--redis-url",
+            &redis.url(),
+            "--node-id",
+            "e2e-node",
+            "--executor-url",
+            &executor.url(),
+        ]);
+        vm_pool_args.extend(opts.vm_pool_args.iter().cloned());
+        let vm_pool =
+            ServiceProcess::start_with_env("capsa-vm-pool", &listen("0", &vm_pool_args), &env)
+                .await;
         let mut meterings = Vec::new();
         for _ in 0..opts.metering_replicas {
             meterings.push(
@@ -171,7 +191,100 @@ impl Stack {
             redis,
             api_key,
             state_dir,
+            executor_args,
+            vm_pool_args,
+            env: opts.env,
         }
+    }
+
+    /// The state dir vm-pool keeps its VMs in (`<it>/vms/<vm id>/`).
+    pub fn vm_state_dir(&self) -> PathBuf {
+        self.state_dir.path().join("vm-state")
+    }
+
+    /// Kills the executor with SIGKILL (a crash) and starts it again on the same address,
+    /// where vm-pool's node record tells session-manager to find it.
+    pub async fn restart_executor(&mut self) {
+        let addr = self.executor.addr().to_string();
+        crash(&self.executor).await;
+        self.executor = self
+            .start_again("capsa-executor", &addr, &self.executor_args)
+            .await;
+    }
+
+    /// Kills vm-pool with SIGKILL (a crash; its VMMs, in process groups of their own,
+    /// outlive it when it runs with `--orphan-vms-on-crash`) and starts it again on the same
+    /// address and state dir. Returns once it answers ListVms: by then it has reaped what
+    /// the old one left and registered the node.
+    pub async fn restart_vm_pool(&mut self) {
+        let addr = self.vm_pool.addr().to_string();
+        crash(&self.vm_pool).await;
+        self.vm_pool = self
+            .start_again("capsa-vm-pool", &addr, &self.vm_pool_args)
+            .await;
+        let url = self.vm_pool.url();
+        capsa_test_support::eventually!(
+            {
+                let listed = async {
+                    VmPoolServiceClient::connect(url.clone())
+                        .await
+                        .ok()?
+                        .list_vms(ListVmsRequest {})
+                        .await
+                        .ok()
+                };
+                tokio::time::timeout(Duration::from_secs(5), listed)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+            },
+            120
+        );
+    }
+
+    /// Stops every service with SIGTERM, public API first and Redis last, so vm-pool
+    /// destroys its VMs itself (with `--orphan-vms-on-crash` a SIGKILL would leave them);
+    /// panics if one is still running after a minute. The state dir is kept (in the
+    /// result) for a look at what is left.
+    pub async fn stop(self) -> Stopped {
+        let mut exits = Vec::new();
+        let grace = Duration::from_secs(60);
+        let named = |name: &'static str| move |s| (name, s);
+        let services = self
+            .session_managers
+            .into_iter()
+            .map(named("capsa-session-manager"))
+            .chain(self.meterings.into_iter().map(named("capsa-metering")))
+            .chain([
+                ("capsa-vm-pool", self.vm_pool),
+                ("capsa-executor", self.executor),
+            ]);
+        for (name, service) in services {
+            exits.push((name, service.terminate(grace).await));
+        }
+        drop(self.redis);
+        Stopped {
+            exits,
+            state_dir: self.state_dir,
+        }
+    }
+
+    /// Kills Redis with SIGKILL, leaves it down for `down` and starts it again on the same
+    /// port and data dir; with `durable_redis` it comes back with everything it
+    /// acknowledged. Blocks the thread meanwhile (the services are other processes).
+    pub fn restart_redis(&mut self, down: Duration) {
+        self.redis.restart(down);
+    }
+
+    async fn start_again(&self, name: &str, addr: &str, flags: &[String]) -> ServiceProcess {
+        let port = addr.rsplit(':').next().expect("host:port");
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        ServiceProcess::start_with_env(name, &listen(port, flags), &env).await
     }
 
     /// A client of replica `i`, authenticated as this stack's tenant.
@@ -199,6 +312,52 @@ impl Stack {
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
+}
+
+/// `--listen 127.0.0.1:<port>` followed by `flags`.
+fn listen(port: &str, flags: &[String]) -> Vec<String> {
+    let mut all = args(&["--listen", &format!("127.0.0.1:{port}")]);
+    all.extend(flags.iter().cloned());
+    all
+}
+
+/// SIGKILLs `service` (the process only, as a crash would) and waits until it is dead
+/// (a zombie: its parent, this test, has not reaped it) and its port can be bound again.
+/// Its `ServiceProcess` is dropped later; the pid cannot be reused before that reaps it.
+async fn crash(service: &ServiceProcess) {
+    let pid = service.pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success(), "kill -KILL {pid}");
+    capsa_test_support::eventually!(
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true),
+        10
+    );
+    // The freed port is in the ephemeral range: a client still dialling it (session-manager,
+    // metering) can get it as its own source port for a moment (a TCP self-connect), and
+    // the restarted service would then fail to bind. std binds with SO_REUSEADDR, as tokio
+    // does, so connections of the dead process in TIME_WAIT do not count.
+    let addr = service.addr().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = std::net::TcpListener::bind(&addr) {
+        if std::time::Instant::now() > deadline {
+            let port = addr.rsplit(':').next().unwrap_or_default();
+            let holders = std::process::Command::new("ss")
+                .args(["-tanp", &format!("( sport = :{port} )")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!("{addr} still taken 30s after its service died ({e}):\n{holders}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn create_api_key(redis_url: &str, tenant: &str) -> String {

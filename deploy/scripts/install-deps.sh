@@ -9,8 +9,9 @@
 set -euo pipefail
 
 APT_PACKAGES=(
-  # build: C toolchain for -sys crates and the guest kernel, kernel build tools
-  gcc make libc6-dev pkg-config bc bison flex libelf-dev libssl-dev linux-source
+  # build: C toolchain for -sys crates and the guest kernel (C++: libFuzzer, for the fuzz
+  # targets), kernel build tools
+  gcc g++ make libc6-dev pkg-config bc bison flex libelf-dev libssl-dev linux-source
   # guest image: rootfs, ext4 image, floor initramfs, compression
   debootstrap e2fsprogs busybox-static cpio xz-utils
   # run: VMs, state, the scripts' helpers (python3: free ports and JSON in up.sh; git: buf breaking)
@@ -20,6 +21,7 @@ APT_PACKAGES=(
 BUF_VERSION=1.75.0
 NEXTEST_VERSION=0.9.143
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
+CARGO_FUZZ_VERSION=0.13.2
 
 export DEBIAN_FRONTEND=noninteractive
 log="${TMPDIR:-/tmp}/capsa-install-deps.log"
@@ -56,7 +58,7 @@ else
   step "apt packages" "installed"
 fi
 # What the scripts and tests run, checked by command so a removed package is caught here.
-for cmd in gcc make qemu-system-x86_64 qemu-img redis-server redis-cli debootstrap mkfs.ext4 \
+for cmd in gcc g++ make qemu-system-x86_64 qemu-img redis-server redis-cli debootstrap mkfs.ext4 \
   busybox cpio xz python3 git flock sha256sum; do
   command -v "$cmd" >/dev/null 2>&1 || { step "$cmd" "MISSING after apt install"; exit 1; }
 done
@@ -102,10 +104,34 @@ else
   step "vhost-device-vsock" "installed ($(command -v vhost-device-vsock))"
 fi
 
+# --- cargo-fuzz (the fuzz targets in fuzz/, run by deploy/scripts/fuzz.sh) -----------------
+if cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz $CARGO_FUZZ_VERSION\$"; then
+  step "cargo-fuzz" "present ($CARGO_FUZZ_VERSION)"
+else
+  step "cargo-fuzz" "building $CARGO_FUZZ_VERSION with cargo (a few minutes)..."
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked >>"$log" 2>&1 \
+    || fail "cargo install cargo-fuzz"
+  step "cargo-fuzz" "installed ($(command -v cargo-fuzz))"
+fi
+
 # --- sanity ----------------------------------------------------------------
 if [[ -e /dev/kvm && -w /dev/kvm ]]; then
   step "/dev/kvm" "present (KVM may be usable; QEMU TCG is the fallback)"
 else
   step "/dev/kvm" "absent: VMs will run under QEMU TCG (slow)"
 fi
+# --- the VMM user: vm-pool runs QEMU / Cloud Hypervisor / vhost-device-vsock as it ------
+# (README "Per-VM limits and the VMM user"); in group kvm where that group exists.
+if id -u capsa-vmm >/dev/null 2>&1; then
+  step "user capsa-vmm" "present (uid $(id -u capsa-vmm))"
+else
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    --user-group capsa-vmm >>"$log" 2>&1 || fail "useradd capsa-vmm"
+  step "user capsa-vmm" "created (uid $(id -u capsa-vmm))"
+fi
+if getent group kvm >/dev/null 2>&1 && ! id -nG capsa-vmm | grep -qw kvm; then
+  usermod -a -G kvm capsa-vmm >>"$log" 2>&1 || fail "usermod -a -G kvm capsa-vmm"
+  step "user capsa-vmm" "added to group kvm"
+fi
+
 step "done" ""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full test suite, from a fresh Debian 12 machine: installs what it needs, lints the
-# contracts, builds the guest image (cached by content hash), then runs every test,
-# including the ones that boot real VMs.
+# contracts, builds the guest image (cached by content hash), fuzzes the parsers of untrusted
+# input for a bounded time, then runs every test, including the ones that boot real VMs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -21,6 +21,10 @@ echo "[test] guest image"
 cargo build --release --locked -p capsa-guest-agent --bin capsa-agent
 CAPSA_IMAGE_DIR="$(deploy/guest/build-image.sh --agent "$target/release/capsa-agent" | tail -n 1)"
 export CAPSA_IMAGE_DIR
+
+# Bounded: the parsers of untrusted input, 20 s each (deploy/scripts/fuzz.sh for long runs).
+echo "[test] fuzz"
+deploy/scripts/fuzz.sh --seconds 20
 
 echo "[test] cargo nextest"
 cargo nextest run --locked --workspace

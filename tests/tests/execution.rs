@@ -201,9 +201,9 @@ async fn matplotlib_figures_come_back_as_png() {
     let png = out
         .displays
         .iter()
-        .find(|(mime, _)| mime == "image/png")
+        .find_map(|d| d.data.get("image/png"))
         .expect("a PNG display");
-    assert_eq!(&png.1[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
 
 /// A wheel made at test time with the host's Python `zipfile`: one module, minimal metadata.

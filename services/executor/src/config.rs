@@ -4,18 +4,21 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use capsa_grpc::args::{CommonArgs, listen_on};
+
 /// How long the executor waits for the guest before it gives up on a call or a stream.
 /// Separate settings because they guard different failures (see [`crate::limits`]).
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "capsa-executor",
     version,
-    about = "Relays code execution and file streams to the guest agents of this host's VMs."
+    about = "Relays code execution and file streams to the guest agents of this host's VMs.",
+    mut_arg("listen", listen_on("CAPSA_EXECUTOR_LISTEN", "127.0.0.1:50053"))
 )]
 pub struct Config {
-    /// Address to serve gRPC on, e.g. 0.0.0.0:50053 (127.0.0.1:0 in tests).
-    #[arg(long, env = "CAPSA_EXECUTOR_LISTEN", default_value = "127.0.0.1:50053")]
-    pub listen: String,
+    /// `--listen` and the telemetry flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     /// vm-pool's state dir: a VM's hybrid vsock socket is <dir>/vms/<vm_id>/vsock.sock.
     #[arg(long, env = "CAPSA_VM_STATE_DIR", default_value = "/var/lib/capsa")]
@@ -44,6 +47,12 @@ pub struct Config {
     /// Limit on every unary call to a guest agent (milliseconds).
     #[arg(long = "call-timeout-ms", env = "CAPSA_EXECUTOR_CALL_TIMEOUT_MS", default_value = "30000", value_parser = parse_millis)]
     pub call_timeout: Duration,
+
+    /// Longest a stream waits for its caller to take one event or chunk (milliseconds).
+    /// Past it the stream ends DEADLINE_EXCEEDED and the guest's work is interrupted, so
+    /// a caller that stopped reading holds the VM's kernel and the node only this long.
+    #[arg(long = "stalled-client-timeout-ms", env = "CAPSA_EXECUTOR_STALLED_CLIENT_TIMEOUT_MS", default_value = "30000", value_parser = parse_millis)]
+    pub stalled_client_timeout: Duration,
 }
 
 /// A positive whole number of milliseconds.
@@ -78,6 +87,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_millis(1500));
         assert_eq!(c.first_event_timeout, Duration::from_secs(30));
         assert_eq!(c.default_exec_timeout, Duration::from_secs(60));
+        assert_eq!(c.stalled_client_timeout, Duration::from_secs(30));
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub enum Error {
         after: Duration,
     },
 
+    /// The caller took nothing from a stream for the stall timeout; the stream ended and
+    /// the guest's work was interrupted.
+    #[error("client stopped reading for {after:?}")]
+    ClientStalled { after: Duration },
+
     #[error("executor is shutting down")]
     ShuttingDown,
 
@@ -85,6 +90,7 @@ impl ServiceError for Error {
                 limit: Limit::Total | Limit::Call,
                 ..
             } => ErrorCode::DeadlineExceeded,
+            Error::ClientStalled { .. } => ErrorCode::DeadlineExceeded,
             Error::ShuttingDown => ErrorCode::Unavailable,
             Error::Serve(_) => ErrorCode::Internal,
         }
@@ -185,6 +191,12 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::ClientStalled {
+                    after: Duration::from_secs(30),
+                },
+                Code::DeadlineExceeded,
+            ),
             (
                 Error::ClientStream {
                     message: "x".into(),

@@ -14,7 +14,6 @@ use std::time::Duration;
 use capsa_proto::agent::v1 as agent;
 use capsa_proto::common::v1::{CompletionStatus, ExecuteEvent, ExecuteSpec, execute_event};
 use opentelemetry::KeyValue;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -22,11 +21,11 @@ use tracing::Instrument as _;
 use crate::agents::{AgentClient, Agents};
 use crate::config::Config;
 use crate::error::{Error, Limit};
-use crate::relay::{CHANNEL_CAPACITY, Relay, RelayEnd};
+use crate::relay::{CHANNEL_CAPACITY, Outflow, Outlet, Relay, RelayEnd, outlet};
 use crate::spec;
 
 /// A stream of events (or one final error) for the client.
-pub type EventStream = mpsc::Receiver<Result<ExecuteEvent, Error>>;
+pub type EventStream = Outflow<ExecuteEvent>;
 
 /// The limits the executor applies to the guest, from [`Config`].
 #[derive(Debug, Clone)]
@@ -36,6 +35,8 @@ pub struct Limits {
     pub idle: Duration,
     pub grace: Duration,
     pub call: Duration,
+    /// Longest wait for the caller to take one item of a stream.
+    pub stalled: Duration,
 }
 
 impl Limits {
@@ -46,6 +47,7 @@ impl Limits {
             idle: config.idle_timeout,
             grace: config.stream_grace,
             call: config.call_timeout,
+            stalled: config.stalled_client_timeout,
         }
     }
 
@@ -98,7 +100,7 @@ impl Executor {
     ) -> Result<EventStream, Error> {
         let checked = spec::check(spec, self.limits.default_exec_timeout)?;
         let link = self.agents.get(vm_id)?;
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (tx, rx) = outlet(CHANNEL_CAPACITY);
         let span = tracing::info_span!("execute", vm_id, language = ?checked.language, timeout = ?checked.timeout);
         let this = self.clone();
         tokio::spawn(
@@ -109,7 +111,7 @@ impl Executor {
                     guard = gate.lock_owned() => guard,
                     () = tx.closed() => return,
                     () = this.shutdown.cancelled() => {
-                        let _ = tx.send(Err(Error::ShuttingDown)).await;
+                        tx.fail(Error::ShuttingDown);
                         return;
                     }
                 };
@@ -143,6 +145,7 @@ impl Executor {
                     vm_id: link.vm_id.clone(),
                     idle,
                     total: Some(total),
+                    stalled: this.limits.stalled,
                     require_final: true,
                     gate: Some(gate),
                     shutdown: this.shutdown.clone(),
@@ -180,12 +183,12 @@ impl Executor {
         Ok(rx)
     }
 
-    async fn fail<T>(&self, vm_id: &str, tx: mpsc::Sender<Result<T, Error>>, err: Error) {
+    async fn fail<T>(&self, vm_id: &str, tx: Outlet<T>, err: Error) {
         tracing::warn!(vm_id, error = %err, "execute could not start");
         if err.is_transport() {
             self.agents.recheck(vm_id);
         }
-        let _ = tx.send(Err(err)).await;
+        tx.fail(err);
     }
 
     /// One unary agent call under the call limit.
@@ -298,6 +301,7 @@ mod tests {
             idle: Duration::from_secs(60),
             grace: Duration::from_secs(15),
             call: Duration::from_secs(30),
+            stalled: Duration::from_secs(30),
         };
         assert_eq!(
             limits.for_execute(Duration::from_secs(10)),

@@ -13,8 +13,9 @@
 //! - a declared `size` is checked: an upload that ends short was cancelled upstream, even
 //!   if it looked clean here, and is aborted the same way.
 //!
-//! Download: one relay (see [`crate::relay`]) with the idle limit and no total limit; a
-//! large file legitimately takes long, a silent agent does not.
+//! Download: one relay (see [`crate::relay`]) with the idle and stalled-client limits and
+//! no total limit; a large file legitimately takes long, a silent agent or a caller that
+//! stopped reading does not.
 
 use bytes::Bytes;
 use capsa_proto::agent::v1 as agent;
@@ -24,11 +25,10 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Limit};
 use crate::executor::Executor;
-use crate::relay::{CHANNEL_CAPACITY, Relay};
+use crate::relay::{CHANNEL_CAPACITY, Outflow, Relay, outlet};
 
 /// The parts of a download as the agent sends them: info first, then data.
-pub type DownloadStream =
-    mpsc::Receiver<Result<Option<agent::download_file_response::Part>, Error>>;
+pub type DownloadStream = Outflow<Option<agent::download_file_response::Part>>;
 
 type UploadCall =
     tokio::task::JoinHandle<Result<tonic::Response<agent::UploadFileResponse>, tonic::Status>>;
@@ -212,11 +212,12 @@ impl Executor {
                 });
             }
         };
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (tx, rx) = outlet(CHANNEL_CAPACITY);
         let relay = Relay {
             vm_id: vm_id.to_owned(),
             idle: self.limits.idle,
             total: None,
+            stalled: self.limits.stalled,
             require_final: false,
             gate: None,
             shutdown: self.shutdown.clone(),

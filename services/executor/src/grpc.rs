@@ -10,7 +10,6 @@ use capsa_proto::executor::v1::executor_service_server::ExecutorService;
 use capsa_proto::executor::v1::*;
 use capsa_proto::limits::MAX_CHUNK_BYTES;
 use futures::{Stream, StreamExt as _};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
@@ -56,7 +55,7 @@ impl ExecutorService for ExecutorGrpc {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let r = request.into_inner();
         let events = self.executor.execute(&r.vm_id, r.spec).map_err(status)?;
-        let stream = ReceiverStream::new(events).map(|item| {
+        let stream = events.map(|item| {
             item.map(|event| ExecuteResponse { event: Some(event) })
                 .map_err(status)
         });
@@ -120,7 +119,7 @@ impl ExecutorService for ExecutorGrpc {
             .download(&r.vm_id, r.path)
             .await
             .map_err(status)?;
-        let stream = ReceiverStream::new(parts).map(|item| {
+        let stream = parts.map(|item| {
             let part = item.map_err(status)?.map(|part| match part {
                 agent::download_file_response::Part::Info(info) => {
                     download_file_response::Part::Info(info)

@@ -3,7 +3,7 @@
 //! with bounded buffers, stream limits, and client disconnects turned into interrupts.
 //!
 //! - [`agents`]: one cached, lazily connecting channel per VM, and per-kernel gates.
-//! - [`relay`]: the bounded, cancellable relay with idle and total limits.
+//! - [`relay`]: the bounded, cancellable relay with idle, total and stalled-client limits.
 //! - [`executor`], [`files`]: the operations; [`spec`]: request validation.
 //! - [`grpc`]: the gRPC adapter; [`config`], [`error`].
 
@@ -62,7 +62,9 @@ pub async fn run(
     let service = ExecutorServiceServer::new(grpc::ExecutorGrpc::new(executor))
         .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
-    let server = capsa_grpc::Server::new().add_service(service);
+    let server = capsa_grpc::Server::new()
+        .max_concurrent_streams(capsa_grpc::server::max_streams::EXECUTOR)
+        .add_service(service);
     let drain = {
         let token = token.clone();
         async move {

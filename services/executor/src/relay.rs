@@ -1,9 +1,14 @@
 //! The relay between one upstream agent stream and one downstream client stream.
 //!
-//! Backpressure: the relay owns the sending half of a small bounded channel whose receiver
-//! is the client's response stream. While the client reads slowly, `send` waits, the relay
-//! stops polling the agent stream, HTTP/2 flow control stops the agent, and the agent stops
-//! reading the kernel's pipes: memory stays bounded at every hop.
+//! Backpressure: the relay sends into a small bounded channel whose receiver is the
+//! client's response stream ([`Outlet`]). While the client reads slowly, `send` waits, the
+//! relay stops polling the agent stream, HTTP/2 flow control stops the agent, and the agent
+//! stops reading the kernel's pipes: memory stays bounded at every hop.
+//!
+//! Stalled clients: a send may wait at most `stalled` (`--stalled-client-timeout-ms`). A
+//! client that takes nothing for that long gets DEADLINE_EXCEEDED and the upstream is
+//! dropped, which interrupts the code in the guest and frees its kernel: a reader that
+//! stopped holds its own stream, and the node's resources, only that long.
 //!
 //! Cancellation: when the client goes away the receiver is dropped; the relay notices
 //! (`closed`) even while the agent is silent, returns, and dropping the upstream stream
@@ -11,13 +16,20 @@
 //!
 //! Limits: an idle limit between upstream events and an optional total limit. Both measure
 //! the guest, not the client: time spent waiting for a slow client to take an event pushes
-//! the total deadline out by as much, and the idle clock restarts after every delivery.
+//! the total deadline out by as much (each wait is bounded by `stalled`), and the idle
+//! clock restarts after every delivery.
+//!
+//! Errors end a stream without waiting for room in the channel ([`Outlet::fail`]): the
+//! client gets what was buffered, then the error, and a relay never hangs on a full channel
+//! to say why it stopped.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
-use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Limit};
@@ -26,6 +38,44 @@ use crate::error::{Error, Limit};
 /// HTTP/2 windows already buffer a little on each side.
 pub const CHANNEL_CAPACITY: usize = 16;
 
+/// What the client reads: the relayed items, then at most one error.
+pub type Outflow<T> = Pin<Box<dyn Stream<Item = Result<T, Error>> + Send>>;
+
+/// The relay's end of a client stream: items wait for room, the final error does not.
+pub struct Outlet<T> {
+    items: mpsc::Sender<T>,
+    end: oneshot::Sender<Error>,
+}
+
+/// A client stream buffering `capacity` items ([`CHANNEL_CAPACITY`] outside tests): the
+/// [`Outlet`] to feed it and the [`Outflow`] the client reads.
+pub fn outlet<T: Send + 'static>(capacity: usize) -> (Outlet<T>, Outflow<T>) {
+    let (items, items_rx) = mpsc::channel(capacity);
+    let (end, end_rx) = oneshot::channel();
+    // The error slot is read once the items end, i.e. once the outlet is gone: after
+    // everything buffered. An outlet dropped without `fail` leaves the slot empty.
+    let ended = futures::stream::once(end_rx).filter_map(|end| async move { end.ok().map(Err) });
+    let flow = ReceiverStream::new(items_rx).map(Ok).chain(ended);
+    (Outlet { items, end }, Box::pin(flow))
+}
+
+impl<T> Outlet<T> {
+    /// Waits for room and sends; `false` when the client is gone.
+    pub async fn send(&self, item: T) -> bool {
+        self.items.send(item).await.is_ok()
+    }
+
+    /// Resolves when the client has gone away.
+    pub async fn closed(&self) {
+        self.items.closed().await
+    }
+
+    /// Ends the stream with `err` after what is already buffered, without waiting.
+    pub fn fail(self, err: Error) {
+        let _ = self.end.send(err);
+    }
+}
+
 /// How a relay ended, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -33,6 +83,8 @@ pub enum RelayEnd {
     Finished,
     /// The client went away; the upstream was dropped, interrupting the guest.
     ClientGone,
+    /// The client took nothing for the stall timeout; the upstream was dropped.
+    ClientStalled,
     /// A limit, a transport failure or shutdown ended it; the client got the error.
     Failed,
 }
@@ -42,6 +94,8 @@ pub struct Relay {
     pub vm_id: String,
     pub idle: Duration,
     pub total: Option<Duration>,
+    /// Longest wait for the client to take one item.
+    pub stalled: Duration,
     /// Whether the upstream must deliver a final event (an Execute's completion).
     pub require_final: bool,
     /// Released as soon as the final event arrives: the guest's kernel is free again.
@@ -50,14 +104,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Forwards `upstream` into `tx` until either side ends. `convert` maps an upstream
+    /// Forwards `upstream` into `out` until either side ends. `convert` maps an upstream
     /// message to the downstream one and says whether it was the final event.
-    pub async fn run<U, D, S, F>(
-        self,
-        mut upstream: S,
-        tx: mpsc::Sender<Result<D, Error>>,
-        mut convert: F,
-    ) -> RelayEnd
+    pub async fn run<U, D, S, F>(self, mut upstream: S, out: Outlet<D>, mut convert: F) -> RelayEnd
     where
         S: Stream<Item = Result<U, tonic::Status>> + Unpin,
         F: FnMut(U) -> (D, bool),
@@ -66,6 +115,7 @@ impl Relay {
             vm_id,
             idle,
             total,
+            stalled,
             require_final,
             mut gate,
             shutdown,
@@ -80,31 +130,39 @@ impl Relay {
             };
             let item = tokio::select! {
                 biased;
-                () = tx.closed() => return RelayEnd::ClientGone,
+                () = out.closed() => return RelayEnd::ClientGone,
                 () = shutdown.cancelled() => {
-                    let _ = tx.send(Err(Error::ShuttingDown)).await;
+                    out.fail(Error::ShuttingDown);
                     return RelayEnd::Failed;
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(%vm_id, %limit, ?after, "stream limit exceeded");
-                    let _ = tx.send(Err(Error::LimitExceeded { vm_id, limit, after })).await;
+                    out.fail(Error::LimitExceeded { vm_id, limit, after });
                     return RelayEnd::Failed;
                 }
                 item = upstream.next() => item,
             };
             match item {
                 Some(Ok(message)) => {
-                    let (out, is_final) = convert(message);
+                    let (item, is_final) = convert(message);
                     if is_final {
                         saw_final = true;
                         gate = None;
                     }
                     let blocked_since = Instant::now();
                     tokio::select! {
-                        sent = tx.send(Ok(out)) => if sent.is_err() {
+                        sent = out.send(item) => if !sent {
                             return RelayEnd::ClientGone;
                         },
-                        () = shutdown.cancelled() => return RelayEnd::Failed,
+                        () = tokio::time::sleep(stalled) => {
+                            tracing::warn!(%vm_id, ?stalled, "client stopped reading");
+                            out.fail(Error::ClientStalled { after: stalled });
+                            return RelayEnd::ClientStalled;
+                        }
+                        () = shutdown.cancelled() => {
+                            out.fail(Error::ShuttingDown);
+                            return RelayEnd::Failed;
+                        }
                     }
                     if let Some(deadline) = &mut total_deadline {
                         *deadline += blocked_since.elapsed();
@@ -112,11 +170,11 @@ impl Relay {
                 }
                 Some(Err(status)) => {
                     tracing::warn!(%vm_id, ?status, "agent stream failed");
-                    let _ = tx.send(Err(Error::from_agent(&vm_id, &status))).await;
+                    out.fail(Error::from_agent(&vm_id, &status));
                     return RelayEnd::Failed;
                 }
                 None if require_final && !saw_final => {
-                    let _ = tx.send(Err(Error::MissingCompletion { vm_id })).await;
+                    out.fail(Error::MissingCompletion { vm_id });
                     return RelayEnd::Failed;
                 }
                 None => {
@@ -132,7 +190,6 @@ impl Relay {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use tokio_stream::wrappers::ReceiverStream;
 
     type Up = mpsc::Sender<Result<u32, tonic::Status>>;
 
@@ -141,6 +198,7 @@ mod tests {
             vm_id: "vm-1".into(),
             idle: Duration::from_secs(idle),
             total: total.map(Duration::from_secs),
+            stalled: Duration::from_secs(1000),
             require_final: true,
             gate: None,
             shutdown: CancellationToken::new(),
@@ -148,17 +206,11 @@ mod tests {
     }
 
     /// Starts `relay` over an upstream the test feeds; `99` is the final event.
-    fn start(
-        relay: Relay,
-    ) -> (
-        Up,
-        mpsc::Receiver<Result<u32, Error>>,
-        tokio::task::JoinHandle<RelayEnd>,
-    ) {
+    fn start(relay: Relay) -> (Up, Outflow<u32>, tokio::task::JoinHandle<RelayEnd>) {
         let (up_tx, up_rx) = mpsc::channel(64);
-        let (tx, rx) = mpsc::channel(2);
-        let task = tokio::spawn(relay.run(ReceiverStream::new(up_rx), tx, |m| (m, m == 99)));
-        (up_tx, rx, task)
+        let (out, flow) = outlet(2);
+        let task = tokio::spawn(relay.run(ReceiverStream::new(up_rx), out, |m| (m, m == 99)));
+        (up_tx, flow, task)
     }
 
     #[tokio::test(start_paused = true)]
@@ -169,9 +221,9 @@ mod tests {
         }
         drop(up);
         for m in [1, 2, 99] {
-            assert_eq!(rx.recv().await.unwrap().unwrap(), m);
+            assert_eq!(rx.next().await.unwrap().unwrap(), m);
         }
-        assert!(rx.recv().await.is_none());
+        assert!(rx.next().await.is_none());
         assert_eq!(task.await.unwrap(), RelayEnd::Finished);
     }
 
@@ -179,8 +231,8 @@ mod tests {
     async fn silence_hits_the_idle_limit() {
         let (up, mut rx, task) = start(relay(10, Some(100)));
         up.send(Ok(1)).await.unwrap();
-        assert_eq!(rx.recv().await.unwrap().unwrap(), 1);
-        let err = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(rx.next().await.unwrap().unwrap(), 1);
+        let err = rx.next().await.unwrap().unwrap_err();
         assert!(
             matches!(
                 err,
@@ -204,7 +256,7 @@ mod tests {
         });
         let started = Instant::now();
         let err = loop {
-            match rx.recv().await.unwrap() {
+            match rx.next().await.unwrap() {
                 Ok(_) => continue,
                 Err(e) => break e,
             }
@@ -226,19 +278,62 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn time_blocked_on_a_slow_client_does_not_count() {
-        let (up, mut rx, task) = start(relay(10, Some(30)));
+        let mut r = relay(10, Some(30));
+        r.stalled = Duration::from_secs(25);
+        let (up, mut rx, task) = start(r);
         for m in [1, 2, 3, 4, 99] {
             up.send(Ok(m)).await.unwrap();
         }
         drop(up);
         // The client takes 20 s per event: 100 s in all, far past the 30 s total.
         let mut got = Vec::new();
-        while let Some(item) = rx.recv().await {
+        while let Some(item) = rx.next().await {
             tokio::time::sleep(Duration::from_secs(20)).await;
             got.push(item.unwrap());
         }
         assert_eq!(got, [1, 2, 3, 4, 99]);
         assert_eq!(task.await.unwrap(), RelayEnd::Finished);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_ends_the_stream_and_drops_the_upstream() {
+        let mut r = relay(1000, Some(1000));
+        r.stalled = Duration::from_secs(30);
+        let (up, mut rx, task) = start(r);
+        // The guest has endless output; the client takes none of it.
+        let feeder = tokio::spawn(async move { while up.send(Ok(1)).await.is_ok() {} });
+        let started = Instant::now();
+        assert_eq!(task.await.unwrap(), RelayEnd::ClientStalled);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "{waited:?}"
+        );
+        // The upstream was dropped (the agent sees a reset and interrupts the code).
+        feeder.await.unwrap();
+        // A client that comes back gets what was buffered, then why the stream ended.
+        assert_eq!(rx.next().await.unwrap().unwrap(), 1);
+        assert_eq!(rx.next().await.unwrap().unwrap(), 1);
+        let err = rx.next().await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::ClientStalled { .. }), "{err}");
+        assert_eq!(err.to_string(), "client stopped reading for 30s");
+        assert!(rx.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_does_not_wait_for_room_in_a_full_channel() {
+        let (up, mut rx, task) = start(relay(10, None));
+        for m in [1, 2] {
+            up.send(Ok(m)).await.unwrap();
+        }
+        up.send(Err(tonic::Status::unknown("reset"))).await.unwrap();
+        // The two items fill the channel; nobody reads, yet the relay ends at the error.
+        assert_eq!(task.await.unwrap(), RelayEnd::Failed);
+        assert_eq!(rx.next().await.unwrap().unwrap(), 1);
+        assert_eq!(rx.next().await.unwrap().unwrap(), 2);
+        let err = rx.next().await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::AgentUnavailable { .. }), "{err}");
+        assert!(rx.next().await.is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -254,8 +349,8 @@ mod tests {
         let (up, mut rx, task) = start(relay(10, None));
         up.send(Ok(1)).await.unwrap();
         drop(up);
-        assert_eq!(rx.recv().await.unwrap().unwrap(), 1);
-        let err = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(rx.next().await.unwrap().unwrap(), 1);
+        let err = rx.next().await.unwrap().unwrap_err();
         assert!(matches!(err, Error::MissingCompletion { .. }), "{err}");
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);
     }
@@ -267,7 +362,7 @@ mod tests {
         r.gate = Some(gate.clone().lock_owned().await);
         let (up, mut rx, task) = start(r);
         up.send(Ok(99)).await.unwrap();
-        assert_eq!(rx.recv().await.unwrap().unwrap(), 99);
+        assert_eq!(rx.next().await.unwrap().unwrap(), 99);
         // The upstream has not ended yet, but the kernel is free for the next execute.
         let _next = gate.lock().await;
         drop(up);
@@ -280,7 +375,7 @@ mod tests {
         let token = r.shutdown.clone();
         let (_up, mut rx, task) = start(r);
         token.cancel();
-        assert!(matches!(rx.recv().await.unwrap(), Err(Error::ShuttingDown)));
+        assert!(matches!(rx.next().await.unwrap(), Err(Error::ShuttingDown)));
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);
     }
 
@@ -290,7 +385,7 @@ mod tests {
         up.send(Err(tonic::Status::unknown("connection reset")))
             .await
             .unwrap();
-        let err = rx.recv().await.unwrap().unwrap_err();
+        let err = rx.next().await.unwrap().unwrap_err();
         assert!(matches!(err, Error::AgentUnavailable { .. }), "{err}");
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);
     }

@@ -59,6 +59,11 @@ pub struct Config {
     /// How long interrupted code gets to stop after SIGINT before the kernel is killed.
     #[arg(long, env = "CAPSA_AGENT_INTERRUPT_GRACE_MS", default_value_t = 2000)]
     pub interrupt_grace_ms: u64,
+
+    /// `--log-filter` and `--otlp-endpoint` (the latter only with --listen-unix: in a VM,
+    /// telemetry goes to the host over vsock).
+    #[command(flatten)]
+    pub telemetry: capsa_grpc::args::TelemetryArgs,
 }
 
 impl Config {

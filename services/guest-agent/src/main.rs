@@ -1,53 +1,45 @@
 //! `capsa-agent`: parses the config, binds vsock (or, as a test seam, Unix sockets), prints
-//! `CAPSA_LISTENING=<address>` and serves until SIGINT or SIGTERM.
+//! `CAPSA_LISTENING=<address>` and serves until SIGINT or SIGTERM. Exit codes:
+//! `capsa_grpc::process`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use capsa_grpc::process::{Exit, exit_code, parse_args, shutdown_signal};
 use capsa_guest_agent::{Config, Listener};
 use capsa_telemetry::Export;
-use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::try_parse() {
-        Ok(config) => config,
-        Err(e) => {
-            // --help and --version are not errors; a bad flag is a configuration error.
-            let code = if e.use_stderr() { 64 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
-    };
-    if let Err(e) = config.validate() {
-        eprintln!("capsa-agent: {e}");
-        return ExitCode::from(64);
-    }
+    exit_code(start().await)
+}
+
+async fn start() -> Result<(), Exit> {
+    let config: Config = parse_args()?;
+    config.validate().map_err(Exit::config)?;
     // In a VM, export through the host if it listens; the test seam uses the environment.
     let otlp = match (&config.listen_unix, config.otlp_vsock_port) {
         (None, port) if port != 0 => capsa_guest_agent::otlp::host_channel(port).await,
         _ => None,
     };
     let exporting = otlp.is_some();
-    let export = otlp.map_or(Export::FromEnv, Export::Channel);
-    let _telemetry = capsa_telemetry::init_with("capsa-guest-agent", "info", export);
+    let export = otlp.map_or(Export::Otlp, Export::Channel);
+    let _telemetry =
+        capsa_telemetry::init_with("capsa-guest-agent", &config.telemetry.settings(), export)?;
     if exporting {
         tracing::info!(
             port = config.otlp_vsock_port,
             "exporting telemetry to the host over vsock"
         );
     }
-    match serve(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "capsa-agent failed");
-            ExitCode::FAILURE
-        }
-    }
+    serve(config)
+        .await
+        .map_err(|e| Exit::Failed(format!("capsa-agent failed: {e:#}")))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let (grpc, echo, listening) = match &config.listen_unix {
         Some(path) => {
             let grpc = tokio::net::UnixListener::bind(path)
@@ -90,15 +82,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     writeln!(out, "CAPSA_LISTENING={listening}")?;
     out.flush()?;
     drop(out);
-    capsa_guest_agent::run(config, grpc, echo, shutdown_signal()).await?;
+    capsa_guest_agent::run(config, grpc, echo, shutdown).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

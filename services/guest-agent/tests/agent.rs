@@ -14,13 +14,13 @@ async fn configure_sets_env_in_both_kernels_running_or_not() {
     let mut c = agent.client();
     // The shell kernel is running, the Python one is not started yet.
     assert_eq!(
-        shell(&mut c, "echo \"[$SESSION_VAR]\"").await.stdout(),
+        shell(&mut c, "echo \"[$SESSION_VAR]\"").await.stdout_text(),
         "[]\n"
     );
     let env = [("SESSION_VAR".to_string(), "one 'quoted' value".to_string())].into();
     c.configure(pb::ConfigureRequest { env }).await.unwrap();
     assert_eq!(
-        shell(&mut c, "echo \"$SESSION_VAR\"").await.stdout(),
+        shell(&mut c, "echo \"$SESSION_VAR\"").await.stdout_text(),
         "one 'quoted' value\n"
     );
     assert_eq!(
@@ -32,7 +32,10 @@ async fn configure_sets_env_in_both_kernels_running_or_not() {
     // Now both are running: an update applies in place.
     let env = [("SESSION_VAR".to_string(), "two".to_string())].into();
     c.configure(pb::ConfigureRequest { env }).await.unwrap();
-    assert_eq!(shell(&mut c, "echo $SESSION_VAR").await.stdout(), "two\n");
+    assert_eq!(
+        shell(&mut c, "echo $SESSION_VAR").await.stdout_text(),
+        "two\n"
+    );
     assert_eq!(
         python(&mut c, "import os\nos.environ['SESSION_VAR']")
             .await
@@ -41,7 +44,10 @@ async fn configure_sets_env_in_both_kernels_running_or_not() {
     );
     // A restarted kernel starts with the session env too.
     shell(&mut c, "exit 1").await;
-    assert_eq!(shell(&mut c, "echo $SESSION_VAR").await.stdout(), "two\n");
+    assert_eq!(
+        shell(&mut c, "echo $SESSION_VAR").await.stdout_text(),
+        "two\n"
+    );
 }
 
 #[tokio::test]
@@ -90,12 +96,10 @@ async fn sigterm_stops_the_agent_and_its_kernels() {
     let o = python(&mut c, "import os\nos.getpid()").await;
     let py_pid: i32 = o.results[0].parse().unwrap();
     let o = shell(&mut c, "echo $$").await;
-    let sh_pid: i32 = o.stdout().trim().parse().unwrap();
+    let sh_pid: i32 = o.stdout_text().trim().parse().unwrap();
     let Agent { process, .. } = agent;
-    assert!(
-        process.terminate(Duration::from_secs(20)).await,
-        "the agent exits on SIGTERM"
-    );
+    let status = process.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "the agent exits 0 on SIGTERM: {status}");
     for pid in [py_pid, sh_pid] {
         capsa_test_support::eventually!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists()

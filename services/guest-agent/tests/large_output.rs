@@ -50,8 +50,8 @@ async fn results_and_figures_count_against_the_output_cap() {
         String::from_utf8_lossy(&o.stderr),
         "\n[capsa: output truncated after 1000 bytes]\n"
     );
-    assert!(o.completion.output_truncated);
-    assert_eq!(o.completion.output_bytes, 1_000_002);
+    assert!(o.completion().output_truncated);
+    assert_eq!(o.completion().output_bytes, 1_000_002);
 
     // Stdout first, then a figure that does not fit in what is left: the PNG is dropped
     // (half a PNG is no image) and nothing after the marker is forwarded.
@@ -67,8 +67,8 @@ async fn results_and_figures_count_against_the_output_cap() {
         String::from_utf8_lossy(&o.stderr),
         "\n[capsa: output truncated after 1000 bytes]\n"
     );
-    assert!(o.completion.output_truncated);
-    assert_eq!(o.completion.output_bytes, 500 + 7 + 600);
+    assert!(o.completion().output_truncated);
+    assert_eq!(o.completion().output_bytes, 500 + 7 + 600);
 
     // Under the cap everything counts and nothing is cut.
     let code = format!("{plt}plt.PNG_BYTES = 300\nplt.figure()\n'z' * 98");
@@ -78,8 +78,8 @@ async fn results_and_figures_count_against_the_output_cap() {
     assert_eq!(o.displays.len(), 1);
     assert_eq!(o.displays[0].data["image/png"].len(), 300);
     assert_eq!(o.results[0].len(), 100);
-    assert!(o.stderr.is_empty() && !o.completion.output_truncated);
-    assert_eq!(o.completion.output_bytes, 400);
+    assert!(o.stderr.is_empty() && !o.completion().output_truncated);
+    assert_eq!(o.completion().output_bytes, 400);
 }
 
 #[tokio::test]
@@ -111,9 +111,12 @@ async fn a_value_or_figure_larger_than_a_message_is_cut_with_a_marker() {
         )
     );
     // Not the output cap: the stream goes on and the flag stays off.
-    assert!(!o.completion.output_truncated);
-    assert_eq!(o.completion.output_bytes, (2 * big + 2) as u64);
-    assert_eq!(python(&mut c, "print('next')").await.stdout(), "next\n");
+    assert!(!o.completion().output_truncated);
+    assert_eq!(o.completion().output_bytes, (2 * big + 2) as u64);
+    assert_eq!(
+        python(&mut c, "print('next')").await.stdout_text(),
+        "next\n"
+    );
 }
 
 #[tokio::test]

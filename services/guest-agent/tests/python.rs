@@ -17,8 +17,8 @@ async fn variables_persist_and_trailing_expressions_are_results() {
     let o = python(&mut c, "x").await;
     assert_eq!(o.results, vec!["42"]);
     let o = python(&mut c, "print(x)").await;
-    assert_eq!(o.stdout(), "42\n");
-    assert_eq!((o.status(), o.completion.exit_code), (S::Ok, 0));
+    assert_eq!(o.stdout_text(), "42\n");
+    assert_eq!((o.status(), o.completion().exit_code), (S::Ok, 0));
     assert!(o.results.is_empty(), "print returns None: no result");
     let o = python(
         &mut c,
@@ -26,8 +26,8 @@ async fn variables_persist_and_trailing_expressions_are_results() {
     )
     .await;
     assert_eq!(o.results, vec!["84"]);
-    assert!(o.completion.wall_time.is_some() && o.completion.cpu_time.is_some());
-    assert!(o.completion.interpreter_time.is_some());
+    assert!(o.completion().wall_time.is_some() && o.completion().cpu_time.is_some());
+    assert!(o.completion().interpreter_time.is_some());
     // LANGUAGE_UNSPECIFIED is Python.
     let o = execute(&mut c, spec(Language::Unspecified, "'py'")).await;
     assert_eq!(o.results, vec!["'py'"]);
@@ -72,7 +72,7 @@ async fn output_streams_while_the_code_runs() {
     assert_eq!(seen, b"first\n");
     std::fs::write(&go, b"").unwrap();
     let rest = common::collect(stream).await;
-    assert_eq!(rest.stdout(), "second\n");
+    assert_eq!(rest.stdout_text(), "second\n");
     assert_eq!(rest.status(), S::Ok);
 }
 
@@ -82,8 +82,8 @@ async fn an_exception_is_reported_and_state_survives() {
     let mut c = agent.client();
     python(&mut c, "x = 42").await;
     let o = python(&mut c, "print('before')\n1 / 0").await;
-    assert_eq!((o.status(), o.completion.exit_code), (S::Error, 1));
-    assert_eq!(o.stdout(), "before\n");
+    assert_eq!((o.status(), o.completion().exit_code), (S::Error, 1));
+    assert_eq!(o.stdout_text(), "before\n");
     let e = &o.errors[0];
     assert_eq!(e.name, "ZeroDivisionError");
     assert_eq!(e.value, "division by zero");
@@ -111,16 +111,16 @@ async fn a_timeout_interrupts_and_keeps_state() {
     s.timeout = secs(1);
     let o = execute(&mut c, s).await;
     assert_eq!(o.status(), S::Timeout, "{o:?}");
-    assert!(!o.completion.state_lost);
+    assert!(!o.completion().state_lost);
     assert!(
-        o.completion.message.contains("timed out"),
+        o.completion().message.contains("timed out"),
         "{}",
-        o.completion.message
+        o.completion().message
     );
     assert_eq!(o.errors[0].name, "KeyboardInterrupt");
     let o = python(&mut c, "print(x)").await;
-    assert_eq!(o.stdout(), "7\n");
-    assert!(!o.completion.state_lost);
+    assert_eq!(o.stdout_text(), "7\n");
+    assert!(!o.completion().state_lost);
 }
 
 #[tokio::test]
@@ -133,14 +133,14 @@ async fn code_that_ignores_sigint_is_killed_and_the_kernel_restarts() {
     s.timeout = secs(1);
     let o = execute(&mut c, s).await;
     assert_eq!(o.status(), S::Timeout, "{o:?}");
-    assert!(o.completion.state_lost);
+    assert!(o.completion().state_lost);
     let o = python(&mut c, "x").await;
     assert_eq!(o.errors[0].name, "NameError");
     assert!(
-        o.completion.state_lost,
+        o.completion().state_lost,
         "the first execute on the new kernel says so too"
     );
-    assert!(!python(&mut c, "1").await.completion.state_lost);
+    assert!(!python(&mut c, "1").await.completion().state_lost);
 }
 
 #[tokio::test]
@@ -150,12 +150,12 @@ async fn a_kernel_that_dies_is_reported_and_replaced() {
     python(&mut c, "x = 1").await;
     let o = python(&mut c, "import os\nprint('bye', flush=True)\nos._exit(3)").await;
     assert_eq!(o.status(), S::KernelDied, "{o:?}");
-    assert_eq!(o.completion.exit_code, 3);
-    assert!(o.completion.state_lost);
-    assert_eq!(o.stdout(), "bye\n");
+    assert_eq!(o.completion().exit_code, 3);
+    assert!(o.completion().state_lost);
+    assert_eq!(o.stdout_text(), "bye\n");
     let o = python(&mut c, "print('fresh')").await;
-    assert_eq!((o.status(), o.stdout().as_str()), (S::Ok, "fresh\n"));
-    assert!(o.completion.state_lost);
+    assert_eq!((o.status(), o.stdout_text().as_str()), (S::Ok, "fresh\n"));
+    assert!(o.completion().state_lost);
     let o = python(
         &mut c,
         "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)",
@@ -163,9 +163,9 @@ async fn a_kernel_that_dies_is_reported_and_replaced() {
     .await;
     assert_eq!(o.status(), S::KernelDied);
     assert!(
-        o.completion.message.contains("SIGSEGV"),
+        o.completion().message.contains("SIGSEGV"),
         "{}",
-        o.completion.message
+        o.completion().message
     );
     assert_eq!(python(&mut c, "2 + 2").await.results, vec!["4"]);
 }
@@ -186,12 +186,12 @@ async fn output_past_the_cap_is_cut_with_a_marker() {
         String::from_utf8_lossy(&o.stderr),
         "\n[capsa: output truncated after 5000 bytes]\n"
     );
-    assert!(o.completion.output_truncated);
-    assert_eq!(o.completion.output_bytes, 100_000 + 5);
+    assert!(o.completion().output_truncated);
+    assert_eq!(o.completion().output_bytes, 100_000 + 5);
     // Lots of output under the default cap goes through whole, in chunks.
     let o = python(&mut c, "import sys\nsys.stdout.write('y' * 3_000_000)").await;
     assert_eq!(o.stdout.len(), 3_000_000);
-    assert!(!o.completion.output_truncated);
+    assert!(!o.completion().output_truncated);
 }
 
 #[tokio::test]
@@ -231,14 +231,14 @@ async fn past_the_cap_the_pipes_are_still_drained() {
     s.timeout = secs(1);
     let o = execute(&mut c, s).await;
     assert_eq!(o.status(), S::Timeout);
-    assert!(o.completion.output_truncated);
+    assert!(o.completion().output_truncated);
     assert_eq!(o.stdout.len(), 10_000);
     // Far more than the cap plus a pipe's worth was read and dropped: the writer never
     // blocked on a full pipe.
     assert!(
-        o.completion.output_bytes > 1_000_000,
+        o.completion().output_bytes > 1_000_000,
         "{}",
-        o.completion.output_bytes
+        o.completion().output_bytes
     );
     assert_eq!(python(&mut c, "x").await.results, vec!["'kept'"]);
 }
@@ -276,7 +276,7 @@ def close(which): _figs.clear()\n",
     );
     let o = python(&mut c, &code).await;
     assert_eq!(o.status(), S::Ok, "{o:?}");
-    assert_eq!(o.stdout(), "Agg\n");
+    assert_eq!(o.stdout_text(), "Agg\n");
     let pngs: Vec<_> = o
         .displays
         .iter()
@@ -303,13 +303,16 @@ async fn per_call_env_and_cwd_do_not_persist() {
     s.env.insert("ONLY_NOW".into(), "yes".into());
     s.cwd = other.display().to_string();
     let o = execute(&mut c, s).await;
-    assert_eq!(o.stdout(), format!("yes {}\n", other.display()));
+    assert_eq!(o.stdout_text(), format!("yes {}\n", other.display()));
     let o = python(
         &mut c,
         "import os\nprint(os.environ.get('ONLY_NOW'), os.getcwd())",
     )
     .await;
-    assert_eq!(o.stdout(), format!("None {}\n", agent.workdir().display()));
+    assert_eq!(
+        o.stdout_text(),
+        format!("None {}\n", agent.workdir().display())
+    );
 }
 
 #[tokio::test]
@@ -331,7 +334,7 @@ async fn a_client_that_goes_away_interrupts_the_code() {
     drop(stream);
     let o = python(&mut c, "caught").await;
     assert_eq!(o.results, vec!["True"]);
-    assert!(!o.completion.state_lost);
+    assert!(!o.completion().state_lost);
 }
 
 #[tokio::test]
@@ -361,7 +364,9 @@ async fn executes_on_one_kernel_run_in_arrival_order() {
         .into_inner();
     // A shell execute does not wait for the Python kernel.
     assert_eq!(
-        common::shell(&mut c, "echo independent").await.stdout(),
+        common::shell(&mut c, "echo independent")
+            .await
+            .stdout_text(),
         "independent\n"
     );
     std::fs::write(&go, b"").unwrap();
@@ -409,11 +414,11 @@ async fn a_corrupted_event_pipe_is_survived_or_ends_the_kernel() {
     // An endless line would grow the agent's buffer without bound: the kernel is killed.
     let o = python(&mut c, "import os\nos.write(4, b'x' * (65 * 1024 * 1024))").await;
     assert_eq!(o.status(), S::KernelDied, "{o:?}");
-    assert!(o.completion.state_lost);
+    assert!(o.completion().state_lost);
     assert!(
-        o.completion.message.contains("malformed"),
+        o.completion().message.contains("malformed"),
         "{}",
-        o.completion.message
+        o.completion().message
     );
     assert_eq!(python(&mut c, "'ok'").await.results, vec!["'ok'"]);
 }

@@ -16,14 +16,14 @@ async fn cwd_exports_and_functions_persist() {
         &format!("cd {dir}\nexport FOO=bar\nBAR=local\ngreet() {{ echo \"hi $1\"; }}"),
     )
     .await;
-    assert_eq!((o.status(), o.completion.exit_code), (S::Ok, 0), "{o:?}");
+    assert_eq!((o.status(), o.completion().exit_code), (S::Ok, 0), "{o:?}");
     let o = shell(
         &mut c,
         "pwd; echo $FOO $BAR; greet you; sh -c 'echo child sees $FOO'",
     )
     .await;
     assert_eq!(
-        o.stdout(),
+        o.stdout_text(),
         format!("{dir}\nbar local\nhi you\nchild sees bar\n")
     );
 }
@@ -33,12 +33,12 @@ async fn exit_codes_become_status() {
     let agent = Agent::start().await;
     let mut c = agent.client();
     let o = shell(&mut c, "true").await;
-    assert_eq!((o.status(), o.completion.exit_code), (S::Ok, 0));
+    assert_eq!((o.status(), o.completion().exit_code), (S::Ok, 0));
     let o = shell(&mut c, "echo oops >&2; false").await;
-    assert_eq!((o.status(), o.completion.exit_code), (S::Error, 1));
+    assert_eq!((o.status(), o.completion().exit_code), (S::Error, 1));
     assert_eq!(String::from_utf8_lossy(&o.stderr), "oops\n");
     let o = shell(&mut c, "(exit 7)").await;
-    assert_eq!((o.status(), o.completion.exit_code), (S::Error, 7));
+    assert_eq!((o.status(), o.completion().exit_code), (S::Error, 7));
     let o = shell(&mut c, "printf '\\x00\\xff'").await;
     assert_eq!(o.stdout, b"\x00\xff");
 }
@@ -53,11 +53,11 @@ async fn a_busy_loop_times_out_and_the_shell_keeps_its_state() {
     let o = execute(&mut c, s).await;
     assert_eq!(o.status(), S::Timeout, "{o:?}");
     assert!(
-        !o.completion.state_lost,
+        !o.completion().state_lost,
         "the INT trap unwinds the loop; no kill needed"
     );
     assert!(o.stdout.is_empty());
-    assert_eq!(shell(&mut c, "echo $KEPT").await.stdout(), "yes\n");
+    assert_eq!(shell(&mut c, "echo $KEPT").await.stdout_text(), "yes\n");
 }
 
 #[tokio::test]
@@ -73,14 +73,14 @@ async fn a_foreground_sleep_and_nested_functions_are_interrupted() {
         s.timeout = secs(1);
         let o = execute(&mut c, s).await;
         assert_eq!(o.status(), S::Timeout, "{code}: {o:?}");
-        assert!(!o.completion.state_lost, "{code}");
-        assert!(o.stdout.is_empty(), "{code}: {}", o.stdout());
+        assert!(!o.completion().state_lost, "{code}");
+        assert!(o.stdout.is_empty(), "{code}: {}", o.stdout_text());
     }
     // A second interrupt works as well as the first.
     let mut s = spec(Language::Shell, "while true; do :; done");
     s.timeout = secs(1);
     assert_eq!(execute(&mut c, s).await.status(), S::Timeout);
-    assert_eq!(shell(&mut c, "echo $KEPT").await.stdout(), "yes\n");
+    assert_eq!(shell(&mut c, "echo $KEPT").await.stdout_text(), "yes\n");
 }
 
 #[tokio::test]
@@ -91,8 +91,8 @@ async fn code_that_traps_sigint_is_killed_after_the_grace() {
     s.timeout = secs(1);
     let o = execute(&mut c, s).await;
     assert_eq!(o.status(), S::Timeout);
-    assert!(o.completion.state_lost);
-    assert_eq!(shell(&mut c, "echo back").await.stdout(), "back\n");
+    assert!(o.completion().state_lost);
+    assert_eq!(shell(&mut c, "echo back").await.stdout_text(), "back\n");
 }
 
 #[tokio::test]
@@ -100,10 +100,10 @@ async fn exit_ends_the_shell_kernel() {
     let agent = Agent::start().await;
     let mut c = agent.client();
     let o = shell(&mut c, "exit 3").await;
-    assert_eq!((o.status(), o.completion.exit_code), (S::KernelDied, 3));
-    assert!(o.completion.state_lost);
+    assert_eq!((o.status(), o.completion().exit_code), (S::KernelDied, 3));
+    assert!(o.completion().state_lost);
     let o = shell(&mut c, "echo again").await;
-    assert_eq!((o.status(), o.stdout().as_str()), (S::Ok, "again\n"));
+    assert_eq!((o.status(), o.stdout_text().as_str()), (S::Ok, "again\n"));
 }
 
 #[tokio::test]
@@ -114,7 +114,10 @@ async fn per_call_env_and_cwd_do_not_persist() {
     s.env.insert("ONLY_NOW".into(), "it's here".into());
     s.cwd = "/".into();
     let o = execute(&mut c, s).await;
-    assert_eq!(o.stdout(), "it's here /\n");
+    assert_eq!(o.stdout_text(), "it's here /\n");
     let o = shell(&mut c, "echo \"[$ONLY_NOW]\" $(pwd)").await;
-    assert_eq!(o.stdout(), format!("[] {}\n", agent.workdir().display()));
+    assert_eq!(
+        o.stdout_text(),
+        format!("[] {}\n", agent.workdir().display())
+    );
 }

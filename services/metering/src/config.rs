@@ -3,24 +3,28 @@
 
 use std::time::Duration;
 
+use capsa_grpc::args::{CommonArgs, RedisUrl, listen_on};
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "capsa-metering",
     version,
-    about = "Samples every leased VM's usage into Redis and appends usage records for billing."
+    about = "Samples every leased VM's usage into Redis and appends usage records for billing.",
+    mut_arg("listen", listen_on("CAPSA_METERING_LISTEN", "127.0.0.1:50054"))
 )]
 pub struct Config {
-    /// Address to serve gRPC on, e.g. 0.0.0.0:50054 (127.0.0.1:0 in tests).
-    #[arg(long, env = "CAPSA_METERING_LISTEN", default_value = "127.0.0.1:50054")]
-    pub listen: String,
+    /// `--listen` and the telemetry flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
 
-    /// Redis holding the node registry, the sessions and the usage.
+    /// Redis holding the node registry, the sessions and the usage
+    /// (`redis://[:password@]host:port/db`; logged with the password masked).
     #[arg(
         long,
         env = "CAPSA_REDIS_URL",
         default_value = "redis://127.0.0.1:6379/"
     )]
-    pub redis_url: String,
+    pub redis_url: RedisUrl,
 
     /// How often every leased VM is sampled, e.g. 2s or 500ms.
     #[arg(long, env = "CAPSA_METERING_SAMPLE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
@@ -95,7 +99,7 @@ mod tests {
         assert_eq!(c.sample_interval, Duration::from_millis(250));
         assert_eq!(c.record_interval, Duration::from_secs(300));
         assert_eq!(c.retention, Duration::from_secs(7 * 86_400));
-        assert_eq!(c.redis_url, "redis://r/");
+        assert_eq!(c.redis_url.expose(), "redis://r/");
         assert_eq!(c.sample_concurrency, 16);
     }
 

@@ -37,7 +37,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let conn = capsa_store::connect(&config.redis_url).await?;
+    let conn = capsa_store::connect(config.redis_url.expose()).await?;
     let registry = NodeRegistry::new(conn.clone());
     // Metering only reads sessions; the store's bounds matter to writers alone.
     let sessions = SessionStore::new(conn.clone(), StoreConfig::default());

@@ -1,30 +1,31 @@
 //! `capsa-metering`: parses its config, binds, prints `CAPSA_LISTENING=<addr>`, and samples
-//! and serves until SIGINT or SIGTERM.
+//! and serves until SIGINT or SIGTERM. Exit codes: `capsa_grpc::process`.
 
 use std::process::ExitCode;
 
-use capsa_grpc::process::{EXIT_BAD_CONFIG, bind_and_announce, parse_args, shutdown_signal};
+use capsa_grpc::process::{Exit, bind_and_announce, exit_code, parse_args, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config: capsa_metering::Config = match parse_args() {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let _telemetry = capsa_telemetry::init("capsa-metering", "info");
-    if let Err(e) = redis::Client::open(config.redis_url.as_str()) {
-        tracing::error!(error = %e, "bad --redis-url");
-        return ExitCode::from(EXIT_BAD_CONFIG);
-    }
-    let listener = match bind_and_announce(&config.listen).await {
-        Ok(listener) => listener,
-        Err(code) => return code,
-    };
-    match capsa_metering::run(config, listener, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %capsa_grpc::error::chain(&e), "metering failed");
-            ExitCode::FAILURE
+    exit_code(serve().await)
+}
+
+async fn serve() -> Result<(), Exit> {
+    let config: capsa_metering::Config = parse_args()?;
+    config
+        .redis_url
+        .check()
+        .map_err(|e| Exit::config(format!("--redis-url (CAPSA_REDIS_URL): {e}")))?;
+    let _telemetry = capsa_telemetry::init("capsa-metering", &config.common.telemetry.settings())?;
+    let shutdown = shutdown_signal();
+    let listener = bind_and_announce(config.common.listen).await?;
+    let redis = config.redis_url.clone();
+    match capsa_metering::run(config, listener, shutdown).await {
+        Ok(()) => Ok(()),
+        // The store fails `run` only when connecting at start: later failures are per call.
+        Err(e @ capsa_metering::Error::Store(_)) => {
+            Err(Exit::unavailable(&format!("redis at {redis}"), &e))
         }
+        Err(e) => Err(Exit::failed("metering failed", &e)),
     }
 }

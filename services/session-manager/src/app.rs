@@ -1,9 +1,10 @@
 //! The state every request handler and background loop shares: the stores, the node
-//! clients and the config. Business logic hangs off [`App`] in `sessions`, `teardown`,
-//! `proxy` and `reaper`.
+//! clients, the per-tenant stream slots and the config. Business logic hangs off [`App`] in
+//! `sessions`, `teardown`, `proxy` and `reaper`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use capsa_store::{ApiKeyStore, ConnectionManager, NodeRegistry, SessionStore};
 
@@ -17,6 +18,7 @@ pub struct App {
     pub keys: ApiKeyStore,
     pub nodes: NodeRegistry,
     pub clients: Clients,
+    pub streams: StreamSlots,
     /// Sessions not yet terminated (all tenants), refreshed by the reconciler and exported
     /// as the `capsa.sessions.active` gauge. Every replica reports the same global number.
     pub open_sessions: Arc<AtomicU64>,
@@ -40,6 +42,7 @@ impl App {
             keys: ApiKeyStore::new(conn.clone()),
             nodes: NodeRegistry::new(conn),
             clients: Clients::new(config.metering_url.clone()),
+            streams: StreamSlots::new(config.max_streams_per_tenant),
             config,
         }
     }
@@ -61,5 +64,90 @@ impl App {
             Some(rec) => Ok(rec.tenant_id),
             None => Err(Error::Unauthenticated("unknown api key")),
         }
+    }
+}
+
+/// Streaming calls (Execute, DownloadFile, UploadFile) open per tenant on this replica,
+/// capped by `--max-streams-per-tenant`: one tenant's open streams, stalled ones included,
+/// take at most that many of this replica's streams and relay buffers, whatever it does.
+pub struct StreamSlots {
+    max: u32,
+    open: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// One open streaming call; its slot is released when this drops, however the call ended.
+pub struct StreamSlot {
+    tenant: String,
+    open: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl StreamSlots {
+    pub fn new(max: u32) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for one more streaming call of `tenant`, or RESOURCE_EXHAUSTED at the cap.
+    pub fn acquire(&self, tenant: &str) -> Result<StreamSlot, Error> {
+        let mut open = self.open.lock().expect("stream slots lock");
+        let count = open.entry(tenant.to_string()).or_default();
+        if *count >= self.max {
+            return Err(Error::ResourceExhausted(format!(
+                "tenant {tenant} has {} streaming calls (Execute, DownloadFile, UploadFile) \
+                 open on this server, its limit (--max-streams-per-tenant); \
+                 retry when one ends",
+                self.max
+            )));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            tenant: tenant.to_string(),
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("stream slots lock");
+        if let Some(count) = open.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_at_its_cap_is_refused_and_others_are_not() {
+        let slots = StreamSlots::new(2);
+        let a1 = slots.acquire("a").unwrap();
+        let _a2 = slots.acquire("a").unwrap();
+        let err = slots.acquire("a").err().unwrap();
+        let status = capsa_grpc::to_status(&err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("--max-streams-per-tenant") && status.message().contains('2'),
+            "{}",
+            status.message()
+        );
+        let _b = slots.acquire("b").unwrap();
+        drop(a1);
+        let _a3 = slots.acquire("a").unwrap();
+        assert!(slots.acquire("a").is_err());
+    }
+
+    #[test]
+    fn released_slots_leave_no_entry_behind() {
+        let slots = StreamSlots::new(1);
+        drop(slots.acquire("a").unwrap());
+        assert!(slots.open.lock().unwrap().is_empty());
     }
 }

@@ -3,11 +3,24 @@
 //! node service. Every channel has a connect timeout and HTTP/2 keepalives, so a dead node
 //! is an error within seconds instead of a hung call, and every call carries the caller's
 //! trace context (`capsa_telemetry::propagate`).
+//!
+//! One connection carries every tenant's streams to a node, so its flow control is chosen
+//! so that no stream can hold up another. Data a relay has not taken yet (its client reads
+//! slowly or not at all) stays charged to that stream's receive window and to the
+//! connection's. With hyper's client defaults (2 MiB per stream, 5 MiB per connection)
+//! three stalled downloads exhaust the connection window and every other tenant's Execute
+//! on that node waits behind them. So the connection window holds every stream the node
+//! accepts (`max_streams::EXECUTOR`) at a full stream window
+//! (`capsa_grpc::server::connection_window`): a stalled stream costs its own window only.
+//! That is chosen over a pool of connections, which would only make the collision rarer.
+//! The memory this allows is spent only while readers stall, which the stall timeout and
+//! the per-tenant stream cap bound (see `proxy`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use capsa_grpc::server::{STREAM_WINDOW, connection_window, max_streams};
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
 use capsa_proto::limits::MAX_MESSAGE_BYTES;
 use capsa_proto::metering::v1::metering_service_client::MeteringServiceClient;
@@ -50,6 +63,8 @@ impl Clients {
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(3))
                     .keep_alive_while_idle(true)
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(connection_window(max_streams::EXECUTOR))
                     .tcp_nodelay(true);
                 // Lazy: connects on first use and reconnects after failures by itself.
                 let c = endpoint.connect_lazy();

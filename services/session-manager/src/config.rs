@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use capsa_grpc::args::{CommonArgs, RedisUrl, listen_on};
 use clap::{Args, Parser, Subcommand};
 
 /// The session-manager command line.
@@ -29,13 +30,33 @@ pub enum Command {
     ListApiKeys(ListApiKeys),
     /// Revokes an API key by the id `list-api-keys` prints; calls with it fail at once.
     RevokeApiKey(RevokeApiKey),
+    /// Sets a tenant's own limits (overriding the server defaults) and prints them.
+    SetTenantLimits(SetTenantLimits),
+}
+
+/// `set-tenant-limits` arguments: each given limit replaces the tenant's; others stay.
+#[derive(Debug, Clone, Args)]
+pub struct SetTenantLimits {
+    #[arg(long, env = "CAPSA_REDIS_URL")]
+    pub redis_url: RedisUrl,
+    #[arg(long)]
+    pub tenant: String,
+    /// Cap on concurrent (creating + active) sessions.
+    #[arg(long)]
+    pub max_sessions: Option<u32>,
+    /// Session creates per second (refill of the tenant's token bucket); needs --create-burst.
+    #[arg(long, requires = "create_burst", value_parser = positive_rate)]
+    pub create_rate: Option<f64>,
+    /// Most creates at once after an idle spell; needs --create-rate.
+    #[arg(long, requires = "create_rate", value_parser = clap::value_parser!(u32).range(1..))]
+    pub create_burst: Option<u32>,
 }
 
 /// `list-api-keys` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct ListApiKeys {
     #[arg(long, env = "CAPSA_REDIS_URL")]
-    pub redis_url: Redacted,
+    pub redis_url: RedisUrl,
     /// Only this tenant's keys.
     #[arg(long)]
     pub tenant: Option<String>,
@@ -45,7 +66,7 @@ pub struct ListApiKeys {
 #[derive(Debug, Clone, Args)]
 pub struct RevokeApiKey {
     #[arg(long, env = "CAPSA_REDIS_URL")]
-    pub redis_url: Redacted,
+    pub redis_url: RedisUrl,
     /// Key id: the start (at least 8 hex digits) of the key's sha256, as listed.
     #[arg(long)]
     pub id: String,
@@ -55,7 +76,7 @@ pub struct RevokeApiKey {
 #[derive(Debug, Clone, Args)]
 pub struct CreateApiKey {
     #[arg(long, env = "CAPSA_REDIS_URL")]
-    pub redis_url: Redacted,
+    pub redis_url: RedisUrl,
     /// Tenant the key acts for.
     #[arg(long)]
     pub tenant: String,
@@ -69,17 +90,19 @@ pub struct CreateApiKey {
 
 /// Server configuration. Tests build it with [`Config::for_redis`] and adjust fields.
 #[derive(Debug, Clone, Args)]
+#[command(mut_arg("listen", listen_on("CAPSA_LISTEN", "127.0.0.1:50051")))]
 pub struct Config {
-    /// Address to serve gRPC on.
-    #[arg(long, env = "CAPSA_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: String,
-    /// Redis holding sessions, keys and nodes (`redis://host:port/db`).
+    /// `--listen` and the telemetry flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Redis holding sessions, keys and nodes (`redis://[:password@]host:port/db`; logged
+    /// with the password masked).
     #[arg(
         long,
         env = "CAPSA_REDIS_URL",
         default_value = "redis://127.0.0.1:6379/"
     )]
-    pub redis_url: Redacted,
+    pub redis_url: RedisUrl,
     /// MeteringService URL; without it FinalizeSession is skipped and usage calls fail
     /// with UNAVAILABLE.
     #[arg(long, env = "CAPSA_METERING_URL")]
@@ -97,8 +120,8 @@ pub struct Config {
     /// How long AcquireVm may take (cold boots under software emulation are slow).
     #[arg(long, env = "CAPSA_ACQUIRE_TIMEOUT_SECS", default_value_t = 120)]
     pub acquire_timeout_secs: u64,
-    /// How long ended sessions stay readable.
-    #[arg(long, env = "CAPSA_RETENTION_SECS", default_value_t = 24 * 3600)]
+    /// How long ended sessions stay readable (their record, end reason and final usage).
+    #[arg(long, env = "CAPSA_RETENTION_SECS", default_value_t = 3600)]
     pub retention_secs: u64,
     /// How long a replica owns a teardown before another may take it over.
     #[arg(long, env = "CAPSA_CLAIM_TTL_SECS", default_value_t = 30)]
@@ -114,6 +137,15 @@ pub struct Config {
     /// stopped or CPU-starved one gets this long to come back (a graceful remove gets none).
     #[arg(long, env = "CAPSA_NODE_GRACE_SECS", default_value_t = 30)]
     pub node_grace_secs: u64,
+    /// Longest a relayed stream (Execute, DownloadFile) waits for its client to take one
+    /// event or chunk, in milliseconds. Past it the stream ends DEADLINE_EXCEEDED ("client
+    /// stopped reading") and its call to the node is dropped, which interrupts the code.
+    #[arg(long, env = "CAPSA_STALLED_CLIENT_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stalled_client_timeout_ms: u64,
+    /// Streaming calls (Execute, DownloadFile, UploadFile) a tenant may have open at once
+    /// on this replica; past it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CAPSA_MAX_STREAMS_PER_TENANT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_tenant: u32,
     /// Bound of the best-effort FinalizeSession call while ending a session.
     #[arg(long, env = "CAPSA_FINALIZE_TIMEOUT_MS", default_value_t = 2000)]
     pub finalize_timeout_ms: u64,
@@ -128,6 +160,10 @@ impl Config {
 
     pub fn acquire_timeout(&self) -> Duration {
         Duration::from_secs(self.acquire_timeout_secs)
+    }
+
+    pub fn stalled_client_timeout(&self) -> Duration {
+        Duration::from_millis(self.stalled_client_timeout_ms)
     }
 
     pub fn store_config(&self) -> capsa_store::StoreConfig {
@@ -150,23 +186,6 @@ fn positive_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A secret string (a Redis URL may carry a password): `Debug` shows no content.
-#[derive(Clone)]
-pub struct Redacted(pub String);
-
-impl std::str::FromStr for Redacted {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Redacted(s.to_string()))
-    }
-}
-
-impl std::fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,8 +194,15 @@ mod tests {
     fn top_level_flags_mean_serve_and_subcommands_parse() {
         let cli = Cli::parse_from(["x", "--listen", "127.0.0.1:0", "--redis-url", "redis://h/"]);
         assert!(cli.command.is_none());
-        assert_eq!(cli.serve.listen, "127.0.0.1:0");
+        assert_eq!(cli.serve.common.listen, "127.0.0.1:0".parse().unwrap());
+        let cli = Cli::parse_from(["x", "serve"]);
+        let Some(Command::Serve(config)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(config.common.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(cli.serve.max_sessions_per_tenant, 20);
+        assert_eq!(cli.serve.max_streams_per_tenant, 16);
+        assert_eq!(cli.serve.stalled_client_timeout(), Duration::from_secs(30));
         let cli = Cli::parse_from(["x", "create-api-key", "--redis-url", "r", "--tenant", "t"]);
         let Some(Command::CreateApiKey(k)) = cli.command else {
             panic!()

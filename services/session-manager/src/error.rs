@@ -26,6 +26,13 @@ pub enum Error {
     /// A node, metering or the session's VM is down or not answering.
     #[error("{0}")]
     Unavailable(String),
+    /// The client took nothing from its stream for this long; the stream ended and the
+    /// call on the node was dropped (interrupting the code in the guest).
+    #[error("client stopped reading for {0:?}; the stream was ended")]
+    ClientStalled(std::time::Duration),
+    /// The client's own request stream (an upload) broke off.
+    #[error("request stream failed: {0}")]
+    ClientStream(String),
     /// The session store (Redis) failed.
     #[error("session store failed")]
     Store(#[from] capsa_store::StoreError),
@@ -52,6 +59,8 @@ impl ServiceError for Error {
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::ResourceExhausted(_) | Error::RateLimited(..) => ErrorCode::ResourceExhausted,
             Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::ClientStalled(_) => ErrorCode::DeadlineExceeded,
+            Error::ClientStream(_) => ErrorCode::Cancelled,
             Error::Store(capsa_store::StoreError::Redis(_)) => ErrorCode::Unavailable,
             Error::Store(_) => ErrorCode::Internal,
             Error::Upstream(status) => upstream_code(status.code()),
@@ -113,6 +122,11 @@ mod tests {
             ),
             (Error::Unavailable("x".into()), Code::Unavailable),
             (
+                Error::ClientStalled(std::time::Duration::from_secs(30)),
+                Code::DeadlineExceeded,
+            ),
+            (Error::ClientStream("x".into()), Code::Cancelled),
+            (
                 Error::Store(capsa_store::StoreError::Corrupt {
                     key: "k".into(),
                     reason: "r".into(),
@@ -135,5 +149,10 @@ mod tests {
         }
         let s = capsa_grpc::to_status(&Error::field("vcpus", "must be 1 to 8"));
         assert_eq!(s.message(), "invalid `vcpus`: must be 1 to 8");
+        let s = capsa_grpc::to_status(&Error::ClientStalled(std::time::Duration::from_secs(30)));
+        assert_eq!(
+            s.message(),
+            "client stopped reading for 30s; the stream was ended"
+        );
     }
 }

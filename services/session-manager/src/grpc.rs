@@ -1,18 +1,23 @@
-//! The gRPC adapter: authenticates each call, translates proto ⇄ domain, and turns
-//! errors into statuses through `capsa_grpc::to_status`. No business logic lives here.
+//! The gRPC adapter: authenticates each call, validates it and translates proto ⇄ domain,
+//! and turns errors into statuses through `capsa_grpc::to_status`. No business logic lives
+//! here, and nothing below it sees a request message or returns a `Status`.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use capsa_proto::session::v1 as pb;
 use capsa_proto::session::v1::session_service_server::SessionService;
 use capsa_proto::time::timestamp_ms;
 use capsa_store::{EndReason, SessionRecord, SessionStatus};
+use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::error::Error;
-use crate::proxy::Relay;
+use crate::proxy::DownloadPart;
 use crate::validate;
+
+type GrpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 pub struct SessionApi {
     app: Arc<App>,
@@ -163,29 +168,65 @@ impl SessionService for SessionApi {
         }))
     }
 
-    type ExecuteStream = Relay<pb::ExecuteResponse>;
+    type ExecuteStream = GrpcStream<pb::ExecuteResponse>;
 
     async fn execute(
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let tenant = self.tenant(&req).await?;
-        let stream = self
+        let r = req.get_ref();
+        let spec = validate::execute(r).map_err(|e| status(&e))?;
+        let events = self
             .app
-            .execute(&tenant, req.into_inner())
+            .execute(&tenant, &r.session_id, spec)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(stream))
+        let stream = events.map(|item| {
+            item.map(|event| pb::ExecuteResponse { event: Some(event) })
+                .map_err(|e| status(&e))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn upload_file(
         &self,
         req: Request<Streaming<pb::UploadFileRequest>>,
     ) -> Result<Response<pb::UploadFileResponse>, Status> {
+        use pb::upload_file_request::Part;
         let tenant = self.tenant(&req).await?;
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await {
+            Ok(Some(pb::UploadFileRequest {
+                part: Some(Part::Header(h)),
+            })) => h,
+            Ok(_) => {
+                let e = Error::field("header", "the first message must be the header");
+                return Err(status(&e));
+            }
+            Err(s) => return Err(status(&Error::ClientStream(s.message().to_owned()))),
+        };
+        validate::upload_header(&header).map_err(|e| status(&e))?;
+        let file = header.file.unwrap_or_default();
+        let data = inbound.map(|msg| match msg {
+            Ok(pb::UploadFileRequest {
+                part: Some(Part::Data(chunk)),
+            }) => validate::chunk(chunk.len()).map(|()| chunk),
+            Ok(pb::UploadFileRequest {
+                part: Some(Part::Header(_)),
+            }) => Err(Error::field(
+                "header",
+                "only the first message may be a header",
+            )),
+            Ok(pb::UploadFileRequest { part: None }) => Err(Error::field(
+                "part",
+                "a message carried neither header nor data",
+            )),
+            Err(s) => Err(Error::ClientStream(s.message().to_owned())),
+        });
         let result = self
             .app
-            .upload(&tenant, req.into_inner())
+            .upload(&tenant, &header.session_id, file, data)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::UploadFileResponse {
@@ -193,19 +234,30 @@ impl SessionService for SessionApi {
         }))
     }
 
-    type DownloadFileStream = Relay<pb::DownloadFileResponse>;
+    type DownloadFileStream = GrpcStream<pb::DownloadFileResponse>;
 
     async fn download_file(
         &self,
         req: Request<pb::DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        use pb::download_file_response::Part;
         let tenant = self.tenant(&req).await?;
-        let stream = self
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::path("path", &r.path).map_err(|e| status(&e))?;
+        let parts = self
             .app
-            .download(&tenant, req.into_inner())
+            .download(&tenant, &r.session_id, r.path)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(stream))
+        let stream = parts.map(|item| {
+            let part = match item.map_err(|e| status(&e))? {
+                DownloadPart::Info(info) => Part::Info(info),
+                DownloadPart::Data(data) => Part::Data(data),
+            };
+            Ok(pb::DownloadFileResponse { part: Some(part) })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_files(
@@ -213,9 +265,12 @@ impl SessionService for SessionApi {
         req: Request<pb::ListFilesRequest>,
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
         let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::path("path", &r.path).map_err(|e| status(&e))?;
         let files = self
             .app
-            .list_files(&tenant, req.into_inner())
+            .list_files(&tenant, &r.session_id, r.path)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::ListFilesResponse { files }))
@@ -226,9 +281,12 @@ impl SessionService for SessionApi {
         req: Request<pb::GetFileInfoRequest>,
     ) -> Result<Response<pb::GetFileInfoResponse>, Status> {
         let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::path("path", &r.path).map_err(|e| status(&e))?;
         let info = self
             .app
-            .file_info(&tenant, req.into_inner())
+            .file_info(&tenant, &r.session_id, r.path)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::GetFileInfoResponse { info }))
@@ -239,9 +297,13 @@ impl SessionService for SessionApi {
         req: Request<pb::MakeDirectoryRequest>,
     ) -> Result<Response<pb::MakeDirectoryResponse>, Status> {
         let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::path("path", &r.path).map_err(|e| status(&e))?;
+        validate::mode("mode", r.mode).map_err(|e| status(&e))?;
         let info = self
             .app
-            .make_directory(&tenant, req.into_inner())
+            .make_directory(&tenant, &r.session_id, r.path, r.mode)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::MakeDirectoryResponse { info }))
@@ -252,8 +314,11 @@ impl SessionService for SessionApi {
         req: Request<pb::RemoveFileRequest>,
     ) -> Result<Response<pb::RemoveFileResponse>, Status> {
         let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::path("path", &r.path).map_err(|e| status(&e))?;
         self.app
-            .remove_file(&tenant, req.into_inner())
+            .remove_file(&tenant, &r.session_id, r.path, r.recursive)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::RemoveFileResponse {}))

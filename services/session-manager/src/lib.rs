@@ -3,6 +3,19 @@
 //! reaper and reconciler running beside the server (see `reaper`). On shutdown health goes
 //! NOT_SERVING, the listener closes and in-flight calls finish; sessions are not ended
 //! (another replica, or this one restarted, carries on from Redis).
+//!
+//! Modules and what each owns:
+//! - `grpc`: the adapter, the only place that sees the protocol: authenticates, validates
+//!   (with `validate`), turns requests into domain values and results and [`Error`]s
+//!   back into messages and statuses.
+//! - `app`: the shared state (`App`): stores, node clients, config, and the
+//!   per-tenant stream slots.
+//! - `sessions`: create, get, list, delete, extend, usage; `teardown`: ending a session
+//!   and releasing its VM; `reaper`: expiry and the reconciler.
+//! - `proxy`: Execute and file calls relayed to the session's node, with the stall bound.
+//! - `clients`: the cached node and metering channels and their flow control.
+//! - [`config`]: flags; [`error`]: the error enum and its codes; [`validate`]: the
+//!   contract's checks of every request field.
 
 mod app;
 mod clients;
@@ -22,7 +35,7 @@ use capsa_proto::session::v1::session_service_server::SessionServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Cli, Command, Config, CreateApiKey, ListApiKeys, RevokeApiKey};
+pub use config::{Cli, Command, Config, CreateApiKey, ListApiKeys, RevokeApiKey, SetTenantLimits};
 pub use error::Error;
 
 /// Everything [`run`] can fail with before or while serving.
@@ -40,7 +53,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let conn = capsa_store::connect(&config.redis_url.0)
+    let conn = capsa_store::connect(config.redis_url.expose())
         .await
         .map_err(RunError::Redis)?;
     let app = Arc::new(app::App::new(config, conn));
@@ -51,7 +64,9 @@ pub async fn run(
     let service = SessionServiceServer::new(grpc::SessionApi::new(app))
         .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
-    let server = capsa_grpc::Server::new().add_service(service);
+    let server = capsa_grpc::Server::new()
+        .max_concurrent_streams(capsa_grpc::server::max_streams::SESSION_MANAGER)
+        .add_service(service);
     tracing::info!("session-manager serving");
     capsa_grpc::serve_tcp(server, listener, shutdown)
         .await
@@ -61,7 +76,7 @@ pub async fn run(
 /// `create-api-key`: creates the key (and the tenant's session cap, if given) and returns
 /// the plaintext for the caller to print.
 pub async fn create_api_key(args: &CreateApiKey) -> Result<String, AdminError> {
-    let conn = capsa_store::connect(&args.redis_url.0).await?;
+    let conn = capsa_store::connect(args.redis_url.expose()).await?;
     let keys = capsa_store::ApiKeyStore::new(conn);
     if let Some(max) = args.max_sessions {
         keys.set_max_sessions(&args.tenant, max).await?;
@@ -69,12 +84,31 @@ pub async fn create_api_key(args: &CreateApiKey) -> Result<String, AdminError> {
     Ok(keys.create(&args.tenant, &args.name).await?.plaintext)
 }
 
+/// `set-tenant-limits`: stores the given limits and returns the tenant's overrides now in
+/// force, one `name value` per line.
+pub async fn set_tenant_limits(args: &SetTenantLimits) -> Result<String, AdminError> {
+    let conn = capsa_store::connect(args.redis_url.expose()).await?;
+    let keys = capsa_store::ApiKeyStore::new(conn);
+    if let Some(max) = args.max_sessions {
+        keys.set_max_sessions(&args.tenant, max).await?;
+    }
+    if let (Some(rate), Some(burst)) = (args.create_rate, args.create_burst) {
+        keys.set_create_rate(&args.tenant, rate, burst).await?;
+    }
+    let limits = keys.tenant_limits(&args.tenant).await?;
+    Ok(limits
+        .iter()
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// Characters of a key's sha256 hex that `list-api-keys` shows as its id.
 const KEY_ID_SHOWN: usize = 16;
 
 /// `list-api-keys`: one line per key, `id tenant created name`, oldest first.
 pub async fn list_api_keys(args: &ListApiKeys) -> Result<String, AdminError> {
-    let conn = capsa_store::connect(&args.redis_url.0).await?;
+    let conn = capsa_store::connect(args.redis_url.expose()).await?;
     let keys = capsa_store::ApiKeyStore::new(conn);
     Ok(keys
         .list(args.tenant.as_deref())
@@ -113,7 +147,7 @@ pub enum AdminError {
 
 /// `revoke-api-key`: deletes the key and returns `id tenant name` of what was revoked.
 pub async fn revoke_api_key(args: &RevokeApiKey) -> Result<String, AdminError> {
-    let conn = capsa_store::connect(&args.redis_url.0).await?;
+    let conn = capsa_store::connect(args.redis_url.expose()).await?;
     let keys = capsa_store::ApiKeyStore::new(conn);
     match keys.find_by_id(&args.id).await? {
         capsa_store::KeyById::One(hash, rec) => {

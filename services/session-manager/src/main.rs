@@ -1,75 +1,79 @@
 //! `capsa-session-manager`: `serve` (default) binds, prints `CAPSA_LISTENING=<addr>` and
 //! runs until SIGINT/SIGTERM; `create-api-key` prints a new key and nothing else;
-//! `list-api-keys` and `revoke-api-key` manage keys by id (a prefix of the key's sha256).
+//! `list-api-keys` and `revoke-api-key` manage keys by id (a prefix of the key's sha256);
+//! `set-tenant-limits` sets a tenant's own limits. Exit codes: `capsa_grpc::process`.
 
+use std::future::Future;
 use std::process::ExitCode;
 
-use capsa_grpc::process::{EXIT_UNAVAILABLE, bind_and_announce, parse_args, shutdown_signal};
-use capsa_session_manager::{AdminError, Cli, Command};
+use capsa_grpc::args::RedisUrl;
+use capsa_grpc::process::{Exit, bind_and_announce, exit_code, parse_args, shutdown_signal};
+use capsa_session_manager as sm;
+use capsa_session_manager::{AdminError, Cli, Command, RunError};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli: Cli = match parse_args() {
-        Ok(cli) => cli,
-        Err(code) => return code,
-    };
-    let _telemetry = capsa_telemetry::init("capsa-session-manager", "info");
+    exit_code(serve().await)
+}
+
+async fn serve() -> Result<(), Exit> {
+    let cli: Cli = parse_args()?;
     let config = match cli.command {
-        Some(Command::CreateApiKey(args)) => {
-            return admin(
-                "create-api-key",
-                capsa_session_manager::create_api_key(&args).await,
-            );
-        }
-        Some(Command::ListApiKeys(args)) => {
-            return admin(
-                "list-api-keys",
-                capsa_session_manager::list_api_keys(&args).await,
-            );
-        }
-        Some(Command::RevokeApiKey(args)) => {
-            return admin(
-                "revoke-api-key",
-                capsa_session_manager::revoke_api_key(&args).await,
-            );
-        }
         Some(Command::Serve(config)) => config,
         None => cli.serve,
-    };
-    let listener = match bind_and_announce(&config.listen).await {
-        Ok(listener) => listener,
-        Err(code) => return code,
-    };
-    match capsa_session_manager::run(config, listener, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e @ capsa_session_manager::RunError::Redis(_)) => {
-            tracing::error!(error = %capsa_grpc::error::chain(&e), "session-manager failed");
-            ExitCode::from(EXIT_UNAVAILABLE)
+        Some(Command::CreateApiKey(a)) => {
+            return admin("create-api-key", &a.redis_url, sm::create_api_key(&a)).await;
         }
-        Err(e) => {
-            tracing::error!(error = %capsa_grpc::error::chain(&e), "session-manager failed");
-            ExitCode::FAILURE
+        Some(Command::ListApiKeys(a)) => {
+            return admin("list-api-keys", &a.redis_url, sm::list_api_keys(&a)).await;
         }
+        Some(Command::RevokeApiKey(a)) => {
+            return admin("revoke-api-key", &a.redis_url, sm::revoke_api_key(&a)).await;
+        }
+        Some(Command::SetTenantLimits(a)) => {
+            return admin("set-tenant-limits", &a.redis_url, sm::set_tenant_limits(&a)).await;
+        }
+    };
+    check_redis_url(&config.redis_url)?;
+    let _telemetry =
+        capsa_telemetry::init("capsa-session-manager", &config.common.telemetry.settings())?;
+    let shutdown = shutdown_signal();
+    let listener = bind_and_announce(config.common.listen).await?;
+    let redis = config.redis_url.clone();
+    match sm::run(config, listener, shutdown).await {
+        Ok(()) => Ok(()),
+        Err(e @ RunError::Redis(_)) => Err(Exit::unavailable(&format!("redis at {redis}"), &e)),
+        Err(e) => Err(Exit::failed("session-manager failed", &e)),
     }
 }
 
-/// Prints an admin command's output; a store failure exits 69 (unreachable dependency), a
-/// request the command refused exits 1 with the reason on stderr.
-fn admin(command: &str, result: Result<String, AdminError>) -> ExitCode {
-    match result {
+/// Runs an admin command and prints its output; a store failure exits 69 (unreachable
+/// dependency), a request the command refused exits 1 with the reason.
+async fn admin(
+    name: &str,
+    redis: &RedisUrl,
+    command: impl Future<Output = Result<String, AdminError>>,
+) -> Result<(), Exit> {
+    check_redis_url(redis)?;
+    let _telemetry = capsa_telemetry::init(
+        "capsa-session-manager",
+        &capsa_telemetry::Settings::from_env("info"),
+    )?;
+    match command.await {
         Ok(out) => {
             if !out.is_empty() {
                 println!("{out}");
             }
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e @ AdminError::Store(_)) => {
-            tracing::error!(error = %capsa_grpc::error::chain(&e), "{command} failed");
-            ExitCode::from(EXIT_UNAVAILABLE)
+            Err(Exit::unavailable(&format!("{name}: redis at {redis}"), &e))
         }
-        Err(e) => {
-            eprintln!("{command}: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => Err(Exit::Failed(format!("{name}: {e}"))),
     }
+}
+
+fn check_redis_url(url: &RedisUrl) -> Result<(), Exit> {
+    url.check()
+        .map_err(|e| Exit::config(format!("--redis-url (CAPSA_REDIS_URL) {url}: {e}")))
 }

@@ -1,38 +1,72 @@
 //! Execute and file calls, relayed to the executor of the session's node with the session's
-//! vm id. Everything that can fail (validation, auth, tenant, session state) fails before a
-//! stream starts, as a plain status. Streams go through a bounded channel and a relay task:
-//! a slow client stalls the relay, which stops pulling from the node, so backpressure
-//! reaches the guest; a client that goes away drops the relay's upstream call, which
-//! interrupts the code in the guest. A node that fails mid-call is checked with GetVm: if
-//! the VM failed or is gone the session ends VM_FAILED and the client is told so.
+//! vm id. Requests arrive validated, as domain values (`grpc.rs` translates); auth, tenant
+//! and session state fail here before a stream starts, as a plain error.
+//!
+//! Streams go through a bounded channel and a relay task: a slow client stalls the relay,
+//! which stops pulling from the node, so backpressure reaches the guest. Two bounds keep
+//! one client from holding more than its own stream:
+//! - a relay waits at most `--stalled-client-timeout-ms` for its client to take one item;
+//!   then the stream ends DEADLINE_EXCEEDED and the relay drops its upstream call, which
+//!   interrupts the code in the guest (a client that goes away does the same at once);
+//! - a tenant has at most `--max-streams-per-tenant` streaming calls open on this replica
+//!   ([`crate::app::StreamSlots`]); a stream's slot goes with the stream however it ends.
+//!
+//! The connection to the node that all tenants share is sized so that stalled streams
+//! cannot starve it (`crate::clients`). A node that fails mid-call is checked with GetVm:
+//! if the VM failed or is gone the session ends VM_FAILED and the client is told so.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use capsa_proto::common::v1::{ExecuteSpec, FileInfo, UploadResult};
+use bytes::Bytes;
+use capsa_proto::common::v1::{ExecuteEvent, ExecuteSpec, FileInfo, UploadHeader, UploadResult};
 use capsa_proto::executor::v1 as ex;
-use capsa_proto::session::v1 as pb;
 use capsa_proto::vmpool::v1::GetVmRequest;
 use capsa_store::{EndReason, NodeRecord, SessionRecord, SessionStatus, Transition};
 use futures::{Stream, StreamExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::app::App;
+use crate::app::{App, StreamSlot};
 use crate::clients::with_timeout;
 use crate::error::Error;
 use crate::sessions::{describe_end, not_active};
 use crate::teardown::vm_failure;
-use crate::validate;
 
 /// Bound of every relay channel: a few chunks in flight, never a whole output.
 const RELAY_BUFFER: usize = 16;
 const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a node answering a streaming call with its headers: the executor answers a
+/// Download after the agent does (its own first-event limit, 30 s) and an Execute at once.
+/// Also bounds the wait for a free stream on a connection at its concurrency limit.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 const VM_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// A relayed server stream, as the gRPC adapter hands it to tonic.
-pub type Relay<T> = ReceiverStream<Result<T, Status>>;
+/// A part of a download: its info first, then data chunks.
+#[derive(Debug)]
+pub enum DownloadPart {
+    Info(FileInfo),
+    Data(Bytes),
+}
+
+/// A relayed server stream: the items, then at most one error. It holds its tenant's
+/// stream slot until the client is done with it (read the end, or went away): until then
+/// the buffered items are still held for that client.
+pub struct Relayed<T> {
+    flow: Pin<Box<dyn Stream<Item = Result<T, Error>> + Send>>,
+    _slot: StreamSlot,
+}
+
+impl<T> Stream for Relayed<T> {
+    type Item = Result<T, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.flow.as_mut().poll_next(cx)
+    }
+}
 
 /// Where a session's calls go.
 #[derive(Clone)]
@@ -42,7 +76,10 @@ struct Target {
 }
 
 impl App {
-    /// The tenant's ACTIVE session and its live node.
+    /// The tenant's ACTIVE session and its live node. A node without a live record missed
+    /// its heartbeats (stalled, CPU-starved, or its record expired while Redis restarted):
+    /// that is not a lost VM, so the call is UNAVAILABLE and the session is left to the
+    /// reconciler, which asks the node and ends its sessions only after the grace period.
     async fn target(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Target, Error> {
         let session = self.session(tenant, id).await?;
         if session.status != SessionStatus::Active {
@@ -50,10 +87,10 @@ impl App {
         }
         match self.nodes.get(&session.node_id).await? {
             Some(node) => Ok(Target { session, node }),
-            None => {
-                let why = format!("node {} stopped heartbeating", session.node_id);
-                Err(self.vm_failed_error(&session, &why).await)
-            }
+            None => Err(Error::Unavailable(format!(
+                "node {} of session {} is not heartbeating; try again",
+                session.node_id, session.id
+            ))),
         }
     }
 
@@ -78,10 +115,16 @@ impl App {
         ))
     }
 
-    /// What a node error means for the client. UNAVAILABLE may mean the VM died: ask the
-    /// node's vm-pool, and if the VM is failed or gone, end the session.
+    /// What a node error means for the client. UNAVAILABLE may mean the VM died, and so
+    /// may NOT_FOUND (the executor's "vm not on this node" once the VM's dir is gone): ask
+    /// the node's vm-pool, and if the VM is failed or gone, end the session. A NOT_FOUND
+    /// about a VM that is fine (a missing file) reaches the client as it is.
     async fn upstream_error(self: &Arc<Self>, t: &Target, status: Status) -> Error {
-        if status.code() != tonic::Code::Unavailable && status.code() != tonic::Code::Unknown {
+        let code = status.code();
+        if !matches!(
+            code,
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::NotFound
+        ) {
             return Error::Upstream(status);
         }
         let check = async {
@@ -107,6 +150,7 @@ impl App {
         };
         match check.await {
             Some(why) => self.vm_failed_error(&t.session, &why).await,
+            None if code == tonic::Code::NotFound => Error::Upstream(status),
             None => Error::Unavailable(format!(
                 "node {} is unavailable: {}",
                 t.node.node_id,
@@ -115,14 +159,31 @@ impl App {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %req.session_id))]
+    /// Opens a streaming call on the node under [`OPEN_TIMEOUT`].
+    async fn open<T>(
+        self: &Arc<Self>,
+        t: &Target,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(OPEN_TIMEOUT, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(self.upstream_error(t, status).await),
+            Err(_) => Err(Error::Unavailable(format!(
+                "node {} did not answer within {OPEN_TIMEOUT:?}",
+                t.node.node_id
+            ))),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %session_id))]
     pub async fn execute(
         self: &Arc<Self>,
         tenant: &str,
-        req: pb::ExecuteRequest,
-    ) -> Result<Relay<pb::ExecuteResponse>, Error> {
-        let spec: ExecuteSpec = validate::execute(&req)?;
-        let t = self.target(tenant, &req.session_id).await?;
+        session_id: &str,
+        spec: ExecuteSpec,
+    ) -> Result<Relayed<ExecuteEvent>, Error> {
+        let slot = self.streams.acquire(tenant)?;
+        let t = self.target(tenant, session_id).await?;
         // Activity is recorded off the stream's path: one HSET nobody waits for.
         let sessions = self.sessions.clone();
         let id = t.session.id.clone();
@@ -136,61 +197,52 @@ impl App {
             vm_id: t.session.vm_id.clone(),
             spec: Some(spec),
         };
-        let stream = match client.execute(upstream).await {
-            Ok(resp) => resp.into_inner(),
-            Err(status) => return Err(self.upstream_error(&t, status).await),
-        };
-        Ok(
-            self.relay(t, stream, |ev: ex::ExecuteResponse| pb::ExecuteResponse {
-                event: ev.event,
-            }),
-        )
+        let stream = self.open(&t, client.execute(upstream)).await?;
+        Ok(self.relay(t, slot, stream, |ev: ex::ExecuteResponse| ev.event))
     }
 
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %session_id))]
     pub async fn download(
         self: &Arc<Self>,
         tenant: &str,
-        req: pb::DownloadFileRequest,
-    ) -> Result<Relay<pb::DownloadFileResponse>, Error> {
-        validate::session_id(&req.session_id)?;
-        validate::path("path", &req.path)?;
-        let t = self.target(tenant, &req.session_id).await?;
+        session_id: &str,
+        path: String,
+    ) -> Result<Relayed<DownloadPart>, Error> {
+        let slot = self.streams.acquire(tenant)?;
+        let t = self.target(tenant, session_id).await?;
         let mut client = self.clients.executor(&t.node.executor_url)?;
         let upstream = ex::DownloadFileRequest {
             vm_id: t.session.vm_id.clone(),
-            path: req.path,
+            path,
         };
-        let stream = match client.download_file(upstream).await {
-            Ok(resp) => resp.into_inner(),
-            Err(status) => return Err(self.upstream_error(&t, status).await),
-        };
-        Ok(self.relay(t, stream, |m: ex::DownloadFileResponse| {
-            pb::DownloadFileResponse {
-                part: m.part.map(|p| match p {
-                    ex::download_file_response::Part::Info(i) => {
-                        pb::download_file_response::Part::Info(i)
-                    }
-                    ex::download_file_response::Part::Data(d) => {
-                        pb::download_file_response::Part::Data(d)
-                    }
-                }),
+        let stream = self.open(&t, client.download_file(upstream)).await?;
+        Ok(self.relay(t, slot, stream, |m: ex::DownloadFileResponse| {
+            use ex::download_file_response::Part;
+            match m.part? {
+                Part::Info(info) => Some(DownloadPart::Info(info)),
+                Part::Data(data) => Some(DownloadPart::Data(data)),
             }
         }))
     }
 
-    /// Pumps an upstream server stream into a bounded channel. When the client goes away
-    /// the receiver closes, the relay returns and drops `stream`, cancelling the call.
+    /// Pumps an upstream server stream into a bounded channel; `map` drops empty messages.
+    /// The relay returns, dropping `stream` and so cancelling the call on the node, when
+    /// the client goes away or takes nothing for the stall timeout; an error (the stall,
+    /// the node's) reaches the client after what is buffered, without waiting for room.
     fn relay<U, D>(
         self: &Arc<Self>,
         t: Target,
+        slot: StreamSlot,
         mut stream: tonic::Streaming<U>,
-        map: fn(U) -> D,
-    ) -> Relay<D>
+        map: fn(U) -> Option<D>,
+    ) -> Relayed<D>
     where
         U: Send + 'static,
         D: Send + 'static,
     {
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
+        let (end, ended) = oneshot::channel::<Error>();
+        let stalled = self.config.stalled_client_timeout();
         let app = self.clone();
         tokio::spawn(async move {
             loop {
@@ -200,56 +252,56 @@ impl App {
                 };
                 match next {
                     Ok(Some(msg)) => {
-                        if tx.send(Ok(map(msg))).await.is_err() {
-                            return;
+                        let Some(item) = map(msg) else { continue };
+                        match tokio::time::timeout(stalled, tx.send(item)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                tracing::warn!(session_id = %t.session.id, ?stalled, "client stopped reading");
+                                let _ = end.send(Error::ClientStalled(stalled));
+                                return;
+                            }
                         }
                     }
                     Ok(None) => return,
                     Err(status) => {
-                        let err = app.upstream_error(&t, status).await;
-                        let _ = tx.send(Err(capsa_grpc::to_status(&err))).await;
+                        let _ = end.send(app.upstream_error(&t, status).await);
                         return;
                     }
                 }
             }
         });
-        ReceiverStream::new(rx)
+        // The error slot is read once the items end, i.e. once the relay has returned.
+        let ended = futures::stream::once(ended).filter_map(|e| async move { e.ok().map(Err) });
+        Relayed {
+            flow: Box::pin(ReceiverStream::new(rx).map(Ok).chain(ended)),
+            _slot: slot,
+        }
     }
 
-    /// Relays an upload: the header (already read and validated by the caller's stream
-    /// contract here), then data chunks, each checked before it is forwarded. A bad
-    /// message drops the upstream call, so the guest discards its partial file.
-    #[tracing::instrument(skip_all, fields(tenant = %tenant))]
+    /// Relays an upload: the header, then the data chunks as they come (the adapter has
+    /// checked each). An error in `data` drops the upstream call, so the guest discards
+    /// its partial file.
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %session_id))]
     pub async fn upload<S>(
         self: &Arc<Self>,
         tenant: &str,
-        mut inbound: S,
+        session_id: &str,
+        file: UploadHeader,
+        mut data: S,
     ) -> Result<UploadResult, Error>
     where
-        S: Stream<Item = Result<pb::UploadFileRequest, Status>> + Unpin + Send + 'static,
+        S: Stream<Item = Result<Bytes, Error>> + Unpin + Send + 'static,
     {
-        use pb::upload_file_request::Part;
-        let header = match inbound.next().await {
-            Some(Ok(pb::UploadFileRequest {
-                part: Some(Part::Header(h)),
-            })) => h,
-            Some(Ok(_)) | None => {
-                return Err(Error::field(
-                    "header",
-                    "the first message must be the header",
-                ));
-            }
-            Some(Err(status)) => return Err(Error::Upstream(status)),
-        };
-        validate::upload_header(&header)?;
-        let t = self.target(tenant, &header.session_id).await?;
+        let _slot = self.streams.acquire(tenant)?;
+        let t = self.target(tenant, session_id).await?;
         let mut client = self.clients.executor(&t.node.executor_url)?;
         let (tx, rx) = mpsc::channel::<ex::UploadFileRequest>(4);
         let first = ex::UploadFileRequest {
             part: Some(ex::upload_file_request::Part::Header(
                 ex::UploadFileHeader {
                     vm_id: t.session.vm_id.clone(),
-                    file: header.file,
+                    file: Some(file),
                 },
             )),
         };
@@ -257,25 +309,9 @@ impl App {
             .await
             .map_err(|_| Error::Internal("upload channel closed".into()))?;
         let pump = async move {
-            while let Some(msg) = inbound.next().await {
-                let data = match msg.map_err(Error::Upstream)?.part {
-                    Some(Part::Data(d)) => d,
-                    Some(Part::Header(_)) => {
-                        return Err(Error::field(
-                            "header",
-                            "only the first message may be a header",
-                        ));
-                    }
-                    None => {
-                        return Err(Error::field(
-                            "part",
-                            "a message carried neither header nor data",
-                        ));
-                    }
-                };
-                validate::chunk(data.len())?;
+            while let Some(chunk) = data.next().await {
                 let msg = ex::UploadFileRequest {
-                    part: Some(ex::upload_file_request::Part::Data(data)),
+                    part: Some(ex::upload_file_request::Part::Data(chunk?)),
                 };
                 if tx.send(msg).await.is_err() {
                     break; // the node ended the call; its answer says why
@@ -327,18 +363,13 @@ impl App {
     pub async fn list_files(
         self: &Arc<Self>,
         tenant: &str,
-        req: pb::ListFilesRequest,
+        session_id: &str,
+        path: String,
     ) -> Result<Vec<FileInfo>, Error> {
-        validate::session_id(&req.session_id)?;
-        validate::path("path", &req.path)?;
-        let path = req.path;
         let resp = self
-            .unary(tenant, &req.session_id, |mut c, vm_id| async move {
-                c.list_files(with_timeout(
-                    ex::ListFilesRequest { vm_id, path },
-                    UNARY_TIMEOUT,
-                ))
-                .await
+            .unary(tenant, session_id, |mut c, vm_id| async move {
+                let r = ex::ListFilesRequest { vm_id, path };
+                c.list_files(with_timeout(r, UNARY_TIMEOUT)).await
             })
             .await?;
         Ok(resp.files)
@@ -347,18 +378,13 @@ impl App {
     pub async fn file_info(
         self: &Arc<Self>,
         tenant: &str,
-        req: pb::GetFileInfoRequest,
+        session_id: &str,
+        path: String,
     ) -> Result<Option<FileInfo>, Error> {
-        validate::session_id(&req.session_id)?;
-        validate::path("path", &req.path)?;
-        let path = req.path;
         let resp = self
-            .unary(tenant, &req.session_id, |mut c, vm_id| async move {
-                c.get_file_info(with_timeout(
-                    ex::GetFileInfoRequest { vm_id, path },
-                    UNARY_TIMEOUT,
-                ))
-                .await
+            .unary(tenant, session_id, |mut c, vm_id| async move {
+                let r = ex::GetFileInfoRequest { vm_id, path };
+                c.get_file_info(with_timeout(r, UNARY_TIMEOUT)).await
             })
             .await?;
         Ok(resp.info)
@@ -367,14 +393,12 @@ impl App {
     pub async fn make_directory(
         self: &Arc<Self>,
         tenant: &str,
-        req: pb::MakeDirectoryRequest,
+        session_id: &str,
+        path: String,
+        mode: u32,
     ) -> Result<Option<FileInfo>, Error> {
-        validate::session_id(&req.session_id)?;
-        validate::path("path", &req.path)?;
-        validate::mode("mode", req.mode)?;
-        let (path, mode) = (req.path, req.mode);
         let resp = self
-            .unary(tenant, &req.session_id, |mut c, vm_id| async move {
+            .unary(tenant, session_id, |mut c, vm_id| async move {
                 let r = ex::MakeDirectoryRequest { vm_id, path, mode };
                 c.make_directory(with_timeout(r, UNARY_TIMEOUT)).await
             })
@@ -385,12 +409,11 @@ impl App {
     pub async fn remove_file(
         self: &Arc<Self>,
         tenant: &str,
-        req: pb::RemoveFileRequest,
+        session_id: &str,
+        path: String,
+        recursive: bool,
     ) -> Result<(), Error> {
-        validate::session_id(&req.session_id)?;
-        validate::path("path", &req.path)?;
-        let (path, recursive) = (req.path, req.recursive);
-        self.unary(tenant, &req.session_id, |mut c, vm_id| async move {
+        self.unary(tenant, session_id, |mut c, vm_id| async move {
             let r = ex::RemoveFileRequest {
                 vm_id,
                 path,

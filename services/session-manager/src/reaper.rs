@@ -6,13 +6,14 @@
 //!   interval (250 ms), so a session ends within a second of its deadline. Claims are
 //!   atomic, so replicas share the work and never both end one session.
 //! - The **reconciler** compares each live node's VMs with the sessions: it releases
-//!   leased VMs that no session owns (the session is gone, ended without knowing this VM,
-//!   e.g. a create that died after AcquireVm, or ended while the node was not heartbeating
-//!   so its teardown could not release the VM), and ends ACTIVE sessions whose VM failed
-//!   or disappeared (VM_FAILED). It also judges nodes whose heartbeat lapsed: one that still
-//!   answers ListVms is reconciled like a live one (a missed beat is not a lost VM); one
-//!   that does not answer for the grace period (`--node-grace-secs`) has its ACTIVE
-//!   sessions ended, so they do not stay ACTIVE until a call or their deadline finds out.
+//!   leased (or failed) VMs that no session owns (the session is gone, ended without
+//!   knowing this VM, e.g. a create that died after AcquireVm or whose cold boots failed,
+//!   or ended while the node was not heartbeating so its teardown could not release the
+//!   VM), and ends ACTIVE sessions whose VM failed or disappeared (VM_FAILED). It also
+//!   judges nodes whose heartbeat lapsed: one that still answers ListVms is reconciled like
+//!   a live one (a missed beat is not a lost VM); one that does not answer for the grace
+//!   period (`--node-grace-secs`) has its ACTIVE sessions ended, so they do not stay
+//!   ACTIVE until their deadline finds out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -167,10 +168,13 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
     };
     let by_id: HashMap<&str, _> = vms.iter().map(|vm| (vm.id.as_str(), vm)).collect();
 
-    for vm in vms
-        .iter()
-        .filter(|vm| vm.state == VmState::Leased as i32 && !vm.lease_id.is_empty())
-    {
+    // Failed VMs too: a cold boot that failed for a lease was never handed out, so its
+    // session (ended CREATE_FAILED, without a vm) will never release it.
+    let leased_or_failed = |vm: &&capsa_proto::vmpool::v1::Vm| {
+        (vm.state == VmState::Leased as i32 || vm.state == VmState::Failed as i32)
+            && !vm.lease_id.is_empty()
+    };
+    for vm in vms.iter().filter(leased_or_failed) {
         let orphan = match app.sessions.get(&vm.lease_id).await {
             Ok(None) => true,
             // A teardown releases the VM before it marks the session TERMINATED, so a VM

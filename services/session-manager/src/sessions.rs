@@ -87,7 +87,7 @@ impl App {
         tenant: &str,
         spec: CreateSpec,
     ) -> Result<SessionRecord, Error> {
-        if let Some(after) = self
+        if let Some(throttled) = self
             .keys
             .take_create_token(
                 tenant,
@@ -99,13 +99,15 @@ impl App {
             return Err(Error::RateLimited(
                 format!(
                     "tenant {tenant} is creating sessions faster than its limit ({} per second, bursts of {}); retry in {} ms",
-                    self.config.create_rate_per_sec,
-                    self.config.create_burst,
-                    after.as_millis()
+                    throttled.per_sec,
+                    throttled.burst,
+                    throttled.retry_after.as_millis()
                 ),
-                after,
+                throttled.retry_after,
             ));
         }
+        // Refused before anything is stored: an unknown template leaves no record behind.
+        let nodes = self.nodes_offering(&spec.template).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         tracing::Span::current().record("session_id", id.as_str());
         let new = NewSession {
@@ -131,7 +133,7 @@ impl App {
             }
             Created::IdTaken => return Err(Error::Internal(format!("session id {id} collided"))),
         }
-        let node = match self.place().await {
+        let node = match place(nodes) {
             Ok(node) => node,
             Err(err) => return Err(self.fail_create(&id, err).await),
         };
@@ -239,23 +241,34 @@ impl App {
     }
 
     /// The live node with the most free leases.
-    async fn place(&self) -> Result<NodeRecord, Error> {
+    /// The live nodes that can boot `template`; INVALID_ARGUMENT when nodes are up but none
+    /// offers it, UNAVAILABLE when no node is up at all.
+    async fn nodes_offering(&self, template: &str) -> Result<Vec<NodeRecord>, Error> {
         let nodes = self.nodes.live_nodes().await?;
         if nodes.is_empty() {
             return Err(Error::Unavailable(
                 "no node is registered to run sessions".into(),
             ));
         }
-        let count = nodes.len();
-        nodes
+        let mut offered: Vec<&str> = nodes
+            .iter()
+            .flat_map(|n| n.templates.iter().map(String::as_str))
+            .collect();
+        offered.sort_unstable();
+        offered.dedup();
+        if !offered.contains(&template) {
+            return Err(Error::field(
+                "template",
+                format!(
+                    "{template:?} is not offered by any node (offered: {})",
+                    offered.join(", ")
+                ),
+            ));
+        }
+        Ok(nodes
             .into_iter()
-            .filter(|n| n.free() > 0)
-            .max_by_key(|n| n.free())
-            .ok_or_else(|| {
-                Error::ResourceExhausted(format!(
-                    "no node has room for a new session ({count} full)"
-                ))
-            })
+            .filter(|n| n.templates.iter().any(|t| t == template))
+            .collect())
     }
 
     /// Ends a session that never got a VM as CREATE_FAILED; returns `err` for the client.
@@ -397,4 +410,16 @@ pub fn describe_end(rec: &SessionRecord) -> String {
     } else {
         format!("ended: {reason} ({})", rec.end_message)
     }
+}
+
+/// The node with the most free leases among `nodes`.
+fn place(nodes: Vec<NodeRecord>) -> Result<NodeRecord, Error> {
+    let count = nodes.len();
+    nodes
+        .into_iter()
+        .filter(|n| n.free() > 0)
+        .max_by_key(|n| n.free())
+        .ok_or_else(|| {
+            Error::ResourceExhausted(format!("no node has room for a new session ({count} full)"))
+        })
 }

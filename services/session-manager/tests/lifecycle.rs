@@ -66,10 +66,8 @@ async fn a_restart_loses_nothing_and_sessions_still_expire() {
     let mut c = h.client(0).await;
     let s = create(&mut c, Some(10)).await;
     let old = h.replicas.pop().unwrap();
-    assert!(
-        old.terminate(Duration::from_secs(10)).await,
-        "graceful exit on SIGTERM"
-    );
+    let status = old.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "graceful exit 0 on SIGTERM: {status}");
     h.add_replica().await;
     let mut c = h.client(0).await;
     let again = get(&mut c, &s.id).await;
@@ -103,6 +101,11 @@ async fn the_reconciler_ends_sessions_whose_vm_failed_and_releases_orphans() {
             "vm-orphan".into(),
             doubles::vm("vm-orphan", "no-such-session", VmState::Leased),
         );
+        // A cold boot that failed for a lease: its create ended without it.
+        st.vms.insert(
+            "vm-failed-boot".into(),
+            doubles::vm("vm-failed-boot", "no-such-create", VmState::Failed),
+        );
     }
     eventually!(get(&mut c, &s.id).await.status == pb::SessionStatus::Terminated as i32);
     let ended = get(&mut c, &s.id).await;
@@ -118,6 +121,7 @@ async fn the_reconciler_ends_sessions_whose_vm_failed_and_releases_orphans() {
         pb::EndReason::VmFailed as i32
     );
     eventually!(h.node.state().releases.get("vm-orphan") == Some(&1));
+    eventually!(h.node.state().releases.get("vm-failed-boot") == Some(&1));
 }
 
 #[tokio::test]

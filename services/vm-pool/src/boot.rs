@@ -25,8 +25,6 @@ use crate::error::Error;
 use crate::pool::{Entry, Shared, State, Template};
 use crate::vm::{VmInfo, VmState, new_vm_id};
 
-/// Host port the guest agent exports telemetry to over vsock (OTLP's own port).
-const GUEST_OTLP_PORT: u32 = 4317;
 /// How long an unleased failed VM stays listed.
 const FAILED_RETENTION: Duration = Duration::from_secs(60);
 /// Per health-check attempt (the vsock connect is retried with a short backoff).
@@ -61,7 +59,7 @@ pub(crate) fn insert_booting(
         Entry {
             info: watch::channel(info).0,
             vm: None,
-            otlp_forward: None,
+            otlp_relay: None,
             at_lease: Default::default(),
         },
     );
@@ -185,13 +183,9 @@ fn attach(shared: &Shared, id: &str, vm: &Arc<dyn VirtualMachine>) -> bool {
     entry.vm = Some(vm.clone());
     entry.info.send_modify(|i| i.vmm_pid = vm.vmm_pid());
     // Listening before the guest agent probes for it (seconds after the VMM starts).
-    if let Some(target) = &shared.settings.guest_otlp_target {
-        match capsa_vsock::GuestPortForward::start(
-            &vm.vsock_path(),
-            GUEST_OTLP_PORT,
-            target.clone(),
-        ) {
-            Ok(forward) => entry.otlp_forward = Some(forward),
+    if let Some(relay) = &shared.settings.guest_otlp {
+        match relay.start(&vm.vsock_path(), id) {
+            Ok(relay) => entry.otlp_relay = Some(relay),
             Err(e) => tracing::warn!(vm = id, error = %e, "cannot relay guest telemetry"),
         }
     }
@@ -239,7 +233,7 @@ fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
 pub(crate) fn mark_failed(shared: &Arc<Shared>, id: &str, reason: &str) -> bool {
     let mut st = shared.lock();
     let st = &mut *st;
-    let Some(entry) = st.vms.get(id) else {
+    let Some(entry) = st.vms.get_mut(id) else {
         return false;
     };
     if !entry.info.borrow().state.is_live() {
@@ -249,6 +243,8 @@ pub(crate) fn mark_failed(shared: &Arc<Shared>, id: &str, reason: &str) -> bool 
         i.state = VmState::Failed;
         i.failure = Some(reason.to_owned());
     });
+    // The guest is gone or going: its telemetry connections end now, not with the record.
+    entry.otlp_relay = None;
     let info = entry.info.borrow().clone();
     if let Some(q) = st.warm.get_mut(&info.template) {
         q.retain(|v| v != id);
@@ -313,7 +309,8 @@ fn console_tail(vm: &Arc<dyn VirtualMachine>) -> String {
     }
 }
 
-/// Keeps every template's warm + booting count at its target, within capacity.
+/// Keeps every template's warm + booting count at its target, within capacity (VMs,
+/// memory and vCPUs: `Settings::fits`).
 pub(crate) async fn refill_loop(shared: Arc<Shared>) {
     loop {
         let next_backoff = start_refills(&shared);
@@ -338,11 +335,7 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
         return None;
     }
     let mut st = shared.lock();
-    let mut live = st
-        .vms
-        .values()
-        .filter(|e| e.info.borrow().state.is_live())
-        .count() as u32;
+    let mut used = crate::pool::Usage::of(&st);
     let mut next_backoff: Option<Instant> = None;
     let mut names: Vec<&Template> = shared.templates.values().collect();
     names.sort_by(|a, b| a.name.cmp(&b.name));
@@ -364,10 +357,16 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
             })
             .count() as u32;
         for _ in have..tpl.warm_target {
-            if live >= shared.settings.capacity {
+            if shared
+                .settings
+                .fits(used, tpl.vcpus, tpl.memory_mib)
+                .is_err()
+            {
                 return next_backoff;
             }
-            live += 1;
+            used.vms += 1;
+            used.memory_mib += u64::from(tpl.memory_mib);
+            used.vcpus += tpl.vcpus;
             let id = insert_booting(shared, &mut st, tpl, tpl.vcpus, tpl.memory_mib, None);
             let (shared, tpl) = (shared.clone(), tpl.clone());
             tokio::spawn(async move {

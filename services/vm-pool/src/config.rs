@@ -4,18 +4,20 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use capsa_grpc::args::{CommonArgs, RedisUrl, listen_on};
 use capsa_vmm::EnginePreference;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "capsa-vm-pool",
     version,
-    about = "Keeps warm microVMs booted on this host and leases them out, one VM per lease."
+    about = "Keeps warm microVMs booted on this host and leases them out, one VM per lease.",
+    mut_arg("listen", listen_on("CAPSA_VMPOOL_LISTEN", "127.0.0.1:50052"))
 )]
 pub struct Config {
-    /// Address to serve gRPC on, e.g. 0.0.0.0:50052 (127.0.0.1:0 in tests).
-    #[arg(long, env = "CAPSA_VMPOOL_LISTEN", default_value = "127.0.0.1:50052")]
-    pub listen: String,
+    /// `--listen` and the telemetry flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     /// Where VMs live: <dir>/vms/<vm_id>/ holds each VM's sockets, overlay, pid files and
     /// console log. The executor is configured with the same dir. Reconciled at start-up:
@@ -33,10 +35,24 @@ pub struct Config {
     pub templates: Vec<(String, PathBuf)>,
 
     /// Where the guest agents' telemetry goes: each agent exports OTLP over vsock to host
-    /// port 4317, and vm-pool relays that port of every VM to this OTLP/gRPC endpoint
-    /// (`http://host:port`). Defaults to the standard variable; unset, guests only log.
+    /// port 4317, and vm-pool relays it, tagged with the VM and within the limits below, to
+    /// this OTLP/gRPC endpoint (`http://host:port`). Defaults to the standard variable;
+    /// unset, guests only log.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub guest_otlp_endpoint: Option<String>,
+
+    /// Open telemetry connections per VM; the guest's next one is closed at once.
+    #[arg(long, env = "CAPSA_VMPOOL_GUEST_OTLP_MAX_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub guest_otlp_max_connections: u32,
+
+    /// A guest telemetry connection silent this long (seconds) is closed.
+    #[arg(long = "guest-otlp-idle-timeout-secs", env = "CAPSA_VMPOOL_GUEST_OTLP_IDLE_TIMEOUT_SECS", default_value = "60", value_parser = parse_secs)]
+    pub guest_otlp_idle_timeout: Duration,
+
+    /// Telemetry bytes a VM may export per minute (a token bucket); exports over it are
+    /// dropped.
+    #[arg(long, env = "CAPSA_VMPOOL_GUEST_OTLP_BYTES_PER_MINUTE", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub guest_otlp_bytes_per_minute: u64,
 
     /// Warm VMs kept booted per template.
     #[arg(long, env = "CAPSA_VMPOOL_WARM", default_value_t = 2)]
@@ -46,9 +62,55 @@ pub struct Config {
     #[arg(long, env = "CAPSA_VMPOOL_MAX_CONCURRENT_BOOTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_boots: u32,
 
-    /// Most VMs this host holds at once (booting, warm and leased).
+    /// Most VMs this host holds at once (booting, warm and leased), whatever their size.
     #[arg(long, env = "CAPSA_VMPOOL_CAPACITY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub capacity: u32,
+
+    /// Memory (MiB) the VMs may take together, each counted as guest RAM plus
+    /// --vmm-memory-overhead-mib (its cgroup limit). 0: the host's MemTotal minus
+    /// --memory-reserve-mib.
+    #[arg(long, env = "CAPSA_VMPOOL_CAPACITY_MEMORY_MIB", default_value_t = 0)]
+    pub capacity_memory_mib: u64,
+
+    /// Memory (MiB) kept for the host (its services, page cache) when --capacity-memory-mib
+    /// is 0.
+    #[arg(long, env = "CAPSA_VMPOOL_MEMORY_RESERVE_MIB", default_value_t = 2048)]
+    pub memory_reserve_mib: u64,
+
+    /// vCPUs the VMs may have together. 0: the host's CPUs times --vcpu-overcommit.
+    #[arg(long, env = "CAPSA_VMPOOL_CAPACITY_VCPUS", default_value_t = 0)]
+    pub capacity_vcpus: u32,
+
+    /// vCPUs per host CPU when --capacity-vcpus is 0. Sessions are mostly idle between
+    /// calls, and each VM's cgroup caps it at its own vcpus' worth of CPU time.
+    #[arg(long, env = "CAPSA_VMPOOL_VCPU_OVERCOMMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpu_overcommit: u32,
+
+    /// The system user the VMMs run as (`useradd --system capsa-vmm`).
+    #[arg(long, env = "CAPSA_VMM_USER", default_value = "capsa-vmm")]
+    pub vmm_user: String,
+
+    /// Parent cgroup of the VMs' cgroups, relative to the cgroup root (one child per VM).
+    #[arg(long, env = "CAPSA_VM_CGROUP", default_value = "capsa-vm-pool")]
+    pub vm_cgroup: String,
+
+    /// Memory (MiB) a VM's cgroup allows beyond its guest RAM: the VMM's own (QEMU TCG's
+    /// translation cache of 128 MiB, its heap, vhost-device-vsock).
+    #[arg(long, env = "CAPSA_VMM_MEMORY_OVERHEAD_MIB", default_value_t = 320)]
+    pub vmm_memory_overhead_mib: u32,
+
+    /// Tasks (threads count) per VM's cgroup.
+    #[arg(long, env = "CAPSA_VMM_PIDS_MAX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(32..))]
+    pub vmm_pids_max: u32,
+
+    /// Disk bytes per second per VM, reads and writes together (QEMU block throttling);
+    /// unset is unthrottled.
+    #[arg(long, env = "CAPSA_VM_DISK_BYTES_PER_SEC")]
+    pub vm_disk_bytes_per_sec: Option<u64>,
+
+    /// Disk requests per second per VM (QEMU block throttling); unset is unthrottled.
+    #[arg(long, env = "CAPSA_VM_DISK_IOPS")]
+    pub vm_disk_iops: Option<u64>,
 
     /// vCPUs of a template's VMs (and of an AcquireVm that leaves vcpus at 0).
     #[arg(long, env = "CAPSA_VMPOOL_VCPUS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -92,7 +154,7 @@ pub struct Config {
 
     /// Redis for the node registry; without it the node is not registered.
     #[arg(long, env = "CAPSA_REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
 
     /// This host's id in the registry (default: the hostname).
     #[arg(long, env = "CAPSA_NODE_ID")]
@@ -126,6 +188,18 @@ fn parse_template(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_owned(), PathBuf::from(dir)))
 }
 
+/// MemTotal of /proc/meminfo in MiB (0 if unreadable).
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("must be at least 1 s".into()),
@@ -143,6 +217,32 @@ impl Config {
         config.state_dir = state_dir;
         config.image_dir = Some(image_dir);
         config
+    }
+
+    /// How the VMMs are confined.
+    pub fn sandbox(&self) -> capsa_vmm::SandboxConfig {
+        capsa_vmm::SandboxConfig {
+            user: self.vmm_user.clone(),
+            cgroup_parent: self.vm_cgroup.clone(),
+            memory_overhead_mib: self.vmm_memory_overhead_mib,
+            pids_max: self.vmm_pids_max,
+        }
+    }
+
+    /// (memory MiB, vcpus) the VMs may take together, defaults resolved from this host.
+    pub fn node_capacity(&self) -> (u64, u32) {
+        let memory = match self.capacity_memory_mib {
+            0 => host_memory_mib().saturating_sub(self.memory_reserve_mib),
+            n => n,
+        };
+        let vcpus = match self.capacity_vcpus {
+            0 => {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+                cpus.saturating_mul(self.vcpu_overcommit)
+            }
+            n => n,
+        };
+        (memory, vcpus)
     }
 
     /// Every template: "default" from `--image-dir`, then `--template`s.
@@ -186,5 +286,17 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--engine", "firecracker"]).is_err());
         assert!(Config::try_parse_from(["x", "--max-concurrent-boots", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--boot-timeout-secs", "0"]).is_err());
+        // Capacity defaults come from the host; explicit values win.
+        let (memory, vcpus) = c.node_capacity();
+        assert!(memory > 0 && vcpus >= 8, "{memory} {vcpus}");
+        let c = Config::try_parse_from([
+            "x",
+            "--capacity-memory-mib",
+            "3000",
+            "--capacity-vcpus",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.node_capacity(), (3000, 5));
     }
 }

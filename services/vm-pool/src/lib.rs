@@ -14,6 +14,7 @@ pub mod error;
 pub mod grpc;
 mod metrics;
 pub mod node;
+pub mod otlp_relay;
 pub mod pool;
 pub mod vm;
 
@@ -44,6 +45,12 @@ pub fn hypervisor(
     let choice = capsa_vmm::engine::choose(config.engine, &facts)?;
     tracing::info!(engine = %choice.kind, reason = %choice.reason, "engine chosen");
     let die_with_parent = !config.orphan_vms_on_crash;
+    // Every VMM runs unprivileged, in its VM's cgroup, mount view and seccomp filter.
+    let sandbox = Arc::new(capsa_vmm::Sandbox::new(
+        config.sandbox(),
+        choice.kind != EngineKind::QemuTcg,
+    )?);
+    tracing::info!(user = %sandbox.user.name, uid = sandbox.user.uid, cgroup_version = sandbox.cgroups.version(), "vmms confined");
     let hv: Arc<dyn Hypervisor> = match choice.kind {
         EngineKind::CloudHypervisor => {
             let qemu_img = QemuConfig::discover(QemuAccel::Kvm)?.qemu_img;
@@ -52,6 +59,7 @@ pub fn hypervisor(
                 qemu_img,
                 kernel_override: choice.kernel_override.clone(),
                 die_with_parent,
+                sandbox: Some(sandbox),
             }))
         }
         kind => {
@@ -64,6 +72,9 @@ pub fn hypervisor(
             qemu.qemu = choice.binary.clone();
             qemu.kernel_override = choice.kernel_override.clone();
             qemu.die_with_parent = die_with_parent;
+            qemu.sandbox = Some(sandbox);
+            qemu.disk_bytes_per_sec = config.vm_disk_bytes_per_sec;
+            qemu.disk_iops = config.vm_disk_iops;
             Arc::new(Qemu::new(qemu))
         }
     };
@@ -102,14 +113,38 @@ pub async fn run(
     if !reaped.killed.is_empty() || !reaped.removed_dirs.is_empty() {
         tracing::warn!(killed = ?reaped.killed, dirs = reaped.removed_dirs.len(), "reaped leftovers of a previous run");
     }
+    let node_id = config.node_id.clone().unwrap_or_else(node::hostname);
+    let limits = otlp_relay::Limits {
+        max_connections: config.guest_otlp_max_connections,
+        idle_timeout: config.guest_otlp_idle_timeout,
+        bytes_per_minute: config.guest_otlp_bytes_per_minute,
+    };
+    let guest_otlp = match &config.guest_otlp_endpoint {
+        Some(endpoint) => Some(Arc::new(otlp_relay::Relay::new(
+            endpoint,
+            node_id.clone(),
+            limits,
+        )?)),
+        None => None,
+    };
+    let (capacity_memory_mib, capacity_vcpus) = config.node_capacity();
+    tracing::info!(
+        max_vms = config.capacity,
+        capacity_memory_mib,
+        capacity_vcpus,
+        "node capacity"
+    );
     let settings = Settings {
         state_dir: config.state_dir.clone(),
         capacity: config.capacity,
+        capacity_memory_mib,
+        capacity_vcpus,
+        vm_overhead_mib: config.vmm_memory_overhead_mib,
         max_concurrent_boots: config.max_concurrent_boots,
         boot_timeout: config.boot_timeout,
         max_vcpus: config.max_vcpus,
         max_memory_mib: config.max_memory_mib,
-        guest_otlp_target: config.guest_otlp_endpoint.as_deref().map(otlp_target),
+        guest_otlp,
     };
     let pool = Pool::new(hv, choice, templates, settings);
     let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
@@ -118,7 +153,7 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::Config(format!("listener address: {e}")))?;
     let identity = node::NodeIdentity {
-        node_id: config.node_id.clone().unwrap_or_else(node::hostname),
+        node_id,
         vmpool_url: config
             .advertise_url
             .clone()
@@ -128,7 +163,7 @@ pub async fn run(
     let stop_heartbeat = CancellationToken::new();
     let heartbeat = match &config.redis_url {
         Some(url) => {
-            let registry = node::connect(url, &identity, &pool).await?;
+            let registry = node::connect(url.expose(), &identity, &pool).await?;
             tracing::info!(node = %identity.node_id, "node registered");
             Some(tokio::spawn(node::heartbeat_loop(
                 registry,
@@ -160,28 +195,4 @@ pub async fn run(
     let _ = refill.await;
     served?;
     Ok(())
-}
-
-/// `http://collector:4317/` → `collector:4317`: the relay speaks TCP, not URLs.
-fn otlp_target(endpoint: &str) -> String {
-    let rest = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest);
-    rest.split('/').next().unwrap_or(rest).to_owned()
-}
-
-#[cfg(test)]
-mod otlp_target_tests {
-    #[test]
-    fn endpoints_become_host_port() {
-        assert_eq!(
-            super::otlp_target("http://127.0.0.1:4317"),
-            "127.0.0.1:4317"
-        );
-        assert_eq!(
-            super::otlp_target("http://collector:4317/"),
-            "collector:4317"
-        );
-        assert_eq!(super::otlp_target("collector:4317"), "collector:4317");
-    }
 }

@@ -37,6 +37,7 @@ pub fn record(identity: &NodeIdentity, pool: &Pool) -> NodeRecord {
         capacity: pool.capacity(),
         leased: counts.leased,
         warm: counts.warm,
+        templates: pool.template_names(),
         heartbeat_ms: now_ms,
     }
 }

@@ -6,7 +6,9 @@
 //!   VM is never handed out twice;
 //! - a lease id maps to at most one VM: concurrent AcquireVm calls with the same lease id
 //!   serialise on that lease's async lock, and the second sees the first's VM;
-//! - live VMs (booting + warm + leased) never exceed `capacity`.
+//! - live VMs (booting + warm + leased) never exceed the node's capacity: at most
+//!   `capacity` VMs, and their memory (guest RAM + the VMM's overhead, what each VM's cgroup
+//!   allows) and vCPUs within `capacity_memory_mib` and `capacity_vcpus` ([`Usage`]).
 //!
 //! Booting, refilling and death handling live in [`crate::boot`].
 
@@ -43,13 +45,20 @@ pub struct Template {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub state_dir: PathBuf,
+    /// Most VMs at once.
     pub capacity: u32,
+    /// Memory the VMs may take together: guest RAM + `vm_overhead_mib` each.
+    pub capacity_memory_mib: u64,
+    /// vCPUs the VMs may have together.
+    pub capacity_vcpus: u32,
+    /// What a VM takes beyond its guest RAM (its cgroup's margin for the VMM).
+    pub vm_overhead_mib: u32,
     pub max_concurrent_boots: u32,
     pub boot_timeout: Duration,
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
-    /// `host:port` that each VM's guest telemetry port is relayed to, if any.
-    pub guest_otlp_target: Option<String>,
+    /// Serves each VM's guest telemetry port, if a collector is configured.
+    pub guest_otlp: Option<Arc<crate::otlp_relay::Relay>>,
 }
 
 /// Counts for GetNodeInfo and the node record.
@@ -92,8 +101,9 @@ pub(crate) struct Entry {
     pub info: watch::Sender<VmInfo>,
     /// Set once the VMM runs.
     pub vm: Option<Arc<dyn VirtualMachine>>,
-    /// Relays the guest's telemetry while the VM lives; dropped with the entry.
-    pub otlp_forward: Option<capsa_vsock::GuestPortForward>,
+    /// Relays the guest's telemetry while the VM lives; dropped with the entry or when the
+    /// VM fails.
+    pub otlp_relay: Option<crate::otlp_relay::VmRelay>,
     /// The VMM's counters when the VM was leased: its boot and warm wait, which are the
     /// node's cost, not the lease's. Taken right after the lease (or by the first
     /// GetVmCounters, if that comes first).
@@ -132,8 +142,23 @@ impl Pool {
         &self.0.engine
     }
 
+    /// Names of the templates this node can boot, sorted (announced in the node record).
+    pub fn template_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.0.templates.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// VMs of the default template's shape (of the smallest template without one) this
+    /// node holds: what the node record announces for placement.
     pub fn capacity(&self) -> u32 {
-        self.0.settings.capacity
+        let tpl = self.0.templates.get("default").or_else(|| {
+            self.0
+                .templates
+                .values()
+                .min_by_key(|t| (t.memory_mib, t.vcpus))
+        });
+        tpl.map_or(0, |t| self.0.settings.fits_count(t.vcpus, t.memory_mib))
     }
 
     /// Leases a VM for `lease_id`: warm when the shape matches the template's, else a cold
@@ -349,26 +374,37 @@ impl Pool {
     ) -> Result<VmInfo, Error> {
         let (id, evicted) = {
             let mut st = self.0.lock();
-            let live = st
-                .vms
-                .values()
-                .filter(|e| e.info.borrow().state.is_live())
-                .count() as u32;
-            let evicted = if live >= self.0.settings.capacity {
-                let victim = st
-                    .warm
-                    .values_mut()
-                    .find_map(|q| q.pop_back())
-                    .ok_or_else(|| {
-                        Error::ResourceExhausted(format!(
-                            "node is at capacity ({} VMs) and has no warm VM to make room",
-                            self.0.settings.capacity
-                        ))
-                    })?;
-                st.vms.remove(&victim).map(|e| (victim, e))
-            } else {
-                None
-            };
+            // Warm VMs (newest first) make room until the new VM fits, if evicting them
+            // all would be enough.
+            let mut evicted = Vec::new();
+            if self.0.settings.room_for(&st, vcpus, memory_mib).is_err() {
+                let unwarm = Usage::of_where(&st, |s| s != VmState::Warm);
+                if let Err(short) = self.0.settings.fits(unwarm, vcpus, memory_mib) {
+                    return Err(Error::ResourceExhausted(format!(
+                        "node is out of {short}, even without its warm VMs"
+                    )));
+                }
+            }
+            while let Err(short) = self.0.settings.room_for(&st, vcpus, memory_mib) {
+                let Some(victim) = st.warm.values_mut().find_map(|q| q.pop_back()) else {
+                    // Unreachable while every warm VM is queued (checked above); refused
+                    // rather than trusted.
+                    for (_, e) in evicted {
+                        self.finish_destroy(e);
+                    }
+                    return Err(Error::ResourceExhausted(format!("node is out of {short}")));
+                };
+                if st
+                    .vms
+                    .get(&victim)
+                    .is_some_and(|e| e.info.borrow().state == VmState::Warm)
+                    && let Some(e) = st.vms.remove(&victim)
+                {
+                    // No longer live: its resources count as free from here on.
+                    e.info.send_modify(|i| i.state = VmState::Destroyed);
+                    evicted.push((victim, e));
+                }
+            }
             let id = crate::boot::insert_booting(
                 &self.0,
                 &mut st,
@@ -379,7 +415,7 @@ impl Pool {
             );
             (id, evicted)
         };
-        if let Some((victim, entry)) = evicted {
+        for (victim, entry) in evicted {
             tracing::info!(vm = %victim, "evicting a warm vm to make room for a cold boot");
             self.finish_destroy(entry);
         }
@@ -531,6 +567,73 @@ impl Pool {
     }
 }
 
+/// What the live VMs take.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Usage {
+    pub vms: u32,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}
+
+impl Usage {
+    pub fn of(st: &State) -> Usage {
+        Usage::of_where(st, |_| true)
+    }
+
+    /// Of the live VMs in a state `pick` accepts.
+    pub fn of_where(st: &State, pick: impl Fn(VmState) -> bool) -> Usage {
+        let mut u = Usage::default();
+        for e in st.vms.values() {
+            let i = e.info.borrow();
+            if i.state.is_live() && pick(i.state) {
+                u.vms += 1;
+                u.memory_mib += u64::from(i.memory_mib);
+                u.vcpus += i.vcpus;
+            }
+        }
+        u
+    }
+}
+
+impl Settings {
+    fn vm_memory_mib(&self, memory_mib: u32) -> u64 {
+        u64::from(memory_mib) + u64::from(self.vm_overhead_mib)
+    }
+
+    /// Whether a VM of this shape fits next to `used`; else what ran out, with figures.
+    pub(crate) fn fits(&self, used: Usage, vcpus: u32, memory_mib: u32) -> Result<(), String> {
+        let memory_used = used.memory_mib + u64::from(used.vms) * u64::from(self.vm_overhead_mib);
+        let memory_wanted = self.vm_memory_mib(memory_mib);
+        if memory_used + memory_wanted > self.capacity_memory_mib {
+            return Err(format!(
+                "memory ({memory_used} of {} MiB in use; this VM needs {memory_wanted} MiB:                  {memory_mib} guest + {} VMM overhead)",
+                self.capacity_memory_mib, self.vm_overhead_mib
+            ));
+        }
+        if used.vcpus + vcpus > self.capacity_vcpus {
+            return Err(format!(
+                "vcpus ({} of {} in use; this VM needs {vcpus})",
+                used.vcpus, self.capacity_vcpus
+            ));
+        }
+        if used.vms >= self.capacity {
+            return Err(format!("VM slots (at most {} VMs)", self.capacity));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn room_for(&self, st: &State, vcpus: u32, memory_mib: u32) -> Result<(), String> {
+        self.fits(Usage::of(st), vcpus, memory_mib)
+    }
+
+    /// How many VMs of this shape an empty node holds.
+    pub(crate) fn fits_count(&self, vcpus: u32, memory_mib: u32) -> u32 {
+        let by_memory = self.capacity_memory_mib / self.vm_memory_mib(memory_mib);
+        let by_vcpus = self.capacity_vcpus / vcpus.max(1);
+        (by_memory.min(u64::from(by_vcpus)) as u32).min(self.capacity)
+    }
+}
+
 impl Shared {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (every critical section
@@ -544,4 +647,81 @@ fn prune_released(st: &mut State) {
         Ok(l) => !matches!(&*l, Lease::Released { at } if at.elapsed() > RELEASED_LEASE_MEMORY),
         Err(_) => true,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            state_dir: PathBuf::from("/x"),
+            capacity: 16,
+            capacity_memory_mib: 2048,
+            capacity_vcpus: 4,
+            vm_overhead_mib: 256,
+            max_concurrent_boots: 1,
+            boot_timeout: Duration::from_secs(1),
+            max_vcpus: 8,
+            max_memory_mib: 8192,
+            guest_otlp: None,
+        }
+    }
+
+    #[test]
+    fn capacity_is_memory_with_overhead_then_vcpus_then_slots() {
+        let s = settings();
+        let none = Usage::default();
+        s.fits(none, 1, 512).unwrap();
+        // 2 x (512 + 256) = 1536 in use; another 768 would make 2304 > 2048.
+        let two = Usage {
+            vms: 2,
+            memory_mib: 1024,
+            vcpus: 2,
+        };
+        let err = s.fits(two, 1, 512).unwrap_err();
+        assert!(
+            err.starts_with("memory") && err.contains("1536 of 2048"),
+            "{err}"
+        );
+        s.fits(two, 1, 256).unwrap();
+        let err = s
+            .fits(
+                Usage {
+                    vms: 1,
+                    memory_mib: 128,
+                    vcpus: 3,
+                },
+                2,
+                128,
+            )
+            .unwrap_err();
+        assert!(err.starts_with("vcpus"), "{err}");
+        let err = Settings {
+            capacity: 1,
+            ..settings()
+        }
+        .fits(
+            Usage {
+                vms: 1,
+                memory_mib: 128,
+                vcpus: 1,
+            },
+            1,
+            128,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("VM slots"), "{err}");
+        // 2048 / 768 = 2 by memory, 4 by vcpus.
+        assert_eq!(s.fits_count(1, 512), 2);
+        assert_eq!(s.fits_count(4, 128), 1);
+        assert_eq!(
+            Settings {
+                capacity: 1,
+                ..settings()
+            }
+            .fits_count(1, 128),
+            1
+        );
+    }
 }

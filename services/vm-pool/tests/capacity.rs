@@ -1,6 +1,7 @@
 //! Cold boots on real VMs: a shape other than the template's boots cold; concurrent
 //! retries of one lease during that cold boot get the same VM; a full node evicts a warm VM
-//! to make room, and refuses with RESOURCE_EXHAUSTED when every VM is leased.
+//! to make room, and refuses with RESOURCE_EXHAUSTED when every VM is leased; a node out of
+//! memory refuses naming memory.
 
 mod common;
 
@@ -67,4 +68,40 @@ async fn cold_boots_idempotent_leases_eviction_and_capacity() {
     }
     wait_warm(&mut c, 1).await;
     capsa_test_support::eventually!(pool.vm_processes().len() == 2, 30);
+}
+
+/// Capacity is memory (guest RAM + the VMM's overhead each) as well as VM slots: with room
+/// for one 512 MiB VM, a second lease is refused naming memory, with slots to spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_beyond_memory_capacity_are_refused_naming_memory() {
+    let pool = PoolUnderTest::start(&[
+        "--warm",
+        "0",
+        "--capacity",
+        "16",
+        "--capacity-memory-mib",
+        "1200",
+        "--vmm-memory-overhead-mib",
+        "320",
+    ])
+    .await;
+    let mut c = pool.client().await;
+    let first = c
+        .acquire_vm(lease("first", 512))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    let err = c.acquire_vm(lease("second", 512)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("memory") && err.message().contains("832 of 1200 MiB"),
+        "{}",
+        err.message()
+    );
+    c.release_vm(ReleaseVmRequest { vm_id: first.id })
+        .await
+        .unwrap();
+    capsa_test_support::eventually!(pool.vm_processes().is_empty(), 30);
 }

@@ -71,7 +71,8 @@ async fn twenty_cycles_leak_nothing() {
     assert_eq!(dirs, ids, "a dir for each live VM and nothing else");
 
     let process = pool.process.take().unwrap();
-    assert!(process.terminate(Duration::from_secs(60)).await);
+    let status = process.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "vm-pool exits 0 on SIGTERM: {status}");
     assert!(pool.vm_processes().is_empty());
     assert_eq!(std::fs::read_dir(pool.vms_dir()).unwrap().count(), 0);
 }

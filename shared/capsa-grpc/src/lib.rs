@@ -1,8 +1,10 @@
 //! What every Capsa gRPC server shares: the closed set of error codes and their one
 //! conversion to `tonic::Status` ([`error`]), and server assembly with health, reflection,
-//! trace-context extraction and graceful shutdown ([`server`]), and the process glue every
-//! service `main` shares ([`process`]).
+//! trace-context extraction and graceful shutdown ([`server`]), the flags every service
+//! shares ([`args`]), and the process glue and exit-code policy of every service `main`
+//! ([`process`]).
 
+pub mod args;
 pub mod error;
 pub mod process;
 pub mod server;

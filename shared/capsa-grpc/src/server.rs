@@ -2,6 +2,17 @@
 //! services, extracts W3C trace context from incoming metadata, and shuts down as a
 //! sequence: health goes NOT_SERVING, then the listener stops accepting and in-flight calls
 //! drain. Binding and signal handling stay with the caller, so tests serve on `:0`.
+//!
+//! HTTP/2 flow control is set on purpose, because one connection carries many tenants'
+//! streams (every session-manager replica holds one connection per node): data a stream's
+//! reader has not taken stays charged to both that stream's window and the connection's.
+//! With hyper's defaults (1 MiB each on a server) one upload whose reader stalls takes the
+//! whole connection window, and every other call on that connection, a one-line Execute
+//! request included, waits behind it. So a server accepts at most `max_concurrent_streams`
+//! streams per connection and offers a connection window of that many full stream windows
+//! ([`connection_window`]): all its streams stalled at once still leave the connection open.
+//! The price is memory only where a reader really stalls (windows are credit, not buffers);
+//! the stream cap and the services' stall timeouts bound it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,11 +25,35 @@ use tonic::service::RoutesBuilder;
 use tonic::transport::server::Connected;
 use tonic_health::server::HealthReporter;
 
+/// Receive window of every HTTP/2 stream, on servers and on the clients that set theirs
+/// (session-manager's node channels): one file chunk (`MAX_CHUNK_BYTES`) fits whole.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+
+/// Concurrent streams one connection may carry (SETTINGS_MAX_CONCURRENT_STREAMS), per
+/// service. Past it a client's new calls wait for a stream to end.
+pub mod max_streams {
+    /// The public API, per client connection; far above the per-tenant cap on streaming
+    /// calls, so only many unary calls at once ever wait for it.
+    pub const SESSION_MANAGER: u32 = 128;
+    /// Per connection from one session-manager replica, which sends every tenant's calls
+    /// to this node over it; also what the replica sizes its connection window for.
+    pub const EXECUTOR: u32 = 256;
+    /// vm-pool, metering and anything else: control traffic.
+    pub const DEFAULT: u32 = 128;
+}
+
+/// The connection receive window for `streams` concurrent streams: every stream's full
+/// window at once, so streams whose readers stall can never starve the others.
+pub const fn connection_window(streams: u32) -> u32 {
+    streams * STREAM_WINDOW
+}
+
 /// A server under assembly: add services, then [`Server::serve`].
 pub struct Server {
     routes: RoutesBuilder,
     health: HealthReporter,
     names: Vec<&'static str>,
+    max_streams: u32,
 }
 
 impl Default for Server {
@@ -43,7 +78,15 @@ impl Server {
             routes,
             health,
             names: Vec::new(),
+            max_streams: max_streams::DEFAULT,
         }
+    }
+
+    /// Concurrent streams per connection (see [`max_streams`]); the connection window
+    /// follows ([`connection_window`]).
+    pub fn max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.max_streams = streams;
+        self
     }
 
     /// Adds a service; it reports SERVING once [`Server::serve`] starts.
@@ -85,6 +128,7 @@ impl Server {
             routes,
             health,
             names,
+            max_streams,
         } = self;
         for name in &names {
             health
@@ -109,6 +153,9 @@ impl Server {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .max_concurrent_streams(max_streams)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(connection_window(max_streams))
             .layer(capsa_telemetry::GrpcTraceLayer)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, drain_signal)
@@ -130,4 +177,22 @@ pub async fn serve_tcp(
         })
     });
     server.serve(incoming, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_connection_window_holds_all_its_streams_full() {
+        for streams in [
+            max_streams::SESSION_MANAGER,
+            max_streams::EXECUTOR,
+            max_streams::DEFAULT,
+        ] {
+            // Within HTTP/2's largest window (2^31 - 1), and no overflow.
+            assert!(u64::from(streams) * u64::from(STREAM_WINDOW) < 1 << 31);
+        }
+        assert!(STREAM_WINDOW as usize >= capsa_proto::limits::MAX_CHUNK_BYTES);
+    }
 }

@@ -3,7 +3,8 @@
 //! A key is shown to its owner once, at creation, and stored only as its sha256 hex:
 //! `capsa:apikey:{sha256}` is a hash `{tenant, name, created_ms}`. Authentication hashes the
 //! presented key and looks that up, so a leak of Redis leaks no usable key.
-//! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`), and
+//! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`,
+//! `create_rate`, `create_burst`), and
 //! `capsa:tenant:{id}:create_bucket` the tenant's token bucket for session creates.
 
 use rand::Rng as _;
@@ -14,21 +15,33 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{Result, StoreError};
 
+/// A create refused by the tenant's rate limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateThrottled {
+    /// When the next token is there.
+    pub retry_after: std::time::Duration,
+    /// The limit that applied (the tenant's own, or the server default).
+    pub per_sec: f64,
+    pub burst: u32,
+}
+
 /// Every key starts with this, so leaked keys are easy to scan for.
 pub const KEY_PREFIX: &str = "capsa_";
 const KEY_RANDOM_LEN: usize = 32;
 
-/// One token per create; refills at ARGV[1] tokens per second up to ARGV[2], on Redis' clock.
-/// Returns 0 when a token was taken, else the ms until one is there (nothing is taken).
-/// KEYS: the tenant's bucket.
+/// One token per create; refills at the tenant's `create_rate` tokens per second up to its
+/// `create_burst` (from its limits hash, else ARGV[1] and ARGV[2]), on Redis' clock.
+/// Returns {0 when a token was taken, else the ms until one is there (nothing is taken);
+/// the rate and burst that applied}. KEYS: the tenant's bucket, the tenant's limits hash.
 static TAKE_CREATE_TOKEN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         &[
             crate::CLOCK_AND_REPLY_LUA,
             r"
 local now = now_ms()
-local per_ms = tonumber(ARGV[1]) / 1000
-local burst = tonumber(ARGV[2])
+local rate = tonumber(redis.call('HGET', KEYS[2], 'create_rate') or ARGV[1])
+local burst = tonumber(redis.call('HGET', KEYS[2], 'create_burst') or ARGV[2])
+local per_ms = rate / 1000
 local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or burst)
 local since = tonumber(redis.call('HGET', KEYS[1], 'ts') or now)
 tokens = math.min(burst, tokens + math.max(0, now - since) * per_ms)
@@ -36,7 +49,7 @@ local wait = 0
 if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_ms) end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / per_ms) + 1000)
-return wait",
+return { wait, tostring(rate), burst }",
         ]
         .concat(),
     )
@@ -260,22 +273,52 @@ impl ApiKeyStore {
         Ok(())
     }
 
-    /// Takes one of the tenant's create tokens (`per_sec` refill, `burst` at most): `None`
-    /// when taken, else how long until one is there. Each tenant has its own bucket, so
-    /// one tenant's flood never slows another's creates.
+    /// Sets the tenant's create rate limit (`per_sec` refill, `burst` at most), overriding
+    /// the server defaults.
+    pub async fn set_create_rate(&self, tenant_id: &str, per_sec: f64, burst: u32) -> Result<()> {
+        let mut conn = self.conn.clone();
+        conn.hset_multiple::<_, _, _, ()>(
+            limits_key(tenant_id),
+            &[
+                ("create_rate", per_sec.to_string()),
+                ("create_burst", burst.to_string()),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes one of the tenant's create tokens (the tenant's own rate limit if one is set,
+    /// else `per_sec` refill and `burst` at most): `None` when taken, else how long until
+    /// one is there and the limit that applied. Each tenant has its own bucket, so one
+    /// tenant's flood never slows another's creates.
     pub async fn take_create_token(
         &self,
         tenant_id: &str,
         per_sec: f64,
         burst: u32,
-    ) -> Result<Option<std::time::Duration>> {
-        let wait_ms: u64 = TAKE_CREATE_TOKEN
+    ) -> Result<Option<CreateThrottled>> {
+        let (wait_ms, rate, burst): (u64, String, u32) = TAKE_CREATE_TOKEN
             .key(create_bucket_key(tenant_id))
+            .key(limits_key(tenant_id))
             .arg(per_sec)
             .arg(burst)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok((wait_ms > 0).then(|| std::time::Duration::from_millis(wait_ms)))
+        Ok((wait_ms > 0).then(|| CreateThrottled {
+            retry_after: std::time::Duration::from_millis(wait_ms),
+            per_sec: rate.parse().unwrap_or(per_sec),
+            burst,
+        }))
+    }
+
+    /// Every override the tenant has, sorted by name (`create_burst`, `create_rate`,
+    /// `max_sessions`).
+    pub async fn tenant_limits(&self, tenant_id: &str) -> Result<Vec<(String, String)>> {
+        let mut conn = self.conn.clone();
+        let mut all: Vec<(String, String)> = conn.hgetall(limits_key(tenant_id)).await?;
+        all.sort();
+        Ok(all)
     }
 
     /// The tenant's override of the concurrent-session cap, if one is set.

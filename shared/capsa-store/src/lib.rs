@@ -20,7 +20,7 @@ pub mod usage;
 
 use std::time::Duration;
 
-pub use apikeys::{ApiKeyRecord, ApiKeyStore, KeyById, NewApiKey};
+pub use apikeys::{ApiKeyRecord, ApiKeyStore, CreateThrottled, KeyById, NewApiKey};
 pub use nodes::{LapsedNode, NodeRecord, NodeRegistry};
 pub use redis::aio::ConnectionManager;
 pub use sessions::{

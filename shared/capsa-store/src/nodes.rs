@@ -94,6 +94,11 @@ pub struct NodeRecord {
     pub leased: u32,
     /// Warm VMs waiting in the pool.
     pub warm: u32,
+    /// Templates the node can boot, sorted. Session-manager places a create only on a node
+    /// that offers its template, and refuses an unknown template before storing anything.
+    /// (Absent in records of older nodes: read as none.)
+    #[serde(default)]
+    pub templates: Vec<String>,
     /// When the node wrote this record (its own clock, ms since the Unix epoch).
     pub heartbeat_ms: i64,
 }
@@ -275,6 +280,7 @@ mod tests {
             capacity: 4,
             leased: 1,
             warm: 0,
+            templates: vec!["default".into()],
             heartbeat_ms: 0,
         };
         assert_eq!(rec.free(), 3);

@@ -37,6 +37,7 @@ fn node(id: &str, capacity: u32) -> NodeRecord {
         capacity,
         leased: 0,
         warm: 1,
+        templates: vec!["default".into()],
         heartbeat_ms: 1,
     }
 }
@@ -260,6 +261,97 @@ async fn terminated_sessions_expire_after_retention() {
     // The tenant index forgets it when listing meets it.
     let page = s.list("t", &ListFilter::default(), 10, None).await.unwrap();
     assert!(page.sessions.is_empty());
+}
+
+/// A tenant that never lists does not grow its index without bound: each create drops the
+/// index entries older than the horizon past which their records have surely expired.
+#[tokio::test]
+async fn creates_trim_index_entries_past_the_horizon() {
+    let redis = RedisServer::start();
+    let config = StoreConfig {
+        retention: Duration::from_millis(500),
+        claim_ttl: Duration::from_millis(10),
+        creating_bound: Duration::from_millis(500),
+        max_total_lifetime: Duration::from_millis(500),
+    };
+    assert_eq!(config.index_horizon(), Duration::from_millis(1600));
+    let s = store(&redis, config).await;
+    let mut conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let index_len = async |conn: &mut capsa_store::ConnectionManager| -> usize {
+        redis::cmd("ZCARD")
+            .arg("capsa:tenant:t:sessions")
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    for id in ["old1", "old2"] {
+        s.create(&new_session(id, "t", Duration::from_secs(60)), 5)
+            .await
+            .unwrap();
+    }
+    s.create(&new_session("u1", "u", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    assert_eq!(index_len(&mut conn).await, 2);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    s.create(&new_session("new", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    assert_eq!(index_len(&mut conn).await, 1, "only `new` is left");
+    // Another tenant's index is its own business.
+    let u: usize = redis::cmd("ZCARD")
+        .arg("capsa:tenant:u:sessions")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(u, 1);
+}
+
+/// The operator's per-tenant create rate replaces the server default for that tenant only,
+/// and a refusal says which limit applied.
+#[tokio::test]
+async fn a_tenant_create_rate_override_applies_to_that_tenant_only() {
+    let redis = RedisServer::start();
+    let keys = ApiKeyStore::new(capsa_store::connect(&redis.url()).await.unwrap());
+    keys.set_create_rate("slow", 0.01, 1).await.unwrap();
+    assert!(
+        keys.take_create_token("slow", 5.0, 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let refused = keys
+        .take_create_token("slow", 5.0, 10)
+        .await
+        .unwrap()
+        .expect("the override's burst of 1 is spent");
+    assert_eq!((refused.per_sec, refused.burst), (0.01, 1));
+    assert!(
+        refused.retry_after > Duration::from_secs(90),
+        "{:?}",
+        refused.retry_after
+    );
+    for _ in 0..10 {
+        assert!(
+            keys.take_create_token("fast", 5.0, 10)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let refused = keys
+        .take_create_token("fast", 5.0, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((refused.per_sec, refused.burst), (5.0, 10));
+    assert_eq!(
+        keys.tenant_limits("slow").await.unwrap(),
+        vec![
+            ("create_burst".to_string(), "1".to_string()),
+            ("create_rate".to_string(), "0.01".to_string())
+        ]
+    );
 }
 
 #[tokio::test]

@@ -33,67 +33,121 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// What the operator chose: services fill it from their `--log-filter` and
+/// `--otlp-endpoint` flags (`capsa_grpc::args::TelemetryArgs`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `tracing` filter directives in `RUST_LOG` syntax, e.g. `info,capsa_vm_pool=debug`.
+    pub log_filter: String,
+    /// OTLP/gRPC collector URL; overrides the `OTEL_EXPORTER_OTLP_*ENDPOINT` variables.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Settings {
+    /// `RUST_LOG` if set, else `default_filter`; the endpoint from the environment only.
+    pub fn from_env(default_filter: &str) -> Settings {
+        Settings {
+            log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_owned()),
+            otlp_endpoint: None,
+        }
+    }
+}
+
 /// Where spans and metrics go.
 pub enum Export {
-    /// OTLP/gRPC to `OTEL_EXPORTER_OTLP_ENDPOINT` when it is set; otherwise logs only.
-    FromEnv,
+    /// OTLP/gRPC to [`Settings::otlp_endpoint`] or, without it, to what the standard
+    /// `OTEL_EXPORTER_OTLP_*` variables say; logs only when neither names an endpoint.
+    Otlp,
     /// OTLP/gRPC over an already built channel: the guest agent has no network, so it
     /// exports through a vsock channel that the host forwards to the collector.
     Channel(tonic::transport::Channel),
 }
 
-/// Installs the global subscriber, exporting as `OTEL_EXPORTER_OTLP_ENDPOINT` says.
-/// `RUST_LOG` overrides `default_filter`. Must be called inside a Tokio runtime.
-pub fn init(service_name: &'static str, default_filter: &str) -> TelemetryGuard {
-    init_with(service_name, default_filter, Export::FromEnv)
+/// Telemetry settings the process cannot start with (a configuration error, exit 64). The
+/// message names the flag or variable; header values are never echoed (they carry tokens).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("--otlp-endpoint {value:?}: {reason}")]
+    Endpoint { value: String, reason: String },
+    #[error("--log-filter (RUST_LOG) {value:?}: {reason}")]
+    LogFilter { value: String, reason: String },
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Installs the global subscriber, exporting as `settings` and the environment say. Must be
+/// called inside a Tokio runtime. Every `OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}{ENDPOINT,
+/// TIMEOUT,HEADERS}` variable is checked first: the exporter would panic on some malformed
+/// values and silently ignore others.
+pub fn init(
+    service_name: &'static str,
+    settings: &Settings,
+) -> Result<TelemetryGuard, ConfigError> {
+    init_with(service_name, settings, Export::Otlp)
 }
 
 /// Like [`init`], with the export target chosen by the caller.
 pub fn init_with(
     service_name: &'static str,
-    default_filter: &str,
+    settings: &Settings,
     export: Export,
-) -> TelemetryGuard {
-    use opentelemetry_otlp::WithTonicConfig as _;
+) -> Result<TelemetryGuard, ConfigError> {
+    use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
+    check_env(|var| std::env::var_os(var))?;
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        check_endpoint(endpoint).map_err(|reason| ConfigError::Endpoint {
+            value: endpoint.clone(),
+            reason,
+        })?;
+    }
+    let filter = EnvFilter::try_new(&settings.log_filter).map_err(|e| ConfigError::LogFilter {
+        value: settings.log_filter.clone(),
+        reason: e.to_string(),
+    })?;
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    let channel = match export {
-        Export::Channel(channel) => Some(channel),
-        Export::FromEnv
-            if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-                || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() =>
-        {
-            None
-        }
-        Export::FromEnv => {
-            tracing_subscriber::registry().with(filter).with(fmt).init();
-            return TelemetryGuard {
-                tracer: None,
-                meter: None,
-            };
+    let exporting = match &export {
+        Export::Channel(_) => true,
+        Export::Otlp => {
+            settings.otlp_endpoint.is_some()
+                || env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+                || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         }
     };
+    if !exporting {
+        tracing_subscriber::registry().with(filter).with(fmt).init();
+        return Ok(TelemetryGuard {
+            tracer: None,
+            meter: None,
+        });
+    }
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)
         .build();
     let mut span_exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     let mut metric_exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-    if let Some(channel) = channel {
-        span_exporter = span_exporter.with_channel(channel.clone());
-        metric_exporter = metric_exporter.with_channel(channel);
+    match export {
+        Export::Channel(channel) => {
+            span_exporter = span_exporter.with_channel(channel.clone());
+            metric_exporter = metric_exporter.with_channel(channel);
+        }
+        Export::Otlp => {
+            if let Some(endpoint) = &settings.otlp_endpoint {
+                span_exporter = span_exporter.with_endpoint(endpoint);
+                metric_exporter = metric_exporter.with_endpoint(endpoint);
+            }
+        }
     }
-    let span_exporter = span_exporter
-        .build()
-        .expect("the OTLP span exporter builds");
-    let metric_exporter = metric_exporter
-        .build()
-        .expect("the OTLP metric exporter builds");
+    let exporter_error =
+        |e: opentelemetry_otlp::ExporterBuildError| ConfigError::Exporter(e.to_string());
+    let span_exporter = span_exporter.build().map_err(exporter_error)?;
+    let metric_exporter = metric_exporter.build().map_err(exporter_error)?;
     let tracer_provider = SdkTracerProvider::builder()
         .with_resource(resource.clone())
         .with_batch_exporter(span_exporter)
@@ -109,13 +163,173 @@ pub fn init_with(
         .with(fmt)
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .init();
-    TelemetryGuard {
+    Ok(TelemetryGuard {
         tracer: Some(tracer_provider),
         meter: Some(meter_provider),
+    })
+}
+
+/// Set and not empty (the exporter treats an empty variable as unset).
+fn env_set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty())
+}
+
+/// Checks the OTLP exporter variables `lookup` finds (the process environment, in
+/// [`init_with`]).
+fn check_env(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<(), ConfigError> {
+    type Check = fn(&str) -> Result<(), String>;
+    let checks: [(&str, Check); 3] = [
+        ("ENDPOINT", check_endpoint),
+        ("TIMEOUT", check_timeout),
+        ("HEADERS", check_headers),
+    ];
+    for signal in ["", "TRACES_", "METRICS_"] {
+        for (setting, check) in checks {
+            let var = format!("OTEL_EXPORTER_OTLP_{signal}{setting}");
+            let Some(raw) = lookup(&var) else { continue };
+            let reason = match raw.to_str() {
+                None => Some("is not valid UTF-8".to_owned()),
+                Some("") => None,
+                Some(value) => check(value).err(),
+            };
+            if let Some(reason) = reason {
+                return Err(ConfigError::Env { var, reason });
+            }
+        }
     }
+    Ok(())
+}
+
+/// An `http://` or `https://` URL with a host, as the gRPC exporter dials it.
+fn check_endpoint(value: &str) -> Result<(), String> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not a URL ({e})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{value:?} needs an http:// or https:// scheme"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{value:?} has no host"));
+    }
+    Ok(())
+}
+
+/// Whole milliseconds, as the OTLP exporter specification says.
+fn check_timeout(value: &str) -> Result<(), String> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map(drop)
+        .map_err(|_| format!("{value:?} is not a whole number of milliseconds"))
+}
+
+/// `key=value` pairs separated by commas, values percent-encoded. The values are secrets
+/// (authorization tokens): errors say which entry, never what it holds.
+fn check_headers(value: &str) -> Result<(), String> {
+    for (i, entry) in value.split_terminator(',').enumerate() {
+        let n = i + 1;
+        let Some((key, val)) = entry.split_once('=') else {
+            return Err(format!("entry {n} is not key=value"));
+        };
+        http::HeaderName::from_bytes(key.trim().as_bytes())
+            .map_err(|_| format!("entry {n}: the key is not a valid header name"))?;
+        let decoded = percent_decode(val.trim())
+            .ok_or_else(|| format!("entry {n}: the value has a bad %-escape"))?;
+        http::HeaderValue::from_str(&decoded)
+            .map_err(|_| format!("entry {n}: the value is not a valid header value"))?;
+    }
+    Ok(())
+}
+
+/// `%XX` escapes decoded as UTF-8; `None` for a malformed escape or invalid UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The meter every Capsa metric is recorded on (a no-op until [`init`] configured OTLP).
 pub fn meter() -> opentelemetry::metrics::Meter {
     opentelemetry::global::meter("capsa")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::ffi::OsString;
+
+    fn check(vars: &[(&str, &str)]) -> Result<(), ConfigError> {
+        let env: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        check_env(|var| env.get(var).cloned())
+    }
+
+    fn failing_var(vars: &[(&str, &str)]) -> String {
+        match check(vars) {
+            Err(ConfigError::Env { var, reason }) => {
+                assert!(!reason.is_empty());
+                var
+            }
+            other => panic!("{vars:?} accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn well_formed_and_empty_variables_pass() {
+        check(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://[::1]:4317/"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=abc%20def, x-tenant=t1",
+            ),
+            ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", ""),
+        ])
+        .unwrap();
+        check(&[]).unwrap();
+    }
+
+    #[test]
+    fn each_malformed_variable_is_named() {
+        for (var, value) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[bad"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "otel-collector:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
+            ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "-1"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "bad key=v"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "k=%zz"),
+        ] {
+            assert_eq!(failing_var(&[(var, value)]), var, "{var}={value}");
+        }
+    }
+
+    #[test]
+    fn header_errors_do_not_echo_the_value() {
+        let err = check(&[(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=ok,secret-token",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("entry 2"), "{err}");
+        assert!(!err.contains("secret-token"), "{err}");
+    }
 }

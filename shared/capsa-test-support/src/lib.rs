@@ -4,15 +4,22 @@
 //! - [`RedisServer`]: a `redis-server` with its own port and data dir.
 //! - [`ServiceProcess`]: a Capsa service binary started with `--listen 127.0.0.1:0`; the
 //!   address comes from the `CAPSA_LISTENING=<addr>` line every service prints once bound.
+//! - [`GrpcDouble`]: in-test gRPC services on `127.0.0.1:0` whose handler panics fail the
+//!   test that joins them.
+//! - [`execute`]: reads an Execute stream (agent, executor or public API) into an
+//!   [`execute::Outcome`].
 //! - [`HybridVsockProxy`]: a hybrid-vsock endpoint in front of an agent running as a plain
 //!   process (the test seam for the guest agent; VM tests use the real thing).
 //! - [`eventually!`]: polls an async condition until it holds or a deadline passes.
 
+pub mod execute;
+mod grpc;
 mod process;
 mod redis;
 mod vsock;
 
-pub use process::{ServiceProcess, workspace_binary};
+pub use grpc::GrpcDouble;
+pub use process::{ServiceProcess, run_to_exit, workspace_binary};
 pub use redis::RedisServer;
 pub use vsock::HybridVsockProxy;
 

@@ -3,7 +3,7 @@
 //! ports and no sleeps.
 
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -27,6 +27,21 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs workspace binary `name` to its exit and returns its status and output; for
+/// start-up failures (exit codes, messages). Panics if it still runs after 60 s (it is
+/// then killed).
+pub async fn run_to_exit(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(workspace_binary(name));
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{name} {args:?} still runs after 60 s"))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"))
 }
 
 /// A running service; killed (SIGKILL to its process group) on drop.
@@ -104,19 +119,16 @@ impl ServiceProcess {
         self.child.id().expect("running")
     }
 
-    /// Sends SIGTERM and waits for a graceful exit (SIGKILL after `grace`); returns whether
-    /// it exited on its own.
-    pub async fn terminate(mut self, grace: Duration) -> bool {
+    /// Sends SIGTERM and returns the exit status once the process has exited; panics if it
+    /// is still running after `grace` (it is then killed, with its process group).
+    pub async fn terminate(mut self, grace: Duration) -> ExitStatus {
         if let Some(pid) = self.child.id() {
             // SAFETY: kill(2) with a pid we own; no memory is touched.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
         match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status.is_ok(),
-            Err(_) => {
-                eprintln!("{} ignored SIGTERM for {grace:?}; killing", self.name);
-                false
-            }
+            Ok(status) => status.unwrap_or_else(|e| panic!("wait for {}: {e}", self.name)),
+            Err(_) => panic!("{} ignored SIGTERM for {grace:?}", self.name),
         }
     }
 }

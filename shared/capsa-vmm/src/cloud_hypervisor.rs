@@ -22,18 +22,22 @@ use std::time::Duration;
 use cloud_hypervisor_client::models::{VmConfig, VmInfo, VmmPingResponse};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use tokio::process::Command;
 
+use crate::cgroup::VmCgroup;
 use crate::ch_api::ChApi;
 use crate::ch_model::{self, Counters, Preserved};
 use crate::console::Console;
 use crate::instance::{self, DirGuard, Instance, delegate_to_instance};
 use crate::process::{Supervised, wait_listening};
+use crate::sandbox::{Sandbox, vmm_command};
 use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, VmmError, layout};
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Files of a snapshot dir, besides the memory ranges.
 const SNAPSHOT_CONFIG: &str = "config.json";
+/// Where in its VM dir the VMM writes a snapshot (the only place it can write), before it
+/// is moved to the caller's destination.
+const SNAPSHOT_STAGING: &str = "snapshot-out";
 
 #[derive(Debug, Clone)]
 pub struct CloudHypervisorConfig {
@@ -44,6 +48,9 @@ pub struct CloudHypervisorConfig {
     pub kernel_override: Option<PathBuf>,
     /// Have the kernel kill the VMM when this process dies (see `Supervised::spawn`).
     pub die_with_parent: bool,
+    /// Confine the VMM (user, cgroup, mount view, our seccomp filter on top of its own,
+    /// which stays on: no `--seccomp false` is ever passed).
+    pub sandbox: Option<Arc<Sandbox>>,
 }
 
 pub struct CloudHypervisor {
@@ -57,11 +64,16 @@ impl CloudHypervisor {
 
     /// Starts the VMM process with its API socket and checks its version; the VM is not
     /// created yet.
-    async fn start_vmm(&self, spec: &VmSpec) -> Result<(Supervised, Console, ChApi), VmmError> {
+    async fn start_vmm(
+        &self,
+        spec: &VmSpec,
+        cgroup: Option<&VmCgroup>,
+    ) -> Result<(Supervised, Console, ChApi), VmmError> {
         let dir = &spec.dir;
         let api_path = dir.join(layout::API_SOCKET);
         let vmm_log = dir.join(layout::VMM_LOG);
-        let mut cmd = Command::new(&self.config.binary);
+        let confine = self.config.sandbox.as_deref().zip(cgroup);
+        let (mut cmd, confinement) = vmm_command(&self.config.binary, confine, dir)?;
         cmd.arg("--api-socket")
             .arg(format!("path={}", api_path.display()));
         let log =
@@ -72,6 +84,7 @@ impl CloudHypervisor {
             "cloud-hypervisor",
             Some(&vmm_log),
             self.config.die_with_parent,
+            confinement,
         )?;
         instance::write_pid(dir, layout::VMM_PID, vmm.pid())?;
         let console = Console::start(
@@ -86,22 +99,50 @@ impl CloudHypervisor {
         Ok((vmm, console, api))
     }
 
-    async fn start(&self, spec: &VmSpec) -> Result<ChVm, VmmError> {
-        spec.validate()?;
+    /// The VM's dir, its cgroup when confined, and the guard that removes both on failure.
+    fn create_dir<'a>(
+        &self,
+        spec: &'a VmSpec,
+    ) -> Result<(DirGuard<'a>, Option<VmCgroup>), VmmError> {
         instance::create_dir(&spec.dir)?;
-        let guard = DirGuard::new(&spec.dir);
-        let overlay = match &spec.rootfs_base {
-            Some(base) => {
-                Some(instance::create_overlay(&self.config.qemu_img, base, &spec.dir).await?)
+        let mut guard = DirGuard::new(&spec.dir);
+        let cgroup = match &self.config.sandbox {
+            Some(sb) => {
+                let cg = sb.prepare(&spec.id, &spec.dir, spec.vcpus, spec.memory_mib)?;
+                guard.cgroup(&cg);
+                Some(cg)
             }
             None => None,
         };
-        let (vmm, console, api) = self.start_vmm(spec).await?;
+        Ok((guard, cgroup))
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<ChVm, VmmError> {
+        spec.validate()?;
         let kernel = self
             .config
             .kernel_override
             .as_deref()
             .unwrap_or(&spec.kernel);
+        if let Some(sb) = &self.config.sandbox {
+            sb.check_readable("kernel", kernel)?;
+            if let Some(base) = &spec.rootfs_base {
+                sb.check_readable("rootfs_base", base)?;
+            }
+        }
+        let (guard, cgroup) = self.create_dir(spec)?;
+        let overlay = match &spec.rootfs_base {
+            Some(base) => {
+                let overlay =
+                    instance::create_overlay(&self.config.qemu_img, base, &spec.dir).await?;
+                if let Some(sb) = &self.config.sandbox {
+                    sb.give(&overlay)?;
+                }
+                Some(overlay)
+            }
+            None => None,
+        };
+        let (vmm, console, api) = self.start_vmm(spec, cgroup.as_ref()).await?;
         let config = ch_model::vm_config(spec, kernel, overlay.as_deref())?;
         api.put_json("vm.create", &config).await?;
         let info: Preserved<VmInfo> = api.get("vm.info").await?;
@@ -113,23 +154,42 @@ impl CloudHypervisor {
         api.put("vm.boot").await?;
         guard.disarm();
         Ok(ChVm {
-            instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console),
+            instance: Instance::new(
+                spec,
+                EngineKind::CloudHypervisor,
+                vmm,
+                vec![],
+                console,
+                cgroup,
+            ),
             api,
+            sandbox: self.config.sandbox.clone(),
         })
     }
 
     async fn start_restored(&self, spec: &VmSpec, snapshot: &Path) -> Result<ChVm, VmmError> {
-        instance::create_dir(&spec.dir)?;
-        let guard = DirGuard::new(&spec.dir);
+        let (guard, cgroup) = self.create_dir(spec)?;
         let local = spec.dir.join("snapshot");
         prepare_restore(snapshot, &local, &spec.dir).await?;
-        let (vmm, console, api) = self.start_vmm(spec).await?;
+        if let Some(sb) = &self.config.sandbox {
+            // The restored VM writes its disk and reads its state as the VMM user.
+            sb.give(&spec.dir.join(layout::OVERLAY))?;
+        }
+        let (vmm, console, api) = self.start_vmm(spec, cgroup.as_ref()).await?;
         api.put_json("vm.restore", &ch_model::restore_config(&local)?)
             .await?;
         guard.disarm();
         Ok(ChVm {
-            instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, vec![], console),
+            instance: Instance::new(
+                spec,
+                EngineKind::CloudHypervisor,
+                vmm,
+                vec![],
+                console,
+                cgroup,
+            ),
             api,
+            sandbox: self.config.sandbox.clone(),
         })
     }
 }
@@ -176,6 +236,26 @@ async fn prepare_restore(snapshot: &Path, local: &Path, vm_dir: &Path) -> Result
     tokio::fs::write(&out, serde_json::to_vec(&config).expect("json serialises"))
         .await
         .map_err(|e| VmmError::io("write snapshot config", &out, e))
+}
+
+/// Moves every file of `from` into `to` (copying across file systems), then removes `from`.
+async fn move_dir_contents(from: &Path, to: &Path) -> Result<(), VmmError> {
+    let mut entries = tokio::fs::read_dir(from)
+        .await
+        .map_err(|e| VmmError::io("read snapshot staging dir", from, e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| VmmError::io("read snapshot staging dir", from, e))?
+    {
+        let dest = to.join(entry.file_name());
+        if tokio::fs::rename(entry.path(), &dest).await.is_err() {
+            tokio::fs::copy(entry.path(), &dest)
+                .await
+                .map_err(|e| VmmError::io("move snapshot file", entry.path(), e))?;
+        }
+    }
+    instance::remove_dir(from).await
 }
 
 /// Points a snapshot's disk and vsock socket into `vm_dir`.
@@ -230,6 +310,7 @@ impl Hypervisor for CloudHypervisor {
 pub struct ChVm {
     instance: Instance,
     api: ChApi,
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 impl ChVm {
@@ -284,9 +365,18 @@ impl VirtualMachine for ChVm {
             tokio::fs::create_dir_all(dest)
                 .await
                 .map_err(|e| VmmError::io("create snapshot dir", dest, e))?;
+            let staging = self.instance.dir.join(SNAPSHOT_STAGING);
+            instance::remove_dir(&staging).await?;
+            tokio::fs::create_dir(&staging)
+                .await
+                .map_err(|e| VmmError::io("create snapshot staging dir", &staging, e))?;
+            if let Some(sb) = &self.sandbox {
+                sb.give(&staging)?;
+            }
             self.api
-                .put_json("vm.snapshot", &ch_model::snapshot_config(dest)?)
+                .put_json("vm.snapshot", &ch_model::snapshot_config(&staging)?)
                 .await?;
+            move_dir_contents(&staging, dest).await?;
             let overlay = self.instance.dir.join(layout::OVERLAY);
             if tokio::fs::try_exists(&overlay).await.unwrap_or(false) {
                 tokio::fs::copy(&overlay, dest.join(layout::OVERLAY))
@@ -382,6 +472,7 @@ mod tests {
             qemu_img: "qemu-img".into(),
             kernel_override: None,
             die_with_parent: true,
+            sandbox: None,
         })
     }
 
@@ -488,13 +579,67 @@ mod tests {
         );
         let snapshot = body(6);
         assert_is_model::<VmSnapshotConfig>(&snapshot);
+        // Written inside the VM dir (the VMM can write nowhere else), then moved.
         assert_eq!(
             snapshot["destination_url"],
-            format!("file://{}", snap.display())
+            format!("file://{}", s.dir.join(SNAPSHOT_STAGING).display())
         );
         for bodiless in [0, 2, 3, 4, 5, 7] {
             assert_eq!(log[bodiless].body, "", "{}", log[bodiless].path);
         }
+    }
+
+    /// Confined like QEMU: the VMM user, our seccomp filter (its own comes on top in a real
+    /// binary, which is never told `--seccomp false`), the VM's cgroup, removed on destroy.
+    #[tokio::test]
+    async fn the_vmm_runs_confined_and_its_cgroup_goes_with_it() {
+        let root = tempfile::tempdir().unwrap();
+        let s = bootable_spec(root.path());
+        let _log = serve_when_created(&s.dir, vmm("53.0.0", None));
+        let sandbox = Arc::new(
+            Sandbox::new(
+                crate::SandboxConfig {
+                    user: "capsa-vmm".into(),
+                    cgroup_parent: "capsa-vmm-test-ch".into(),
+                    memory_overhead_mib: 64,
+                    pids_max: 64,
+                },
+                false,
+            )
+            .expect("root, cgroups and the capsa-vmm user (install-deps.sh)"),
+        );
+        let mut ch = fake_binary(root.path());
+        ch.config.sandbox = Some(sandbox.clone());
+        let vm = ch.boot(&s).await.unwrap();
+        vm.wait_for_console("fake serial line").await.unwrap();
+        let pid = vm.vmm_pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(field("Uid:"), sandbox.user.uid.to_string());
+        assert_eq!(field("Seccomp:"), "2");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains("seccomp"));
+        let dirs: Vec<PathBuf> = sandbox
+            .cgroups
+            .dirs()
+            .iter()
+            .map(|d| d.join("vm-c1"))
+            .collect();
+        for d in &dirs {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+        }
+        vm.destroy().await.unwrap();
+        assert!(dirs.iter().all(|d| !d.exists()), "cgroup removed");
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use futures::FutureExt as _;
 use tokio::process::Command;
 
+use crate::cgroup::VmCgroup;
 use crate::console::Console;
 use crate::process::{self, Supervised};
 use crate::{EngineKind, VmCounters, VmExit, VmSpec, VmmError, layout};
@@ -51,6 +52,8 @@ pub(crate) struct Instance {
     /// Companion processes the VM cannot work without (vhost-device-vsock for QEMU).
     pub helpers: Vec<(&'static str, Supervised)>,
     pub console: Console,
+    /// The VM's cgroup, when its processes are confined.
+    pub cgroup: Option<VmCgroup>,
     /// Held while destroying; `true` once done, so destroy is idempotent.
     destroyed: tokio::sync::Mutex<bool>,
 }
@@ -62,6 +65,7 @@ impl Instance {
         vmm: Supervised,
         helpers: Vec<(&'static str, Supervised)>,
         console: Console,
+        cgroup: Option<VmCgroup>,
     ) -> Instance {
         Instance {
             id: spec.id.clone(),
@@ -70,6 +74,7 @@ impl Instance {
             vmm,
             helpers,
             console,
+            cgroup,
             destroyed: tokio::sync::Mutex::new(false),
         }
     }
@@ -129,7 +134,8 @@ impl Instance {
     }
 
     /// Kills every process (VMM first, so the guest stops before its devices), waits for
-    /// their exits and removes the directory. Idempotent.
+    /// their exits, removes the cgroup, then the directory (which names the cgroup for a
+    /// reap, should this stop half-way). Idempotent.
     pub async fn destroy(&self) -> Result<(), VmmError> {
         let mut destroyed = self.destroyed.lock().await;
         if *destroyed {
@@ -138,6 +144,9 @@ impl Instance {
         self.vmm.kill_and_wait().await;
         for (_, helper) in &self.helpers {
             helper.kill_and_wait().await;
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.remove().await?;
         }
         remove_dir(&self.dir).await?;
         *destroyed = true;
@@ -167,18 +176,25 @@ pub(crate) fn write_pid(dir: &Path, name: &str, pid: u32) -> Result<(), VmmError
     std::fs::write(&path, format!("{pid}\n")).map_err(|e| VmmError::io("write pid file", path, e))
 }
 
-/// `qemu-img create -f qcow2 -F raw -b <base> <dir>/overlay.qcow2`: a copy-on-write layer
-/// that costs no copy of the base.
+/// `qemu-img create -f qcow2 -F raw -b <base> <dir>/overlay.qcow2 <size of base>`: a
+/// copy-on-write layer that costs no copy of the base. Its virtual size is the base's, stated
+/// explicitly: the guest's file system fills it at most, so the overlay on the host stays
+/// under that size (plus qcow2 metadata) whatever the guest writes, and a guest that fills its
+/// disk gets ENOSPC in the guest.
 pub(crate) async fn create_overlay(
     qemu_img: &Path,
     base: &Path,
     dir: &Path,
 ) -> Result<PathBuf, VmmError> {
     let overlay = dir.join(layout::OVERLAY);
+    let size = std::fs::metadata(base)
+        .map_err(|e| VmmError::io("stat rootfs_base", base, e))?
+        .len();
     let out = Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(&overlay)
+        .arg(size.to_string())
         .stdin(std::process::Stdio::null())
         .output()
         .await
@@ -195,22 +211,42 @@ pub(crate) async fn create_overlay(
     Ok(overlay)
 }
 
-/// Removes `dir` when dropped, unless disarmed: start-up failures leave nothing behind.
-pub(crate) struct DirGuard<'a>(Option<&'a Path>);
+/// Removes `dir` (and the VM's cgroup, if set) when dropped, unless disarmed: start-up
+/// failures leave nothing behind.
+pub(crate) struct DirGuard<'a> {
+    dir: Option<&'a Path>,
+    cgroup: Option<VmCgroup>,
+}
 
 impl<'a> DirGuard<'a> {
     pub fn new(dir: &'a Path) -> Self {
-        DirGuard(Some(dir))
+        DirGuard {
+            dir: Some(dir),
+            cgroup: None,
+        }
+    }
+    pub fn cgroup(&mut self, cgroup: &VmCgroup) {
+        self.cgroup = Some(cgroup.clone());
     }
     pub fn disarm(mut self) {
-        self.0 = None;
+        self.dir = None;
+        self.cgroup = None;
     }
 }
 
 impl Drop for DirGuard<'_> {
     fn drop(&mut self) {
-        if let Some(dir) = self.0 {
+        if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        // Processes started so far are being killed by their supervisors right now: the
+        // removal waits for them to leave.
+        if let Some(cg) = self.cgroup.take() {
+            tokio::spawn(async move {
+                if let Err(e) = cg.remove().await {
+                    tracing::warn!(error = %e, "removing the cgroup of a failed start");
+                }
+            });
         }
     }
 }

@@ -11,11 +11,14 @@
 //! read-only base image, and the console log. [`VirtualMachine::destroy`] kills the VMM and
 //! its helpers and removes that directory; every child process also runs in its own process
 //! group and is killed when its handle is dropped, as a safety net. [`orphans::reap`] finds
-//! the VMMs a previous, crashed owner of a state dir left behind.
+//! the VMMs a previous, crashed owner of a state dir left behind. With a [`Sandbox`], every
+//! VMM process runs as an unprivileged user, in its VM's cgroup, in a private mount view and
+//! under seccomp (see `sandbox`).
 //!
 //! The trait is object-safe (methods return boxed futures) so a service holds an
 //! `Arc<dyn Hypervisor>` chosen at start-up, and tests can put a fake behind it.
 
+pub mod cgroup;
 mod ch_api;
 mod ch_model;
 mod cloud_hypervisor;
@@ -28,6 +31,7 @@ pub mod orphans;
 mod process;
 mod qemu;
 mod qmp;
+pub mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +45,7 @@ pub use engine::{EngineChoice, EngineKind, EnginePreference, HostFacts};
 pub use error::VmmError;
 pub use image::GuestImage;
 pub use qemu::{Qemu, QemuAccel, QemuConfig};
+pub use sandbox::{Sandbox, SandboxConfig, VmmUser};
 
 /// File names inside a VM's directory; [`orphans`] and operators rely on them.
 pub mod layout {
@@ -62,6 +67,8 @@ pub mod layout {
     pub const QMP_SOCKET: &str = "qmp.sock";
     /// Cloud Hypervisor's REST API socket.
     pub const API_SOCKET: &str = "api.sock";
+    /// The VM's cgroup dirs, one per line (see `cgroup`), for [`crate::orphans::reap`].
+    pub const CGROUP: &str = "cgroup";
 }
 
 /// What to boot. The driver creates `dir` (it must not exist yet) and owns it until

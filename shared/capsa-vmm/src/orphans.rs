@@ -5,12 +5,14 @@
 //! on `<state_dir>/vms`: every process named in a pid file there, and every VMM or
 //! vhost-device-vsock process whose command line points into that directory, is killed,
 //! but only after `/proc/<pid>/cmdline` confirms it really is one of ours (a pid file may
-//! be stale and its pid reused by an unrelated process). Then the VM dirs are removed.
+//! be stale and its pid reused by an unrelated process). Then the VMs' cgroups (named in each
+//! VM dir's `cgroup` file) and the VM dirs are removed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::cgroup::VmCgroup;
 use crate::process::cmdline;
 use crate::{VmmError, layout};
 
@@ -26,6 +28,8 @@ pub struct Reaped {
     pub killed: Vec<u32>,
     /// VM directories removed.
     pub removed_dirs: Vec<PathBuf>,
+    /// VM cgroups removed.
+    pub removed_cgroups: Vec<PathBuf>,
 }
 
 /// Kills every leftover VMM / helper of the VM dirs under `vms_dir` and removes the dirs.
@@ -67,6 +71,18 @@ pub async fn reap(vms_dir: &Path) -> Result<Reaped, VmmError> {
         wait_gone(pid).await;
     }
     for dir in dirs {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Ok(text) = std::fs::read_to_string(dir.join(layout::CGROUP)) {
+            let cg = VmCgroup::from_file(&text, name);
+            match cg.remove().await {
+                Ok(()) => reaped.removed_cgroups.extend(cg.dirs),
+                Err(e) => {
+                    // Kept, with the file naming the cgroup, for the next reap.
+                    tracing::warn!(error = %e, "cannot remove an orphaned vm cgroup");
+                    continue;
+                }
+            }
+        }
         crate::instance::remove_dir(&dir).await?;
         reaped.removed_dirs.push(dir);
     }

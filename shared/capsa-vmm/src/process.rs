@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::process::{ChildStdout, Command};
 use tokio::sync::{mpsc, watch};
 
+use crate::sandbox::Confinement;
 use crate::{VmExit, VmmError};
 
 /// A child process in its own process group, reaped by its supervising task.
@@ -35,14 +36,19 @@ impl Supervised {
         program: &str,
         stderr_log: Option<&Path>,
         die_with_parent: bool,
+        confinement: Option<Confinement>,
     ) -> Result<(Supervised, Option<ChildStdout>), VmmError> {
         cmd.process_group(0).kill_on_drop(true);
-        if die_with_parent {
-            let parent = std::process::id();
-            // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-            // calls (prctl, getppid); it allocates nothing.
-            unsafe {
-                cmd.pre_exec(move || {
+        let parent = std::process::id();
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // calls (see `Confinement::apply`; prctl, getppid); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // First: the uid change inside clears the parent-death signal.
+                if let Some(c) = &confinement {
+                    c.apply()?;
+                }
+                if die_with_parent {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -50,9 +56,9 @@ impl Supervised {
                     if libc::getppid() as u32 != parent {
                         return Err(std::io::Error::other("parent exited during spawn"));
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             program: program.to_owned(),
@@ -280,7 +286,7 @@ mod tests {
     async fn supervised_exit_is_seen_and_kill_reaches_the_group() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "sleep 100 & wait"]);
-        let (p, _) = Supervised::spawn(cmd, "sh", None, true).unwrap();
+        let (p, _) = Supervised::spawn(cmd, "sh", None, true, None).unwrap();
         assert!(p.exit().is_none());
         assert!(cpu_time(p.pid()).is_ok());
         assert!(resident_bytes(p.pid()).unwrap() > 0);
@@ -319,7 +325,7 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo 'bad thing happened' >&2; exit 3"]);
         cmd.stderr(std::fs::File::create(&log).unwrap());
-        let (p, _) = Supervised::spawn(cmd, "sh", Some(&log), false).unwrap();
+        let (p, _) = Supervised::spawn(cmd, "sh", Some(&log), false, None).unwrap();
         let exit = p.wait().await;
         assert_eq!(exit.code, Some(3));
         assert!(

@@ -23,16 +23,22 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokio::net::UnixListener;
-use tokio::process::Command;
 
 use crate::console::Console;
 use crate::instance::{self, DirGuard, Instance, delegate_to_instance};
 use crate::process::{Supervised, find_in_path, wait_listening};
 use crate::qmp::{Qmp, blockstats_totals};
+use crate::sandbox::{Sandbox, vmm_command};
 use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, VmmError, layout};
 
 /// How long QEMU and its helper get to come up (not the guest: that is the caller's wait).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCG's translated-code cache (MiB). QEMU's default (1 GiB) would be charged to the VM's
+/// memory limit as it fills; a guest's working set of code fits in far less.
+const TCG_TB_SIZE_MIB: u32 = 128;
+/// QEMU's own seccomp filter: everything it offers to deny.
+const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QemuAccel {
@@ -51,6 +57,13 @@ pub struct QemuConfig {
     /// Have the kernel kill the VMM and its helper when this process dies (see
     /// `Supervised::spawn`); off, they outlive a crashed owner until reaped.
     pub die_with_parent: bool,
+    /// Confine QEMU and vhost-device-vsock (user, cgroup, mount view, seccomp); QEMU then
+    /// also runs with `-sandbox on,...`.
+    pub sandbox: Option<Arc<Sandbox>>,
+    /// Disk throttling of each VM, in QEMU's block layer (bytes and requests per second,
+    /// reads and writes together); `None` is unthrottled.
+    pub disk_bytes_per_sec: Option<u64>,
+    pub disk_iops: Option<u64>,
 }
 
 impl QemuConfig {
@@ -77,6 +90,9 @@ impl QemuConfig {
             accel,
             kernel_override: None,
             die_with_parent: true,
+            sandbox: None,
+            disk_bytes_per_sec: None,
+            disk_iops: None,
         })
     }
 }
@@ -99,16 +115,45 @@ impl Qemu {
 
     async fn start(&self, spec: &VmSpec) -> Result<QemuVm, VmmError> {
         spec.validate()?;
+        let sandbox = self.config.sandbox.as_deref();
+        if let Some(sb) = sandbox {
+            let kernel = self
+                .config
+                .kernel_override
+                .as_deref()
+                .unwrap_or(&spec.kernel);
+            sb.check_readable("kernel", kernel)?;
+            for (what, file) in [("rootfs_base", &spec.rootfs_base), ("initrd", &spec.initrd)] {
+                if let Some(f) = file {
+                    sb.check_readable(what, f)?;
+                }
+            }
+        }
         let dir = spec.dir.as_path();
         instance::create_dir(dir)?;
-        let guard = DirGuard::new(dir);
+        let mut guard = DirGuard::new(dir);
+        let cgroup = match sandbox {
+            Some(sb) => {
+                let cg = sb.prepare(&spec.id, dir, spec.vcpus, spec.memory_mib)?;
+                guard.cgroup(&cg);
+                Some(cg)
+            }
+            None => None,
+        };
+        let confine = sandbox.zip(cgroup.as_ref());
         let overlay = match &spec.rootfs_base {
-            Some(base) => Some(instance::create_overlay(&self.config.qemu_img, base, dir).await?),
+            Some(base) => {
+                let overlay = instance::create_overlay(&self.config.qemu_img, base, dir).await?;
+                if let Some(sb) = sandbox {
+                    sb.give(&overlay)?;
+                }
+                Some(overlay)
+            }
             None => None,
         };
 
         let vhost_log = dir.join("vsock.log");
-        let mut cmd = Command::new(&self.config.vhost_device_vsock);
+        let (mut cmd, confinement) = vmm_command(&self.config.vhost_device_vsock, confine, dir)?;
         cmd.arg("--vm").arg(format!(
             "guest-cid=3,socket={},uds-path={}",
             dir.join(layout::VHOST_SOCKET).display(),
@@ -122,6 +167,7 @@ impl Qemu {
             "vhost-device-vsock",
             Some(&vhost_log),
             self.config.die_with_parent,
+            confinement,
         )?;
         instance::write_pid(dir, layout::VSOCK_PID, vhost.pid())?;
         wait_listening(
@@ -135,8 +181,12 @@ impl Qemu {
         let qmp_path = dir.join(layout::QMP_SOCKET);
         let qmp_listener = UnixListener::bind(&qmp_path)
             .map_err(|e| VmmError::io("bind qmp socket", &qmp_path, e))?;
+        if let Some(sb) = sandbox {
+            // QEMU connects to it.
+            sb.give(&qmp_path)?;
+        }
         let vmm_log = dir.join(layout::VMM_LOG);
-        let mut cmd = Command::new(&self.config.qemu);
+        let (mut cmd, confinement) = vmm_command(&self.config.qemu, confine, dir)?;
         cmd.args(qemu_args(spec, &self.config, overlay.as_deref()));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -146,6 +196,7 @@ impl Qemu {
             "qemu-system-x86_64",
             Some(&vmm_log),
             self.config.die_with_parent,
+            confinement,
         )?;
         instance::write_pid(dir, layout::VMM_PID, vmm.pid())?;
         let console = Console::start(
@@ -171,6 +222,7 @@ impl Qemu {
             vmm,
             vec![("vhost-device-vsock", vhost)],
             console,
+            cgroup,
         );
         tracing::debug!(vm = %spec.id, pid = instance.vmm.pid(), "qemu started");
         Ok(QemuVm { instance, qmp })
@@ -187,8 +239,8 @@ pub(crate) fn qemu_args(spec: &VmSpec, config: &QemuConfig, overlay: Option<&Pat
     let mem = spec.memory_mib;
     let kernel = config.kernel_override.as_deref().unwrap_or(&spec.kernel);
     let (accel, cpu) = match config.accel {
-        QemuAccel::Kvm => ("kvm", "host"),
-        QemuAccel::Tcg => ("tcg", "max"),
+        QemuAccel::Kvm => ("kvm".to_owned(), "host"),
+        QemuAccel::Tcg => (format!("tcg,tb-size={TCG_TB_SIZE_MIB}"), "max"),
     };
     let mut args: Vec<String> = vec![
         "-name".into(),
@@ -197,7 +249,7 @@ pub(crate) fn qemu_args(spec: &VmSpec, config: &QemuConfig, overlay: Option<&Pat
         // rtc=on: the guest's wall clock at boot; options ROMs only slow the start.
         "microvm,memory-backend=mem,x-option-roms=off,rtc=on".into(),
         "-accel".into(),
-        accel.into(),
+        accel,
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
@@ -219,15 +271,25 @@ pub(crate) fn qemu_args(spec: &VmSpec, config: &QemuConfig, overlay: Option<&Pat
         "-append".into(),
         spec.cmdline.clone(),
     ];
+    if config.sandbox.is_some() {
+        args.extend(["-sandbox".into(), QEMU_SANDBOX.into()]);
+    }
     if let Some(initrd) = &spec.initrd {
         args.extend(["-initrd".into(), initrd.display().to_string()]);
     }
     if let Some(overlay) = overlay {
+        let mut throttle = String::new();
+        if let Some(bps) = config.disk_bytes_per_sec {
+            throttle.push_str(&format!(",throttling.bps-total={bps}"));
+        }
+        if let Some(iops) = config.disk_iops {
+            throttle.push_str(&format!(",throttling.iops-total={iops}"));
+        }
         args.extend([
             "-drive".into(),
             // The overlay is thrown away with the VM: no flushes needed.
             format!(
-                "id=root,file={},format=qcow2,if=none,cache=unsafe,discard=unmap",
+                "id=root,file={},format=qcow2,if=none,cache=unsafe,discard=unmap{throttle}",
                 overlay.display()
             ),
             "-device".into(),
@@ -352,6 +414,9 @@ mod tests {
             accel: QemuAccel::Tcg,
             kernel_override: None,
             die_with_parent: true,
+            sandbox: None,
+            disk_bytes_per_sec: Some(50 << 20),
+            disk_iops: None,
         };
         let args = qemu_args(
             &spec,
@@ -360,8 +425,9 @@ mod tests {
         );
         let line = args.join(" ");
         for want in [
-            "-accel tcg",
+            "-accel tcg,tb-size=128",
             "-smp 2",
+            "cache=unsafe,discard=unmap,throttling.bps-total=52428800",
             "memory-backend-memfd,id=mem,size=256M,share=on",
             "microvm,memory-backend=mem",
             "-kernel /img/bzImage",
@@ -373,6 +439,10 @@ mod tests {
             assert!(line.contains(want), "missing {want:?} in {line}");
         }
         assert!(!line.contains("-initrd"));
+        assert!(
+            !line.contains("iops") && !line.contains("-sandbox"),
+            "{line}"
+        );
         let pvm = QemuConfig {
             accel: QemuAccel::Kvm,
             kernel_override: Some("/pvm/bzImage".into()),

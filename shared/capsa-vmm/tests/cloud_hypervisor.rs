@@ -37,6 +37,7 @@ fn setup(id: &str, state: &std::path::Path) -> Option<(CloudHypervisor, VmSpec)>
         qemu_img: "qemu-img".into(),
         kernel_override: std::env::var_os("CAPSA_PVM_GUEST_KERNEL").map(PathBuf::from),
         die_with_parent: true,
+        sandbox: None,
     });
     let kind = EngineKind::CloudHypervisor;
     let spec = VmSpec {

@@ -1,6 +1,9 @@
 //! Real VMs under QEMU on this host (TCG unless KVM is usable for the image's kernel):
 //! the guest image boots and its agent answers over hybrid vsock; the floor initramfs
-//! boots; a VMM killed from outside is noticed at once; destroy leaves nothing behind.
+//! boots; a VMM killed from outside is noticed at once; destroy leaves nothing behind. The
+//! image test runs confined (root is needed; so is the `capsa-vmm` user of
+//! `deploy/scripts/install-deps.sh`): QEMU and vhost-device-vsock as that user, under
+//! seccomp, in the VM's cgroup with its limits.
 //!
 //! The image comes from `CAPSA_IMAGE_DIR` (default
 //! `${CAPSA_CACHE_DIR:-/var/cache/capsa}/images/current`); a missing image fails the test
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use capsa_vmm::{
     EngineKind, EnginePreference, GuestImage, HostFacts, Hypervisor, Qemu, QemuAccel, QemuConfig,
-    VirtualMachine, VmSpec, engine,
+    Sandbox, SandboxConfig, VirtualMachine, VmSpec, engine,
 };
 
 /// Under TCG a boot takes a few seconds; on a loaded 2-core machine, many more.
@@ -66,6 +69,44 @@ fn floor_initramfs() -> PathBuf {
 /// The engine this host gets under `auto`, restricted to QEMU (Cloud Hypervisor has its
 /// own test).
 fn qemu() -> (Qemu, EngineKind) {
+    let (config, kind) = qemu_config();
+    (Qemu::new(config), kind)
+}
+
+const OVERHEAD_MIB: u32 = 320;
+
+/// [`qemu`] confined, its VM cgroups under `capsa-vmm-test`.
+fn confined_qemu() -> (Qemu, EngineKind, Arc<Sandbox>) {
+    let (mut config, kind) = qemu_config();
+    let sandbox = Arc::new(
+        Sandbox::new(
+            SandboxConfig {
+                user: "capsa-vmm".into(),
+                cgroup_parent: "capsa-vmm-test".into(),
+                memory_overhead_mib: OVERHEAD_MIB,
+                pids_max: 200,
+            },
+            kind != EngineKind::QemuTcg,
+        )
+        .expect("confinement needs root, cgroups and the capsa-vmm user (install-deps.sh)"),
+    );
+    config.sandbox = Some(sandbox.clone());
+    (Qemu::new(config), kind, sandbox)
+}
+
+/// A line of /proc/<pid>/status, e.g. `Uid:` -> its fields.
+fn status_field(pid: u32, key: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn qemu_config() -> (QemuConfig, EngineKind) {
     let facts = HostFacts {
         cloud_hypervisor: None,
         ..HostFacts::probe(None, None, None)
@@ -80,7 +121,7 @@ fn qemu() -> (Qemu, EngineKind) {
         .expect("qemu-system-x86_64, qemu-img and vhost-device-vsock installed");
     config.kernel_override = choice.kernel_override;
     eprintln!("engine: {} ({})", choice.kind, choice.reason);
-    (Qemu::new(config), choice.kind)
+    (config, choice.kind)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -100,9 +141,9 @@ async fn fail_with_console(vm: &Arc<dyn VirtualMachine>, what: &str) -> ! {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_image_boots_and_its_agent_answers_over_vsock() {
+async fn the_image_boots_confined_and_its_agent_answers_over_vsock() {
     let image = image();
-    let (qemu, kind) = qemu();
+    let (qemu, kind, sandbox) = confined_qemu();
     let state = tempfile::tempdir().unwrap();
     let spec = VmSpec {
         id: "vm-imagetest".into(),
@@ -133,6 +174,93 @@ async fn the_image_boots_and_its_agent_answers_over_vsock() {
         fail_with_console(&vm, &format!("agent never listened on vsock 1024: {e}")).await;
     }
 
+    // Confined: the VMM user, seccomp filter mode, and the VM's cgroup with its limits.
+    let user = &sandbox.user;
+    for &pid in &pids {
+        assert_eq!(
+            status_field(pid, "Uid:"),
+            vec![user.uid.to_string(); 4],
+            "pid {pid}"
+        );
+        assert_eq!(
+            status_field(pid, "Gid:"),
+            vec![user.gid.to_string(); 4],
+            "pid {pid}"
+        );
+        assert_eq!(status_field(pid, "Seccomp:"), ["2"], "pid {pid}");
+        assert_eq!(status_field(pid, "NoNewPrivs:"), ["1"], "pid {pid}");
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        for controller in ["memory", "cpu", "pids"] {
+            assert!(
+                cgroups.lines().any(|l| {
+                    let f: Vec<&str> = l.splitn(3, ':').collect();
+                    (f[1].split(',').any(|c| c == controller) || f[1].is_empty())
+                        && f[2] == "/capsa-vmm-test/vm-imagetest"
+                }),
+                "pid {pid} not in the vm's {controller} cgroup: {cgroups}"
+            );
+        }
+        // The mount view: other VMs' dirs are hidden, everything but the VM dir read-only.
+        let root = format!("/proc/{pid}/root");
+        let vms = std::fs::read_dir(format!("{root}{}", state.path().join("vms").display()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>();
+        assert_eq!(vms, ["vm-imagetest"], "pid {pid} sees {vms:?}");
+        let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let root_mount = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .unwrap();
+        assert!(
+            root_mount
+                .split(' ')
+                .nth(5)
+                .unwrap()
+                .split(',')
+                .any(|o| o == "ro"),
+            "{root_mount}"
+        );
+    }
+    let expected_memory = (512 + u64::from(OVERHEAD_MIB)) << 20;
+    let cg_file = |c: &str, f: &str| {
+        let dir = sandbox
+            .cgroups
+            .dirs()
+            .into_iter()
+            .find(|d| {
+                sandbox.cgroups.version() == 2 || d.starts_with(format!("/sys/fs/cgroup/{c}"))
+            })
+            .unwrap()
+            .join("vm-imagetest");
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    if sandbox.cgroups.version() == 2 {
+        assert_eq!(cg_file("memory", "memory.max"), expected_memory.to_string());
+        assert_eq!(cg_file("cpu", "cpu.max"), "100000 100000");
+        assert_eq!(cg_file("pids", "pids.max"), "200");
+    } else {
+        assert_eq!(
+            cg_file("memory", "memory.limit_in_bytes"),
+            expected_memory.to_string()
+        );
+        assert_eq!(cg_file("cpu", "cpu.cfs_quota_us"), "100000");
+        assert_eq!(cg_file("pids", "pids.max"), "200");
+    }
+    let cg_dirs: Vec<PathBuf> = sandbox
+        .cgroups
+        .dirs()
+        .into_iter()
+        .map(|d| d.join("vm-imagetest"))
+        .collect();
+    eprintln!(
+        "idle VmRSS of qemu (512 MiB guest, tcg): {:?} kB",
+        status_field(pids[0], "VmRSS:")
+    );
+
     let c = vm.counters().await.unwrap();
     assert!(c.cpu_time > Duration::ZERO, "{c:?}");
     assert!(c.vmm_resident_bytes > 16 << 20, "{c:?}");
@@ -160,6 +288,9 @@ async fn the_image_boots_and_its_agent_answers_over_vsock() {
     vm.destroy().await.unwrap();
     vm.destroy().await.unwrap(); // idempotent
     assert!(!spec.dir.exists(), "vm dir removed");
+    for d in cg_dirs {
+        assert!(!d.exists(), "cgroup {} removed", d.display());
+    }
     for pid in pids {
         assert!(!pid_alive(pid), "pid {pid} survived destroy");
     }

@@ -8,8 +8,9 @@
 //! 3. from then on the stream is the guest connection, byte for byte.
 //!
 //! The other direction: a guest connecting to the host (CID 2) on port P reaches whatever
-//! listens on the host's Unix socket `<socket>_P`. [`GuestPortForward`] listens there and
-//! relays each connection to a TCP address (the guest agent exports telemetry this way).
+//! listens on the host's Unix socket `<socket>_P` ([`guest_port_path`]); the VMM connects
+//! there once per guest connection and the stream is the guest's from the first byte.
+//! [`GuestPortListener`] binds that socket (vm-pool serves the guest's telemetry on it).
 //!
 //! [`connect`] does the handshake; [`channel`] wraps it as a tonic connector so gRPC runs
 //! over it. A handshake that fails is [`VsockError::Handshake`] or [`VsockError::Io`], both
@@ -19,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
 
 /// The guest agent's gRPC port.
 pub const AGENT_PORT: u32 = 1024;
@@ -38,8 +39,9 @@ pub fn vm_socket_path(state_dir: &Path, vm_id: &str) -> Option<PathBuf> {
     valid.then(|| state_dir.join("vms").join(vm_id).join("vsock.sock"))
 }
 
-/// Longest handshake reply accepted ("OK 4294967295\n" is 14 bytes).
-const MAX_REPLY: usize = 64;
+/// Most bytes of a handshake reply, newline included ("OK 4294967295\n" is 14): a peer
+/// that sends more without a newline is rejected after this many.
+pub const MAX_REPLY: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -74,35 +76,66 @@ pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, VsockError> {
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(io_err)?;
-    // Read byte by byte: anything after the newline already belongs to the guest stream.
+    match read_reply(&mut stream).await {
+        Ok(_) => Ok(stream),
+        Err(ReplyError::Io(source)) => Err(io_err(source)),
+        Err(ReplyError::Rejected(reply)) => Err(VsockError::Handshake {
+            path: path.to_owned(),
+            port,
+            reply,
+        }),
+    }
+}
+
+/// Why a handshake reply was not `OK <port>\n`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Reads the VMM's answer to `CONNECT <port>\n`, which must be `OK <host-side port>\n`, and
+/// returns that port. Reads byte by byte, because anything after the newline already
+/// belongs to the guest stream, and at most [`MAX_REPLY`] bytes, so a peer that never sends
+/// a newline cannot keep it reading. Public so the fuzz target (`fuzz/`) can drive it.
+pub async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R) -> Result<u32, ReplyError> {
     let mut reply = Vec::with_capacity(16);
     loop {
         let mut byte = [0u8; 1];
-        let n = stream.read(&mut byte).await.map_err(io_err)?;
-        if n == 0 {
-            return Err(VsockError::Handshake {
-                path: path.to_owned(),
-                port,
-                reply: "connection closed (nothing listening on that port yet?)".into(),
-            });
+        if stream.read(&mut byte).await? == 0 {
+            return Err(ReplyError::Rejected(if reply.is_empty() {
+                "connection closed (nothing listening on that port yet?)".into()
+            } else {
+                format!(
+                    "connection closed after {:?}",
+                    String::from_utf8_lossy(&reply)
+                )
+            }));
         }
         if byte[0] == b'\n' {
             break;
         }
         reply.push(byte[0]);
-        if reply.len() > MAX_REPLY {
-            break;
+        if reply.len() == MAX_REPLY {
+            return Err(ReplyError::Rejected(format!(
+                "no newline within {MAX_REPLY} bytes: {:?}",
+                String::from_utf8_lossy(&reply)
+            )));
         }
     }
-    if reply.starts_with(b"OK ") {
-        Ok(stream)
-    } else {
-        Err(VsockError::Handshake {
-            path: path.to_owned(),
-            port,
-            reply: String::from_utf8_lossy(&reply).into_owned(),
-        })
+    parse_ok(&reply).ok_or_else(|| ReplyError::Rejected(String::from_utf8_lossy(&reply).into()))
+}
+
+/// The port of an `OK <port>` line: decimal digits only, within u32.
+fn parse_ok(line: &[u8]) -> Option<u32> {
+    let digits = line.strip_prefix(b"OK ")?;
+    // `u32::from_str` alone would also take a leading `+`.
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Retries [`connect`] with backoff until it succeeds or `timeout` passes; used while a VM
@@ -147,42 +180,45 @@ pub fn channel(path: PathBuf, port: u32) -> tonic::transport::Channel {
         }))
 }
 
-/// Relays guest-initiated connections to host port `port` (the Unix socket
-/// `<vsock socket>_<port>`) to a TCP `target`. Stops listening and removes the socket on drop.
-pub struct GuestPortForward {
-    socket_path: PathBuf,
-    task: tokio::task::JoinHandle<()>,
+/// Where the host listens for guest connections to host port `port`: `<vsock_socket>_<port>`.
+pub fn guest_port_path(vsock_socket: &Path, port: u32) -> PathBuf {
+    let mut name = vsock_socket.as_os_str().to_owned();
+    name.push(format!("_{port}"));
+    PathBuf::from(name)
 }
 
-impl GuestPortForward {
-    /// Binds `<vsock_socket>_<port>` and relays each connection to `target`, which is
-    /// resolved per connection so a restarted collector is found again.
-    pub fn start(vsock_socket: &Path, port: u32, target: String) -> std::io::Result<Self> {
-        let mut name = vsock_socket.as_os_str().to_owned();
-        name.push(format!("_{port}"));
-        let socket_path = PathBuf::from(name);
-        let listener = tokio::net::UnixListener::bind(&socket_path)?;
-        let task = tokio::spawn(async move {
-            while let Ok((mut guest, _)) = listener.accept().await {
-                let target = target.clone();
-                tokio::spawn(async move {
-                    match tokio::net::TcpStream::connect(&target).await {
-                        Ok(mut upstream) => {
-                            let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
-                        }
-                        Err(e) => tracing::debug!(%target, error = %e, "guest port forward"),
-                    }
-                });
-            }
-        });
-        Ok(GuestPortForward { socket_path, task })
+/// Accepts the guest's connections to host port `port` of one VM. Removes its socket on drop.
+#[derive(Debug)]
+pub struct GuestPortListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl GuestPortListener {
+    /// Binds [`guest_port_path`]; call it before the guest may connect (the VMM refuses the
+    /// guest's connection when nothing listens).
+    pub fn bind(vsock_socket: &Path, port: u32) -> std::io::Result<Self> {
+        let path = guest_port_path(vsock_socket, port);
+        let listener = UnixListener::bind(&path)?;
+        // The VMM connects here, and it runs as another (unprivileged) user; the VM dir
+        // around the socket admits only that user and root.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        Ok(GuestPortListener { listener, path })
+    }
+
+    /// The next guest connection, as a raw stream (no handshake on this side).
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
-impl Drop for GuestPortForward {
+impl Drop for GuestPortListener {
     fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.socket_path);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -190,7 +226,6 @@ impl Drop for GuestPortForward {
 mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt as _, BufReader};
-    use tokio::net::UnixListener;
 
     /// A hybrid-vsock endpoint that accepts `accept_port` and echoes, like a VMM would.
     fn fake_vmm(listener: UnixListener, accept_port: u32) {
@@ -226,6 +261,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn replies_must_be_ok_and_a_port_and_leave_the_stream_alone() {
+        let mut rest: &[u8] = b"OK 1073741824\nguest bytes";
+        assert_eq!(read_reply(&mut rest).await.unwrap(), 1 << 30);
+        assert_eq!(rest, b"guest bytes");
+        for bad in [
+            &b""[..],
+            b"OK 5",
+            b"OK \n",
+            b"OK +5\n",
+            b"OK -1\n",
+            b"OK 4294967296\n",
+            b"OK 5 \n",
+            b"ok 5\n",
+            b"FAILED\n",
+        ] {
+            let mut r = bad;
+            let err = read_reply(&mut r).await.unwrap_err();
+            assert!(matches!(err, ReplyError::Rejected(_)), "{bad:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_without_newline_is_rejected_after_max_reply_bytes() {
+        // An "OK " line that never ends used to be taken as success after 65 bytes.
+        for fill in [b'x', b'5'] {
+            let mut endless = (&b"OK "[..]).chain(tokio::io::repeat(fill)).take(1 << 20);
+            let err = read_reply(&mut endless).await.unwrap_err();
+            assert!(matches!(err, ReplyError::Rejected(_)), "{err}");
+            assert_eq!((1 << 20) - endless.limit(), MAX_REPLY as u64);
+        }
+    }
+
+    #[tokio::test]
     async fn closed_port_is_a_handshake_error_and_wait_gives_up() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
@@ -254,21 +322,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn guest_connections_to_a_host_port_reach_the_tcp_target() {
+    async fn guest_connections_to_a_host_port_reach_the_listener() {
         let dir = tempfile::tempdir().unwrap();
         let vsock = dir.path().join("vsock.sock");
-        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = target.local_addr().unwrap().to_string();
-        let forward = GuestPortForward::start(&vsock, 4317, addr).unwrap();
+        let listener = GuestPortListener::bind(&vsock, 4317).unwrap();
         let side = dir.path().join("vsock.sock_4317");
+        assert_eq!(listener.path(), side);
+        // The VMM connects once per guest connection and passes the bytes through as is.
         let mut guest = UnixStream::connect(&side).await.unwrap();
-        let (mut host, _) = target.accept().await.unwrap();
+        let mut host = listener.accept().await.unwrap();
         guest.write_all(b"span").await.unwrap();
         let mut buf = [0u8; 4];
         host.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"span");
-        drop(forward);
-        assert!(!side.exists(), "the socket goes with the forward");
+        drop(listener);
+        assert!(!side.exists(), "the socket goes with the listener");
     }
 
     #[tokio::test]

@@ -27,10 +27,12 @@ use capsa_proto::common::v1::{
     Completion, CompletionStatus, ExecuteEvent, FileInfo, FileType, OutputChunk, UploadResult,
     execute_event::Event,
 };
+use capsa_test_support::GrpcDouble;
 use futures::Stream;
 use sha2::Digest as _;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 
 /// How one upload reached the agent.
@@ -54,36 +56,23 @@ pub struct FakeState {
 pub struct FakeAgent {
     pub state: Arc<FakeState>,
     pub socket: std::path::PathBuf,
-    task: tokio::task::JoinHandle<()>,
+    _server: GrpcDouble,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for FakeAgent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl FakeAgent {
     pub fn start() -> FakeAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let state = Arc::new(FakeState::default());
         let service = AgentServiceServer::new(Fake {
             state: state.clone(),
         });
-        let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(UnixListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
+        let server = GrpcDouble::start_unix(Routes::new(service), &socket);
         FakeAgent {
             state,
             socket,
-            task,
+            _server: server,
             _dir: dir,
         }
     }

@@ -1,7 +1,7 @@
 //! Fixtures for the executor's integration tests: a node (a temp vm-pool state dir and a
 //! real `capsa-executor` process on :0), VMs on it whose hybrid vsock socket is a
 //! `HybridVsockProxy` in front of either the real guest agent (`capsa-agent` as a plain
-//! process on a Unix socket) or an in-test agent double, and small stream helpers.
+//! process on a Unix socket) or an in-test agent double, and small Execute helpers.
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod fake_agent;
@@ -9,9 +9,7 @@ pub mod fake_agent;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use capsa_proto::common::v1::{
-    Completion, ExecuteEvent, ExecuteSpec, Language, execute_event::Event,
-};
+use capsa_proto::common::v1::{ExecuteSpec, Language};
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
 use capsa_proto::executor::v1::{ExecuteRequest, ExecuteResponse};
 use capsa_test_support::{HybridVsockProxy, ServiceProcess};
@@ -128,57 +126,7 @@ pub async fn start_execute(
 }
 
 /// Everything one execute produced, in order, and how it ended.
-#[derive(Debug, Default)]
-pub struct Run {
-    pub events: Vec<Event>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub completion: Option<Completion>,
-    pub error: Option<tonic::Status>,
-}
-
-impl Run {
-    pub fn result_text(&self) -> Option<String> {
-        self.events.iter().find_map(|e| match e {
-            Event::Result(r) => r
-                .data
-                .get("text/plain")
-                .map(|b| String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        })
-    }
-
-    pub fn completion(&self) -> &Completion {
-        self.completion
-            .as_ref()
-            .unwrap_or_else(|| panic!("no completion: {self:?}"))
-    }
-}
-
-pub async fn collect(mut stream: tonic::Streaming<ExecuteResponse>) -> Run {
-    let mut run = Run::default();
-    loop {
-        match stream.message().await {
-            Ok(Some(ExecuteResponse {
-                event: Some(ExecuteEvent { event: Some(event) }),
-            })) => {
-                match &event {
-                    Event::Stdout(c) => run.stdout.extend_from_slice(&c.data),
-                    Event::Stderr(c) => run.stderr.extend_from_slice(&c.data),
-                    Event::Completion(c) => run.completion = Some(c.clone()),
-                    _ => {}
-                }
-                run.events.push(event);
-            }
-            Ok(Some(other)) => panic!("event without payload: {other:?}"),
-            Ok(None) => return run,
-            Err(status) => {
-                run.error = Some(status);
-                return run;
-            }
-        }
-    }
-}
+pub use capsa_test_support::execute::{Outcome as Run, collect};
 
 pub async fn run(
     client: &mut ExecutorServiceClient<Channel>,

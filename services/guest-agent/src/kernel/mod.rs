@@ -37,6 +37,18 @@ use tracing::Instrument as _;
 use crate::error::Error;
 use process::{KernelProcess, Spawn};
 
+// The driver protocol's parsers are public so the fuzz targets (`fuzz/`) can reach them.
+pub use process::{LineBuffer, LineTooLong};
+pub use run::{Done, DriverEvent};
+
+/// Parses one line (without its newline) of `language`'s driver event pipe.
+pub fn parse_event(language: Language, line: &[u8]) -> Result<DriverEvent, String> {
+    match language {
+        Language::Python => python::parse_event(line),
+        Language::Shell => shell::parse_event(line),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Language {
     Python,

@@ -165,42 +165,95 @@ pub fn read_ready(fd: BorrowedFd<'_>, buf: &mut [u8], limit: usize, mut each: im
 /// Splits the event pipe into lines, with a bound on line length.
 pub struct LineReader {
     rx: pipe::Receiver,
-    buf: Vec<u8>,
+    lines: LineBuffer,
 }
 
 impl LineReader {
     fn new(rx: pipe::Receiver) -> LineReader {
         LineReader {
             rx,
-            buf: Vec::new(),
+            lines: LineBuffer::new(MAX_EVENT_LINE),
         }
     }
 
     /// The next line without its newline; `None` at EOF. Cancel-safe: partial lines stay
     /// in the buffer.
     pub async fn next_line(&mut self) -> io::Result<Option<Vec<u8>>> {
-        let mut scanned = 0;
         loop {
-            if let Some(i) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + i;
-                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                line.pop();
+            if let Some(line) = self
+                .lines
+                .next_line()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            {
                 return Ok(Some(line));
-            }
-            scanned = self.buf.len();
-            if self.buf.len() > MAX_EVENT_LINE {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "event line too long",
-                ));
             }
             let mut chunk = [0u8; 8192];
             let n = self.rx.read(&mut chunk).await?;
             if n == 0 {
                 return Ok(None);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.lines.extend(&chunk[..n]);
         }
+    }
+}
+
+/// A driver event line over the limit: the driver broke the protocol.
+#[derive(Debug, thiserror::Error)]
+#[error("event line over {0} bytes")]
+pub struct LineTooLong(pub usize);
+
+/// The event pipe's framing without the I/O: bytes in, newline-terminated lines out, none
+/// longer than a bound, so a driver that never ends a line cannot make the agent buffer
+/// without end. Public (re-exported by [`super`]) so the fuzz targets in `fuzz/` reach it.
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline. Kept across calls so a long line that
+    /// arrives in many reads (each read may cancel and restart `next_line`) is scanned once.
+    scanned: usize,
+    max: usize,
+}
+
+impl LineBuffer {
+    /// Lines of at most `max` bytes, newline not counted.
+    pub fn new(max: usize) -> LineBuffer {
+        LineBuffer {
+            buf: Vec::new(),
+            scanned: 0,
+            max,
+        }
+    }
+
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole line without its newline; `None` until one has arrived. A line over
+    /// the bound, whole or still arriving, is an error and leaves the buffer unusable.
+    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
+        match self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let end = self.scanned + i;
+                if end > self.max {
+                    return Err(LineTooLong(self.max));
+                }
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                line.pop();
+                self.scanned = 0;
+                Ok(Some(line))
+            }
+            None => {
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max {
+                    return Err(LineTooLong(self.max));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Bytes held: the start of a line still arriving, and whole lines not taken yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 }
 
@@ -240,6 +293,30 @@ mod tests {
         assert_eq!(reader.next_line().await.unwrap().unwrap(), b"two");
         drop(tx);
         assert!(reader.next_line().await.unwrap().is_none());
+    }
+
+    #[test]
+    fn lines_over_the_bound_are_an_error_whole_or_arriving() {
+        let mut lines = LineBuffer::new(4);
+        lines.extend(b"abcd\nab");
+        assert_eq!(lines.next_line().unwrap().unwrap(), b"abcd");
+        assert!(lines.next_line().unwrap().is_none());
+        lines.extend(b"c");
+        assert!(lines.next_line().unwrap().is_none());
+        lines.extend(b"de");
+        assert!(lines.next_line().is_err(), "5 bytes and no newline yet");
+        let mut lines = LineBuffer::new(4);
+        lines.extend(b"abcde\n");
+        assert!(lines.next_line().is_err(), "5 bytes with their newline");
+        // Held bytes stay within the bound plus one read.
+        let mut lines = LineBuffer::new(MAX_EVENT_LINE);
+        for _ in 0..(MAX_EVENT_LINE / (1 << 20)) {
+            lines.extend(&[b'x'; 1 << 20]);
+            assert!(lines.next_line().unwrap().is_none());
+        }
+        lines.extend(b"x");
+        assert!(lines.next_line().is_err());
+        assert_eq!(lines.buffered(), MAX_EVENT_LINE + 1);
     }
 
     #[test]

@@ -32,9 +32,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::process::{KernelProcess, proc_cpu_time, read_ready};
-use super::{
-    Completion, Event, EventSender, ExecuteRequest, Language, Status, python, rich, shell,
-};
+use super::{Completion, Event, EventSender, ExecuteRequest, Language, Status, rich};
 
 /// Most bytes taken from one pipe when draining before an event: a background writer
 /// that never stops must not keep the completion from being sent.
@@ -250,11 +248,7 @@ impl Run<'_> {
                 r = events.next_line(), if events_open => match r {
                     Ok(Some(raw)) => {
                         self.drain(stdout, stderr, out_buf).await;
-                        let parsed = match language {
-                            Language::Python => python::parse_event(&raw),
-                            Language::Shell => shell::parse_event(&raw),
-                        };
-                        match parsed {
+                        match super::parse_event(language, &raw) {
                             Ok(DriverEvent::Done(done)) => return End::Done(done),
                             Ok(DriverEvent::Emit(Event::Result(data))) => {
                                 self.rich(data, Event::Result, "result").await

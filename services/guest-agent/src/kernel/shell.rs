@@ -94,10 +94,11 @@ pub fn parse_event(line: &[u8]) -> Result<DriverEvent, String> {
 }
 
 /// `$EPOCHREALTIME` ("seconds.micros"; the decimal point follows the locale, so both
-/// `.` and `,` are accepted).
+/// `.` and `,` are accepted). `None` past `Duration::MAX`: user code runs in the kernel's
+/// bash and can change the variables the `done` line is printed from.
 fn epoch(s: &str) -> Option<Duration> {
     let (secs, micros) = s.split_once(['.', ','])?;
-    Some(Duration::from_secs(secs.parse().ok()?) + Duration::from_micros(micros.parse().ok()?))
+    Duration::from_secs(secs.parse().ok()?).checked_add(Duration::from_micros(micros.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -117,6 +118,8 @@ mod tests {
         assert_eq!((d.ok, d.exit_code), (false, 3));
         assert_eq!(d.interpreter, Duration::from_millis(750));
         assert!(parse_event(b"hello").is_err());
+        // Used to panic adding durations (a seed of the driver_protocol fuzz target).
+        assert!(parse_event(b"done 0 18446744073709551615.1000000 0.0").is_err());
     }
 
     #[test]

@@ -9,7 +9,6 @@ use capsa_proto::agent::v1 as pb;
 use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
 use capsa_proto::common::v1 as common;
 use capsa_test_support::{HybridVsockProxy, ServiceProcess};
-use common::execute_event::Event;
 use tonic::transport::Channel;
 
 pub struct Agent {
@@ -65,25 +64,7 @@ impl Agent {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub events: Vec<Event>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub results: Vec<String>,
-    pub errors: Vec<common::ExecuteError>,
-    pub displays: Vec<common::DisplayData>,
-    pub completion: common::Completion,
-}
-
-impl Outcome {
-    pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-    pub fn status(&self) -> common::CompletionStatus {
-        self.completion.status()
-    }
-}
+pub use capsa_test_support::execute::Outcome;
 
 pub fn spec(language: common::Language, code: &str) -> common::ExecuteSpec {
     common::ExecuteSpec {
@@ -120,34 +101,18 @@ pub async fn shell(client: &mut AgentServiceClient<Channel>, code: &str) -> Outc
     execute(client, spec(common::Language::Shell, code)).await
 }
 
-/// Reads a stream to its end; the completion must be the last event and come exactly once.
-pub async fn collect(mut stream: tonic::Streaming<pb::ExecuteResponse>) -> Outcome {
-    let mut out = Outcome::default();
-    let mut completion = None;
-    let read_all = async {
-        while let Some(msg) = stream.message().await.unwrap() {
-            let event = msg.event.unwrap().event.unwrap();
-            assert!(
-                completion.is_none(),
-                "event after the completion: {event:?}"
-            );
-            match &event {
-                Event::Stdout(c) => out.stdout.extend_from_slice(&c.data),
-                Event::Stderr(c) => out.stderr.extend_from_slice(&c.data),
-                Event::Result(r) => out
-                    .results
-                    .push(String::from_utf8(r.data["text/plain"].to_vec()).unwrap()),
-                Event::Error(e) => out.errors.push(e.clone()),
-                Event::Display(d) => out.displays.push(d.clone()),
-                Event::Completion(c) => completion = Some(c.clone()),
-            }
-            out.events.push(event);
-        }
-    };
+/// Reads a stream to its end; it must end cleanly, with exactly one completion, last.
+pub async fn collect(stream: tonic::Streaming<pb::ExecuteResponse>) -> Outcome {
     // A hang guard, not a timing assertion: every execute here ends far sooner.
-    tokio::time::timeout(Duration::from_secs(120), read_all)
-        .await
-        .expect("execute stream hung");
-    out.completion = completion.expect("the stream ended without a completion");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        capsa_test_support::execute::collect(stream),
+    )
+    .await
+    .expect("execute stream hung");
+    if let Some(status) = &out.error {
+        panic!("execute failed: {status:?}");
+    }
+    out.completion();
     out
 }

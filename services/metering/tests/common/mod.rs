@@ -55,27 +55,22 @@ pub struct FakeNode {
     pub node_id: String,
     pub url: String,
     shared: Shared,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _server: capsa_test_support::GrpcDouble,
 }
 
 impl FakeNode {
     pub async fn start(node_id: &str) -> FakeNode {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let shared = Shared::default();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .add_service(VmPoolServiceServer::new(shared.clone()))
-            .add_service(ExecutorServiceServer::new(shared.clone()));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(server.serve_with_incoming_shutdown(incoming, async {
-            let _ = stopped.await;
-        }));
+        let server = capsa_test_support::GrpcDouble::start(
+            tonic::service::Routes::new(VmPoolServiceServer::new(shared.clone()))
+                .add_service(ExecutorServiceServer::new(shared.clone())),
+        )
+        .await;
         FakeNode {
             node_id: node_id.into(),
-            url,
+            url: server.url(),
             shared,
-            stop: Some(stop),
+            _server: server,
         }
     }
 
@@ -88,6 +83,7 @@ impl FakeNode {
             capacity: 100,
             leased: 0,
             warm: 0,
+            templates: vec!["default".into()],
             heartbeat_ms: 1,
         }
     }
@@ -127,14 +123,6 @@ impl FakeNode {
     pub async fn wait_for_samples(&self, n: usize) {
         let target = self.counter_calls() + n;
         capsa_test_support::eventually!(self.counter_calls() >= target);
-    }
-}
-
-impl Drop for FakeNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 

@@ -17,10 +17,12 @@ use capsa_proto::metering::v1 as me;
 use capsa_proto::metering::v1::metering_service_server::{MeteringService, MeteringServiceServer};
 use capsa_proto::vmpool::v1 as vp;
 use capsa_proto::vmpool::v1::vm_pool_service_server::{VmPoolService, VmPoolServiceServer};
+use capsa_test_support::GrpcDouble;
 use futures::Stream;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 
 /// What the doubles saw and how they behave; tests read and set it directly.
@@ -452,7 +454,7 @@ impl MeteringService for Doubles {
 pub struct DoubleServer {
     pub doubles: Doubles,
     pub url: String,
-    task: tokio::task::JoinHandle<()>,
+    _server: GrpcDouble,
 }
 
 impl DoubleServer {
@@ -461,25 +463,20 @@ impl DoubleServer {
             state: Shared::default(),
             held: Arc::new(Notify::new()),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = capsa_grpc::Server::new()
-            .add_service(VmPoolServiceServer::new(doubles.clone()))
-            .add_service(ExecutorServiceServer::new(doubles.clone()))
-            .add_service(MeteringServiceServer::new(doubles.clone()));
-        let task = tokio::spawn(async move {
-            let _ = capsa_grpc::serve_tcp(server, listener, std::future::pending()).await;
-        });
-        DoubleServer { doubles, url, task }
+        let server = GrpcDouble::start(
+            Routes::new(VmPoolServiceServer::new(doubles.clone()))
+                .add_service(ExecutorServiceServer::new(doubles.clone()))
+                .add_service(MeteringServiceServer::new(doubles.clone())),
+        )
+        .await;
+        DoubleServer {
+            doubles,
+            url: server.url(),
+            _server: server,
+        }
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.doubles.state.lock().unwrap()
-    }
-}
-
-impl Drop for DoubleServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

@@ -155,6 +155,7 @@ pub async fn register_for(
         capacity,
         leased,
         warm: 1,
+        templates: vec!["default".into()],
         heartbeat_ms: 0,
     };
     reg.heartbeat(&rec, ttl).await.unwrap();

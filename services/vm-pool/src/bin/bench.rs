@@ -47,7 +47,10 @@ const SETTLE: Duration = Duration::from_secs(2);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = capsa_telemetry::init("capsa-vm-pool-bench", "warn");
+    let _telemetry = capsa_telemetry::init(
+        "capsa-vm-pool-bench",
+        &capsa_telemetry::Settings::from_env("warn"),
+    )?;
     let image_dir = args.image_dir.clone().unwrap_or_else(|| {
         let cache =
             std::env::var_os("CAPSA_CACHE_DIR").unwrap_or_else(|| "/var/cache/capsa".into());

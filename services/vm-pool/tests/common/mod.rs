@@ -206,3 +206,44 @@ pub async fn warm_vms(client: &mut VmPoolServiceClient<Channel>) -> Vec<Vm> {
         .filter(|v| v.state == VmState::Warm as i32)
         .collect()
 }
+
+impl PoolUnderTest {
+    /// Like [`PoolUnderTest::start`], with extra environment variables for vm-pool.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> PoolUnderTest {
+        let state = tempfile::Builder::new()
+            .prefix("capsa-vmpool-test-")
+            .tempdir()
+            .unwrap();
+        let process = Some(start_process_with_env(state.path(), extra, env).await);
+        PoolUnderTest { process, state }
+    }
+}
+
+async fn start_process_with_env(
+    state: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> ServiceProcess {
+    let image = image_dir();
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--image-dir".into(),
+        image.display().to_string(),
+        "--max-concurrent-boots".into(),
+        "2".into(),
+        "--boot-timeout-secs".into(),
+        BOOT_TIMEOUT_SECS.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ServiceProcess::start_with_env("capsa-vm-pool", &args, env).await
+}
+
+/// File descriptors process `pid` holds.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

@@ -100,10 +100,19 @@ pub struct StoreConfig {
     pub max_total_lifetime: Duration,
 }
 
+impl StoreConfig {
+    /// Age past which a session's record has surely expired (its longest life, its
+    /// retention, and 60 claim periods for a teardown that kept failing): its tenant index
+    /// entry can go.
+    pub fn index_horizon(&self) -> Duration {
+        self.creating_bound.max(self.max_total_lifetime) + self.retention + self.claim_ttl * 60
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            retention: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(3600),
             claim_ttl: Duration::from_secs(30),
             creating_bound: Duration::from_secs(180),
             max_total_lifetime: Duration::from_secs(24 * 3600),
@@ -237,6 +246,7 @@ impl SessionStore {
             .arg(json(&new.env_names))
             .arg(json(&new.metadata))
             .arg(ms(new.lifetime))
+            .arg(ms(self.config.index_horizon()))
             .invoke_async(&mut self.conn.clone())
             .await?;
         if raw.first().map(String::as_str) == Some("quota") {

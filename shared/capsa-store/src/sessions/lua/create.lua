@@ -1,7 +1,7 @@
 -- KEYS: session hash, expiry zset, tenant index zset, tenant active set, tenant total
 -- counter, tenant limits hash.
 -- ARGV: id, tenant, default max sessions, creating bound ms, template, vcpus, memory_mib,
--- env names json (never values), metadata json, lifetime ms.
+-- env names json (never values), metadata json, lifetime ms, index horizon ms.
 local max = tonumber(redis.call('HGET', KEYS[6], 'max_sessions') or ARGV[3])
 if redis.call('SCARD', KEYS[4]) >= max then
   return { 'quota', tostring(max) }
@@ -16,6 +16,9 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'status', 'creatin
 -- While creating, the expiry score is the creation deadline: a replica that dies
 -- mid-create leaves a session the reaper ends.
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+-- The tenant index forgets sessions whose records have surely expired, so a tenant that
+-- never lists does not grow it without bound.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[11])))
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('INCR', KEYS[5])
