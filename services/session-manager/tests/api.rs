@@ -607,19 +607,11 @@ async fn create_api_key_prints_only_a_working_key() {
 }
 
 /// Runs a session-manager admin command against the harness' Redis.
-fn admin(h: &Harness, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(workspace_binary("capsa-session-manager"))
-        .args(args)
-        .args(["--redis-url", &h.redis.url()])
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
     let h = Harness::start(1).await;
     let create_key = |tenant: &str, name: &str| {
-        let out = admin(&h, &["create-api-key", "--tenant", tenant, "--name", name]);
+        let out = h.admin(&["create-api-key", "--tenant", tenant, "--name", name]);
         assert!(
             out.status.success(),
             "{}",
@@ -631,7 +623,7 @@ async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
     let laptop_key = create_key("acme", "laptop");
     create_key("other", "theirs");
 
-    let out = admin(&h, &["list-api-keys", "--tenant", "acme"]);
+    let out = h.admin(&["list-api-keys", "--tenant", "acme"]);
     assert!(
         out.status.success(),
         "{}",
@@ -657,7 +649,7 @@ async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
         !listing.contains(&ci_key) && !listing.contains(&ci_key["capsa_".len()..]),
         "the listing must not show keys: {listing}"
     );
-    let all = String::from_utf8(admin(&h, &["list-api-keys"]).stdout).unwrap();
+    let all = String::from_utf8(h.admin(&["list-api-keys"]).stdout).unwrap();
     // The harness' own key, and the three above.
     assert_eq!(all.lines().count(), 4, "{all}");
 
@@ -669,13 +661,13 @@ async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
 
     // Bad ids change nothing.
     for (id, expect) in [("zz", "at least 8 hex"), ("0000000000", "no api key")] {
-        let out = admin(&h, &["revoke-api-key", "--id", id]);
+        let out = h.admin(&["revoke-api-key", "--id", id]);
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{id}: {err}");
     }
     let ci_id = rows[0][0];
-    let out = admin(&h, &["revoke-api-key", "--id", &ci_id[..10]]);
+    let out = h.admin(&["revoke-api-key", "--id", &ci_id[..10]]);
     assert!(
         out.status.success(),
         "{}",
@@ -695,10 +687,10 @@ async fn api_keys_are_listed_by_id_and_a_revoked_key_stops_working_at_once() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // The tenant's other key, and its session, are untouched.
     assert_eq!(get(&mut laptop, &s.id).await.id, s.id);
-    let again = admin(&h, &["revoke-api-key", "--id", ci_id]);
+    let again = h.admin(&["revoke-api-key", "--id", ci_id]);
     assert_eq!(again.status.code(), Some(1), "a revoked key is gone");
     let listing =
-        String::from_utf8(admin(&h, &["list-api-keys", "--tenant", "acme"]).stdout).unwrap();
+        String::from_utf8(h.admin(&["list-api-keys", "--tenant", "acme"]).stdout).unwrap();
     assert_eq!(listing.lines().count(), 1, "{listing}");
 }
 

@@ -5,7 +5,6 @@
 mod common;
 
 use capsa_proto::session::v1 as pb;
-use capsa_test_support::workspace_binary;
 use common::{Harness, create};
 use tonic::Code;
 
@@ -41,14 +40,6 @@ async fn an_unknown_template_is_refused_naming_the_offered_ones_and_leaves_no_re
     assert_eq!(s.status, pb::SessionStatus::Active as i32);
 }
 
-fn admin(h: &Harness, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(workspace_binary("capsa-session-manager"))
-        .args(args)
-        .args(["--redis-url", &h.redis.url()])
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn set_tenant_limits_overrides_the_create_rate_and_cap_for_that_tenant_only() {
     let mut h = Harness::start(0).await;
@@ -60,20 +51,17 @@ async fn set_tenant_limits_overrides_the_create_rate_and_cap_for_that_tenant_onl
     let other_key = h.new_key("t2").await;
     let mut default_tenant = h.client_with(0, Some(&format!("Bearer {other_key}"))).await;
 
-    let out = admin(
-        &h,
-        &[
-            "set-tenant-limits",
-            "--tenant",
-            "t1",
-            "--create-rate",
-            "0.01",
-            "--create-burst",
-            "5",
-            "--max-sessions",
-            "4",
-        ],
-    );
+    let out = h.admin(&[
+        "set-tenant-limits",
+        "--tenant",
+        "t1",
+        "--create-rate",
+        "0.01",
+        "--create-burst",
+        "5",
+        "--max-sessions",
+        "4",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -133,7 +121,7 @@ async fn set_tenant_limits_refuses_half_a_rate_and_nonsense() {
     ] {
         let mut all = vec!["set-tenant-limits", "--tenant", "t1"];
         all.extend_from_slice(args);
-        let out = admin(&h, &all);
+        let out = h.admin(&all);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("--create-"),

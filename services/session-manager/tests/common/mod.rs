@@ -47,6 +47,18 @@ pub const NODE_ID: &str = "node-a";
 pub const NODE_GRACE: Duration = Duration::from_secs(3);
 
 impl Harness {
+    /// Runs an admin command (`create-api-key`, `set-tenant-limits`, ...) of the
+    /// session-manager binary against this harness' Redis.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(capsa_test_support::workspace_binary(
+            "capsa-session-manager",
+        ))
+        .args(args)
+        .args(["--redis-url", &self.redis.url()])
+        .output()
+        .unwrap()
+    }
+
     /// Redis, the doubles registered as node `node-a` (capacity 1000), `replicas`
     /// session-managers, and an API key of tenant `t1`.
     pub async fn start(replicas: usize) -> Harness {

@@ -116,21 +116,7 @@ impl Drop for PoolUnderTest {
 }
 
 async fn start_process(state: &Path, extra: &[&str]) -> ServiceProcess {
-    let image = image_dir();
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--state-dir".into(),
-        state.display().to_string(),
-        "--image-dir".into(),
-        image.display().to_string(),
-        "--max-concurrent-boots".into(),
-        "2".into(),
-        "--boot-timeout-secs".into(),
-        BOOT_TIMEOUT_SECS.to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    ServiceProcess::start("capsa-vm-pool", &args).await
+    start_process_with_env(state, extra, &[]).await
 }
 
 pub fn pid_alive(pid: u32) -> bool {
