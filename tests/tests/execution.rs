@@ -160,10 +160,17 @@ async fn a_package_installed_from_an_uploaded_wheel_is_importable_later() {
     let (mut c, sid) = session(&stack).await;
     let wheel = build_wheel();
     upload(&mut c, &sid, "/tmp/capsa_hello-1.0-py3-none-any.whl", wheel).await;
-    let out = shell(
+    // A long timeout: pip's imports alone take seconds under TCG, and a guest booted on a
+    // loaded host has been seen to time 60 s in 23 s of host time (its TSC calibration is
+    // suspected); this test is about the package persisting, not about time.
+    let out = exec::run(
         &mut c,
-        &sid,
-        "pip install --no-index --quiet /tmp/capsa_hello-1.0-py3-none-any.whl",
+        exec::request(
+            &sid,
+            Language::Shell,
+            "pip install --no-index --quiet /tmp/capsa_hello-1.0-py3-none-any.whl",
+            600_000,
+        ),
     )
     .await;
     assert_eq!(
