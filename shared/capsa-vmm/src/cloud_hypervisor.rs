@@ -153,7 +153,19 @@ impl CloudHypervisor {
         })?;
         api.put("vm.boot").await?;
         guard.disarm();
-        Ok(ChVm {
+        Ok(self.running_vm(spec, vmm, console, cgroup, api))
+    }
+
+    /// The handle of a VM whose VMM runs (booted or restored).
+    fn running_vm(
+        &self,
+        spec: &VmSpec,
+        vmm: Supervised,
+        console: Console,
+        cgroup: Option<VmCgroup>,
+        api: ChApi,
+    ) -> ChVm {
+        ChVm {
             instance: Instance::new(
                 spec,
                 EngineKind::CloudHypervisor,
@@ -164,7 +176,7 @@ impl CloudHypervisor {
             ),
             api,
             sandbox: self.config.sandbox.clone(),
-        })
+        }
     }
 
     async fn start_restored(&self, spec: &VmSpec, snapshot: &Path) -> Result<ChVm, VmmError> {
@@ -179,18 +191,7 @@ impl CloudHypervisor {
         api.put_json("vm.restore", &ch_model::restore_config(&local)?)
             .await?;
         guard.disarm();
-        Ok(ChVm {
-            instance: Instance::new(
-                spec,
-                EngineKind::CloudHypervisor,
-                vmm,
-                vec![],
-                console,
-                cgroup,
-            ),
-            api,
-            sandbox: self.config.sandbox.clone(),
-        })
+        Ok(self.running_vm(spec, vmm, console, cgroup, api))
     }
 }
 
