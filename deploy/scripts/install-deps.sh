@@ -16,6 +16,8 @@ APT_PACKAGES=(
   debootstrap e2fsprogs busybox-static cpio xz-utils
   # run: VMs, state, the scripts' helpers (python3: free ports and JSON in up.sh; git: buf breaking)
   qemu-system-x86 qemu-utils redis-server redis-tools python3 git ca-certificates
+  # VM networking: vm-pool's namespace, veth, taps (iproute2) and firewall (nftables, JSON)
+  iproute2 nftables
 )
 # Pinned so every machine lints, tests and boots with the same tools.
 BUF_VERSION=1.75.0
@@ -59,7 +61,7 @@ else
 fi
 # What the scripts and tests run, checked by command so a removed package is caught here.
 for cmd in gcc g++ make qemu-system-x86_64 qemu-img redis-server redis-cli debootstrap mkfs.ext4 \
-  busybox cpio xz python3 git flock sha256sum; do
+  busybox cpio xz python3 git flock sha256sum ip nft; do
   command -v "$cmd" >/dev/null 2>&1 || { step "$cmd" "MISSING after apt install"; exit 1; }
 done
 

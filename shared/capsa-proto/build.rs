@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
+    "capsa/common/v1/egress.proto",
     "capsa/common/v1/execution.proto",
     "capsa/common/v1/files.proto",
     "capsa/common/v1/usage.proto",

@@ -27,6 +27,7 @@ pub mod engine;
 mod error;
 pub mod image;
 mod instance;
+pub mod netns;
 pub mod orphans;
 mod process;
 mod qemu;
