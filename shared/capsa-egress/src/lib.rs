@@ -66,7 +66,10 @@ pub struct PolicyError {
 
 impl PolicyError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
-        PolicyError { field: field.into(), message: message.into() }
+        PolicyError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -88,7 +91,10 @@ impl EgressPolicy {
         if input.allowed_domains.len() > MAX_DOMAINS {
             return Err(PolicyError::new(
                 "allowed_domains",
-                format!("{} entries; at most {MAX_DOMAINS}", input.allowed_domains.len()),
+                format!(
+                    "{} entries; at most {MAX_DOMAINS}",
+                    input.allowed_domains.len()
+                ),
             ));
         }
         if input.allowed_cidrs.len() > MAX_CIDRS {
@@ -130,7 +136,11 @@ impl EgressPolicy {
             allow_package_managers: self.allow_package_managers,
             allow_http: Some(self.allow_http),
             allow_https: Some(self.allow_https),
-            allowed_domains: self.allowed_domains.iter().map(ToString::to_string).collect(),
+            allowed_domains: self
+                .allowed_domains
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             allowed_cidrs: self.allowed_cidrs.iter().map(ToString::to_string).collect(),
         }
     }
@@ -143,7 +153,9 @@ impl EgressPolicy {
         let name = normalize_name(name);
         self.allowed_domains.iter().any(|rule| rule.matches(&name))
             || (self.allow_package_managers
-                && package_manager_rules().iter().any(|rule| rule.matches(&name)))
+                && package_manager_rules()
+                    .iter()
+                    .any(|rule| rule.matches(&name)))
     }
 
     /// Whether TCP traffic to `port` of an admitted destination is allowed.
@@ -157,7 +169,11 @@ impl EgressPolicy {
 
     /// The CIDRs this policy admits (none under `deny_all`).
     pub fn admitted_cidrs(&self) -> &[Cidr] {
-        if self.deny_all { &[] } else { &self.allowed_cidrs }
+        if self.deny_all {
+            &[]
+        } else {
+            &self.allowed_cidrs
+        }
     }
 
     /// Whether any DNS name can be admitted (the forwarder refuses everything otherwise).
@@ -186,7 +202,9 @@ impl DomainRule {
             return Err("empty domain".into());
         }
         if !trimmed.is_ascii() {
-            return Err(format!("{raw:?} is not ASCII: give the punycode form (xn--...)"));
+            return Err(format!(
+                "{raw:?} is not ASCII: give the punycode form (xn--...)"
+            ));
         }
         let (below, name) = match trimmed.strip_prefix("*.") {
             Some(rest) => (true, rest),
@@ -203,8 +221,9 @@ impl DomainRule {
             ));
         }
         for label in &labels {
-            let valid_chars =
-                label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            let valid_chars = label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if label.is_empty()
                 || label.len() > 63
                 || !valid_chars
@@ -217,7 +236,11 @@ impl DomainRule {
                 ));
             }
         }
-        Ok(if below { DomainRule::Below(name) } else { DomainRule::Exact(name) })
+        Ok(if below {
+            DomainRule::Below(name)
+        } else {
+            DomainRule::Exact(name)
+        })
     }
 
     /// Whether `name` (already lowercase, no trailing dot) matches.
@@ -285,7 +308,9 @@ impl Cidr {
         let cidr = Cidr { addr, prefix };
         let network = cidr.network();
         if network != addr {
-            return Err(format!("{raw:?} has host bits set: did you mean {network}/{prefix}?"));
+            return Err(format!(
+                "{raw:?} has host bits set: did you mean {network}/{prefix}?"
+            ));
         }
         Ok(cidr)
     }
@@ -294,18 +319,25 @@ impl Cidr {
     fn network(&self) -> IpAddr {
         match self.addr {
             IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V4((u32::from(a) & mask).into())
             }
             IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let other = Cidr { addr: ip, prefix: self.prefix };
+        let other = Cidr {
+            addr: ip,
+            prefix: self.prefix,
+        };
         ip.is_ipv4() == self.addr.is_ipv4() && other.network() == self.addr
     }
 }
@@ -397,7 +429,10 @@ mod tests {
         assert!(!policy.allows_name("badexample.com"));
         assert!(policy.allows_name("a.pkg.example.org"));
         assert!(policy.allows_name("a.b.pkg.example.org"));
-        assert!(!policy.allows_name("pkg.example.org"), "the apex needs its own entry");
+        assert!(
+            !policy.allows_name("pkg.example.org"),
+            "the apex needs its own entry"
+        );
         assert!(!policy.allows_name("xpkg.example.org"));
     }
 
@@ -417,7 +452,11 @@ mod tests {
             assert!(err.message.contains(says), "{bad:?}: {err}");
         }
         let long = format!("{}.com", "a.".repeat(130));
-        assert!(DomainRule::parse(&long).unwrap_err().contains("longer than"));
+        assert!(
+            DomainRule::parse(&long)
+                .unwrap_err()
+                .contains("longer than")
+        );
     }
 
     #[test]
@@ -428,27 +467,47 @@ mod tests {
         assert!(!net.contains("::1".parse().unwrap()));
         let one = Cidr::parse("203.0.113.7").unwrap();
         assert_eq!(one.to_string(), "203.0.113.7/32");
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert!(Cidr::parse("2001:db8::/32").unwrap().contains("2001:db8::9".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("did you mean 10.0.0.0/8"));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("2001:db8::/32")
+                .unwrap()
+                .contains("2001:db8::9".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("10.0.0.1/8")
+                .unwrap_err()
+                .contains("did you mean 10.0.0.0/8")
+        );
         assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
-        assert!(Cidr::parse("example.com").unwrap_err().contains("not an address"));
+        assert!(
+            Cidr::parse("example.com")
+                .unwrap_err()
+                .contains("not an address")
+        );
         let err = EgressPolicy::from_input(input(&[], &["10.0.0.0/8", "nope"])).unwrap_err();
         assert_eq!(err.field, "allowed_cidrs[1]");
     }
 
     #[test]
     fn counts_are_bounded_and_duplicates_dropped() {
-        let many: Vec<String> = (0..=MAX_DOMAINS).map(|i| format!("h{i}.example.com")).collect();
+        let many: Vec<String> = (0..=MAX_DOMAINS)
+            .map(|i| format!("h{i}.example.com"))
+            .collect();
         let err = EgressPolicy::from_input(PolicyInput {
             allowed_domains: many,
             ..PolicyInput::default()
         })
         .unwrap_err();
         assert_eq!(err.field, "allowed_domains");
-        let policy =
-            EgressPolicy::from_input(input(&["a.example", "A.example."], &["1.2.3.4", "1.2.3.4/32"]))
-                .unwrap();
+        let policy = EgressPolicy::from_input(input(
+            &["a.example", "A.example."],
+            &["1.2.3.4", "1.2.3.4/32"],
+        ))
+        .unwrap();
         assert_eq!(policy.allowed_domains.len(), 1);
         assert_eq!(policy.allowed_cidrs.len(), 1);
     }
@@ -474,10 +533,19 @@ mod tests {
     fn package_managers_are_admitted_only_with_the_flag() {
         assert!(!package_manager_rules().is_empty());
         let mut raw = PolicyInput::default();
-        assert!(!EgressPolicy::from_input(raw.clone()).unwrap().allows_name("pypi.org"));
+        assert!(
+            !EgressPolicy::from_input(raw.clone())
+                .unwrap()
+                .allows_name("pypi.org")
+        );
         raw.allow_package_managers = true;
         let policy = EgressPolicy::from_input(raw).unwrap();
-        for name in ["pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "deb.debian.org"] {
+        for name in [
+            "pypi.org",
+            "files.pythonhosted.org",
+            "registry.npmjs.org",
+            "deb.debian.org",
+        ] {
             assert!(policy.allows_name(name), "{name}");
         }
         assert!(!policy.allows_name("evil.example"));
@@ -487,7 +555,10 @@ mod tests {
     fn policies_round_trip_through_json_and_input() {
         let policy = EgressPolicy::from_input(input(&["*.example.com"], &["10.1.0.0/16"])).unwrap();
         let json = serde_json::to_string(&policy).unwrap();
-        assert!(json.contains("\"*.example.com\"") && json.contains("\"10.1.0.0/16\""), "{json}");
+        assert!(
+            json.contains("\"*.example.com\"") && json.contains("\"10.1.0.0/16\""),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<EgressPolicy>(&json).unwrap(), policy);
         assert_eq!(EgressPolicy::from_input(policy.to_input()).unwrap(), policy);
         assert!(serde_json::from_str::<Cidr>("\"10.0.0.1/8\"").is_err());
@@ -495,12 +566,89 @@ mod tests {
 
     #[test]
     fn reserved_ranges_cover_the_metadata_service_and_private_space() {
-        let reserved = |ip: &str| reserved_ranges().iter().any(|c| c.contains(ip.parse().unwrap()));
-        for ip in ["169.254.169.254", "127.0.0.1", "10.9.8.7", "192.168.1.1", "172.31.0.1", "::1"] {
+        let reserved = |ip: &str| {
+            reserved_ranges()
+                .iter()
+                .any(|c| c.contains(ip.parse().unwrap()))
+        };
+        for ip in [
+            "169.254.169.254",
+            "127.0.0.1",
+            "10.9.8.7",
+            "192.168.1.1",
+            "172.31.0.1",
+            "::1",
+        ] {
             assert!(reserved(ip), "{ip}");
         }
         for ip in ["198.18.0.10", "151.101.0.223", "2a04:4e42::223"] {
             assert!(!reserved(ip), "{ip}");
+        }
+    }
+}
+
+/// The policy on the wire (`capsa.common.v1.EgressPolicy`).
+pub mod proto {
+    use capsa_proto::common::v1 as pb;
+
+    use super::{EgressPolicy, PolicyError, PolicyInput};
+
+    /// Validates a policy from a request; errors name the field under `egress.`.
+    pub fn from_proto(message: pb::EgressPolicy) -> Result<EgressPolicy, PolicyError> {
+        EgressPolicy::from_input(PolicyInput {
+            deny_all: message.deny_all,
+            allow_package_managers: message.allow_package_managers,
+            allow_http: message.allow_http,
+            allow_https: message.allow_https,
+            allowed_domains: message.allowed_domains,
+            allowed_cidrs: message.allowed_cidrs,
+        })
+        .map_err(|e| PolicyError {
+            field: format!("egress.{}", e.field),
+            message: e.message,
+        })
+    }
+
+    pub fn to_proto(policy: &EgressPolicy) -> pb::EgressPolicy {
+        let input = policy.to_input();
+        pb::EgressPolicy {
+            deny_all: input.deny_all,
+            allow_package_managers: input.allow_package_managers,
+            allow_http: input.allow_http,
+            allow_https: input.allow_https,
+            allowed_domains: input.allowed_domains,
+            allowed_cidrs: input.allowed_cidrs,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trips_and_names_fields_under_egress() {
+            let message = pb::EgressPolicy {
+                allowed_domains: vec!["*.example.com".into()],
+                allowed_cidrs: vec!["198.18.0.0/15".into()],
+                allow_http: Some(false),
+                ..Default::default()
+            };
+            let policy = from_proto(message.clone()).unwrap();
+            assert!(!policy.allow_http && policy.allow_https);
+            let back = to_proto(&policy);
+            assert_eq!(back.allowed_domains, message.allowed_domains);
+            assert_eq!(back.allow_https, Some(true));
+            let err = from_proto(pb::EgressPolicy {
+                allowed_cidrs: vec!["300.1.1.1".into()],
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!(err.field, "egress.allowed_cidrs[0]");
+            assert!(
+                err.to_string()
+                    .starts_with("invalid `egress.allowed_cidrs[0]`"),
+                "{err}"
+            );
         }
     }
 }
