@@ -11,7 +11,7 @@
 #     bzImage        compressed kernel (QEMU)
 #     manifest.json  kernel cmdline and file names
 # and points ${CAPSA_CACHE_DIR}/images/current at it.
-# <hash> = sha256(base rootfs hash + kernel + agent + capsa-init + this script).
+# <hash> = sha256(base rootfs hash + kernel + agent + capsa-init + CA bundle + this script).
 # VMs use rootfs.ext4 as a shared read-only base under a per-VM qcow2 overlay:
 #   qemu-img create -f qcow2 -F raw -b .../rootfs.ext4 overlay.qcow2
 # Progress goes to stderr; the last stdout line is the image directory.
@@ -31,6 +31,11 @@ cmdline="${CAPSA_KERNEL_CMDLINE:-console=ttyS0 root=/dev/vda rw rootfstype=ext4 
 # guest TSC runs at the host TSC rate, so the driver appends the host's TSC
 # frequency in kHz (see README.md). Not needed (and not wanted) under KVM.
 tcg_append='tsc_early_khz={host_tsc_khz}'
+# The guest trusts the CAs this host trusts: behind a TLS-inspecting proxy the operator's CA
+# is in the host's bundle, and `pip install` in a session needs it as much as the host does.
+# CAPSA_GUEST_CA_BUNDLE names another bundle; set it empty to keep Debian's own.
+ca_bundle="${CAPSA_GUEST_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt}"
+[[ -z "$ca_bundle" || -f "$ca_bundle" ]] || ca_bundle=""
 
 log() { echo "[image] $*" >&2; }
 die() { echo "[image] ERROR: $*" >&2; exit 1; }
@@ -64,6 +69,7 @@ base="$("$here/build-rootfs.sh" | tail -n1)"
 hash="$( { echo "base=$(basename "$base")"
            sha256sum "$kdir/bzImage" "$kdir/vmlinux" | cut -d' ' -f1
            sha256sum "$agent" "$init_src" | cut -d' ' -f1
+           [[ -z "$ca_bundle" ]] || sha256sum "$ca_bundle" | cut -d' ' -f1
            echo "cmdline=$cmdline free=$free_mib"
            cat "$self"; } | sha256sum | cut -c1-16)"
 images="$cache/images"
@@ -93,6 +99,10 @@ install -D -m 0755 "$agent" "$stage/usr/local/bin/capsa-agent.new"
 mv -f "$stage/usr/local/bin/capsa-agent.new" "$stage/usr/local/bin/capsa-agent"
 install -m 0755 "$init_src" "$stage/sbin/capsa-init.new"
 mv -f "$stage/sbin/capsa-init.new" "$stage/sbin/capsa-init"
+if [[ -n "$ca_bundle" ]]; then
+  install -m 0644 "$ca_bundle" "$stage/etc/ssl/certs/ca-certificates.crt.new"
+  mv -f "$stage/etc/ssl/certs/ca-certificates.crt.new" "$stage/etc/ssl/certs/ca-certificates.crt"
+fi
 
 content_kib="$(du -sk --apparent-size "$stage" | cut -f1)"
 inodes="$(find "$stage" | wc -l)"

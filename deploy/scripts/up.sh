@@ -90,8 +90,11 @@ echo "[up] vm-pool on $addr"
 start_service capsa-metering 0 --redis-url "$redis_url"
 metering_addr=$addr
 echo "[up] metering on $metering_addr"
+# The dev stack's default egress lets sessions reach the package registries (the demo's
+# `pip install`); CAPSA_DEFAULT_EGRESS overrides it (`{"deny_all": true}`: no egress).
+dev_egress='{"allow_package_managers": true}'
 start_service capsa-session-manager "$public_port" --redis-url "$redis_url" \
-  --metering-url "http://$metering_addr"
+  --metering-url "http://$metering_addr" --default-egress "${CAPSA_DEFAULT_EGRESS:-$dev_egress}"
 session_addr=$addr
 # Sessions need a registered node: wait for vm-pool's first heartbeat.
 for _ in $(seq 1 100); do
@@ -122,6 +125,11 @@ echo "[demo] \$ capsa exec $sid 'print(x)'";      "$capsa" exec "$sid" 'print(x)
 echo "[demo] \$ capsa exec $sid 'x * 2'";         "$capsa" exec "$sid" 'x * 2'
 echo "[demo] \$ capsa exec $sid --lang shell 'uname -r; echo hello > /tmp/f; cat /tmp/f'"
 "$capsa" exec "$sid" --lang shell 'uname -r; echo hello > /tmp/f; cat /tmp/f'
+echo "[demo] \$ capsa egress $sid";                "$capsa" egress "$sid"
+echo "[demo] \$ capsa exec $sid --lang shell 'pip install -q tabulate'  # not in the image"
+"$capsa" exec "$sid" --lang shell 'pip install -q --disable-pip-version-check tabulate'
+echo "[demo] \$ capsa exec $sid 'import tabulate; print(tabulate.tabulate([[1, 2]]))'"
+"$capsa" exec "$sid" 'import tabulate; print(tabulate.tabulate([[1, 2]]))'
 echo "[demo] \$ capsa info $sid";                 "$capsa" info "$sid"
 echo "[demo] \$ capsa usage $sid";                "$capsa" usage "$sid"
 echo "[demo] \$ capsa kill $sid";                 "$capsa" kill "$sid"

@@ -232,6 +232,16 @@ async fn usage_reflects_cpu_memory_and_disk_work_and_the_final_record_is_written
         30
     );
     assert!(usage(&mut c).await.memory_peak_bytes >= usage(&mut c).await.memory_used_bytes);
+    // Memory the guest frees goes back to the host (free page reporting): the VMM's
+    // resident size falls again, while its peak keeps the high-water mark.
+    let filled = usage(&mut c).await.vmm_resident_bytes;
+    let out = python(&mut c, &s.id, "del blob").await;
+    assert!(out.errors.is_empty(), "{out:?}");
+    eventually!(
+        usage(&mut c).await.vmm_resident_bytes + 120_000_000 <= filled,
+        60
+    );
+    assert!(usage(&mut c).await.vmm_resident_peak_bytes >= filled);
 
     let out = shell(
         &mut c,

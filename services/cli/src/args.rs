@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use capsa_proto::common::v1::EgressPolicy;
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Exit status of `capsa exec` when the code did not simply run to its end.
 pub const EXIT_TIMEOUT: u8 = 124;
@@ -78,6 +79,72 @@ pub enum Command {
     Kill(SessionArg),
     /// List your sessions, newest first.
     List(ListArgs),
+    /// Show a session's egress policy, or replace it with --set and the policy flags.
+    Egress(EgressArgs),
+}
+
+/// What a session's VM may reach, as flags. At create, no flag means the server's default
+/// (your tenant's, else the deployment's); any flag makes the whole policy.
+#[derive(Debug, Default, Args)]
+pub struct EgressFlags {
+    /// Allow this name (`example.com`) or every name below a domain (`*.example.com`);
+    /// repeatable.
+    #[arg(long = "allow-domain", value_name = "DOMAIN")]
+    pub allow_domains: Vec<String>,
+    /// Allow this network (`198.51.100.0/24`) or address, every port; repeatable.
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidrs: Vec<String>,
+    /// Allow the Python, npm, Debian and crates package registries.
+    #[arg(long)]
+    pub allow_package_managers: bool,
+    /// Block TCP port 80 to every allowed destination.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Block TCP port 443 to every allowed destination.
+    #[arg(long)]
+    pub no_https: bool,
+    /// No network access at all.
+    #[arg(long, conflicts_with_all = [
+        "allow_domains", "allow_cidrs", "allow_package_managers", "no_http", "no_https"
+    ])]
+    pub no_egress: bool,
+}
+
+impl EgressFlags {
+    /// The policy the flags make, or `None` when no flag was given. Entries go to the
+    /// server as typed: it validates them and names a bad one.
+    pub fn policy(&self) -> Option<EgressPolicy> {
+        let given = self.no_egress
+            || self.allow_package_managers
+            || self.no_http
+            || self.no_https
+            || !self.allow_domains.is_empty()
+            || !self.allow_cidrs.is_empty();
+        given.then(|| EgressPolicy {
+            deny_all: self.no_egress,
+            allow_package_managers: self.allow_package_managers,
+            allow_http: self.no_http.then_some(false),
+            allow_https: self.no_https.then_some(false),
+            allowed_domains: self.allow_domains.clone(),
+            allowed_cidrs: self.allow_cidrs.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("policy_flags")
+        .args(["allow_domains", "allow_cidrs", "allow_package_managers", "no_http", "no_https", "no_egress"])
+        .multiple(true)
+        .requires("set")
+))]
+pub struct EgressArgs {
+    pub session: String,
+    /// Replace the policy with the one the flags make (needs at least one flag).
+    #[arg(long, requires = "policy_flags")]
+    pub set: bool,
+    #[command(flatten)]
+    pub policy: EgressFlags,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +165,8 @@ pub struct CreateArgs {
     /// Label to filter `capsa list` by, K=V (repeatable).
     #[arg(long = "label", value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub egress: EgressFlags,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -329,6 +398,72 @@ mod tests {
         assert!(
             matches!(parse(&["extend", "s-1", "1h"]).unwrap().command, Command::Extend(e) if e.by == Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn create_takes_egress_flags_and_none_means_the_server_default() {
+        let create = |extra: &[&str]| {
+            let args: Vec<&str> = std::iter::once("create")
+                .chain(extra.iter().copied())
+                .collect();
+            parse(&args).map(|cli| match cli.command {
+                Command::Create(c) => c.egress.policy(),
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(create(&[]).unwrap(), None);
+        let p = create(&[
+            "--allow-domain",
+            "pypi.org",
+            "--allow-domain",
+            "*.example.com",
+            "--allow-cidr",
+            "198.51.100.0/24",
+            "--allow-package-managers",
+            "--no-http",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.allowed_domains, ["pypi.org", "*.example.com"]);
+        assert_eq!(p.allowed_cidrs, ["198.51.100.0/24"]);
+        assert!(p.allow_package_managers && !p.deny_all);
+        assert_eq!((p.allow_http, p.allow_https), (Some(false), None));
+        let p = create(&["--no-https"]).unwrap().unwrap();
+        assert_eq!((p.allow_http, p.allow_https), (None, Some(false)));
+        let p = create(&["--no-egress"]).unwrap().unwrap();
+        assert!(p.deny_all && p.allowed_domains.is_empty());
+        let err = create(&["--no-egress", "--allow-domain", "pypi.org"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn egress_shows_or_sets_with_flags() {
+        let egress = |args: &[&str]| {
+            let args: Vec<&str> = std::iter::once("egress")
+                .chain(args.iter().copied())
+                .collect();
+            parse(&args).map(|cli| match cli.command {
+                Command::Egress(e) => e,
+                other => panic!("{other:?}"),
+            })
+        };
+        let e = egress(&["s-1"]).unwrap();
+        assert!(!e.set && e.policy.policy().is_none());
+        assert_eq!(e.session, "s-1");
+        let e = egress(&["s-1", "--set", "--allow-cidr", "203.0.113.7"]).unwrap();
+        assert!(e.set);
+        assert_eq!(e.policy.policy().unwrap().allowed_cidrs, ["203.0.113.7"]);
+        let e = egress(&["s-1", "--set", "--no-egress"]).unwrap();
+        assert!(e.policy.policy().unwrap().deny_all);
+        for bad in [
+            &["s-1", "--set"][..],
+            &["s-1", "--allow-domain", "pypi.org"],
+            &["s-1", "--no-egress"],
+            &["--set", "--no-egress"],
+            &["s-1", "--set", "--no-egress", "--no-http"],
+        ] {
+            assert_eq!(egress(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub async fn create(client: &mut Client, a: CreateArgs, json: bool) -> Result<u8
         lifetime: a.lifetime.map(capsa_proto::time::duration),
         env: a.env.into_iter().collect(),
         metadata: a.labels.into_iter().collect(),
+        egress: a.egress.policy(),
     };
     let session = client
         .create_session(request)
@@ -376,6 +377,38 @@ pub async fn info(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, 
         say(view::session_json(&session))?;
     } else {
         print_block(&view::session_text(&session))?;
+    }
+    Ok(0)
+}
+
+/// Prints a session's egress policy, or with `--set` replaces it and prints the new one.
+pub async fn egress(client: &mut Client, a: EgressArgs, json: bool) -> Result<u8, CliError> {
+    let policy = if a.set {
+        let policy = a.policy.policy().ok_or_else(|| {
+            CliError::Usage("--set needs the new policy: give at least one policy flag".into())
+        })?;
+        client
+            .update_egress_policy(UpdateEgressPolicyRequest {
+                session_id: a.session,
+                egress: Some(policy),
+            })
+            .await?
+            .into_inner()
+            .egress
+    } else {
+        client
+            .get_egress_policy(GetEgressPolicyRequest {
+                session_id: a.session,
+            })
+            .await?
+            .into_inner()
+            .egress
+    }
+    .unwrap_or_default();
+    if json {
+        say(view::egress_json(&policy))?;
+    } else {
+        print_block(&view::egress_text(&policy))?;
     }
     Ok(0)
 }

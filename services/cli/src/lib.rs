@@ -34,5 +34,6 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Extend(a) => commands::extend(&mut client, a, json).await,
         Command::Kill(a) => commands::kill(&mut client, a, json).await,
         Command::List(a) => commands::list(&mut client, a, json).await,
+        Command::Egress(a) => commands::egress(&mut client, a, json).await,
     }
 }

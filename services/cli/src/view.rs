@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use capsa_proto::common::v1::{FileInfo, FileType, Usage};
+use capsa_proto::common::v1::{EgressPolicy, FileInfo, FileType, Usage};
 use capsa_proto::session::v1::Session;
 use serde_json::{Value, json};
 
@@ -54,7 +54,58 @@ pub fn session_json(s: &Session) -> Value {
         "end_time": timestamp(&s.end_time),
         "node_id": s.node_id,
         "vm_id": s.vm_id,
+        "egress": s.egress.as_ref().map(egress_json),
     })
+}
+
+/// A policy with its defaults spelled out (`allow_http` unset means true).
+pub fn egress_json(p: &EgressPolicy) -> Value {
+    json!({
+        "deny_all": p.deny_all,
+        "allow_package_managers": p.allow_package_managers,
+        "allow_http": p.allow_http.unwrap_or(true),
+        "allow_https": p.allow_https.unwrap_or(true),
+        "allowed_domains": p.allowed_domains,
+        "allowed_cidrs": p.allowed_cidrs,
+    })
+}
+
+/// `capsa egress`: one `key value` line per field.
+pub fn egress_text(p: &EgressPolicy) -> String {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    [
+        ("summary", egress_summary(p)),
+        ("deny_all", yes_no(p.deny_all).into()),
+        ("package_managers", yes_no(p.allow_package_managers).into()),
+        ("http", yes_no(p.allow_http.unwrap_or(true)).into()),
+        ("https", yes_no(p.allow_https.unwrap_or(true)).into()),
+        ("domains", p.allowed_domains.join(" ")),
+        ("cidrs", p.allowed_cidrs.join(" ")),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k:<17} {v}\n"))
+    .collect()
+}
+
+/// One line of what the policy admits, e.g. `package managers, pypi.org (no http)`.
+pub fn egress_summary(p: &EgressPolicy) -> String {
+    let mut admitted: Vec<&str> = Vec::new();
+    if p.allow_package_managers {
+        admitted.push("package managers");
+    }
+    admitted.extend(p.allowed_domains.iter().map(String::as_str));
+    admitted.extend(p.allowed_cidrs.iter().map(String::as_str));
+    if p.deny_all || admitted.is_empty() {
+        return "none".into();
+    }
+    let mut out = admitted.join(", ");
+    match (p.allow_http.unwrap_or(true), p.allow_https.unwrap_or(true)) {
+        (true, true) => {}
+        (false, true) => out += " (no http)",
+        (true, false) => out += " (no https)",
+        (false, false) => out += " (no http, no https)",
+    }
+    out
 }
 
 /// `key: value` lines for a human.
@@ -86,6 +137,9 @@ pub fn session_text(s: &Session) -> String {
     let mut labels: Vec<_> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
     out += &format!("{:<17} {}\n", "labels", labels.join(" "));
+    if let Some(p) = &s.egress {
+        out += &format!("{:<17} {}\n", "egress", egress_summary(p));
+    }
     out
 }
 
@@ -241,5 +295,48 @@ mod tests {
         assert!(file_row(&f).starts_with("d0755"), "{}", file_row(&f));
         assert!(file_row(&f).ends_with("d/"));
         assert_eq!(file_json(&f)["type"], "directory");
+    }
+
+    #[test]
+    fn egress_policies_render_with_their_defaults_spelled_out() {
+        let p = EgressPolicy {
+            allow_package_managers: true,
+            allow_http: Some(false),
+            allowed_domains: vec!["pypi.org".into(), "*.example.com".into()],
+            allowed_cidrs: vec!["198.51.100.0/24".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            egress_summary(&p),
+            "package managers, pypi.org, *.example.com, 198.51.100.0/24 (no http)"
+        );
+        let text = egress_text(&p);
+        assert!(text.contains("http              no\n"), "{text}");
+        assert!(text.contains("https             yes\n"), "{text}");
+        assert!(
+            text.contains("domains           pypi.org *.example.com\n"),
+            "{text}"
+        );
+        let v = egress_json(&p);
+        assert_eq!(
+            (v["allow_http"].as_bool(), v["allow_https"].as_bool()),
+            (Some(false), Some(true))
+        );
+        let none = EgressPolicy {
+            deny_all: true,
+            allowed_domains: vec!["pypi.org".into()],
+            ..Default::default()
+        };
+        assert_eq!(egress_summary(&none), "none");
+        assert_eq!(egress_summary(&EgressPolicy::default()), "none");
+        let s = Session {
+            egress: Some(p),
+            ..Default::default()
+        };
+        assert!(session_text(&s).contains("egress            package managers, pypi.org"));
+        assert_eq!(
+            session_json(&s)["egress"]["allowed_cidrs"][0],
+            "198.51.100.0/24"
+        );
     }
 }

@@ -22,6 +22,10 @@ const KEY: &str = "test-key";
 struct State {
     last_execute: Mutex<Option<ExecuteRequest>>,
     files: Mutex<HashMap<String, Vec<u8>>>,
+    /// The egress of every CreateSession, in order.
+    create_egress: Mutex<Vec<Option<EgressPolicy>>>,
+    /// The policy of session `s-1` as the double holds it (the last update).
+    egress: Mutex<EgressPolicy>,
 }
 
 #[derive(Clone)]
@@ -98,7 +102,13 @@ impl SessionService for Double {
     ) -> Result<Response<CreateSessionResponse>, Status> {
         check_auth(&r)?;
         let r = r.into_inner();
+        self.state
+            .create_egress
+            .lock()
+            .unwrap()
+            .push(r.egress.clone());
         let mut s = session("s-new");
+        s.egress = r.egress;
         s.env_names = r.env.into_keys().collect();
         s.env_names.sort();
         s.metadata = r.metadata;
@@ -377,6 +387,40 @@ impl SessionService for Double {
             total: Some(Usage::default()),
             active_sessions: 2,
             total_sessions: 5,
+        }))
+    }
+
+    async fn get_egress_policy(
+        &self,
+        r: Request<GetEgressPolicyRequest>,
+    ) -> Result<Response<GetEgressPolicyResponse>, Status> {
+        check_auth(&r)?;
+        if r.into_inner().session_id != "s-1" {
+            return Err(Status::not_found("session not found"));
+        }
+        Ok(Response::new(GetEgressPolicyResponse {
+            egress: Some(self.state.egress.lock().unwrap().clone()),
+        }))
+    }
+
+    async fn update_egress_policy(
+        &self,
+        r: Request<UpdateEgressPolicyRequest>,
+    ) -> Result<Response<UpdateEgressPolicyResponse>, Status> {
+        check_auth(&r)?;
+        let r = r.into_inner();
+        if r.session_id != "s-1" {
+            return Err(Status::not_found("session not found"));
+        }
+        let policy = r.egress.unwrap_or_default();
+        if policy.allowed_domains.iter().any(|d| d.contains(' ')) {
+            return Err(Status::invalid_argument(
+                "invalid `egress.allowed_domains[0]`: not a domain name",
+            ));
+        }
+        *self.state.egress.lock().unwrap() = policy.clone();
+        Ok(Response::new(UpdateEgressPolicyResponse {
+            egress: Some(policy),
         }))
     }
 }
@@ -755,4 +799,97 @@ async fn session_commands() {
     );
     let o = api.capsa(&["usage", "s-1"]).await;
     assert!(text(&o.stdout).contains("64.0 MiB"), "{}", text(&o.stdout));
+}
+
+#[tokio::test]
+async fn create_sends_the_egress_flags_and_egress_shows_and_replaces_the_policy() {
+    let api = Api::start().await;
+    let o = api.capsa(&["create"]).await;
+    assert!(o.status.success());
+    let o = api
+        .capsa(&[
+            "create",
+            "--allow-domain",
+            "pypi.org",
+            "--allow-cidr",
+            "198.51.100.0/24",
+            "--no-http",
+        ])
+        .await;
+    assert_eq!(text(&o.stdout), "s-new\n");
+    let o = api.capsa(&["create", "--no-egress"]).await;
+    assert!(o.status.success());
+    {
+        let sent = api.state.create_egress.lock().unwrap();
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[0], None, "no flag: the server's default");
+        let p = sent[1].as_ref().unwrap();
+        assert_eq!(
+            (p.allowed_domains.as_slice(), p.allowed_cidrs.as_slice()),
+            (
+                &["pypi.org".to_string()][..],
+                &["198.51.100.0/24".to_string()][..]
+            )
+        );
+        assert_eq!(
+            (p.allow_http, p.allow_https, p.deny_all),
+            (Some(false), None, false)
+        );
+        assert!(sent[2].as_ref().unwrap().deny_all);
+    }
+
+    let o = api.capsa(&["egress", "s-1"]).await;
+    assert!(o.status.success());
+    assert!(
+        text(&o.stdout).starts_with("summary           none\n"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = api
+        .capsa(&[
+            "egress",
+            "s-1",
+            "--set",
+            "--allow-package-managers",
+            "--allow-domain",
+            "*.example.com",
+        ])
+        .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("summary           package managers, *.example.com\n"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_eq!(
+        api.state.egress.lock().unwrap().allowed_domains,
+        ["*.example.com"]
+    );
+    let o = api.capsa(&["--json", "egress", "s-1"]).await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(
+        (
+            v["allow_package_managers"].as_bool(),
+            v["allow_http"].as_bool()
+        ),
+        (Some(true), Some(true))
+    );
+    // The server's refusal is printed with its code; a usage error never reaches it.
+    let o = api
+        .capsa(&["egress", "s-1", "--set", "--allow-domain", "not a name"])
+        .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("egress.allowed_domains[0]"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = api.capsa(&["egress", "s-1", "--no-egress"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        api.state.egress.lock().unwrap().allowed_domains,
+        ["*.example.com"]
+    );
+    let o = api.capsa(&["egress", "other"]).await;
+    assert_eq!(o.status.code(), Some(1));
 }

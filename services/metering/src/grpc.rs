@@ -104,9 +104,12 @@ mod tests {
             cpu_time_us: 1_500_000,
             uptime_ms: 2_250,
             sample_ms: 0,
+            network_rx_bytes: 4_096,
+            network_tx_bytes: 512,
             ..Usage::default()
         };
         let p = to_proto(&u);
+        assert_eq!((p.network_rx_bytes, p.network_tx_bytes), (4_096, 512));
         assert_eq!(
             p.cpu_time,
             Some(prost_types::Duration {

@@ -131,7 +131,11 @@ async fn finalize_takes_a_fresh_sample_while_the_vm_exists() {
     let m = world.metering(&["--sample-interval", "1h"]).await;
     let mut c = client(&m).await;
     eventually!(session_cpu_us(&mut c, "s1").await == 1_000_000);
-    node.update("vm-1", |v| v.cpu = Duration::from_millis(5000));
+    node.update("vm-1", |v| {
+        v.cpu = Duration::from_millis(5000);
+        v.network_rx_bytes = 123_456;
+        v.network_tx_bytes = 789;
+    });
     let r = c
         .finalize_session(FinalizeSessionRequest {
             session_id: "s1".into(),
@@ -140,10 +144,34 @@ async fn finalize_takes_a_fresh_sample_while_the_vm_exists() {
         .unwrap();
     let r = r.into_inner();
     assert!(r.record_appended);
-    assert_eq!(cpu_us(&r.usage.unwrap().cpu_time), 5_000_000);
+    let usage = r.usage.unwrap();
+    assert_eq!(cpu_us(&usage.cpu_time), 5_000_000);
     assert_eq!(
-        world.records_of("s1", "final").await[0]["cpu_time_us"],
-        "5000000"
+        (usage.network_rx_bytes, usage.network_tx_bytes),
+        (123_456, 789)
+    );
+    let record = &world.records_of("s1", "final").await[0];
+    assert_eq!(record["cpu_time_us"], "5000000");
+    assert_eq!(
+        (
+            record["network_rx_bytes"].as_str(),
+            record["network_tx_bytes"].as_str()
+        ),
+        ("123456", "789")
+    );
+    // GetSessionUsage after the end answers from the same final numbers.
+    let after = c
+        .get_session_usage(GetSessionUsageRequest {
+            session_id: "s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!(
+        (after.network_rx_bytes, after.network_tx_bytes),
+        (123_456, 789)
     );
 }
 

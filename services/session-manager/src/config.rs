@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use capsa_egress::{EgressPolicy, PolicyInput};
 use capsa_grpc::args::{CommonArgs, RedisUrl, listen_on};
 use clap::{Args, Parser, Subcommand};
 
@@ -32,6 +33,64 @@ pub enum Command {
     RevokeApiKey(RevokeApiKey),
     /// Sets a tenant's own limits (overriding the server defaults) and prints them.
     SetTenantLimits(SetTenantLimits),
+    /// Sets (or clears) a tenant's default egress policy and prints the one now in force.
+    SetTenantEgress(SetTenantEgress),
+}
+
+/// `set-tenant-egress` arguments: the flags make the whole policy (it replaces the tenant's
+/// previous default); `--clear` removes it so the deployment default applies again.
+#[derive(Debug, Clone, Args)]
+pub struct SetTenantEgress {
+    #[arg(long, env = "CAPSA_REDIS_URL")]
+    pub redis_url: RedisUrl,
+    #[arg(long)]
+    pub tenant: String,
+    #[command(flatten)]
+    pub policy: EgressFlags,
+    /// Removes the tenant's default (the deployment's `--default-egress` applies).
+    #[arg(long, conflicts_with_all = [
+        "allow_domains", "allow_cidrs", "allow_package_managers", "no_http", "no_https", "deny_all"
+    ])]
+    pub clear: bool,
+}
+
+/// An egress policy as flags (the same flags as `capsa create`); none at all means a policy
+/// that admits nothing.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EgressFlags {
+    /// Admit this name (`example.com`) or every name below a domain (`*.example.com`);
+    /// repeatable.
+    #[arg(long = "allow-domain", value_name = "DOMAIN")]
+    pub allow_domains: Vec<String>,
+    /// Admit this network (`198.51.100.0/24`) or address; repeatable.
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidrs: Vec<String>,
+    /// Admit the Python, npm, Debian and crates registries.
+    #[arg(long)]
+    pub allow_package_managers: bool,
+    /// Take TCP port 80 away from every admitted destination.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Take TCP port 443 away from every admitted destination.
+    #[arg(long)]
+    pub no_https: bool,
+    /// No egress at all (overrides the other flags).
+    #[arg(long)]
+    pub deny_all: bool,
+}
+
+impl EgressFlags {
+    /// The policy the flags describe, validated; the error names the offending flag value.
+    pub fn policy(&self) -> Result<EgressPolicy, capsa_egress::PolicyError> {
+        EgressPolicy::from_input(PolicyInput {
+            deny_all: self.deny_all,
+            allow_package_managers: self.allow_package_managers,
+            allow_http: self.no_http.then_some(false),
+            allow_https: self.no_https.then_some(false),
+            allowed_domains: self.allow_domains.clone(),
+            allowed_cidrs: self.allow_cidrs.clone(),
+        })
+    }
 }
 
 /// `set-tenant-limits` arguments: each given limit replaces the tenant's; others stay.
@@ -146,6 +205,12 @@ pub struct Config {
     /// on this replica; past it RESOURCE_EXHAUSTED.
     #[arg(long, env = "CAPSA_MAX_STREAMS_PER_TENANT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_tenant: u32,
+    /// Egress policy of sessions created without one whose tenant has no default
+    /// (`set-tenant-egress`), as JSON with the fields of `capsa.common.v1.EgressPolicy`, all
+    /// optional: e.g. `{"allow_package_managers": true}` or
+    /// `{"allowed_domains": ["*.example.com"], "allow_http": false}`. Unset: no egress.
+    #[arg(long, env = "CAPSA_DEFAULT_EGRESS", value_parser = policy_json)]
+    pub default_egress: Option<EgressPolicy>,
     /// Bound of the best-effort FinalizeSession call while ending a session.
     #[arg(long, env = "CAPSA_FINALIZE_TIMEOUT_MS", default_value_t = 2000)]
     pub finalize_timeout_ms: u64,
@@ -175,6 +240,35 @@ impl Config {
             max_total_lifetime: crate::validate::MAX_LIFETIME,
         }
     }
+}
+
+/// `--default-egress`: the policy message's fields as JSON, each optional, unknown ones
+/// refused, validated like a request's.
+fn policy_json(s: &str) -> Result<EgressPolicy, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Json {
+        #[serde(default)]
+        deny_all: bool,
+        #[serde(default)]
+        allow_package_managers: bool,
+        allow_http: Option<bool>,
+        allow_https: Option<bool>,
+        #[serde(default)]
+        allowed_domains: Vec<String>,
+        #[serde(default)]
+        allowed_cidrs: Vec<String>,
+    }
+    let j: Json = serde_json::from_str(s).map_err(|e| format!("not a policy object: {e}"))?;
+    EgressPolicy::from_input(PolicyInput {
+        deny_all: j.deny_all,
+        allow_package_managers: j.allow_package_managers,
+        allow_http: j.allow_http,
+        allow_https: j.allow_https,
+        allowed_domains: j.allowed_domains,
+        allowed_cidrs: j.allowed_cidrs,
+    })
+    .map_err(|e| e.to_string())
 }
 
 fn positive_rate(s: &str) -> Result<f64, String> {
@@ -209,5 +303,77 @@ mod tests {
         };
         assert_eq!(k.tenant, "t");
         assert!(!format!("{k:?}").contains("\"r\""));
+    }
+
+    #[test]
+    fn the_default_egress_is_policy_json_validated_like_a_request() {
+        assert_eq!(Cli::parse_from(["x"]).serve.default_egress, None);
+        let cli = Cli::parse_from([
+            "x",
+            "--default-egress",
+            r#"{"allow_package_managers":true}"#,
+        ]);
+        let policy = cli.serve.default_egress.unwrap();
+        assert!(policy.allow_package_managers && policy.allow_http && !policy.deny_all);
+        let cli = Cli::parse_from([
+            "x",
+            "--default-egress",
+            r#"{"allowed_domains":["*.example.com"],"allow_http":false}"#,
+        ]);
+        let policy = cli.serve.default_egress.unwrap();
+        assert!(policy.allows_name("a.example.com") && !policy.allow_http);
+        for (bad, says) in [
+            (r#"{"allowed_cidrs":["10.0.0.1/8"]}"#, "`allowed_cidrs[0]`"),
+            (r#"{"allow_pkg":true}"#, "unknown field"),
+            ("allow everything", "not a policy object"),
+        ] {
+            let err = Cli::try_parse_from(["x", "--default-egress", bad]).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn set_tenant_egress_takes_the_policy_as_flags_or_clear() {
+        let parse = |extra: &[&str]| {
+            let args = [
+                "x",
+                "set-tenant-egress",
+                "--redis-url",
+                "r",
+                "--tenant",
+                "t",
+            ];
+            Cli::try_parse_from(args.iter().chain(extra)).map(|cli| match cli.command {
+                Some(Command::SetTenantEgress(a)) => a,
+                other => panic!("{other:?}"),
+            })
+        };
+        let a = parse(&[
+            "--allow-domain",
+            "pypi.org",
+            "--allow-domain",
+            "*.example.com",
+            "--allow-cidr",
+            "198.51.100.0/24",
+            "--allow-package-managers",
+            "--no-http",
+        ])
+        .unwrap();
+        let policy = a.policy.policy().unwrap();
+        assert_eq!(policy.allowed_domains.len(), 2);
+        assert_eq!(policy.allowed_cidrs[0].to_string(), "198.51.100.0/24");
+        assert!(policy.allow_package_managers && !policy.allow_http && policy.allow_https);
+        assert!(!a.clear);
+        let a = parse(&["--deny-all", "--no-https"]).unwrap();
+        let policy = a.policy.policy().unwrap();
+        assert!(policy.deny_all && !policy.allow_https);
+        assert!(parse(&["--clear"]).unwrap().clear);
+        assert!(parse(&["--clear", "--allow-domain", "a.example"]).is_err());
+        let err = parse(&["--allow-domain", "not a name"])
+            .unwrap()
+            .policy
+            .policy()
+            .unwrap_err();
+        assert_eq!(err.field, "allowed_domains[0]");
     }
 }

@@ -20,6 +20,10 @@ pub enum Error {
     /// A quota, or no node with room.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A concurrent call on the same thing won; the caller may retry (e.g. a second
+    /// UpdateEgressPolicy of a session while one is in flight).
+    #[error("{0}")]
+    Aborted(String),
     /// A rate limit: the caller may try again after the duration (sent as RetryInfo).
     #[error("{0}")]
     RateLimited(String, std::time::Duration),
@@ -50,6 +54,13 @@ impl Error {
     }
 }
 
+impl From<capsa_egress::PolicyError> for Error {
+    /// INVALID_ARGUMENT naming the policy's field (`egress.allowed_cidrs[2]`).
+    fn from(e: capsa_egress::PolicyError) -> Self {
+        Error::field(&e.field, e.message)
+    }
+}
+
 impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
@@ -58,6 +69,7 @@ impl ServiceError for Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::ResourceExhausted(_) | Error::RateLimited(..) => ErrorCode::ResourceExhausted,
+            Error::Aborted(_) => ErrorCode::Aborted,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::ClientStalled(_) => ErrorCode::DeadlineExceeded,
             Error::ClientStream(_) => ErrorCode::Cancelled,
@@ -121,6 +133,7 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (Error::Unavailable("x".into()), Code::Unavailable),
+            (Error::Aborted("x".into()), Code::Aborted),
             (
                 Error::ClientStalled(std::time::Duration::from_secs(30)),
                 Code::DeadlineExceeded,

@@ -80,6 +80,7 @@ pub fn session_to_proto(rec: &SessionRecord) -> pb::Session {
         end_time: rec.end_ms.map(timestamp_ms),
         node_id: rec.node_id.clone(),
         vm_id: rec.vm_id.clone(),
+        egress: Some(capsa_egress::proto::to_proto(&rec.egress)),
     }
 }
 
@@ -339,6 +340,41 @@ impl SessionService for SessionApi {
         Ok(Response::new(pb::GetUsageResponse {
             session_id: id.clone(),
             usage,
+        }))
+    }
+
+    async fn get_egress_policy(
+        &self,
+        req: Request<pb::GetEgressPolicyRequest>,
+    ) -> Result<Response<pb::GetEgressPolicyResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let id = &req.get_ref().session_id;
+        validate::session_id(id).map_err(|e| status(&e))?;
+        let policy = self
+            .app
+            .egress_policy(&tenant, id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetEgressPolicyResponse {
+            egress: Some(capsa_egress::proto::to_proto(&policy)),
+        }))
+    }
+
+    async fn update_egress_policy(
+        &self,
+        req: Request<pb::UpdateEgressPolicyRequest>,
+    ) -> Result<Response<pb::UpdateEgressPolicyResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.get_ref();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        let policy = validate::egress_required(r.egress.as_ref()).map_err(|e| status(&e))?;
+        let policy = self
+            .app
+            .update_egress_policy(&tenant, &r.session_id, policy)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::UpdateEgressPolicyResponse {
+            egress: Some(capsa_egress::proto::to_proto(&policy)),
         }))
     }
 

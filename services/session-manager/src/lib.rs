@@ -12,6 +12,7 @@
 //!   per-tenant stream slots.
 //! - `sessions`: create, get, list, delete, extend, usage; `teardown`: ending a session
 //!   and releasing its VM; `reaper`: expiry and the reconciler.
+//! - `egress`: a session's egress policy (its default, Get/UpdateEgressPolicy).
 //! - `proxy`: Execute and file calls relayed to the session's node, with the stall bound.
 //! - `clients`: the cached node and metering channels and their flow control.
 //! - [`config`]: flags; [`error`]: the error enum and its codes; [`validate`]: the
@@ -20,6 +21,7 @@
 mod app;
 mod clients;
 pub mod config;
+mod egress;
 pub mod error;
 mod grpc;
 mod proxy;
@@ -35,7 +37,10 @@ use capsa_proto::session::v1::session_service_server::SessionServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Cli, Command, Config, CreateApiKey, ListApiKeys, RevokeApiKey, SetTenantLimits};
+pub use config::{
+    Cli, Command, Config, CreateApiKey, EgressFlags, ListApiKeys, RevokeApiKey, SetTenantEgress,
+    SetTenantLimits,
+};
 pub use error::Error;
 
 /// Everything [`run`] can fail with before or while serving.
@@ -103,6 +108,28 @@ pub async fn set_tenant_limits(args: &SetTenantLimits) -> Result<String, AdminEr
         .join("\n"))
 }
 
+/// `set-tenant-egress`: stores the tenant's default egress policy (or removes it with
+/// `--clear`) and returns what now applies to the tenant's sessions created without one:
+/// the policy as JSON, or a line saying the deployment default applies.
+pub async fn set_tenant_egress(args: &SetTenantEgress) -> Result<String, AdminError> {
+    let policy = if args.clear {
+        None
+    } else {
+        Some(args.policy.policy()?)
+    };
+    let conn = capsa_store::connect(args.redis_url.expose()).await?;
+    let keys = capsa_store::ApiKeyStore::new(conn);
+    keys.set_tenant_egress(&args.tenant, policy.as_ref())
+        .await?;
+    Ok(match keys.tenant_egress(&args.tenant).await? {
+        Some(policy) => serde_json::to_string(&policy).expect("a policy always serializes"),
+        None => format!(
+            "tenant {} has no default egress policy: the deployment's (--default-egress) applies",
+            args.tenant
+        ),
+    })
+}
+
 /// Characters of a key's sha256 hex that `list-api-keys` shows as its id.
 const KEY_ID_SHOWN: usize = 16;
 
@@ -128,7 +155,7 @@ pub async fn list_api_keys(args: &ListApiKeys) -> Result<String, AdminError> {
         .join("\n"))
 }
 
-/// Why an admin command (`create-api-key`, `list-api-keys`, `revoke-api-key`) failed: the
+/// Why an admin command (`create-api-key`, `list-api-keys`, `revoke-api-key`, ...) failed: the
 /// store (exit 69, unreachable dependency), or a request it refused (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -141,6 +168,9 @@ pub enum AdminError {
         capsa_store::apikeys::MIN_KEY_ID_LEN
     )]
     Malformed,
+    /// A policy flag's value is not valid (the message names the field).
+    #[error(transparent)]
+    Policy(#[from] capsa_egress::PolicyError),
     #[error(transparent)]
     Store(#[from] capsa_store::StoreError),
 }

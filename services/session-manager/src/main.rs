@@ -1,7 +1,8 @@
 //! `capsa-session-manager`: `serve` (default) binds, prints `CAPSA_LISTENING=<addr>` and
 //! runs until SIGINT/SIGTERM; `create-api-key` prints a new key and nothing else;
 //! `list-api-keys` and `revoke-api-key` manage keys by id (a prefix of the key's sha256);
-//! `set-tenant-limits` sets a tenant's own limits. Exit codes: `capsa_grpc::process`.
+//! `set-tenant-limits` sets a tenant's own limits; `set-tenant-egress` its default egress
+//! policy. Exit codes: `capsa_grpc::process`.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ async fn serve() -> Result<(), Exit> {
         }
         Some(Command::SetTenantLimits(a)) => {
             return admin("set-tenant-limits", &a.redis_url, sm::set_tenant_limits(&a)).await;
+        }
+        Some(Command::SetTenantEgress(a)) => {
+            return admin("set-tenant-egress", &a.redis_url, sm::set_tenant_egress(&a)).await;
         }
     };
     check_redis_url(&config.redis_url)?;

@@ -70,9 +70,9 @@ impl<T> Stream for Relayed<T> {
 
 /// Where a session's calls go.
 #[derive(Clone)]
-struct Target {
-    session: SessionRecord,
-    node: NodeRecord,
+pub(crate) struct Target {
+    pub session: SessionRecord,
+    pub node: NodeRecord,
 }
 
 impl App {
@@ -80,7 +80,7 @@ impl App {
     /// its heartbeats (stalled, CPU-starved, or its record expired while Redis restarted):
     /// that is not a lost VM, so the call is UNAVAILABLE and the session is left to the
     /// reconciler, which asks the node and ends its sessions only after the grace period.
-    async fn target(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Target, Error> {
+    pub(crate) async fn target(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Target, Error> {
         let session = self.session(tenant, id).await?;
         if session.status != SessionStatus::Active {
             return Err(not_active(&session));

@@ -108,6 +108,10 @@ impl App {
         }
         // Refused before anything is stored: an unknown template leaves no record behind.
         let nodes = self.nodes_offering(&spec.template).await?;
+        let egress = match spec.egress.clone() {
+            Some(policy) => policy,
+            None => self.default_egress(tenant).await?,
+        };
         let id = uuid::Uuid::new_v4().simple().to_string();
         tracing::Span::current().record("session_id", id.as_str());
         let new = NewSession {
@@ -119,6 +123,7 @@ impl App {
             env_names: spec.env.keys().cloned().collect(),
             metadata: spec.metadata.clone(),
             lifetime: spec.lifetime,
+            egress: egress.clone(),
         };
         match self
             .sessions
@@ -142,6 +147,8 @@ impl App {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             lease_id: id.clone(),
+            // In force on the node before the VM is handed over, so before this returns.
+            egress: Some(capsa_egress::proto::to_proto(&egress)),
         };
         let timeout = self.config.acquire_timeout();
         let acquired = async {

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use capsa_egress::EgressPolicy;
 use capsa_proto::common::v1::{ExecuteSpec, Language};
 use capsa_proto::limits::{
     DEFAULT_EXEC_TIMEOUT, MAX_CHUNK_BYTES, MAX_CODE_BYTES, MAX_ENV_ENTRIES, MAX_ENV_NAME_BYTES,
@@ -33,6 +34,8 @@ pub struct CreateSpec {
     pub lifetime: Duration,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
+    /// `None`: the tenant's default, else the deployment's, else none.
+    pub egress: Option<EgressPolicy>,
 }
 
 pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
@@ -65,6 +68,7 @@ pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
         Some(d) => duration("lifetime", d, MIN_LIFETIME, MAX_LIFETIME)?,
     };
     let env = env("env", &req.env)?;
+    let egress = req.egress.clone().map(egress).transpose()?;
     if req.metadata.len() > MAX_METADATA_ENTRIES {
         return Err(Error::field(
             "metadata",
@@ -102,7 +106,26 @@ pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        egress,
     })
+}
+
+/// A policy from a request; errors name the field (`egress.allowed_domains[2]`).
+pub fn egress(message: capsa_proto::common::v1::EgressPolicy) -> Result<EgressPolicy> {
+    Ok(capsa_egress::proto::from_proto(message)?)
+}
+
+/// UpdateEgressPolicy's policy: the whole new one, required.
+pub fn egress_required(
+    message: Option<&capsa_proto::common::v1::EgressPolicy>,
+) -> Result<EgressPolicy> {
+    let message = message.ok_or_else(|| {
+        Error::field(
+            "egress",
+            "is required: give the whole new policy (deny_all for no egress)",
+        )
+    })?;
+    egress(message.clone())
 }
 
 /// Environment maps (session env and per-execute env share the rules).
@@ -325,6 +348,42 @@ mod tests {
             Err(Error::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn egress_is_optional_at_create_required_at_update_and_errors_name_the_entry() {
+        use capsa_proto::common::v1::EgressPolicy as Msg;
+        assert_eq!(
+            create(&pb::CreateSessionRequest::default()).unwrap().egress,
+            None
+        );
+        let req = pb::CreateSessionRequest {
+            egress: Some(Msg {
+                allowed_domains: vec!["pypi.org".into(), "ok.example".into(), "bad name".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(field_of(create(&req)).starts_with("invalid `egress.allowed_domains[2]`"));
+        let req = pb::CreateSessionRequest {
+            egress: Some(Msg {
+                deny_all: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(create(&req).unwrap().egress, Some(EgressPolicy::none()));
+        assert!(field_of(egress_required(None)).starts_with("invalid `egress`: is required"));
+        let too_many = Msg {
+            allowed_cidrs: (0..=capsa_egress::MAX_CIDRS)
+                .map(|i| format!("198.18.{i}.0/24"))
+                .collect(),
+            ..Default::default()
+        };
+        assert!(
+            field_of(egress_required(Some(&too_many)))
+                .starts_with("invalid `egress.allowed_cidrs`")
+        );
     }
 
     #[test]

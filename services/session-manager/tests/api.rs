@@ -333,6 +333,25 @@ async fn another_tenants_session_is_not_found_everywhere() {
                 .unwrap_err()
                 .code(),
         ),
+        (
+            "get_egress",
+            other
+                .get_egress_policy(pb::GetEgressPolicyRequest { session_id: id() })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
+        (
+            "update_egress",
+            other
+                .update_egress_policy(pb::UpdateEgressPolicyRequest {
+                    session_id: id(),
+                    egress: Some(Default::default()),
+                })
+                .await
+                .unwrap_err()
+                .code(),
+        ),
     ];
     for (call, code) in codes {
         assert_eq!(code, Code::NotFound, "{call}");

@@ -61,6 +61,7 @@ pub(crate) fn insert_booting(
             vm: None,
             otlp_relay: None,
             at_lease: Default::default(),
+            net: None,
         },
     );
     id
@@ -84,15 +85,41 @@ pub(crate) async fn run_boot(
     // boot slot, and with it every boot queued behind it.
     let deadline = tokio::time::Instant::now() + shared.settings.boot_timeout;
     let kind = shared.engine.kind;
+    let mut cmdline = tpl.image.cmdline_for(kind);
+    let net = match &shared.settings.network {
+        Some(network) => match network.attach(id).await {
+            Ok(net) => {
+                let guard = crate::net::VmNetGuard::new(network.clone(), id);
+                let mut st = shared.lock();
+                let Some(entry) = st.vms.get_mut(id) else {
+                    return Err(Error::Unavailable(format!(
+                        "vm {id} was released during its boot"
+                    )));
+                };
+                entry.net = Some(guard);
+                cmdline = format!("{cmdline} {}", net.kernel_arg());
+                Some(net)
+            }
+            Err(e) => {
+                return Err(fail(
+                    shared,
+                    id,
+                    format!("network: {}", capsa_grpc::error::chain(&e)),
+                ));
+            }
+        },
+        None => None,
+    };
     let spec = VmSpec {
         id: id.to_owned(),
         vcpus,
         memory_mib,
         kernel: tpl.image.kernel_for(kind).to_owned(),
-        cmdline: tpl.image.cmdline_for(kind),
+        cmdline,
         rootfs_base: Some(tpl.image.rootfs.clone()),
         initrd: None,
         dir: shared.settings.state_dir.join("vms").join(id),
+        net,
     };
     let vm = match tokio::time::timeout_at(deadline, shared.hv.boot(&spec)).await {
         Ok(Ok(vm)) => vm,

@@ -164,6 +164,35 @@ pub struct Config {
     #[arg(long, env = "CAPSA_VMPOOL_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
 
+    /// The network namespace holding every VM's tap (created at start-up, removed at
+    /// shutdown; a leftover of a crashed run under this name is removed first). Default:
+    /// `capsa-<hash of the state dir>`, distinct per state dir.
+    #[arg(long, env = "CAPSA_VMPOOL_NETNS", value_parser = parse_netns)]
+    pub netns: Option<String>,
+
+    /// Addresses of the VMs, a /30 per VM, inside vm-pool's namespace only (never seen on
+    /// the host's network). Must not overlap a host route.
+    #[arg(long, env = "CAPSA_VMPOOL_VM_SUBNET", default_value = "100.80.0.0/16")]
+    pub vm_subnet: crate::net::addr::Ipv4Net,
+
+    /// Where the /30 between the host and vm-pool's namespace comes from (a free one is
+    /// picked at start-up).
+    #[arg(
+        long,
+        env = "CAPSA_VMPOOL_LINK_SUBNET",
+        default_value = "100.127.0.0/16"
+    )]
+    pub link_subnet: crate::net::addr::Ipv4Net,
+
+    /// Resolver the guests' DNS queries are forwarded to, as IP:PORT (repeatable, tried in
+    /// order). Default: the nameservers of /etc/resolv.conf.
+    #[arg(
+        long = "dns-upstream",
+        env = "CAPSA_VMPOOL_DNS_UPSTREAM",
+        value_delimiter = ','
+    )]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+
     /// URL of the executor beside this vm-pool, published in the node record.
     #[arg(
         long,
@@ -171,6 +200,17 @@ pub struct Config {
         default_value = "http://127.0.0.1:50053"
     )]
     pub executor_url: String,
+}
+
+fn parse_netns(s: &str) -> Result<String, String> {
+    let valid = (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("netns {s:?}: 1-32 letters, digits, '-' or '_'"))
+    }
 }
 
 fn parse_template(s: &str) -> Result<(String, PathBuf), String> {
@@ -245,6 +285,15 @@ impl Config {
         (memory, vcpus)
     }
 
+    /// The names of this vm-pool's network objects (namespace, veth, nft table).
+    pub fn net_names(&self) -> crate::net::Names {
+        let netns = self
+            .netns
+            .clone()
+            .unwrap_or_else(|| crate::net::Names::default_netns(&self.state_dir));
+        crate::net::Names::new(&netns)
+    }
+
     /// Every template: "default" from `--image-dir`, then `--template`s.
     pub fn all_templates(&self) -> Vec<(String, PathBuf)> {
         self.image_dir
@@ -286,6 +335,12 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--engine", "firecracker"]).is_err());
         assert!(Config::try_parse_from(["x", "--max-concurrent-boots", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--boot-timeout-secs", "0"]).is_err());
+        assert!(Config::try_parse_from(["x", "--netns", "a/b"]).is_err());
+        assert!(Config::try_parse_from(["x", "--vm-subnet", "100.80.0.1/16"]).is_err());
+        assert_eq!(c.vm_subnet.to_string(), "100.80.0.0/16");
+        let named = Config::try_parse_from(["x", "--netns", "capsa-t1"]).unwrap();
+        assert_eq!(named.net_names().netns, "capsa-t1");
+        assert!(c.net_names().netns.starts_with("capsa-"));
         // Capacity defaults come from the host; explicit values win.
         let (memory, vcpus) = c.node_capacity();
         assert!(memory > 0 && vcpus >= 8, "{memory} {vcpus}");

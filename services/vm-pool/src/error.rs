@@ -24,6 +24,9 @@ pub enum Error {
     /// Start-up configuration that cannot work (bad image dir, no engine).
     #[error("configuration: {0}")]
     Config(String),
+    /// An `ip` or `nft` command (or a sysctl write) failed.
+    #[error("{command}: {stderr}")]
+    Command { command: String, stderr: String },
     #[error("vmm")]
     Vmm(#[from] capsa_vmm::VmmError),
     #[error("node registry")]
@@ -40,9 +43,11 @@ impl ServiceError for Error {
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Error::Unavailable(_) | Error::BootFailed(_) => ErrorCode::Unavailable,
-            Error::Config(_) | Error::Vmm(_) | Error::Store(_) | Error::Serve(_) => {
-                ErrorCode::Internal
-            }
+            Error::Config(_)
+            | Error::Command { .. }
+            | Error::Vmm(_)
+            | Error::Store(_)
+            | Error::Serve(_) => ErrorCode::Internal,
         }
     }
 }
@@ -70,6 +75,13 @@ mod tests {
             (Error::Unavailable("x".into()), tonic::Code::Unavailable),
             (Error::BootFailed("x".into()), tonic::Code::Unavailable),
             (Error::Config("x".into()), tonic::Code::Internal),
+            (
+                Error::Command {
+                    command: "nft -j -f -".into(),
+                    stderr: "x".into(),
+                },
+                tonic::Code::Internal,
+            ),
         ];
         for (err, code) in cases {
             let status = capsa_grpc::to_status(&err);

@@ -51,6 +51,17 @@ pub(crate) fn vm_to_proto(i: &VmInfo) -> pb::Vm {
     }
 }
 
+/// A request's policy, validated (errors name the field); unset is no egress.
+fn egress_policy(
+    message: Option<capsa_proto::common::v1::EgressPolicy>,
+) -> Result<capsa_egress::EgressPolicy, Status> {
+    match message {
+        Some(m) => capsa_egress::proto::from_proto(m)
+            .map_err(|e| status(Error::InvalidArgument(e.to_string()))),
+        None => Ok(capsa_egress::EgressPolicy::none()),
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchVmResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -60,9 +71,10 @@ impl VmPoolService for Service {
         req: Request<pb::AcquireVmRequest>,
     ) -> Result<Response<pb::AcquireVmResponse>, Status> {
         let r = req.into_inner();
+        let egress = egress_policy(r.egress)?;
         let (vm, warm_hit) = self
             .pool
-            .acquire(&r.template, r.vcpus, r.memory_mib, &r.lease_id)
+            .acquire(&r.template, r.vcpus, r.memory_mib, &r.lease_id, egress)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::AcquireVmResponse {
@@ -157,6 +169,19 @@ impl VmPoolService for Service {
                 network_tx_bytes: b.network_tx_bytes,
             }),
         }))
+    }
+
+    async fn set_egress_policy(
+        &self,
+        req: Request<pb::SetEgressPolicyRequest>,
+    ) -> Result<Response<pb::SetEgressPolicyResponse>, Status> {
+        let r = req.into_inner();
+        let egress = egress_policy(r.egress)?;
+        self.pool
+            .set_egress(&r.vm_id, egress)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SetEgressPolicyResponse {}))
     }
 
     async fn get_node_info(

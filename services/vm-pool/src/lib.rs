@@ -13,6 +13,7 @@ mod counters;
 pub mod error;
 pub mod grpc;
 mod metrics;
+pub mod net;
 pub mod node;
 pub mod otlp_relay;
 pub mod pool;
@@ -113,6 +114,48 @@ pub async fn run(
     if !reaped.killed.is_empty() || !reaped.removed_dirs.is_empty() {
         tracing::warn!(killed = ?reaped.killed, dirs = reaped.removed_dirs.len(), "reaped leftovers of a previous run");
     }
+    // After the reap: a namespace lives as long as a process in it.
+    let tap_owner = capsa_vmm::VmmUser::lookup(&config.vmm_user)?.uid;
+    let network = net::Network::start(net::NetConfig {
+        names: config.net_names(),
+        vm_subnet: config.vm_subnet,
+        link_subnet: config.link_subnet,
+        tap_owner,
+        dns: net::dns::DnsConfig {
+            upstreams: if config.dns_upstreams.is_empty() {
+                net::dns::system_upstreams()
+            } else {
+                config.dns_upstreams.clone()
+            },
+            ..Default::default()
+        },
+    })
+    .await?;
+    let result = serve(
+        config,
+        listener,
+        shutdown,
+        templates,
+        hv,
+        choice,
+        network.clone(),
+    )
+    .await;
+    // Last: the VMs (and with them every process in the namespace) are gone.
+    network.shutdown().await;
+    result
+}
+
+/// Pool, registry and gRPC, until `shutdown`; every VM destroyed on the way out.
+async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    templates: Vec<Template>,
+    hv: Arc<dyn Hypervisor>,
+    choice: capsa_vmm::EngineChoice,
+    network: Arc<net::Network>,
+) -> Result<(), Error> {
     let node_id = config.node_id.clone().unwrap_or_else(node::hostname);
     let limits = otlp_relay::Limits {
         max_connections: config.guest_otlp_max_connections,
@@ -145,9 +188,13 @@ pub async fn run(
         max_vcpus: config.max_vcpus,
         max_memory_mib: config.max_memory_mib,
         guest_otlp,
+        network: Some(network.clone()),
     };
     let pool = Pool::new(hv, choice, templates, settings);
     let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
+    // CPU-bound VMs yield to interactive ones (capsa_vmm::cpu_balance).
+    let cgroups = capsa_vmm::cgroup::CgroupRoot::detect(&config.vm_cgroup)?;
+    tokio::spawn(capsa_vmm::cpu_balance::run(cgroups, pool.closing()));
 
     let local = listener
         .local_addr()

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use capsa_egress::EgressPolicy;
 use capsa_vmm::{EngineChoice, GuestImage, Hypervisor, VirtualMachine, VmCounters};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,8 @@ pub struct Settings {
     pub max_memory_mib: u32,
     /// Serves each VM's guest telemetry port, if a collector is configured.
     pub guest_otlp: Option<Arc<crate::otlp_relay::Relay>>,
+    /// Every VM's tap and egress rules (`None` boots VMs without a network device).
+    pub network: Option<Arc<crate::net::Network>>,
 }
 
 /// Counts for GetNodeInfo and the node record.
@@ -108,6 +111,8 @@ pub(crate) struct Entry {
     /// node's cost, not the lease's. Taken right after the lease (or by the first
     /// GetVmCounters, if that comes first).
     pub at_lease: Arc<tokio::sync::OnceCell<VmCounters>>,
+    /// The VM's tap and rules, removed when the entry goes.
+    pub net: Option<crate::net::VmNetGuard>,
 }
 
 #[derive(Debug, Clone)]
@@ -162,14 +167,16 @@ impl Pool {
     }
 
     /// Leases a VM for `lease_id`: warm when the shape matches the template's, else a cold
-    /// boot. Idempotent per lease id. Returns the VM and whether it was a warm hit.
-    #[tracing::instrument(skip(self), fields(vm_id))]
+    /// boot. Idempotent per lease id. `egress` is in force before this returns. Returns
+    /// the VM and whether it was a warm hit.
+    #[tracing::instrument(skip(self, egress), fields(vm_id))]
     pub async fn acquire(
         &self,
         template: &str,
         vcpus: u32,
         memory_mib: u32,
         lease_id: &str,
+        egress: EgressPolicy,
     ) -> Result<(VmInfo, bool), Error> {
         let started = Instant::now();
         let (tpl, vcpus, memory_mib) =
@@ -180,8 +187,11 @@ impl Pool {
         let lease_id = lease_id.to_owned();
         let span = tracing::Span::current();
         tokio::spawn(
-            async move { pool.lease(tpl, vcpus, memory_mib, &lease_id, started).await }
-                .instrument(span),
+            async move {
+                pool.lease(tpl, vcpus, memory_mib, &lease_id, egress, started)
+                    .await
+            }
+            .instrument(span),
         )
         .await
         .map_err(|e| Error::Unavailable(format!("acquire task failed: {e}")))?
@@ -193,6 +203,7 @@ impl Pool {
         vcpus: u32,
         memory_mib: u32,
         lease_id: &str,
+        egress: EgressPolicy,
         started: Instant,
     ) -> Result<(VmInfo, bool), Error> {
         let slot = {
@@ -215,13 +226,22 @@ impl Pool {
             }
             Lease::Empty => {}
         }
-        let result = match self.take_warm(&tpl, vcpus, memory_mib, lease_id) {
+        let mut result = match self.take_warm(&tpl, vcpus, memory_mib, lease_id) {
             Some(info) => Ok((info, true)),
             None => self
                 .cold_boot_with_one_retry(&tpl, vcpus, memory_mib, lease_id)
                 .await
                 .map(|info| (info, false)),
         };
+        if let Ok((info, _)) = &result
+            && let Some(network) = &self.0.settings.network
+            && let Err(e) = network.set_policy(&info.id, egress, Some(lease_id)).await
+        {
+            // A VM whose policy is not in force is never handed out.
+            tracing::error!(vm = %info.id, error = %e, "egress policy not applied; discarding the vm");
+            self.discard(&info.id);
+            result = Err(e);
+        }
         match &result {
             Ok((info, warm_hit)) => {
                 tracing::Span::current().record("vm_id", info.id.as_str());
@@ -462,6 +482,52 @@ impl Pool {
         Ok(true)
     }
 
+    /// Destroys a VM without marking its lease released (a retry may lease another).
+    fn discard(&self, vm_id: &str) {
+        let entry = {
+            let mut st = self.0.lock();
+            let Some(entry) = st.vms.remove(vm_id) else {
+                return;
+            };
+            let template = entry.info.borrow().template.clone();
+            if let Some(q) = st.warm.get_mut(&template) {
+                q.retain(|id| id != vm_id);
+            }
+            entry
+        };
+        self.finish_destroy(entry);
+        self.0.changed.notify_one();
+    }
+
+    /// Replaces the egress policy of the leased VM `vm_id`; returns once it is in force
+    /// (open connections it forbids are cut at their next packet).
+    #[tracing::instrument(skip(self, egress))]
+    pub async fn set_egress(&self, vm_id: &str, egress: EgressPolicy) -> Result<(), Error> {
+        if !capsa_vmm::is_vm_id(vm_id) {
+            return Err(Error::InvalidArgument(format!(
+                "vm_id {vm_id:?} is not a vm id"
+            )));
+        }
+        let lease = {
+            let st = self.0.lock();
+            let info = st.vms.get(vm_id).map(|e| e.info.borrow().clone());
+            match info {
+                Some(i) if i.state == VmState::Leased => i.lease_id,
+                _ => {
+                    return Err(Error::NotFound(format!(
+                        "vm_id {vm_id:?} is not a leased vm of this node"
+                    )));
+                }
+            }
+        };
+        let network = self.0.settings.network.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("this node runs its vms without a network".into())
+        })?;
+        network.set_policy(vm_id, egress, lease.as_deref()).await?;
+        tracing::info!(vm = vm_id, "egress policy replaced");
+        Ok(())
+    }
+
     /// Publishes DESTROYED for a removed entry and destroys its VM in the background.
     fn finish_destroy(&self, entry: Entry) {
         entry.info.send_modify(|i| i.state = VmState::Destroyed);
@@ -665,6 +731,7 @@ mod tests {
             max_vcpus: 8,
             max_memory_mib: 8192,
             guest_otlp: None,
+            network: None,
         }
     }
 

@@ -12,7 +12,8 @@
 //!   `allow_https = false` takes 443; both default to true. Other ports follow the
 //!   destination alone.
 //! - Addresses in [`RESERVED_RANGES`] (private, loopback, link-local, metadata, multicast,
-//!   ...) are denied unless an `allowed_cidrs` entry names them, even when a name in
+//!   ...) are denied unless an `allowed_cidrs` entry inside that range names them
+//!   (`169.254.169.254/32` or `10.0.0.0/8` do; `0.0.0.0/0` does not), even when a name in
 //!   `allowed_domains` resolves to one (DNS rebinding).
 //! - A policy with no destination admits nothing: the default for a session nobody gave a
 //!   policy is [`EgressPolicy::none`].
@@ -176,6 +177,16 @@ impl EgressPolicy {
         }
     }
 
+    /// Whether `ip`, an address in [`RESERVED_RANGES`], is named by this policy: an allowed
+    /// CIDR that lies inside a reserved range contains it. A CIDR that merely spans one
+    /// (`0.0.0.0/0`, "the internet") names none: reaching the metadata service or a private
+    /// network takes a CIDR that says so.
+    pub fn names_reserved(&self, ip: IpAddr) -> bool {
+        self.admitted_cidrs()
+            .iter()
+            .any(|c| c.within_reserved() && c.contains(ip))
+    }
+
     /// Whether any DNS name can be admitted (the forwarder refuses everything otherwise).
     pub fn admits_names(&self) -> bool {
         !self.deny_all && (self.allow_package_managers || !self.allowed_domains.is_empty())
@@ -331,6 +342,18 @@ impl Cidr {
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         }
+    }
+
+    /// Whether the whole network lies inside one of [`RESERVED_RANGES`].
+    pub fn within_reserved(&self) -> bool {
+        reserved_ranges()
+            .iter()
+            .any(|r| r.prefix <= self.prefix && r.contains(self.addr))
+    }
+
+    /// Whether `ip` is in one of [`RESERVED_RANGES`].
+    pub fn is_reserved(ip: IpAddr) -> bool {
+        reserved_ranges().iter().any(|r| r.contains(ip))
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -562,6 +585,30 @@ mod tests {
         assert_eq!(serde_json::from_str::<EgressPolicy>(&json).unwrap(), policy);
         assert_eq!(EgressPolicy::from_input(policy.to_input()).unwrap(), policy);
         assert!(serde_json::from_str::<Cidr>("\"10.0.0.1/8\"").is_err());
+    }
+
+    #[test]
+    fn only_a_cidr_inside_a_reserved_range_names_it() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let open = EgressPolicy::from_input(input(&[], &["0.0.0.0/0", "10.0.0.0/7"])).unwrap();
+        assert!(!open.names_reserved(ip("169.254.169.254")));
+        assert!(
+            !open.names_reserved(ip("10.1.2.3")),
+            "10.0.0.0/7 spans 10/8 and 11/8"
+        );
+        let named =
+            EgressPolicy::from_input(input(&[], &["169.254.169.254", "10.20.0.0/16"])).unwrap();
+        assert!(named.names_reserved(ip("169.254.169.254")));
+        assert!(named.names_reserved(ip("10.20.3.4")));
+        assert!(!named.names_reserved(ip("10.21.3.4")));
+        assert!(Cidr::is_reserved(ip("127.0.0.53")) && !Cidr::is_reserved(ip("198.18.0.1")));
+        let mut denied = input(&[], &["10.20.0.0/16"]);
+        denied.deny_all = true;
+        assert!(
+            !EgressPolicy::from_input(denied)
+                .unwrap()
+                .names_reserved(ip("10.20.3.4"))
+        );
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`,
 //! `create_rate`, `create_burst`), and
 //! `capsa:tenant:{id}:create_bucket` the tenant's token bucket for session creates.
+//! `capsa:tenant:{id}:egress` is the tenant's default egress policy (JSON of
+//! [`capsa_egress::EgressPolicy`]), for sessions created without one.
 
+use capsa_egress::EgressPolicy;
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
 use redis::AsyncCommands as _;
@@ -66,6 +69,10 @@ fn apikey_key(hash: &str) -> String {
 /// `capsa:tenant:{id}:limits`: per-tenant overrides of server defaults.
 pub fn limits_key(tenant_id: &str) -> String {
     format!("capsa:tenant:{tenant_id}:limits")
+}
+
+fn tenant_egress_key(tenant_id: &str) -> String {
+    format!("capsa:tenant:{tenant_id}:egress")
 }
 
 /// sha256 hex of a plaintext key: the only form in which keys are stored.
@@ -319,6 +326,39 @@ impl ApiKeyStore {
         let mut all: Vec<(String, String)> = conn.hgetall(limits_key(tenant_id)).await?;
         all.sort();
         Ok(all)
+    }
+
+    /// Sets the tenant's default egress policy, or with `None` removes it (the
+    /// deployment's default applies again).
+    pub async fn set_tenant_egress(
+        &self,
+        tenant_id: &str,
+        policy: Option<&EgressPolicy>,
+    ) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let key = tenant_egress_key(tenant_id);
+        match policy {
+            Some(p) => {
+                let json = serde_json::to_string(p).expect("a policy always serializes");
+                conn.set::<_, _, ()>(key, json).await?;
+            }
+            None => conn.del::<_, ()>(key).await?,
+        }
+        Ok(())
+    }
+
+    /// The tenant's default egress policy, if one is set.
+    pub async fn tenant_egress(&self, tenant_id: &str) -> Result<Option<EgressPolicy>> {
+        let mut conn = self.conn.clone();
+        let key = tenant_egress_key(tenant_id);
+        let raw: Option<String> = conn.get(&key).await?;
+        raw.map(|v| {
+            serde_json::from_str(&v).map_err(|e| StoreError::Corrupt {
+                key,
+                reason: format!("egress policy: {e}"),
+            })
+        })
+        .transpose()
     }
 
     /// The tenant's override of the concurrent-session cap, if one is set.

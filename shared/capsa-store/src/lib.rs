@@ -24,8 +24,9 @@ pub use apikeys::{ApiKeyRecord, ApiKeyStore, CreateThrottled, KeyById, NewApiKey
 pub use nodes::{LapsedNode, NodeRecord, NodeRegistry};
 pub use redis::aio::ConnectionManager;
 pub use sessions::{
-    Claimed, Created, Cursor, EndReason, Extended, ListFilter, ListPage, MAX_PAGE_BYTES,
-    NewSession, SessionRecord, SessionStatus, SessionStore, StoreConfig, Transition, VmShape,
+    Claimed, Created, Cursor, EgressStored, EndReason, Extended, ListFilter, ListPage,
+    MAX_PAGE_BYTES, NewSession, SessionRecord, SessionStatus, SessionStore, StoreConfig,
+    Transition, VmShape,
 };
 
 /// Errors of the store layer. Redis failures keep their cause as the source.

@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use capsa_egress::{EgressPolicy, PolicyInput};
+use capsa_store::EgressStored;
 use capsa_store::{
     ApiKeyStore, Created, Cursor, EndReason, Extended, ListFilter, NewSession, NodeRecord,
     NodeRegistry, SessionStatus, SessionStore, StoreConfig, Transition, VmShape,
@@ -25,7 +27,17 @@ fn new_session(id: &str, tenant: &str, lifetime: Duration) -> NewSession {
         env_names: vec!["A".into()],
         metadata: BTreeMap::new(),
         lifetime,
+        egress: EgressPolicy::none(),
     }
+}
+
+fn policy(domains: &[&str], cidrs: &[&str]) -> EgressPolicy {
+    EgressPolicy::from_input(PolicyInput {
+        allowed_domains: domains.iter().map(|d| d.to_string()).collect(),
+        allowed_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+        ..PolicyInput::default()
+    })
+    .unwrap()
 }
 
 fn node(id: &str, capacity: u32) -> NodeRecord {
@@ -684,4 +696,84 @@ async fn list_pages_are_bounded_in_bytes() {
     }
     assert_eq!(seen.len(), 60);
     assert!(pages >= 2, "6 MiB of records cannot fit one page");
+}
+
+#[tokio::test]
+async fn the_egress_policy_is_stored_at_create_and_replaced_only_under_the_lock() {
+    let redis = RedisServer::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    let first = policy(&["*.example.com"], &["198.51.100.0/24"]);
+    let mut new = new_session("s1", "t", Duration::from_secs(60));
+    new.egress = first.clone();
+    let Created::Ok(rec) = s.create(&new, 5).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(rec.egress, first);
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, first);
+
+    // One update at a time: a second lock waits for the first to finish.
+    let ttl = Duration::from_secs(30);
+    let token = s.lock_egress("s1", ttl).await.unwrap().unwrap();
+    assert_eq!(s.lock_egress("s1", ttl).await.unwrap(), None);
+    // A token that does not hold the lock stores nothing and releases nothing.
+    let second = policy(&["pypi.org"], &[]);
+    assert!(matches!(
+        s.set_egress("s1", "not-the-token", &second).await.unwrap(),
+        EgressStored::LockLost
+    ));
+    s.unlock_egress("s1", "not-the-token").await.unwrap();
+    assert_eq!(s.lock_egress("s1", ttl).await.unwrap(), None);
+    let EgressStored::Ok(rec) = s.set_egress("s1", &token, &second).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(rec.egress, second);
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+    // Storing released the lock; using the same token again finds it gone.
+    assert!(matches!(
+        s.set_egress("s1", &token, &first).await.unwrap(),
+        EgressStored::LockLost
+    ));
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+
+    // An update that failed on the node unlocks and leaves the stored policy as it was.
+    let token = s.lock_egress("s1", ttl).await.unwrap().unwrap();
+    s.unlock_egress("s1", &token).await.unwrap();
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+
+    // A lock outlived by its holder's call expires, and that holder then stores nothing.
+    let stale = s
+        .lock_egress("s1", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
+    eventually!(s.lock_egress("s1", ttl).await.unwrap().is_some());
+    assert!(matches!(
+        s.set_egress("s1", &stale, &first).await.unwrap(),
+        EgressStored::LockLost
+    ));
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+
+    // A session whose record is gone is not recreated.
+    let token = s.lock_egress("gone", ttl).await.unwrap().unwrap();
+    assert!(matches!(
+        s.set_egress("gone", &token, &first).await.unwrap(),
+        EgressStored::Missing
+    ));
+    assert!(s.get("gone").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_tenant_default_egress_policy_is_set_read_and_cleared() {
+    let redis = RedisServer::start();
+    let keys = ApiKeyStore::new(capsa_store::connect(&redis.url()).await.unwrap());
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), None);
+    let p = policy(&["pypi.org"], &["2001:db8::/32"]);
+    keys.set_tenant_egress("t", Some(&p)).await.unwrap();
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), Some(p.clone()));
+    assert_eq!(keys.tenant_egress("other").await.unwrap(), None);
+    let replaced = EgressPolicy::none();
+    keys.set_tenant_egress("t", Some(&replaced)).await.unwrap();
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), Some(replaced));
+    keys.set_tenant_egress("t", None).await.unwrap();
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), None);
 }

@@ -10,10 +10,13 @@
 //!   [`execute::Outcome`].
 //! - [`HybridVsockProxy`]: a hybrid-vsock endpoint in front of an agent running as a plain
 //!   process (the test seam for the guest agent; VM tests use the real thing).
+//! - [`inet::FakeInternet`]: a network namespace on 198.18.0.0/15 with HTTP hosts and a DNS
+//!   zone, for tests of VM egress that must not leave this machine.
 //! - [`eventually!`]: polls an async condition until it holds or a deadline passes.
 
 pub mod execute;
 mod grpc;
+pub mod inet;
 mod process;
 mod redis;
 mod vsock;

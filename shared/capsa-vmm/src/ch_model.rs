@@ -20,8 +20,9 @@ use std::fmt;
 use std::path::Path;
 
 use cloud_hypervisor_client::models::{
-    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MemoryConfig, PayloadConfig,
-    RestoreConfig, SerialConfig, VmConfig, VmSnapshotConfig, VmmPingResponse, VsockConfig,
+    BalloonConfig, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MemoryConfig,
+    NetConfig, PayloadConfig, RestoreConfig, SerialConfig, VmConfig, VmSnapshotConfig,
+    VmmPingResponse, VsockConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -139,6 +140,19 @@ pub(crate) fn vm_config(
         GUEST_CID,
         path_text("vsock socket", &spec.vsock_path())?,
     ));
+    // The tap and MAC only: without ip/mask the VMM configures nothing on the host side,
+    // so it needs no CAP_NET_ADMIN (the tap exists and belongs to the VMM user).
+    config.net = spec.net.as_ref().map(|net| {
+        let mut n = NetConfig::new();
+        n.tap = Some(net.tap.clone());
+        n.mac = Some(net.mac.clone());
+        vec![n]
+    });
+    // Free page reporting: the guest hands pages it frees back to the host (as QEMU's
+    // virtio-balloon-device does); the balloon itself stays empty (size 0).
+    let mut balloon = BalloonConfig::new(0);
+    balloon.free_page_reporting = Some(true);
+    config.balloon = Some(balloon);
     config.serial = Some(SerialConfig::new(ConsoleMode::Tty));
     config.console = Some(ConsoleConfig::new(ConsoleMode::Off));
     Ok(config)
@@ -307,6 +321,7 @@ pub(crate) mod tests {
             rootfs_base: None,
             initrd: initrd.map(Into::into),
             dir: "/state/vms/vm-c1".into(),
+            net: None,
         }
     }
 
@@ -325,6 +340,7 @@ pub(crate) mod tests {
         assert_eq!(
             body,
             json!({
+                "balloon": {"size": 0, "free_page_reporting": true},
                 "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
                 "memory": {"size": 512u64 << 20},
                 "payload": {"kernel": "/pvm/vmlinux", "cmdline": "console=ttyS0 root=/dev/vda"},
@@ -539,6 +555,7 @@ pub(crate) mod tests {
             rootfs_base: None,
             initrd: None,
             dir: "/state/vms/vm-a".into(),
+            net: None,
         };
         let sent = vm_config(
             &spec,
@@ -546,7 +563,11 @@ pub(crate) mod tests {
             Some(Path::new("/state/vms/vm-a/overlay.qcow2")),
         )
         .unwrap();
-        check_kept(&serde_json::to_value(sent).unwrap(), &raw["config"]).unwrap();
+        // The capture predates the balloon: v53 keeps it as its BalloonConfig serializes
+        // (every field, defaults included).
+        let mut kept = raw["config"].clone();
+        kept["balloon"] = json!({"size": 0, "deflate_on_oom": false, "free_page_reporting": true});
+        check_kept(&serde_json::to_value(sent).unwrap(), &kept).unwrap();
     }
 
     #[test]

@@ -73,7 +73,8 @@ impl CloudHypervisor {
         let api_path = dir.join(layout::API_SOCKET);
         let vmm_log = dir.join(layout::VMM_LOG);
         let confine = self.config.sandbox.as_deref().zip(cgroup);
-        let (mut cmd, confinement) = vmm_command(&self.config.binary, confine, dir)?;
+        let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
+        let (mut cmd, confinement) = vmm_command(&self.config.binary, confine, dir, netns)?;
         cmd.arg("--api-socket")
             .arg(format!("path={}", api_path.display()));
         let log =
@@ -433,6 +434,7 @@ mod tests {
             rootfs_base: None,
             initrd: None,
             dir: dir.join("vms/vm-c1"),
+            net: None,
         }
     }
 
@@ -538,7 +540,15 @@ mod tests {
     #[tokio::test]
     async fn boot_checks_the_vmm_then_creates_and_boots_and_destroy_shuts_down() {
         let root = tempfile::tempdir().unwrap();
-        let s = bootable_spec(root.path());
+        let mut s = bootable_spec(root.path());
+        s.net = Some(crate::NetSpec {
+            tap: "vmtap0".into(),
+            mac: "52:54:00:ca:00:00".into(),
+            guest_ip: "100.80.0.2".parse().unwrap(),
+            prefix: 30,
+            gateway: "100.80.0.1".parse().unwrap(),
+            netns: None,
+        });
         let log = serve_when_created(&s.dir, vmm("53.0.0", None));
         let ch = fake_binary(root.path());
         let vm = ch.boot(&s).await.unwrap();
@@ -574,6 +584,16 @@ mod tests {
         let create = body(1);
         assert_is_model::<VmConfig>(&create);
         assert_eq!(create["disks"][0]["image_type"], "Qcow2");
+        // Free page reporting on, the balloon itself empty.
+        assert_eq!(
+            create["balloon"],
+            json!({"size": 0, "free_page_reporting": true})
+        );
+        // The tap and MAC alone: no ip/mask, which would need CAP_NET_ADMIN.
+        assert_eq!(
+            create["net"],
+            json!([{"tap": "vmtap0", "mac": "52:54:00:ca:00:00"}])
+        );
         assert_eq!(
             create["disks"][0]["path"],
             s.dir.join(layout::OVERLAY).to_str().unwrap()

@@ -54,6 +54,8 @@ pub(crate) struct Instance {
     pub console: Console,
     /// The VM's cgroup, when its processes are confined.
     pub cgroup: Option<VmCgroup>,
+    /// The VM's tap, whose counters are its network bytes.
+    tap: Option<String>,
     /// Held while destroying; `true` once done, so destroy is idempotent.
     destroyed: tokio::sync::Mutex<bool>,
 }
@@ -75,6 +77,7 @@ impl Instance {
             helpers,
             console,
             cgroup,
+            tap: spec.net.as_ref().map(|n| n.tap.clone()),
             destroyed: tokio::sync::Mutex::new(false),
         }
     }
@@ -113,8 +116,8 @@ impl Instance {
         })
     }
 
-    /// cpu time and resident memory of the VMM process; disk and network left at zero
-    /// for the engine to fill in.
+    /// cpu time and resident memory of the VMM process, and the tap's bytes; disk left at
+    /// zero for the engine to fill in.
     pub fn process_counters(&self) -> Result<VmCounters, VmmError> {
         if let Some(exit) = self.vmm.exit() {
             return Err(VmmError::Exited(exit.description));
@@ -125,9 +128,27 @@ impl Instance {
             process::cpu_time(pid).map_err(|e| VmmError::io("read vmm stat", &proc_path, e))?;
         let vmm_resident_bytes = process::resident_bytes(pid)
             .map_err(|e| VmmError::io("read vmm status", &proc_path, e))?;
+        // The VMM runs in the tap's namespace, so its /proc view of net/dev lists the tap.
+        let (network_rx_bytes, network_tx_bytes) = match &self.tap {
+            Some(tap) => {
+                let path = proc_path.join("net/dev");
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| VmmError::io("read vmm net/dev", &path, e))?;
+                tap_bytes(&text, tap).ok_or_else(|| {
+                    VmmError::io(
+                        "find the tap in",
+                        &path,
+                        std::io::Error::other(format!("no line for {tap}")),
+                    )
+                })?
+            }
+            None => (0, 0),
+        };
         Ok(VmCounters {
             cpu_time,
             vmm_resident_bytes,
+            network_rx_bytes,
+            network_tx_bytes,
             sample_time: Some(SystemTime::now()),
             ..Default::default()
         })
@@ -152,6 +173,23 @@ impl Instance {
         *destroyed = true;
         Ok(())
     }
+}
+
+/// (guest rx, guest tx) bytes of `tap` in a `/proc/net/dev` text. What the tap receives
+/// the guest sent, and the other way round.
+fn tap_bytes(net_dev: &str, tap: &str) -> Option<(u64, u64)> {
+    net_dev.lines().find_map(|line| {
+        let (name, rest) = line.split_once(':')?;
+        if name.trim() != tap {
+            return None;
+        }
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        // rx bytes, packets, errs, drop, fifo, frame, compressed, multicast, then tx bytes.
+        Some((*fields.get(8)?, *fields.first()?))
+    })
 }
 
 /// Creates the VM's directory; it must not exist (a VM id is never reused).
@@ -248,5 +286,21 @@ impl Drop for DirGuard<'_> {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_bytes_are_read_from_the_guests_side() {
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n \
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n \
+vmtap1:    1500      10    0    0    0     0          0         0    90000      60    0    0    0     0       0          0\n";
+        // The tap received 1500 (the guest sent them) and sent 90000 (the guest received).
+        assert_eq!(tap_bytes(text, "vmtap1"), Some((90000, 1500)));
+        assert_eq!(tap_bytes(text, "vmtap2"), None);
     }
 }

@@ -23,6 +23,7 @@ mod ch_api;
 mod ch_model;
 mod cloud_hypervisor;
 mod console;
+pub mod cpu_balance;
 pub mod engine;
 mod error;
 pub mod image;
@@ -89,6 +90,68 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     /// The VM's own directory: `<state_dir>/vms/<id>`.
     pub dir: PathBuf,
+    /// A virtio-net device on a tap; `None`: no network device.
+    pub net: Option<NetSpec>,
+}
+
+/// The VM's network device: a tap the caller created (owned by the VMM user, so the
+/// unprivileged VMM may open it), in the network namespace `netns` when set (the VMM
+/// process joins it before dropping privileges; that needs a [`Sandbox`]). The guest's own
+/// address is for its kernel command line ([`NetSpec::kernel_arg`]); the VMM never
+/// configures IP itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    /// `52:54:00:..`, lowercase hex.
+    pub mac: String,
+    pub guest_ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    /// `/run/netns/<name>`.
+    pub netns: Option<PathBuf>,
+}
+
+impl NetSpec {
+    /// `capsa.net=<guest ip>/<prefix>,<gateway>`, which the guest's init reads (the
+    /// kernel has no IP autoconfiguration).
+    pub fn kernel_arg(&self) -> String {
+        format!(
+            "capsa.net={}/{},{}",
+            self.guest_ip, self.prefix, self.gateway
+        )
+    }
+
+    fn validate(&self) -> Result<(), VmmError> {
+        let bad = |m: String| Err(VmmError::InvalidSpec(m));
+        let tap_ok = (1..=15).contains(&self.tap.len())
+            && self
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !tap_ok {
+            return bad(format!(
+                "net.tap {:?} is not 1 to 15 letters, digits, '-' or '_'",
+                self.tap
+            ));
+        }
+        let parts: Vec<&str> = self.mac.split(':').collect();
+        let mac_ok = parts.len() == 6
+            && parts.iter().all(|p| {
+                p.len() == 2
+                    && p.bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            });
+        if !mac_ok {
+            return bad(format!(
+                "net.mac {:?} is not six lowercase hex pairs",
+                self.mac
+            ));
+        }
+        if !(1..=31).contains(&self.prefix) {
+            return bad(format!("net.prefix {} is outside 1..=31", self.prefix));
+        }
+        Ok(())
+    }
 }
 
 impl VmSpec {
@@ -129,6 +192,9 @@ impl VmSpec {
                 return bad(format!("{field} {} is not a file", p.display()));
             }
         }
+        if let Some(net) = &self.net {
+            net.validate()?;
+        }
         Ok(())
     }
 
@@ -167,7 +233,8 @@ pub struct VmCounters {
     pub vmm_resident_bytes: u64,
     pub disk_read_bytes: u64,
     pub disk_write_bytes: u64,
-    /// 0 where the VM has no network device.
+    /// Bytes the guest received and sent on its network device (its tap's counters, read
+    /// the other way round); 0 where the VM has none.
     pub network_rx_bytes: u64,
     pub network_tx_bytes: u64,
     pub sample_time: Option<SystemTime>,
@@ -260,6 +327,7 @@ mod tests {
             rootfs_base: None,
             initrd: None,
             dir: dir.path().join("vms/vm-1"),
+            net: None,
         };
         spec.validate().unwrap();
         spec.vcpus = 0;
@@ -275,5 +343,58 @@ mod tests {
         spec.rootfs_base = None;
         spec.dir = dir.path().join("vms/vm-2");
         assert!(spec.validate().unwrap_err().to_string().contains("dir"));
+        spec.dir = dir.path().join("vms/vm-1");
+        let net = NetSpec {
+            tap: "vmtap3".into(),
+            mac: "52:54:00:ca:00:03".into(),
+            guest_ip: "100.80.0.14".parse().unwrap(),
+            prefix: 30,
+            gateway: "100.80.0.13".parse().unwrap(),
+            netns: None,
+        };
+        assert_eq!(net.kernel_arg(), "capsa.net=100.80.0.14/30,100.80.0.13");
+        spec.net = Some(net.clone());
+        spec.validate().unwrap();
+        for (bad, field) in [
+            (
+                NetSpec {
+                    tap: "a-name-longer-than-15".into(),
+                    ..net.clone()
+                },
+                "net.tap",
+            ),
+            (
+                NetSpec {
+                    tap: "tap 0".into(),
+                    ..net.clone()
+                },
+                "net.tap",
+            ),
+            (
+                NetSpec {
+                    mac: "52:54:00:CA:00:03".into(),
+                    ..net.clone()
+                },
+                "net.mac",
+            ),
+            (
+                NetSpec {
+                    mac: "52:54:00:ca:00".into(),
+                    ..net.clone()
+                },
+                "net.mac",
+            ),
+            (
+                NetSpec {
+                    prefix: 32,
+                    ..net.clone()
+                },
+                "net.prefix",
+            ),
+        ] {
+            spec.net = Some(bad);
+            let err = spec.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
     }
 }

@@ -153,7 +153,10 @@ impl Qemu {
         };
 
         let vhost_log = dir.join("vsock.log");
-        let (mut cmd, confinement) = vmm_command(&self.config.vhost_device_vsock, confine, dir)?;
+        // vhost-device-vsock stays in the host's network namespace: it only serves Unix
+        // sockets, which are files.
+        let (mut cmd, confinement) =
+            vmm_command(&self.config.vhost_device_vsock, confine, dir, None)?;
         cmd.arg("--vm").arg(format!(
             "guest-cid=3,socket={},uds-path={}",
             dir.join(layout::VHOST_SOCKET).display(),
@@ -186,7 +189,8 @@ impl Qemu {
             sb.give(&qmp_path)?;
         }
         let vmm_log = dir.join(layout::VMM_LOG);
-        let (mut cmd, confinement) = vmm_command(&self.config.qemu, confine, dir)?;
+        let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
+        let (mut cmd, confinement) = vmm_command(&self.config.qemu, confine, dir, netns)?;
         cmd.args(qemu_args(spec, &self.config, overlay.as_deref()));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -307,9 +311,23 @@ pub(crate) fn qemu_args(spec: &VmSpec, config: &QemuConfig, overlay: Option<&Pat
         // Seeds the guest's CRNG early (about 4 s sooner under TCG).
         "-device".into(),
         "virtio-rng-device".into(),
+        // Free page reporting: pages the guest frees go back to the host within seconds
+        // (QEMU punches them out of the memfd), so a VM that once filled its memory does not
+        // hold it for the rest of its life. The balloon itself is never inflated.
+        "-device".into(),
+        "virtio-balloon-device,free-page-reporting=on".into(),
         "-qmp".into(),
         format!("unix:{}", dir.join(layout::QMP_SOCKET).display()),
     ]);
+    if let Some(net) = &spec.net {
+        args.extend([
+            "-netdev".into(),
+            // The tap exists (made by the caller, owned by the VMM user): QEMU only opens it.
+            format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+        ]);
+    }
     args
 }
 
@@ -406,6 +424,7 @@ mod tests {
             rootfs_base: Some("/img/rootfs.ext4".into()),
             initrd: None,
             dir: "/state/vms/vm-abc".into(),
+            net: None,
         };
         let config = QemuConfig {
             qemu: "qemu".into(),
@@ -435,6 +454,7 @@ mod tests {
             "socket,id=vsock,path=/state/vms/vm-abc/vhost.sock",
             "-qmp unix:/state/vms/vm-abc/qmp.sock",
             "-no-reboot",
+            "-device virtio-balloon-device,free-page-reporting=on",
         ] {
             assert!(line.contains(want), "missing {want:?} in {line}");
         }
@@ -454,5 +474,24 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("-drive"), "{line}");
+        assert!(!line.contains("-netdev"), "{line}");
+        let spec = VmSpec {
+            net: Some(crate::NetSpec {
+                tap: "vmtap7".into(),
+                mac: "52:54:00:ca:00:07".into(),
+                guest_ip: "100.80.0.30".parse().unwrap(),
+                prefix: 30,
+                gateway: "100.80.0.29".parse().unwrap(),
+                netns: Some("/run/netns/capsa-x".into()),
+            }),
+            ..spec
+        };
+        let line = qemu_args(&spec, &pvm, None).join(" ");
+        for want in [
+            "-netdev tap,id=net0,ifname=vmtap7,script=no,downscript=no",
+            "-device virtio-net-device,netdev=net0,mac=52:54:00:ca:00:07",
+        ] {
+            assert!(line.contains(want), "missing {want:?} in {line}");
+        }
     }
 }

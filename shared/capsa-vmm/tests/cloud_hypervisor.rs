@@ -49,6 +49,7 @@ fn setup(id: &str, state: &std::path::Path) -> Option<(CloudHypervisor, VmSpec)>
         rootfs_base: Some(image.rootfs.clone()),
         initrd: None,
         dir: state.join("vms").join(id),
+        net: None,
     };
     Some((ch, spec))
 }
@@ -97,6 +98,7 @@ async fn the_vmm_snapshots_and_restores_keeping_its_config() {
     let restored_spec = VmSpec {
         id: "vm-chsnaprestored".into(),
         dir: state.path().join("vms/vm-chsnaprestored"),
+        net: None,
         ..spec
     };
     let restored = ch.restore(&restored_spec, &snap).await.unwrap();
@@ -156,6 +158,7 @@ async fn the_guest_boots_is_snapshotted_and_restored() {
     let restored_spec = VmSpec {
         id: "vm-chrestored".into(),
         dir: state.path().join("vms/vm-chrestored"),
+        net: None,
         ..spec
     };
     let restored = ch.restore(&restored_spec, &snap).await.unwrap();

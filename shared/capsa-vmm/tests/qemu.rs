@@ -154,6 +154,7 @@ async fn the_image_boots_confined_and_its_agent_answers_over_vsock() {
         rootfs_base: Some(image.rootfs.clone()),
         initrd: None,
         dir: state.path().join("vms/vm-imagetest"),
+        net: None,
     };
     let vm = qemu.boot(&spec).await.unwrap();
     assert_eq!(vm.engine(), kind);
@@ -315,6 +316,7 @@ async fn the_floor_boots_and_a_killed_vmm_is_noticed_at_once() {
         rootfs_base: None,
         initrd: Some(initrd),
         dir: state.path().join("vms/vm-floortest"),
+        net: None,
     };
     let vm = qemu.boot(&spec).await.unwrap();
     let ready = tokio::time::timeout(BOOT_TIMEOUT, vm.wait_for_console("capsa-floor-ready")).await;
@@ -356,6 +358,7 @@ async fn a_bad_spec_leaves_nothing_behind() {
         rootfs_base: None,
         initrd: None,
         dir: state.path().join("vms/vm-bad"),
+        net: None,
     };
     let err = qemu.boot(&spec).await.err().expect("boot must fail");
     assert!(err.to_string().contains("kernel"), "{err}");

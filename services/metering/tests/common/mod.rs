@@ -234,6 +234,12 @@ impl VmPoolService for Shared {
     ) -> Result<Response<vp::GetNodeInfoResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn set_egress_policy(
+        &self,
+        _: Request<vp::SetEgressPolicyRequest>,
+    ) -> Result<Response<vp::SetEgressPolicyResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 #[tonic::async_trait]
@@ -343,6 +349,7 @@ impl World {
             env_names: Vec::new(),
             metadata: BTreeMap::new(),
             lifetime: Duration::from_secs(3600),
+            egress: capsa_egress::EgressPolicy::none(),
         };
         assert!(matches!(
             self.sessions.create(&new, 1000).await.unwrap(),

@@ -37,6 +37,18 @@ pub struct State {
     pub fail_acquire: Option<String>,
     /// When set, AcquireVm takes this long (a cold boot).
     pub acquire_delay: Option<std::time::Duration>,
+    /// lease id → the egress policy its AcquireVm carried.
+    pub acquire_egress: HashMap<String, Option<capsa_proto::common::v1::EgressPolicy>>,
+    /// Every SetEgressPolicy, in arrival order: (vm id, policy).
+    pub egress_sets: Vec<(String, Option<capsa_proto::common::v1::EgressPolicy>)>,
+    /// vm id → the policy the last successful SetEgressPolicy applied.
+    pub egress_applied: HashMap<String, capsa_proto::common::v1::EgressPolicy>,
+    /// When set, SetEgressPolicy fails UNAVAILABLE with this message.
+    pub fail_set_egress: Option<String>,
+    /// When set, SetEgressPolicy takes this long.
+    pub set_egress_delay: Option<std::time::Duration>,
+    /// SetEgressPolicy calls that arrived (counted before the delay).
+    pub egress_arrivals: u32,
     /// vm id → env of ConfigureVm.
     pub configured: HashMap<String, HashMap<String, String>>,
     pub finalized: Vec<String>,
@@ -105,6 +117,8 @@ impl VmPoolService for Doubles {
         }
         let mut s = self.state.lock().unwrap();
         *s.acquires.entry(req.lease_id.clone()).or_default() += 1;
+        s.acquire_egress
+            .insert(req.lease_id.clone(), req.egress.clone());
         if let Some(msg) = &s.fail_acquire {
             return Err(Status::unavailable(msg.clone()));
         }
@@ -185,6 +199,32 @@ impl VmPoolService for Doubles {
         _: Request<vp::GetNodeInfoRequest>,
     ) -> Result<Response<vp::GetNodeInfoResponse>, Status> {
         Err(Status::unimplemented("not used by session-manager"))
+    }
+
+    async fn set_egress_policy(
+        &self,
+        req: Request<vp::SetEgressPolicyRequest>,
+    ) -> Result<Response<vp::SetEgressPolicyResponse>, Status> {
+        let req = req.into_inner();
+        let delay = {
+            let mut s = self.state.lock().unwrap();
+            s.egress_arrivals += 1;
+            s.set_egress_delay
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let mut s = self.state.lock().unwrap();
+        s.egress_sets.push((req.vm_id.clone(), req.egress.clone()));
+        if let Some(msg) = &s.fail_set_egress {
+            return Err(Status::unavailable(msg.clone()));
+        }
+        if !s.vms.contains_key(&req.vm_id) {
+            return Err(Status::not_found(format!("vm {} not found", req.vm_id)));
+        }
+        s.egress_applied
+            .insert(req.vm_id, req.egress.unwrap_or_default());
+        Ok(Response::new(vp::SetEgressPolicyResponse {}))
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Harness {
     /// `--create-rate-per-sec` and `--create-burst` of replicas started from now on:
     /// unlimited in effect, since tests create sessions in bursts (the limit has its own test).
     pub create_limit: (f64, u32),
+    /// More flags for replicas started from now on (e.g. `--default-egress`).
+    pub extra_args: Vec<String>,
     pub node: DoubleServer,
     pub redis: RedisServer,
     pub key: String,
@@ -74,6 +76,7 @@ impl Harness {
         let mut h = Harness {
             replicas: Vec::new(),
             create_limit: (10_000.0, 10_000),
+            extra_args: Vec::new(),
             node,
             redis,
             key: String::new(),
@@ -106,6 +109,7 @@ impl Harness {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.extra_args.iter().cloned())
         .collect();
         self.replicas
             .push(ServiceProcess::start("capsa-session-manager", &args).await);

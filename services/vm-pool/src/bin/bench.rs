@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         let id = format!("vm-bench{n}");
         VmSpec {
             dir: state.path().join("vms").join(&id),
+            net: None,
             id,
             vcpus: 1,
             memory_mib: args.memory_mib,

@@ -1,7 +1,8 @@
 //! Fixtures for vm-pool's integration tests: the guest image, a vm-pool process on
 //! `127.0.0.1:0` with its own state dir, and process accounting. Whatever happens, a
 //! [`PoolUnderTest`] leaves no VMM behind: on drop it kills vm-pool and reaps every VMM
-//! or vhost-device-vsock pointing into its state dir.
+//! or vhost-device-vsock pointing into its state dir, then its network namespace, veth
+//! and nftables table.
 
 #![allow(dead_code)]
 
@@ -85,6 +86,11 @@ impl PoolUnderTest {
         drop(p);
     }
 
+    /// The names of this vm-pool's network objects (its default, from the state dir).
+    pub fn net_names(&self) -> capsa_vm_pool::net::Names {
+        capsa_vm_pool::net::Names::new(&capsa_vm_pool::net::Names::default_netns(self.state.path()))
+    }
+
     /// VMM and vhost-device-vsock processes pointing into this state dir.
     pub fn vm_processes(&self) -> Vec<u32> {
         vm_processes(&self.vms_dir())
@@ -95,6 +101,7 @@ impl Drop for PoolUnderTest {
     fn drop(&mut self) {
         drop(self.process.take());
         let vms = self.vms_dir();
+        let names = self.net_names();
         // A fresh thread: Drop may run inside the test's runtime, which cannot block on
         // another.
         let _ = std::thread::spawn(move || {
@@ -109,6 +116,10 @@ impl Drop for PoolUnderTest {
                     "test cleanup killed leftover vm processes {:?}",
                     reaped.killed
                 );
+            }
+            // After the VMMs: a namespace lives as long as a process in it.
+            if let Err(e) = rt.block_on(capsa_vm_pool::net::reap(&names)) {
+                eprintln!("test cleanup could not remove the vm network: {e}");
             }
         })
         .join();
@@ -232,4 +243,49 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Runs `code` in the guest's shell through its agent; returns (exit code, stdout+stderr).
+/// `on_output` sees the output so far after every chunk (e.g. to act mid-run).
+pub async fn shell_with(
+    vsock: &Path,
+    code: &str,
+    mut on_output: impl AsyncFnMut(&str),
+) -> (i32, String) {
+    use capsa_proto::agent::v1::ExecuteRequest;
+    use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
+    use capsa_proto::common::v1::{ExecuteSpec, Language, execute_event};
+    let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);
+    let mut agent = AgentServiceClient::new(channel);
+    let mut stream = agent
+        .execute(ExecuteRequest {
+            spec: Some(ExecuteSpec {
+                language: Language::Shell as i32,
+                code: code.into(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = String::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg.event.and_then(|e| e.event) {
+            Some(execute_event::Event::Stdout(c) | execute_event::Event::Stderr(c)) => {
+                out.push_str(&String::from_utf8_lossy(&c.data));
+                on_output(&out).await;
+            }
+            Some(execute_event::Event::Completion(c)) => return (c.exit_code, out),
+            _ => {}
+        }
+    }
+    panic!("execute ended without a completion: {out}");
+}
+
+pub async fn shell(vsock: &Path, code: &str) -> (i32, String) {
+    shell_with(vsock, code, async |_: &str| {}).await
 }

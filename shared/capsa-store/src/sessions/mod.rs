@@ -14,6 +14,9 @@
 //! - `capsa:tenant:{t}:active`: set of creating + active ids (the quota count).
 //! - `capsa:tenant:{t}:sessions_total`: how many sessions the tenant ever created.
 //! - `capsa:nodesessions:{node}`: ids of sessions whose VM is on that node (reconciler).
+//! - `capsa:session:{id}:egress_lock`: held (with a TTL) by the one UpdateEgressPolicy of
+//!   that session in flight, from before it calls the node until it stores what the node
+//!   applied ([`SessionStore::lock_egress`]).
 //!
 //! Transitions: creating → active → terminating → terminated, creating may go straight
 //! to terminating. Whoever moves a session to terminating (one winner per session) owns
@@ -26,6 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use capsa_egress::EgressPolicy;
 use redis::AsyncCommands as _;
 use redis::Script;
 use redis::aio::ConnectionManager;
@@ -57,6 +61,14 @@ static FINISH_END: LazyLock<Script> = script!("finish_end.lua");
 static CLAIM_DUE: LazyLock<Script> = script!("claim_due.lua");
 static EXTEND: LazyLock<Script> = script!("extend.lua");
 static TOUCH: LazyLock<Script> = script!("touch.lua");
+static SET_EGRESS: LazyLock<Script> = script!("set_egress.lua");
+/// Deletes a lock only if it still holds the caller's token.
+static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+         return 0",
+    )
+});
 
 /// The VM a session was activated with, as the node reported it.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +80,9 @@ pub struct VmShape<'a> {
 
 fn session_key(id: &str) -> String {
     format!("capsa:session:{id}")
+}
+fn egress_lock_key(id: &str) -> String {
+    format!("capsa:session:{id}:egress_lock")
 }
 fn tenant_index_key(tenant: &str) -> String {
     format!("capsa:tenant:{tenant}:sessions")
@@ -132,6 +147,8 @@ pub struct NewSession {
     pub env_names: Vec<String>,
     pub metadata: BTreeMap<String, String>,
     pub lifetime: Duration,
+    /// The effective policy (given, or the tenant's or deployment's default).
+    pub egress: EgressPolicy,
 }
 
 /// Outcome of [`SessionStore::create`].
@@ -168,6 +185,19 @@ pub enum Extended {
     TooLong {
         max_extend_ms: i64,
     },
+    Missing,
+}
+
+/// Outcome of [`SessionStore::set_egress`].
+#[allow(clippy::large_enum_variant)] // one per update; boxing buys nothing
+#[derive(Debug)]
+pub enum EgressStored {
+    /// Stored; the record after it.
+    Ok(SessionRecord),
+    /// The caller's lock had expired: another update may have run since, so nothing was
+    /// stored.
+    LockLost,
+    /// No such session (or its retention ran out).
     Missing,
 }
 
@@ -247,6 +277,7 @@ impl SessionStore {
             .arg(json(&new.metadata))
             .arg(ms(new.lifetime))
             .arg(ms(self.config.index_horizon()))
+            .arg(json(&new.egress))
             .invoke_async(&mut self.conn.clone())
             .await?;
         if raw.first().map(String::as_str) == Some("quota") {
@@ -402,6 +433,59 @@ impl SessionStore {
         Ok(())
     }
 
+    /// Takes the session's egress lock for `ttl`: `Some(token)` when taken, `None` while
+    /// another update holds it. Pass the token to [`SessionStore::set_egress`] or
+    /// [`SessionStore::unlock_egress`]; keep `ttl` above the longest node call in between.
+    pub async fn lock_egress(&self, id: &str, ttl: Duration) -> Result<Option<String>> {
+        let token = lock_token();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(egress_lock_key(id))
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms(ttl))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(taken.map(|_| token))
+    }
+
+    /// Releases the egress lock if `token` still holds it (an update that stored nothing).
+    pub async fn unlock_egress(&self, id: &str, token: &str) -> Result<()> {
+        let _: i64 = UNLOCK
+            .key(egress_lock_key(id))
+            .arg(token)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Stores `policy` (just applied on the node) and releases the lock `token` holds.
+    pub async fn set_egress(
+        &self,
+        id: &str,
+        token: &str,
+        policy: &EgressPolicy,
+    ) -> Result<EgressStored> {
+        let key = session_key(id);
+        let json = serde_json::to_string(policy).expect("a policy always serializes");
+        let raw: Vec<String> = SET_EGRESS
+            .key(&key)
+            .key(egress_lock_key(id))
+            .arg(token)
+            .arg(json)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match parse_tagged(&key, raw)? {
+            (tag, Some(rec)) if tag == "ok" => Ok(EgressStored::Ok(rec)),
+            (tag, None) if tag == "lost" => Ok(EgressStored::LockLost),
+            (tag, None) if tag == "missing" => Ok(EgressStored::Missing),
+            (tag, _) => Err(StoreError::Corrupt {
+                key,
+                reason: format!("set_egress script replied {tag}"),
+            }),
+        }
+    }
+
     /// The session, if it exists (terminated ones until their retention ends).
     pub async fn get(&self, id: &str) -> Result<Option<SessionRecord>> {
         let key = session_key(id);
@@ -436,4 +520,14 @@ impl SessionStore {
     pub async fn open_count(&self) -> Result<u64> {
         Ok(self.conn.clone().zcard(EXPIRY).await?)
     }
+}
+
+/// A random lock token (only its owner knows it).
+fn lock_token() -> String {
+    use rand::Rng as _;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect()
 }

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use capsa_egress::EgressPolicy;
+
 use crate::{Result, StoreError};
 
 /// Where a session is in its life. Transitions only go forward:
@@ -100,6 +102,10 @@ pub struct SessionRecord {
     /// Set once active.
     pub node_id: String,
     pub vm_id: String,
+    /// The egress policy in force: the one given or defaulted at creation, then the last
+    /// one applied on the node by an update. A record written before policies existed
+    /// reads as [`EgressPolicy::none`] (its VM had no network).
+    pub egress: EgressPolicy,
 }
 
 impl SessionRecord {
@@ -165,6 +171,10 @@ impl SessionRecord {
             end_ms: int("end_ms")?,
             node_id: text("node_id"),
             vm_id: text("vm_id"),
+            egress: match fields.get("egress") {
+                None | Some(&"") => EgressPolicy::none(),
+                Some(v) => serde_json::from_str(v).map_err(|e| corrupt(format!("egress: {e}")))?,
+            },
         })
     }
 }
@@ -202,6 +212,28 @@ mod tests {
         assert_eq!(rec.env_names, ["A"]);
         assert_eq!(rec.expire_ms, Some(2000));
         assert_eq!(rec.end_ms, None);
+        assert_eq!(rec.egress, EgressPolicy::none(), "no field: no egress");
+    }
+
+    #[test]
+    fn parses_the_stored_egress_policy_and_rejects_a_corrupt_one() {
+        let policy = capsa_egress::EgressPolicy::from_input(capsa_egress::PolicyInput {
+            allowed_domains: vec!["*.example.com".into()],
+            allow_https: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+        let json = serde_json::to_string(&policy).unwrap();
+        let rec = SessionRecord::from_pairs(
+            "k",
+            &flat(&[("status", "active"), ("egress", json.as_str())]),
+        )
+        .unwrap();
+        assert_eq!(rec.egress, policy);
+        let bad = r#"{"deny_all":false,"allow_package_managers":false,"allow_http":true,"allow_https":true,"allowed_domains":["a..b"],"allowed_cidrs":[]}"#;
+        let err = SessionRecord::from_pairs("k", &flat(&[("status", "active"), ("egress", bad)]))
+            .unwrap_err();
+        assert!(err.to_string().contains("egress"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,285 @@
+//! Keeps CPU-bound VMs from slowing down interactive ones.
+//!
+//! Each VM's cgroup caps it at its vcpus (`cpu.max`), but a node holds more vcpus than it has
+//! CPUs: five guests spinning at full speed on a 2-CPU host leave a sixth, which only wakes
+//! up to answer an `Execute`, one sixth of the CPU when it needs it. So every second this
+//! looks at how much each VM *wanted* the CPU (time its threads ran plus time they waited
+//! runnable, from `/proc/<pid>/task/*/schedstat`, which is independent of how contended the
+//! host is): a VM whose busiest thread wanted the CPU for [`BUSY`] of the time, [`DEMOTE_AFTER`]
+//! seconds in a row, is *batch*, and its cgroup gets `cpu.idle = 1` (the kernel runs it only
+//! when no normal task wants the CPU; where `cpu.idle` is missing, a tenth of the normal
+//! weight). It is *interactive* again after [`PROMOTE_AFTER`] seconds below [`IDLE`].
+//! A batch VM loses nothing on an idle host; under contention it gets what the others leave.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cgroup::CgroupRoot;
+
+/// Share of wall time the busiest thread wanted the CPU for a "busy" second.
+pub const BUSY: f64 = 0.9;
+/// Below this a batch VM counts as idle.
+pub const IDLE: f64 = 0.5;
+/// Busy seconds in a row before a VM becomes batch: a short burst (a pip install, a cell
+/// that computes for a second) stays interactive.
+pub const DEMOTE_AFTER: u32 = 3;
+/// Idle seconds in a row before a batch VM is interactive again.
+pub const PROMOTE_AFTER: u32 = 2;
+const TICK: Duration = Duration::from_secs(1);
+
+/// How the scheduler should treat a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuClass {
+    Interactive,
+    Batch,
+}
+
+/// One VM's history, fed a demand figure per tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tracker {
+    class: CpuClass,
+    /// Consecutive ticks that point away from `class`.
+    streak: u32,
+}
+
+impl Tracker {
+    fn new() -> Tracker {
+        Tracker {
+            class: CpuClass::Interactive,
+            streak: 0,
+        }
+    }
+
+    /// Feeds one tick's demand (0.0 to 1.0); returns the new class when it changes.
+    fn observe(&mut self, demand: f64) -> Option<CpuClass> {
+        let (towards, needed) = match self.class {
+            CpuClass::Interactive => (demand >= BUSY, DEMOTE_AFTER),
+            CpuClass::Batch => (demand < IDLE, PROMOTE_AFTER),
+        };
+        self.streak = if towards { self.streak + 1 } else { 0 };
+        if self.streak < needed {
+            return None;
+        }
+        self.streak = 0;
+        self.class = match self.class {
+            CpuClass::Interactive => CpuClass::Batch,
+            CpuClass::Batch => CpuClass::Interactive,
+        };
+        Some(self.class)
+    }
+}
+
+/// Ran + waited nanoseconds per thread of every process in a cgroup dir.
+fn wanted_ns(cgroup_dir: &Path) -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    let Ok(procs) = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")) else {
+        return out;
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(ns) = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| parse_schedstat(&s))
+            {
+                out.insert(tid, ns);
+            }
+        }
+    }
+    out
+}
+
+/// `/proc/<pid>/task/<tid>/schedstat`: "<ran ns> <waited ns> <timeslices>"; the sum of the
+/// first two.
+fn parse_schedstat(text: &str) -> Option<u64> {
+    let mut fields = text.split_whitespace();
+    let ran: u64 = fields.next()?.parse().ok()?;
+    let waited: u64 = fields.next()?.parse().ok()?;
+    Some(ran.saturating_add(waited))
+}
+
+/// The busiest thread's demand between two samples: a guest's vCPU thread spinning is 1.0
+/// whatever the host gives it.
+fn demand(before: &HashMap<u32, u64>, now: &HashMap<u32, u64>, wall: Duration) -> f64 {
+    let wall = wall.as_nanos().max(1) as f64;
+    now.iter()
+        .filter_map(|(tid, ns)| before.get(tid).map(|b| ns.saturating_sub(*b) as f64 / wall))
+        .fold(0.0, f64::max)
+        .min(1.0)
+}
+
+/// Applies `class` to a VM's cgroup (the dir of its cpu controller).
+fn apply(cpu_dir: &Path, class: CpuClass) -> std::io::Result<()> {
+    let idle = cpu_dir.join("cpu.idle");
+    if idle.exists() {
+        let value = if class == CpuClass::Batch { "1" } else { "0" };
+        return std::fs::write(idle, value);
+    }
+    // Older kernels: a tenth of the default weight (v2 cpu.weight 100, v1 cpu.shares 1024).
+    let (file, normal) = if cpu_dir.join("cpu.weight").exists() {
+        ("cpu.weight", 100)
+    } else {
+        ("cpu.shares", 1024)
+    };
+    let value = if class == CpuClass::Batch {
+        normal / 10
+    } else {
+        normal
+    };
+    std::fs::write(cpu_dir.join(file), value.to_string())
+}
+
+/// The dir holding the VMs' cgroups in the cpu controller's hierarchy.
+fn cpu_parent(root: &CgroupRoot) -> PathBuf {
+    match root {
+        CgroupRoot::V2 { parent } => parent.clone(),
+        CgroupRoot::V1 { cpu, .. } => cpu.clone(),
+    }
+}
+
+/// Samples every VM cgroup under `root` once a second and moves VMs between the classes,
+/// until `cancel`.
+pub async fn run(root: CgroupRoot, cancel: CancellationToken) {
+    let parent = cpu_parent(&root);
+    let mut vms: HashMap<PathBuf, (Tracker, HashMap<u32, u64>)> = HashMap::new();
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(TICK) => {}
+        }
+        let now = Instant::now();
+        let wall = now - last;
+        last = now;
+        let dirs: Vec<PathBuf> = match std::fs::read_dir(&parent) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_dir()
+                        && p.file_name()
+                            .is_some_and(|n| crate::is_vm_id(&n.to_string_lossy()))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(dir = %parent.display(), error = %e, "cpu balance: cannot list vm cgroups");
+                continue;
+            }
+        };
+        vms.retain(|dir, _| dirs.contains(dir));
+        for dir in dirs {
+            let sample = wanted_ns(&dir);
+            let (tracker, before) = vms
+                .entry(dir.clone())
+                .or_insert_with(|| (Tracker::new(), HashMap::new()));
+            let d = demand(before, &sample, wall);
+            *before = sample;
+            if let Some(class) = tracker.observe(d) {
+                let vm = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match apply(&dir, class) {
+                    Ok(()) => tracing::info!(vm = %vm, ?class, demand = d, "vm cpu class changed"),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, ?class, error = %e, "vm cpu class not applied")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_becomes_batch_after_sustained_demand_and_interactive_when_it_rests() {
+        let mut t = Tracker::new();
+        // A burst shorter than DEMOTE_AFTER stays interactive.
+        assert_eq!(t.observe(1.0), None);
+        assert_eq!(t.observe(0.95), None);
+        assert_eq!(t.observe(0.2), None);
+        assert_eq!(t.observe(1.0), None);
+        assert_eq!(t.observe(1.0), None);
+        assert_eq!(t.observe(1.0), Some(CpuClass::Batch));
+        assert_eq!(t.observe(1.0), None, "stays batch while busy");
+        // Middling demand neither promotes nor demotes.
+        assert_eq!(t.observe(0.7), None);
+        assert_eq!(t.observe(0.1), None);
+        assert_eq!(t.observe(0.7), None, "the idle streak restarts");
+        assert_eq!(t.observe(0.1), None);
+        assert_eq!(t.observe(0.0), Some(CpuClass::Interactive));
+        assert_eq!(t.class, CpuClass::Interactive);
+    }
+
+    #[test]
+    fn demand_is_the_busiest_threads_share_of_wall_time() {
+        let before = HashMap::from([(1, 0), (2, 100), (3, 5)]);
+        let now = HashMap::from([(1, 400_000_000), (2, 900_000_100), (4, 999_999_999_999)]);
+        let d = demand(&before, &now, Duration::from_secs(1));
+        assert!((d - 0.9).abs() < 1e-9, "{d}");
+        // Threads seen for the first time count from their next sample; capped at 1.0.
+        assert_eq!(demand(&HashMap::new(), &now, Duration::from_secs(1)), 0.0);
+        let spin = HashMap::from([(1, 3_000_000_000)]);
+        assert_eq!(demand(&before, &spin, Duration::from_secs(1)), 1.0);
+    }
+
+    #[test]
+    fn schedstat_lines_parse() {
+        assert_eq!(parse_schedstat("863641 10853 2\n"), Some(874_494));
+        assert_eq!(parse_schedstat("garbage"), None);
+        // This thread's own line, after it has run for a while (the kernel adds run time
+        // at scheduler ticks, so a thread that just started may still read 0).
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        let own = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        assert!(parse_schedstat(&own).unwrap() > 0, "{own}");
+    }
+
+    #[test]
+    fn classes_are_written_to_the_cgroup_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cpu.idle"), "0").unwrap();
+        apply(dir.path(), CpuClass::Batch).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cpu.idle")).unwrap(),
+            "1"
+        );
+        apply(dir.path(), CpuClass::Interactive).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cpu.idle")).unwrap(),
+            "0"
+        );
+
+        let v1 = tempfile::tempdir().unwrap();
+        std::fs::write(v1.path().join("cpu.shares"), "1024").unwrap();
+        apply(v1.path(), CpuClass::Batch).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
+            "102"
+        );
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("cpu.weight"), "100").unwrap();
+        apply(v2.path(), CpuClass::Batch).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(v2.path().join("cpu.weight")).unwrap(),
+            "10"
+        );
+    }
+}
