@@ -3,7 +3,6 @@
 //! and a DNS zone the node's forwarder is pointed at); the one exception is the package
 //! index that `pip install` reaches, which is installation, not load.
 
-
 use capsa_e2e::{Client, Stack, StackOptions, exec};
 use capsa_proto::common::v1::EgressPolicy;
 use capsa_proto::session::v1 as pb;
