@@ -72,6 +72,8 @@ pub struct Stack {
     pub meterings: Vec<ServiceProcess>,
     pub vm_pool: ServiceProcess,
     pub executor: ServiceProcess,
+    /// After vm-pool: removes its network however it ended.
+    vm_network: VmNetworkGuard,
     pub redis: RedisServer,
     pub api_key: String,
     pub state_dir: tempfile::TempDir,
@@ -82,11 +84,53 @@ pub struct Stack {
     env: Vec<(String, String)>,
 }
 
+/// vm-pool's network namespace (its veth and taps go with it) and its nftables table on the
+/// host. vm-pool removes them when it stops and reaps them when it starts again on the same
+/// state dir; a test stack is dropped with a SIGKILL and never restarted, so this removes them.
+struct VmNetworkGuard {
+    netns: String,
+}
+
+impl VmNetworkGuard {
+    fn new() -> VmNetworkGuard {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        VmNetworkGuard {
+            netns: format!("capsa-e2e-{}-{n}", std::process::id()),
+        }
+    }
+}
+
+impl Drop for VmNetworkGuard {
+    fn drop(&mut self) {
+        // Both are gone already after a graceful stop: their errors say only that.
+        for cmd in [
+            vec!["ip", "netns", "delete", &self.netns],
+            vec!["nft", "delete", "table", "inet", &self.netns],
+        ] {
+            let _ = std::process::Command::new(cmd[0])
+                .args(&cmd[1..])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// What [`Stack::stop`] leaves.
 pub struct Stopped {
     /// How each service exited, in stop order.
     pub exits: Vec<(&'static str, std::process::ExitStatus)>,
     pub state_dir: tempfile::TempDir,
+    /// Held until this drops, so a look at what vm-pool left of its network sees it all.
+    vm_network: VmNetworkGuard,
+}
+
+impl Stopped {
+    /// The network namespace vm-pool ran its VMs in (gone after a clean stop).
+    pub fn vm_netns(&self) -> &str {
+        &self.vm_network.netns
+    }
 }
 
 pub type Client = SessionServiceClient<InterceptedService<Channel, Bearer>>;
@@ -127,7 +171,10 @@ impl Stack {
         let executor =
             ServiceProcess::start_with_env("capsa-executor", &listen("0", &executor_args), &env)
                 .await;
+        let vm_network = VmNetworkGuard::new();
         let mut vm_pool_args = args(&[
+            "--netns",
+            &vm_network.netns,
             "--state-dir",
             &s(&vm_state),
             "--image-dir",
@@ -188,6 +235,7 @@ impl Stack {
             meterings,
             vm_pool,
             executor,
+            vm_network,
             redis,
             api_key,
             state_dir,
@@ -195,6 +243,11 @@ impl Stack {
             vm_pool_args,
             env: opts.env,
         }
+    }
+
+    /// The network namespace vm-pool runs its VMs in (`--netns`).
+    pub fn vm_netns(&self) -> &str {
+        &self.vm_network.netns
     }
 
     /// The state dir vm-pool keeps its VMs in (`<it>/vms/<vm id>/`).
@@ -267,6 +320,7 @@ impl Stack {
         Stopped {
             exits,
             state_dir: self.state_dir,
+            vm_network: self.vm_network,
         }
     }
 

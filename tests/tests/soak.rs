@@ -301,7 +301,10 @@ async fn chaos_soak_leaves_nothing_behind() {
             .filter(|(_, status)| !status.success())
             .map(|(name, status)| format!("{name} exited with {status} after SIGTERM")),
     );
-    let stopped = leaks_after_stop(&state_dir, &taps_before);
+    let mut stopped = leaks_after_stop(&state_dir, &taps_before);
+    stopped
+        .taps
+        .extend(network_leaks(stopped_stack.vm_netns(), None, &taps_before));
     drop(stopped_stack); // removes the state dir, now that it has been looked at
 
     let mut summary = vec![
@@ -814,6 +817,11 @@ impl Soak {
         }
         let state_dir = self.stack.vm_state_dir();
         count_leaks(&state_dir, &live, taps_before, &mut leaks);
+        leaks.taps.extend(network_leaks(
+            self.stack.vm_netns(),
+            Some(live.len()),
+            taps_before,
+        ));
         for t in &self.sessions {
             if state_dir.join("vms").join(&t.vm_id).exists() && !live.contains(&t.vm_id) {
                 // Counted above already; named here for the diagnosis.
@@ -916,12 +924,61 @@ fn count_leaks(
             leaks.vm_dirs.push(path.display().to_string());
         }
     }
-    // VMs have no network yet, so vm-pool creates no taps: any new one is a leak.
+    // VM taps live in vm-pool's namespace ([`network_leaks`]); in the host's only its veth
+    // (`cvh…`, checked after the stop), so any other new tap-like link is a leak.
     leaks.taps = links()
         .into_iter()
         .filter(|l| !taps_before.contains(l))
-        .filter(|l| l.starts_with("tap") || l.starts_with("capsa") || l.starts_with("vm-"))
+        .filter(|l| l.starts_with("tap") || l.starts_with("capsa") || l.starts_with("vm"))
         .collect();
+}
+
+/// What is left of vm-pool's network in namespace `netns`: with `live` VMs running, taps
+/// beyond one per live VM; once stopped (`None`), the namespace itself, its nftables table
+/// and a host-side veth that was not there before the test.
+fn network_leaks(netns: &str, live: Option<usize>, links_before: &BTreeSet<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    match live {
+        Some(live) => {
+            let listed = std::process::Command::new("ip")
+                .args(["-n", netns, "-o", "link", "show"])
+                .output()
+                .expect("ip link show");
+            let taps: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .map(|name| name.split('@').next().unwrap_or(name).to_string())
+                .filter(|name| name.starts_with("vmtap"))
+                .collect();
+            if taps.len() > live {
+                out.push(format!(
+                    "{} taps in {netns} for {live} live vms: {taps:?}",
+                    taps.len()
+                ));
+            }
+        }
+        None => {
+            if Path::new("/run/netns").join(netns).exists() {
+                out.push(format!("network namespace {netns}"));
+            }
+            let table = std::process::Command::new("nft")
+                .args(["list", "table", "inet", netns])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("nft list table");
+            if table.success() {
+                out.push(format!("nftables table inet {netns}"));
+            }
+            out.extend(
+                links()
+                    .into_iter()
+                    .filter(|l| l.starts_with("cvh") && !links_before.contains(l))
+                    .map(|l| format!("host veth {l}")),
+            );
+        }
+    }
+    out
 }
 
 /// (pid, vm id, program) of every VMM or helper whose command line points into

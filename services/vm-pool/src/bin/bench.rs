@@ -8,6 +8,14 @@
 //! - warm AcquireVm latency (gRPC, in-process vm-pool on 127.0.0.1:0) with 1 caller, and
 //!   with `--concurrency` callers at once against a pool pre-warmed to that size.
 //!
+//! Network, medians over `--net-samples` leases (0 skips it; needs root), against a fake
+//! internet namespace ([`FakeInternet`], 198.18.k.0/24, nothing leaves the host):
+//! - a freshly leased VM's first outbound TCP connect, timed in the guest (python3
+//!   `time.monotonic()` around `socket.create_connection`), and the p50 of AcquireVm plus
+//!   that probe as seen from the host;
+//! - bulk download (`GET /bytes/N`, `--net-bytes`) into the guest, timed in the guest, beside
+//!   the floor: the same download from the host's namespace, over the fake internet's veth.
+//!
 //! Run: `cargo run --release -p capsa-vm-pool --bin capsa-vm-pool-bench`.
 
 use std::path::PathBuf;
@@ -15,8 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use capsa_proto::common::v1::EgressPolicy;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_proto::vmpool::v1::{AcquireVmRequest, GetNodeInfoRequest, ReleaseVmRequest};
+use capsa_test_support::inet::{FakeInternet, MAX_BYTES};
 use capsa_vmm::{GuestImage, Hypervisor, VmSpec};
 use clap::Parser;
 
@@ -38,6 +48,12 @@ struct Args {
     /// Memory of every VM, floor included (MiB).
     #[arg(long, default_value_t = 512)]
     memory_mib: u32,
+    /// Leases in the network round, each a fresh warm VM (0 skips the round).
+    #[arg(long, default_value_t = 5)]
+    net_samples: usize,
+    /// Bytes of each bulk download, guest and floor.
+    #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..=MAX_BYTES))]
+    net_bytes: u64,
 }
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -105,7 +121,12 @@ async fn main() -> anyhow::Result<()> {
         cold_rss.push(rss);
     }
 
-    let (warm_1, warm_n) = warm_acquires(&args, config).await?;
+    let (warm_1, warm_n) = warm_acquires(&args, config.clone()).await?;
+    let net = if args.net_samples > 0 {
+        Some(network(&args, config).await?)
+    } else {
+        None
+    };
 
     let floor_med = median(&mut floor_boot);
     let row = |name: &str, value: String, ratio: String| {
@@ -150,9 +171,41 @@ async fn main() -> anyhow::Result<()> {
         format!("{} MiB", fr >> 20),
         "1.00x floor RSS".into(),
     );
+    if let Some(mut net) = net {
+        let connect = median(&mut net.connect);
+        row(
+            "leased VM's first TCP connect (in guest)",
+            fmt_d(connect),
+            ratio(connect, floor_med),
+        );
+        let trip = percentile(&mut net.round_trip, 50);
+        row(
+            "AcquireVm to guest connected, from host: p50",
+            fmt_d(trip),
+            ratio(trip, floor_med),
+        );
+        println!();
+        println!(
+            "| {:<44} | {:>12} | {:>16} |",
+            "bulk download, median", "MB/s", "vs host floor"
+        );
+        println!("|{:-<46}|{:-<14}|{:-<18}|", "", "", "");
+        let (guest, host) = (median_f(&mut net.guest_mbps), median_f(&mut net.host_mbps));
+        let mib = args.net_bytes as f64 / f64::from(1 << 20);
+        row(
+            &format!("guest <- fake internet ns, {mib:.0} MiB"),
+            format!("{guest:.1}"),
+            format!("{:.4}x", guest / host.max(1e-9)),
+        );
+        row(
+            &format!("host ns <- fake internet ns (floor), {mib:.0} MiB"),
+            format!("{host:.1}"),
+            "1.00x".into(),
+        );
+    }
     println!(
-        "\n{} boot samples each; {} sequential warm acquires; engine {}",
-        args.samples, args.samples, kind
+        "\n{} boot samples each; {} sequential warm acquires; {} network leases; engine {}",
+        args.samples, args.samples, args.net_samples, kind
     );
     Ok(())
 }
@@ -265,6 +318,194 @@ async fn warm_acquires(
     Ok((sequential, concurrent))
 }
 
+/// In the guest: times the first TCP connect to argv host:port, then a `GET /bytes/N` on that
+/// connection read to EOF. Prints `connect <s>` and `bulk <bytes read> <s>`.
+const NET_PROBE: &str = r#"
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t = time.monotonic()
+s = socket.create_connection((host, port), timeout=60)
+print(f"connect {time.monotonic() - t:.6f}", flush=True)
+s.sendall(b"GET /bytes/%d HTTP/1.0\r\nHost: x\r\n\r\n" % n)
+buf, got = bytearray(1 << 20), 0
+t = time.monotonic()
+while True:
+    k = s.recv_into(buf)
+    if not k:
+        break
+    got += k
+print(f"bulk {got} {time.monotonic() - t:.6f}", flush=True)
+"#;
+
+struct NetFigures {
+    connect: Vec<Duration>,
+    round_trip: Vec<Duration>,
+    guest_mbps: Vec<f64>,
+    host_mbps: Vec<f64>,
+}
+
+/// The network round: the host floor first, then `net_samples` leases of a fresh warm VM,
+/// each allowed the fake internet's subnet, probed once and released (destroyed).
+async fn network(args: &Args, mut config: capsa_vm_pool::Config) -> anyhow::Result<NetFigures> {
+    let mut inet = FakeInternet::start().context("fake internet (needs root)")?;
+    let target = inet.add_host("bench.capsa.test")?;
+    let mut host_mbps = vec![];
+    for _ in 0..args.net_samples {
+        host_mbps.push(host_download(target, args.net_bytes).await?);
+    }
+
+    config.warm = 1;
+    config.capacity = 2;
+    config.dns_upstreams = vec![inet.dns_server()];
+    let vms_dir = config.state_dir.join("vms");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(capsa_vm_pool::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let leases = async {
+        let mut c = VmPoolServiceClient::connect(url).await?;
+        let mut figures = NetFigures {
+            connect: vec![],
+            round_trip: vec![],
+            guest_mbps: vec![],
+            host_mbps,
+        };
+        for i in 0..args.net_samples {
+            eprintln!("network lease {}/{}", i + 1, args.net_samples);
+            wait_warm(&mut c, 1).await?;
+            let started = Instant::now();
+            let vm = c
+                .acquire_vm(AcquireVmRequest {
+                    lease_id: format!("net-{i}"),
+                    egress: Some(EgressPolicy {
+                        allowed_cidrs: vec![inet.subnet()],
+                        allow_http: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .vm
+                .context("AcquireVm returned no vm")?;
+            let vsock = vms_dir.join(&vm.id).join("vsock.sock");
+            let code = format!(
+                "python3 - {target} 80 {} <<'EOF'\n{NET_PROBE}\nEOF",
+                args.net_bytes
+            );
+            let probe = guest_shell(&vsock, &code, |out| {
+                out.contains("connect ").then(|| started.elapsed())
+            })
+            .await;
+            c.release_vm(ReleaseVmRequest { vm_id: vm.id }).await?;
+            let ((rc, out), trip) = probe?;
+            let parsed = (|| {
+                let mut lines = out.lines().filter_map(|l| l.split_once(' '));
+                let (_, connect) = lines.find(|(k, _)| *k == "connect")?;
+                let (_, bulk) = lines.find(|(k, _)| *k == "bulk")?;
+                let (got, secs) = bulk.split_once(' ')?;
+                Some((
+                    connect.parse::<f64>().ok()?,
+                    got.parse::<u64>().ok()?,
+                    secs.parse::<f64>().ok()?,
+                ))
+            })();
+            let (Some((connect, got, secs)), 0, Some(trip)) = (parsed, rc, trip) else {
+                bail!(
+                    "network probe in {} failed (exit {rc}): {out}",
+                    vsock.display()
+                );
+            };
+            if got < args.net_bytes {
+                bail!("guest read {got} of {} bytes: {out}", args.net_bytes);
+            }
+            figures.connect.push(Duration::from_secs_f64(connect));
+            figures.round_trip.push(trip);
+            figures
+                .guest_mbps
+                .push(args.net_bytes as f64 / 1e6 / secs.max(1e-9));
+        }
+        anyhow::Ok(figures)
+    }
+    .await;
+    // Stop the pool (destroying its VMs and namespace) whatever happened; then the fake
+    // internet goes when `inet` drops.
+    let _ = stop.send(());
+    let stopped = server.await;
+    let figures = leases?;
+    stopped??;
+    Ok(figures)
+}
+
+/// The floor: `GET /bytes/n` from the host's namespace, read to EOF in 1 MiB reads like the
+/// guest probe; MB/s from the request to EOF.
+async fn host_download(target: std::net::IpAddr, n: u64) -> anyhow::Result<f64> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(target, 80).into(), Duration::from_secs(10))?;
+        s.write_all(format!("GET /bytes/{n} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        let t = Instant::now();
+        loop {
+            match s.read(&mut buf)? {
+                0 => break,
+                k => got += k as u64,
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if got < n {
+            bail!("host read {got} of {n} bytes");
+        }
+        Ok(n as f64 / 1e6 / secs.max(1e-9))
+    })
+    .await?
+}
+
+/// Runs `code` in the guest's shell through its agent: (exit code, stdout+stderr), and the
+/// first `Some` `mark` returned on the output so far (it sees it after every chunk).
+async fn guest_shell<T>(
+    vsock: &std::path::Path,
+    code: &str,
+    mut mark: impl FnMut(&str) -> Option<T>,
+) -> anyhow::Result<((i32, String), Option<T>)> {
+    use capsa_proto::agent::v1::ExecuteRequest;
+    use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
+    use capsa_proto::common::v1::{ExecuteSpec, Language, execute_event};
+    let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);
+    let mut stream = AgentServiceClient::new(channel)
+        .execute(ExecuteRequest {
+            spec: Some(ExecuteSpec {
+                language: Language::Shell as i32,
+                code: code.into(),
+                timeout: Some(prost_types::Duration {
+                    seconds: BOOT_TIMEOUT.as_secs() as i64,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let (mut out, mut marked) = (String::new(), None);
+    while let Some(msg) = stream.message().await? {
+        match msg.event.and_then(|e| e.event) {
+            Some(execute_event::Event::Stdout(c) | execute_event::Event::Stderr(c)) => {
+                out.push_str(&String::from_utf8_lossy(&c.data));
+                if marked.is_none() {
+                    marked = mark(&out);
+                }
+            }
+            Some(execute_event::Event::Completion(c)) => return Ok(((c.exit_code, out), marked)),
+            _ => {}
+        }
+    }
+    bail!("execute ended without a completion: {out}")
+}
+
 async fn wait_warm(
     c: &mut VmPoolServiceClient<tonic::transport::Channel>,
     n: u32,
@@ -303,6 +544,11 @@ fn floor_initramfs() -> anyhow::Result<PathBuf> {
 
 fn median(v: &mut [Duration]) -> Duration {
     percentile(v, 50)
+}
+
+fn median_f(v: &mut [f64]) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
 }
 
 fn median_u(v: &mut [u64]) -> u64 {
