@@ -192,9 +192,19 @@ async fn serve(
     };
     let pool = Pool::new(hv, choice, templates, settings);
     let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
-    // CPU-bound VMs yield to interactive ones (capsa_vmm::cpu_balance).
+    // CPU-bound sessions yield to interactive ones (capsa_vmm::cpu_balance); booting and
+    // warm VMs are never demoted.
     let cgroups = capsa_vmm::cgroup::CgroupRoot::detect(&config.vm_cgroup)?;
-    tokio::spawn(capsa_vmm::cpu_balance::run(cgroups, pool.closing()));
+    let leases = pool.clone();
+    tokio::spawn(capsa_vmm::cpu_balance::run(
+        cgroups,
+        move |vm_id| {
+            leases
+                .get(vm_id)
+                .is_ok_and(|vm| vm.state == crate::vm::VmState::Leased)
+        },
+        pool.closing(),
+    ));
 
     let local = listener
         .local_addr()

@@ -1,15 +1,19 @@
-//! Keeps CPU-bound VMs from slowing down interactive ones.
+//! Keeps CPU-bound sessions from slowing down interactive ones.
 //!
 //! Each VM's cgroup caps it at its vcpus (`cpu.max`), but a node holds more vcpus than it has
 //! CPUs: five guests spinning at full speed on a 2-CPU host leave a sixth, which only wakes
 //! up to answer an `Execute`, one sixth of the CPU when it needs it. So every second this
-//! looks at how much each VM *wanted* the CPU (time its threads ran plus time they waited
-//! runnable, from `/proc/<pid>/task/*/schedstat`, which is independent of how contended the
-//! host is): a VM whose busiest thread wanted the CPU for [`BUSY`] of the time, [`DEMOTE_AFTER`]
-//! seconds in a row, is *batch*, and its cgroup gets `cpu.idle = 1` (the kernel runs it only
-//! when no normal task wants the CPU; where `cpu.idle` is missing, a tenth of the normal
-//! weight). It is *interactive* again after [`PROMOTE_AFTER`] seconds below [`IDLE`].
-//! A batch VM loses nothing on an idle host; under contention it gets what the others leave.
+//! looks at how much each leased VM *wanted* the CPU (time its threads ran plus time they
+//! waited runnable, from `/proc/<pid>/task/*/schedstat`, which does not depend on how
+//! contended the host is): a VM whose busiest thread wanted the CPU for [`BUSY`] of the time,
+//! [`DEMOTE_AFTER`] seconds in a row, is *batch*, and its cgroup gets an eighth of the normal
+//! CPU weight (`cpu.weight` 12 of 100 on v2, `cpu.shares` 128 of 1024 on v1). It is
+//! *interactive* again after [`PROMOTE_AFTER`] seconds below [`IDLE`]. A batch VM loses
+//! nothing on an idle host, and under contention still gets its eighth: a weight, not
+//! `cpu.idle`, because an idle-class VM starves outright while normal tasks run (seen: a VM
+//! demoted while it booted missed its 60 s health check beside two other boots). Only VMs
+//! the caller says are eligible (vm-pool: leased ones) are ever demoted: booting and warm
+//! VMs are the node's own work, and a starved boot is a lost VM.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +55,14 @@ impl Tracker {
             class: CpuClass::Interactive,
             streak: 0,
         }
+    }
+
+    /// Back to interactive with no history (a VM that is not eligible); returns the class
+    /// when that is a change.
+    fn reset(&mut self) -> Option<CpuClass> {
+        let was = self.class;
+        *self = Tracker::new();
+        (was != self.class).then_some(self.class)
     }
 
     /// Feeds one tick's demand (0.0 to 1.0); returns the new class when it changes.
@@ -120,21 +132,16 @@ fn demand(before: &HashMap<u32, u64>, now: &HashMap<u32, u64>, wall: Duration) -
         .min(1.0)
 }
 
-/// Applies `class` to a VM's cgroup (the dir of its cpu controller).
+/// Applies `class` to a VM's cgroup (the dir of its cpu controller): the default weight, or
+/// an eighth of it (v2 `cpu.weight` 100, v1 `cpu.shares` 1024).
 fn apply(cpu_dir: &Path, class: CpuClass) -> std::io::Result<()> {
-    let idle = cpu_dir.join("cpu.idle");
-    if idle.exists() {
-        let value = if class == CpuClass::Batch { "1" } else { "0" };
-        return std::fs::write(idle, value);
-    }
-    // Older kernels: a tenth of the default weight (v2 cpu.weight 100, v1 cpu.shares 1024).
     let (file, normal) = if cpu_dir.join("cpu.weight").exists() {
         ("cpu.weight", 100)
     } else {
         ("cpu.shares", 1024)
     };
     let value = if class == CpuClass::Batch {
-        normal / 10
+        normal / 8
     } else {
         normal
     };
@@ -149,9 +156,14 @@ fn cpu_parent(root: &CgroupRoot) -> PathBuf {
     }
 }
 
-/// Samples every VM cgroup under `root` once a second and moves VMs between the classes,
-/// until `cancel`.
-pub async fn run(root: CgroupRoot, cancel: CancellationToken) {
+/// Samples every VM cgroup under `root` once a second and moves the VMs for which
+/// `eligible(vm_id)` holds between the classes (any other goes back to interactive), until
+/// `cancel`.
+pub async fn run(
+    root: CgroupRoot,
+    eligible: impl Fn(&str) -> bool + Send + 'static,
+    cancel: CancellationToken,
+) {
     let parent = cpu_parent(&root);
     let mut vms: HashMap<PathBuf, (Tracker, HashMap<u32, u64>)> = HashMap::new();
     let mut last = Instant::now();
@@ -180,17 +192,22 @@ pub async fn run(root: CgroupRoot, cancel: CancellationToken) {
         };
         vms.retain(|dir, _| dirs.contains(dir));
         for dir in dirs {
+            let vm = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let sample = wanted_ns(&dir);
             let (tracker, before) = vms
                 .entry(dir.clone())
                 .or_insert_with(|| (Tracker::new(), HashMap::new()));
             let d = demand(before, &sample, wall);
             *before = sample;
-            if let Some(class) = tracker.observe(d) {
-                let vm = dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+            let change = if eligible(&vm) {
+                tracker.observe(d)
+            } else {
+                tracker.reset()
+            };
+            if let Some(class) = change {
                 match apply(&dir, class) {
                     Ok(()) => tracing::info!(vm = %vm, ?class, demand = d, "vm cpu class changed"),
                     Err(e) => {
@@ -253,33 +270,37 @@ mod tests {
     }
 
     #[test]
-    fn classes_are_written_to_the_cgroup_files() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cpu.idle"), "0").unwrap();
-        apply(dir.path(), CpuClass::Batch).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("cpu.idle")).unwrap(),
-            "1"
-        );
-        apply(dir.path(), CpuClass::Interactive).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("cpu.idle")).unwrap(),
-            "0"
-        );
+    fn an_ineligible_vm_goes_back_to_interactive_and_starts_over() {
+        let mut t = Tracker::new();
+        assert_eq!(t.reset(), None);
+        for _ in 0..DEMOTE_AFTER {
+            t.observe(1.0);
+        }
+        assert_eq!(t.class, CpuClass::Batch);
+        assert_eq!(t.reset(), Some(CpuClass::Interactive));
+        assert_eq!(t.observe(1.0), None, "the busy streak starts over");
+    }
 
+    #[test]
+    fn classes_are_written_as_cgroup_weights() {
         let v1 = tempfile::tempdir().unwrap();
         std::fs::write(v1.path().join("cpu.shares"), "1024").unwrap();
         apply(v1.path(), CpuClass::Batch).unwrap();
         assert_eq!(
             std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
-            "102"
+            "128"
+        );
+        apply(v1.path(), CpuClass::Interactive).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
+            "1024"
         );
         let v2 = tempfile::tempdir().unwrap();
         std::fs::write(v2.path().join("cpu.weight"), "100").unwrap();
         apply(v2.path(), CpuClass::Batch).unwrap();
         assert_eq!(
             std::fs::read_to_string(v2.path().join("cpu.weight")).unwrap(),
-            "10"
+            "12"
         );
     }
 }
