@@ -6,7 +6,7 @@
 # (release guest agent, guest image cached by content hash, the services), runs only the
 # soak test, and prints its summary table. The test suite runs the same test with 30 cycles.
 #
-#   deploy/scripts/soak.sh [CYCLES]        # default 300 (about an hour here, on TCG)
+#   deploy/scripts/soak.sh [CYCLES]        # default 300 (1407 s here, on TCG, with nothing else running)
 #   CAPSA_SOAK_SEED=N deploy/scripts/soak.sh 300   # replay a run (its seed is printed)
 #
 # The full output (services' logs included) goes to $CAPSA_SOAK_LOG (default
