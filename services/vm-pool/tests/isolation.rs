@@ -8,12 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use capsa_proto::agent::v1::ExecuteRequest;
-use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
-use capsa_proto::common::v1::{ExecuteSpec, Language, execute_event};
 use capsa_proto::vmpool::v1::{AcquireVmRequest, ReleaseVmRequest};
 use capsa_test_support::eventually;
-use common::{PoolUnderTest, pid_alive, wait_warm};
+use common::{PoolUnderTest, pid_alive, shell, wait_warm};
 
 /// This test's own parent cgroup, so nothing else's VMs are looked at.
 const CGROUP: &str = "capsa-vmpool-isolation-test";
@@ -54,38 +51,6 @@ fn vm_cgroups_exist(vm_id: &str) -> bool {
     ["memory", "cpu", "pids"]
         .iter()
         .any(|c| cgroup_file(vm_id, c, "").exists())
-}
-
-/// Runs `code` in the guest's shell through its agent; returns (exit code, stdout+stderr).
-async fn shell(vsock: &Path, code: &str) -> (i32, String) {
-    let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);
-    let mut agent = AgentServiceClient::new(channel);
-    let mut stream = agent
-        .execute(ExecuteRequest {
-            spec: Some(ExecuteSpec {
-                language: Language::Shell as i32,
-                code: code.into(),
-                timeout: Some(prost_types::Duration {
-                    seconds: 900,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = String::new();
-    while let Some(msg) = stream.message().await.unwrap() {
-        match msg.event.and_then(|e| e.event) {
-            Some(execute_event::Event::Stdout(c) | execute_event::Event::Stderr(c)) => {
-                out.push_str(&String::from_utf8_lossy(&c.data))
-            }
-            Some(execute_event::Event::Completion(c)) => return (c.exit_code, out),
-            _ => {}
-        }
-    }
-    panic!("execute ended without a completion: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,8 +262,9 @@ pub async fn shell_with(
             spec: Some(ExecuteSpec {
                 language: Language::Shell as i32,
                 code: code.into(),
+                // Generous: the isolation test fills the guest's disk under TCG.
                 timeout: Some(prost_types::Duration {
-                    seconds: 600,
+                    seconds: 900,
                     nanos: 0,
                 }),
                 ..Default::default()
