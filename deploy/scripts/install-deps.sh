@@ -16,6 +16,8 @@ APT_PACKAGES=(
   debootstrap e2fsprogs busybox-static cpio xz-utils
   # run: VMs, state, the scripts' helpers (python3: free ports and JSON in up.sh; git: buf breaking)
   qemu-system-x86 qemu-utils redis-server redis-tools python3 git ca-certificates
+  # the Python client and its tests (deploy/scripts/python-env.sh builds a venv from these)
+  python3-venv python3-pip
   # VM networking: vm-pool's namespace, veth, taps (iproute2) and firewall (nftables, JSON)
   iproute2 nftables
 )

@@ -22,9 +22,18 @@ cargo build --release --locked -p capsa-guest-agent --bin capsa-agent
 CAPSA_IMAGE_DIR="$(deploy/guest/build-image.sh --agent "$target/release/capsa-agent" | tail -n 1)"
 export CAPSA_IMAGE_DIR
 
+# The Python client's tests and the InstaVM SDK's run from the e2e tests with this interpreter.
+echo "[test] python env"
+CAPSA_PYTHON="$(deploy/scripts/python-env.sh | tail -n 1)"
+export CAPSA_PYTHON
+
 # Bounded: the parsers of untrusted input, 20 s each (deploy/scripts/fuzz.sh for long runs).
 echo "[test] fuzz"
 deploy/scripts/fuzz.sh --seconds 20
 
 echo "[test] cargo nextest"
 cargo nextest run --locked --workspace
+
+# nextest does not run doc tests: the client crate's documented examples must compile.
+echo "[test] doc examples"
+cargo test --locked --doc -p capsa-client

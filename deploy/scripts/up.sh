@@ -7,8 +7,9 @@
 #   deploy/scripts/up.sh            # stack + demo, stays up
 #   deploy/scripts/up.sh --no-wait  # stack + demo, then stop (scripts, smoke tests)
 #
-# Environment: CAPSA_PORT (public port, default 50051), CAPSA_WARM (warm VMs, default 1),
-# CAPSA_CACHE_DIR (kernel/rootfs/image cache, default /var/cache/capsa).
+# Environment: CAPSA_PORT (public port, default 50051), CAPSA_HTTP_PORT (the InstaVM-compatible
+# HTTP gateway, default 8080), CAPSA_WARM (warm VMs, default 1), CAPSA_CACHE_DIR
+# (kernel/rootfs/image cache, default /var/cache/capsa).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -18,6 +19,7 @@ target="${CARGO_TARGET_DIR:-$root/target}"
 bin="$target/release"
 state="$root/.capsa"
 public_port="${CAPSA_PORT:-50051}"
+http_port="${CAPSA_HTTP_PORT:-8080}"
 wait_for_signal=1
 [ "${1:-}" = "--no-wait" ] && wait_for_signal=0
 
@@ -25,7 +27,7 @@ deploy/scripts/install-deps.sh
 
 echo "[up] building release binaries"
 cargo build --release --locked -p capsa-session-manager -p capsa-vm-pool -p capsa-executor \
-  -p capsa-metering -p capsa-guest-agent -p capsa-cli
+  -p capsa-metering -p capsa-guest-agent -p capsa-cli -p capsa-gateway
 image_dir="$(deploy/guest/build-image.sh --agent "$bin/capsa-agent" | tail -n 1)"
 
 mkdir -p "$state/logs" "$state/redis" "$state/vm-state"
@@ -102,18 +104,24 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+start_service capsa-gateway "$http_port" --session-manager-url "http://$session_addr" \
+  --redis-url "$redis_url"
+http_addr=$addr
+
 api_key="$("$bin/capsa-session-manager" create-api-key --redis-url "$redis_url" --tenant dev --name dev)"
 # The key is a secret: the file is the owner's alone (0600), created so from the start.
 rm -f "$state/dev.env"
 (umask 077 && cat >"$state/dev.env") <<ENV
 CAPSA_ENDPOINT=http://$session_addr
+CAPSA_HTTP_ENDPOINT=http://$http_addr
 CAPSA_API_KEY=$api_key
 ENV
 echo
 echo "Capsa is up."
 echo "  endpoint: http://$session_addr"
+echo "  http:     http://$http_addr (InstaVM-compatible; InstaVM(key, base_url=...))"
 echo "  api key:  $api_key"
-echo "  (both written to $state/dev.env; logs in $state/logs/)"
+echo "  (all written to $state/dev.env; logs in $state/logs/)"
 echo
 
 echo "[demo] creating a session (the first VM may still be booting under software emulation)"
@@ -132,6 +140,17 @@ echo "[demo] \$ capsa exec $sid 'import tabulate; print(tabulate.tabulate([[1, 2
 "$capsa" exec "$sid" 'import tabulate; print(tabulate.tabulate([[1, 2]]))'
 echo "[demo] \$ capsa info $sid";                 "$capsa" info "$sid"
 echo "[demo] \$ capsa usage $sid";                "$capsa" usage "$sid"
+echo "[demo] POST http://$http_addr/execute {\"session_id\": \"$sid\", \"command\": \"print(x + 1)\"}"
+echo "[demo]   (the same session through the InstaVM-compatible HTTP API)"
+CAPSA_DEMO_KEY="$api_key" python3 - "http://$http_addr/execute" "$sid" <<'PY'
+import json, os, sys, urllib.request
+url, sid = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url, json.dumps({"session_id": sid, "command": "print(x + 1)"}).encode(),
+                             {"X-API-Key": os.environ["CAPSA_DEMO_KEY"], "Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(req, timeout=120))
+print(out["stdout"], end="")
+assert out["stdout"] == "43\n", out
+PY
 echo "[demo] \$ capsa kill $sid";                 "$capsa" kill "$sid"
 echo "[demo] done"
 

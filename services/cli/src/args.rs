@@ -1,11 +1,12 @@
 //! The command line, as clap parses it. Validation that clap cannot express (durations,
 //! `K=V` pairs, octal modes) happens in value parsers here, so a bad argument is a usage
-//! error (exit 2) before anything is sent.
+//! error (exit 2) before anything is sent. Every option and positional has help text (a
+//! test walks the whole tree).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use capsa_proto::common::v1::EgressPolicy;
+use capsa_client::EgressPolicy;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Exit status of `capsa exec` when the code did not simply run to its end.
@@ -28,6 +29,15 @@ printed like a REPL; display data (e.g. matplotlib PNGs) is saved to files.
 With --json, every event is one JSON line on stdout (output as \"text\" when it is
 UTF-8, else \"base64\").";
 
+const COMPLETIONS_HELP: &str = "\
+Install, e.g.:
+  bash: capsa completions bash > ~/.local/share/bash-completion/completions/capsa
+  zsh:  capsa completions zsh > ~/.zfunc/_capsa   (with ~/.zfunc in $fpath)
+  fish: capsa completions fish > ~/.config/fish/completions/capsa.fish";
+
+/// Durations are humantime's: `500ms`, `30s`, `10m`, `1h`, `1h30m`, `2h 5m`.
+const DURATION: &str = "DURATION";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "capsa",
@@ -48,7 +58,7 @@ pub struct Cli {
     #[arg(long, env = "CAPSA_ENV_FILE", global = true, value_name = "PATH")]
     pub env_file: Option<PathBuf>,
 
-    /// Machine-readable output: one JSON object per line.
+    /// Machine-readable output: one JSON object per line (and no progress bars).
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -63,12 +73,18 @@ pub enum Command {
     /// Run code in a session's persistent kernel.
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
-    /// Upload a local file into a session.
+    /// Upload a local file into a session (a progress bar on a terminal).
     Upload(UploadArgs),
     /// Download a file from a session (streams to disk; LOCAL `-` is stdout).
     Download(DownloadArgs),
     /// List a directory in a session.
     Ls(LsArgs),
+    /// Show a file or directory in a session.
+    Stat(PathArgs),
+    /// Create a directory (and its parents) in a session.
+    Mkdir(MkdirArgs),
+    /// Remove a file, or with -r a directory and everything under it, in a session.
+    Rm(RmArgs),
     /// Show a session.
     Info(SessionArg),
     /// Resource use of a session, or of your whole tenant with --tenant.
@@ -81,6 +97,9 @@ pub enum Command {
     List(ListArgs),
     /// Show a session's egress policy, or replace it with --set and the policy flags.
     Egress(EgressArgs),
+    /// Print a shell completion script to stdout.
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions(CompletionsArgs),
 }
 
 /// What a session's VM may reach, as flags. At create, no flag means the server's default
@@ -139,6 +158,7 @@ impl EgressFlags {
         .requires("set")
 ))]
 pub struct EgressArgs {
+    /// Session id.
     pub session: String,
     /// Replace the policy with the one the flags make (needs at least one flag).
     #[arg(long, requires = "policy_flags")]
@@ -152,18 +172,20 @@ pub struct CreateArgs {
     /// VM template [default: the server's default]
     #[arg(long)]
     pub template: Option<String>,
+    /// Virtual CPUs, 1 to 8 [default: the template's, 1]
     #[arg(long)]
     pub vcpus: Option<u32>,
+    /// Memory in MiB, 128 to 8192 [default: the template's, 512]
     #[arg(long)]
     pub memory_mib: Option<u32>,
-    /// Lifetime, e.g. 10m or 1h [default: the server's, 5m]
-    #[arg(long, value_parser = parse_duration)]
+    /// Lifetime, e.g. 10m or 1h30m [default: the server's, 5m]
+    #[arg(long, value_name = DURATION, value_parser = parse_duration)]
     pub lifetime: Option<Duration>,
     /// Environment for every kernel, K=V (repeatable).
-    #[arg(long = "env", value_parser = parse_pair)]
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_pair)]
     pub env: Vec<(String, String)>,
     /// Label to filter `capsa list` by, K=V (repeatable).
-    #[arg(long = "label", value_parser = parse_pair)]
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub egress: EgressFlags,
@@ -177,6 +199,7 @@ pub enum Lang {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
+    /// Session id.
     pub session: String,
     /// Code to run; `-` reads it from stdin.
     #[arg(required_unless_present = "file", conflicts_with = "file")]
@@ -184,13 +207,14 @@ pub struct ExecArgs {
     /// Read the code from FILE.
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
+    /// Interpreter: each has one persistent kernel per session.
     #[arg(long, value_enum, default_value_t = Lang::Python)]
     pub lang: Lang,
     /// Timeout measured in the sandbox, e.g. 30s [default: the server's, 60s]
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_name = DURATION, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
     /// Extra environment for this call only, K=V (repeatable).
-    #[arg(long = "env", value_parser = parse_pair)]
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_pair)]
     pub env: Vec<(String, String)>,
     /// Working directory for this call only.
     #[arg(long)]
@@ -206,8 +230,11 @@ pub struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub struct UploadArgs {
+    /// Session id.
     pub session: String,
+    /// Local file to read.
     pub local: PathBuf,
+    /// Absolute path in the session; parent directories are created.
     pub remote: String,
     /// Permission bits in octal, e.g. 755 [default: 644]
     #[arg(long, value_parser = parse_mode)]
@@ -219,25 +246,63 @@ pub struct UploadArgs {
 
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
+    /// Session id.
     pub session: String,
+    /// Absolute path of the file in the session.
     pub remote: String,
+    /// Local file to write (replaced only once complete), a directory to write into, or
+    /// `-` for stdout.
     pub local: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct LsArgs {
+    /// Session id.
     pub session: String,
+    /// Directory to list (absolute).
     #[arg(default_value = "/")]
     pub path: String,
 }
 
 #[derive(Debug, Args)]
+pub struct PathArgs {
+    /// Session id.
+    pub session: String,
+    /// Absolute path in the session.
+    pub path: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MkdirArgs {
+    /// Session id.
+    pub session: String,
+    /// Absolute path of the directory; missing parents are created too.
+    pub path: String,
+    /// Permission bits in octal, e.g. 700 [default: 755]
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Session id.
+    pub session: String,
+    /// Absolute path of the file or directory.
+    pub path: String,
+    /// Remove a directory and everything under it.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct SessionArg {
+    /// Session id.
     pub session: String,
 }
 
 #[derive(Debug, Args)]
 pub struct UsageArgs {
+    /// Session id (or --tenant).
     #[arg(required_unless_present = "tenant", conflicts_with = "tenant")]
     pub session: Option<String>,
     /// Sum over every session of your tenant.
@@ -247,8 +312,10 @@ pub struct UsageArgs {
 
 #[derive(Debug, Args)]
 pub struct ExtendArgs {
+    /// Session id.
     pub session: String,
-    #[arg(value_parser = parse_duration)]
+    /// How much longer, e.g. 10m or 1h.
+    #[arg(value_name = DURATION, value_parser = parse_duration)]
     pub by: Duration,
 }
 
@@ -262,15 +329,24 @@ pub enum StatusFilter {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Only sessions in this status.
     #[arg(long, value_enum)]
     pub status: Option<StatusFilter>,
     /// Only sessions with this label, K=V (repeatable; all must match).
-    #[arg(long = "label", value_parser = parse_pair)]
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s)
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// humantime's grammar: `500ms`, `30s`, `10m`, `1h`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; durations look like 30s, 10m or 1h30m"))
 }
 
 /// `K=V` with a non-empty key.
@@ -472,5 +548,74 @@ mod tests {
         assert!(parse_mode("12345").is_err());
         assert!(parse_pair("=v").is_err());
         assert_eq!(parse_pair("k="), Ok(("k".into(), String::new())));
+    }
+
+    #[test]
+    fn durations_are_humantime() {
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "soon", "5x", "-3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_subcommands() {
+        let Command::Rm(r) = parse(&["rm", "s-1", "/d", "-r"]).unwrap().command else {
+            panic!()
+        };
+        assert!(r.recursive && r.path == "/d");
+        let Command::Rm(r) = parse(&["rm", "s-1", "/f"]).unwrap().command else {
+            panic!()
+        };
+        assert!(!r.recursive);
+        let Command::Mkdir(m) = parse(&["mkdir", "s-1", "/a/b", "--mode", "700"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!((m.path.as_str(), m.mode), ("/a/b", Some(0o700)));
+        assert!(matches!(
+            parse(&["stat", "s-1", "/f"]).unwrap().command,
+            Command::Stat(p) if p.path == "/f"
+        ));
+        assert_eq!(parse(&["stat", "s-1"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn every_option_and_positional_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "capsa",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn a_mistyped_subcommand_gets_a_suggestion() {
+        let err = parse(&["exce", "s-1", "x"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("'exec'"), "{err}");
+        let err = parse(&["create", "--lifetim", "1m"]).unwrap_err();
+        assert!(err.to_string().contains("--lifetime"), "{err}");
     }
 }

@@ -1,80 +1,23 @@
-//! One function per subcommand: build the request, call the API, render the answer. Every
-//! stream is consumed as it arrives (exec output to the terminal, downloads to disk), never
-//! collected whole.
+//! One function per subcommand: call the API through `capsa-client`, render the answer.
+//! Every stream is consumed as it arrives (exec output to the terminal, downloads to disk),
+//! never collected whole.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::io::{IsTerminal as _, Write};
+use std::path::Path;
+use std::time::Instant;
 
-use bytes::BytesMut;
-use capsa_proto::common::v1::{Language, UploadHeader, execute_event::Event};
-use capsa_proto::limits::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
-use capsa_proto::session::v1::session_service_client::SessionServiceClient;
-use capsa_proto::session::v1::*;
+use capsa_client::{
+    Client, Event, ExecuteOptions, Language, ListOptions, SessionOptions, SessionStatus,
+    UploadOptions,
+};
 use futures::StreamExt as _;
-use sha2::Digest as _;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncReadExt as _;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::args::*;
-use crate::config::Target;
-use crate::error::CliError;
+use crate::error::{CliError, local};
 use crate::render::{self, ExecRenderer};
 use crate::view;
-
-/// Adds `authorization: Bearer <key>` to every call.
-#[derive(Clone)]
-pub struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-pub type Client = SessionServiceClient<InterceptedService<Channel, Auth>>;
-
-pub async fn connect(target: &Target) -> Result<Client, CliError> {
-    let auth = format!("Bearer {}", target.api_key).parse().map_err(|_| {
-        CliError::Usage("the API key contains characters not allowed in a header".into())
-    })?;
-    let connect_err = |message: String| CliError::Connect {
-        endpoint: target.endpoint.clone(),
-        message,
-    };
-    let channel = tonic::transport::Endpoint::from_shared(target.endpoint.clone())
-        .map_err(|e| CliError::Usage(format!("invalid endpoint {}: {e}", target.endpoint)))?
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| connect_err(capsa_error_chain(&e)))?;
-    // Uploads go in chunks of the API's maximum; results and figures come back in messages
-    // up to the contract's limit, past tonic's default 4 MiB.
-    Ok(SessionServiceClient::with_interceptor(channel, Auth(auth))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
-}
-
-fn capsa_error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out += &format!(": {s}");
-        source = s.source();
-    }
-    out
-}
-
-fn local(e: std::io::Error) -> CliError {
-    CliError::Local(e.to_string())
-}
 
 /// Writes a line to stdout, turning a closed pipe into an error instead of a panic.
 fn say(line: impl std::fmt::Display) -> Result<(), CliError> {
@@ -88,22 +31,42 @@ fn note(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-pub async fn create(client: &mut Client, a: CreateArgs, json: bool) -> Result<u8, CliError> {
-    let request = CreateSessionRequest {
-        template: a.template.unwrap_or_default(),
-        vcpus: a.vcpus.unwrap_or(0),
-        memory_mib: a.memory_mib.unwrap_or(0),
-        lifetime: a.lifetime.map(capsa_proto::time::duration),
+fn print_block(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(local)
+}
+
+/// A byte progress bar on stderr, only for people: none with `--json` or when stderr is
+/// not a terminal (piped, redirected, in CI).
+fn progress_bar(json: bool, total: u64, verb: &str) -> Option<ProgressBar> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(verb.to_owned());
+    Some(bar)
+}
+
+pub async fn create(client: &Client, a: CreateArgs, json: bool) -> Result<u8, CliError> {
+    let options = SessionOptions {
+        template: a.template,
+        vcpus: a.vcpus,
+        memory_mib: a.memory_mib,
+        lifetime: a.lifetime,
         env: a.env.into_iter().collect(),
-        metadata: a.labels.into_iter().collect(),
+        labels: a.labels.into_iter().collect(),
         egress: a.egress.policy(),
     };
-    let session = client
-        .create_session(request)
-        .await?
-        .into_inner()
-        .session
-        .unwrap_or_default();
+    // The session outlives this command: it is left running for the next ones.
+    let session = client.create_session_info(options).await?;
     if json {
         say(view::session_json(&session))?;
     } else {
@@ -138,21 +101,20 @@ async fn read_code(a: &ExecArgs) -> Result<String, CliError> {
 }
 
 /// Runs code and streams its events; returns the exit status for the code's outcome.
-pub async fn exec(client: &mut Client, a: ExecArgs, json: bool) -> Result<u8, CliError> {
+pub async fn exec(client: &Client, a: ExecArgs, json: bool) -> Result<u8, CliError> {
     let code = read_code(&a).await?;
-    let request = ExecuteRequest {
-        session_id: a.session.clone(),
+    let options = ExecuteOptions {
         language: match a.lang {
             Lang::Python => Language::Python,
             Lang::Shell => Language::Shell,
-        } as i32,
-        code,
-        timeout: a.timeout.map(capsa_proto::time::duration),
+        },
+        timeout: a.timeout,
         env: a.env.into_iter().collect(),
-        cwd: a.cwd.unwrap_or_default(),
-        max_output_bytes: a.max_output_bytes.unwrap_or(0),
+        cwd: a.cwd,
+        max_output_bytes: a.max_output_bytes,
     };
-    let mut stream = client.execute(request).await?.into_inner();
+    let session = client.session(&a.session);
+    let mut events = session.execute_with(code, options).await?;
     let mut renderer = ExecRenderer::new(
         std::io::stdout(),
         std::io::stderr(),
@@ -161,10 +123,8 @@ pub async fn exec(client: &mut Client, a: ExecArgs, json: bool) -> Result<u8, Cl
         &a.session,
     );
     let mut status = None;
-    while let Some(message) = stream.message().await? {
-        let Some(event) = message.event.and_then(|e| e.event) else {
-            continue;
-        };
+    while let Some(event) = events.next().await {
+        let event = event?;
         renderer.event(&event).map_err(local)?;
         if let Event::Completion(c) = &event {
             status = Some(render::exit_status(c));
@@ -173,71 +133,38 @@ pub async fn exec(client: &mut Client, a: ExecArgs, json: bool) -> Result<u8, Cl
     status.ok_or_else(|| CliError::Local("the execute stream ended without a completion".into()))
 }
 
-pub async fn upload(client: &mut Client, a: UploadArgs, json: bool) -> Result<u8, CliError> {
-    let started = std::time::Instant::now();
+pub async fn upload(client: &Client, a: UploadArgs, json: bool) -> Result<u8, CliError> {
+    let started = Instant::now();
     let file = tokio::fs::File::open(&a.local)
         .await
         .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", a.local.display())))?;
     let size = file.metadata().await.map_err(local)?.len();
-    let header = UploadFileRequest {
-        part: Some(upload_file_request::Part::Header(UploadFileHeader {
-            session_id: a.session,
-            file: Some(UploadHeader {
-                path: a.remote.clone(),
-                mode: a.mode.unwrap_or(0),
-                no_overwrite: a.no_overwrite,
-                size: Some(size),
-            }),
-        })),
+    let options = UploadOptions {
+        mode: a.mode,
+        no_overwrite: a.no_overwrite,
+        size: Some(size),
     };
-    // Read and hash chunk by chunk as the transport asks for them.
-    let hasher = Arc::new(Mutex::new(sha2::Sha256::new()));
-    let read_error = Arc::new(Mutex::new(None));
-    let (h, re) = (hasher.clone(), read_error.clone());
-    let chunks = futures::stream::unfold(file, move |mut file| {
-        let (h, re) = (h.clone(), re.clone());
-        async move {
-            let mut buf = BytesMut::with_capacity(MAX_CHUNK_BYTES);
-            while buf.len() < MAX_CHUNK_BYTES {
-                match file.read_buf(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        // Ending here short of the declared size makes the server reject it.
-                        *re.lock().unwrap() = Some(e);
-                        return None;
-                    }
-                }
-            }
-            if buf.is_empty() {
-                return None;
-            }
-            h.lock().unwrap().update(&buf);
-            let data = upload_file_request::Part::Data(buf.freeze());
-            Some((UploadFileRequest { part: Some(data) }, file))
+    let session = client.session(&a.session);
+    let uploaded = match progress_bar(json, size, "upload") {
+        Some(bar) => {
+            let result = session
+                .upload_from(bar.wrap_async_read(file), &a.remote, options)
+                .await;
+            bar.finish_and_clear();
+            result
         }
-    });
-    let response = client
-        .upload_file(futures::stream::iter([header]).chain(chunks))
-        .await;
-    if let Some(e) = read_error.lock().unwrap().take() {
-        return Err(CliError::Local(format!(
-            "reading {}: {e}",
-            a.local.display()
-        )));
+        None => session.upload_from(file, &a.remote, options).await,
     }
-    let result = response?.into_inner().result.unwrap_or_default();
-    let local_sha = hex::encode(hasher.lock().unwrap().clone().finalize());
-    if result.sha256 != local_sha {
-        return Err(CliError::Local(format!(
-            "the sandbox received different bytes (sha256 {} != local {local_sha})",
-            result.sha256
-        )));
-    }
-    let info = result.info.unwrap_or_default();
+    .map_err(|e| match e {
+        capsa_client::Error::Io { source, .. } => {
+            CliError::Local(format!("reading {}: {source}", a.local.display()))
+        }
+        other => other.into(),
+    })?;
+    let info = uploaded.info;
     if json {
         let mut v = view::file_json(&info);
-        v["sha256"] = serde_json::json!(result.sha256);
+        v["sha256"] = serde_json::json!(uploaded.sha256);
         say(v)?;
     } else {
         note(format!(
@@ -245,7 +172,7 @@ pub async fn upload(client: &mut Client, a: UploadArgs, json: bool) -> Result<u8
             view::bytes_note(
                 Path::new(&info.path),
                 info.size,
-                &result.sha256,
+                &uploaded.sha256,
                 started.elapsed()
             )
         ));
@@ -253,105 +180,44 @@ pub async fn upload(client: &mut Client, a: UploadArgs, json: bool) -> Result<u8
     Ok(0)
 }
 
-/// Removes a partial download unless it was completed.
-struct PartFile {
-    path: PathBuf,
-    done: bool,
-}
-
-impl Drop for PartFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-pub async fn download(client: &mut Client, a: DownloadArgs, json: bool) -> Result<u8, CliError> {
-    use tokio::io::AsyncWriteExt as _;
-    let started = std::time::Instant::now();
-    let request = DownloadFileRequest {
-        session_id: a.session,
-        path: a.remote.clone(),
-    };
-    let mut stream = client.download_file(request).await?.into_inner();
-    let Some(download_file_response::Part::Info(info)) =
-        stream.message().await?.and_then(|m| m.part)
-    else {
-        return Err(CliError::Local(
-            "the download did not start with the file's info".into(),
-        ));
-    };
+pub async fn download(client: &Client, a: DownloadArgs, json: bool) -> Result<u8, CliError> {
+    let started = Instant::now();
+    let mut download = client.session(&a.session).download(&a.remote).await?;
     let to_stdout = a.local.as_os_str() == "-";
     let target = if !to_stdout && a.local.is_dir() {
-        a.local.join(&info.name)
+        a.local.join(&download.info().name)
     } else {
         a.local.clone()
     };
-    let mut part = None;
-    let mut sink: Box<dyn tokio::io::AsyncWrite + Unpin> = if to_stdout {
-        Box::new(tokio::io::stdout())
+    let bar = progress_bar(json, download.info().size, "download");
+    if let Some(bar) = bar.clone() {
+        download = download.on_progress(move |n| bar.inc(n));
+    }
+    let result = if to_stdout {
+        download.write_to(tokio::io::stdout()).await
     } else {
-        let dir = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let path = dir.join(format!(".{name}.capsa-part-{}", std::process::id()));
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))?;
-        part = Some(PartFile { path, done: false });
-        Box::new(file)
+        download.save_as(&target).await
     };
-    let mut hasher = sha2::Sha256::new();
-    let mut size = 0u64;
-    while let Some(message) = stream.message().await? {
-        let Some(download_file_response::Part::Data(data)) = message.part else {
-            return Err(CliError::Local("unexpected message in the download".into()));
-        };
-        hasher.update(&data);
-        size += data.len() as u64;
-        sink.write_all(&data).await.map_err(local)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
-    sink.flush().await.map_err(local)?;
-    drop(sink);
-    if size != info.size {
-        return Err(CliError::Local(format!(
-            "the download ended after {size} of {} bytes",
-            info.size
-        )));
-    }
-    if let Some(mut part) = part {
-        tokio::fs::rename(&part.path, &target)
-            .await
-            .map_err(local)?;
-        part.done = true;
-    }
-    let sha = hex::encode(hasher.finalize());
+    let done = result?;
     if json {
-        let mut v = view::file_json(&info);
-        v["sha256"] = serde_json::json!(sha);
+        let mut v = view::file_json(&done.info);
+        v["sha256"] = serde_json::json!(done.sha256);
         v["local"] = serde_json::json!(target.display().to_string());
         say(v)?;
     } else {
         note(format!(
             "capsa: downloaded {}",
-            view::bytes_note(&target, size, &sha, started.elapsed())
+            view::bytes_note(&target, done.bytes, &done.sha256, started.elapsed())
         ));
     }
     Ok(0)
 }
 
-pub async fn ls(client: &mut Client, a: LsArgs, json: bool) -> Result<u8, CliError> {
-    let request = ListFilesRequest {
-        session_id: a.session,
-        path: a.path,
-    };
-    let mut files = client.list_files(request).await?.into_inner().files;
+pub async fn ls(client: &Client, a: LsArgs, json: bool) -> Result<u8, CliError> {
+    let mut files = client.session(&a.session).list_files(&a.path).await?;
     files.sort_by(|x, y| x.name.cmp(&y.name));
     for f in &files {
         if json {
@@ -363,16 +229,44 @@ pub async fn ls(client: &mut Client, a: LsArgs, json: bool) -> Result<u8, CliErr
     Ok(0)
 }
 
-pub async fn info(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, CliError> {
-    let request = GetSessionRequest {
-        session_id: a.session,
-    };
-    let session = client
-        .get_session(request)
-        .await?
-        .into_inner()
-        .session
-        .unwrap_or_default();
+pub async fn stat(client: &Client, a: PathArgs, json: bool) -> Result<u8, CliError> {
+    let info = client.session(&a.session).stat(&a.path).await?;
+    if json {
+        say(view::file_json(&info))?;
+    } else {
+        print_block(&view::file_text(&info))?;
+    }
+    Ok(0)
+}
+
+pub async fn mkdir(client: &Client, a: MkdirArgs, json: bool) -> Result<u8, CliError> {
+    let session = client.session(&a.session);
+    let info = session
+        .mkdir_with_mode(&a.path, a.mode.unwrap_or(0o755))
+        .await?;
+    if json {
+        say(view::file_json(&info))?;
+    } else {
+        say(view::file_row(&info))?;
+    }
+    Ok(0)
+}
+
+pub async fn rm(client: &Client, a: RmArgs, json: bool) -> Result<u8, CliError> {
+    let session = client.session(&a.session);
+    if a.recursive {
+        session.remove_all(&a.path).await?;
+    } else {
+        session.remove(&a.path).await?;
+    }
+    if json {
+        say(serde_json::json!({"path": a.path, "removed": true}))?;
+    }
+    Ok(0)
+}
+
+pub async fn info(client: &Client, a: SessionArg, json: bool) -> Result<u8, CliError> {
+    let session = client.session_info(&a.session).await?;
     if json {
         say(view::session_json(&session))?;
     } else {
@@ -382,29 +276,16 @@ pub async fn info(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, 
 }
 
 /// Prints a session's egress policy, or with `--set` replaces it and prints the new one.
-pub async fn egress(client: &mut Client, a: EgressArgs, json: bool) -> Result<u8, CliError> {
+pub async fn egress(client: &Client, a: EgressArgs, json: bool) -> Result<u8, CliError> {
+    let session = client.session(&a.session);
     let policy = if a.set {
         let policy = a.policy.policy().ok_or_else(|| {
             CliError::Usage("--set needs the new policy: give at least one policy flag".into())
         })?;
-        client
-            .update_egress_policy(UpdateEgressPolicyRequest {
-                session_id: a.session,
-                egress: Some(policy),
-            })
-            .await?
-            .into_inner()
-            .egress
+        session.set_egress(policy).await?
     } else {
-        client
-            .get_egress_policy(GetEgressPolicyRequest {
-                session_id: a.session,
-            })
-            .await?
-            .into_inner()
-            .egress
-    }
-    .unwrap_or_default();
+        session.egress().await?
+    };
     if json {
         say(view::egress_json(&policy))?;
     } else {
@@ -413,39 +294,25 @@ pub async fn egress(client: &mut Client, a: EgressArgs, json: bool) -> Result<u8
     Ok(0)
 }
 
-fn print_block(text: &str) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(local)
-}
-
-pub async fn usage(client: &mut Client, a: UsageArgs, json: bool) -> Result<u8, CliError> {
+pub async fn usage(client: &Client, a: UsageArgs, json: bool) -> Result<u8, CliError> {
     match a.session {
         Some(session_id) => {
-            let r = client
-                .get_usage(GetUsageRequest { session_id })
-                .await?
-                .into_inner();
-            let usage = r.usage.unwrap_or_default();
+            let usage = client.session(&session_id).usage().await?;
             if json {
                 let mut v = view::usage_json(&usage);
-                v["session_id"] = serde_json::json!(r.session_id);
+                v["session_id"] = serde_json::json!(session_id);
                 say(v)?;
             } else {
                 print_block(&format!(
                     "{:<14} {}\n{}",
                     "session",
-                    r.session_id,
+                    session_id,
                     view::usage_text(&usage)
                 ))?;
             }
         }
         None => {
-            let r = client
-                .get_tenant_usage(GetTenantUsageRequest {})
-                .await?
-                .into_inner();
+            let r = client.tenant_usage().await?;
             let total = r.total.unwrap_or_default();
             if json {
                 let mut v = view::usage_json(&total);
@@ -470,17 +337,8 @@ pub async fn usage(client: &mut Client, a: UsageArgs, json: bool) -> Result<u8, 
     Ok(0)
 }
 
-pub async fn extend(client: &mut Client, a: ExtendArgs, json: bool) -> Result<u8, CliError> {
-    let request = ExtendSessionRequest {
-        session_id: a.session,
-        extend_by: Some(capsa_proto::time::duration(a.by)),
-    };
-    let session = client
-        .extend_session(request)
-        .await?
-        .into_inner()
-        .session
-        .unwrap_or_default();
+pub async fn extend(client: &Client, a: ExtendArgs, json: bool) -> Result<u8, CliError> {
+    let session = client.session(&a.session).extend(a.by).await?;
     if json {
         say(view::session_json(&session))?;
     } else {
@@ -493,16 +351,8 @@ pub async fn extend(client: &mut Client, a: ExtendArgs, json: bool) -> Result<u8
     Ok(0)
 }
 
-pub async fn kill(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, CliError> {
-    let request = DeleteSessionRequest {
-        session_id: a.session,
-    };
-    let session = client
-        .delete_session(request)
-        .await?
-        .into_inner()
-        .session
-        .unwrap_or_default();
+pub async fn kill(client: &Client, a: SessionArg, json: bool) -> Result<u8, CliError> {
+    let session = client.delete_session(&a.session).await?;
     if json {
         say(view::session_json(&session))?;
     } else {
@@ -517,37 +367,27 @@ pub async fn kill(client: &mut Client, a: SessionArg, json: bool) -> Result<u8, 
     Ok(0)
 }
 
-pub async fn list(client: &mut Client, a: ListArgs, json: bool) -> Result<u8, CliError> {
-    let status = match a.status {
-        None => SessionStatus::Unspecified,
-        Some(StatusFilter::Creating) => SessionStatus::Creating,
-        Some(StatusFilter::Active) => SessionStatus::Active,
-        Some(StatusFilter::Terminating) => SessionStatus::Terminating,
-        Some(StatusFilter::Terminated) => SessionStatus::Terminated,
+pub async fn list(client: &Client, a: ListArgs, json: bool) -> Result<u8, CliError> {
+    let status = a.status.map(|s| match s {
+        StatusFilter::Creating => SessionStatus::Creating,
+        StatusFilter::Active => SessionStatus::Active,
+        StatusFilter::Terminating => SessionStatus::Terminating,
+        StatusFilter::Terminated => SessionStatus::Terminated,
+    });
+    let options = ListOptions {
+        status,
+        labels: a.labels.into_iter().collect(),
     };
-    let metadata: std::collections::HashMap<_, _> = a.labels.into_iter().collect();
+    let sessions = client.list_sessions(options).await?;
     if !json {
         say(view::SESSION_HEADER)?;
     }
-    let mut page_token = String::new();
-    loop {
-        let request = ListSessionsRequest {
-            page_size: 100,
-            page_token: page_token.clone(),
-            status: status as i32,
-            metadata: metadata.clone(),
-        };
-        let page = client.list_sessions(request).await?.into_inner();
-        for s in &page.sessions {
-            if json {
-                say(view::session_json(s))?;
-            } else {
-                say(view::session_row(s))?;
-            }
+    for s in &sessions {
+        if json {
+            say(view::session_json(s))?;
+        } else {
+            say(view::session_row(s))?;
         }
-        if page.next_page_token.is_empty() {
-            return Ok(0);
-        }
-        page_token = page.next_page_token;
     }
+    Ok(0)
 }

@@ -5,23 +5,24 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use capsa_proto::common::v1::{Completion, CompletionStatus, execute_event::Event};
+use base64::Engine as _;
+use capsa_client::{Completion, Event, MimeBundle, Status};
 use serde_json::{Value, json};
 
 use crate::args::{EXIT_INTERRUPTED, EXIT_KERNEL_DIED, EXIT_TIMEOUT};
 
 /// The exit status `capsa exec` ends with for this completion.
 pub fn exit_status(c: &Completion) -> u8 {
-    match c.status() {
-        CompletionStatus::Ok => 0,
-        CompletionStatus::Error => u8::try_from(c.exit_code)
+    match c.status {
+        Status::Ok => 0,
+        Status::Error => u8::try_from(c.exit_code)
             .ok()
             .filter(|s| *s != 0)
             .unwrap_or(1),
-        CompletionStatus::Timeout => EXIT_TIMEOUT,
-        CompletionStatus::Interrupted => EXIT_INTERRUPTED,
-        CompletionStatus::KernelDied => EXIT_KERNEL_DIED,
-        CompletionStatus::Unspecified => 1,
+        Status::Timeout => EXIT_TIMEOUT,
+        Status::Interrupted => EXIT_INTERRUPTED,
+        Status::KernelDied => EXIT_KERNEL_DIED,
+        Status::Unknown => 1,
     }
 }
 
@@ -61,22 +62,22 @@ impl<O: Write, E: Write> ExecRenderer<O, E> {
         }
     }
 
-    /// Renders one event; returns the completion when this was it.
+    /// Renders one event.
     pub fn event(&mut self, event: &Event) -> io::Result<()> {
         if self.json {
             return self.json_event(event);
         }
         match event {
-            Event::Stdout(chunk) => {
-                self.out.write_all(&chunk.data)?;
+            Event::Stdout(data) => {
+                self.out.write_all(data)?;
                 self.out.flush()
             }
-            Event::Stderr(chunk) => {
-                self.err.write_all(&chunk.data)?;
+            Event::Stderr(data) => {
+                self.err.write_all(data)?;
                 self.err.flush()
             }
             Event::Result(result) => {
-                if let Some(text) = result.data.get("text/plain") {
+                if let Some(text) = result.get("text/plain") {
                     self.out.write_all(text)?;
                     if !text.ends_with(b"\n") {
                         self.out.write_all(b"\n")?;
@@ -97,7 +98,7 @@ impl<O: Write, E: Write> ExecRenderer<O, E> {
                 self.err.flush()
             }
             Event::Display(display) => {
-                let mut mimes: Vec<_> = display.data.iter().collect();
+                let mut mimes: Vec<_> = display.iter().collect();
                 mimes.sort_by(|a, b| a.0.cmp(b.0));
                 // One file per display: the richest representation, text/plain as fallback.
                 let chosen = mimes
@@ -111,10 +112,10 @@ impl<O: Write, E: Write> ExecRenderer<O, E> {
                 self.err.flush()
             }
             Event::Completion(c) => {
-                let note = match c.status() {
-                    CompletionStatus::Timeout => Some("timed out"),
-                    CompletionStatus::Interrupted => Some("interrupted"),
-                    CompletionStatus::KernelDied => Some("kernel died"),
+                let note = match c.status {
+                    Status::Timeout => Some("timed out"),
+                    Status::Interrupted => Some("interrupted"),
+                    Status::KernelDied => Some("kernel died"),
                     _ => None,
                 };
                 if let Some(note) = note {
@@ -153,17 +154,17 @@ impl<O: Write, E: Write> ExecRenderer<O, E> {
 
     fn json_event(&mut self, event: &Event) -> io::Result<()> {
         let value = match event {
-            Event::Stdout(c) => with_bytes(json!({"event": "stdout"}), &c.data),
-            Event::Stderr(c) => with_bytes(json!({"event": "stderr"}), &c.data),
-            Event::Result(r) => json!({"event": "result", "data": mime_map(&r.data)}),
+            Event::Stdout(data) => with_bytes(json!({"event": "stdout"}), data),
+            Event::Stderr(data) => with_bytes(json!({"event": "stderr"}), data),
+            Event::Result(r) => json!({"event": "result", "data": mime_map(r)}),
             Event::Error(e) => json!({
                 "event": "error", "name": e.name, "value": e.value, "traceback": e.traceback,
             }),
             Event::Display(d) => {
-                let mut v = json!({"event": "display", "data": mime_map(&d.data)});
+                let mut v = json!({"event": "display", "data": mime_map(d)});
                 if self.display_dir_chosen {
                     let mut files = serde_json::Map::new();
-                    for (mime, data) in &d.data {
+                    for (mime, data) in d {
                         let path = self.save_display(mime, data)?;
                         files.insert(mime.clone(), json!(path.display().to_string()));
                     }
@@ -195,12 +196,12 @@ fn extension(mime: &str) -> &'static str {
 fn with_bytes(mut v: Value, data: &[u8]) -> Value {
     match std::str::from_utf8(data) {
         Ok(text) => v["text"] = json!(text),
-        Err(_) => v["base64"] = json!(base64(data)),
+        Err(_) => v["base64"] = json!(base64::engine::general_purpose::STANDARD.encode(data)),
     }
     v
 }
 
-fn mime_map(data: &std::collections::HashMap<String, bytes::Bytes>) -> Value {
+fn mime_map(data: &MimeBundle) -> Value {
     let mut map = serde_json::Map::new();
     for (mime, bytes) in data {
         map.insert(mime.clone(), with_bytes(json!({}), bytes));
@@ -208,25 +209,19 @@ fn mime_map(data: &std::collections::HashMap<String, bytes::Bytes>) -> Value {
     Value::Object(map)
 }
 
-pub(crate) fn millis(d: &Option<prost_types::Duration>) -> Value {
-    match d.as_ref().and_then(capsa_proto::time::from_duration) {
-        Some(d) => json!(d.as_millis() as u64),
-        None => Value::Null,
-    }
+/// Milliseconds, or `null` when unset.
+pub(crate) fn millis(d: Option<std::time::Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!(d.as_millis() as u64))
 }
 
 pub fn completion_json(c: &Completion) -> Value {
-    let status = c
-        .status()
-        .as_str_name()
-        .trim_start_matches("COMPLETION_STATUS_");
     json!({
         "event": "completion",
-        "status": status,
+        "status": c.status.as_str(),
         "exit_code": c.exit_code,
-        "wall_time_ms": millis(&c.wall_time),
-        "cpu_time_ms": millis(&c.cpu_time),
-        "interpreter_time_ms": millis(&c.interpreter_time),
+        "wall_time_ms": millis(c.wall_time),
+        "cpu_time_ms": millis(c.cpu_time),
+        "interpreter_time_ms": millis(c.interpreter_time),
         "state_lost": c.state_lost,
         "output_truncated": c.output_truncated,
         "output_bytes": c.output_bytes,
@@ -234,32 +229,11 @@ pub fn completion_json(c: &Completion) -> Value {
     })
 }
 
-/// Standard base64 with padding (RFC 4648).
-pub fn base64(data: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(TABLE[(n >> shift) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capsa_proto::common::v1::{DisplayData, ExecuteError, ExecuteResult, OutputChunk};
+    use bytes::Bytes;
+    use capsa_client::ExecError;
 
     fn render(json: bool, events: &[Event], dir: Option<PathBuf>) -> (Vec<u8>, Vec<u8>) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -270,15 +244,13 @@ mod tests {
         (out, err)
     }
 
-    fn chunk(data: &[u8]) -> OutputChunk {
-        OutputChunk {
-            data: bytes::Bytes::copy_from_slice(data),
-        }
+    fn chunk(data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
     }
 
-    fn completion(status: CompletionStatus, exit_code: i32) -> Completion {
+    fn completion(status: Status, exit_code: i32) -> Completion {
         Completion {
-            status: status as i32,
+            status,
             exit_code,
             ..Default::default()
         }
@@ -290,10 +262,8 @@ mod tests {
             Event::Stdout(chunk(b"hel")),
             Event::Stdout(chunk(&[b'l', b'o', 0xff, b'\n'])),
             Event::Stderr(chunk(b"warning\n")),
-            Event::Result(ExecuteResult {
-                data: [("text/plain".into(), "42".into())].into(),
-            }),
-            Event::Completion(completion(CompletionStatus::Ok, 0)),
+            Event::Result([("text/plain".into(), "42".into())].into()),
+            Event::Completion(completion(Status::Ok, 0)),
         ];
         let (out, err) = render(false, &events, None);
         assert_eq!(out, b"hello\xff\n42\n");
@@ -303,7 +273,7 @@ mod tests {
     #[test]
     fn errors_print_their_traceback_and_abnormal_ends_a_note() {
         let events = [
-            Event::Error(ExecuteError {
+            Event::Error(ExecError {
                 name: "ZeroDivisionError".into(),
                 value: "division by zero".into(),
                 traceback: vec![
@@ -312,7 +282,7 @@ mod tests {
                 ],
             }),
             Event::Completion(Completion {
-                status: CompletionStatus::Timeout as i32,
+                status: Status::Timeout,
                 message: "timed out after 1s".into(),
                 state_lost: true,
                 ..Default::default()
@@ -338,13 +308,13 @@ mod tests {
     fn display_data_is_saved_to_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let png = b"\x89PNG\r\n\x1a\nfake".to_vec();
-        let events = [Event::Display(DisplayData {
-            data: [
+        let events = [Event::Display(
+            [
                 ("image/png".into(), png.clone().into()),
                 ("text/plain".into(), "<Figure>".into()),
             ]
             .into(),
-        })];
+        )];
         let (_, err) = render(false, &events, Some(dir.path().to_owned()));
         let err = String::from_utf8(err).unwrap();
         let path = err
@@ -360,13 +330,11 @@ mod tests {
         let events = [
             Event::Stdout(chunk(b"hi\n")),
             Event::Stdout(chunk(&[0, 159, 255])),
+            Event::Stdout(chunk(&[0xfb, 0xff])),
             Event::Completion(Completion {
-                status: CompletionStatus::Error as i32,
+                status: Status::Error,
                 exit_code: 3,
-                wall_time: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 500_000_000,
-                }),
+                wall_time: Some(std::time::Duration::from_millis(1500)),
                 ..Default::default()
             }),
         ];
@@ -378,38 +346,31 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines[0], json!({"event": "stdout", "text": "hi\n"}));
+        // Standard alphabet with padding (RFC 4648).
         assert_eq!(lines[1], json!({"event": "stdout", "base64": "AJ//"}));
-        assert_eq!(lines[2]["status"], "ERROR");
-        assert_eq!(lines[2]["exit_code"], 3);
-        assert_eq!(lines[2]["wall_time_ms"], 1500);
+        assert_eq!(lines[2], json!({"event": "stdout", "base64": "+/8="}));
+        assert_eq!(lines[3]["status"], "ERROR");
+        assert_eq!(lines[3]["exit_code"], 3);
+        assert_eq!(lines[3]["wall_time_ms"], 1500);
+        assert_eq!(lines[3]["cpu_time_ms"], Value::Null);
     }
 
     #[test]
     fn exit_statuses() {
-        assert_eq!(exit_status(&completion(CompletionStatus::Ok, 0)), 0);
-        assert_eq!(exit_status(&completion(CompletionStatus::Error, 3)), 3);
-        assert_eq!(exit_status(&completion(CompletionStatus::Error, 1)), 1);
-        assert_eq!(exit_status(&completion(CompletionStatus::Error, 0)), 1);
-        assert_eq!(exit_status(&completion(CompletionStatus::Error, 300)), 1);
+        assert_eq!(exit_status(&completion(Status::Ok, 0)), 0);
+        assert_eq!(exit_status(&completion(Status::Error, 3)), 3);
+        assert_eq!(exit_status(&completion(Status::Error, 1)), 1);
+        assert_eq!(exit_status(&completion(Status::Error, 0)), 1);
+        assert_eq!(exit_status(&completion(Status::Error, 300)), 1);
+        assert_eq!(exit_status(&completion(Status::Timeout, 0)), EXIT_TIMEOUT);
         assert_eq!(
-            exit_status(&completion(CompletionStatus::Timeout, 0)),
-            EXIT_TIMEOUT
-        );
-        assert_eq!(
-            exit_status(&completion(CompletionStatus::Interrupted, 0)),
+            exit_status(&completion(Status::Interrupted, 0)),
             EXIT_INTERRUPTED
         );
         assert_eq!(
-            exit_status(&completion(CompletionStatus::KernelDied, 0)),
+            exit_status(&completion(Status::KernelDied, 0)),
             EXIT_KERNEL_DIED
         );
-    }
-
-    #[test]
-    fn base64_is_rfc4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(exit_status(&completion(Status::Unknown, 0)), 1);
     }
 }

@@ -2,35 +2,36 @@
 //! objects for scripts. Timestamps are RFC 3339 in UTC.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
-use capsa_proto::common::v1::{EgressPolicy, FileInfo, FileType, Usage};
-use capsa_proto::session::v1::Session;
+use capsa_client::{EgressPolicy, FileInfo, FileType, SessionInfo as Session, Usage};
 use serde_json::{Value, json};
 
 use crate::render::millis;
 
-/// RFC 3339 in UTC, e.g. `2026-11-28T13:45:00Z`; empty when unset.
+/// RFC 3339 in UTC to the second, e.g. `2026-11-28T13:45:00Z`; empty when unset. The
+/// formatter covers years 1970 to 9999; a time outside them (never sent by a sane server)
+/// shows as its raw seconds.
 pub fn timestamp(t: &Option<prost_types::Timestamp>) -> String {
+    const YEAR_10000: i64 = 253_402_300_800;
     let Some(t) = t else { return String::new() };
-    let days = t.seconds.div_euclid(86_400);
-    let secs = t.seconds.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    if !(0..YEAR_10000).contains(&t.seconds) {
+        return format!("{}s from the epoch", t.seconds);
+    }
+    let time = UNIX_EPOCH + Duration::from_secs(t.seconds.unsigned_abs());
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// A `google.protobuf.Duration` as `std`'s; `None` when unset or negative.
+fn std_duration(d: &Option<prost_types::Duration>) -> Option<Duration> {
+    d.as_ref()
+        .and_then(capsa_client::proto::time::from_duration)
+}
+
+/// A duration for people, to the millisecond: `1h 30m`, `1s 500ms`.
+pub fn duration(d: Duration) -> String {
+    let ms = Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX));
+    humantime::format_duration(ms).to_string()
 }
 
 fn name_of<T: AsRef<str>>(s: T, prefix: &str) -> String {
@@ -126,7 +127,7 @@ pub fn session_text(s: &Session) -> String {
     ] {
         out += &format!("{key:<17} {}\n", plain(&v[key]));
     }
-    if s.end_reason() != capsa_proto::session::v1::EndReason::Unspecified {
+    if s.end_reason() != capsa_client::proto::session::v1::EndReason::Unspecified {
         out += &format!("{:<17} {}\n", "end_reason", plain(&v["end_reason"]));
         out += &format!("{:<17} {}\n", "end_time", plain(&v["end_time"]));
         if !s.end_message.is_empty() {
@@ -171,7 +172,7 @@ fn plain(v: &Value) -> String {
 
 pub fn usage_json(u: &Usage) -> Value {
     json!({
-        "cpu_time_ms": millis(&u.cpu_time),
+        "cpu_time_ms": millis(std_duration(&u.cpu_time)),
         "memory_used_bytes": u.memory_used_bytes,
         "memory_peak_bytes": u.memory_peak_bytes,
         "vmm_resident_bytes": u.vmm_resident_bytes,
@@ -180,17 +181,13 @@ pub fn usage_json(u: &Usage) -> Value {
         "network_tx_bytes": u.network_tx_bytes,
         "disk_read_bytes": u.disk_read_bytes,
         "disk_write_bytes": u.disk_write_bytes,
-        "uptime_ms": millis(&u.uptime),
+        "uptime_ms": millis(std_duration(&u.uptime)),
         "sample_time": timestamp(&u.sample_time),
     })
 }
 
 pub fn usage_text(u: &Usage) -> String {
-    let d = |d: &Option<prost_types::Duration>| {
-        d.as_ref()
-            .and_then(capsa_proto::time::from_duration)
-            .map_or("-".into(), crate::duration::format)
-    };
+    let d = |d: &Option<prost_types::Duration>| std_duration(d).map_or("-".into(), duration);
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
     [
         ("cpu_time", d(&u.cpu_time)),
@@ -221,6 +218,15 @@ pub fn file_json(f: &FileInfo) -> Value {
     })
 }
 
+/// `capsa stat`: one `key value` line per field.
+pub fn file_text(f: &FileInfo) -> String {
+    let v = file_json(f);
+    ["path", "type", "size", "mode", "modify_time"]
+        .iter()
+        .map(|k| format!("{k:<12} {}\n", plain(&v[*k])))
+        .collect()
+}
+
 /// An `ls -l`-like line.
 pub fn file_row(f: &FileInfo) -> String {
     let kind = match f.r#type() {
@@ -248,7 +254,7 @@ pub fn bytes_note(path: &Path, size: u64, sha256: &str, elapsed: Duration) -> St
     format!(
         "{} ({size} bytes, sha256 {sha256}) in {}",
         path.display(),
-        crate::duration::format(elapsed)
+        duration(elapsed)
     )
 }
 
@@ -269,13 +275,25 @@ mod tests {
         });
         assert_eq!(timestamp(&leap), "2000-02-29T00:00:00Z");
         assert_eq!(timestamp(&None), "");
+        let early = Some(prost_types::Timestamp {
+            seconds: -86_400,
+            nanos: 0,
+        });
+        assert_eq!(timestamp(&early), "-86400s from the epoch");
+    }
+
+    #[test]
+    fn durations_are_humantime_to_the_millisecond() {
+        assert_eq!(duration(Duration::from_secs(5400)), "1h 30m");
+        assert_eq!(duration(Duration::from_micros(1_500_700)), "1s 500ms");
+        assert_eq!(duration(Duration::ZERO), "0s");
     }
 
     #[test]
     fn sessions_render_for_people_and_scripts() {
         let s = Session {
             id: "s-1".into(),
-            status: capsa_proto::session::v1::SessionStatus::Active as i32,
+            status: capsa_client::SessionStatus::Active as i32,
             metadata: [("team".to_string(), "ml".to_string())].into(),
             ..Default::default()
         };
@@ -295,6 +313,9 @@ mod tests {
         assert!(file_row(&f).starts_with("d0755"), "{}", file_row(&f));
         assert!(file_row(&f).ends_with("d/"));
         assert_eq!(file_json(&f)["type"], "directory");
+        let text = file_text(&f);
+        assert!(text.contains("type         directory\n"), "{text}");
+        assert!(text.contains("mode         755\n"), "{text}");
     }
 
     #[test]

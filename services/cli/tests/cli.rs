@@ -26,6 +26,18 @@ struct State {
     create_egress: Mutex<Vec<Option<EgressPolicy>>>,
     /// The policy of session `s-1` as the double holds it (the last update).
     egress: Mutex<EgressPolicy>,
+    /// Directories made by MakeDirectory, with their modes.
+    dirs: Mutex<HashMap<String, u32>>,
+}
+
+fn dir_info(path: &str, mode: u32) -> FileInfo {
+    FileInfo {
+        path: path.into(),
+        name: path.rsplit('/').next().unwrap_or_default().into(),
+        r#type: FileType::Directory as i32,
+        mode,
+        ..Default::default()
+    }
 }
 
 #[derive(Clone)]
@@ -342,23 +354,68 @@ impl SessionService for Double {
 
     async fn get_file_info(
         &self,
-        _r: Request<GetFileInfoRequest>,
+        r: Request<GetFileInfoRequest>,
     ) -> Result<Response<GetFileInfoResponse>, Status> {
-        Err(Status::unimplemented("not used by the CLI"))
+        check_auth(&r)?;
+        let path = r.into_inner().path;
+        let info = if let Some(mode) = self.state.dirs.lock().unwrap().get(&path) {
+            dir_info(&path, *mode)
+        } else {
+            let files = self.state.files.lock().unwrap();
+            let data = files
+                .get(&path)
+                .ok_or_else(|| Status::not_found(format!("{path} not found")))?;
+            FileInfo {
+                path: path.clone(),
+                name: path.rsplit('/').next().unwrap_or_default().into(),
+                r#type: FileType::Regular as i32,
+                size: data.len() as u64,
+                mode: 0o644,
+                ..Default::default()
+            }
+        };
+        Ok(Response::new(GetFileInfoResponse { info: Some(info) }))
     }
 
     async fn make_directory(
         &self,
-        _r: Request<MakeDirectoryRequest>,
+        r: Request<MakeDirectoryRequest>,
     ) -> Result<Response<MakeDirectoryResponse>, Status> {
-        Err(Status::unimplemented("not used by the CLI"))
+        check_auth(&r)?;
+        let r = r.into_inner();
+        self.state
+            .dirs
+            .lock()
+            .unwrap()
+            .insert(r.path.clone(), r.mode);
+        Ok(Response::new(MakeDirectoryResponse {
+            info: Some(dir_info(&r.path, r.mode)),
+        }))
     }
 
     async fn remove_file(
         &self,
-        _r: Request<RemoveFileRequest>,
+        r: Request<RemoveFileRequest>,
     ) -> Result<Response<RemoveFileResponse>, Status> {
-        Err(Status::unimplemented("not used by the CLI"))
+        check_auth(&r)?;
+        let r = r.into_inner();
+        let mut dirs = self.state.dirs.lock().unwrap();
+        let mut files = self.state.files.lock().unwrap();
+        if dirs.contains_key(&r.path) {
+            let prefix = format!("{}/", r.path);
+            let children = files.keys().any(|p| p.starts_with(&prefix));
+            if children && !r.recursive {
+                return Err(Status::failed_precondition(format!(
+                    "{} is a directory that is not empty",
+                    r.path
+                )));
+            }
+            files.retain(|p, _| !p.starts_with(&prefix));
+            dirs.remove(&r.path);
+        } else if files.remove(&r.path).is_none() {
+            return Err(Status::not_found(format!("{} not found", r.path)));
+        }
+        Ok(Response::new(RemoveFileResponse {}))
     }
 
     async fn get_usage(
@@ -680,12 +737,30 @@ async fn upload_then_download_round_trips_a_file() {
         (Some(data.len() as u64), Some("600"))
     );
 
+    // Without --json but piped: no progress bar, only the note.
+    let o = api
+        .capsa(&["upload", "s-1", local.to_str().unwrap(), "/data/again.bin"])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let note = text(&o.stderr);
+    assert!(
+        note.starts_with("capsa: uploaded /data/again.bin (3145851 bytes, sha256 ")
+            && note.lines().count() == 1
+            && !note.contains('\r'),
+        "{note:?}"
+    );
+
     let back = api.dir.path().join("out.bin");
     let o = api
         .capsa(&["download", "s-1", "/data/in.bin", back.to_str().unwrap()])
         .await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(std::fs::read(&back).unwrap(), data);
+    let note = text(&o.stderr);
+    assert!(
+        note.starts_with("capsa: downloaded ") && note.lines().count() == 1 && !note.contains('\r'),
+        "{note:?}"
+    );
     // Into a directory: named after the remote file; and to stdout with `-`.
     let o = api
         .capsa(&[
@@ -892,4 +967,128 @@ async fn create_sends_the_egress_flags_and_egress_shows_and_replaces_the_policy(
     );
     let o = api.capsa(&["egress", "other"]).await;
     assert_eq!(o.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn file_subcommands_mkdir_stat_and_rm() {
+    let api = Api::start().await;
+    let o = api
+        .capsa(&["mkdir", "s-1", "/data/out", "--mode", "700"])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).starts_with("d0700 "), "{}", text(&o.stdout));
+    let o = api.capsa(&["--json", "stat", "s-1", "/data/out"]).await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["mode"].as_str()),
+        (Some("directory"), Some("700"))
+    );
+
+    let local = api.dir.path().join("f.txt");
+    std::fs::write(&local, "hi").unwrap();
+    let o = api
+        .capsa(&["upload", "s-1", local.to_str().unwrap(), "/data/out/f.txt"])
+        .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = api.capsa(&["stat", "s-1", "/data/out/f.txt"]).await;
+    assert!(
+        text(&o.stdout).contains("size         2\n"),
+        "{}",
+        text(&o.stdout)
+    );
+
+    // A non-empty directory needs -r; the server's refusal is shown with its code.
+    let o = api.capsa(&["rm", "s-1", "/data/out"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with("capsa: FAILED_PRECONDITION: "),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = api.capsa(&["--json", "rm", "s-1", "/data/out", "-r"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(v["removed"], true);
+    let o = api.capsa(&["stat", "s-1", "/data/out/f.txt"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with("capsa: NOT_FOUND: "),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[tokio::test]
+async fn completions_need_no_server_and_typos_get_suggestions() {
+    let api = Api::start().await;
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef capsa"),
+        ("fish", "complete -c capsa"),
+    ] {
+        // No endpoint configured: completions do not connect.
+        let o = api.capsa_raw(&["completions", shell], None).await;
+        assert_eq!(o.status.code(), Some(0), "{shell}: {}", text(&o.stderr));
+        let script = text(&o.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        for sub in ["mkdir", "stat", "egress"] {
+            assert!(script.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let o = api.capsa_raw(&["completions", "tcsh"], None).await;
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = api.capsa(&["exce", "s-1", "x"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("'exec'"), "{}", text(&o.stderr));
+    // Durations are humantime's: a bare number has no unit.
+    let o = api.capsa(&["extend", "s-1", "90"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    let o = api.capsa(&["extend", "s-1", "1h 30m"]).await;
+    assert_eq!(text(&o.stdout), "s-1 expires at 2023-11-14T23:43:20Z\n");
+}
+
+/// Runs `capsa` with the endpoint and key under `script`, which gives it a pseudo-terminal
+/// for stdout and stderr; returns the terminal's transcript.
+async fn on_a_terminal(api: &Api, args: &[&str]) -> String {
+    let mut line = format!(
+        "{} --endpoint {} --api-key {KEY}",
+        env!("CARGO_BIN_EXE_capsa"),
+        api.endpoint
+    );
+    for a in args {
+        line += " ";
+        line += a;
+    }
+    let o = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(api.dir.path())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run script (util-linux)");
+    assert!(o.status.success(), "{line}: {}", text(&o.stdout));
+    text(&o.stdout)
+}
+
+#[tokio::test]
+async fn transfers_show_a_progress_bar_on_a_terminal_only_without_json() {
+    let api = Api::start().await;
+    let local = api.dir.path().join("big.bin");
+    std::fs::write(&local, vec![5u8; 3 << 20]).unwrap();
+    let local = local.to_str().unwrap();
+
+    let shown = on_a_terminal(&api, &["upload", "s-1", local, "/data/big.bin"]).await;
+    assert!(shown.contains("upload ["), "{shown:?}");
+    assert!(shown.contains("capsa: uploaded /data/big.bin"), "{shown:?}");
+    let back = api.dir.path().join("back.bin");
+    let back = back.to_str().unwrap();
+    let shown = on_a_terminal(&api, &["download", "s-1", "/data/big.bin", back]).await;
+    assert!(shown.contains("download ["), "{shown:?}");
+    assert_eq!(std::fs::read(back).unwrap(), vec![5u8; 3 << 20]);
+
+    let shown = on_a_terminal(&api, &["--json", "upload", "s-1", local, "/data/b2.bin"]).await;
+    assert!(!shown.contains("upload ["), "{shown:?}");
+    assert!(shown.contains("\"sha256\""), "{shown:?}");
 }
