@@ -4,6 +4,12 @@
 //! `127.0.0.1:0`, plus a development API key. Everything stops when the [`Stack`] drops,
 //! even when a test fails: vm-pool destroys its VMs on SIGTERM, and the process-group kill
 //! in `ServiceProcess` is the backstop.
+//!
+//! With [`StackOptions::nodes`] above 1 it runs several nodes, as a cluster would: each a
+//! vm-pool + executor pair with its own node id, state dir and network namespace, all
+//! registered in the one Redis the session-manager replicas share. Node 0 is the one the
+//! single-node fields and methods (`vm_pool`, `executor`, `vm_state_dir`, ...) name; the
+//! `node*` methods, [`Stack::kill_node`] and [`Stack::pause_node`] take any node's index.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,6 +57,13 @@ pub struct StackOptions {
     pub durable_redis: bool,
     /// Extra vm-pool flags (e.g. `--orphan-vms-on-crash`).
     pub vm_pool_args: Vec<String>,
+    /// mTLS between the services, with the certificates `deploy/scripts/certs.sh` wrote to
+    /// this dir (the public API stays plaintext).
+    pub tls_dir: Option<PathBuf>,
+    /// Nodes (vm-pool + executor pairs), at least 1.
+    pub nodes: usize,
+    /// Extra session-manager flags (e.g. `--node-grace-secs`), for every replica.
+    pub session_manager_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -62,18 +75,49 @@ impl Default for StackOptions {
             env: Vec::new(),
             durable_redis: false,
             vm_pool_args: Vec::new(),
+            tls_dir: None,
+            nodes: 1,
+            session_manager_args: Vec::new(),
         }
     }
+}
+
+/// The node id of node `i`: node 0 keeps the single-node stack's id.
+fn node_id(i: usize) -> String {
+    match i {
+        0 => "e2e-node".to_string(),
+        i => format!("e2e-node-{i}"),
+    }
+}
+
+/// The state dir of node `i`'s VMs, under the stack's state dir.
+fn node_state_dir(root: &std::path::Path, i: usize) -> PathBuf {
+    match i {
+        0 => root.join("vm-state"),
+        i => root.join(format!("vm-state-{i}")),
+    }
+}
+
+/// A node: node 0's processes become the stack's `vm_pool` and `executor`, the others
+/// stay in one of these.
+struct Node {
+    vm_pool: ServiceProcess,
+    executor: ServiceProcess,
+    /// After vm-pool, as in [`Stack`].
+    vm_network: VmNetworkGuard,
 }
 
 /// A running stack. Fields drop in declaration order: public API first, Redis last.
 pub struct Stack {
     pub session_managers: Vec<ServiceProcess>,
     pub meterings: Vec<ServiceProcess>,
+    /// Node 0's.
     pub vm_pool: ServiceProcess,
     pub executor: ServiceProcess,
     /// After vm-pool: removes its network however it ended.
     vm_network: VmNetworkGuard,
+    /// Nodes 1 and up.
+    extra_nodes: Vec<Node>,
     pub redis: RedisServer,
     pub api_key: String,
     pub state_dir: tempfile::TempDir,
@@ -81,6 +125,7 @@ pub struct Stack {
     /// their restarts.
     executor_args: Vec<String>,
     vm_pool_args: Vec<String>,
+    session_manager_args: Vec<String>,
     env: Vec<(String, String)>,
 }
 
@@ -124,6 +169,8 @@ pub struct Stopped {
     pub state_dir: tempfile::TempDir,
     /// Held until this drops, so a look at what vm-pool left of its network sees it all.
     vm_network: VmNetworkGuard,
+    /// The other nodes' networks, likewise.
+    _extra_networks: Vec<VmNetworkGuard>,
 }
 
 impl Stopped {
@@ -158,64 +205,49 @@ impl Stack {
             .prefix("capsa-e2e-")
             .tempdir()
             .unwrap();
-        let vm_state = state_dir.path().join("vm-state");
-        std::fs::create_dir_all(&vm_state).unwrap();
         let env: Vec<(&str, &str)> = opts
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let s = |p: &std::path::Path| p.display().to_string();
-
-        let executor_args = args(&["--vm-state-dir", &s(&vm_state)]);
-        let executor =
-            ServiceProcess::start_with_env("capsa-executor", &listen("0", &executor_args), &env)
-                .await;
-        let vm_network = VmNetworkGuard::new();
-        let mut vm_pool_args = args(&[
-            "--netns",
-            &vm_network.netns,
-            "--state-dir",
-            &s(&vm_state),
-            "--image-dir",
-            &s(&image),
-            "--warm",
-            &opts.warm.to_string(),
-            "--redis-url",
-            &redis.url(),
-            "--node-id",
-            "e2e-node",
-            "--executor-url",
-            &executor.url(),
-        ]);
-        vm_pool_args.extend(opts.vm_pool_args.iter().cloned());
-        let vm_pool =
-            ServiceProcess::start_with_env("capsa-vm-pool", &listen("0", &vm_pool_args), &env)
-                .await;
+        let tls = |service: &str| tls_flags(opts.tls_dir.as_deref(), service);
+        assert!(opts.nodes >= 1, "a stack has at least one node");
+        let mut nodes = Vec::new();
+        for i in 0..opts.nodes {
+            nodes.push(start_node(i, &opts, state_dir.path(), &image, &redis.url(), &env).await);
+        }
+        let mut nodes = nodes.into_iter();
+        let (first, executor_args, vm_pool_args) = nodes.next().expect("node 0");
+        let extra_nodes: Vec<Node> = nodes.map(|(node, _, _)| node).collect();
         let mut meterings = Vec::new();
         for _ in 0..opts.metering_replicas {
             meterings.push(
                 ServiceProcess::start_with_env(
                     "capsa-metering",
-                    &args(&["--listen", "127.0.0.1:0", "--redis-url", &redis.url()]),
+                    &[
+                        args(&["--listen", "127.0.0.1:0", "--redis-url", &redis.url()]),
+                        tls("metering"),
+                    ]
+                    .concat(),
                     &env,
                 )
                 .await,
             );
         }
+        let mut session_manager_args = args(&[
+            "--redis-url",
+            &redis.url(),
+            "--metering-url",
+            &internal_url(opts.tls_dir.as_deref(), &meterings[0]),
+        ]);
+        session_manager_args.extend(tls("session-manager"));
+        session_manager_args.extend(opts.session_manager_args.iter().cloned());
         let mut session_managers = Vec::new();
         for _ in 0..opts.replicas {
             session_managers.push(
                 ServiceProcess::start_with_env(
                     "capsa-session-manager",
-                    &args(&[
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--redis-url",
-                        &redis.url(),
-                        "--metering-url",
-                        &meterings[0].url(),
-                    ]),
+                    &listen("0", &session_manager_args),
                     &env,
                 )
                 .await,
@@ -223,26 +255,115 @@ impl Stack {
         }
         // vm-pool registers its node just after it starts listening; sessions created before
         // that are UNAVAILABLE ("no node is registered"), so the stack is ready only then.
-        let nodes = capsa_store::NodeRegistry::new(
+        let registry = capsa_store::NodeRegistry::new(
             capsa_store::connect(&redis.url())
                 .await
                 .expect("connect to redis"),
         );
-        capsa_test_support::eventually!(matches!(nodes.get("e2e-node").await, Ok(Some(_))), 30);
+        for i in 0..opts.nodes {
+            let id = node_id(i);
+            capsa_test_support::eventually!(matches!(registry.get(&id).await, Ok(Some(_))), 30);
+        }
         let api_key = create_api_key(&redis.url(), "e2e-tenant");
         Stack {
             session_managers,
             meterings,
-            vm_pool,
-            executor,
-            vm_network,
+            vm_pool: first.vm_pool,
+            executor: first.executor,
+            vm_network: first.vm_network,
+            extra_nodes,
             redis,
             api_key,
             state_dir,
             executor_args,
             vm_pool_args,
+            session_manager_args,
             env: opts.env,
         }
+    }
+
+    /// How many nodes the stack runs.
+    pub fn node_count(&self) -> usize {
+        1 + self.extra_nodes.len()
+    }
+
+    /// Node `i`'s id in the registry (and in its sessions' `node_id`).
+    pub fn node_id(&self, i: usize) -> String {
+        assert!(i < self.node_count(), "no node {i}");
+        node_id(i)
+    }
+
+    /// Node `i`'s vm-pool and executor.
+    pub fn node(&self, i: usize) -> (&ServiceProcess, &ServiceProcess) {
+        match i {
+            0 => (&self.vm_pool, &self.executor),
+            i => {
+                let n = &self.extra_nodes[i - 1];
+                (&n.vm_pool, &n.executor)
+            }
+        }
+    }
+
+    /// Kills node `i` as a host failure would: SIGKILL to the process groups of its vm-pool
+    /// and executor (its VMMs die with vm-pool: they run with PDEATHSIG unless
+    /// `--orphan-vms-on-crash`). Returns once both are dead. Its network namespace stays
+    /// until the stack drops.
+    pub async fn kill_node(&self, i: usize) {
+        let (vm_pool, executor) = self.node(i);
+        for service in [vm_pool, executor] {
+            signal_group(service, "-KILL");
+        }
+        for service in [vm_pool, executor] {
+            wait_dead(service.pid()).await;
+        }
+    }
+
+    /// Stops node `i` (SIGSTOP to its vm-pool's and executor's process groups), as a frozen
+    /// or starved host: it neither beats nor answers. Its VMs, in process groups of their
+    /// own, keep running. [`Stack::resume_node`] undoes it; a stopped node dropped with the
+    /// stack is still killed.
+    pub fn pause_node(&self, i: usize) {
+        let (vm_pool, executor) = self.node(i);
+        for service in [vm_pool, executor] {
+            signal_group(service, "-STOP");
+        }
+    }
+
+    /// SIGCONT to what [`Stack::pause_node`] stopped.
+    pub fn resume_node(&self, i: usize) {
+        let (vm_pool, executor) = self.node(i);
+        for service in [vm_pool, executor] {
+            signal_group(service, "-CONT");
+        }
+    }
+
+    /// Restarts session-manager replica `i` as a rolling update does: SIGTERM (it reports
+    /// NOT_SERVING, stops accepting and lets in-flight calls finish; panics if it still runs
+    /// after a minute or exits unsuccessfully), then the same binary and flags on the same
+    /// address. Returns once the new process listens; whether it serves yet is the
+    /// caller's to check.
+    pub async fn restart_session_manager(&mut self, i: usize) {
+        let addr = self.session_managers[i].addr().to_string();
+        let port = addr.rsplit(':').next().expect("host:port").to_string();
+        let old = self.session_managers.remove(i);
+        let status = old.terminate(Duration::from_secs(60)).await;
+        assert!(
+            status.success(),
+            "session-manager {i} exited with {status} on SIGTERM"
+        );
+        wait_port_free(&addr).await;
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let again = ServiceProcess::start_with_env(
+            "capsa-session-manager",
+            &listen(&port, &self.session_manager_args),
+            &env,
+        )
+        .await;
+        self.session_managers.insert(i, again);
     }
 
     /// The network namespace vm-pool runs its VMs in (`--netns`).
@@ -313,7 +434,14 @@ impl Stack {
                 ("capsa-vm-pool", self.vm_pool),
                 ("capsa-executor", self.executor),
             ]);
-        for (name, service) in services {
+        let mut extra_networks = Vec::new();
+        let mut extra_services = Vec::new();
+        for node in self.extra_nodes {
+            extra_services.push(("capsa-vm-pool", node.vm_pool));
+            extra_services.push(("capsa-executor", node.executor));
+            extra_networks.push(node.vm_network);
+        }
+        for (name, service) in services.chain(extra_services) {
             exits.push((name, service.terminate(grace).await));
         }
         drop(self.redis);
@@ -321,6 +449,7 @@ impl Stack {
             exits,
             state_dir: self.state_dir,
             vm_network: self.vm_network,
+            _extra_networks: extra_networks,
         }
     }
 
@@ -364,6 +493,20 @@ impl Stack {
     }
 }
 
+/// `--tls-cert/--tls-key/--tls-ca` of `service` from a `certs.sh` dir, or nothing.
+pub fn tls_flags(dir: Option<&std::path::Path>, service: &str) -> Vec<String> {
+    let Some(dir) = dir else { return Vec::new() };
+    let file = |name: String| dir.join(name).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        file(format!("{service}.pem")),
+        "--tls-key".into(),
+        file(format!("{service}.key")),
+        "--tls-ca".into(),
+        file("ca.pem".into()),
+    ]
+}
+
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -385,6 +528,22 @@ async fn crash(service: &ServiceProcess) {
         .status()
         .expect("run kill");
     assert!(killed.success(), "kill -KILL {pid}");
+    wait_dead(pid).await;
+    wait_port_free(service.addr()).await;
+}
+
+/// Sends `signal` (as `kill` spells it, e.g. `-STOP`) to `service`'s process group.
+fn signal_group(service: &ServiceProcess, signal: &str) {
+    let group = format!("-{}", service.pid());
+    let sent = std::process::Command::new("kill")
+        .args([signal, "--", &group])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} -- {group}");
+}
+
+/// Waits until `pid` is dead: a zombie (its parent, this test, has not reaped it) or gone.
+async fn wait_dead(pid: u32) {
     capsa_test_support::eventually!(
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|stat| stat
@@ -394,13 +553,16 @@ async fn crash(service: &ServiceProcess) {
             .unwrap_or(true),
         10
     );
+}
+
+/// Waits until `addr`, the port of a service that just died, can be bound again.
+async fn wait_port_free(addr: &str) {
     // The freed port is in the ephemeral range: a client still dialling it (session-manager,
     // metering) can get it as its own source port for a moment (a TCP self-connect), and
     // the restarted service would then fail to bind. std binds with SO_REUSEADDR, as tokio
     // does, so connections of the dead process in TIME_WAIT do not count.
-    let addr = service.addr().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Err(e) = std::net::TcpListener::bind(&addr) {
+    while let Err(e) = std::net::TcpListener::bind(addr) {
         if std::time::Instant::now() > deadline {
             let port = addr.rsplit(':').next().unwrap_or_default();
             let holders = std::process::Command::new("ss")
@@ -412,6 +574,61 @@ async fn crash(service: &ServiceProcess) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The URL another service dials `p` at: https:// under mTLS.
+fn internal_url(tls_dir: Option<&std::path::Path>, p: &ServiceProcess) -> String {
+    match tls_dir {
+        Some(_) => p.url().replacen("http://", "https://", 1),
+        None => p.url(),
+    }
+}
+
+/// Starts node `i`: its executor, then its vm-pool on its own state dir and network
+/// namespace. Returns the node and the flags (but `--listen`) of its executor and vm-pool.
+async fn start_node(
+    i: usize,
+    opts: &StackOptions,
+    root: &std::path::Path,
+    image: &std::path::Path,
+    redis_url: &str,
+    env: &[(&str, &str)],
+) -> (Node, Vec<String>, Vec<String>) {
+    let vm_state = node_state_dir(root, i);
+    std::fs::create_dir_all(&vm_state).unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let tls = |service: &str| tls_flags(opts.tls_dir.as_deref(), service);
+    let mut executor_args = args(&["--vm-state-dir", &s(&vm_state)]);
+    executor_args.extend(tls("executor"));
+    let executor =
+        ServiceProcess::start_with_env("capsa-executor", &listen("0", &executor_args), env).await;
+    let vm_network = VmNetworkGuard::new();
+    let mut vm_pool_args = args(&[
+        "--netns",
+        &vm_network.netns,
+        "--state-dir",
+        &s(&vm_state),
+        "--image-dir",
+        &s(image),
+        "--warm",
+        &opts.warm.to_string(),
+        "--redis-url",
+        redis_url,
+        "--node-id",
+        &node_id(i),
+        "--executor-url",
+        &internal_url(opts.tls_dir.as_deref(), &executor),
+    ]);
+    vm_pool_args.extend(tls("vm-pool"));
+    vm_pool_args.extend(opts.vm_pool_args.iter().cloned());
+    let vm_pool =
+        ServiceProcess::start_with_env("capsa-vm-pool", &listen("0", &vm_pool_args), env).await;
+    let node = Node {
+        vm_pool,
+        executor,
+        vm_network,
+    };
+    (node, executor_args, vm_pool_args)
 }
 
 fn create_api_key(redis_url: &str, tenant: &str) -> String {

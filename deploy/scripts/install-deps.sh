@@ -20,6 +20,11 @@ APT_PACKAGES=(
   python3-venv python3-pip
   # VM networking: vm-pool's namespace, veth, taps (iproute2) and firewall (nftables, JSON)
   iproute2 nftables
+  # container images and the containerized stack (deploy/scripts/images.sh, containers.sh): podman
+  # with runc (crun fails on cgroup v1 hosts), netavark, catatonit (the pods' local pause image)
+  podman runc netavark aardvark-dns catatonit
+  # the dev CA and per-service certificates of the internal plane (deploy/scripts/certs.sh)
+  openssl
 )
 # Pinned so every machine lints, tests and boots with the same tools.
 BUF_VERSION=1.75.0
@@ -63,7 +68,7 @@ else
 fi
 # What the scripts and tests run, checked by command so a removed package is caught here.
 for cmd in gcc g++ make qemu-system-x86_64 qemu-img redis-server redis-cli debootstrap mkfs.ext4 \
-  busybox cpio xz python3 git flock sha256sum ip nft; do
+  busybox cpio xz python3 git flock sha256sum ip nft podman runc; do
   command -v "$cmd" >/dev/null 2>&1 || { step "$cmd" "MISSING after apt install"; exit 1; }
 done
 

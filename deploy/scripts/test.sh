@@ -31,6 +31,10 @@ export CAPSA_PYTHON
 echo "[test] fuzz"
 deploy/scripts/fuzz.sh --seconds 20
 
+# The container images the containerized-stack test runs (release binaries; cached bases).
+echo "[test] container images"
+CAPSA_SKIP_DEPS=1 deploy/scripts/images.sh | tail -n 1
+
 echo "[test] cargo nextest"
 cargo nextest run --locked --workspace
 

@@ -31,6 +31,8 @@ cargo build --release --locked -p capsa-session-manager -p capsa-vm-pool -p caps
 image_dir="$(deploy/guest/build-image.sh --agent "$bin/capsa-agent" | tail -n 1)"
 
 mkdir -p "$state/logs" "$state/redis" "$state/vm-state"
+# The internal plane is mTLS: a dev CA and one certificate per service (kept across runs).
+tls_dir="$(deploy/scripts/certs.sh "$state/tls")"
 pids=()
 stop_all() {
   trap - INT TERM EXIT
@@ -50,13 +52,16 @@ trap stop_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Starts a service with --listen 127.0.0.1:<port> and sets $addr to the address it printed.
+# Starts a service with --listen 127.0.0.1:<port> and its certificate (capsa-NAME: NAME.pem)
+# and sets $addr to the address it printed.
 # (Not called as $(...): a subshell would lose the pid it records for stop_all.)
 start_service() {
   local name=$1 port=$2; shift 2
   local out="$state/logs/$name.out"
   : >"$out"
-  "$bin/$name" --listen "127.0.0.1:$port" "$@" >"$out" 2>"$state/logs/$name.log" &
+  local cert="$tls_dir/${name#capsa-}"
+  "$bin/$name" --listen "127.0.0.1:$port" --tls-cert "$cert.pem" --tls-key "$cert.key" \
+    --tls-ca "$tls_dir/ca.pem" "$@" >"$out" 2>"$state/logs/$name.log" &
   pids+=("$!")
   for _ in $(seq 1 600); do
     if grep -q '^CAPSA_LISTENING=' "$out"; then
@@ -74,29 +79,35 @@ start_service() {
 redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 # A memory limit, and never evict: evicting would silently drop session state; at the
 # limit writes fail (and are logged), which is the signal to give Redis more room.
-redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$state/redis" --save 60 1 \
+# Redis asks for a password (kept in .capsa/redis.pw, 0600). It is never on a command line
+# (ps shows those): redis-server reads it from a 0600 config file, redis-cli from
+# REDISCLI_AUTH, the services from CAPSA_REDIS_URL.
+[ -s "$state/redis.pw" ] || (umask 077; openssl rand -hex 24 >"$state/redis.pw")
+export REDISCLI_AUTH="$(cat "$state/redis.pw")"
+(umask 077; printf 'requirepass %s\n' "$REDISCLI_AUTH" >"$state/redis.conf")
+redis-server "$state/redis.conf" --port "$redis_port" --bind 127.0.0.1 --dir "$state/redis" --save 60 1 \
   --appendonly yes --protected-mode no --maxmemory "${CAPSA_REDIS_MAXMEMORY:-1gb}" \
   --maxmemory-policy noeviction >"$state/logs/redis.log" 2>&1 &
 pids+=("$!")
-redis_url="redis://127.0.0.1:$redis_port/"
+export CAPSA_REDIS_URL="redis://:$REDISCLI_AUTH@127.0.0.1:$redis_port/"
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-echo "[up] redis on $redis_url"
+echo "[up] redis on 127.0.0.1:$redis_port (password in $state/redis.pw)"
 
 start_service capsa-executor 0 --vm-state-dir "$state/vm-state"
 executor_addr=$addr
 echo "[up] executor on $executor_addr"
 start_service capsa-vm-pool 0 --state-dir "$state/vm-state" \
-  --image-dir "$image_dir" --warm "${CAPSA_WARM:-1}" --redis-url "$redis_url" \
-  --node-id "$(hostname)" --executor-url "http://$executor_addr"
+  --image-dir "$image_dir" --warm "${CAPSA_WARM:-1}" \
+  --node-id "$(hostname)" --executor-url "https://$executor_addr"
 echo "[up] vm-pool on $addr"
-start_service capsa-metering 0 --redis-url "$redis_url"
+start_service capsa-metering 0
 metering_addr=$addr
 echo "[up] metering on $metering_addr"
 # The dev stack's default egress lets sessions reach the package registries (the demo's
 # `pip install`); CAPSA_DEFAULT_EGRESS overrides it (`{"deny_all": true}`: no egress).
 dev_egress='{"allow_package_managers": true}'
-start_service capsa-session-manager "$public_port" --redis-url "$redis_url" \
-  --metering-url "http://$metering_addr" --default-egress "${CAPSA_DEFAULT_EGRESS:-$dev_egress}"
+start_service capsa-session-manager "$public_port" \
+  --metering-url "https://$metering_addr" --default-egress "${CAPSA_DEFAULT_EGRESS:-$dev_egress}"
 session_addr=$addr
 # Sessions need a registered node: wait for vm-pool's first heartbeat.
 for _ in $(seq 1 100); do
@@ -104,11 +115,10 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-start_service capsa-gateway "$http_port" --session-manager-url "http://$session_addr" \
-  --redis-url "$redis_url"
+start_service capsa-gateway "$http_port" --session-manager-url "http://$session_addr"
 http_addr=$addr
 
-api_key="$("$bin/capsa-session-manager" create-api-key --redis-url "$redis_url" --tenant dev --name dev)"
+api_key="$("$bin/capsa-session-manager" create-api-key --tenant dev --name dev)"
 # The key is a secret: the file is the owner's alone (0600), created so from the start.
 rm -f "$state/dev.env"
 (umask 077 && cat >"$state/dev.env") <<ENV

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capsa_grpc::args::{CommonArgs, listen_on};
+use capsa_grpc::tls::{allowed_peers, identity};
 
 /// How long the executor waits for the guest before it gives up on a call or a stream.
 /// Separate settings because they guard different failures (see [`crate::limits`]).
@@ -13,7 +14,8 @@ use capsa_grpc::args::{CommonArgs, listen_on};
     name = "capsa-executor",
     version,
     about = "Relays code execution and file streams to the guest agents of this host's VMs.",
-    mut_arg("listen", listen_on("CAPSA_EXECUTOR_LISTEN", "127.0.0.1:50053"))
+    mut_arg("listen", listen_on("CAPSA_EXECUTOR_LISTEN", "127.0.0.1:50053")),
+    mut_arg("tls_allowed_peers", allowed_peers(identity::NODE_CALLERS))
 )]
 pub struct Config {
     /// `--listen` and the telemetry flags.

@@ -968,7 +968,13 @@ mod tests {
             ..Default::default()
         };
         router(Arc::new(
-            AppState::new("http://127.0.0.1:1", "redis://127.0.0.1:1/", limits).unwrap(),
+            AppState::new(
+                "http://127.0.0.1:1",
+                "redis://127.0.0.1:1/",
+                limits,
+                &Default::default(),
+            )
+            .unwrap(),
         ))
     }
 

@@ -11,7 +11,7 @@ use capsa_proto::session::v1::session_service_client::SessionServiceClient;
 use sha2::Digest as _;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::ApiError;
 
@@ -79,10 +79,12 @@ pub struct Backend {
 
 impl Backend {
     /// Does not connect: the first call does, and the channel reconnects by itself, so the
-    /// gateway starts (and answers 503) while session-manager is down.
-    pub fn new(url: &str) -> Result<Backend, String> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("--session-manager-url {url}: {e}"))?
+    /// gateway starts (and answers 503) while session-manager is down. An https:// URL is
+    /// checked against `tls`'s CA.
+    pub fn new(url: &str, tls: &capsa_grpc::tls::TlsArgs) -> Result<Backend, String> {
+        let endpoint = tls
+            .public_endpoint(url)
+            .map_err(|e| format!("--session-manager-url: {e}"))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))

@@ -33,9 +33,10 @@ impl AppState {
         session_manager_url: &str,
         redis_url: &str,
         limits: Limits,
+        tls: &capsa_grpc::tls::TlsArgs,
     ) -> Result<AppState, String> {
         Ok(AppState {
-            backend: backend::Backend::new(session_manager_url)?,
+            backend: backend::Backend::new(session_manager_url, tls)?,
             executions: executions::Executions::new(redis_url.to_owned(), limits.execution_ttl),
             limits,
             tasks: TaskTracker::new(),
@@ -64,6 +65,7 @@ pub async fn run(
             &config.session_manager_url,
             config.redis_url.expose(),
             limits,
+            &config.common.tls,
         )
         .map_err(RunError::Config)?,
     );

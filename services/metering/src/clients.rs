@@ -14,7 +14,7 @@ use capsa_proto::vmpool::v1::{GetVmCountersRequest, GetVmRequest, ListVmsRequest
 use capsa_store::NodeRecord;
 use capsa_store::usage::Sample;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::Error;
 
@@ -45,14 +45,17 @@ pub struct Reading {
 pub struct NodeClients {
     channels: Mutex<HashMap<String, Channel>>,
     timeout: Duration,
+    tls: capsa_grpc::tls::TlsArgs,
 }
 
 impl NodeClients {
     /// `timeout` bounds each call (and each connect).
-    pub fn new(timeout: Duration) -> NodeClients {
+    /// `tls`: mTLS to the node services (this process's certificate and the CA).
+    pub fn new(timeout: Duration, tls: capsa_grpc::tls::TlsArgs) -> NodeClients {
         NodeClients {
             channels: Mutex::new(HashMap::new()),
             timeout,
+            tls,
         }
     }
 
@@ -61,7 +64,13 @@ impl NodeClients {
         if let Some(channel) = channels.get(url) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        let identity = match service {
+            VMPOOL => capsa_grpc::tls::identity::VM_POOL,
+            _ => capsa_grpc::tls::identity::EXECUTOR,
+        };
+        let endpoint = self
+            .tls
+            .internal_endpoint(url, identity)
             .map_err(|e| Error::Node {
                 service,
                 url: url.to_owned(),
@@ -273,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_bad_url_is_a_node_error() {
-        let clients = NodeClients::new(Duration::from_secs(1));
+        let clients = NodeClients::new(Duration::from_secs(1), Default::default());
         let err = clients.channel(VMPOOL, "not a url").unwrap_err();
         assert!(err.to_string().contains("bad url"), "{err}");
     }

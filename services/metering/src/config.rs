@@ -4,13 +4,15 @@
 use std::time::Duration;
 
 use capsa_grpc::args::{CommonArgs, RedisUrl, listen_on};
+use capsa_grpc::tls::{allowed_peers, identity};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "capsa-metering",
     version,
     about = "Samples every leased VM's usage into Redis and appends usage records for billing.",
-    mut_arg("listen", listen_on("CAPSA_METERING_LISTEN", "127.0.0.1:50054"))
+    mut_arg("listen", listen_on("CAPSA_METERING_LISTEN", "127.0.0.1:50054")),
+    mut_arg("tls_allowed_peers", allowed_peers(identity::SESSION_MANAGER))
 )]
 pub struct Config {
     /// `--listen` and the telemetry flags.

@@ -43,7 +43,10 @@ pub async fn run(
     let sessions = SessionStore::new(conn.clone(), StoreConfig::default());
     let usage = UsageStore::new(conn, config.retention);
     let trimming_usage = usage.clone();
-    let clients = Arc::new(clients::NodeClients::new(config.rpc_timeout));
+    let clients = Arc::new(clients::NodeClients::new(
+        config.rpc_timeout,
+        config.common.tls.clone(),
+    ));
     let metrics = metrics::Metrics::new();
 
     let sampler = Arc::new(sampler::Sampler::new(
@@ -77,6 +80,7 @@ pub async fn run(
         token.clone(),
     ));
     let server = capsa_grpc::Server::new()
+        .tls(config.common.tls.server())
         .add_service(MeteringServiceServer::new(grpc::MeteringGrpc::new(ledger)));
     let drain = {
         let token = token.clone();

@@ -41,7 +41,7 @@ impl App {
             sessions: SessionStore::new(conn.clone(), config.store_config()),
             keys: ApiKeyStore::new(conn.clone()),
             nodes: NodeRegistry::new(conn),
-            clients: Clients::new(config.metering_url.clone()),
+            clients: Clients::new(config.metering_url.clone(), config.common.tls.clone()),
             streams: StreamSlots::new(config.max_streams_per_tenant),
             config,
         }

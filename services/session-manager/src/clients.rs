@@ -21,12 +21,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use capsa_grpc::server::{STREAM_WINDOW, connection_window, max_streams};
+use capsa_grpc::tls::identity;
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
 use capsa_proto::limits::MAX_MESSAGE_BYTES;
 use capsa_proto::metering::v1::metering_service_client::MeteringServiceClient;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::Error;
 
@@ -42,23 +43,29 @@ pub type ExecutorClient = ExecutorServiceClient<Traced>;
 pub struct Clients {
     channels: Mutex<HashMap<String, Channel>>,
     metering_url: Option<String>,
+    tls: capsa_grpc::tls::TlsArgs,
 }
 
 impl Clients {
-    pub fn new(metering_url: Option<String>) -> Self {
+    /// `tls`: mTLS to the node services and metering (this process's certificate and the CA).
+    pub fn new(metering_url: Option<String>, tls: capsa_grpc::tls::TlsArgs) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             metering_url,
+            tls,
         }
     }
 
-    fn channel(&self, url: &str) -> Result<Traced, Error> {
+    /// A channel to `url`, whose server must hold the certificate of `identity`.
+    fn channel(&self, url: &str, identity: &str) -> Result<Traced, Error> {
         let mut channels = self.channels.lock().expect("channel cache lock");
         let channel = match channels.get(url) {
             Some(c) => c.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(url.to_string())
-                    .map_err(|e| Error::Internal(format!("node url {url:?} is invalid: {e}")))?
+                let endpoint = self
+                    .tls
+                    .internal_endpoint(url, identity)
+                    .map_err(|e| Error::Internal(e.to_string()))?
                     .connect_timeout(Duration::from_secs(3))
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(3))
@@ -79,15 +86,19 @@ impl Clients {
     }
 
     pub fn vmpool(&self, url: &str) -> Result<VmPoolServiceClient<Traced>, Error> {
-        Ok(VmPoolServiceClient::new(self.channel(url)?))
+        Ok(VmPoolServiceClient::new(
+            self.channel(url, identity::VM_POOL)?,
+        ))
     }
 
     /// Events and file chunks pass through unchanged: the same message limit as the public
     /// server and the executor's own.
     pub fn executor(&self, url: &str) -> Result<ExecutorServiceClient<Traced>, Error> {
-        Ok(ExecutorServiceClient::new(self.channel(url)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            ExecutorServiceClient::new(self.channel(url, identity::EXECUTOR)?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// The metering client, or UNAVAILABLE when no metering URL is configured.
@@ -95,7 +106,9 @@ impl Clients {
         let url = self.metering_url.as_deref().ok_or_else(|| {
             Error::Unavailable("metering is not configured on this server".into())
         })?;
-        Ok(MeteringServiceClient::new(self.channel(url)?))
+        Ok(MeteringServiceClient::new(
+            self.channel(url, identity::METERING)?,
+        ))
     }
 }
 

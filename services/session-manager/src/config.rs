@@ -23,8 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Runs the server (also what no subcommand does).
-    Serve(Config),
+    /// Runs the server (also what no subcommand does). Boxed: far larger than the others.
+    Serve(Box<Config>),
     /// Creates an API key for a tenant and prints it (shown only this once).
     CreateApiKey(CreateApiKey),
     /// Lists API keys (id, tenant, name, creation time; never the key itself).
@@ -154,6 +154,9 @@ pub struct Config {
     /// `--listen` and the telemetry flags.
     #[command(flatten)]
     pub common: CommonArgs,
+    /// TLS of the public API (server certificate only; clients authenticate with API keys).
+    #[command(flatten)]
+    pub public_tls: capsa_grpc::tls::PublicTlsArgs,
     /// Redis holding sessions, keys and nodes (`redis://[:password@]host:port/db`; logged
     /// with the password masked).
     #[arg(

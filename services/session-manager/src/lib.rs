@@ -24,6 +24,7 @@ pub mod config;
 mod egress;
 pub mod error;
 mod grpc;
+mod placement;
 mod proxy;
 mod reaper;
 mod sessions;
@@ -61,6 +62,7 @@ pub async fn run(
     let conn = capsa_store::connect(config.redis_url.expose())
         .await
         .map_err(RunError::Redis)?;
+    let public_tls = config.public_tls.server();
     let app = Arc::new(app::App::new(config, conn));
     let stop = CancellationToken::new();
     let _stop_on_exit = stop.clone().drop_guard();
@@ -70,6 +72,7 @@ pub async fn run(
         .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
     let server = capsa_grpc::Server::new()
+        .tls(public_tls)
         .max_concurrent_streams(capsa_grpc::server::max_streams::SESSION_MANAGER)
         .add_service(service);
     tracing::info!("session-manager serving");

@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
 async fn serve() -> Result<(), Exit> {
     let cli: Cli = parse_args()?;
     let config = match cli.command {
-        Some(Command::Serve(config)) => config,
+        Some(Command::Serve(config)) => *config,
         None => cli.serve,
         Some(Command::CreateApiKey(a)) => {
             return admin("create-api-key", &a.redis_url, sm::create_api_key(&a)).await;

@@ -138,7 +138,12 @@ impl App {
             }
             Created::IdTaken => return Err(Error::Internal(format!("session id {id} collided"))),
         }
-        let node = match place(nodes) {
+        let wanted = crate::placement::Wanted {
+            template: &spec.template,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        };
+        let node = match crate::placement::place(nodes, wanted) {
             Ok(node) => node,
             Err(err) => return Err(self.fail_create(&id, err).await),
         };
@@ -247,7 +252,6 @@ impl App {
         Ok(rec)
     }
 
-    /// The live node with the most free leases.
     /// The live nodes that can boot `template`; INVALID_ARGUMENT when nodes are up but none
     /// offers it, UNAVAILABLE when no node is up at all.
     async fn nodes_offering(&self, template: &str) -> Result<Vec<NodeRecord>, Error> {
@@ -417,16 +421,4 @@ pub fn describe_end(rec: &SessionRecord) -> String {
     } else {
         format!("ended: {reason} ({})", rec.end_message)
     }
-}
-
-/// The node with the most free leases among `nodes`.
-fn place(nodes: Vec<NodeRecord>) -> Result<NodeRecord, Error> {
-    let count = nodes.len();
-    nodes
-        .into_iter()
-        .filter(|n| n.free() > 0)
-        .max_by_key(|n| n.free())
-        .ok_or_else(|| {
-            Error::ResourceExhausted(format!("no node has room for a new session ({count} full)"))
-        })
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capsa_grpc::args::{CommonArgs, RedisUrl, listen_on};
+use capsa_grpc::tls::{allowed_peers, identity};
 use capsa_vmm::EnginePreference;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -12,7 +13,8 @@ use capsa_vmm::EnginePreference;
     name = "capsa-vm-pool",
     version,
     about = "Keeps warm microVMs booted on this host and leases them out, one VM per lease.",
-    mut_arg("listen", listen_on("CAPSA_VMPOOL_LISTEN", "127.0.0.1:50052"))
+    mut_arg("listen", listen_on("CAPSA_VMPOOL_LISTEN", "127.0.0.1:50052")),
+    mut_arg("tls_allowed_peers", allowed_peers(identity::NODE_CALLERS))
 )]
 pub struct Config {
     /// `--listen` and the telemetry flags.
@@ -160,7 +162,8 @@ pub struct Config {
     #[arg(long, env = "CAPSA_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// vm-pool's own URL as session-manager should dial it (default: http://<bound addr>).
+    /// vm-pool's own URL as session-manager should dial it (default: http://<bound addr>,
+    /// https:// with --tls-ca).
     #[arg(long, env = "CAPSA_VMPOOL_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
 

@@ -211,10 +211,14 @@ async fn serve(
         .map_err(|e| Error::Config(format!("listener address: {e}")))?;
     let identity = node::NodeIdentity {
         node_id,
-        vmpool_url: config
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{local}")),
+        vmpool_url: config.advertise_url.clone().unwrap_or_else(|| {
+            let scheme = if config.common.tls.enabled() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{local}")
+        }),
         executor_url: config.executor_url.clone(),
     };
     let stop_heartbeat = CancellationToken::new();
@@ -232,9 +236,12 @@ async fn serve(
         None => None,
     };
 
-    let server = capsa_grpc::Server::new().add_service(VmPoolServiceServer::new(
-        grpc::Service::new(pool.clone(), identity.node_id.clone()),
-    ));
+    let server = capsa_grpc::Server::new()
+        .tls(config.common.tls.server())
+        .add_service(VmPoolServiceServer::new(grpc::Service::new(
+            pool.clone(),
+            identity.node_id.clone(),
+        )));
     let closing = pool.clone();
     let served = capsa_grpc::serve_tcp(server, listener, async move {
         shutdown.await;

@@ -4,7 +4,8 @@
 //! neither exhaust the node nor pass for another service:
 //!
 //! - **Identity.** Every resource a guest sends is rewritten: `service.name` becomes
-//!   [`GUEST_SERVICE`], `capsa.vm_id` and `capsa.node_id` are added from what vm-pool knows,
+//!   [`GUEST_SERVICE`], `capsa.vm_id`, `capsa.node_id` and `service.instance.id` (the VM id,
+//!   so each VM's series are its own) are added from what vm-pool knows,
 //!   and every other guest-supplied resource attribute is dropped except the SDK's own
 //!   `telemetry.*` (so no `service.*`, `host.*`, `k8s.*`, `capsa.*` claims get through).
 //!   Metrics other than [`GUEST_METRICS`] are dropped (reported back as rejected data
@@ -457,6 +458,7 @@ fn tag_resource(resource: &mut Option<Resource>, vm_id: &str, node_id: &str) {
     resource.entity_refs.clear();
     resource.attributes.extend([
         string_kv("service.name", GUEST_SERVICE),
+        string_kv("service.instance.id", vm_id),
         string_kv("capsa.vm_id", vm_id),
         string_kv("capsa.node_id", node_id),
     ]);
@@ -649,11 +651,13 @@ mod tests {
             [
                 "capsa.node_id",
                 "capsa.vm_id",
+                "service.instance.id",
                 "service.name",
                 "telemetry.sdk.name"
             ]
         );
         assert_eq!(attr(&r.attributes, "service.name"), Some(GUEST_SERVICE));
+        assert_eq!(attr(&r.attributes, "service.instance.id"), Some("vm-1"));
         assert_eq!(attr(&r.attributes, "capsa.vm_id"), Some("vm-1"));
         assert_eq!(attr(&r.attributes, "capsa.node_id"), Some("node-a"));
         assert_eq!(r.dropped_attributes_count, 6);

@@ -18,7 +18,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-/// `--listen` and the telemetry flags.
+/// `--listen`, the telemetry flags and mTLS of the internal plane.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     /// Address to serve gRPC on; port 0 picks a free one. The bound address is printed on
@@ -28,6 +28,9 @@ pub struct CommonArgs {
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// Gives `--listen` a service's variable and default address (for `mut_arg("listen", ..)`).
@@ -74,6 +77,8 @@ pub struct RedisUrl(String);
 
 /// The schemes the `redis` crate connects to.
 const TCP_SCHEMES: &[&str] = &["redis", "rediss", "valkey", "valkeys"];
+/// `redis+sentinel://[:password@]host:port[,host:port...]/MASTER[/db]` (capsa-store's).
+const SENTINEL_SCHEMES: &[&str] = &["redis+sentinel://", "rediss+sentinel://"];
 const UNIX_SCHEMES: &[&str] = &["unix", "redis+unix", "valkey+unix"];
 
 impl RedisUrl {
@@ -85,6 +90,20 @@ impl RedisUrl {
     /// Whether the `redis` crate can connect to it (not whether Redis answers); the error
     /// says why, without the URL's secrets.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(rest) = self.sentinel_rest() {
+            let hosts = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            return match hosts.split_once('/') {
+                Some((hosts, master)) if !master.trim_matches('/').is_empty() => hosts
+                    .split(',')
+                    .all(|h| {
+                        h.rsplit_once(':')
+                            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                    })
+                    .then_some(())
+                    .ok_or_else(|| "every sentinel needs host:port".into()),
+                _ => Err("a sentinel URL needs /MASTER after the addresses".into()),
+            };
+        }
         let url = url::Url::parse(&self.0).map_err(|e| format!("not a URL: {e}"))?;
         let scheme = url.scheme();
         if UNIX_SCHEMES.contains(&scheme) {
@@ -109,8 +128,22 @@ impl RedisUrl {
         Ok(())
     }
 
+    /// What follows the scheme of a sentinel URL.
+    fn sentinel_rest(&self) -> Option<&str> {
+        SENTINEL_SCHEMES
+            .iter()
+            .find_map(|scheme| self.0.strip_prefix(scheme))
+    }
+
     /// The URL with the password (in the user part or a `pass` query parameter) masked.
     fn redacted(&self) -> String {
+        if let Some(rest) = self.sentinel_rest() {
+            let scheme = &self.0[..self.0.len() - rest.len()];
+            return match rest.rsplit_once('@') {
+                Some((_, hosts)) => format!("{scheme}:****@{hosts}"),
+                None => self.0.clone(),
+            };
+        }
         let Ok(mut url) = url::Url::parse(&self.0) else {
             return "<malformed redis URL>".into();
         };
@@ -204,6 +237,10 @@ mod tests {
             ),
             ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
             ("redis://:hunter2@[bad", "<malformed redis URL>"),
+            (
+                "redis+sentinel://:hunter2@s1:26379,s2:26379/mymaster",
+                "redis+sentinel://:****@s1:26379,s2:26379/mymaster",
+            ),
         ];
         for (raw, shown) in cases {
             let u = url(raw);
@@ -223,6 +260,8 @@ mod tests {
             "rediss://h",
             "unix:///run/redis.sock",
             "redis+unix:///run/redis.sock?db=2",
+            "redis+sentinel://:p@s1:26379,s2:26380/mymaster/2",
+            "rediss+sentinel://s1:26379/m",
         ] {
             assert_eq!(url(ok).check(), Ok(()), "{ok}");
         }
@@ -233,6 +272,8 @@ mod tests {
             "redis://:hunter2@h/db",
             "redis://",
             "not a url",
+            "redis+sentinel://:hunter2@s1:26379",
+            "redis+sentinel://:hunter2@s1/m",
         ] {
             let err = url(bad).check().expect_err(bad);
             assert!(!err.contains("hunter2"), "{bad}: {err}");

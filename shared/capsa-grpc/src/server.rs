@@ -54,6 +54,7 @@ pub struct Server {
     health: HealthReporter,
     names: Vec<&'static str>,
     max_streams: u32,
+    tls: Option<crate::tls::ServerTls>,
 }
 
 impl Default for Server {
@@ -79,6 +80,7 @@ impl Server {
             health,
             names: Vec::new(),
             max_streams: max_streams::DEFAULT,
+            tls: None,
         }
     }
 
@@ -86,6 +88,14 @@ impl Server {
     /// follows ([`connection_window`]).
     pub fn max_concurrent_streams(mut self, streams: u32) -> Self {
         self.max_streams = streams;
+        self
+    }
+
+    /// Serves TLS (`None`: plaintext): [`crate::tls::TlsArgs::server`] for the internal
+    /// plane (client certificates required, allowed peers checked on every call),
+    /// [`crate::tls::PublicTlsArgs::server`] for a public endpoint.
+    pub fn tls(mut self, tls: Option<crate::tls::ServerTls>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -129,6 +139,7 @@ impl Server {
             health,
             names,
             max_streams,
+            tls,
         } = self;
         for name in &names {
             health
@@ -150,13 +161,20 @@ impl Server {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        let mut allowed_peers = None;
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.config)?;
+            allowed_peers = tls.allowed_peers;
+        }
+        builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .max_concurrent_streams(max_streams)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(connection_window(max_streams))
             .layer(capsa_telemetry::GrpcTraceLayer)
+            .layer(crate::tls::PeerCheckLayer(allowed_peers))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, drain_signal)
             .await

@@ -99,8 +99,38 @@ pub struct NodeRecord {
     /// (Absent in records of older nodes: read as none.)
     #[serde(default)]
     pub templates: Vec<String>,
+    /// Room for VMs in memory and vCPUs, what placement weighs. (Absent in records of
+    /// older nodes: placement then counts VM slots only.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<NodeResources>,
     /// When the node wrote this record (its own clock, ms since the Unix epoch).
     pub heartbeat_ms: i64,
+}
+
+/// A node's room for VMs, counted as its vm-pool admits them: each VM takes its guest RAM
+/// plus the VMM's overhead, and its vCPUs. VMs leased (or booting for a lease) count as
+/// used; warm VMs and refills count as free (a lease takes them, a cold boot evicts them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// Memory (MiB) the node's VMs may take together.
+    pub memory_mib: u64,
+    /// vCPUs the node's VMs may have together.
+    pub vcpus: u32,
+    pub free_memory_mib: u64,
+    pub free_vcpus: u32,
+    /// VMs the node may still start (its cap on VMs, whatever their size).
+    pub free_vms: u32,
+    /// Memory (MiB) a VM takes beyond its guest RAM.
+    pub vm_overhead_mib: u32,
+    /// Each template's VM shape: what a create that leaves vcpus or memory at 0 gets.
+    pub shapes: std::collections::BTreeMap<String, VmSize>,
+}
+
+/// vCPUs and guest memory of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
 }
 
 impl NodeRecord {
@@ -281,6 +311,7 @@ mod tests {
             leased: 1,
             warm: 0,
             templates: vec!["default".into()],
+            resources: None,
             heartbeat_ms: 0,
         };
         assert_eq!(rec.free(), 3);

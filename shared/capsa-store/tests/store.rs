@@ -50,6 +50,7 @@ fn node(id: &str, capacity: u32) -> NodeRecord {
         leased: 0,
         warm: 1,
         templates: vec!["default".into()],
+        resources: None,
         heartbeat_ms: 1,
     }
 }

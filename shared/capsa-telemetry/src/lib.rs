@@ -127,9 +127,11 @@ pub fn init_with(
             meter: None,
         });
     }
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name)
-        .build();
+    let resource = resource(
+        service_name,
+        |var| std::env::var(var).ok(),
+        std::process::id(),
+    );
     let mut span_exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     let mut metric_exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic();
     match export {
@@ -152,8 +154,7 @@ pub fn init_with(
         .with_resource(resource.clone())
         .with_batch_exporter(span_exporter)
         .build();
-    let meter_provider = SdkMeterProvider::builder()
-        .with_resource(resource)
+    let meter_provider = meter_provider_builder(resource)
         .with_periodic_exporter(metric_exporter)
         .build();
     opentelemetry::global::set_meter_provider(meter_provider.clone());
@@ -167,6 +168,83 @@ pub fn init_with(
         tracer: Some(tracer_provider),
         meter: Some(meter_provider),
     })
+}
+
+/// Overrides `service.instance.id` (see [`instance_id`]).
+pub const INSTANCE_ID_ENV: &str = "CAPSA_INSTANCE_ID";
+
+/// `service.name` and `service.instance.id` on top of what the SDK detects (including
+/// `OTEL_RESOURCE_ATTRIBUTES`).
+fn resource(
+    service_name: &'static str,
+    lookup: impl Fn(&str) -> Option<String>,
+    pid: u32,
+) -> opentelemetry_sdk::Resource {
+    let builder = || opentelemetry_sdk::Resource::builder().with_service_name(service_name);
+    let key = opentelemetry::Key::from_static_str("service.instance.id");
+    let from_otel_env = builder().build().get(&key).map(|v| v.to_string());
+    builder()
+        .with_attribute(opentelemetry::KeyValue::new(
+            key,
+            instance_id(lookup, from_otel_env, pid),
+        ))
+        .build()
+}
+
+/// What tells this replica's series from the others' (replicas and nodes would otherwise
+/// overwrite each other): `CAPSA_INSTANCE_ID`, else a `service.instance.id` given in
+/// `OTEL_RESOURCE_ATTRIBUTES`, else `POD_NAME` (the Kubernetes manifests set it from the
+/// downward API), else `<hostname>:<pid>`, unique among the processes of one host.
+fn instance_id(
+    lookup: impl Fn(&str) -> Option<String>,
+    from_otel_env: Option<String>,
+    pid: u32,
+) -> String {
+    let set = |var: &str| lookup(var).filter(|v| !v.trim().is_empty());
+    if let Some(id) = set(INSTANCE_ID_ENV) {
+        return id;
+    }
+    if let Some(id) = from_otel_env.filter(|v| !v.trim().is_empty()) {
+        return id;
+    }
+    if let Some(id) = set("POD_NAME") {
+        return id;
+    }
+    let host = set("HOSTNAME")
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    format!("{host}:{pid}")
+}
+
+/// A meter provider with Capsa's views: every histogram in seconds gets
+/// [`metrics::DURATION_BUCKETS_SECONDS`].
+fn meter_provider_builder(
+    resource: opentelemetry_sdk::Resource,
+) -> opentelemetry_sdk::metrics::MeterProviderBuilder {
+    SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_view(seconds_buckets)
+}
+
+fn seconds_buckets(
+    instrument: &opentelemetry_sdk::metrics::Instrument,
+) -> Option<opentelemetry_sdk::metrics::Stream> {
+    use opentelemetry_sdk::metrics::{Aggregation, InstrumentKind, Stream};
+    if instrument.kind() != InstrumentKind::Histogram || instrument.unit() != "s" {
+        return None;
+    }
+    Stream::builder()
+        .with_aggregation(Aggregation::ExplicitBucketHistogram {
+            boundaries: metrics::DURATION_BUCKETS_SECONDS.to_vec(),
+            record_min_max: true,
+        })
+        .build()
+        .ok()
 }
 
 /// Set and not empty (the exporter treats an empty variable as unset).
@@ -319,6 +397,94 @@ mod tests {
         ] {
             assert_eq!(failing_var(&[(var, value)]), var, "{var}={value}");
         }
+    }
+
+    #[test]
+    fn seconds_histograms_get_second_scale_buckets() {
+        use opentelemetry::metrics::MeterProvider as _;
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+        use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader};
+
+        let exporter = InMemoryMetricExporter::default();
+        let provider = meter_provider_builder(resource("capsa-test", |_| None, 1))
+            .with_reader(PeriodicReader::builder(exporter.clone()).build())
+            .build();
+        let meter = provider.meter("test");
+        let seconds = meter.f64_histogram("test.duration").with_unit("s").build();
+        let millis = meter.f64_histogram("test.size").with_unit("By").build();
+        seconds.record(0.3, &[]);
+        millis.record(0.3, &[]);
+        provider.force_flush().unwrap();
+
+        let exported = exporter.get_finished_metrics().unwrap();
+        let histogram = |name: &str| {
+            exported
+                .iter()
+                .flat_map(|rm| rm.scope_metrics())
+                .flat_map(|sm| sm.metrics())
+                .find(|m| m.name() == name)
+                .map(|m| match m.data() {
+                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                        let p = h.data_points().next().unwrap();
+                        (
+                            p.bounds().collect::<Vec<_>>(),
+                            p.bucket_counts().collect::<Vec<_>>(),
+                        )
+                    }
+                    other => panic!("{name}: {other:?}"),
+                })
+                .unwrap_or_else(|| panic!("{name} not exported: {exported:?}"))
+        };
+        let (bounds, counts) = histogram("test.duration");
+        assert_eq!(bounds, metrics::DURATION_BUCKETS_SECONDS);
+        // 0.3 s is in (0.25, 0.5]: bucket i counts values in (bounds[i-1], bounds[i]].
+        let i = counts.iter().position(|&c| c == 1).unwrap();
+        assert_eq!((bounds[i - 1], bounds[i]), (0.25, 0.5), "{counts:?}");
+        // Other units keep the SDK's defaults.
+        assert_ne!(histogram("test.size").0, metrics::DURATION_BUCKETS_SECONDS);
+        provider.shutdown().unwrap();
+    }
+
+    #[test]
+    fn instance_id_precedence() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |var: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let all = env(&[
+            ("CAPSA_INSTANCE_ID", "node-7"),
+            ("POD_NAME", "vm-pool-abc"),
+            ("HOSTNAME", "host"),
+        ]);
+        assert_eq!(instance_id(all, Some("otel".into()), 9), "node-7");
+        let no_override = env(&[
+            ("CAPSA_INSTANCE_ID", " "),
+            ("POD_NAME", "vm-pool-abc"),
+            ("HOSTNAME", "host"),
+        ]);
+        assert_eq!(instance_id(no_override, Some("otel".into()), 9), "otel");
+        assert_eq!(instance_id(no_override, None, 9), "vm-pool-abc");
+        assert_eq!(instance_id(env(&[("HOSTNAME", "host")]), None, 9), "host:9");
+        // No variables at all: the kernel's hostname, still with the pid.
+        assert!(instance_id(env(&[]), None, 9).ends_with(":9"));
+    }
+
+    #[test]
+    fn resource_carries_the_instance_id() {
+        let r = resource(
+            "capsa-test",
+            |var| (var == INSTANCE_ID_ENV).then(|| "replica-2".to_owned()),
+            1,
+        );
+        let get = |k: &'static str| {
+            r.get(&opentelemetry::Key::from_static_str(k))
+                .map(|v| v.to_string())
+        };
+        assert_eq!(get("service.instance.id").as_deref(), Some("replica-2"));
+        assert_eq!(get("service.name").as_deref(), Some("capsa-test"));
     }
 
     #[test]

@@ -84,6 +84,7 @@ impl FakeNode {
             leased: 0,
             warm: 0,
             templates: vec!["default".into()],
+            resources: None,
             heartbeat_ms: 1,
         }
     }

@@ -172,6 +172,7 @@ pub async fn register_for(
         leased,
         warm: 1,
         templates: vec!["default".into()],
+        resources: None,
         heartbeat_ms: 0,
     };
     reg.heartbeat(&rec, ttl).await.unwrap();
