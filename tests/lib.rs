@@ -664,3 +664,76 @@ pub async fn create_default_session(client: &mut Client) -> capsa_proto::session
         .session
         .expect("a created session")
 }
+
+/// The interpreter of the Python test venv (`$CAPSA_PYTHON`); panics, naming the script that
+/// builds it, when unset: a Python suite never skips silently.
+pub fn test_python() -> String {
+    std::env::var("CAPSA_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "CAPSA_PYTHON is not set: it names the interpreter of the Python test venv; run \
+             `export CAPSA_PYTHON=$(deploy/scripts/python-env.sh | tail -n1)` \
+             (deploy/scripts/test.sh does this)"
+        )
+    })
+}
+
+/// SIGKILLs a process group on drop, so nothing a suite started outlives a failed or
+/// timed-out test.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // Fails harmlessly (ESRCH) when the group is already gone.
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `$CAPSA_PYTHON -m pytest <args> -q -p no:cacheprovider` from the repository root
+/// with `env`, in its own process group (killed on return), and panics with its whole output
+/// when it fails or still runs after `timeout`. Output goes to a file so that it can be shown
+/// even when the run is cut off.
+pub async fn run_pytest(args: &[&str], env: &[(&str, String)], timeout: Duration) {
+    let python = test_python();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.args(["-m", "pytest"])
+        .args(args)
+        .args(["-q", "-p", "no:cacheprovider"])
+        .current_dir(root)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        // Nothing written into the source tree.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {python} (CAPSA_PYTHON): {e}"));
+    let _group = ProcessGroup(child.id().expect("pytest's pid"));
+    let status = tokio::time::timeout(timeout, child.wait()).await;
+    let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+    match status {
+        Ok(Ok(status)) if status.success() => {
+            let summary = output
+                .lines()
+                .rfind(|l| l.contains(" passed"))
+                .unwrap_or_default();
+            println!(
+                "pytest: {summary} ({:.0?} with the stack up)",
+                started.elapsed()
+            );
+        }
+        Ok(Ok(status)) => panic!("pytest failed ({status}):\n{output}"),
+        Ok(Err(e)) => panic!("waiting for pytest: {e}\n{output}"),
+        Err(_) => panic!("pytest still runs after {timeout:?}; its output:\n{output}"),
+    }
+}

@@ -10,17 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use capsa_e2e::test_python;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> String {
-    std::env::var("CAPSA_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "CAPSA_PYTHON is not set: run deploy/scripts/python-env.sh and export \
-             CAPSA_PYTHON=<its last line> (deploy/scripts/test.sh does)"
-        )
-    })
 }
 
 fn text(out: &Output) -> String {
@@ -84,7 +77,7 @@ impl Copy {
     }
 
     fn check(&self, out: Option<&Path>) -> Output {
-        let mut cmd = Command::new(python());
+        let mut cmd = Command::new(test_python());
         cmd.arg(repo().join("deploy/k8s/check.py")).arg(&self.k8s);
         if let Some(out) = out {
             cmd.arg("--out").arg(out);
@@ -108,7 +101,7 @@ fn manifests_render_validate_against_the_schemas_and_pass_the_checks() {
         .count();
     assert!(resources >= 30, "{resources} resources rendered: {summary}");
 
-    let out = Command::new(python())
+    let out = Command::new(test_python())
         .args(["-m", "kubernetes_validate", "--strict"])
         .args(["-k", "1.30.0", "-k", "1.37.0"])
         .arg(&rendered)
@@ -130,7 +123,7 @@ fn the_schema_validation_rejects_an_unknown_field() {
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: x }\nautomountServiceAccountTokn: false\n",
     )
     .unwrap();
-    let out = Command::new(python())
+    let out = Command::new(test_python())
         .args(["-m", "kubernetes_validate", "--strict", "-k", "1.30.0"])
         .arg(&bad)
         .output()
