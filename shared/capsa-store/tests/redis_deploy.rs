@@ -2,11 +2,11 @@
 //! (`rediss://`, the server's certificate from `deploy/scripts/certs.sh`), and Sentinel (one
 //! master, one sentinel). Each server is killed on drop, failure or not.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use capsa_test_support::free_port;
 use redis::AsyncCommands as _;
 
 struct Server(Child);
@@ -16,14 +16,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `redis-server` with `args`, once `port` accepts connections (30 s at most).

@@ -23,7 +23,7 @@ mod vsock;
 
 pub use grpc::GrpcDouble;
 pub use process::{ServiceProcess, run_to_exit, workspace_binary};
-pub use redis::RedisServer;
+pub use redis::{RedisServer, free_port};
 pub use vsock::HybridVsockProxy;
 
 /// Polls `$cond` (an async expression yielding `bool`) every 20 ms until it is true, or

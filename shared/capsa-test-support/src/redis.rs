@@ -145,7 +145,8 @@ fn spawn(port: u16, dir: &Path, durable: bool) -> Child {
     .unwrap_or_else(|e| panic!("cannot start {bin} (install redis-server): {e}"))
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on 127.0.0.1 right now (for servers that cannot listen on port 0).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
