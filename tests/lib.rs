@@ -304,6 +304,24 @@ impl Stack {
         }
     }
 
+    /// The PID of the VMM behind `vm_id` on node `node` (0: the single-node stack's).
+    pub async fn vmm_pid(&self, node: usize, vm_id: &str) -> u32 {
+        let mut pool = VmPoolServiceClient::connect(self.node(node).0.url())
+            .await
+            .unwrap();
+        let vm = pool
+            .get_vm(capsa_proto::vmpool::v1::GetVmRequest {
+                vm_id: vm_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .vm
+            .unwrap();
+        assert!(vm.vmm_pid > 0);
+        vm.vmm_pid
+    }
+
     /// Kills node `i` as a host failure would: SIGKILL to the process groups of its vm-pool
     /// and executor (its VMMs die with vm-pool: they run with PDEATHSIG unless
     /// `--orphan-vms-on-crash`). Returns once both are dead. Its network namespace stays

@@ -10,29 +10,10 @@ use capsa_proto::session::v1::{
     CreateSessionRequest, DeleteSessionRequest, EndReason, GetSessionRequest, GetUsageRequest,
     SessionStatus,
 };
-use capsa_proto::vmpool::v1::GetVmRequest;
-use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_test_support::eventually;
 
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-async fn vmm_pid(stack: &Stack, vm_id: &str) -> u32 {
-    let mut pool = VmPoolServiceClient::connect(stack.vm_pool.url())
-        .await
-        .unwrap();
-    let vm = pool
-        .get_vm(GetVmRequest {
-            vm_id: vm_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .vm
-        .unwrap();
-    assert!(vm.vmm_pid > 0);
-    vm.vmm_pid
 }
 
 #[tokio::test]
@@ -50,7 +31,7 @@ async fn expiry_and_deletion_destroy_the_vm() {
         .into_inner()
         .session
         .unwrap();
-    let pid = vmm_pid(&stack, &s.vm_id).await;
+    let pid = stack.vmm_pid(0, &s.vm_id).await;
     assert!(pid_alive(pid));
     // Watch the session from outside: it must leave ACTIVE within a second of its deadline
     // (the reaper's promise). Redis' clock and this test's are the same host clock.
@@ -106,7 +87,7 @@ async fn expiry_and_deletion_destroy_the_vm() {
     eventually!(!pid_alive(pid), 10);
 
     let s = capsa_e2e::create_default_session(&mut c).await;
-    let pid = vmm_pid(&stack, &s.vm_id).await;
+    let pid = stack.vmm_pid(0, &s.vm_id).await;
     let deleted = c
         .delete_session(DeleteSessionRequest {
             session_id: s.id.clone(),
@@ -134,7 +115,7 @@ async fn a_vm_that_dies_mid_execute_ends_the_stream_and_the_session() {
     let stack = Stack::start(StackOptions::default()).await;
     let mut c = stack.client(0).await;
     let s = capsa_e2e::create_default_session(&mut c).await;
-    let pid = vmm_pid(&stack, &s.vm_id).await;
+    let pid = stack.vmm_pid(0, &s.vm_id).await;
     let mut stream = c
         .execute(exec::request(
             &s.id,

@@ -23,8 +23,6 @@ use capsa_e2e::exec::{self, python};
 use capsa_e2e::{Client, Stack, StackOptions};
 use capsa_proto::common::v1::{CompletionStatus, Language};
 use capsa_proto::session::v1::{EndReason, GetSessionRequest, Session, SessionStatus};
-use capsa_proto::vmpool::v1::GetVmRequest;
-use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_store::NodeRegistry;
 use capsa_test_support::eventually;
 
@@ -51,24 +49,6 @@ async fn executes(client: &mut Client, id: &str, code: &str, want: &str) {
     let out = python(client, id, code).await;
     assert_eq!(out.status(), CompletionStatus::Ok, "{out:?}");
     assert_eq!(out.stdout_text(), want, "{out:?}");
-}
-
-/// The PID of the VMM behind `vm_id` on node `node`.
-async fn vmm_pid(stack: &Stack, node: usize, vm_id: &str) -> u32 {
-    let mut pool = VmPoolServiceClient::connect(stack.node(node).0.url())
-        .await
-        .unwrap();
-    let vm = pool
-        .get_vm(GetVmRequest {
-            vm_id: vm_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .vm
-        .unwrap();
-    assert!(vm.vmm_pid > 0);
-    vm.vmm_pid
 }
 
 fn node_index(stack: &Stack, node_id: &str) -> usize {
@@ -257,7 +237,7 @@ async fn three_nodes_two_replicas() {
     // 3. Kill s2's node. Its session ends VM_FAILED once the grace has passed, while the
     // sessions on the other nodes keep executing.
     let killed = node_index(&stack, &sessions[2].node_id);
-    let vmm = vmm_pid(&stack, killed, &sessions[2].vm_id).await;
+    let vmm = stack.vmm_pid(killed, &sessions[2].vm_id).await;
     let killed_at = Instant::now();
     stack.kill_node(killed).await;
     // The VMM dies with its vm-pool (PDEATHSIG): a dead node is dead through and through.
