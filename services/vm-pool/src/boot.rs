@@ -25,8 +25,6 @@ use crate::error::Error;
 use crate::pool::{Entry, Shared, State, Template};
 use crate::vm::{VmInfo, VmState, new_vm_id};
 
-/// How long an unleased failed VM stays listed.
-const FAILED_RETENTION: Duration = Duration::from_secs(60);
 /// Per health-check attempt (the vsock connect is retried with a short backoff).
 const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -263,7 +261,8 @@ pub(crate) fn mark_failed(shared: &Arc<Shared>, id: &str, reason: &str) -> bool 
     let Some(entry) = st.vms.get_mut(id) else {
         return false;
     };
-    if !entry.info.borrow().state.is_live() {
+    let was = entry.info.borrow().state;
+    if !was.is_live() {
         return false;
     }
     entry.info.send_modify(|i| {
@@ -277,12 +276,13 @@ pub(crate) fn mark_failed(shared: &Arc<Shared>, id: &str, reason: &str) -> bool 
         q.retain(|v| v != id);
         shared.metrics.warm(&info.template, q.len());
     }
-    if info.lease_id.is_none() {
-        // Nobody will release it: forget it after a while.
+    // Only a lease holder releases a failed VM, and a VM that failed while booting for a
+    // lease was never handed out: its acquire got a retry's VM or an error instead.
+    if info.lease_id.is_none() || was == VmState::Booting {
         let shared2 = shared.clone();
         let id = id.to_owned();
         tokio::spawn(async move {
-            tokio::time::sleep(FAILED_RETENTION).await;
+            tokio::time::sleep(shared2.settings.failed_vm_retention).await;
             let mut st = shared2.lock();
             if st
                 .vms

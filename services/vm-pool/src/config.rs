@@ -136,6 +136,12 @@ pub struct Config {
     #[arg(long = "boot-timeout-secs", env = "CAPSA_VMPOOL_BOOT_TIMEOUT_SECS", default_value = "60", value_parser = parse_secs)]
     pub boot_timeout: Duration,
 
+    /// How long a failed VM stays listed (state FAILED, with its reason) once nobody can
+    /// release it: it failed unleased, or during a cold boot whose lease got another VM or
+    /// an error. Its processes and files are gone at once either way.
+    #[arg(long = "failed-vm-retention-secs", env = "CAPSA_VMPOOL_FAILED_VM_RETENTION_SECS", default_value = "60", value_parser = parse_secs)]
+    pub failed_vm_retention: Duration,
+
     /// auto, cloud-hypervisor, qemu-kvm or qemu-tcg.
     #[arg(long, env = "CAPSA_ENGINE", default_value = "auto")]
     pub engine: EnginePreference,

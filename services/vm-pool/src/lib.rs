@@ -185,6 +185,7 @@ async fn serve(
         vm_overhead_mib: config.vmm_memory_overhead_mib,
         max_concurrent_boots: config.max_concurrent_boots,
         boot_timeout: config.boot_timeout,
+        failed_vm_retention: config.failed_vm_retention,
         max_vcpus: config.max_vcpus,
         max_memory_mib: config.max_memory_mib,
         guest_otlp,

@@ -56,6 +56,8 @@ pub struct Settings {
     pub vm_overhead_mib: u32,
     pub max_concurrent_boots: u32,
     pub boot_timeout: Duration,
+    /// How long an unreleasable failed VM stays listed.
+    pub failed_vm_retention: Duration,
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
     /// Serves each VM's guest telemetry port, if a collector is configured.
@@ -728,6 +730,7 @@ mod tests {
             vm_overhead_mib: 256,
             max_concurrent_boots: 1,
             boot_timeout: Duration::from_secs(1),
+            failed_vm_retention: Duration::from_secs(1),
             max_vcpus: 8,
             max_memory_mib: 8192,
             guest_otlp: None,

@@ -51,12 +51,17 @@ async fn twenty_cycles_leak_nothing() {
     assert_eq!(seen.len(), CYCLES);
     assert!(warm_hits > 0, "the warm pool served at least some acquires");
 
-    // Only the warm pool's VMs remain: two processes and one dir each, nothing else.
+    // Only the warm pool's VMs remain: two processes and one dir each, nothing else. A boot
+    // that failed under load (and was retried) may still be listed FAILED for a while,
+    // with nothing of it left on the host.
     wait_warm(&mut c, 2).await;
-    let vms = common::list(&mut c).await;
+    let listed = common::list(&mut c).await;
+    let (vms, failed): (Vec<_>, Vec<_>) = listed
+        .into_iter()
+        .partition(|v| v.state == VmState::Warm as i32);
     assert!(
-        vms.iter().all(|v| v.state == VmState::Warm as i32),
-        "{vms:?}"
+        failed.iter().all(|v| v.state == VmState::Failed as i32),
+        "{failed:?}"
     );
     assert_eq!(vms.len(), 2);
     assert_eq!(pool.vm_processes().len(), 4);
