@@ -25,6 +25,10 @@
 #   crun fails on these hosts' cgroup v1, and the host's /etc is left alone.
 #
 # Env: CAPSA_CACHE_DIR (/var/cache/capsa), CARGO_TARGET_DIR, CAPSA_DEBIAN_MIRROR, CAPSA_SUITE,
+#      CAPSA_IMAGE_BINARIES (a dir of already built service binaries to use instead of a
+#      release build: the test command passes its dev build, which its tests need anyway,
+#      where a release build of every service costs it about 8 minutes; tag
+#      <rev>-bin-<hash of the binaries>, and no :latest),
 #      CAPSA_CLOUD_HYPERVISOR_BIN (a Cloud Hypervisor binary to put in the vm-pool image),
 #      CAPSA_SKIP_DEPS=1 (do not run install-deps.sh: the caller already did).
 set -euo pipefail
@@ -117,9 +121,21 @@ node_base=$base_ref
 base_image redis ca-certificates tini redis-server
 redis_base=$base_ref
 
-log "building release binaries (target dir $target)"
-(cd "$root" && cargo build --release --locked -p capsa-session-manager -p capsa-vm-pool \
-  -p capsa-executor -p capsa-metering -p capsa-cli -p capsa-gateway) >&2
+# A caller running under cargo (the containers test) hands down its CARGO_MANIFEST_DIR,
+# CARGO_PKG_* and the like; build scripts that track them (ring's) would then rebuild half the
+# workspace here, and again in the caller's next build.
+for v in $(compgen -e | grep -E '^(CARGO_(MANIFEST_|PKG_|BIN_|CRATE_|PRIMARY_|TARGET_TMPDIR)|OUT_DIR$)' || true); do
+  unset "$v"
+done
+bins="${CAPSA_IMAGE_BINARIES:-}"
+if [[ -z "$bins" ]]; then
+  log "building release binaries (target dir $target)"
+  (cd "$root" && cargo build --release --locked -p capsa-session-manager -p capsa-vm-pool \
+    -p capsa-executor -p capsa-metering -p capsa-cli -p capsa-gateway) >&2
+  bins="$target/release"
+else
+  log "binaries from $bins"
+fi
 vhost="$(command -v vhost-device-vsock)" || die "vhost-device-vsock missing (install-deps.sh)"
 
 # The build context: the binaries and nothing else (the repository, target/ and .capsa/
@@ -128,7 +144,8 @@ ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 mkdir "$ctx/bin"
 for b in capsa-session-manager capsa-vm-pool capsa-executor capsa-metering capsa capsa-gateway; do
-  cp "$target/release/$b" "$ctx/bin/"
+  [[ -x "$bins/$b" ]] || die "no $b in $bins"
+  cp "$bins/$b" "$ctx/bin/"
 done
 cp "$vhost" "$ctx/bin/"
 # The vm-pool image's optional extra VMM: the operator's Cloud Hypervisor binary (v51.0+).
@@ -138,18 +155,27 @@ if [[ -n "${CAPSA_CLOUD_HYPERVISOR_BIN:-}" ]]; then
 fi
 
 tag="$(git -C "$root" rev-parse --short=12 HEAD)"
-if [[ -n "$(git -C "$root" status --porcelain --untracked-files=normal 2>/dev/null)" ]]; then
+ctx_hash() {
+  find "$ctx" -type f -print0 | sort -z | xargs -0 cat \
+    | cat - "$root/deploy/container/Dockerfile" | sha256sum | cut -c1-8
+}
+if [[ -n "${CAPSA_IMAGE_BINARIES:-}" ]]; then
+  # Binaries built elsewhere: the revision alone does not name them.
+  tag="$tag-bin-$(ctx_hash)"
+elif [[ -n "$(git -C "$root" status --porcelain --untracked-files=normal 2>/dev/null)" ]]; then
   # A dirty tree: the revision alone does not name what was built.
-  tag="$tag-dirty-$(find "$ctx" -type f -print0 | sort -z | xargs -0 cat \
-    | cat - "$root/deploy/container/Dockerfile" | sha256sum | cut -c1-8)"
+  tag="$tag-dirty-$(ctx_hash)"
 fi
 
 for svc in session-manager metering gateway executor vm-pool cli redis; do
+  # :latest names release builds only.
+  latest=()
+  [[ -n "${CAPSA_IMAGE_BINARIES:-}" ]] || latest=(-t "localhost/capsa-$svc:latest")
   log "image capsa-$svc:$tag"
   podman build --quiet --layers -f "$root/deploy/container/Dockerfile" --target "$svc" \
     --build-arg RUNTIME_BASE="$runtime_base" --build-arg NODE_BASE="$node_base" \
     --build-arg REDIS_BASE="$redis_base" --label "org.opencontainers.image.revision=$tag" \
-    -t "localhost/capsa-$svc:$tag" -t "localhost/capsa-$svc:latest" "$ctx" >/dev/null
+    -t "localhost/capsa-$svc:$tag" "${latest[@]}" "$ctx" >/dev/null
 done
 podman images --filter "reference=localhost/capsa-*:$tag" \
   --format '{{.Repository}}:{{.Tag}} {{.Size}}' >&2

@@ -31,8 +31,13 @@ export CAPSA_PYTHON
 echo "[test] fuzz"
 deploy/scripts/fuzz.sh --seconds 20
 
-# The container images the containerized-stack test runs (release binaries; cached bases).
+# Everything the tests run, built once; then the container images the containerized-stack
+# test runs, from cached bases and the dev binaries just built (a release build of every
+# service would add about 8 minutes).
+echo "[test] build"
+cargo nextest run --locked --workspace --no-run
 echo "[test] container images"
+export CAPSA_IMAGE_BINARIES="$target/debug"
 CAPSA_SKIP_DEPS=1 deploy/scripts/images.sh | tail -n 1
 
 echo "[test] cargo nextest"
