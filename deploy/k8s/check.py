@@ -24,6 +24,12 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentV
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 NODE_PORTS = {50052, 50053}
 NODE_CALLERS = {"session-manager", "metering"}
+# Containers on the internal plane: each must run mTLS (a cert-manager-style Secret mounted).
+INTERNAL_PLANE = {"session-manager", "metering", "vm-pool", "executor"}
+TLS_ENV = {"CAPSA_TLS_CERT": "tls.crt", "CAPSA_TLS_KEY": "tls.key", "CAPSA_TLS_CA": "ca.crt"}
+# Where a container names another internal service: must be https:// under mTLS.
+INTERNAL_URL_ARGS = ("--advertise-url=", "--executor-url=")
+INTERNAL_URL_ENV = ("CAPSA_METERING_URL",)
 # Memory vm-pool needs for itself beyond its VMs' budget (node.yaml's formula).
 VM_POOL_OWN_MIB = 256
 
@@ -98,6 +104,15 @@ def render(root, problems):
         docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
     for gen in kust.get("secretGenerator", []):
         data = {}
+        for spec in gen.get("files", []):
+            key, _, src = spec.rpartition("=")
+            src_path = os.path.join(root, src)
+            if not os.path.isfile(src_path):
+                problems.append(
+                    f"secretGenerator {gen['name']}: {src} does not exist (run deploy/k8s/secrets.sh)"
+                )
+                continue
+            data[key or os.path.basename(src)] = open(src_path).read()
         for src in gen.get("envs", []):
             src_path = os.path.join(root, src)
             if not os.path.isfile(src_path):
@@ -107,7 +122,13 @@ def render(root, problems):
                 continue
             data.update(read_env_file(src_path))
         docs.append(
-            {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": gen["name"]}, "stringData": data}
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": gen.get("type", "Opaque"),
+                "metadata": {"name": gen["name"]},
+                "stringData": data,
+            }
         )
     namespace = kust.get("namespace")
     for d in docs:
@@ -161,6 +182,59 @@ def mib(quantity):
     return float(q) / 2**20
 
 
+def arg_value(c, flag):
+    """The value of `--flag=value` in a container's args, or None."""
+    for a in c.get("args", []):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def secret_named(docs, name):
+    return next((d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name), None)
+
+
+def check_tls(c, cw, spec, docs, env, problems):
+    """mTLS of an internal-plane container: returns whether it is on."""
+    missing = [k for k in TLS_ENV if k not in env]
+    if missing:
+        problems.append(f"{cw}: no mTLS ({', '.join(missing)} unset): the internal plane would be plaintext")
+        return False
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    user = c.get("securityContext", {}).get("runAsUser", spec.get("securityContext", {}).get("runAsUser", 0))
+    fs_group = spec.get("securityContext", {}).get("fsGroup")
+    for var, key in TLS_ENV.items():
+        path = env[var].get("value", "")
+        mount = next(
+            (m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")), None
+        )
+        secret = volumes.get(mount["name"], {}).get("secret") if mount else None
+        if secret is None:
+            problems.append(f"{cw}: {var} {path} is not in a mounted Secret")
+            continue
+        doc = secret_named(docs, secret["secretName"])
+        if doc is None:
+            problems.append(f"{cw}: mounts Secret {secret['secretName']}, which is not defined")
+            continue
+        file = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+        if file != key or key not in {**doc.get("data", {}), **doc.get("stringData", {})}:
+            problems.append(f"{cw}: {var} {path}: Secret {secret['secretName']} has no key {file} (cert-manager writes {key})")
+        mode = secret.get("defaultMode", 0o644)
+        if user != 0 and not mode & 0o004 and not (fs_group is not None and mode & 0o040):
+            problems.append(
+                f"{cw}: Secret {secret['secretName']} (mode {mode:04o}) is unreadable by uid {user}: no fsGroup"
+            )
+    for flag in INTERNAL_URL_ARGS:
+        url = arg_value(c, flag[:-1])
+        if url is not None and not url.startswith("https://"):
+            problems.append(f"{cw}: {flag[:-1]} {url} is plaintext under mTLS")
+    for var in INTERNAL_URL_ENV:
+        url = env.get(var, {}).get("value")
+        if url is not None and not url.startswith("https://"):
+            problems.append(f"{cw}: {var} {url} is plaintext under mTLS")
+    return True
+
+
 def check_workload(doc, where, docs, problems):
     kind = doc["kind"]
     spec = pod_spec(doc)
@@ -199,11 +273,21 @@ def check_workload(doc, where, docs, problems):
                     problems.append(f"{cw}: env {e['name']} refers to missing key {ref['name']}/{ref['key']}")
         image = c.get("image", "")
         capsa_service = image.startswith("capsa-") and not image.startswith("capsa-redis")
+        mtls = c["name"] in INTERNAL_PLANE and kind in LONG_RUNNING and check_tls(c, cw, spec, docs, env, problems)
         if kind in LONG_RUNNING:
             for probe in PROBES:
                 if probe not in c:
                     problems.append(f"{cw}: no {probe}")
             grpc_ports = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == "grpc"]
+            health = arg_value(c, "--health-listen")
+            if mtls and grpc_ports:
+                # The kubelet's gRPC probes present no client certificate: an mTLS port
+                # refuses them, so they go to the plaintext health-only listener.
+                if health is None:
+                    problems.append(f"{cw}: mTLS on its gRPC port and no --health-listen: the kubelet's probes cannot pass")
+                    grpc_ports = []
+                else:
+                    grpc_ports = [int(health.rsplit(":", 1)[1])]
             for port in grpc_ports:
                 for probe in PROBES:
                     if c.get(probe, {}).get("grpc", {}).get("port") != port:

@@ -1,7 +1,8 @@
 //! The closed internal plane on a real stack: services talk mTLS with the certificates of
 //! `deploy/scripts/certs.sh`, the seed flow works through it, and the node services refuse
 //! a caller without a certificate, with one from another CA, and with one from the right CA
-//! but the wrong identity (the gateway's: PERMISSION_DENIED). Also: Redis with a password
+//! but the wrong identity (the gateway's: PERMISSION_DENIED), while a plaintext health-only
+//! listener answers probes and nothing else. Also: Redis with a password
 //! (a wrong one ends start-up with exit 69).
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,9 @@ use capsa_proto::vmpool::v1::ListVmsRequest;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_test_support::workspace_binary;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 fn certs(dir: &Path) -> PathBuf {
@@ -77,8 +81,10 @@ async fn mtls_plane_runs_the_seed_flow_and_node_services_admit_only_their_caller
     let good = certs(&dir.path().join("good"));
     let other_ca = certs(&dir.path().join("other"));
     let ca = good.join("ca.pem");
+    let health_port = capsa_test_support::free_port();
     let stack = Stack::start(StackOptions {
         tls_dir: Some(good.clone()),
+        vm_pool_args: vec![format!("--health-listen=127.0.0.1:{health_port}")],
         ..Default::default()
     })
     .await;
@@ -190,6 +196,31 @@ async fn mtls_plane_runs_the_seed_flow_and_node_services_admit_only_their_caller
         .await
         .is_err()
     );
+
+    // (d) Probes without a certificate (the kubelet's) get vm-pool's health, and nothing
+    // else, on its plaintext health-only listener.
+    let health_only = Endpoint::from_shared(format!("http://127.0.0.1:{health_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the health-only listener takes plaintext");
+    let mut health = HealthClient::new(health_only.clone());
+    for service in ["", "capsa.vmpool.v1.VmPoolService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e:?}"))
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let other = VmPoolServiceClient::new(health_only)
+        .list_vms(ListVmsRequest {})
+        .await
+        .expect_err("ListVms answered on the health-only listener");
+    assert_eq!(other.code(), Code::Unimplemented, "{other:?}");
 
     // The session still runs: nothing above disturbed it.
     let out = exec::run(

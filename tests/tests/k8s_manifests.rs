@@ -39,7 +39,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A copy of deploy/k8s and deploy/observability (the Collector config it loads), with its
-/// own secrets/redis.env written by secrets.sh; never the working tree's own secrets.
+/// own secrets (redis.env, tls/) written by secrets.sh; never the working tree's own.
 struct Copy {
     _dir: tempfile::TempDir,
     k8s: PathBuf,
@@ -54,6 +54,14 @@ impl Copy {
             &repo().join("deploy/observability"),
             &dir.path().join("deploy/observability"),
         );
+        // secrets.sh makes the internal plane's certificates with it.
+        std::fs::create_dir_all(dir.path().join("deploy/scripts")).unwrap();
+        std::fs::copy(
+            repo().join("deploy/scripts/certs.sh"),
+            dir.path().join("deploy/scripts/certs.sh"),
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(k8s.join("secrets/tls"));
         let _ = std::fs::remove_file(k8s.join("secrets/redis.env"));
         let out = Command::new("bash")
             .arg(k8s.join("secrets.sh"))
@@ -154,15 +162,52 @@ fn each_structural_rule_fails_on_a_copy_with_that_defect() {
         ),
         (
             "metering.yaml",
-            "          livenessProbe: { grpc: { port: 50054 }, periodSeconds: 20, timeoutSeconds: 5 }\n",
+            "          livenessProbe: { grpc: { port: 50064 }, periodSeconds: 20, timeoutSeconds: 5 }\n",
             "",
             "container metering: no livenessProbe",
         ),
         (
             "node.yaml",
-            "readinessProbe: { grpc: { port: 50053 }, periodSeconds: 10 }",
-            "readinessProbe: { tcpSocket: { port: 50053 }, periodSeconds: 10 }",
-            "readinessProbe is not a grpc.health.v1 probe on 50053",
+            "readinessProbe: { grpc: { port: 50063 }, periodSeconds: 10 }",
+            "readinessProbe: { tcpSocket: { port: 50063 }, periodSeconds: 10 }",
+            "readinessProbe is not a grpc.health.v1 probe on 50063",
+        ),
+        // A probe on the mTLS port: the kubelet has no client certificate.
+        (
+            "session-manager.yaml",
+            "livenessProbe: { grpc: { port: 50061 }",
+            "livenessProbe: { grpc: { port: 50051 }",
+            "container session-manager: livenessProbe is not a grpc.health.v1 probe on 50061",
+        ),
+        (
+            "metering.yaml",
+            "args: [--listen=0.0.0.0:50054, --health-listen=0.0.0.0:50064]",
+            "args: [--listen=0.0.0.0:50054]",
+            "container metering: mTLS on its gRPC port and no --health-listen",
+        ),
+        (
+            "node.yaml",
+            "            - { name: CAPSA_TLS_CA, value: /etc/capsa/tls/ca.crt }\n",
+            "",
+            "container vm-pool: no mTLS (CAPSA_TLS_CA unset)",
+        ),
+        (
+            "node.yaml",
+            "--executor-url=https://",
+            "--executor-url=http://",
+            "container vm-pool: --executor-url http://$(POD_IP):50053 is plaintext under mTLS",
+        ),
+        (
+            "session-manager.yaml",
+            "secretName: capsa-tls-session-manager",
+            "secretName: capsa-tls-gateway",
+            "mounts Secret capsa-tls-gateway, which is not defined",
+        ),
+        (
+            "metering.yaml",
+            "runAsGroup: 10001, fsGroup: 10001 }",
+            "runAsGroup: 10001 }",
+            "container metering: Secret capsa-tls-metering (mode 0440) is unreadable by uid 10001",
         ),
         (
             "serviceaccounts.yaml",

@@ -68,7 +68,7 @@ pub enum Error {
     ShuttingDown,
 
     #[error("serving gRPC")]
-    Serve(#[source] tonic::transport::Error),
+    Serve(#[source] capsa_grpc::ServeError),
 }
 
 impl ServiceError for Error {

@@ -64,6 +64,7 @@ pub async fn run(
         .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
     let server = capsa_grpc::Server::new()
         .tls(config.common.tls.server())
+        .health_listen(config.common.health_listen)
         .max_concurrent_streams(capsa_grpc::server::max_streams::EXECUTOR)
         .add_service(service);
     let drain = {

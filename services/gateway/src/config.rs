@@ -17,6 +17,10 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
 
+    /// HTTPS for the API (`--public-tls-cert`, `--public-tls-key`); plaintext without them.
+    #[command(flatten)]
+    pub public_tls: capsa_grpc::tls::PublicTlsArgs,
+
     /// session-manager's public gRPC endpoint.
     #[arg(
         long,

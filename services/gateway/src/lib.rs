@@ -60,6 +60,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let limits = config.limits();
+    let tls = serve::tls_acceptor(&config.public_tls).map_err(RunError::Config)?;
     let state = Arc::new(
         AppState::new(
             &config.session_manager_url,
@@ -70,11 +71,16 @@ pub async fn run(
         .map_err(RunError::Config)?,
     );
     state.executions.connect().await?;
-    tracing::info!(session_manager = %config.session_manager_url, "gateway serving");
+    tracing::info!(
+        session_manager = %config.session_manager_url,
+        https = tls.is_some(),
+        "gateway serving"
+    );
     serve::serve(
         listener,
         api::router(state.clone()),
         limits.client_idle,
+        tls,
         shutdown,
     )
     .await;

@@ -45,7 +45,7 @@ pub enum RunError {
     #[error("cannot create the scratch directory")]
     Scratch(#[source] std::io::Error),
     #[error("gRPC server failed")]
-    Serve(#[source] tonic::transport::Error),
+    Serve(#[source] capsa_grpc::ServeError),
 }
 
 /// Serves until `shutdown` resolves: then health goes NOT_SERVING, running executes are

@@ -30,7 +30,7 @@ pub enum Error {
     },
 
     #[error("serving gRPC")]
-    Serve(#[source] tonic::transport::Error),
+    Serve(#[source] capsa_grpc::ServeError),
 }
 
 impl Error {

@@ -81,6 +81,7 @@ pub async fn run(
     ));
     let server = capsa_grpc::Server::new()
         .tls(config.common.tls.server())
+        .health_listen(config.common.health_listen)
         .add_service(MeteringServiceServer::new(grpc::MeteringGrpc::new(ledger)));
     let drain = {
         let token = token.clone();

@@ -50,7 +50,7 @@ pub enum RunError {
     #[error("cannot connect to redis")]
     Redis(#[source] capsa_store::StoreError),
     #[error("grpc server failed")]
-    Serve(#[source] tonic::transport::Error),
+    Serve(#[source] capsa_grpc::ServeError),
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -63,6 +63,7 @@ pub async fn run(
         .await
         .map_err(RunError::Redis)?;
     let public_tls = config.public_tls.server();
+    let health_listen = config.common.health_listen;
     let app = Arc::new(app::App::new(config, conn));
     let stop = CancellationToken::new();
     let _stop_on_exit = stop.clone().drop_guard();
@@ -73,6 +74,7 @@ pub async fn run(
         .max_encoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES);
     let server = capsa_grpc::Server::new()
         .tls(public_tls)
+        .health_listen(health_listen)
         .max_concurrent_streams(capsa_grpc::server::max_streams::SESSION_MANAGER)
         .add_service(service);
     tracing::info!("session-manager serving");

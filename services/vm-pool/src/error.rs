@@ -32,7 +32,7 @@ pub enum Error {
     #[error("node registry")]
     Store(#[from] capsa_store::StoreError),
     #[error("grpc server")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] capsa_grpc::ServeError),
 }
 
 impl ServiceError for Error {

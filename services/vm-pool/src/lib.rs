@@ -239,6 +239,7 @@ async fn serve(
 
     let server = capsa_grpc::Server::new()
         .tls(config.common.tls.server())
+        .health_listen(config.common.health_listen)
         .add_service(VmPoolServiceServer::new(grpc::Service::new(
             pool.clone(),
             identity.node_id.clone(),

@@ -26,6 +26,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
 
+    /// A second address serving only grpc.health.v1, in plaintext, for probes that present
+    /// no client certificate (the kubelet's) when --tls-* makes the main one mTLS. Port 0
+    /// picks a free one (logged).
+    #[arg(long, env = "CAPSA_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<SocketAddr>,
+
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 

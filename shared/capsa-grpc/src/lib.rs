@@ -11,4 +11,4 @@ pub mod server;
 pub mod tls;
 
 pub use error::{ErrorCode, ServiceError, to_status};
-pub use server::{Server, serve_tcp};
+pub use server::{ServeError, Server, serve_tcp};

@@ -3,6 +3,11 @@
 //! sequence: health goes NOT_SERVING, then the listener stops accepting and in-flight calls
 //! drain. Binding and signal handling stay with the caller, so tests serve on `:0`.
 //!
+//! A server whose listener requires client certificates can also answer health checks on a
+//! second, plaintext address ([`Server::health_listen`]): probes such as the kubelet's gRPC
+//! probes present no certificate. That listener serves `grpc.health.v1` and nothing else,
+//! from the same statuses, and closes after the main listener has drained.
+//!
 //! HTTP/2 flow control is set on purpose, because one connection carries many tenants'
 //! streams (every session-manager replica holds one connection per node): data a stream's
 //! reader has not taken stays charged to both that stream's window and the connection's.
@@ -16,6 +21,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -23,7 +29,8 @@ use tokio_stream::Stream;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 use tonic::transport::server::Connected;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 /// Receive window of every HTTP/2 stream, on servers and on the clients that set theirs
 /// (session-manager's node channels): one file chunk (`MAX_CHUNK_BYTES`) fits whole.
@@ -48,6 +55,19 @@ pub const fn connection_window(streams: u32) -> u32 {
     streams * STREAM_WINDOW
 }
 
+/// Why a server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("grpc server")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("health-only listener on {addr}")]
+    HealthListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A server under assembly: add services, then [`Server::serve`].
 pub struct Server {
     routes: RoutesBuilder,
@@ -55,6 +75,7 @@ pub struct Server {
     names: Vec<&'static str>,
     max_streams: u32,
     tls: Option<crate::tls::ServerTls>,
+    health_listen: Option<SocketAddr>,
 }
 
 impl Default for Server {
@@ -81,6 +102,7 @@ impl Server {
             names: Vec::new(),
             max_streams: max_streams::DEFAULT,
             tls: None,
+            health_listen: None,
         }
     }
 
@@ -96,6 +118,13 @@ impl Server {
     /// [`crate::tls::PublicTlsArgs::server`] for a public endpoint.
     pub fn tls(mut self, tls: Option<crate::tls::ServerTls>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Also serves `grpc.health.v1`, alone and in plaintext, on `addr` (`None`: not at all);
+    /// see the module docs. The bound address is logged.
+    pub fn health_listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.health_listen = addr;
         self
     }
 
@@ -128,7 +157,7 @@ impl Server {
         self,
         incoming: I,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error>
+    ) -> Result<(), ServeError>
     where
         I: Stream<Item = Result<IO, IE>> + Send,
         IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -140,7 +169,12 @@ impl Server {
             names,
             max_streams,
             tls,
+            health_listen,
         } = self;
+        let health_only = match health_listen {
+            Some(addr) => Some(serve_health_only(addr, health.clone()).await?),
+            None => None,
+        };
         for name in &names {
             health
                 .set_service_status(*name, tonic_health::ServingStatus::Serving)
@@ -167,7 +201,7 @@ impl Server {
             builder = builder.tls_config(tls.config)?;
             allowed_peers = tls.allowed_peers;
         }
-        builder
+        let served = builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .max_concurrent_streams(max_streams)
@@ -177,8 +211,48 @@ impl Server {
             .layer(crate::tls::PeerCheckLayer(allowed_peers))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, drain_signal)
-            .await
+            .await;
+        if let Some((stop, task)) = health_only {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        Ok(served?)
     }
+}
+
+/// Binds `addr` and serves only `reporter`'s statuses there, in plaintext, until the sender
+/// returned is used (or dropped).
+async fn serve_health_only(
+    addr: SocketAddr,
+    reporter: HealthReporter,
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ),
+    ServeError,
+> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::HealthListen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::HealthListen { addr, source })?;
+    tracing::info!(addr = %bound, "serving grpc.health.v1 alone, in plaintext, for probes");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HealthServer::new(HealthService::from_health_reporter(
+                reporter,
+            )))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    Ok((stop, task))
 }
 
 /// Serves `server` on an already bound TCP listener (bind `127.0.0.1:0` in tests).
@@ -186,7 +260,7 @@ pub async fn serve_tcp(
     server: Server,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     use tokio_stream::StreamExt as _;
     // Execute events are small and latency-bound: never let Nagle hold them back.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
