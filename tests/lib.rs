@@ -671,6 +671,7 @@ fn create_api_key(redis_url: &str, tenant: &str) -> String {
 }
 
 pub mod exec;
+pub mod otlp;
 
 /// A session with the defaults, created through `client`; panics if the create fails.
 pub async fn create_default_session(client: &mut Client) -> capsa_proto::session::v1::Session {

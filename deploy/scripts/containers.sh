@@ -11,7 +11,10 @@
 # Env: CAPSA_STACK_NAME (pod name, default capsa), CAPSA_CONTAINERS_DIR (state, default
 #   .capsa/containers/<name>), CAPSA_IMAGE_TAG (skip images.sh and use these images),
 #   CAPSA_IMAGE_DIR (skip the guest image build), CAPSA_PORT / CAPSA_HTTP_PORT (public ports,
-#   default 50051 / 8080; 0 = free ports), CAPSA_WARM (warm VMs, default 1), CAPSA_CACHE_DIR.
+#   default 50051 / 8080; 0 = free ports), CAPSA_WARM (warm VMs, default 1), CAPSA_CACHE_DIR,
+#   CAPSA_OTLP_ENDPOINT (an OTLP/gRPC collector every service exports to, e.g.
+#   http://127.0.0.1:4317; none by default), CAPSA_OTLP_INTERVAL_MS (metric export period,
+#   default 60000).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -76,6 +79,7 @@ up() {
       -e "s|@API2_PORT@|$api2|g; s|@HTTP_PORT@|$http|g; s|@METERING_PORT@|$metering|g" \
       -e "s|@EXECUTOR_PORT@|$executor|g; s|@VMPOOL_PORT@|$vmpool|g; s|@NODE_ID@|$node|g" \
       -e "s|@WARM@|${CAPSA_WARM:-1}|g; s|@STATE_DIR@|$dir/vm-state|g; s|@IMAGE_DIR@|$image_dir|g" \
+      -e "s|@OTLP_ENDPOINT@|${CAPSA_OTLP_ENDPOINT:-}|g; s|@OTLP_INTERVAL_MS@|${CAPSA_OTLP_INTERVAL_MS:-60000}|g" \
       "$root/deploy/container/pod.yaml" >"$dir/pod.yaml"
   log "podman kube play (images :$tag, guest image $image_dir)"
   podman kube play "$dir/pod.yaml" >&2 || { logs >&2; die "podman kube play failed"; }
@@ -87,7 +91,7 @@ up() {
     if podman ps -a --filter "pod=$name" --filter status=exited --format '{{.Names}}' | grep -q .; then
       logs >&2; die "a container exited during start-up"
     fi
-    if [[ "$(podman exec "$name-redis" redis-cli -p "$redis" EXISTS "capsa:node:$node" 2>/dev/null)" == 1 ]] \
+    if [[ "$(podman exec "$name-redis" redis-cli -p "$redis" EXISTS "{capsa}:node:$node" 2>/dev/null)" == 1 ]] \
       && python3 - "$api" "$api2" "$http" <<'PY' 2>/dev/null
 import socket, sys
 for p in sys.argv[1:]:

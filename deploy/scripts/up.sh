@@ -111,7 +111,7 @@ start_service capsa-session-manager "$public_port" \
 session_addr=$addr
 # Sessions need a registered node: wait for vm-pool's first heartbeat.
 for _ in $(seq 1 100); do
-  [ "$(redis-cli -p "$redis_port" EXISTS "capsa:node:$(hostname)")" = 1 ] && break
+  [ "$(redis-cli -p "$redis_port" EXISTS "{capsa}:node:$(hostname)")" = 1 ] && break
   sleep 0.1
 done
 

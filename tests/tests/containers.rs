@@ -3,6 +3,8 @@
 //! `deploy/scripts/containers.sh` on free ports, runs the seed story through it (create,
 //! `x = 42`, `print(x)`, kill) across both session-manager replicas, and tears it down,
 //! asserting nothing is left: no container, pod, volume, VMM process or network object.
+//! Every gRPC service in the pod exports its metrics over OTLP to a receiver this test runs
+//! (standing for a Collector), each under its own `service.instance.id`.
 //! Needs root and podman (install-deps.sh installs it); fails, never skips, without them.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use capsa_client::{Client, SessionOptions, SessionStatus};
+use capsa_e2e::otlp::Receiver;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -76,7 +79,7 @@ impl Drop for Pod {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stack_runs_in_containers_and_leaves_nothing_behind() {
     let volumes_before = stdout_of(&podman(&["volume", "ls", "--quiet"]));
 
@@ -130,9 +133,13 @@ async fn the_stack_runs_in_containers_and_leaves_nothing_behind() {
         dir: tempfile::tempdir().unwrap(),
         down: false,
     };
+    // Host network: the containers reach the receiver on the host's loopback.
+    let (receiver, otlp) = Receiver::start("127.0.0.1:0").await;
     let started = Instant::now();
     let up = pod
         .script("up")
+        .env("CAPSA_OTLP_ENDPOINT", &otlp)
+        .env("CAPSA_OTLP_INTERVAL_MS", "1000")
         .env("CAPSA_IMAGE_TAG", &tag)
         .env("CAPSA_IMAGE_DIR", capsa_e2e::image_dir())
         .env("CAPSA_PORT", "0")
@@ -212,6 +219,35 @@ async fn the_stack_runs_in_containers_and_leaves_nothing_behind() {
         ),
         "{info:?}"
     );
+
+    // Every gRPC service exported, naming its instance; the two replicas apart.
+    let expected = [
+        ("capsa-executor", format!("ctr-{name}")),
+        ("capsa-metering", format!("{name}-metering")),
+        ("capsa-session-manager", format!("{name}-session-manager-a")),
+        ("capsa-session-manager", format!("{name}-session-manager-b")),
+        ("capsa-vm-pool", format!("ctr-{name}")),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let instances = receiver.instances();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(s, i)| {
+                !instances
+                    .iter()
+                    .any(|(rs, ri)| rs == s && ri.ends_with(i.as_str()))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 60 s no metrics from {missing:?}; received {instances:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // While the pod runs its VMs are the QEMU processes under the container's state dir;
     // after `down` none may be left (nor the pod, its containers, a volume, vm-pool's nft

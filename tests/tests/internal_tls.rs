@@ -16,10 +16,10 @@ use capsa_proto::vmpool::v1::ListVmsRequest;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_test_support::workspace_binary;
 use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 fn certs(dir: &Path) -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/scripts/certs.sh");

@@ -263,7 +263,7 @@ async fn usage_reflects_cpu_memory_and_disk_work_and_the_final_record_is_written
                 "EVAL",
                 script,
                 "1",
-                "capsa:usage:records",
+                "{capsa}:usage:records",
                 &s.id,
             ])
             .output()

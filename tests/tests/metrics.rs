@@ -4,113 +4,19 @@
 //! latency (the SDK's default millisecond-scale boundaries would put it in (0, 5]); every
 //! service says which instance it is (`service.instance.id`), distinct across replicas.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use capsa_e2e::otlp::Receiver;
 use capsa_e2e::{Stack, StackOptions, exec};
 use capsa_telemetry::metrics::DURATION_BUCKETS_SECONDS;
 use capsa_test_support::eventually;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
-use opentelemetry_proto::tonic::metrics::v1::HistogramDataPoint;
-use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
 /// How long the timed Execute sleeps in the guest.
 const SLEEP: f64 = 1.2;
 
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
-
-#[tonic::async_trait]
-impl MetricsService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
-    attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| match &v.value {
-            Some(any_value::Value::StringValue(s)) => Some(s.as_str()),
-            _ => None,
-        })
-}
-
-impl Receiver {
-    /// `(service.name, service.instance.id)` of every resource received.
-    fn instances(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = self
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.resource_metrics.iter())
-            .filter_map(|rm| rm.resource.as_ref())
-            .map(|r| {
-                (
-                    attr(&r.attributes, "service.name").unwrap_or("").to_owned(),
-                    attr(&r.attributes, "service.instance.id")
-                        .unwrap_or("")
-                        .to_owned(),
-                )
-            })
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-
-    /// The latest point of histogram `metric` from `service` (cumulative: it holds all).
-    fn histogram(&self, service: &str, metric: &str) -> Option<HistogramDataPoint> {
-        let received = self.0.lock().unwrap();
-        received
-            .iter()
-            .flat_map(|r| r.resource_metrics.iter())
-            .filter(|rm| {
-                rm.resource
-                    .as_ref()
-                    .is_some_and(|r| attr(&r.attributes, "service.name") == Some(service))
-            })
-            .flat_map(|rm| rm.scope_metrics.iter())
-            .flat_map(|sm| sm.metrics.iter())
-            .filter(|m| m.name == metric)
-            .filter_map(|m| match &m.data {
-                Some(Data::Histogram(h)) => h.data_points.iter().max_by_key(|p| p.time_unix_nano),
-                _ => None,
-            })
-            .max_by_key(|p| p.time_unix_nano)
-            .cloned()
-    }
-}
-
 #[tokio::test]
 async fn execute_histogram_buckets_straddle_a_measured_latency() {
-    let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn({
-        let receiver = receiver.clone();
-        async move {
-            tonic::transport::Server::builder()
-                .add_service(MetricsServiceServer::new(receiver))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-        }
-    });
+    let (receiver, otlp) = Receiver::start("127.0.0.1:0").await;
     let stack = Stack::start(StackOptions {
         replicas: 2,
         env: vec![
@@ -228,5 +134,4 @@ async fn execute_histogram_buckets_straddle_a_measured_latency() {
         );
     }
     drop(stack);
-    server.abort();
 }

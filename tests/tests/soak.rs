@@ -851,12 +851,12 @@ impl Soak {
         let port = self.stack.redis.port();
         let ids: BTreeSet<&str> = self.sessions.iter().map(|t| t.id.as_str()).collect();
         let mut leaks = Vec::new();
-        for key in redis(port, &["--scan", "--pattern", "capsa:*"]) {
+        for key in redis(port, &["--scan", "--pattern", "{capsa}:*"]) {
             let member_sets = [
-                "capsa:sessions:expiry".to_string(),
-                format!("capsa:tenant:{TENANT}:active"),
-                format!("capsa:nodesessions:{NODE}"),
-                "capsa:usage:open".to_string(),
+                "{capsa}:sessions:expiry".to_string(),
+                format!("{{capsa}}:tenant:{TENANT}:active"),
+                format!("{{capsa}}:nodesessions:{NODE}"),
+                "{capsa}:usage:open".to_string(),
             ];
             if member_sets.contains(&key) {
                 let members = match redis(port, &["TYPE", &key]).first().map(String::as_str) {
@@ -870,8 +870,8 @@ impl Soak {
             let Some(id) = ids.iter().find(|id| key.contains(**id)) else {
                 continue; // not a session's key (api keys, nodes, tenant totals, streams)
             };
-            let retained =
-                key == format!("capsa:session:{id}") || key == format!("capsa:usage:session:{id}");
+            let retained = key == format!("{{capsa}}:session:{id}")
+                || key == format!("{{capsa}}:usage:session:{id}");
             if !retained {
                 leaks.push(format!("{key} (of ended session {id})"));
                 continue;

@@ -1,5 +1,5 @@
 //! Records of `/execute_async` in Redis, so that any replica answers any poll. One key per
-//! execution, `capsa:gateway:execution:<id>`, holding JSON, with a TTL. The record keeps the
+//! execution, `{capsa}:gateway:execution:<id>`, holding JSON, with a TTL. The record keeps the
 //! sha256 of the API key that started it: a poll with another key is told 404, as is a poll
 //! for an id that never existed or has expired. The replica that started an execution runs it
 //! and writes its outcome; if that replica dies first, the record says so once its deadline
@@ -7,8 +7,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use capsa_store::Connection;
 use redis::AsyncCommands as _;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use utoipa::ToSchema;
@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use crate::error::ApiError;
 use crate::model::ExecutionView;
 
-const PREFIX: &str = "capsa:gateway:execution:";
+const PREFIX: &str = "{capsa}:gateway:execution:";
 
 /// How long past its timeout an execution may take before its record calls it lost: the
 /// time to reach the VM and to store the outcome.
@@ -131,7 +131,7 @@ impl Record {
 /// The Redis side; connects on first use (`connect` at start-up fails fast instead).
 pub struct Executions {
     url: String,
-    conn: OnceCell<ConnectionManager>,
+    conn: OnceCell<Connection>,
     ttl: Duration,
 }
 
@@ -148,7 +148,7 @@ impl Executions {
         self.conn().await.map(drop)
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, redis::RedisError> {
+    async fn conn(&self) -> Result<Connection, redis::RedisError> {
         self.conn
             .get_or_try_init(|| async {
                 capsa_store::connect(&self.url).await.map_err(|e| match e {

@@ -21,9 +21,7 @@ use tokio_util::task::TaskTracker;
 
 /// The acceptor for `--public-tls-cert`/`--public-tls-key` (TLS 1.2 and 1.3, HTTP/1.1 by
 /// ALPN), or `None` for plaintext. The error names the flag at fault.
-pub fn tls_acceptor(
-    args: &capsa_grpc::tls::PublicTlsArgs,
-) -> Result<Option<TlsAcceptor>, String> {
+pub fn tls_acceptor(args: &capsa_grpc::tls::PublicTlsArgs) -> Result<Option<TlsAcceptor>, String> {
     let (Some(cert), Some(key)) = (&args.public_tls_cert, &args.public_tls_key) else {
         return Ok(None);
     };

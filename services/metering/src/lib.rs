@@ -1,6 +1,6 @@
 //! capsa-metering: samples the usage of every leased VM on every node, keeps the latest
 //! sample per session and the totals per tenant in Redis, and appends usage records to the
-//! `capsa:usage:records` stream for billing (layout and exactly-once rules:
+//! `{capsa}:usage:records` stream for billing (layout and exactly-once rules:
 //! `capsa_store::usage`). Replicas need no coordination: every write is an atomic script.
 //!
 //! - [`sampler`]: the sampling loop; [`clients`]: calls to the nodes' vm-pool and executor.

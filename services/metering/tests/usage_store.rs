@@ -127,7 +127,7 @@ async fn finalize_is_exactly_once_and_freezes_the_session() {
     assert_eq!(len, 1);
     // Finalized usage is kept for the retention period only.
     let ttl: i64 = redis::cmd("PTTL")
-        .arg("capsa:usage:session:s")
+        .arg("{capsa}:usage:session:s")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -215,7 +215,7 @@ async fn trimming_drops_only_what_every_consumer_group_acknowledged() {
     for i in 0..5 {
         store.finalize(&format!("s{i}"), "t", 1).await.unwrap();
     }
-    let len = |mut conn: redis::aio::ConnectionManager| async move {
+    let len = |mut conn: capsa_store::Connection| async move {
         redis::cmd("XLEN")
             .arg(RECORDS_STREAM)
             .query_async::<u64>(&mut conn)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capsa_store::{ApiKeyStore, ConnectionManager, NodeRegistry, SessionStore};
+use capsa_store::{ApiKeyStore, Connection, NodeRegistry, SessionStore};
 
 use crate::clients::Clients;
 use crate::config::Config;
@@ -25,7 +25,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, conn: ConnectionManager) -> Self {
+    pub fn new(config: Config, conn: Connection) -> Self {
         let open_sessions = Arc::new(AtomicU64::new(0));
         let gauge_source = open_sessions.clone();
         // The instrument lives as long as the meter provider; its callback reads the atomic.

@@ -85,6 +85,8 @@ pub struct RedisUrl(String);
 const TCP_SCHEMES: &[&str] = &["redis", "rediss", "valkey", "valkeys"];
 /// `redis+sentinel://[:password@]host:port[,host:port...]/MASTER[/db]` (capsa-store's).
 const SENTINEL_SCHEMES: &[&str] = &["redis+sentinel://", "rediss+sentinel://"];
+/// `redis+cluster://[:password@]host:port[,host:port...]` (capsa-store's).
+const CLUSTER_SCHEMES: &[&str] = &["redis+cluster://", "rediss+cluster://"];
 const UNIX_SCHEMES: &[&str] = &["unix", "redis+unix", "valkey+unix"];
 
 impl RedisUrl {
@@ -109,6 +111,21 @@ impl RedisUrl {
                     .ok_or_else(|| "every sentinel needs host:port".into()),
                 _ => Err("a sentinel URL needs /MASTER after the addresses".into()),
             };
+        }
+        if let Some(rest) = self.cluster_rest() {
+            let hosts = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            let hosts = hosts.trim_end_matches('/');
+            if hosts.contains('/') {
+                return Err("a cluster URL has nothing after the addresses (no database)".into());
+            }
+            return hosts
+                .split(',')
+                .all(|h| {
+                    h.rsplit_once(':')
+                        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                })
+                .then_some(())
+                .ok_or_else(|| "every cluster node needs host:port".into());
         }
         let url = url::Url::parse(&self.0).map_err(|e| format!("not a URL: {e}"))?;
         let scheme = url.scheme();
@@ -141,9 +158,16 @@ impl RedisUrl {
             .find_map(|scheme| self.0.strip_prefix(scheme))
     }
 
+    /// What follows the scheme of a cluster URL.
+    fn cluster_rest(&self) -> Option<&str> {
+        CLUSTER_SCHEMES
+            .iter()
+            .find_map(|scheme| self.0.strip_prefix(scheme))
+    }
+
     /// The URL with the password (in the user part or a `pass` query parameter) masked.
     fn redacted(&self) -> String {
-        if let Some(rest) = self.sentinel_rest() {
+        if let Some(rest) = self.sentinel_rest().or_else(|| self.cluster_rest()) {
             let scheme = &self.0[..self.0.len() - rest.len()];
             return match rest.rsplit_once('@') {
                 Some((_, hosts)) => format!("{scheme}:****@{hosts}"),
@@ -247,6 +271,10 @@ mod tests {
                 "redis+sentinel://:hunter2@s1:26379,s2:26379/mymaster",
                 "redis+sentinel://:****@s1:26379,s2:26379/mymaster",
             ),
+            (
+                "rediss+cluster://:hunter2@c1:7000,c2:7001",
+                "rediss+cluster://:****@c1:7000,c2:7001",
+            ),
         ];
         for (raw, shown) in cases {
             let u = url(raw);
@@ -268,6 +296,8 @@ mod tests {
             "redis+unix:///run/redis.sock?db=2",
             "redis+sentinel://:p@s1:26379,s2:26380/mymaster/2",
             "rediss+sentinel://s1:26379/m",
+            "redis+cluster://:p@c1:7000,c2:7001",
+            "rediss+cluster://c1:7000/",
         ] {
             assert_eq!(url(ok).check(), Ok(()), "{ok}");
         }
@@ -280,6 +310,8 @@ mod tests {
             "not a url",
             "redis+sentinel://:hunter2@s1:26379",
             "redis+sentinel://:hunter2@s1/m",
+            "redis+cluster://:hunter2@c1",
+            "redis+cluster://:hunter2@c1:7000/0",
         ] {
             let err = url(bad).check().expect_err(bad);
             assert!(!err.contains("hunter2"), "{bad}: {err}");

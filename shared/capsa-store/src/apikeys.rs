@@ -1,19 +1,19 @@
 //! API keys and per-tenant limits.
 //!
 //! A key is shown to its owner once, at creation, and stored only as its sha256 hex:
-//! `capsa:apikey:{sha256}` is a hash `{tenant, name, created_ms}`. Authentication hashes the
+//! `{capsa}:apikey:<sha256>` is a hash `{tenant, name, created_ms}`. Authentication hashes the
 //! presented key and looks that up, so a leak of Redis leaks no usable key.
-//! `capsa:tenant:{id}:limits` is a hash of per-tenant overrides (`max_sessions`,
+//! `{capsa}:tenant:<id>:limits` is a hash of per-tenant overrides (`max_sessions`,
 //! `create_rate`, `create_burst`), and
-//! `capsa:tenant:{id}:create_bucket` the tenant's token bucket for session creates.
-//! `capsa:tenant:{id}:egress` is the tenant's default egress policy (JSON of
+//! `{capsa}:tenant:<id>:create_bucket` the tenant's token bucket for session creates.
+//! `{capsa}:tenant:<id>:egress` is the tenant's default egress policy (JSON of
 //! [`capsa_egress::EgressPolicy`]), for sessions created without one.
 
+use crate::Connection;
 use capsa_egress::EgressPolicy;
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
 use redis::AsyncCommands as _;
-use redis::aio::ConnectionManager;
 use sha2::{Digest as _, Sha256};
 
 use crate::{Result, StoreError};
@@ -59,20 +59,20 @@ return { wait, tostring(rate), burst }",
 });
 
 fn create_bucket_key(tenant_id: &str) -> String {
-    format!("capsa:tenant:{tenant_id}:create_bucket")
+    format!("{{capsa}}:tenant:{tenant_id}:create_bucket")
 }
 
 fn apikey_key(hash: &str) -> String {
-    format!("capsa:apikey:{hash}")
+    format!("{{capsa}}:apikey:{hash}")
 }
 
-/// `capsa:tenant:{id}:limits`: per-tenant overrides of server defaults.
+/// `{capsa}:tenant:<id>:limits`: per-tenant overrides of server defaults.
 pub fn limits_key(tenant_id: &str) -> String {
-    format!("capsa:tenant:{tenant_id}:limits")
+    format!("{{capsa}}:tenant:{tenant_id}:limits")
 }
 
 fn tenant_egress_key(tenant_id: &str) -> String {
-    format!("capsa:tenant:{tenant_id}:egress")
+    format!("{{capsa}}:tenant:{tenant_id}:egress")
 }
 
 /// sha256 hex of a plaintext key: the only form in which keys are stored.
@@ -122,11 +122,11 @@ impl std::fmt::Debug for NewApiKey {
 /// API key and tenant-limit storage. Cheap to clone.
 #[derive(Clone)]
 pub struct ApiKeyStore {
-    conn: ConnectionManager,
+    conn: Connection,
 }
 
 impl ApiKeyStore {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: Connection) -> Self {
         Self { conn }
     }
 
@@ -209,30 +209,15 @@ impl ApiKeyStore {
     /// Every stored key as `(sha256 hex, record)`, of one tenant or of all, oldest first.
     /// Walks the key space with SCAN: an operator's command, not a request path.
     pub async fn list(&self, tenant_id: Option<&str>) -> Result<Vec<(String, ApiKeyRecord)>> {
-        let mut conn = self.conn.clone();
         let prefix = apikey_key("");
-        let mut hashes = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            hashes.extend(
-                batch
-                    .iter()
-                    .filter_map(|k| k.strip_prefix(&prefix))
-                    .map(str::to_string),
-            );
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let mut hashes: Vec<String> = self
+            .conn
+            .scan_keys(&format!("{prefix}*"))
+            .await?
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect();
         hashes.sort();
         hashes.dedup();
         let mut keys = Vec::with_capacity(hashes.len());

@@ -1,4 +1,8 @@
-//! Capsa's shared state in Redis. Every key lives under `capsa:`.
+//! Capsa's shared state in Redis. Every key lives under `{capsa}:`: the `{capsa}` hash tag puts
+//! every key in one Redis Cluster slot, so each Lua script and MULTI, whose keys are the ones
+//! it declares plus keys derived from stored fields (a session's tenant and node), runs on the
+//! one shard that holds them all. A Cluster then gives Capsa failover through its replicas,
+//! not sharding: the control plane's state is small (records of live sessions and nodes).
 //!
 //! - [`nodes`]: KVM hosts announce themselves with a TTL'd heartbeat ([`NodeRegistry`]).
 //! - [`sessions`]: session records and every state transition as an atomic Lua script
@@ -6,8 +10,8 @@
 //! - [`apikeys`]: API keys, stored only as sha256 hashes, and per-tenant limits
 //!   ([`ApiKeyStore`]).
 //!
-//! All of them share one [`redis::aio::ConnectionManager`] (cheap to clone; reconnects by
-//! itself), made by [`connect`].
+//! All of them share one [`Connection`] (cheap to clone; reconnects by itself), made by
+//! [`connect`] for one server, a Sentinel-watched master or a Cluster.
 
 pub mod apikeys;
 
@@ -15,6 +19,7 @@ pub mod apikeys;
 /// to every Lua script of the store.
 pub(crate) const CLOCK_AND_REPLY_LUA: &str = include_str!("lua/clock_and_reply.lua");
 pub mod nodes;
+mod sentinel;
 pub mod sessions;
 pub mod usage;
 
@@ -22,7 +27,10 @@ use std::time::Duration;
 
 pub use apikeys::{ApiKeyRecord, ApiKeyStore, CreateThrottled, KeyById, NewApiKey};
 pub use nodes::{LapsedNode, NodeRecord, NodeRegistry, NodeResources, VmSize};
-pub use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManager;
+
+/// The hash tag every key starts with (see the crate docs).
+pub const KEY_PREFIX: &str = "{capsa}:";
 pub use sessions::{
     Claimed, Created, Cursor, EgressStored, EndReason, Extended, ListFilter, ListPage,
     MAX_PAGE_BYTES, NewSession, SessionRecord, SessionStatus, SessionStore, StoreConfig,
@@ -42,35 +50,132 @@ pub enum StoreError {
 /// Result alias for store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A connection to Capsa's Redis, whatever its deployment. Clones share it.
+#[derive(Clone)]
+pub struct Connection(Topology);
+
+#[derive(Clone)]
+enum Topology {
+    /// One server, or the master Sentinel reported at connect time.
+    Single(ConnectionManager),
+    /// A master found through Sentinel, looked up again when it stops being one.
+    Sentinel(std::sync::Arc<sentinel::Follower>),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match &mut self.0 {
+            Topology::Single(c) => c.req_packed_command(cmd),
+            Topology::Sentinel(f) => Box::pin(f.clone().command(cmd)),
+            Topology::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match &mut self.0 {
+            Topology::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Topology::Sentinel(f) => Box::pin(f.clone().pipeline(cmd, offset, count)),
+            Topology::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Topology::Single(c) => c.get_db(),
+            Topology::Sentinel(f) => f.db(),
+            Topology::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Connection {
+    /// SCAN over Capsa's keys matching `pattern` (which starts with [`KEY_PREFIX`]), every
+    /// match once or more. On a Cluster it runs on the shard that holds the `{capsa}` slot:
+    /// a plain SCAN would walk a random one.
+    pub async fn scan_keys(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.clone();
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) = match &mut conn.0 {
+                Topology::Cluster(c) => {
+                    use redis::cluster_routing::{
+                        Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                    };
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::with_key(KEY_PREFIX, SlotAddr::Master),
+                    ));
+                    redis::from_redis_value(c.route_command(cmd, route).await?)
+                        .map_err(redis::RedisError::from)?
+                }
+                _ => cmd.query_async(&mut conn).await?,
+            };
+            keys.extend(batch);
+            if next == 0 {
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+}
+
 /// Opens a managed connection to `url`. Connection and response timeouts are bounded so a
 /// dead Redis surfaces as an error within seconds instead of a hung request.
 ///
 /// - `redis://[:password@]host:port/db`; `rediss://` for TLS, the server checked against
 ///   the system roots (a private CA: point `SSL_CERT_FILE` at it);
 /// - `redis+sentinel://[:password@]host:port[,host:port...]/MASTER[/db]` (`rediss+sentinel`:
-///   TLS to the sentinels and the master): the master's address is asked of the sentinels
-///   here, once; the connection manager then reconnects to that address, so a failover is
-///   followed only by a new `connect` (a restart). The password is the master's.
-///
-/// Redis Cluster is not supported by this client.
-pub async fn connect(url: &str) -> Result<ConnectionManager> {
-    let client = match sentinel_spec(url) {
-        Some(spec) => spec?.master().await?,
-        None => redis::Client::open(url)?,
+///   TLS to the sentinels and the master): the master's address is asked of the sentinels,
+///   and asked again whenever the server stops answering or answers as a replica (a
+///   failover): the calls in flight then fail, the next ones go to the new master. The
+///   password is the master's.
+/// - `redis+cluster://[:password@]host:port[,host:port...]` (`rediss+cluster`: TLS): a
+///   Redis Cluster, found from any of the nodes given; its topology is followed as it
+///   changes.
+pub async fn connect(url: &str) -> Result<Connection> {
+    let conn = if let Some(spec) = sentinel_spec(url) {
+        Connection(Topology::Sentinel(std::sync::Arc::new(
+            sentinel::Follower::connect(spec?).await?,
+        )))
+    } else if let Some(spec) = cluster_spec(url) {
+        Connection(Topology::Cluster(spec?.connect().await?))
+    } else {
+        Connection(Topology::Single(manager(redis::Client::open(url)?).await?))
     };
+    // Connecting sends AUTH only when the URL has a password: a command now tells a server
+    // that wants one (NOAUTH) at start-up rather than on the first request.
+    redis::cmd("PING")
+        .query_async::<()>(&mut conn.clone())
+        .await?;
+    Ok(conn)
+}
+
+/// A reconnecting connection to `client`'s server, with bounded timeouts.
+async fn manager(client: redis::Client) -> Result<ConnectionManager, redis::RedisError> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(3)))
         .set_response_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(3);
-    let mut conn = ConnectionManager::new_with_config(client, config).await?;
-    // Connecting sends AUTH only when the URL has a password: a command now tells a server
-    // that wants one (NOAUTH) at start-up rather than on the first request.
-    redis::cmd("PING").query_async::<()>(&mut conn).await?;
-    Ok(conn)
+    ConnectionManager::new_with_config(client, config).await
 }
 
 /// A parsed `redis+sentinel://` URL.
-struct SentinelSpec {
+pub(crate) struct SentinelSpec {
     tls: bool,
     sentinels: Vec<(String, u16)>,
     master: String,
@@ -95,28 +200,11 @@ fn sentinel_spec(url: &str) -> Option<Result<SentinelSpec, redis::RedisError>> {
         (true, url.strip_prefix("rediss+sentinel://")?)
     };
     Some((|| {
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((auth, rest)) => (Some(auth), rest),
-            None => (None, rest),
-        };
-        let password = auth
-            .map(|a| a.split_once(':').map_or(a, |(_, p)| p).to_owned())
-            .filter(|p| !p.is_empty());
+        let (password, rest) = split_auth(rest);
         let (hosts, path) = rest
             .split_once('/')
             .ok_or_else(|| bad_url("no /MASTER after the sentinel addresses"))?;
-        let sentinels = hosts
-            .split(',')
-            .map(|h| {
-                let (host, port) = h
-                    .rsplit_once(':')
-                    .ok_or_else(|| bad_url("a sentinel address without :port"))?;
-                let port = port
-                    .parse()
-                    .map_err(|_| bad_url("a sentinel port is not a number"))?;
-                Ok((host.to_owned(), port))
-            })
-            .collect::<Result<Vec<_>, redis::RedisError>>()?;
+        let sentinels = parse_hosts(hosts, bad_url)?;
         let mut path = path.split('/').filter(|p| !p.is_empty());
         let master = path
             .next()
@@ -140,7 +228,7 @@ fn sentinel_spec(url: &str) -> Option<Result<SentinelSpec, redis::RedisError>> {
 
 impl SentinelSpec {
     /// A client of the current master, as the sentinels report it.
-    async fn master(self) -> Result<redis::Client, redis::RedisError> {
+    pub(crate) async fn master(&self) -> Result<redis::Client, redis::RedisError> {
         let addr = |host: String, port: u16| {
             if self.tls {
                 redis::ConnectionAddr::TcpTls {
@@ -175,6 +263,91 @@ impl SentinelSpec {
         )?
         .async_get_client()
         .await
+    }
+}
+
+/// A parsed `redis+cluster://` URL.
+struct ClusterSpec {
+    tls: bool,
+    nodes: Vec<(String, u16)>,
+    password: Option<String>,
+}
+
+/// `Some` for the cluster schemes.
+fn cluster_spec(url: &str) -> Option<Result<ClusterSpec, redis::RedisError>> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        (false, rest)
+    } else {
+        (true, url.strip_prefix("rediss+cluster://")?)
+    };
+    Some((|| {
+        let bad = |detail: &str| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "bad redis+cluster URL",
+                detail.to_owned(),
+            ))
+        };
+        let (password, hosts) = split_auth(rest);
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.contains('/') {
+            return Err(bad(
+                "a cluster has no databases: nothing may follow the addresses",
+            ));
+        }
+        let nodes = parse_hosts(hosts, bad)?;
+        Ok(ClusterSpec {
+            tls,
+            nodes,
+            password,
+        })
+    })())
+}
+
+/// `[user:]password@rest` → (password, rest); the password may be empty (none).
+fn split_auth(rest: &str) -> (Option<String>, &str) {
+    match rest.rsplit_once('@') {
+        Some((auth, rest)) => (
+            Some(auth.split_once(':').map_or(auth, |(_, p)| p).to_owned())
+                .filter(|p| !p.is_empty()),
+            rest,
+        ),
+        None => (None, rest),
+    }
+}
+
+/// `host:port[,host:port...]`.
+fn parse_hosts(
+    hosts: &str,
+    bad: impl Fn(&str) -> redis::RedisError,
+) -> Result<Vec<(String, u16)>, redis::RedisError> {
+    hosts
+        .split(',')
+        .map(|h| {
+            let (host, port) = h
+                .rsplit_once(':')
+                .ok_or_else(|| bad("an address without :port"))?;
+            let port = port.parse().map_err(|_| bad("a port is not a number"))?;
+            Ok((host.to_owned(), port))
+        })
+        .collect()
+}
+
+impl ClusterSpec {
+    async fn connect(self) -> Result<redis::cluster_async::ClusterConnection, redis::RedisError> {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(h, p)| format!("{scheme}://{h}:{p}"))
+            .collect();
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(Duration::from_secs(3))
+            .response_timeout(Duration::from_secs(5));
+        if let Some(password) = &self.password {
+            builder = builder.password(password);
+        }
+        builder.build()?.get_async_connection().await
     }
 }
 

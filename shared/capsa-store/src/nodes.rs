@@ -1,13 +1,13 @@
 //! The node registry: each KVM host's vm-pool announces itself with a heartbeat.
 //!
-//! Layout: `capsa:node:{id}` holds the [`NodeRecord`] as JSON with a millisecond TTL, and
-//! the set `capsa:nodes` lists every id announced and not yet forgotten. A node is live
+//! Layout: `{capsa}:node:<id>` holds the [`NodeRecord`] as JSON with a millisecond TTL, and
+//! the set `{capsa}:nodes` lists every id announced and not yet forgotten. A node is live
 //! while its key exists. A node whose key is gone (it died without saying goodbye, shut
 //! down, or only stalled: a stopped or CPU-starved process misses beats too) is *lapsed*:
-//! it stays in `capsa:nodes` while sessions still name it, so the reconciler can judge it
+//! it stays in `{capsa}:nodes` while sessions still name it, so the reconciler can judge it
 //! ([`NodeRegistry::live_and_lapsed`]), and is forgotten once it has none. For that
-//! judgement the last record stays in `capsa:node:{id}:last` (no TTL: the URLs to ask the
-//! node directly) and `capsa:nodes:lapsed_since` holds, per lapsed node, when a reconciler
+//! judgement the last record stays in `{capsa}:node:<id>:last` (no TTL: the URLs to ask the
+//! node directly) and `{capsa}:nodes:lapsed_since` holds, per lapsed node, when a reconciler
 //! first saw it lapsed (Redis clock; 0 for a graceful remove, which is not a stall).
 //! Only the reconciler's view, heartbeats and a graceful remove write: placement and
 //! sampling read [`NodeRegistry::live_nodes`] on their hot paths.
@@ -15,19 +15,19 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use crate::Connection;
 use redis::AsyncCommands as _;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::sessions::node_sessions_key;
 use crate::{Result, StoreError};
 
-pub(crate) const NODES_SET: &str = "capsa:nodes";
-const LAPSED_SINCE: &str = "capsa:nodes:lapsed_since";
+pub(crate) const NODES_SET: &str = "{capsa}:nodes";
+const LAPSED_SINCE: &str = "{capsa}:nodes:lapsed_since";
 
 /// Forgets a node, atomically, only if its record is gone and no session names it.
-/// KEYS: node key, its sessions set, `capsa:nodes`, its last record, lapsed-since hash;
+/// KEYS: node key, its sessions set, `{capsa}:nodes`, its last record, lapsed-since hash;
 /// ARGV: node id.
 static FORGET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -60,11 +60,11 @@ return now - since",
 });
 
 fn node_key(node_id: &str) -> String {
-    format!("capsa:node:{node_id}")
+    format!("{{capsa}}:node:{node_id}")
 }
 
 fn last_record_key(node_id: &str) -> String {
-    format!("capsa:node:{node_id}:last")
+    format!("{{capsa}}:node:{node_id}:last")
 }
 
 /// A node whose heartbeat lapsed while sessions still name it.
@@ -143,16 +143,16 @@ impl NodeRecord {
 /// Reads and writes node records. Cheap to clone.
 #[derive(Clone)]
 pub struct NodeRegistry {
-    conn: ConnectionManager,
+    conn: Connection,
 }
 
 impl NodeRegistry {
     /// A registry over an open connection (see [`crate::connect`]).
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: Connection) -> Self {
         Self { conn }
     }
 
-    /// Stores `rec` under `capsa:node:{id}` for `ttl` and adds the id to `capsa:nodes`, in
+    /// Stores `rec` under `{capsa}:node:<id>` for `ttl` and adds the id to `{capsa}:nodes`, in
     /// one MULTI so a reader never sees the id without its record's first version.
     /// Call it well within `ttl` (e.g. every ttl/3) to stay live.
     pub async fn heartbeat(&self, rec: &NodeRecord, ttl: Duration) -> Result<()> {
@@ -265,7 +265,7 @@ impl NodeRegistry {
             .collect())
     }
 
-    /// Splits `capsa:nodes` into live records and lapsed ids, both sorted.
+    /// Splits `{capsa}:nodes` into live records and lapsed ids, both sorted.
     async fn scan(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn.smembers(NODES_SET).await?;

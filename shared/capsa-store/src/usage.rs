@@ -1,20 +1,20 @@
 //! Usage per session and per tenant, and the usage-record stream billing reads.
 //!
-//! Layout (every key under `capsa:usage:`):
-//! - `capsa:usage:session:{id}`: hash with the session's latest sample: the cumulative
+//! Layout (every key under `{capsa}:usage:`):
+//! - `{capsa}:usage:session:<id>`: hash with the session's latest sample: the cumulative
 //!   counters (`cpu_time_us`, `disk_*_bytes`, `network_*_bytes`, `uptime_ms`), the gauges
 //!   (`memory_used_bytes`, `vmm_resident_bytes`, with `sample_ms` the time they were taken),
 //!   `memory_peak_bytes`, `vmm_resident_peak_bytes` (host-measured: what memory is billed
 //!   from; the guest's own figure is information), and bookkeeping (`tenant_id`, `node_id`, `vm_id`, `lease_ms`,
 //!   `last_record_ms`, `finalized`, `final_ms`). It gets a TTL of the retention period once
 //!   finalized.
-//! - `capsa:usage:tenant:{t}`: hash of the tenant's totals under the same field names:
+//! - `{capsa}:usage:tenant:<t>`: hash of the tenant's totals under the same field names:
 //!   counters are sums over all its sessions ever; `memory_used_bytes` and
 //!   `vmm_resident_bytes` are sums over its sessions not yet finalized (what it holds now);
 //!   `memory_peak_bytes` and `vmm_resident_peak_bytes` are the highest those sums reached.
-//! - `capsa:usage:open`: set of sessions sampled but not yet finalized, so a session whose
+//! - `{capsa}:usage:open`: set of sessions sampled but not yet finalized, so a session whose
 //!   FinalizeSession never came (its caller died) is found and finalized later.
-//! - `capsa:usage:records` ([`RECORDS_STREAM`]): one entry per usage record, fields
+//! - `{capsa}:usage:records` ([`RECORDS_STREAM`]): one entry per usage record, fields
 //!   `session_id`, `tenant_id`, `kind` (`interim` or `final`), every field of
 //!   [`RECORD_FIELDS`], and `record_ms`. Values are cumulative since the session started,
 //!   so a later record supersedes an earlier one of the same session; the `final` record is
@@ -38,13 +38,13 @@
 //! How a billing job consumes the stream (a consumer group delivers each entry to one
 //! consumer, and keeps it pending until acknowledged):
 //! ```text
-//! XGROUP CREATE capsa:usage:records billing 0 MKSTREAM        # once
-//! XREADGROUP GROUP billing <worker> COUNT 100 BLOCK 5000 STREAMS capsa:usage:records >
+//! XGROUP CREATE {capsa}:usage:records billing 0 MKSTREAM        # once
+//! XREADGROUP GROUP billing <worker> COUNT 100 BLOCK 5000 STREAMS {capsa}:usage:records >
 //!   ... bill the `final` entries (interim ones show running cost), then, once stored:
-//! XACK capsa:usage:records billing <entry id> ...
+//! XACK {capsa}:usage:records billing <entry id> ...
 //! ```
 //! A worker that restarts first re-reads its own pending entries (`... STREAMS
-//! capsa:usage:records 0`); entries of a worker that died are taken over with `XAUTOCLAIM`.
+//! {capsa}:usage:records 0`); entries of a worker that died are taken over with `XAUTOCLAIM`.
 //! Billing must be idempotent per entry id (an entry may be redelivered before its XACK).
 //! [`UsageStore::trim_acknowledged`] (run periodically by metering) drops the entries every
 //! consumer group has acknowledged; with no group at all it keeps everything, so records
@@ -54,16 +54,16 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use crate::Connection;
 use redis::AsyncCommands as _;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use crate::{CLOCK_AND_REPLY_LUA, Result, StoreError};
 
 /// The stream of usage records.
-pub const RECORDS_STREAM: &str = "capsa:usage:records";
+pub const RECORDS_STREAM: &str = "{capsa}:usage:records";
 
-const OPEN_SET: &str = "capsa:usage:open";
+const OPEN_SET: &str = "{capsa}:usage:open";
 
 /// The usage fields of a record and of the session and tenant hashes, in this order.
 pub const RECORD_FIELDS: [&str; 11] = [
@@ -81,10 +81,10 @@ pub const RECORD_FIELDS: [&str; 11] = [
 ];
 
 fn session_key(id: &str) -> String {
-    format!("capsa:usage:session:{id}")
+    format!("{{capsa}}:usage:session:{id}")
 }
 fn tenant_key(tenant: &str) -> String {
-    format!("capsa:usage:tenant:{tenant}")
+    format!("{{capsa}}:usage:tenant:{tenant}")
 }
 
 /// Prepended to the usage scripts, after the shared clock and reply helpers.
@@ -368,14 +368,14 @@ pub struct Finalized {
 /// Usage storage. Cheap to clone.
 #[derive(Clone)]
 pub struct UsageStore {
-    conn: ConnectionManager,
+    conn: Connection,
     retention: Duration,
 }
 
 impl UsageStore {
     /// `retention`: how long a finalized session's usage stays readable. Keep it above the
     /// session retention, so a late FinalizeSession still finds the finalized flag.
-    pub fn new(conn: ConnectionManager, retention: Duration) -> Self {
+    pub fn new(conn: Connection, retention: Duration) -> Self {
         Self { conn, retention }
     }
 

@@ -1,6 +1,7 @@
 //! How Redis is deployed for real, against real `redis-server`s: a password, TLS
 //! (`rediss://`, the server's certificate from `deploy/scripts/certs.sh`), and Sentinel (one
-//! master, one sentinel). Each server is killed on drop, failure or not.
+//! master, one sentinel; and a failover followed by an open connection). Each server is
+//! killed on drop, failure or not.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -49,8 +50,8 @@ fn certs(dir: &Path) {
 
 async fn set_get(url: &str) -> Result<String, capsa_store::StoreError> {
     let mut conn = capsa_store::connect(url).await?;
-    let _: () = conn.set("capsa:deploy-test", "v").await?;
-    Ok(conn.get("capsa:deploy-test").await?)
+    let _: () = conn.set("{capsa}:deploy-test", "v").await?;
+    Ok(conn.get("{capsa}:deploy-test").await?)
 }
 
 #[tokio::test]
@@ -166,7 +167,7 @@ async fn sentinel_urls_find_the_master() {
     let mut direct = capsa_store::connect(&format!("redis://:pw-3@127.0.0.1:{master_port}/"))
         .await
         .unwrap();
-    let v: String = direct.get("capsa:deploy-test").await.unwrap();
+    let v: String = direct.get("{capsa}:deploy-test").await.unwrap();
     assert_eq!(v, "v");
     // An unknown master name is an error, not a hang.
     let unknown = format!("redis+sentinel://:pw-3@127.0.0.1:{sentinel_port}/nope");
@@ -176,4 +177,118 @@ async fn sentinel_urls_find_the_master() {
             .expect("unknown master: no answer within 30 s")
             .is_err()
     );
+}
+
+/// `redis-cli -p port args...` stdout.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A failover (SENTINEL FAILOVER: the master demoted to a replica, its replica promoted) is
+/// followed by the connection already open: its next writes land on the new master, with
+/// no restart.
+#[tokio::test]
+async fn a_sentinel_failover_is_followed_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (master_port, replica_port, sentinel_port) = (free_port(), free_port(), free_port());
+    let auth = ["--requirepass", "pw-4", "--masterauth", "pw-4"];
+    let sub = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let _master = redis_server(
+        &sub("a"),
+        master_port,
+        &[&["--port", &master_port.to_string()][..], &auth].concat(),
+    );
+    let _replica = redis_server(
+        &sub("b"),
+        replica_port,
+        &[
+            &["--port", &replica_port.to_string()][..],
+            &auth,
+            &["--replicaof", "127.0.0.1", &master_port.to_string()],
+        ]
+        .concat(),
+    );
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\n\
+             sentinel monitor capsa-master 127.0.0.1 {master_port} 1\n\
+             sentinel auth-pass capsa-master pw-4\n\
+             sentinel down-after-milliseconds capsa-master 2000\n\
+             sentinel failover-timeout capsa-master 10000\n"
+        ),
+    )
+    .unwrap();
+    let _sentinel = redis_server(
+        &sub("s"),
+        sentinel_port,
+        &[conf.to_str().unwrap(), "--sentinel"],
+    );
+    // The sentinel learns of the replica from the master's INFO (every 10 s).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cli(sentinel_port, &["SENTINEL", "REPLICAS", "capsa-master"])
+        .contains(&replica_port.to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel never saw the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let url = format!("redis+sentinel://:pw-4@127.0.0.1:{sentinel_port}/capsa-master");
+    let mut conn = capsa_store::connect(&url).await.unwrap();
+    let _: () = conn.set("{capsa}:failover", "before").await.unwrap();
+
+    // The sentinel refuses (NOGOODSLAVE) until it has seen the replica in sync.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = cli(sentinel_port, &["SENTINEL", "FAILOVER", "capsa-master"]);
+        if reply.contains("OK") {
+            break;
+        }
+        assert!(
+            reply.contains("NOGOODSLAVE") && Instant::now() < deadline,
+            "SENTINEL FAILOVER: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Writes through the same connection reach the promoted replica once the failover is
+    // done (calls during it may fail, or land on the old master before its demotion);
+    // watched for up to 60 s.
+    // A value written after the replica became master reaches it only if the write went to
+    // it (it no longer replicates anything).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        let role = cli(replica_port, &["-a", "pw-4", "--no-auth-warning", "ROLE"]);
+        let value = format!("after-{attempt}");
+        let wrote: Result<(), _> = conn.set("{capsa}:failover", &value).await;
+        let on_new_master = cli(
+            replica_port,
+            &["-a", "pw-4", "--no-auth-warning", "GET", "{capsa}:failover"],
+        );
+        if role.starts_with("master") && wrote.is_ok() && on_new_master.trim() == value {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 60 s: replica role {role:?}, write {wrote:?}, its value {on_new_master:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // And the old master, now a replica, is no longer written to.
+    let old_role = cli(master_port, &["-a", "pw-4", "--no-auth-warning", "ROLE"]);
+    assert!(old_role.starts_with("slave"), "old master: {old_role:?}");
+    let v: String = conn.get("{capsa}:failover").await.unwrap();
+    assert!(v.starts_with("after-"), "{v}");
 }

@@ -1,7 +1,8 @@
 //! Test fixtures shared by every crate's integration tests. Each fixture starts a real
 //! process or listener on an ephemeral port and stops it on drop, even when the test panics.
 //!
-//! - [`RedisServer`]: a `redis-server` with its own port and data dir.
+//! - [`RedisServer`]: a `redis-server` with its own port and data dir; [`RedisCluster`]: three
+//!   of them as a Redis Cluster.
 //! - [`ServiceProcess`]: a Capsa service binary started with `--listen 127.0.0.1:0`; the
 //!   address comes from the `CAPSA_LISTENING=<addr>` line every service prints once bound.
 //! - [`GrpcDouble`]: in-test gRPC services on `127.0.0.1:0` whose handler panics fail the
@@ -23,7 +24,7 @@ mod vsock;
 
 pub use grpc::GrpcDouble;
 pub use process::{ServiceProcess, run_to_exit, workspace_binary};
-pub use redis::{RedisServer, free_port};
+pub use redis::{RedisCluster, RedisServer, free_port};
 pub use vsock::HybridVsockProxy;
 
 /// Polls `$cond` (an async expression yielding `bool`) every 20 ms until it is true, or

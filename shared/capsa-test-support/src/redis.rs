@@ -11,6 +11,7 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     durable: bool,
+    cluster: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -27,14 +28,19 @@ impl RedisServer {
     }
 
     fn start_with(durable: bool) -> RedisServer {
+        Self::start_as(durable, false)
+    }
+
+    fn start_as(durable: bool, cluster: bool) -> RedisServer {
         for _attempt in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("temp dir for redis");
-            let child = spawn(port, dir.path(), durable);
+            let child = spawn(port, dir.path(), durable, cluster);
             let mut server = RedisServer {
                 child,
                 port,
                 durable,
+                cluster,
                 _dir: dir,
             };
             if server.wait_ready(Duration::from_secs(10)) {
@@ -54,7 +60,7 @@ impl RedisServer {
         // The port is free once the old server is reaped; another process may take it in
         // between, which only a retry can tell.
         for _attempt in 0..5 {
-            self.child = spawn(self.port, self._dir.path(), self.durable);
+            self.child = spawn(self.port, self._dir.path(), self.durable, self.cluster);
             if self.wait_ready(Duration::from_secs(30)) {
                 return;
             }
@@ -108,8 +114,71 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of three masters (no replicas: the slots are what the tests need), each a
+/// [`RedisServer`]; every server is killed on drop.
+pub struct RedisCluster {
+    servers: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers and joins them (`redis-cli --cluster create`),
+    /// once every node reports `cluster_state:ok` (60 s at most).
+    pub fn start() -> RedisCluster {
+        let servers: Vec<RedisServer> =
+            (0..3).map(|_| RedisServer::start_as(false, true)).collect();
+        let cli = std::env::var("CAPSA_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
+        let out = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(servers.iter().map(|s| format!("127.0.0.1:{}", s.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cli} (install redis-tools): {e}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for s in &servers {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &s.port.to_string(), "CLUSTER", "INFO"])
+                    .output()
+                    .expect("redis-cli CLUSTER INFO");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster node on {} is not ok after 60 s",
+                    s.port
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisCluster { servers }
+    }
+
+    /// `redis+cluster://127.0.0.1:<port>,...` (capsa-store's cluster URL).
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// The ports of its servers.
+    pub fn ports(&self) -> Vec<u16> {
+        self.servers.iter().map(|s| s.port).collect()
+    }
+}
+
 /// `redis-server` on `port` with its data in `dir`.
-fn spawn(port: u16, dir: &Path, durable: bool) -> Child {
+fn spawn(port: u16, dir: &Path, durable: bool, cluster: bool) -> Child {
     let bin = std::env::var("CAPSA_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
     let mut cmd = Command::new(&bin);
     // Dies with the test process even when that one is killed without unwinding.
@@ -135,6 +204,11 @@ fn spawn(port: u16, dir: &Path, durable: bool) -> Child {
     ])
     .args(aof)
     .args(["--protected-mode", "no"])
+    .args(if cluster {
+        &["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"][..]
+    } else {
+        &[][..]
+    })
     // As deployed: a memory limit, and never evict session state.
     .args(["--maxmemory", "512mb", "--maxmemory-policy", "noeviction"])
     .arg("--dir")

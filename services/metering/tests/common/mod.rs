@@ -315,7 +315,7 @@ impl ExecutorService for Shared {
 /// Redis, the node registry and the session store.
 pub struct World {
     pub redis: RedisServer,
-    pub conn: capsa_store::ConnectionManager,
+    pub conn: capsa_store::Connection,
     pub sessions: SessionStore,
     pub registry: NodeRegistry,
 }

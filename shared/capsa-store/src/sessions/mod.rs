@@ -2,19 +2,19 @@
 //!
 //! Layout (all times are ms on Redis' clock, read with `TIME` inside the scripts, so
 //! replicas with skewed clocks still agree on deadlines):
-//! - `capsa:session:{id}`: the record hash ([`SessionRecord`]); gets a TTL of the retention
+//! - `{capsa}:session:<id>`: the record hash ([`SessionRecord`]); gets a TTL of the retention
 //!   period once terminated, so ended sessions stay readable for a while, then vanish.
-//! - `capsa:sessions:expiry`: zset of every session not yet terminated, scored by the time
+//! - `{capsa}:sessions:expiry`: zset of every session not yet terminated, scored by the time
 //!   its next action is due: the creation deadline while creating, the lifetime deadline
 //!   while active, the claim deadline while terminating. [`SessionStore::claim_due`] walks
 //!   it, so one zset serves the reaper (expiry), stuck-create cleanup and re-claiming
 //!   teardowns whose replica died.
-//! - `capsa:tenant:{t}:sessions`: zset of the tenant's sessions by create time (paging,
+//! - `{capsa}:tenant:<t>:sessions`: zset of the tenant's sessions by create time (paging,
 //!   newest first); entries whose hash expired are pruned as listing meets them.
-//! - `capsa:tenant:{t}:active`: set of creating + active ids (the quota count).
-//! - `capsa:tenant:{t}:sessions_total`: how many sessions the tenant ever created.
-//! - `capsa:nodesessions:{node}`: ids of sessions whose VM is on that node (reconciler).
-//! - `capsa:session:{id}:egress_lock`: held (with a TTL) by the one UpdateEgressPolicy of
+//! - `{capsa}:tenant:<t>:active`: set of creating + active ids (the quota count).
+//! - `{capsa}:tenant:<t>:sessions_total`: how many sessions the tenant ever created.
+//! - `{capsa}:nodesessions:<node>`: ids of sessions whose VM is on that node (reconciler).
+//! - `{capsa}:session:<id>:egress_lock`: held (with a TTL) by the one UpdateEgressPolicy of
 //!   that session in flight, from before it calls the node until it stores what the node
 //!   applied ([`SessionStore::lock_egress`]).
 //!
@@ -29,10 +29,10 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use crate::Connection;
 use capsa_egress::EgressPolicy;
 use redis::AsyncCommands as _;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 pub use list::{Cursor, ListFilter, ListPage, MAX_PAGE_BYTES};
 pub use record::{EndReason, SessionRecord, SessionStatus};
@@ -40,7 +40,7 @@ pub use record::{EndReason, SessionRecord, SessionStatus};
 use crate::apikeys::limits_key;
 use crate::{Result, StoreError};
 
-const EXPIRY: &str = "capsa:sessions:expiry";
+const EXPIRY: &str = "{capsa}:sessions:expiry";
 
 macro_rules! script {
     ($file:literal) => {
@@ -79,22 +79,22 @@ pub struct VmShape<'a> {
 }
 
 fn session_key(id: &str) -> String {
-    format!("capsa:session:{id}")
+    format!("{{capsa}}:session:{id}")
 }
 fn egress_lock_key(id: &str) -> String {
-    format!("capsa:session:{id}:egress_lock")
+    format!("{{capsa}}:session:{id}:egress_lock")
 }
 fn tenant_index_key(tenant: &str) -> String {
-    format!("capsa:tenant:{tenant}:sessions")
+    format!("{{capsa}}:tenant:{tenant}:sessions")
 }
 fn tenant_active_key(tenant: &str) -> String {
-    format!("capsa:tenant:{tenant}:active")
+    format!("{{capsa}}:tenant:{tenant}:active")
 }
 fn tenant_total_key(tenant: &str) -> String {
-    format!("capsa:tenant:{tenant}:sessions_total")
+    format!("{{capsa}}:tenant:{tenant}:sessions_total")
 }
 pub(crate) fn node_sessions_key(node: &str) -> String {
-    format!("capsa:nodesessions:{node}")
+    format!("{{capsa}}:nodesessions:{node}")
 }
 
 fn ms(d: Duration) -> i64 {
@@ -212,7 +212,7 @@ pub struct Claimed {
 /// Session storage. Cheap to clone.
 #[derive(Clone)]
 pub struct SessionStore {
-    conn: ConnectionManager,
+    conn: Connection,
     config: StoreConfig,
 }
 
@@ -244,7 +244,7 @@ fn transition(key: &str, raw: Vec<String>) -> Result<Transition> {
 }
 
 impl SessionStore {
-    pub fn new(conn: ConnectionManager, config: StoreConfig) -> Self {
+    pub fn new(conn: Connection, config: StoreConfig) -> Self {
         Self { conn, config }
     }
 
@@ -253,7 +253,7 @@ impl SessionStore {
     }
 
     /// Records a new session as creating, unless the tenant is at its cap of creating +
-    /// active sessions (`capsa:tenant:{t}:limits` `max_sessions`, else `default_max`).
+    /// active sessions (`{capsa}:tenant:<t>:limits` `max_sessions`, else `default_max`).
     pub async fn create(&self, new: &NewSession, default_max: u32) -> Result<Created> {
         let key = session_key(&new.id);
         fn json(v: &impl serde::Serialize) -> String {

@@ -74,7 +74,7 @@ impl EndReason {
     }
 }
 
-/// One session, as read from `capsa:session:{id}`. Times are ms since the Unix epoch on
+/// One session, as read from `{capsa}:session:<id>`. Times are ms since the Unix epoch on
 /// Redis' clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {

@@ -9,7 +9,7 @@ local claim = now + tonumber(ARGV[2])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local out = {}
 for _, id in ipairs(ids) do
-  local key = 'capsa:session:' .. id
+  local key = '{capsa}:session:' .. id
   local st = redis.call('HGET', key, 'status')
   if not st or st == 'terminated' then
     redis.call('ZREM', KEYS[1], id)

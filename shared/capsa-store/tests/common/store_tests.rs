@@ -1,0 +1,776 @@
+// The store's tests, included by store.rs (one redis-server) and store_cluster.rs (a Redis
+// Cluster), each defining `Redis` as its fixture: `Redis::start()` and `redis.url()`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use capsa_egress::{EgressPolicy, PolicyInput};
+use capsa_store::EgressStored;
+use capsa_store::{
+    ApiKeyStore, Created, Cursor, EndReason, Extended, ListFilter, NewSession, NodeRecord,
+    NodeRegistry, SessionStatus, SessionStore, StoreConfig, Transition, VmShape,
+};
+use capsa_test_support::eventually;
+
+async fn store(redis: &Redis, config: StoreConfig) -> SessionStore {
+    SessionStore::new(capsa_store::connect(&redis.url()).await.unwrap(), config)
+}
+
+fn new_session(id: &str, tenant: &str, lifetime: Duration) -> NewSession {
+    NewSession {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        template: "default".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        env_names: vec!["A".into()],
+        metadata: BTreeMap::new(),
+        lifetime,
+        egress: EgressPolicy::none(),
+    }
+}
+
+fn policy(domains: &[&str], cidrs: &[&str]) -> EgressPolicy {
+    EgressPolicy::from_input(PolicyInput {
+        allowed_domains: domains.iter().map(|d| d.to_string()).collect(),
+        allowed_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+        ..PolicyInput::default()
+    })
+    .unwrap()
+}
+
+fn node(id: &str, capacity: u32) -> NodeRecord {
+    NodeRecord {
+        node_id: id.into(),
+        vmpool_url: format!("http://{id}:1"),
+        executor_url: format!("http://{id}:2"),
+        engine: "qemu-tcg".into(),
+        capacity,
+        leased: 0,
+        warm: 1,
+        templates: vec!["default".into()],
+        resources: None,
+        heartbeat_ms: 1,
+    }
+}
+
+#[tokio::test]
+async fn nodes_live_while_heartbeating_and_drop_out_after_ttl() {
+    let redis = Redis::start();
+    let reg = NodeRegistry::new(capsa_store::connect(&redis.url()).await.unwrap());
+    reg.heartbeat(&node("b", 4), Duration::from_secs(60))
+        .await
+        .unwrap();
+    reg.heartbeat(&node("a", 2), Duration::from_millis(200))
+        .await
+        .unwrap();
+    let live = reg.live_nodes().await.unwrap();
+    assert_eq!(
+        live.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(reg.get("b").await.unwrap(), Some(node("b", 4)));
+    eventually!(reg.live_nodes().await.unwrap().len() == 1);
+    reg.remove("b").await.unwrap();
+    assert!(reg.live_nodes().await.unwrap().is_empty());
+    assert_eq!(reg.get("b").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_lapsed_node_is_kept_while_sessions_name_it_then_forgotten() {
+    let redis = Redis::start();
+    let conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let reg = NodeRegistry::new(conn.clone());
+    let s = store(&redis, StoreConfig::default()).await;
+    reg.heartbeat(&node("n", 4), Duration::from_millis(300))
+        .await
+        .unwrap();
+    reg.heartbeat(&node("idle", 4), Duration::from_millis(300))
+        .await
+        .unwrap();
+    s.create(&new_session("s1", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    let shape = VmShape {
+        id: "vm1",
+        vcpus: 1,
+        memory_mib: 512,
+    };
+    assert!(matches!(
+        s.activate("s1", "n", &shape).await.unwrap(),
+        Transition::Won(_)
+    ));
+
+    // Both heartbeats lapse: the idle node is forgotten, the one with a session is not.
+    eventually!(reg.live_nodes().await.unwrap().is_empty());
+    assert_eq!(reg.lapsed_nodes().await.unwrap(), ["n"]);
+    assert_eq!(s.node_sessions("n").await.unwrap(), ["s1"]);
+    // It keeps its last record (how to ask it directly), and how long it has been lapsed
+    // is timed from the first pass that saw it, on Redis' clock.
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert_eq!(lapsed[0].last, Some(node("n", 4)));
+    let first = lapsed[0].lapsed_for;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert!(
+        lapsed[0].lapsed_for >= first + Duration::from_millis(250),
+        "{lapsed:?}"
+    );
+    // A node that beats again is not lapsed, and its next lapse is timed afresh.
+    reg.heartbeat(&node("n", 4), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(reg.lapsed_nodes().await.unwrap().is_empty());
+    eventually!(reg.live_nodes().await.unwrap().is_empty());
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert!(
+        lapsed[0].lapsed_for < Duration::from_millis(250),
+        "{lapsed:?}"
+    );
+
+    // A graceful remove of a node that still has sessions keeps it findable too.
+    reg.heartbeat(&node("m", 4), Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.create(&new_session("s2", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    s.activate("s2", "m", &VmShape { id: "vm2", ..shape })
+        .await
+        .unwrap();
+    reg.remove("m").await.unwrap();
+    assert_eq!(reg.lapsed_nodes().await.unwrap(), ["m", "n"]);
+    // A graceful remove is no stall: no grace is due.
+    let (_, lapsed) = reg.live_and_lapsed().await.unwrap();
+    assert_eq!(lapsed[0].lapsed_for, Duration::MAX);
+
+    // Once their sessions end, the next listing forgets them.
+    for id in ["s1", "s2"] {
+        s.begin_end(id, EndReason::VmFailed, "node gone", None)
+            .await
+            .unwrap();
+        s.finish_end(id, "").await.unwrap();
+    }
+    assert!(reg.live_nodes().await.unwrap().is_empty());
+    assert!(reg.lapsed_nodes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_session_walks_every_state_and_each_transition_has_one_winner() {
+    let redis = Redis::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    let Created::Ok(rec) = s
+        .create(&new_session("s1", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap()
+    else {
+        panic!("create")
+    };
+    assert_eq!(rec.status, SessionStatus::Creating);
+    assert_eq!(rec.env_names, ["A"]);
+    assert!(matches!(
+        s.create(&new_session("s1", "t", Duration::from_secs(60)), 5)
+            .await
+            .unwrap(),
+        Created::IdTaken
+    ));
+
+    // The request left the shape to the node (0 = template default); the VM's is recorded.
+    let shape = VmShape {
+        id: "vm1",
+        vcpus: 2,
+        memory_mib: 1024,
+    };
+    let Transition::Won(active) = s.activate("s1", "n1", &shape).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(active.status, SessionStatus::Active);
+    assert_eq!(
+        (active.node_id.as_str(), active.vm_id.as_str()),
+        ("n1", "vm1")
+    );
+    assert_eq!(
+        (active.vcpus, active.memory_mib),
+        (2, 1024),
+        "the vm's shape is recorded"
+    );
+    let expire = active.expire_ms.unwrap();
+    assert!(expire >= active.create_ms + 60_000 && expire <= active.create_ms + 70_000);
+    assert!(matches!(
+        s.activate(
+            "s1",
+            "n1",
+            &VmShape {
+                id: "vm1",
+                vcpus: 1,
+                memory_mib: 512
+            }
+        )
+        .await
+        .unwrap(),
+        Transition::Conflict(_)
+    ));
+    assert_eq!(s.node_sessions("n1").await.unwrap(), ["s1"]);
+    assert_eq!(s.counts("t").await.unwrap(), (1, 1));
+    assert_eq!(s.open_count().await.unwrap(), 1);
+
+    // Two concurrent enders: exactly one wins.
+    let (a, b) = tokio::join!(
+        s.begin_end("s1", EndReason::Deleted, "deleted by the client", None),
+        s.begin_end("s1", EndReason::Expired, "", None)
+    );
+    let wins = [a.unwrap(), b.unwrap()]
+        .into_iter()
+        .filter(|t| matches!(t, Transition::Won(_)))
+        .count();
+    assert_eq!(wins, 1);
+    let ending = s.get("s1").await.unwrap().unwrap();
+    assert_eq!(ending.status, SessionStatus::Terminating);
+    assert!(ending.end_reason.is_some());
+    assert_eq!(s.counts("t").await.unwrap(), (0, 1));
+
+    let Transition::Won(done) = s.finish_end("s1", "vm released").await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(done.status, SessionStatus::Terminated);
+    assert!(done.end_ms.is_some());
+    assert!(
+        done.end_message.ends_with("vm released"),
+        "{}",
+        done.end_message
+    );
+    assert!(matches!(
+        s.finish_end("s1", "").await.unwrap(),
+        Transition::Conflict(_)
+    ));
+    assert!(s.node_sessions("n1").await.unwrap().is_empty());
+    assert_eq!(s.open_count().await.unwrap(), 0);
+    assert!(matches!(
+        s.begin_end("nope", EndReason::Deleted, "", None)
+            .await
+            .unwrap(),
+        Transition::Missing
+    ));
+}
+
+#[tokio::test]
+async fn terminated_sessions_expire_after_retention() {
+    let redis = Redis::start();
+    let config = StoreConfig {
+        retention: Duration::from_millis(300),
+        ..StoreConfig::default()
+    };
+    let s = store(&redis, config).await;
+    s.create(&new_session("s1", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    s.begin_end("s1", EndReason::CreateFailed, "no node", None)
+        .await
+        .unwrap();
+    s.finish_end("s1", "").await.unwrap();
+    assert!(s.get("s1").await.unwrap().is_some());
+    eventually!(s.get("s1").await.unwrap().is_none());
+    // The tenant index forgets it when listing meets it.
+    let page = s.list("t", &ListFilter::default(), 10, None).await.unwrap();
+    assert!(page.sessions.is_empty());
+}
+
+/// A tenant that never lists does not grow its index without bound: each create drops the
+/// index entries older than the horizon past which their records have surely expired.
+#[tokio::test]
+async fn creates_trim_index_entries_past_the_horizon() {
+    let redis = Redis::start();
+    let config = StoreConfig {
+        retention: Duration::from_millis(500),
+        claim_ttl: Duration::from_millis(10),
+        creating_bound: Duration::from_millis(500),
+        max_total_lifetime: Duration::from_millis(500),
+    };
+    assert_eq!(config.index_horizon(), Duration::from_millis(1600));
+    let s = store(&redis, config).await;
+    let mut conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let index_len = async |conn: &mut capsa_store::Connection| -> usize {
+        redis::cmd("ZCARD")
+            .arg("{capsa}:tenant:t:sessions")
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    for id in ["old1", "old2"] {
+        s.create(&new_session(id, "t", Duration::from_secs(60)), 5)
+            .await
+            .unwrap();
+    }
+    s.create(&new_session("u1", "u", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    assert_eq!(index_len(&mut conn).await, 2);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    s.create(&new_session("new", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    assert_eq!(index_len(&mut conn).await, 1, "only `new` is left");
+    // Another tenant's index is its own business.
+    let u: usize = redis::cmd("ZCARD")
+        .arg("{capsa}:tenant:u:sessions")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(u, 1);
+}
+
+/// The operator's per-tenant create rate replaces the server default for that tenant only,
+/// and a refusal says which limit applied.
+#[tokio::test]
+async fn a_tenant_create_rate_override_applies_to_that_tenant_only() {
+    let redis = Redis::start();
+    let keys = ApiKeyStore::new(capsa_store::connect(&redis.url()).await.unwrap());
+    keys.set_create_rate("slow", 0.01, 1).await.unwrap();
+    assert!(
+        keys.take_create_token("slow", 5.0, 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let refused = keys
+        .take_create_token("slow", 5.0, 10)
+        .await
+        .unwrap()
+        .expect("the override's burst of 1 is spent");
+    assert_eq!((refused.per_sec, refused.burst), (0.01, 1));
+    assert!(
+        refused.retry_after > Duration::from_secs(90),
+        "{:?}",
+        refused.retry_after
+    );
+    for _ in 0..10 {
+        assert!(
+            keys.take_create_token("fast", 5.0, 10)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let refused = keys
+        .take_create_token("fast", 5.0, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((refused.per_sec, refused.burst), (5.0, 10));
+    assert_eq!(
+        keys.tenant_limits("slow").await.unwrap(),
+        vec![
+            ("create_burst".to_string(), "1".to_string()),
+            ("create_rate".to_string(), "0.01".to_string())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn quota_counts_creating_and_active_and_honours_the_tenant_override() {
+    let redis = Redis::start();
+    let conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let s = SessionStore::new(conn.clone(), StoreConfig::default());
+    let keys = ApiKeyStore::new(conn);
+    for i in 0..2 {
+        let r = s
+            .create(
+                &new_session(&format!("q{i}"), "t", Duration::from_secs(60)),
+                2,
+            )
+            .await;
+        assert!(matches!(r.unwrap(), Created::Ok(_)));
+    }
+    let r = s
+        .create(&new_session("q2", "t", Duration::from_secs(60)), 2)
+        .await
+        .unwrap();
+    assert!(matches!(r, Created::QuotaExceeded { limit: 2 }), "{r:?}");
+    keys.set_max_sessions("t", 3).await.unwrap();
+    assert_eq!(keys.max_sessions("t").await.unwrap(), Some(3));
+    assert!(matches!(
+        s.create(&new_session("q2", "t", Duration::from_secs(60)), 2)
+            .await
+            .unwrap(),
+        Created::Ok(_)
+    ));
+    // Ending one frees a slot.
+    s.begin_end("q0", EndReason::Deleted, "", None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.create(&new_session("q3", "t", Duration::from_secs(60)), 2)
+            .await
+            .unwrap(),
+        Created::Ok(_)
+    ));
+    // Another tenant is unaffected.
+    assert!(matches!(
+        s.create(&new_session("o1", "other", Duration::from_secs(60)), 2)
+            .await
+            .unwrap(),
+        Created::Ok(_)
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_claimers_split_due_sessions_without_overlap() {
+    let redis = Redis::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    for i in 0..100 {
+        let id = format!("e{i:03}");
+        // 10 s is the smallest lifetime the API allows; the store takes any.
+        s.create(&new_session(&id, "t", Duration::from_millis(200)), 1000)
+            .await
+            .unwrap();
+        s.activate(
+            &id,
+            "n1",
+            &VmShape {
+                id: &format!("vm-{id}"),
+                vcpus: 1,
+                memory_mib: 512,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let s2 = store(&redis, StoreConfig::default()).await;
+    let mut won = Vec::new();
+    eventually!({
+        let (a, b) = tokio::join!(s.claim_due(7), s2.claim_due(7));
+        won.extend(a.unwrap());
+        won.extend(b.unwrap());
+        won.len() >= 100
+    });
+    let ids: HashSet<_> = won.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(ids.len(), 100, "an id was claimed twice");
+    assert_eq!(won.len(), 100);
+    assert!(won.iter().all(|c| c.kind == "expired"));
+    let rec = s.get("e000").await.unwrap().unwrap();
+    assert_eq!(
+        (rec.status, rec.end_reason),
+        (SessionStatus::Terminating, Some(EndReason::Expired))
+    );
+    // Nothing more is due until the claims run out.
+    assert!(s.claim_due(1000).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn stale_claims_are_reclaimed_and_stuck_creates_are_ended() {
+    let redis = Redis::start();
+    let config = StoreConfig {
+        claim_ttl: Duration::from_millis(200),
+        creating_bound: Duration::from_millis(200),
+        ..StoreConfig::default()
+    };
+    let s = store(&redis, config).await;
+    s.create(&new_session("stuck", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    s.create(&new_session("dying", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    s.activate(
+        "dying",
+        "n1",
+        &VmShape {
+            id: "vm1",
+            vcpus: 1,
+            memory_mib: 512,
+        },
+    )
+    .await
+    .unwrap();
+    s.begin_end("dying", EndReason::Deleted, "", None)
+        .await
+        .unwrap();
+    let mut kinds = BTreeMap::new();
+    eventually!({
+        for c in s.claim_due(10).await.unwrap() {
+            kinds.insert(c.id, c.kind);
+        }
+        kinds.len() == 2
+    });
+    assert_eq!(kinds["stuck"], "creating");
+    assert_eq!(kinds["dying"], "reclaimed");
+    let stuck = s.get("stuck").await.unwrap().unwrap();
+    assert_eq!(stuck.end_reason, Some(EndReason::CreateFailed));
+    // A reclaimed teardown keeps its original reason.
+    assert_eq!(
+        s.get("dying").await.unwrap().unwrap().end_reason,
+        Some(EndReason::Deleted)
+    );
+    assert_eq!(
+        s.next_due_in()
+            .await
+            .unwrap()
+            .map(|d| d <= Duration::from_millis(200)),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn extend_respects_the_total_bound_and_needs_an_active_session() {
+    let redis = Redis::start();
+    let config = StoreConfig {
+        max_total_lifetime: Duration::from_secs(3600),
+        ..StoreConfig::default()
+    };
+    let s = store(&redis, config).await;
+    s.create(&new_session("x", "t", Duration::from_secs(600)), 5)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.extend("x", Duration::from_secs(1)).await.unwrap(),
+        Extended::NotActive(_)
+    ));
+    let Transition::Won(a) = s
+        .activate(
+            "x",
+            "n",
+            &VmShape {
+                id: "v",
+                vcpus: 1,
+                memory_mib: 512,
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Extended::Ok(b) = s.extend("x", Duration::from_secs(60)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(b.expire_ms.unwrap(), a.expire_ms.unwrap() + 60_000);
+    match s.extend("x", Duration::from_secs(3600)).await.unwrap() {
+        Extended::TooLong { max_extend_ms } => {
+            assert!(
+                max_extend_ms > 0 && max_extend_ms < 3_600_000 - 600_000,
+                "{max_extend_ms}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.extend("nope", Duration::from_secs(1)).await.unwrap(),
+        Extended::Missing
+    ));
+    s.touch("x").await.unwrap();
+    s.touch("nope").await.unwrap();
+    assert!(
+        s.get("nope").await.unwrap().is_none(),
+        "touch must not create a hash"
+    );
+}
+
+#[tokio::test]
+async fn listing_pages_newest_first_with_filters() {
+    let redis = Redis::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    let mut created = Vec::new();
+    for i in 0..25 {
+        let id = format!("l{i:02}");
+        let mut new = new_session(&id, "t", Duration::from_secs(60));
+        new.metadata
+            .insert("team".into(), if i % 2 == 0 { "x" } else { "y" }.into());
+        s.create(&new, 1000).await.unwrap();
+        if i % 3 == 0 {
+            s.activate(
+                &id,
+                "n",
+                &VmShape {
+                    id: "v",
+                    vcpus: 1,
+                    memory_mib: 512,
+                },
+            )
+            .await
+            .unwrap();
+        }
+        created.push(id);
+    }
+    s.create(&new_session("other", "u", Duration::from_secs(60)), 1000)
+        .await
+        .unwrap();
+    // Pages of 10 cover all 25 exactly once, newest first (ties broken by id).
+    let mut seen = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    loop {
+        let page = s
+            .list("t", &ListFilter::default(), 10, cursor.as_ref())
+            .await
+            .unwrap();
+        assert!(page.sessions.len() <= 10);
+        seen.extend(page.sessions.iter().map(|r| (r.create_ms, r.id.clone())));
+        match page.next {
+            Some(c) => cursor = Some(Cursor::from_token(&c.to_token()).unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted);
+
+    let active = ListFilter {
+        status: Some(SessionStatus::Active),
+        ..Default::default()
+    };
+    let page = s.list("t", &active, 100, None).await.unwrap();
+    assert_eq!(page.sessions.len(), 9);
+    assert!(page.next.is_none());
+
+    let meta = ListFilter {
+        status: None,
+        metadata: BTreeMap::from([("team".to_string(), "x".to_string())]),
+    };
+    let page = s.list("t", &meta, 100, None).await.unwrap();
+    assert_eq!(page.sessions.len(), 13);
+    assert!(page.sessions.iter().all(|r| r.metadata["team"] == "x"));
+}
+
+#[tokio::test]
+async fn api_keys_are_stored_hashed_and_looked_up() {
+    let redis = Redis::start();
+    let keys = ApiKeyStore::new(capsa_store::connect(&redis.url()).await.unwrap());
+    let k = keys.create("tenant-a", "ci").await.unwrap();
+    assert!(
+        k.plaintext.starts_with("capsa_") && k.plaintext.len() == 38,
+        "{}",
+        k.plaintext
+    );
+    assert!(k.plaintext[6..].chars().all(|c| c.is_ascii_alphanumeric()));
+    assert!(!format!("{k:?}").contains(&k.plaintext));
+    let rec = keys.lookup(&k.plaintext).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.tenant_id.as_str(), rec.name.as_str()),
+        ("tenant-a", "ci")
+    );
+    assert!(keys.lookup("capsa_wrong").await.unwrap().is_none());
+    // Only the hash is in Redis.
+    let conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let all = conn.scan_keys("*").await.unwrap();
+    assert!(!all.is_empty());
+    assert!(all.iter().all(|key| !key.contains(&k.plaintext)));
+    assert!(keys.revoke_hash(&k.hash).await.unwrap());
+    assert!(keys.lookup(&k.plaintext).await.unwrap().is_none());
+}
+
+/// Sessions with large metadata make shorter pages, never a reply of any size: a page
+/// holds at most MAX_PAGE_BYTES of records, and walking the pages still finds every one.
+#[tokio::test]
+async fn list_pages_are_bounded_in_bytes() {
+    let redis = Redis::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    let big = "x".repeat(100 * 1024);
+    for i in 0..60 {
+        let mut new = new_session(&format!("s{i:02}"), "t", Duration::from_secs(60));
+        new.metadata = BTreeMap::from([("blob".into(), big.clone())]);
+        assert!(matches!(s.create(&new, 100).await.unwrap(), Created::Ok(_)));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = s
+            .list("t", &ListFilter::default(), 1000, after.as_ref())
+            .await
+            .unwrap();
+        pages += 1;
+        let bytes: usize = page.sessions.iter().map(|r| r.metadata["blob"].len()).sum();
+        assert!(
+            bytes <= capsa_store::MAX_PAGE_BYTES,
+            "page of {bytes} bytes"
+        );
+        assert!(!page.sessions.is_empty());
+        seen.extend(page.sessions.into_iter().map(|r| r.id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 60);
+    assert!(pages >= 2, "6 MiB of records cannot fit one page");
+}
+
+#[tokio::test]
+async fn the_egress_policy_is_stored_at_create_and_replaced_only_under_the_lock() {
+    let redis = Redis::start();
+    let s = store(&redis, StoreConfig::default()).await;
+    let first = policy(&["*.example.com"], &["198.51.100.0/24"]);
+    let mut new = new_session("s1", "t", Duration::from_secs(60));
+    new.egress = first.clone();
+    let Created::Ok(rec) = s.create(&new, 5).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(rec.egress, first);
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, first);
+
+    // One update at a time: a second lock waits for the first to finish.
+    let ttl = Duration::from_secs(30);
+    let token = s.lock_egress("s1", ttl).await.unwrap().unwrap();
+    assert_eq!(s.lock_egress("s1", ttl).await.unwrap(), None);
+    // A token that does not hold the lock stores nothing and releases nothing.
+    let second = policy(&["pypi.org"], &[]);
+    assert!(matches!(
+        s.set_egress("s1", "not-the-token", &second).await.unwrap(),
+        EgressStored::LockLost
+    ));
+    s.unlock_egress("s1", "not-the-token").await.unwrap();
+    assert_eq!(s.lock_egress("s1", ttl).await.unwrap(), None);
+    let EgressStored::Ok(rec) = s.set_egress("s1", &token, &second).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(rec.egress, second);
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+    // Storing released the lock; using the same token again finds it gone.
+    assert!(matches!(
+        s.set_egress("s1", &token, &first).await.unwrap(),
+        EgressStored::LockLost
+    ));
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+
+    // An update that failed on the node unlocks and leaves the stored policy as it was.
+    let token = s.lock_egress("s1", ttl).await.unwrap().unwrap();
+    s.unlock_egress("s1", &token).await.unwrap();
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+
+    // A lock outlived by its holder's call expires, and that holder then stores nothing.
+    let stale = s
+        .lock_egress("s1", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
+    eventually!(s.lock_egress("s1", ttl).await.unwrap().is_some());
+    assert!(matches!(
+        s.set_egress("s1", &stale, &first).await.unwrap(),
+        EgressStored::LockLost
+    ));
+    assert_eq!(s.get("s1").await.unwrap().unwrap().egress, second);
+
+    // A session whose record is gone is not recreated.
+    let token = s.lock_egress("gone", ttl).await.unwrap().unwrap();
+    assert!(matches!(
+        s.set_egress("gone", &token, &first).await.unwrap(),
+        EgressStored::Missing
+    ));
+    assert!(s.get("gone").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_tenant_default_egress_policy_is_set_read_and_cleared() {
+    let redis = Redis::start();
+    let keys = ApiKeyStore::new(capsa_store::connect(&redis.url()).await.unwrap());
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), None);
+    let p = policy(&["pypi.org"], &["2001:db8::/32"]);
+    keys.set_tenant_egress("t", Some(&p)).await.unwrap();
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), Some(p.clone()));
+    assert_eq!(keys.tenant_egress("other").await.unwrap(), None);
+    let replaced = EgressPolicy::none();
+    keys.set_tenant_egress("t", Some(&replaced)).await.unwrap();
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), Some(replaced));
+    keys.set_tenant_egress("t", None).await.unwrap();
+    assert_eq!(keys.tenant_egress("t").await.unwrap(), None);
+}
