@@ -3,7 +3,7 @@
 //! `deploy/scripts/containers.sh` on free ports, runs the seed story through it (create,
 //! `x = 42`, `print(x)`, kill) across both session-manager replicas, and tears it down,
 //! asserting nothing is left: no container, pod, volume, VMM process or network object.
-//! Every gRPC service in the pod exports its metrics over OTLP to a receiver this test runs
+//! Every service in the pod exports its metrics over OTLP to a receiver this test runs
 //! (standing for a Collector), each under its own `service.instance.id`.
 //! Needs root and podman (install-deps.sh installs it); fails, never skips, without them.
 
@@ -77,6 +77,23 @@ impl Drop for Pod {
             let _ = self.script("down").status();
         }
     }
+}
+
+/// The raw answer of `GET path` on `addr` (HTTP/1.1, connection closed after).
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut answer))
+        .await
+        .expect("no answer within 30 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,6 +183,7 @@ async fn the_stack_runs_in_containers_and_leaves_nothing_behind() {
         setting("CAPSA_ENDPOINT_B"),
         setting("CAPSA_API_KEY"),
     );
+    let http = setting("CAPSA_HTTP_ENDPOINT");
     let containers = stdout_of(&podman(&[
         "ps",
         "--filter",
@@ -220,8 +238,15 @@ async fn the_stack_runs_in_containers_and_leaves_nothing_behind() {
         "{info:?}"
     );
 
-    // Every gRPC service exported, naming its instance; the two replicas apart.
+    // The gateway answers (and so has a request to report).
+    let health = http_get(http.trim_start_matches("http://"), "/health").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200"),
+        "gateway /health: {health}"
+    );
+    // Every service exported, naming its instance; the two replicas apart.
     let expected = [
+        ("capsa-gateway", format!("{name}-gateway")),
         ("capsa-executor", format!("ctr-{name}")),
         ("capsa-metering", format!("{name}-metering")),
         ("capsa-session-manager", format!("{name}-session-manager-a")),

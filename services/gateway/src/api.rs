@@ -83,6 +83,19 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// One span per request (the parent of the gRPC calls it makes, whose trace context goes to
 /// session-manager), named by its route, not its path: ids stay out of span names.
+/// Histogram (seconds): one HTTP request, by `http.route`, `http.request.method` and
+/// `http.response.status_code` (streams: until their headers).
+pub const REQUEST_DURATION: &str = "capsa.gateway.request.duration";
+
+static REQUEST_SECONDS: std::sync::LazyLock<opentelemetry::metrics::Histogram<f64>> =
+    std::sync::LazyLock::new(|| {
+        capsa_telemetry::meter()
+            .f64_histogram(REQUEST_DURATION)
+            .with_unit("s")
+            .with_description("HTTP requests, by route, method and status")
+            .build()
+    });
+
 async fn trace_request(req: Request, next: Next) -> Response {
     use tracing::Instrument as _;
     let route = req
@@ -96,7 +109,16 @@ async fn trace_request(req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     async move {
         let response = next.run(req).await;
-        tracing::debug!(status = response.status().as_u16(), elapsed = ?started.elapsed(), "request");
+        let status = response.status().as_u16();
+        tracing::debug!(status, elapsed = ?started.elapsed(), "request");
+        REQUEST_SECONDS.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                opentelemetry::KeyValue::new("http.route", route),
+                opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+                opentelemetry::KeyValue::new("http.response.status_code", i64::from(status)),
+            ],
+        );
         response
     }
     .instrument(span)

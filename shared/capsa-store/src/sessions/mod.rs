@@ -59,6 +59,7 @@ static ACTIVATE: LazyLock<Script> = script!("activate.lua");
 static BEGIN_END: LazyLock<Script> = script!("begin_end.lua");
 static FINISH_END: LazyLock<Script> = script!("finish_end.lua");
 static CLAIM_DUE: LazyLock<Script> = script!("claim_due.lua");
+static DUE: LazyLock<Script> = script!("due.lua");
 static EXTEND: LazyLock<Script> = script!("extend.lua");
 static TOUCH: LazyLock<Script> = script!("touch.lua");
 static SET_EGRESS: LazyLock<Script> = script!("set_egress.lua");
@@ -231,6 +232,21 @@ fn parse_tagged(key: &str, raw: Vec<String>) -> Result<(String, Option<SessionRe
     Ok((tag.clone(), rec))
 }
 
+/// How often a script is sent again after replying `stale` (see lua/common.lua); the fields
+/// it checks change at most once, so more than one retry means something else is wrong.
+const STALE_RETRIES: usize = 3;
+
+fn is_stale(raw: &[String]) -> bool {
+    raw.len() == 1 && raw[0] == "stale"
+}
+
+fn stale(key: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: key.into(),
+        reason: format!("its tenant or node kept changing over {STALE_RETRIES} attempts"),
+    }
+}
+
 fn transition(key: &str, raw: Vec<String>) -> Result<Transition> {
     match parse_tagged(key, raw)? {
         (tag, Some(rec)) if tag == "ok" => Ok(Transition::Won(rec)),
@@ -328,50 +344,97 @@ impl SessionStore {
         only_if: Option<SessionStatus>,
     ) -> Result<Transition> {
         let key = session_key(id);
-        let raw: Vec<String> = BEGIN_END
-            .key(&key)
-            .key(EXPIRY)
-            .arg(id)
-            .arg(reason.as_str())
-            .arg(message)
-            .arg(ms(self.config.claim_ttl))
-            .arg(only_if.map(SessionStatus::as_str).unwrap_or(""))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        transition(&key, raw)
+        for _ in 0..STALE_RETRIES {
+            let Some((tenant, _)) = self.derived_fields(&key).await? else {
+                return Ok(Transition::Missing);
+            };
+            let raw: Vec<String> = BEGIN_END
+                .key(&key)
+                .key(EXPIRY)
+                .key(tenant_active_key(&tenant))
+                .arg(id)
+                .arg(reason.as_str())
+                .arg(message)
+                .arg(ms(self.config.claim_ttl))
+                .arg(only_if.map(SessionStatus::as_str).unwrap_or(""))
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            if !is_stale(&raw) {
+                return transition(&key, raw);
+            }
+        }
+        Err(stale(&key))
     }
 
     /// terminating → terminated (after the VM is released); `note` is appended to the end
     /// message when non-empty. The record then lives for the retention period.
     pub async fn finish_end(&self, id: &str, note: &str) -> Result<Transition> {
         let key = session_key(id);
-        let raw: Vec<String> = FINISH_END
-            .key(&key)
-            .key(EXPIRY)
-            .arg(id)
-            .arg(ms(self.config.retention))
-            .arg(note)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        transition(&key, raw)
+        for _ in 0..STALE_RETRIES {
+            let Some((_, node)) = self.derived_fields(&key).await? else {
+                return Ok(Transition::Missing);
+            };
+            let raw: Vec<String> = FINISH_END
+                .key(&key)
+                .key(EXPIRY)
+                .key(node_sessions_key(&node))
+                .arg(id)
+                .arg(ms(self.config.retention))
+                .arg(note)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            if !is_stale(&raw) {
+                return transition(&key, raw);
+            }
+        }
+        Err(stale(&key))
     }
 
     /// Claims up to `limit` due sessions (see the module docs); returns only those this
     /// caller won. Two replicas calling it at once never both get one id.
     pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>> {
-        let raw: Vec<String> = CLAIM_DUE
-            .key(EXPIRY)
-            .arg(limit)
-            .arg(ms(self.config.claim_ttl))
-            .invoke_async(&mut self.conn.clone())
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = DUE.key(EXPIRY).arg(limit).invoke_async(&mut conn).await?;
+        let mut won = Vec::new();
+        // Each claim is its own script (its keys declared), which checks the session is
+        // still due: of callers racing for one id, the first moves its score into the
+        // future and the others get nothing.
+        'ids: for id in due {
+            let key = session_key(&id);
+            for _ in 0..STALE_RETRIES {
+                // A record gone meanwhile: the script drops its id (it declares no set).
+                let tenant = self.derived_fields(&key).await?.map(|(t, _)| t);
+                let raw: Vec<String> = CLAIM_DUE
+                    .key(&key)
+                    .key(EXPIRY)
+                    .key(tenant_active_key(tenant.as_deref().unwrap_or("")))
+                    .arg(&id)
+                    .arg(ms(self.config.claim_ttl))
+                    .invoke_async(&mut conn)
+                    .await?;
+                if is_stale(&raw) {
+                    continue;
+                }
+                if let Some(kind) = raw.into_iter().next() {
+                    won.push(Claimed { id, kind });
+                }
+                continue 'ids;
+            }
+            return Err(stale(&key));
+        }
+        Ok(won)
+    }
+
+    /// `(tenant, node_id)` of the session at `key` (node `""` before activation), the fields
+    /// that name the sets its scripts touch; `None` when the record is gone.
+    async fn derived_fields(&self, key: &str) -> Result<Option<(String, String)>> {
+        let (tenant, node): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(key)
+            .arg("tenant")
+            .arg("node_id")
+            .query_async(&mut self.conn.clone())
             .await?;
-        Ok(raw
-            .chunks_exact(2)
-            .map(|p| Claimed {
-                id: p[0].clone(),
-                kind: p[1].clone(),
-            })
-            .collect())
+        Ok(tenant.map(|t| (t, node.unwrap_or_default())))
     }
 
     /// Time until the earliest due action, if any session is pending (for the reaper's

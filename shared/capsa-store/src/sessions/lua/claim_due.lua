@@ -1,35 +1,31 @@
--- Claims every session whose expiry score has passed, up to a limit, and returns only the
--- ids this caller won with why: 'expired' (ACTIVE past its deadline), 'creating' (stuck in
--- CREATING past the creation bound) or 'reclaimed' (TERMINATING past its claim deadline:
--- the replica tearing it down died). Each moves (or stays) in TERMINATING with a fresh
--- claim deadline, so a concurrent caller sees a future score and skips it.
--- KEYS: expiry zset. ARGV: limit, claim ms.
+-- Claims one due session, if it still is due: 'expired' (ACTIVE past its deadline),
+-- 'creating' (stuck in CREATING past the creation bound) or 'reclaimed' (TERMINATING past its
+-- claim deadline: the replica tearing it down died). It moves (or stays) in TERMINATING with
+-- a fresh claim deadline, so a concurrent caller sees a future score and gets nothing.
+-- KEYS: session hash, expiry zset, the tenant's active set ('{capsa}:tenant::active' for a
+-- record that is gone). ARGV: id, claim ms. Replies { kind }, { } or { 'stale' }.
 local now = now_ms()
-local claim = now + tonumber(ARGV[2])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local out = {}
-for _, id in ipairs(ids) do
-  local key = '{capsa}:session:' .. id
-  local st = redis.call('HGET', key, 'status')
-  if not st or st == 'terminated' then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    local kind = 'reclaimed'
-    if st == 'creating' then
-      kind = 'creating'
-      redis.call('HSET', key, 'status', 'terminating', 'end_reason', 'create_failed',
-        'end_message', 'the session was still being created when its creation deadline passed')
-      redis.call('SREM', tenant_active_key(key), id)
-    elseif st == 'active' then
-      kind = 'expired'
-      redis.call('HSET', key, 'status', 'terminating', 'end_reason', 'expired',
-        'end_message', 'the session lifetime ran out')
-      redis.call('SREM', tenant_active_key(key), id)
-    end
-    redis.call('HSET', key, 'claim_ms', claim)
-    redis.call('ZADD', KEYS[1], claim, id)
-    out[#out + 1] = id
-    out[#out + 1] = kind
-  end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > now then return {} end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or st == 'terminated' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {}
 end
-return out
+if tenant_active_key(KEYS[1]) ~= KEYS[3] then return { 'stale' } end
+local claim = now + tonumber(ARGV[2])
+local kind = 'reclaimed'
+if st == 'creating' then
+  kind = 'creating'
+  redis.call('HSET', KEYS[1], 'status', 'terminating', 'end_reason', 'create_failed',
+    'end_message', 'the session was still being created when its creation deadline passed')
+  redis.call('SREM', KEYS[3], ARGV[1])
+elseif st == 'active' then
+  kind = 'expired'
+  redis.call('HSET', KEYS[1], 'status', 'terminating', 'end_reason', 'expired',
+    'end_message', 'the session lifetime ran out')
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'claim_ms', claim)
+redis.call('ZADD', KEYS[2], claim, ARGV[1])
+return { kind }

@@ -1,7 +1,10 @@
 -- TERMINATING -> TERMINATED; the record is kept for the retention period, then expires.
--- KEYS: session hash, expiry zset. ARGV: id, retention ms, note appended to end_message.
+-- KEYS: session hash, expiry zset, its node's session set ('{capsa}:nodesessions:' if it
+-- has no node). ARGV: id, retention ms, note appended to end_message.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return { 'missing' } end
+local node = redis.call('HGET', KEYS[1], 'node_id') or ''
+if node_sessions_key(node) ~= KEYS[3] then return { 'stale' } end
 if st ~= 'terminating' then return reply('conflict', KEYS[1]) end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'terminated', 'end_ms', now)
@@ -12,7 +15,6 @@ if ARGV[3] ~= '' then
 end
 redis.call('HDEL', KEYS[1], 'claim_ms')
 redis.call('ZREM', KEYS[2], ARGV[1])
-local node = redis.call('HGET', KEYS[1], 'node_id')
-if node and node ~= '' then redis.call('SREM', node_sessions_key(node), ARGV[1]) end
+if node ~= '' then redis.call('SREM', KEYS[3], ARGV[1]) end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return reply('ok', KEYS[1])
