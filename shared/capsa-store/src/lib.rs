@@ -1,7 +1,7 @@
 //! Capsa's shared state in Redis. Every key lives under `{capsa}:`: the `{capsa}` hash tag puts
-//! every key in one Redis Cluster slot, so each Lua script and MULTI, whose keys are the ones
-//! it declares plus keys derived from stored fields (a session's tenant and node), runs on the
-//! one shard that holds them all. A Cluster then gives Capsa failover through its replicas,
+//! every key in one Redis Cluster slot, and every Lua script declares each key it touches
+//! (`sessions/lua/common.lua` says how for the sets a session's stored fields name), so each
+//! script and MULTI runs on the one shard that holds them all. A Cluster then gives Capsa failover through its replicas,
 //! not sharding: the control plane's state is small (records of live sessions and nodes).
 //!
 //! - [`nodes`]: KVM hosts announce themselves with a TTL'd heartbeat ([`NodeRegistry`]).
