@@ -95,6 +95,11 @@ impl PoolUnderTest {
     pub fn vm_processes(&self) -> Vec<u32> {
         vm_processes(&self.vms_dir())
     }
+
+    /// The processes of one VM (its VMM and helpers), whatever else the pool runs.
+    pub fn processes_of(&self, vm_id: &str) -> Vec<u32> {
+        vm_processes(&self.vms_dir().join(vm_id))
+    }
 }
 
 impl Drop for PoolUnderTest {
