@@ -87,7 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// `http.response.status_code` (streams: until their headers).
 pub const REQUEST_DURATION: &str = "capsa.gateway.request.duration";
 
-static REQUEST_SECONDS: std::sync::LazyLock<opentelemetry::metrics::Histogram<f64>> =
+pub(crate) static REQUEST_SECONDS: std::sync::LazyLock<opentelemetry::metrics::Histogram<f64>> =
     std::sync::LazyLock::new(|| {
         capsa_telemetry::meter()
             .f64_histogram(REQUEST_DURATION)

@@ -61,6 +61,8 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let limits = config.limits();
     let tls = serve::tls_acceptor(&config.public_tls).map_err(RunError::Config)?;
+    // Registered now, so the gateway exports from its first interval like every service.
+    std::sync::LazyLock::force(&api::REQUEST_SECONDS);
     let state = Arc::new(
         AppState::new(
             &config.session_manager_url,
