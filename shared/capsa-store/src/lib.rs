@@ -183,37 +183,47 @@ pub(crate) struct SentinelSpec {
     db: i64,
 }
 
-fn bad_url(detail: &str) -> redis::RedisError {
-    // Never the URL itself: it may hold the password.
+/// `what` (e.g. "bad redis+sentinel URL") and `detail`, never the URL itself: it may hold
+/// the password.
+fn bad_url(what: &'static str, detail: &str) -> redis::RedisError {
     redis::RedisError::from((
         redis::ErrorKind::InvalidClientConfig,
-        "bad redis+sentinel URL",
+        what,
         detail.to_owned(),
+    ))
+}
+
+/// `(tls, rest)` when `url` starts with `redis+<kind>://` (false) or `rediss+<kind>://`.
+fn strip_scheme<'a>(url: &'a str, kind: &str) -> Option<(bool, &'a str)> {
+    let rest = url.strip_prefix("redis")?;
+    let (tls, rest) = match rest.strip_prefix('s') {
+        Some(rest) => (true, rest),
+        None => (false, rest),
+    };
+    Some((
+        tls,
+        rest.strip_prefix('+')?
+            .strip_prefix(kind)?
+            .strip_prefix("://")?,
     ))
 }
 
 /// `Some` for the sentinel schemes.
 fn sentinel_spec(url: &str) -> Option<Result<SentinelSpec, redis::RedisError>> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-        (false, rest)
-    } else {
-        (true, url.strip_prefix("rediss+sentinel://")?)
-    };
+    let (tls, rest) = strip_scheme(url, "sentinel")?;
+    let bad = |detail: &str| bad_url("bad redis+sentinel URL", detail);
     Some((|| {
         let (password, rest) = split_auth(rest);
         let (hosts, path) = rest
             .split_once('/')
-            .ok_or_else(|| bad_url("no /MASTER after the sentinel addresses"))?;
-        let sentinels = parse_hosts(hosts, bad_url)?;
+            .ok_or_else(|| bad("no /MASTER after the sentinel addresses"))?;
+        let sentinels = parse_hosts(hosts, bad)?;
         let mut path = path.split('/').filter(|p| !p.is_empty());
-        let master = path
-            .next()
-            .ok_or_else(|| bad_url("no master name"))?
-            .to_owned();
+        let master = path.next().ok_or_else(|| bad("no master name"))?.to_owned();
         let db = match path.next() {
             Some(db) => db
                 .parse()
-                .map_err(|_| bad_url("the database is not a number"))?,
+                .map_err(|_| bad("the database is not a number"))?,
             None => 0,
         };
         Ok(SentinelSpec {
@@ -275,19 +285,9 @@ struct ClusterSpec {
 
 /// `Some` for the cluster schemes.
 fn cluster_spec(url: &str) -> Option<Result<ClusterSpec, redis::RedisError>> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-        (false, rest)
-    } else {
-        (true, url.strip_prefix("rediss+cluster://")?)
-    };
+    let (tls, rest) = strip_scheme(url, "cluster")?;
+    let bad = |detail: &str| bad_url("bad redis+cluster URL", detail);
     Some((|| {
-        let bad = |detail: &str| {
-            redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "bad redis+cluster URL",
-                detail.to_owned(),
-            ))
-        };
         let (password, hosts) = split_auth(rest);
         let hosts = hosts.trim_end_matches('/');
         if hosts.contains('/') {

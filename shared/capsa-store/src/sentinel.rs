@@ -42,17 +42,8 @@ impl Follower {
     }
 
     pub(crate) async fn command(self: std::sync::Arc<Self>, cmd: &Cmd) -> RedisResult<Value> {
-        let (generation, mut conn) = self.current();
-        match conn.req_packed_command(cmd).await {
-            Err(e) if lost_master(&e) => {
-                let replaced = self.look_up(generation).await;
-                if replaced && is_readonly(&e) {
-                    return self.current().1.req_packed_command(cmd).await;
-                }
-                Err(e)
-            }
-            other => other,
-        }
+        self.send(|mut conn| async move { conn.req_packed_command(cmd).await })
+            .await
     }
 
     pub(crate) async fn pipeline(
@@ -61,16 +52,22 @@ impl Follower {
         offset: usize,
         count: usize,
     ) -> RedisResult<Vec<Value>> {
-        let (generation, mut conn) = self.current();
-        match conn.req_packed_commands(pipe, offset, count).await {
+        self.send(|mut conn| async move { conn.req_packed_commands(pipe, offset, count).await })
+            .await
+    }
+
+    /// Runs `op` on the current master; a failure that says the master is lost triggers a
+    /// look-up, and on READONLY (nothing ran) `op` runs once more on the new master.
+    async fn send<T, F>(&self, op: impl Fn(ConnectionManager) -> F) -> RedisResult<T>
+    where
+        F: std::future::Future<Output = RedisResult<T>>,
+    {
+        let (generation, conn) = self.current();
+        match op(conn).await {
             Err(e) if lost_master(&e) => {
                 let replaced = self.look_up(generation).await;
                 if replaced && is_readonly(&e) {
-                    return self
-                        .current()
-                        .1
-                        .req_packed_commands(pipe, offset, count)
-                        .await;
+                    return op(self.current().1).await;
                 }
                 Err(e)
             }

@@ -236,6 +236,11 @@ fn parse_tagged(key: &str, raw: Vec<String>) -> Result<(String, Option<SessionRe
 /// it checks change at most once, so more than one retry means something else is wrong.
 const STALE_RETRIES: usize = 3;
 
+/// What a transition script replies for a session with no record.
+fn missing() -> Vec<String> {
+    vec!["missing".into()]
+}
+
 fn is_stale(raw: &[String]) -> bool {
     raw.len() == 1 && raw[0] == "stale"
 }
@@ -344,85 +349,103 @@ impl SessionStore {
         only_if: Option<SessionStatus>,
     ) -> Result<Transition> {
         let key = session_key(id);
-        for _ in 0..STALE_RETRIES {
-            let Some((tenant, _)) = self.derived_fields(&key).await? else {
-                return Ok(Transition::Missing);
-            };
-            let raw: Vec<String> = BEGIN_END
-                .key(&key)
-                .key(EXPIRY)
-                .key(tenant_active_key(&tenant))
-                .arg(id)
-                .arg(reason.as_str())
-                .arg(message)
-                .arg(ms(self.config.claim_ttl))
-                .arg(only_if.map(SessionStatus::as_str).unwrap_or(""))
-                .invoke_async(&mut self.conn.clone())
-                .await?;
-            if !is_stale(&raw) {
-                return transition(&key, raw);
-            }
-        }
-        Err(stale(&key))
+        let raw = self
+            .with_fields(&key, |fields| async {
+                let Some((tenant, _)) = fields else {
+                    return Ok(missing());
+                };
+                Ok(BEGIN_END
+                    .key(&key)
+                    .key(EXPIRY)
+                    .key(tenant_active_key(&tenant))
+                    .arg(id)
+                    .arg(reason.as_str())
+                    .arg(message)
+                    .arg(ms(self.config.claim_ttl))
+                    .arg(only_if.map(SessionStatus::as_str).unwrap_or(""))
+                    .invoke_async(&mut self.conn.clone())
+                    .await?)
+            })
+            .await?;
+        transition(&key, raw)
     }
 
     /// terminating → terminated (after the VM is released); `note` is appended to the end
     /// message when non-empty. The record then lives for the retention period.
     pub async fn finish_end(&self, id: &str, note: &str) -> Result<Transition> {
         let key = session_key(id);
-        for _ in 0..STALE_RETRIES {
-            let Some((_, node)) = self.derived_fields(&key).await? else {
-                return Ok(Transition::Missing);
-            };
-            let raw: Vec<String> = FINISH_END
-                .key(&key)
-                .key(EXPIRY)
-                .key(node_sessions_key(&node))
-                .arg(id)
-                .arg(ms(self.config.retention))
-                .arg(note)
-                .invoke_async(&mut self.conn.clone())
-                .await?;
-            if !is_stale(&raw) {
-                return transition(&key, raw);
-            }
-        }
-        Err(stale(&key))
+        let raw = self
+            .with_fields(&key, |fields| async {
+                let Some((_, node)) = fields else {
+                    return Ok(missing());
+                };
+                Ok(FINISH_END
+                    .key(&key)
+                    .key(EXPIRY)
+                    .key(node_sessions_key(&node))
+                    .arg(id)
+                    .arg(ms(self.config.retention))
+                    .arg(note)
+                    .invoke_async(&mut self.conn.clone())
+                    .await?)
+            })
+            .await?;
+        transition(&key, raw)
     }
 
     /// Claims up to `limit` due sessions (see the module docs); returns only those this
     /// caller won. Two replicas calling it at once never both get one id.
     pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>> {
-        let mut conn = self.conn.clone();
-        let due: Vec<String> = DUE.key(EXPIRY).arg(limit).invoke_async(&mut conn).await?;
+        let due: Vec<String> = DUE
+            .key(EXPIRY)
+            .arg(limit)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         let mut won = Vec::new();
         // Each claim is its own script (its keys declared), which checks the session is
         // still due: of callers racing for one id, the first moves its score into the
         // future and the others get nothing.
-        'ids: for id in due {
+        for id in due {
             let key = session_key(&id);
-            for _ in 0..STALE_RETRIES {
-                // A record gone meanwhile: the script drops its id (it declares no set).
-                let tenant = self.derived_fields(&key).await?.map(|(t, _)| t);
-                let raw: Vec<String> = CLAIM_DUE
-                    .key(&key)
-                    .key(EXPIRY)
-                    .key(tenant_active_key(tenant.as_deref().unwrap_or("")))
-                    .arg(&id)
-                    .arg(ms(self.config.claim_ttl))
-                    .invoke_async(&mut conn)
-                    .await?;
-                if is_stale(&raw) {
-                    continue;
-                }
-                if let Some(kind) = raw.into_iter().next() {
-                    won.push(Claimed { id, kind });
-                }
-                continue 'ids;
+            let raw = self
+                .with_fields(&key, |fields| async {
+                    // A record gone meanwhile: the script drops its id (its set is unused).
+                    let tenant = fields.map(|(t, _)| t).unwrap_or_default();
+                    Ok(CLAIM_DUE
+                        .key(&key)
+                        .key(EXPIRY)
+                        .key(tenant_active_key(&tenant))
+                        .arg(&id)
+                        .arg(ms(self.config.claim_ttl))
+                        .invoke_async(&mut self.conn.clone())
+                        .await?)
+                })
+                .await?;
+            if let Some(kind) = raw.into_iter().next() {
+                won.push(Claimed { id, kind });
             }
-            return Err(stale(&key));
         }
         Ok(won)
+    }
+
+    /// Runs `script`, which declares keys named by the session's stored fields (see
+    /// lua/common.lua), with those fields (`None`: no record), reading them again while it
+    /// replies `stale`.
+    async fn with_fields<F>(
+        &self,
+        key: &str,
+        script: impl Fn(Option<(String, String)>) -> F,
+    ) -> Result<Vec<String>>
+    where
+        F: std::future::Future<Output = Result<Vec<String>>>,
+    {
+        for _ in 0..STALE_RETRIES {
+            let raw = script(self.derived_fields(key).await?).await?;
+            if !is_stale(&raw) {
+                return Ok(raw);
+            }
+        }
+        Err(stale(key))
     }
 
     /// `(tenant, node_id)` of the session at `key` (node `""` before activation), the fields
