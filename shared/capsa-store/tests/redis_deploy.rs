@@ -38,6 +38,22 @@ fn redis_server(dir: &Path, port: u16, args: &[&str]) -> Server {
     server
 }
 
+/// A sentinel (its config in `dir`) watching the master on `master_port` as `capsa-master`,
+/// with `extra` config lines.
+fn sentinel(dir: &Path, port: u16, master_port: u16, password: &str, extra: &str) -> Server {
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\n\
+             sentinel monitor capsa-master 127.0.0.1 {master_port} 1\n\
+             sentinel auth-pass capsa-master {password}\n{extra}"
+        ),
+    )
+    .unwrap();
+    redis_server(dir, port, &[conf.to_str().unwrap(), "--sentinel"])
+}
+
 fn certs(dir: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/scripts/certs.sh");
     let out = Command::new("bash").arg(script).arg(dir).output().unwrap();
@@ -134,21 +150,7 @@ async fn sentinel_urls_find_the_master() {
         &["--port", &master_port.to_string(), "--requirepass", "pw-3"],
     );
     let sentinel_port = free_port();
-    let conf = dir.path().join("sentinel.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "port {sentinel_port}\n\
-             sentinel monitor capsa-master 127.0.0.1 {master_port} 1\n\
-             sentinel auth-pass capsa-master pw-3\n"
-        ),
-    )
-    .unwrap();
-    let _sentinel = redis_server(
-        dir.path(),
-        sentinel_port,
-        &[conf.to_str().unwrap(), "--sentinel"],
-    );
+    let _sentinel = sentinel(dir.path(), sentinel_port, master_port, "pw-3", "");
     let url = format!("redis+sentinel://:pw-3@127.0.0.1:{sentinel_port}/capsa-master");
     // The sentinel knows the master as soon as it has read its config.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -217,22 +219,13 @@ async fn a_sentinel_failover_is_followed_without_a_restart() {
         ]
         .concat(),
     );
-    let conf = dir.path().join("sentinel.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "port {sentinel_port}\n\
-             sentinel monitor capsa-master 127.0.0.1 {master_port} 1\n\
-             sentinel auth-pass capsa-master pw-4\n\
-             sentinel down-after-milliseconds capsa-master 2000\n\
-             sentinel failover-timeout capsa-master 10000\n"
-        ),
-    )
-    .unwrap();
-    let _sentinel = redis_server(
+    let _sentinel = sentinel(
         &sub("s"),
         sentinel_port,
-        &[conf.to_str().unwrap(), "--sentinel"],
+        master_port,
+        "pw-4",
+        "sentinel down-after-milliseconds capsa-master 2000\n\
+         sentinel failover-timeout capsa-master 10000\n",
     );
     // The sentinel learns of the replica from the master's INFO (every 10 s).
     let deadline = Instant::now() + Duration::from_secs(60);
