@@ -25,6 +25,8 @@ APT_PACKAGES=(
   podman runc netavark aardvark-dns catatonit
   # the dev CA and per-service certificates of the internal plane (deploy/scripts/certs.sh)
   openssl
+  # the terminal the `capsa shell` e2e test (tests/tests/processes.rs) drives with send-keys
+  tmux
 )
 # Pinned so every machine lints, tests and boots with the same tools.
 BUF_VERSION=1.75.0
@@ -68,7 +70,7 @@ else
 fi
 # What the scripts and tests run, checked by command so a removed package is caught here.
 for cmd in gcc g++ make qemu-system-x86_64 qemu-img redis-server redis-cli debootstrap mkfs.ext4 \
-  busybox cpio xz python3 git flock sha256sum ip nft podman runc; do
+  busybox cpio xz python3 git flock sha256sum ip nft podman runc tmux; do
   command -v "$cmd" >/dev/null 2>&1 || { step "$cmd" "MISSING after apt install"; exit 1; }
 done
 

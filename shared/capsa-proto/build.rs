@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "capsa/common/v1/egress.proto",
     "capsa/common/v1/execution.proto",
     "capsa/common/v1/files.proto",
+    "capsa/common/v1/process.proto",
     "capsa/common/v1/usage.proto",
     "capsa/session/v1/session.proto",
     "capsa/vmpool/v1/vmpool.proto",

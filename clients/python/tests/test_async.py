@@ -114,3 +114,14 @@ async def test_leaving_the_block_ends_the_session(stack):
         assert info.status is SessionStatus.TERMINATED, info
         assert info.end_reason is capsa.EndReason.DELETED
         assert not await other.is_active()
+
+
+async def test_background_process_round_trip(avm: AsyncCapsa):
+    p = await avm.start_process("python3", ["-c", "import sys; print(sys.stdin.read().upper())"], stdin=b"abc")
+    done = await avm.wait_process(p.id, timeout=120)
+    assert done.exit_code == 0 and not done.running
+    events = [e async for e in avm.process_output(p.id)]
+    out = b"".join(e.data for e in events if isinstance(e, capsa.ProcessOutput))
+    assert out == b"ABC\n"
+    assert isinstance(events[-1], capsa.ProcessExit) and events[-1].exit_code == 0
+    assert p.id in [q.id for q in await avm.list_processes()]

@@ -190,3 +190,59 @@ def test_the_environment_supplies_endpoint_and_key(stack, monkeypatch, tmp_path:
     )
     with Capsa.attach("no-such-session") as vm, pytest.raises(capsa.NotFound):
         vm.info()
+
+
+def test_background_processes_keep_running_and_keep_their_output(vm: Capsa, stack):
+    import time
+
+    p = vm.start_process(
+        "sh", ["-c", "echo out; echo err >&2; read line; echo got $line; sleep 1000"],
+        keep_stdin_open=True,
+    )
+    assert p.id.startswith("p-") and p.running and p.kind is capsa.ProcessKind.BACKGROUND
+    # A call in between: the process runs outside the kernels.
+    assert vm.execute("print(1)").stdout == "1\n"
+    vm.write_stdin(p.id, b"hello\n", close=True)
+    deadline = time.monotonic() + 60
+    while b"got hello" not in b"".join(
+        e.data for e in vm.process_output(p.id, follow=False) if isinstance(e, capsa.ProcessOutput)
+    ):
+        assert time.monotonic() < deadline, "the process never echoed its stdin"
+        time.sleep(0.2)
+    events = list(vm.process_output(p.id, follow=False))
+    outs = [e for e in events if isinstance(e, capsa.ProcessOutput)]
+    assert b"".join(e.data for e in outs if e.stream == "stdout") == b"out\ngot hello\n"
+    assert b"".join(e.data for e in outs if e.stream == "stderr") == b"err\n"
+    # Offsets count stdout and stderr together (in the order the agent read the two pipes):
+    # catching up from one gets exactly what followed it.
+    everything = b"".join(e.data for e in outs)
+    assert [e.offset for e in outs] == [sum(len(x.data) for x in outs[:i]) for i in range(len(outs))]
+    tail = [e for e in vm.process_output(p.id, from_offset=4, follow=False)]
+    assert b"".join(e.data for e in tail if isinstance(e, capsa.ProcessOutput)) == everything[4:]
+    assert p.id in [q.id for q in vm.list_processes() if q.running]
+    while vm.usage().processes_running < 1:
+        assert time.monotonic() < deadline, "usage never counted the process"
+        time.sleep(1)
+    ended = vm.signal_process(p.id, "KILL")
+    assert ended.id == p.id
+    done = vm.wait_process(p.id, timeout=30)
+    assert done.state is capsa.ProcessState.EXITED and done.signal == 9 and done.exit_code == -1
+    last = list(vm.process_output(p.id, from_offset=done.output_offset, follow=True))
+    assert last == [capsa.ProcessExit(exit_code=-1, signal=9)]
+
+
+def test_process_calls_check_their_input_and_the_tenant(vm: Capsa, stack):
+    with pytest.raises(capsa.InvalidArgument, match="command"):
+        vm.start_process("")
+    with pytest.raises(capsa.InvalidArgument, match="signal"):
+        vm.signal_process("p-1", "STOP")
+    with pytest.raises(capsa.NotFound):
+        vm.wait_process("p-999999", timeout=1)
+    quick = vm.start_process("true")
+    assert vm.wait_process(quick.id, timeout=60).exit_code == 0
+    # Another tenant sees neither the session nor its processes.
+    with Capsa.attach(vm.session_id, stack.other_api_key, stack.endpoint) as other:
+        with pytest.raises(capsa.NotFound):
+            other.list_processes()
+        with pytest.raises(capsa.NotFound):
+            other.signal_process(quick.id, "KILL")

@@ -226,3 +226,24 @@ def test_events_are_collected_into_a_result():
 def test_a_stream_without_completion_is_a_protocol_error():
     with pytest.raises(capsa.ProtocolError):
         _common.finish(ExecutionResult())
+
+
+def test_process_requests_are_built_and_checked_locally():
+    from capsa.proto.common.v1 import process_pb2
+    from capsa.types import _process_event
+
+    req = _common.start_process_request(
+        "s-1", "ls", ["-l"], env={"A": "1"}, cwd="/tmp", stdin=b"x",
+        keep_stdin_open=True, output_buffer_bytes=4096,
+    )
+    assert req.session_id == "s-1" and req.spec.command == "ls" and list(req.spec.args) == ["-l"]
+    assert req.spec.keep_stdin_open and req.spec.output_buffer_bytes == 4096
+    assert _common.signal_request("s", "p-1", "sigint").signal == process_pb2.SIGNAL_INT
+    with pytest.raises(capsa.InvalidArgument, match="signal"):
+        _common.signal_request("s", "p-1", "STOP")
+    with pytest.raises(capsa.InvalidArgument, match="timeout"):
+        _common.wait_request("s", "p-1", 0)
+    dropped = process_pb2.ProcessEvent(dropped=process_pb2.OutputDropped(from_offset=0, to_offset=9))
+    assert _process_event(dropped) == capsa.OutputDropped(from_offset=0, to_offset=9)
+    chunk = process_pb2.ProcessOutputChunk(stream=process_pb2.OUTPUT_STREAM_STDERR, offset=3, data=b"e")
+    assert _process_event(process_pb2.ProcessEvent(output=chunk)) == capsa.ProcessOutput("stderr", 3, b"e")

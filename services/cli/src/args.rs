@@ -3,6 +3,7 @@
 //! error (exit 2) before anything is sent. Every option and positional has help text (a
 //! test walks the whole tree).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +35,26 @@ Install, e.g.:
   bash: capsa completions bash > ~/.local/share/bash-completion/completions/capsa
   zsh:  capsa completions zsh > ~/.zfunc/_capsa   (with ~/.zfunc in $fpath)
   fish: capsa completions fish > ~/.config/fish/completions/capsa.fish";
+
+const PROCESS_WAIT_HELP: &str = "\
+Exit status:
+  0..255   the process's exit status
+  128+N    the process was ended by signal N (143: TERM, 137: KILL)
+  124      the process still runs after --timeout
+  1        also: an API or connection error (printed as `capsa: CODE: message`)
+  2        usage error";
+
+const SHELL_HELP: &str = "\
+The local terminal is put in raw mode (every key, Ctrl-C included, goes to the session)
+and restored when the command ends, however it ends. Resizing the local window resizes
+the remote terminal. Exit status: the remote program's (128+N when signal N ended it).";
+
+const PORT_FORWARD_HELP: &str = "\
+Each accepted local connection opens its own tunnel to 127.0.0.1:REMOTE in the session's
+VM (no guest network is involved). Prints `Forwarding from ADDRESS:PORT -> REMOTE` per
+mapping once listening (LOCAL 0 picks a free port), then runs until interrupted. A
+connection to a guest port nothing listens on is closed and reported on stderr; the
+forwarder keeps serving.";
 
 /// Durations are humantime's: `500ms`, `30s`, `10m`, `1h`, `1h30m`, `2h 5m`.
 const DURATION: &str = "DURATION";
@@ -97,6 +118,15 @@ pub enum Command {
     List(ListArgs),
     /// Show a session's egress policy, or replace it with --set and the policy flags.
     Egress(EgressArgs),
+    /// Background processes in a session: start, list, wait, kill, logs, write.
+    #[command(subcommand)]
+    Process(ProcessCommand),
+    /// An interactive terminal in a session: bash, or the command after `--`.
+    #[command(after_help = SHELL_HELP)]
+    Shell(ShellArgs),
+    /// Forward local TCP ports to TCP ports inside a session, like `kubectl port-forward`.
+    #[command(after_help = PORT_FORWARD_HELP)]
+    PortForward(PortForwardArgs),
     /// Print a shell completion script to stdout.
     #[command(after_help = COMPLETIONS_HELP)]
     Completions(CompletionsArgs),
@@ -337,6 +367,149 @@ pub struct ListArgs {
     pub labels: Vec<(String, String)>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ProcessCommand {
+    /// Start a process in the background and print its id.
+    Start(ProcessStartArgs),
+    /// List a session's processes and terminals.
+    List(SessionArg),
+    /// Wait for a process to exit; its exit status becomes this command's.
+    #[command(after_help = PROCESS_WAIT_HELP)]
+    Wait(ProcessWaitArgs),
+    /// Send a signal to a process (its whole process group).
+    Kill(ProcessKillArgs),
+    /// Print a process's output: stdout to stdout, stderr to stderr.
+    Logs(ProcessLogsArgs),
+    /// Write this command's stdin to a process's stdin (started with --keep-stdin).
+    Write(ProcessWriteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessStartArgs {
+    /// Session id.
+    pub session: String,
+    /// Extra environment for the process, K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_pair)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (absolute) [default: the agent's]
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Size of the ring keeping its newest output for `capsa process logs` [default: the
+    /// server's, 1 MiB; at most 16 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub buffer_bytes: Option<u64>,
+    /// Keep its stdin open for `capsa process write` (otherwise it reads EOF at once).
+    #[arg(long)]
+    pub keep_stdin: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessArg {
+    /// Session id.
+    pub session: String,
+    /// Process id, as `capsa process start` printed it (e.g. p-1).
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessWaitArgs {
+    #[command(flatten)]
+    pub process: ProcessArg,
+    /// How long to wait, at most 5m [default: the server's, 60s]
+    #[arg(long, value_name = DURATION, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SignalName {
+    #[value(name = "TERM", alias = "SIGTERM")]
+    Term,
+    #[value(name = "KILL", alias = "SIGKILL")]
+    Kill,
+    #[value(name = "INT", alias = "SIGINT")]
+    Int,
+    #[value(name = "HUP", alias = "SIGHUP")]
+    Hup,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessKillArgs {
+    #[command(flatten)]
+    pub process: ProcessArg,
+    /// The signal.
+    #[arg(
+        long,
+        short = 's',
+        value_enum,
+        ignore_case = true,
+        default_value = "TERM"
+    )]
+    pub signal: SignalName,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessLogsArgs {
+    #[command(flatten)]
+    pub process: ProcessArg,
+    /// Start at this offset among all the bytes it wrote (stdout and stderr together);
+    /// output its buffer no longer holds is reported on stderr.
+    #[arg(long = "from", value_name = "OFFSET", default_value_t = 0)]
+    pub from: u64,
+    /// Keep printing new output until the process exits.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessWriteArgs {
+    #[command(flatten)]
+    pub process: ProcessArg,
+    /// Close the process's stdin (EOF) after writing.
+    #[arg(long)]
+    pub close: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Session id.
+    pub session: String,
+    /// Extra environment for the terminal, K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_pair)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (absolute) [default: the agent's]
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// TERM in the session [default: xterm-256color]
+    #[arg(long)]
+    pub term: Option<String>,
+    /// The program and its arguments, after `--` [default: bash as a login shell]
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// One forwarded port: where to listen locally and where to connect in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    /// 0: any free port.
+    pub local: u16,
+    pub remote: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    /// Session id.
+    pub session: String,
+    /// LOCAL:REMOTE, or PORT for the same port on both sides (repeatable).
+    #[arg(required = true, value_name = "[LOCAL:]REMOTE", value_parser = parse_port_mapping)]
+    pub ports: Vec<PortMapping>,
+    /// Local address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: IpAddr,
+}
+
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     /// The shell to complete for.
@@ -355,6 +528,25 @@ pub fn parse_pair(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+/// `LOCAL:REMOTE` or `PORT` (both sides); LOCAL may be 0, REMOTE is 1 to 65535.
+pub fn parse_port_mapping(s: &str) -> Result<PortMapping, String> {
+    let port = |p: &str, what: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("{what} port {p:?} is not a number from 0 to 65535"))
+    };
+    let (local, remote) = match s.split_once(':') {
+        Some((local, remote)) => (port(local, "local")?, port(remote, "remote")?),
+        None => {
+            let p = port(s, "the")?;
+            (p, p)
+        }
+    };
+    if remote == 0 {
+        return Err(format!("{s:?}: the remote port must be 1 to 65535"));
+    }
+    Ok(PortMapping { local, remote })
 }
 
 /// Octal permission bits, e.g. `755` or `0o600`.
@@ -583,6 +775,188 @@ mod tests {
             Command::Stat(p) if p.path == "/f"
         ));
         assert_eq!(parse(&["stat", "s-1"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn process_start_takes_the_command_after_a_double_dash() {
+        let Command::Process(ProcessCommand::Start(p)) = parse(&[
+            "process",
+            "start",
+            "s-1",
+            "--env",
+            "A=1",
+            "--cwd",
+            "/srv",
+            "--buffer-bytes",
+            "4096",
+            "--keep-stdin",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(p.session, "s-1");
+        assert_eq!(p.env, [("A".into(), "1".into())]);
+        assert_eq!(p.cwd.as_deref(), Some("/srv"));
+        assert_eq!(p.buffer_bytes, Some(4096));
+        assert!(p.keep_stdin);
+        // Its own flags stay the command's.
+        assert_eq!(
+            p.command,
+            ["python3", "-m", "http.server", "--bind", "127.0.0.1"]
+        );
+        for bad in [
+            &["process", "start", "s-1"][..],
+            &["process", "start", "s-1", "--"],
+            &["process", "start", "s-1", "sleep", "1"],
+            &["process", "start", "s-1", "--buffer-bytes", "1M", "--", "x"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn process_subcommands() {
+        let process = |args: &[&str]| {
+            let args: Vec<&str> = std::iter::once("process")
+                .chain(args.iter().copied())
+                .collect();
+            parse(&args).map(|cli| match cli.command {
+                Command::Process(p) => p,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert!(matches!(
+            process(&["list", "s-1"]).unwrap(),
+            ProcessCommand::List(a) if a.session == "s-1"
+        ));
+        let ProcessCommand::Wait(w) = process(&["wait", "s-1", "p-3", "--timeout", "2m"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (w.process.session.as_str(), w.process.id.as_str()),
+            ("s-1", "p-3")
+        );
+        assert_eq!(w.timeout, Some(Duration::from_secs(120)));
+        let ProcessCommand::Wait(w) = process(&["wait", "s-1", "p-3"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(w.timeout, None);
+
+        for (given, want) in [
+            (None, SignalName::Term),
+            (Some("KILL"), SignalName::Kill),
+            (Some("int"), SignalName::Int),
+            (Some("SIGHUP"), SignalName::Hup),
+            (Some("sigterm"), SignalName::Term),
+        ] {
+            let mut args = vec!["kill", "s-1", "p-1"];
+            if let Some(g) = given {
+                args.extend(["--signal", g]);
+            }
+            let ProcessCommand::Kill(k) = process(&args).unwrap() else {
+                panic!()
+            };
+            assert_eq!(k.signal, want, "{given:?}");
+        }
+        let ProcessCommand::Kill(k) = process(&["kill", "s-1", "p-1", "-s", "INT"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(k.signal, SignalName::Int);
+
+        let ProcessCommand::Logs(l) = process(&["logs", "s-1", "p-1"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((l.from, l.follow), (0, false));
+        let ProcessCommand::Logs(l) =
+            process(&["logs", "s-1", "p-1", "--from", "1048576", "--follow"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((l.from, l.follow), (1 << 20, true));
+        let ProcessCommand::Write(w) = process(&["write", "s-1", "p-1", "--close"]).unwrap() else {
+            panic!()
+        };
+        assert!(w.close);
+
+        for bad in [
+            &["kill", "s-1", "p-1", "--signal", "USR1"][..],
+            &["kill", "s-1"],
+            &["wait", "s-1", "p-1", "--timeout", "later"],
+            &["logs", "s-1", "p-1", "--from", "-1"],
+            &["write", "s-1"],
+            &["stop", "s-1", "p-1"],
+        ] {
+            assert_eq!(process(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn shell_runs_bash_or_the_command_after_a_double_dash() {
+        let Command::Shell(s) = parse(&["shell", "s-1"]).unwrap().command else {
+            panic!()
+        };
+        assert!(s.command.is_empty() && s.term.is_none());
+        let Command::Shell(s) = parse(&[
+            "shell", "s-1", "--term", "xterm", "--env", "K=V", "--", "python3", "-q",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(s.command, ["python3", "-q"]);
+        assert_eq!(s.term.as_deref(), Some("xterm"));
+        assert_eq!(s.env, [("K".into(), "V".into())]);
+        assert_eq!(parse(&["shell"]).unwrap_err().exit_code(), 2);
+        assert_eq!(
+            parse(&["shell", "s-1", "python3"]).unwrap_err().exit_code(),
+            2
+        );
+    }
+
+    #[test]
+    fn port_forward_mappings() {
+        let Command::PortForward(f) = parse(&["port-forward", "s-1", "8080:8000", "9000", "0:22"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        let m = |local, remote| PortMapping { local, remote };
+        assert_eq!(f.ports, [m(8080, 8000), m(9000, 9000), m(0, 22)]);
+        assert_eq!(f.address, IpAddr::from([127, 0, 0, 1]));
+        let Command::PortForward(f) = parse(&["port-forward", "s-1", "80", "--address", "::1"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(f.address, "::1".parse::<IpAddr>().unwrap());
+
+        for bad in ["8000:0", "0", "x", "70000", "1:2:3", ":80", "80:", "-1:80"] {
+            assert!(parse_port_mapping(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            parse_port_mapping("8000:0")
+                .unwrap_err()
+                .contains("remote port must be 1 to 65535")
+        );
+        for bad in [
+            &["port-forward", "s-1"][..],
+            &["port-forward", "s-1", "8000:0"],
+            &["port-forward", "s-1", "80", "--address", "localhost"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,18 +20,18 @@ use crate::render::{self, ExecRenderer};
 use crate::view;
 
 /// Writes a line to stdout, turning a closed pipe into an error instead of a panic.
-fn say(line: impl std::fmt::Display) -> Result<(), CliError> {
+pub(crate) fn say(line: impl std::fmt::Display) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")
         .and_then(|()| out.flush())
         .map_err(local)
 }
 
-fn note(line: impl std::fmt::Display) {
+pub(crate) fn note(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-fn print_block(text: &str) -> Result<(), CliError> {
+pub(crate) fn print_block(text: &str) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())

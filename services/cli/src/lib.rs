@@ -3,12 +3,17 @@
 //! - [`args`]: the command line (durations in humantime's grammar); endpoint and key come
 //!   from flags, the environment or `.capsa/dev.env` ([`capsa_client::Config`]);
 //! - [`commands`]: one function per subcommand; [`render`]: exec output as text or JSON
-//!   lines; [`view`]: sessions, usage and files; [`error`]: exit codes.
+//!   lines; [`view`]: sessions, usage, files and processes; [`error`]: exit codes;
+//! - [`process`]: `capsa process ...`; [`shell`]: `capsa shell` (raw mode, resizes);
+//!   [`forward`]: `capsa port-forward`.
 
 pub mod args;
 pub mod commands;
 pub mod error;
+pub mod forward;
+pub mod process;
 pub mod render;
+pub mod shell;
 pub mod view;
 
 use args::{Cli, Command};
@@ -43,6 +48,9 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Kill(a) => commands::kill(&client, a, json).await,
         Command::List(a) => commands::list(&client, a, json).await,
         Command::Egress(a) => commands::egress(&client, a, json).await,
+        Command::Process(p) => process::run(&client, p, json).await,
+        Command::Shell(a) => shell::shell(&client, a).await,
+        Command::PortForward(a) => forward::port_forward(&client, a, json).await,
         Command::Completions(_) => unreachable!("handled above"),
     }
 }

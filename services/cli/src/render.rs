@@ -193,7 +193,7 @@ fn extension(mime: &str) -> &'static str {
 }
 
 /// Adds raw bytes to a JSON object: `"text"` when they are UTF-8, else `"base64"`.
-fn with_bytes(mut v: Value, data: &[u8]) -> Value {
+pub(crate) fn with_bytes(mut v: Value, data: &[u8]) -> Value {
     match std::str::from_utf8(data) {
         Ok(text) => v["text"] = json!(text),
         Err(_) => v["base64"] = json!(base64::engine::general_purpose::STANDARD.encode(data)),

@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use capsa_client::{EgressPolicy, FileInfo, FileType, SessionInfo as Session, Usage};
+use capsa_client::{
+    EgressPolicy, FileInfo, FileType, ProcessInfo, ProcessState, SessionInfo as Session, Usage,
+};
 use serde_json::{Value, json};
 
 use crate::render::millis;
@@ -182,6 +184,8 @@ pub fn usage_json(u: &Usage) -> Value {
         "disk_read_bytes": u.disk_read_bytes,
         "disk_write_bytes": u.disk_write_bytes,
         "uptime_ms": millis(std_duration(&u.uptime)),
+        "processes_running": u.processes_running,
+        "terminals_open": u.terminals_open,
         "sample_time": timestamp(&u.sample_time),
     })
 }
@@ -200,6 +204,8 @@ pub fn usage_text(u: &Usage) -> String {
         ("disk_read", format!("{} B", u.disk_read_bytes)),
         ("disk_write", format!("{} B", u.disk_write_bytes)),
         ("uptime", d(&u.uptime)),
+        ("processes", u.processes_running.to_string()),
+        ("terminals", u.terminals_open.to_string()),
         ("sampled_at", timestamp(&u.sample_time)),
     ]
     .iter()
@@ -246,6 +252,51 @@ pub fn file_row(f: &FileInfo) -> String {
         f.size,
         timestamp(&f.modify_time),
         f.name
+    )
+}
+
+pub fn process_json(p: &ProcessInfo) -> Value {
+    let exited = p.state() == ProcessState::Exited;
+    json!({
+        "id": p.process_id,
+        "kind": name_of(p.kind().as_str_name(), "PROCESS_KIND_"),
+        "pid": p.pid,
+        "command": p.command,
+        "args": p.args,
+        "state": name_of(p.state().as_str_name(), "PROCESS_STATE_"),
+        "exit_code": exited.then_some(p.exit_code),
+        "signal": (p.signal != 0).then_some(p.signal),
+        "start_time": timestamp(&p.start_time),
+        "end_time": timestamp(&p.end_time),
+        "output_offset": p.output_offset,
+        "stdin_open": p.stdin_open,
+    })
+}
+
+pub const PROCESS_HEADER: &str =
+    "ID       KIND        PID      STATE    EXIT   STARTED               COMMAND";
+
+/// One table row for `capsa process list`: the exit status as a shell shows it (`-` while
+/// running, `SIGTERM`-style after a signal), the command line last.
+pub fn process_row(p: &ProcessInfo) -> String {
+    let exit = match (p.state(), p.signal) {
+        (ProcessState::Exited, 0) => p.exit_code.to_string(),
+        (ProcessState::Exited, signal) => format!("sig{signal}"),
+        _ => "-".into(),
+    };
+    let command = std::iter::once(&p.command)
+        .chain(&p.args)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "{:<8} {:<11} {:<8} {:<8} {:<6} {:<20}  {command}",
+        p.process_id,
+        name_of(p.kind().as_str_name(), "PROCESS_KIND_"),
+        p.pid,
+        name_of(p.state().as_str_name(), "PROCESS_STATE_"),
+        exit,
+        timestamp(&p.start_time),
     )
 }
 

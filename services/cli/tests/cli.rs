@@ -1,5 +1,8 @@
 //! The real `capsa` binary against an in-test SessionService double on 127.0.0.1:0:
-//! streaming to the terminal, exit statuses, JSON lines, configuration, file transfer.
+//! streaming to the terminal, exit statuses, JSON lines, configuration, file transfer;
+//! processes, terminals and port forwarding in `process_double`.
+
+mod process_double;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -28,6 +31,8 @@ struct State {
     egress: Mutex<EgressPolicy>,
     /// Directories made by MakeDirectory, with their modes.
     dirs: Mutex<HashMap<String, u32>>,
+    /// What the process, terminal and port RPCs received.
+    procs: process_double::Recorded,
 }
 
 fn dir_info(path: &str, mode: u32) -> FileInfo {
@@ -107,6 +112,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl SessionService for Double {
     type ExecuteStream = BoxStream<ExecuteResponse>;
     type DownloadFileStream = BoxStream<DownloadFileResponse>;
+    type AttachProcessStream = BoxStream<AttachProcessResponse>;
+    type OpenTerminalStream = BoxStream<OpenTerminalResponse>;
+    type ConnectPortStream = BoxStream<ConnectPortResponse>;
 
     async fn create_session(
         &self,
@@ -479,6 +487,87 @@ impl SessionService for Double {
         Ok(Response::new(UpdateEgressPolicyResponse {
             egress: Some(policy),
         }))
+    }
+
+    async fn start_process(
+        &self,
+        r: Request<StartProcessRequest>,
+    ) -> Result<Response<StartProcessResponse>, Status> {
+        check_auth(&r)?;
+        process_double::response(process_double::start_process(
+            &self.state.procs,
+            r.into_inner(),
+        ))
+    }
+
+    async fn list_processes(
+        &self,
+        r: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        check_auth(&r)?;
+        Ok(Response::new(process_double::list_processes()))
+    }
+
+    async fn wait_process(
+        &self,
+        r: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        check_auth(&r)?;
+        process_double::response(process_double::wait_process(
+            &self.state.procs,
+            r.into_inner(),
+        ))
+    }
+
+    async fn signal_process(
+        &self,
+        r: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        check_auth(&r)?;
+        process_double::response(process_double::signal_process(
+            &self.state.procs,
+            r.into_inner(),
+        ))
+    }
+
+    async fn attach_process(
+        &self,
+        r: Request<AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        check_auth(&r)?;
+        process_double::response(process_double::attach_process(
+            &self.state.procs,
+            r.into_inner(),
+        ))
+    }
+
+    async fn write_stdin(
+        &self,
+        r: Request<WriteStdinRequest>,
+    ) -> Result<Response<WriteStdinResponse>, Status> {
+        check_auth(&r)?;
+        process_double::response(process_double::write_stdin(
+            &self.state.procs,
+            r.into_inner(),
+        ))
+    }
+
+    async fn open_terminal(
+        &self,
+        r: Request<Streaming<OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        check_auth(&r)?;
+        process_double::response(
+            process_double::open_terminal(&self.state.procs, r.into_inner()).await,
+        )
+    }
+
+    async fn connect_port(
+        &self,
+        r: Request<Streaming<ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        check_auth(&r)?;
+        process_double::response(process_double::connect_port(r.into_inner()).await)
     }
 }
 

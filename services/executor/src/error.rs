@@ -116,6 +116,10 @@ impl Error {
             Code::FailedPrecondition | Code::OutOfRange => Some(ErrorCode::FailedPrecondition),
             Code::PermissionDenied => Some(ErrorCode::PermissionDenied),
             Code::ResourceExhausted => Some(ErrorCode::ResourceExhausted),
+            // A wait or a stdin write the guest gave up on ("still running after 60s").
+            Code::DeadlineExceeded => Some(ErrorCode::DeadlineExceeded),
+            // A port tunnel's guest socket failed; the message says how.
+            Code::Aborted => Some(ErrorCode::Aborted),
             _ => None,
         };
         match passthrough {

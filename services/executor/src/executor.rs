@@ -143,7 +143,7 @@ impl Executor {
                 let (idle, total) = this.limits.for_execute(checked.timeout);
                 let relay = Relay {
                     vm_id: link.vm_id.clone(),
-                    idle,
+                    idle: Some(idle),
                     total: Some(total),
                     stalled: this.limits.stalled,
                     require_final: true,
@@ -197,14 +197,28 @@ impl Executor {
         F: FnOnce(AgentClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_within(vm_id, self.limits.call, f).await
+    }
+
+    /// One unary agent call that may take up to `limit` (a call that waits in the guest).
+    pub(crate) async fn call_within<T, F, Fut>(
+        &self,
+        vm_id: &str,
+        limit: Duration,
+        f: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(AgentClient) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let link = self.agents.get(vm_id)?;
-        let result = match tokio::time::timeout(self.limits.call, f(link.client())).await {
+        let result = match tokio::time::timeout(limit, f(link.client())).await {
             Ok(Ok(response)) => return Ok(response.into_inner()),
             Ok(Err(status)) => Error::from_agent(vm_id, &status),
             Err(_) => Error::LimitExceeded {
                 vm_id: vm_id.to_owned(),
                 limit: Limit::Call,
-                after: self.limits.call,
+                after: limit,
             },
         };
         if result.is_transport() {

@@ -215,7 +215,7 @@ impl Executor {
         let (tx, rx) = outlet(CHANNEL_CAPACITY);
         let relay = Relay {
             vm_id: vm_id.to_owned(),
-            idle: self.limits.idle,
+            idle: Some(self.limits.idle),
             total: None,
             stalled: self.limits.stalled,
             require_final: false,

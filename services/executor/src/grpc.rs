@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::executor::Executor;
+use crate::processes::check_data;
 
 type GrpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -32,10 +33,20 @@ fn status(err: Error) -> Status {
     capsa_grpc::to_status(&err)
 }
 
+/// A message of the caller's request stream; a broken stream ends the call.
+fn client_message<T>(message: Result<T, Status>) -> Result<T, Error> {
+    message.map_err(|s| Error::ClientStream {
+        message: s.message().to_owned(),
+    })
+}
+
 #[tonic::async_trait]
 impl ExecutorService for ExecutorGrpc {
     type ExecuteStream = GrpcStream<ExecuteResponse>;
     type DownloadFileStream = GrpcStream<DownloadFileResponse>;
+    type AttachProcessStream = GrpcStream<AttachProcessResponse>;
+    type OpenTerminalStream = GrpcStream<OpenTerminalResponse>;
+    type ConnectPortStream = GrpcStream<ConnectPortResponse>;
 
     async fn configure_vm(
         &self,
@@ -198,6 +209,174 @@ impl ExecutorService for ExecutorGrpc {
             memory_used_bytes: s.memory_used_bytes,
             process_count: s.process_count,
             uptime_ms: s.uptime_ms,
+            processes_running: s.processes_running,
+            terminals_open: s.terminals_open,
         }))
+    }
+
+    async fn start_process(
+        &self,
+        request: Request<StartProcessRequest>,
+    ) -> Result<Response<StartProcessResponse>, Status> {
+        let r = request.into_inner();
+        let process = self
+            .executor
+            .start_process(&r.vm_id, r.spec)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(StartProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn list_processes(
+        &self,
+        request: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        let r = request.into_inner();
+        let processes = self
+            .executor
+            .list_processes(&r.vm_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListProcessesResponse { processes }))
+    }
+
+    async fn wait_process(
+        &self,
+        request: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let r = request.into_inner();
+        let process = self
+            .executor
+            .wait_process(&r.vm_id, r.process_id, r.timeout)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(WaitProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        let r = request.into_inner();
+        let process = self
+            .executor
+            .signal_process(&r.vm_id, r.process_id, r.signal)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(SignalProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn write_stdin(
+        &self,
+        request: Request<WriteStdinRequest>,
+    ) -> Result<Response<WriteStdinResponse>, Status> {
+        let r = request.into_inner();
+        self.executor
+            .write_stdin(&r.vm_id, r.process_id, r.data, r.close)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(WriteStdinResponse {}))
+    }
+
+    async fn attach_process(
+        &self,
+        request: Request<AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        let r = request.into_inner();
+        let events = self
+            .executor
+            .attach_process(&r.vm_id, r.process_id, r.from_offset, r.follow)
+            .await
+            .map_err(status)?;
+        let stream = events.map(|item| {
+            item.map(|event| AttachProcessResponse { event })
+                .map_err(status)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn open_terminal(
+        &self,
+        request: Request<Streaming<OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        use agent::open_terminal_request::Part as Up;
+        use open_terminal_request::Part;
+        let mut incoming = request.into_inner();
+        let header = match incoming.message().await? {
+            Some(OpenTerminalRequest {
+                part: Some(Part::Open(h)),
+            }) => h,
+            _ => {
+                return Err(status(Error::invalid(
+                    "open",
+                    "must be the first message of a terminal",
+                )));
+            }
+        };
+        let terminal = header
+            .terminal
+            .ok_or_else(|| status(Error::invalid("open.terminal", "is required")))?;
+        let input = incoming.map(|message| match client_message(message)?.part {
+            Some(Part::Data(data)) => check_data(&data).map(|()| Up::Data(data)),
+            Some(Part::Resize(size)) => Ok(Up::Resize(size)),
+            Some(Part::Open(_)) => Err(Error::invalid(
+                "open",
+                "may only be the first message of a terminal",
+            )),
+            None => Err(Error::invalid("part", "a message carried nothing")),
+        });
+        let output = self
+            .executor
+            .open_terminal(&header.vm_id, terminal, Box::pin(input))
+            .await
+            .map_err(status)?;
+        let stream = output.map(|item| {
+            item.map(|output| OpenTerminalResponse { output })
+                .map_err(status)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn connect_port(
+        &self,
+        request: Request<Streaming<ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        use connect_port_request::Part;
+        let mut incoming = request.into_inner();
+        let header = match incoming.message().await? {
+            Some(ConnectPortRequest {
+                part: Some(Part::Open(h)),
+            }) => h,
+            _ => {
+                return Err(status(Error::invalid(
+                    "open",
+                    "must be the first message of a port connection",
+                )));
+            }
+        };
+        let input = incoming.map(|message| match client_message(message)?.part {
+            Some(Part::Data(data)) => check_data(&data).map(|()| data),
+            Some(Part::Open(_)) => Err(Error::invalid(
+                "open",
+                "may only be the first message of a port connection",
+            )),
+            None => Err(Error::invalid("part", "a message carried nothing")),
+        });
+        let output = self
+            .executor
+            .connect_port(&header.vm_id, header.port, Box::pin(input))
+            .await
+            .map_err(status)?;
+        let stream = output.map(|item| {
+            item.map(|data| ConnectPortResponse { data })
+                .map_err(status)
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

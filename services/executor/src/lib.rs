@@ -1,10 +1,11 @@
-//! capsa-executor: one per KVM host, beside vm-pool. Relays Execute and file streams
-//! between the control plane and the guest agents of this host's VMs over hybrid vsock,
-//! with bounded buffers, stream limits, and client disconnects turned into interrupts.
+//! capsa-executor: one per KVM host, beside vm-pool. Relays Execute, file, process,
+//! terminal and port streams between the control plane and the guest agents of this host's
+//! VMs over hybrid vsock, with bounded buffers, stream limits, and client disconnects
+//! turned into interrupts.
 //!
 //! - [`agents`]: one cached, lazily connecting channel per VM, and per-kernel gates.
 //! - [`relay`]: the bounded, cancellable relay with idle, total and stalled-client limits.
-//! - [`executor`], [`files`]: the operations; [`spec`]: request validation.
+//! - [`executor`], [`files`], [`processes`]: the operations; [`spec`]: request validation.
 //! - [`grpc`]: the gRPC adapter; [`config`], [`error`].
 
 pub mod agents;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod executor;
 pub mod files;
 pub mod grpc;
+pub mod processes;
 pub mod relay;
 pub mod spec;
 

@@ -14,7 +14,9 @@
 //! (`closed`) even while the agent is silent, returns, and dropping the upstream stream
 //! resets it, which the agent treats as an interrupt of the running code.
 //!
-//! Limits: an idle limit between upstream events and an optional total limit. Both measure
+//! Limits: an optional idle limit between upstream events and an optional total limit
+//! (process output, terminals and port tunnels have neither: they may be silent for
+//! hours, and end when either side does). Both measure
 //! the guest, not the client: time spent waiting for a slow client to take an event pushes
 //! the total deadline out by as much (each wait is bounded by `stalled`), and the idle
 //! clock restarts after every delivery.
@@ -23,6 +25,7 @@
 //! client gets what was buffered, then the error, and a relay never hangs on a full channel
 //! to say why it stopped.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -92,7 +95,7 @@ pub enum RelayEnd {
 /// One relay's settings.
 pub struct Relay {
     pub vm_id: String,
-    pub idle: Duration,
+    pub idle: Option<Duration>,
     pub total: Option<Duration>,
     /// Longest wait for the client to take one item.
     pub stalled: Duration,
@@ -106,11 +109,30 @@ pub struct Relay {
 impl Relay {
     /// Forwards `upstream` into `out` until either side ends. `convert` maps an upstream
     /// message to the downstream one and says whether it was the final event.
-    pub async fn run<U, D, S, F>(self, mut upstream: S, out: Outlet<D>, mut convert: F) -> RelayEnd
+    pub async fn run<U, D, S, F>(self, upstream: S, out: Outlet<D>, convert: F) -> RelayEnd
     where
         S: Stream<Item = Result<U, tonic::Status>> + Unpin,
         F: FnMut(U) -> (D, bool),
     {
+        self.run_until(upstream, out, convert, std::future::pending())
+            .await
+    }
+
+    /// [`Relay::run`], also ending (with its error for the client) when `abort` resolves:
+    /// the client's half of a bidi stream broke (a bad message, a reset).
+    pub async fn run_until<U, D, S, F, A>(
+        self,
+        mut upstream: S,
+        out: Outlet<D>,
+        mut convert: F,
+        abort: A,
+    ) -> RelayEnd
+    where
+        S: Stream<Item = Result<U, tonic::Status>> + Unpin,
+        F: FnMut(U) -> (D, bool),
+        A: Future<Output = Error>,
+    {
+        tokio::pin!(abort);
         let Relay {
             vm_id,
             idle,
@@ -123,10 +145,23 @@ impl Relay {
         let mut total_deadline = total.map(|t| Instant::now() + t);
         let mut saw_final = false;
         loop {
-            let idle_deadline = Instant::now() + idle;
-            let (deadline, limit, after) = match (total_deadline, total) {
-                (Some(t), Some(after)) if t <= idle_deadline => (t, Limit::Total, after),
-                _ => (idle_deadline, Limit::Idle, idle),
+            let idle_limit = idle.map(|idle| (Instant::now() + idle, Limit::Idle, idle));
+            let total_limit = total_deadline
+                .zip(total)
+                .map(|(t, after)| (t, Limit::Total, after));
+            // The earlier of the two, if any.
+            let next_limit = match (idle_limit, total_limit) {
+                (Some(i), Some(t)) => Some(if t.0 <= i.0 { t } else { i }),
+                (i, t) => i.or(t),
+            };
+            let limit_reached = async {
+                match next_limit {
+                    Some((deadline, limit, after)) => {
+                        tokio::time::sleep_until(deadline).await;
+                        (limit, after)
+                    }
+                    None => std::future::pending().await,
+                }
             };
             let item = tokio::select! {
                 biased;
@@ -135,7 +170,12 @@ impl Relay {
                     out.fail(Error::ShuttingDown);
                     return RelayEnd::Failed;
                 }
-                () = tokio::time::sleep_until(deadline) => {
+                err = &mut abort => {
+                    tracing::info!(%vm_id, error = %err, "client stream failed");
+                    out.fail(err);
+                    return RelayEnd::Failed;
+                }
+                (limit, after) = limit_reached => {
                     tracing::warn!(%vm_id, %limit, ?after, "stream limit exceeded");
                     out.fail(Error::LimitExceeded { vm_id, limit, after });
                     return RelayEnd::Failed;
@@ -196,7 +236,7 @@ mod tests {
     fn relay(idle: u64, total: Option<u64>) -> Relay {
         Relay {
             vm_id: "vm-1".into(),
-            idle: Duration::from_secs(idle),
+            idle: Some(Duration::from_secs(idle)),
             total: total.map(Duration::from_secs),
             stalled: Duration::from_secs(1000),
             require_final: true,
@@ -377,6 +417,34 @@ mod tests {
         token.cancel();
         assert!(matches!(rx.next().await.unwrap(), Err(Error::ShuttingDown)));
         assert_eq!(task.await.unwrap(), RelayEnd::Failed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_limits_a_silent_stream_stays_open_until_aborted() {
+        let mut r = relay(1, None);
+        r.idle = None;
+        r.require_final = false;
+        let (_up, up_rx) = mpsc::channel::<Result<u32, tonic::Status>>(1);
+        let (out, mut rx) = outlet(2);
+        let (abort, aborted) = oneshot::channel();
+        let task = tokio::spawn(r.run_until(
+            ReceiverStream::new(up_rx),
+            out,
+            |m| (m, false),
+            async move { aborted.await.unwrap() },
+        ));
+        // Silent for an hour of (paused) time: no limit ends it.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!task.is_finished());
+        abort
+            .send(Error::invalid("open", "may only be the first message"))
+            .unwrap();
+        assert_eq!(task.await.unwrap(), RelayEnd::Failed);
+        let err = rx.next().await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { field: "open", .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

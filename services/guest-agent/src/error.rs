@@ -33,6 +33,22 @@ pub enum Error {
     },
     #[error("the {language} kernel is gone")]
     KernelGone { language: &'static str },
+    #[error("no process {id}")]
+    UnknownProcess { id: String },
+    /// A call that does not fit the process's state (exited, stdin closed, a terminal) or
+    /// the guest's (nothing listens on the port).
+    #[error("{0}")]
+    Precondition(String),
+    /// A limit of `capsa_proto::limits`; the message names it.
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("{0}")]
+    Deadline(String),
+    /// A port connection broke after it was made.
+    #[error("{0}")]
+    Aborted(String),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
 }
 
 impl Error {
@@ -73,7 +89,14 @@ impl ServiceError for Error {
             Error::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
             Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             Error::Io { .. } => ErrorCode::Internal,
-            Error::KernelStart { .. } | Error::KernelGone { .. } => ErrorCode::Unavailable,
+            Error::KernelStart { .. } | Error::KernelGone { .. } | Error::ShuttingDown => {
+                ErrorCode::Unavailable
+            }
+            Error::UnknownProcess { .. } => ErrorCode::NotFound,
+            Error::Precondition(_) => ErrorCode::FailedPrecondition,
+            Error::Exhausted(_) => ErrorCode::ResourceExhausted,
+            Error::Deadline(_) => ErrorCode::DeadlineExceeded,
+            Error::Aborted(_) => ErrorCode::Aborted,
         }
     }
 }
@@ -109,6 +132,23 @@ mod tests {
             source: io::Error::other("x"),
         };
         assert_eq!(start.code(), ErrorCode::Unavailable);
+        assert_eq!(
+            Error::UnknownProcess { id: "p-1".into() }.code(),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            Error::Precondition("x".into()).code(),
+            ErrorCode::FailedPrecondition
+        );
+        assert_eq!(
+            Error::Exhausted("x".into()).code(),
+            ErrorCode::ResourceExhausted
+        );
+        assert_eq!(
+            Error::Deadline("x".into()).code(),
+            ErrorCode::DeadlineExceeded
+        );
+        assert_eq!(Error::Aborted("x".into()).code(), ErrorCode::Aborted);
     }
 
     #[test]

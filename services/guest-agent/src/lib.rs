@@ -5,6 +5,10 @@
 //! - [`kernel`]: persistent Python and shell kernels, one execute at a time per kernel,
 //!   with streaming output, an output cap, timeouts and interrupts.
 //! - [`files`]: upload, download, list, info, mkdir, remove.
+//! - [`processes`]: background processes (each in its own session, output in a ring per
+//!   process for AttachProcess) and the table terminals share with them.
+//! - [`terminal`]: a program on a real PTY, driven by one OpenTerminal stream.
+//! - [`ports`]: ConnectPort, a TCP connection to a port on the guest's loopback.
 //! - [`stats`]: memory, processes, uptime and kernel release of the guest.
 //! - [`grpc`]: the adapter between the proto contract and those modules.
 //! - [`echo`]: the echo server.
@@ -20,7 +24,10 @@ pub mod files;
 pub mod grpc;
 pub mod kernel;
 pub mod otlp;
+pub mod ports;
+pub mod processes;
 pub mod stats;
+pub mod terminal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,7 +56,8 @@ pub enum RunError {
 }
 
 /// Serves until `shutdown` resolves: then health goes NOT_SERVING, running executes are
-/// interrupted, connections drain and the kernels are stopped.
+/// interrupted, every background process and terminal is killed (so attached streams end),
+/// port connections end, connections drain and the kernels are stopped.
 pub async fn run(
     config: Config,
     grpc: Listener,
@@ -82,7 +90,20 @@ pub async fn run(
         config.prestart_python,
         stop.clone(),
     ));
-    let api = grpc::AgentApi::new(kernels.clone(), config.default_timeout(), stop.clone());
+    let processes = Arc::new(processes::Processes::new(config.workdir.clone()));
+    tokio::spawn({
+        let (stop, processes) = (stop.clone(), processes.clone());
+        async move {
+            stop.cancelled().await;
+            processes.kill_all();
+        }
+    });
+    let api = grpc::AgentApi::new(
+        kernels.clone(),
+        processes.clone(),
+        config.default_timeout(),
+        stop.clone(),
+    );
     // The executor's agent client uses the same limits: every event fits through both.
     let service = AgentServiceServer::new(api)
         .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
@@ -113,6 +134,8 @@ pub async fn run(
         }
     };
     stop.cancel();
+    // Also here, in case serving failed before the stop token was cancelled.
+    processes.kill_all();
     if let Some(t) = echo_task {
         let _ = t.await;
     }

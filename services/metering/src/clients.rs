@@ -163,17 +163,17 @@ impl NodeClients {
         let counters = counters
             .map_err(|s| Error::node(VMPOOL, &node.vmpool_url, &s))?
             .into_inner();
-        let (memory_used_bytes, guest_error) = match guest {
-            Ok(stats) => (
-                Some(bounded_guest_memory(
-                    stats.into_inner().memory_used_bytes,
-                    u64::from(vm.memory_mib) << 20,
-                    counters.vmm_resident_bytes,
-                )),
-                None,
-            ),
+        let (guest, guest_error) = match guest {
+            Ok(stats) => (Some(stats.into_inner()), None),
             Err(s) => (None, Some(Error::node(EXECUTOR, &node.executor_url, &s))),
         };
+        let memory_used_bytes = guest.as_ref().map(|stats| {
+            bounded_guest_memory(
+                stats.memory_used_bytes,
+                u64::from(vm.memory_mib) << 20,
+                counters.vmm_resident_bytes,
+            )
+        });
         let sample_ms = counters
             .sample_time
             .as_ref()
@@ -204,6 +204,8 @@ impl NodeClients {
             network_rx_bytes: since_lease(counters.network_rx_bytes, at_lease.network_rx_bytes),
             network_tx_bytes: since_lease(counters.network_tx_bytes, at_lease.network_tx_bytes),
             memory_used_bytes,
+            processes_running: guest.as_ref().map(|stats| stats.processes_running),
+            terminals_open: guest.as_ref().map(|stats| stats.terminals_open),
         };
         Ok(Reading {
             sample,

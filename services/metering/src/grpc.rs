@@ -39,6 +39,8 @@ pub fn to_proto(u: &Usage) -> common::Usage {
         disk_write_bytes: u.disk_write_bytes,
         uptime: Some(time::duration(Duration::from_millis(u.uptime_ms))),
         sample_time: (u.sample_ms > 0).then(|| time::timestamp_ms(u.sample_ms)),
+        processes_running: u.processes_running,
+        terminals_open: u.terminals_open,
     }
 }
 
@@ -106,10 +108,13 @@ mod tests {
             sample_ms: 0,
             network_rx_bytes: 4_096,
             network_tx_bytes: 512,
+            processes_running: 3,
+            terminals_open: 1,
             ..Usage::default()
         };
         let p = to_proto(&u);
         assert_eq!((p.network_rx_bytes, p.network_tx_bytes), (4_096, 512));
+        assert_eq!((p.processes_running, p.terminals_open), (3, 1));
         assert_eq!(
             p.cpu_time,
             Some(prost_types::Duration {

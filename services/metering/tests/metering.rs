@@ -114,6 +114,48 @@ async fn totals_grow_by_deltas_and_peak_memory_is_kept() {
 }
 
 #[tokio::test]
+async fn processes_and_terminals_are_the_latest_guest_figures_summed_per_tenant() {
+    let world = World::start().await;
+    let node = FakeNode::start("n1").await;
+    world.register(&node).await;
+    node.set_vm("vm-1", vm("s1", 1000, Some(MIB)));
+    node.set_vm("vm-2", vm("s2", 1000, Some(MIB)));
+    node.update("vm-1", |v| {
+        v.processes_running = 3;
+        v.terminals_open = 1;
+    });
+    node.update("vm-2", |v| v.processes_running = 2);
+    world.session("s1", "t1", Some((&node, "vm-1"))).await;
+    world.session("s2", "t1", Some((&node, "vm-2"))).await;
+    let metering = world.metering(&["--sample-interval", "50ms"]).await;
+    let mut c = client(&metering).await;
+    let session = |mut c: common::Client, id: &'static str| async move {
+        let req = GetSessionUsageRequest {
+            session_id: id.into(),
+        };
+        let u = c.get_session_usage(req).await.unwrap().into_inner().usage;
+        let u = u.unwrap();
+        (u.processes_running, u.terminals_open)
+    };
+
+    eventually!(session(c.clone(), "s1").await == (3, 1));
+    eventually!(tenant(&mut c, "t1").await.processes_running == 5);
+    assert_eq!(tenant(&mut c, "t1").await.terminals_open, 1);
+
+    // A gauge, not a counter: it follows the guest down.
+    node.update("vm-1", |v| {
+        v.processes_running = 0;
+        v.terminals_open = 0;
+    });
+    eventually!(session(c.clone(), "s1").await == (0, 0));
+    eventually!(tenant(&mut c, "t1").await.processes_running == 2);
+    // A guest that does not answer keeps its last figures.
+    node.update("vm-2", |v| v.memory_used_bytes = None);
+    node.wait_for_samples(4).await;
+    assert_eq!(session(c.clone(), "s2").await, (2, 0));
+}
+
+#[tokio::test]
 async fn two_replicas_sampling_concurrently_never_double_count() {
     let world = World::start().await;
     let node = FakeNode::start("n1").await;

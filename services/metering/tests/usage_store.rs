@@ -27,6 +27,8 @@ fn sample(session: &str, tenant: &str, step: u64) -> Sample {
         } else {
             2000 - step * 100
         }),
+        processes_running: Some(step as u32 % 4),
+        terminals_open: Some(1),
     }
 }
 
@@ -70,7 +72,10 @@ async fn concurrent_out_of_order_samples_add_each_delta_once() {
         (a.usage.memory_used_bytes, a.usage.vmm_resident_bytes),
         (500, 1015)
     );
+    // So are the activity gauges (15 % 4 processes), and the tenant's are the sums.
+    assert_eq!((a.usage.processes_running, a.usage.terminals_open), (3, 1));
     let t = stores[0].tenant("t").await.unwrap();
+    assert_eq!((t.processes_running, t.terminals_open), (6, 2));
     assert_eq!(t.cpu_time_us, 30_000_000);
     assert_eq!(t.network_tx_bytes, 1200);
     assert_eq!(t.uptime_ms, 30_000);
@@ -117,6 +122,10 @@ async fn finalize_is_exactly_once_and_freezes_the_session() {
         (3_000_000, 0, 0)
     );
     assert_eq!(t.memory_peak_bytes, 300);
+    // An ended session runs nothing: its processes leave the tenant's sum and its own.
+    assert_eq!((t.processes_running, t.terminals_open), (0, 0));
+    let s = stores[0].session("s").await.unwrap().unwrap();
+    assert_eq!((s.usage.processes_running, s.usage.terminals_open), (0, 0));
 
     let mut conn = capsa_store::connect(&redis.url()).await.unwrap();
     let len: usize = redis::cmd("XLEN")

@@ -67,7 +67,8 @@ impl App {
     }
 }
 
-/// Streaming calls (Execute, DownloadFile, UploadFile) open per tenant on this replica,
+/// Streaming calls (Execute, DownloadFile, UploadFile, AttachProcess, OpenTerminal,
+/// ConnectPort) open per tenant on this replica,
 /// capped by `--max-streams-per-tenant`: one tenant's open streams, stalled ones included,
 /// take at most that many of this replica's streams and relay buffers, whatever it does.
 pub struct StreamSlots {
@@ -95,9 +96,9 @@ impl StreamSlots {
         let count = open.entry(tenant.to_string()).or_default();
         if *count >= self.max {
             return Err(Error::ResourceExhausted(format!(
-                "tenant {tenant} has {} streaming calls (Execute, DownloadFile, UploadFile) \
-                 open on this server, its limit (--max-streams-per-tenant); \
-                 retry when one ends",
+                "tenant {tenant} has {} streaming calls (Execute, file transfers, \
+                 AttachProcess, OpenTerminal, ConnectPort) open on this server, its limit \
+                 (--max-streams-per-tenant); retry when one ends",
                 self.max
             )));
         }

@@ -199,13 +199,14 @@ pub struct Config {
     /// stopped or CPU-starved one gets this long to come back (a graceful remove gets none).
     #[arg(long, env = "CAPSA_NODE_GRACE_SECS", default_value_t = 30)]
     pub node_grace_secs: u64,
-    /// Longest a relayed stream (Execute, DownloadFile) waits for its client to take one
-    /// event or chunk, in milliseconds. Past it the stream ends DEADLINE_EXCEEDED ("client
+    /// Longest a relayed stream (Execute, DownloadFile, AttachProcess, OpenTerminal,
+    /// ConnectPort) waits for its client to take one event or chunk, in milliseconds. Past it the stream ends DEADLINE_EXCEEDED ("client
     /// stopped reading") and its call to the node is dropped, which interrupts the code.
     #[arg(long, env = "CAPSA_STALLED_CLIENT_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub stalled_client_timeout_ms: u64,
-    /// Streaming calls (Execute, DownloadFile, UploadFile) a tenant may have open at once
-    /// on this replica; past it RESOURCE_EXHAUSTED.
+    /// Streaming calls (Execute, DownloadFile, UploadFile, AttachProcess, OpenTerminal,
+    /// ConnectPort) a tenant may have open at once on this replica; past it
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "CAPSA_MAX_STREAMS_PER_TENANT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_tenant: u32,
     /// Egress policy of sessions created without one whose tenant has no default

@@ -395,4 +395,217 @@ impl SessionService for SessionApi {
             total_sessions: u.total_sessions,
         }))
     }
+
+    async fn start_process(
+        &self,
+        req: Request<pb::StartProcessRequest>,
+    ) -> Result<Response<pb::StartProcessResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.get_ref();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        let spec = validate::process_spec(r.spec.as_ref()).map_err(|e| status(&e))?;
+        let process = self
+            .app
+            .start_process(&tenant, &r.session_id, spec)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::StartProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn list_processes(
+        &self,
+        req: Request<pb::ListProcessesRequest>,
+    ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let id = &req.get_ref().session_id;
+        validate::session_id(id).map_err(|e| status(&e))?;
+        let processes = self
+            .app
+            .list_processes(&tenant, id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ListProcessesResponse { processes }))
+    }
+
+    async fn wait_process(
+        &self,
+        req: Request<pb::WaitProcessRequest>,
+    ) -> Result<Response<pb::WaitProcessResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::process_id(&r.process_id).map_err(|e| status(&e))?;
+        let timeout = validate::wait_timeout(r.timeout.as_ref()).map_err(|e| status(&e))?;
+        let process = self
+            .app
+            .wait_process(&tenant, &r.session_id, r.process_id, timeout)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::WaitProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        req: Request<pb::SignalProcessRequest>,
+    ) -> Result<Response<pb::SignalProcessResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::process_id(&r.process_id).map_err(|e| status(&e))?;
+        let signal = validate::signal(r.signal).map_err(|e| status(&e))?;
+        let process = self
+            .app
+            .signal_process(&tenant, &r.session_id, r.process_id, signal)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SignalProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn write_stdin(
+        &self,
+        req: Request<pb::WriteStdinRequest>,
+    ) -> Result<Response<pb::WriteStdinResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::process_id(&r.process_id).map_err(|e| status(&e))?;
+        validate::stream_data(r.data.len()).map_err(|e| status(&e))?;
+        self.app
+            .write_stdin(&tenant, &r.session_id, r.process_id, r.data, r.close)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::WriteStdinResponse {}))
+    }
+
+    type AttachProcessStream = GrpcStream<pb::AttachProcessResponse>;
+
+    async fn attach_process(
+        &self,
+        req: Request<pb::AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let r = req.into_inner();
+        validate::session_id(&r.session_id).map_err(|e| status(&e))?;
+        validate::process_id(&r.process_id).map_err(|e| status(&e))?;
+        let events = self
+            .app
+            .attach_process(
+                &tenant,
+                &r.session_id,
+                r.process_id,
+                r.from_offset,
+                r.follow,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        let stream = events.map(|item| {
+            item.map(|event| pb::AttachProcessResponse { event: Some(event) })
+                .map_err(|e| status(&e))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type OpenTerminalStream = GrpcStream<pb::OpenTerminalResponse>;
+
+    async fn open_terminal(
+        &self,
+        req: Request<Streaming<pb::OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        use capsa_proto::executor::v1::open_terminal_request::Part as Up;
+        use pb::open_terminal_request::Part;
+        let tenant = self.tenant(&req).await?;
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await {
+            Ok(Some(pb::OpenTerminalRequest {
+                part: Some(Part::Open(h)),
+            })) => h,
+            Ok(_) => {
+                let e = Error::field("open", "the first message must be `open`");
+                return Err(status(&e));
+            }
+            Err(s) => return Err(status(&Error::ClientStream(s.message().to_owned()))),
+        };
+        let terminal = validate::terminal_open(&header).map_err(|e| status(&e))?;
+        let input = inbound.map(|msg| match msg {
+            Ok(pb::OpenTerminalRequest {
+                part: Some(Part::Data(data)),
+            }) => validate::stream_data(data.len()).map(|()| Up::Data(data)),
+            Ok(pb::OpenTerminalRequest {
+                part: Some(Part::Resize(size)),
+            }) => validate::terminal_size("resize", Some(&size)).map(|()| Up::Resize(size)),
+            Ok(pb::OpenTerminalRequest {
+                part: Some(Part::Open(_)),
+            }) => Err(Error::field("open", "only the first message may be `open`")),
+            Ok(pb::OpenTerminalRequest { part: None }) => Err(Error::field(
+                "part",
+                "a message carried neither data nor resize",
+            )),
+            Err(s) => Err(Error::ClientStream(s.message().to_owned())),
+        });
+        let output = self
+            .app
+            .open_terminal(&tenant, &header.session_id, terminal, Box::pin(input))
+            .await
+            .map_err(|e| status(&e))?;
+        let stream = output.map(|item| {
+            item.map(|output| pb::OpenTerminalResponse {
+                output: Some(output),
+            })
+            .map_err(|e| status(&e))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ConnectPortStream = GrpcStream<pb::ConnectPortResponse>;
+
+    async fn connect_port(
+        &self,
+        req: Request<Streaming<pb::ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        use pb::connect_port_request::Part;
+        let tenant = self.tenant(&req).await?;
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await {
+            Ok(Some(pb::ConnectPortRequest {
+                part: Some(Part::Open(h)),
+            })) => h,
+            Ok(_) => {
+                let e = Error::field(
+                    "open",
+                    "the first message must be `open` (session and port)",
+                );
+                return Err(status(&e));
+            }
+            Err(s) => return Err(status(&Error::ClientStream(s.message().to_owned()))),
+        };
+        let port = validate::port_open(&header).map_err(|e| status(&e))?;
+        let input = inbound.map(|msg| match msg {
+            Ok(pb::ConnectPortRequest {
+                part: Some(Part::Data(data)),
+            }) => validate::stream_data(data.len()).map(|()| data),
+            Ok(pb::ConnectPortRequest {
+                part: Some(Part::Open(_)),
+            }) => Err(Error::field("open", "only the first message may be `open`")),
+            Ok(pb::ConnectPortRequest { part: None }) => {
+                Err(Error::field("part", "a message carried no data"))
+            }
+            Err(s) => Err(Error::ClientStream(s.message().to_owned())),
+        });
+        let output = self
+            .app
+            .connect_port(&tenant, &header.session_id, port, Box::pin(input))
+            .await
+            .map_err(|e| status(&e))?;
+        let stream = output.map(|item| {
+            item.map(|data| pb::ConnectPortResponse { data })
+                .map_err(|e| status(&e))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 }

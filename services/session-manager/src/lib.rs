@@ -14,6 +14,7 @@
 //!   and releasing its VM; `reaper`: expiry and the reconciler.
 //! - `egress`: a session's egress policy (its default, Get/UpdateEgressPolicy).
 //! - `proxy`: Execute and file calls relayed to the session's node, with the stall bound.
+//! - `processes`: background processes, terminals and port tunnels relayed the same way.
 //! - `clients`: the cached node and metering channels and their flow control.
 //! - [`config`]: flags; [`error`]: the error enum and its codes; [`validate`]: the
 //!   contract's checks of every request field.
@@ -25,6 +26,7 @@ mod egress;
 pub mod error;
 mod grpc;
 mod placement;
+mod processes;
 mod proxy;
 mod reaper;
 mod sessions;

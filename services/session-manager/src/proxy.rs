@@ -1,5 +1,5 @@
-//! Execute and file calls, relayed to the executor of the session's node with the session's
-//! vm id. Requests arrive validated, as domain values (`grpc.rs` translates); auth, tenant
+//! Execute, file and process calls, relayed to the executor of the session's node with the
+//! session's vm id (processes, terminals and ports: `crate::processes`). Requests arrive validated, as domain values (`grpc.rs` translates); auth, tenant
 //! and session state fail here before a stream starts, as a plain error.
 //!
 //! Streams go through a bounded channel and a relay task: a slow client stalls the relay,
@@ -37,8 +37,8 @@ use crate::sessions::{describe_end, not_active};
 use crate::teardown::vm_failure;
 
 /// Bound of every relay channel: a few chunks in flight, never a whole output.
-const RELAY_BUFFER: usize = 16;
-const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const RELAY_BUFFER: usize = 16;
+pub(crate) const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a node answering a streaming call with its headers: the executor answers a
 /// Download after the agent does (its own first-event limit, 30 s) and an Execute at once.
 /// Also bounds the wait for a free stream on a connection at its concurrency limit.
@@ -66,6 +66,14 @@ impl<T> Stream for Relayed<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.flow.as_mut().poll_next(cx)
     }
+}
+
+/// The client's half of a bidi stream, as its relay sees it: `aborted` yields the error
+/// when the client's input broke (a bad message, a failed stream); `stop` is cancelled
+/// when the relay ends, so the pump feeding the node stops too.
+pub(crate) struct ClientHalf {
+    pub aborted: oneshot::Receiver<Error>,
+    pub stop: tokio_util::sync::DropGuard,
 }
 
 /// Where a session's calls go.
@@ -119,7 +127,7 @@ impl App {
     /// may NOT_FOUND (the executor's "vm not on this node" once the VM's dir is gone): ask
     /// the node's vm-pool, and if the VM is failed or gone, end the session. A NOT_FOUND
     /// about a VM that is fine (a missing file) reaches the client as it is.
-    async fn upstream_error(self: &Arc<Self>, t: &Target, status: Status) -> Error {
+    pub(crate) async fn upstream_error(self: &Arc<Self>, t: &Target, status: Status) -> Error {
         let code = status.code();
         if !matches!(
             code,
@@ -160,7 +168,7 @@ impl App {
     }
 
     /// Opens a streaming call on the node under [`OPEN_TIMEOUT`].
-    async fn open<T>(
+    pub(crate) async fn open<T>(
         self: &Arc<Self>,
         t: &Target,
         call: impl Future<Output = Result<tonic::Response<T>, Status>>,
@@ -184,7 +192,18 @@ impl App {
     ) -> Result<Relayed<ExecuteEvent>, Error> {
         let slot = self.streams.acquire(tenant)?;
         let t = self.target(tenant, session_id).await?;
-        // Activity is recorded off the stream's path: one HSET nobody waits for.
+        self.touch(&t);
+        let mut client = self.clients.executor(&t.node.executor_url)?;
+        let upstream = ex::ExecuteRequest {
+            vm_id: t.session.vm_id.clone(),
+            spec: Some(spec),
+        };
+        let stream = self.open(&t, client.execute(upstream)).await?;
+        Ok(self.relay(t, slot, stream, |ev: ex::ExecuteResponse| ev.event, None))
+    }
+
+    /// Records activity on the session off the call's path: one HSET nobody waits for.
+    pub(crate) fn touch(&self, t: &Target) {
         let sessions = self.sessions.clone();
         let id = t.session.id.clone();
         tokio::spawn(async move {
@@ -192,13 +211,6 @@ impl App {
                 tracing::debug!(error = %e, "touch failed");
             }
         });
-        let mut client = self.clients.executor(&t.node.executor_url)?;
-        let upstream = ex::ExecuteRequest {
-            vm_id: t.session.vm_id.clone(),
-            spec: Some(spec),
-        };
-        let stream = self.open(&t, client.execute(upstream)).await?;
-        Ok(self.relay(t, slot, stream, |ev: ex::ExecuteResponse| ev.event))
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %session_id))]
@@ -216,25 +228,33 @@ impl App {
             path,
         };
         let stream = self.open(&t, client.download_file(upstream)).await?;
-        Ok(self.relay(t, slot, stream, |m: ex::DownloadFileResponse| {
-            use ex::download_file_response::Part;
-            match m.part? {
-                Part::Info(info) => Some(DownloadPart::Info(info)),
-                Part::Data(data) => Some(DownloadPart::Data(data)),
-            }
-        }))
+        Ok(self.relay(
+            t,
+            slot,
+            stream,
+            |m: ex::DownloadFileResponse| {
+                use ex::download_file_response::Part;
+                match m.part? {
+                    Part::Info(info) => Some(DownloadPart::Info(info)),
+                    Part::Data(data) => Some(DownloadPart::Data(data)),
+                }
+            },
+            None,
+        ))
     }
 
     /// Pumps an upstream server stream into a bounded channel; `map` drops empty messages.
     /// The relay returns, dropping `stream` and so cancelling the call on the node, when
-    /// the client goes away or takes nothing for the stall timeout; an error (the stall,
-    /// the node's) reaches the client after what is buffered, without waiting for room.
-    fn relay<U, D>(
+    /// the client goes away or takes nothing for the stall timeout, or (bidi) when the
+    /// client's input broke; an error (the stall, the node's, the input's) reaches the
+    /// client after what is buffered, without waiting for room.
+    pub(crate) fn relay<U, D>(
         self: &Arc<Self>,
         t: Target,
         slot: StreamSlot,
         mut stream: tonic::Streaming<U>,
         map: fn(U) -> Option<D>,
+        client_half: Option<ClientHalf>,
     ) -> Relayed<D>
     where
         U: Send + 'static,
@@ -244,10 +264,30 @@ impl App {
         let (end, ended) = oneshot::channel::<Error>();
         let stalled = self.config.stalled_client_timeout();
         let app = self.clone();
+        let (aborted, stop) = match client_half {
+            Some(half) => (Some(half.aborted), Some(half.stop)),
+            None => (None, None),
+        };
+        // Resolves only with an error: a pump that ended cleanly dropped its sender.
+        let aborted = async move {
+            match aborted {
+                Some(rx) => match rx.await {
+                    Ok(err) => err,
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::spawn(async move {
+            let _stop = stop;
+            tokio::pin!(aborted);
             loop {
                 let next = tokio::select! {
                     _ = tx.closed() => return,
+                    err = &mut aborted => {
+                        let _ = end.send(err);
+                        return;
+                    }
                     next = stream.message() => next,
                 };
                 match next {
@@ -349,12 +389,27 @@ impl App {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let t = self.target(tenant, session_id).await?;
+        self.unary_on(&t, UNARY_TIMEOUT, call).await
+    }
+
+    /// One unary call on the session's node, answered within `limit` (the call should
+    /// carry the same deadline for the node: `with_timeout`).
+    pub(crate) async fn unary_on<T, F, Fut>(
+        self: &Arc<Self>,
+        t: &Target,
+        limit: Duration,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(crate::clients::ExecutorClient, String) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let client = self.clients.executor(&t.node.executor_url)?;
-        match tokio::time::timeout(UNARY_TIMEOUT, call(client, t.session.vm_id.clone())).await {
+        match tokio::time::timeout(limit, call(client, t.session.vm_id.clone())).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(self.upstream_error(&t, status).await),
+            Ok(Err(status)) => Err(self.upstream_error(t, status).await),
             Err(_) => Err(Error::Unavailable(format!(
-                "node {} did not answer within {UNARY_TIMEOUT:?}",
+                "node {} did not answer within {limit:?}",
                 t.node.node_id
             ))),
         }

@@ -5,10 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use capsa_egress::EgressPolicy;
-use capsa_proto::common::v1::{ExecuteSpec, Language};
+use capsa_proto::common::v1::{
+    ExecuteSpec, Language, ProcessSpec, Signal, TerminalOpen, TerminalSize,
+};
 use capsa_proto::limits::{
-    DEFAULT_EXEC_TIMEOUT, MAX_CHUNK_BYTES, MAX_CODE_BYTES, MAX_ENV_ENTRIES, MAX_ENV_NAME_BYTES,
-    MAX_ENV_VALUE_BYTES, MAX_EXEC_TIMEOUT, MAX_OUTPUT_BYTES, MAX_PATH_BYTES,
+    DEFAULT_EXEC_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_CHUNK_BYTES, MAX_CODE_BYTES, MAX_ENV_ENTRIES,
+    MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_EXEC_TIMEOUT, MAX_OUTPUT_BYTES, MAX_PATH_BYTES,
+    MAX_PROCESS_ARGS, MAX_PROCESS_OUTPUT_BUFFER_BYTES, MAX_PROCESS_SPEC_BYTES,
+    MAX_STREAM_DATA_BYTES, MAX_TERMINAL_DIMENSION, MAX_WAIT_TIMEOUT,
 };
 use capsa_proto::session::v1 as pb;
 use capsa_store::{Cursor, ListFilter, SessionStatus};
@@ -24,6 +28,10 @@ const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY_BYTES: usize = 63;
 const MAX_METADATA_VALUE_BYTES: usize = 256;
 const MAX_SESSION_ID_BYTES: usize = 128;
+/// Process ids are the agent's ("p-12", "t-3"); anything longer or stranger is no id.
+const MAX_PROCESS_ID_BYTES: usize = 64;
+/// TERM values are short names ("xterm-256color").
+const MAX_TERM_BYTES: usize = 128;
 
 /// A validated CreateSession, defaults applied.
 #[derive(Debug, Clone)]
@@ -328,6 +336,159 @@ pub fn upload_header(h: &pb::UploadFileHeader) -> Result<()> {
     mode("file.mode", file.mode)
 }
 
+/// A StartProcess spec: required, a command, bounded arguments and sizes, an env like
+/// Execute's, an absolute cwd (or none: the agent's working directory).
+pub fn process_spec(spec: Option<&ProcessSpec>) -> Result<ProcessSpec> {
+    let spec = spec.ok_or_else(|| Error::field("spec", "is required"))?;
+    command("spec", &spec.command, &spec.args, false)?;
+    let bytes =
+        spec.command.len() + spec.args.iter().map(String::len).sum::<usize>() + spec.stdin.len();
+    if bytes > MAX_PROCESS_SPEC_BYTES {
+        return Err(Error::field(
+            "spec",
+            format!(
+                "command, args and stdin are {bytes} bytes together; the limit is \
+                 {MAX_PROCESS_SPEC_BYTES}"
+            ),
+        ));
+    }
+    env("spec.env", &spec.env)?;
+    if !spec.cwd.is_empty() {
+        path("spec.cwd", &spec.cwd)?;
+    }
+    if spec.output_buffer_bytes > MAX_PROCESS_OUTPUT_BUFFER_BYTES {
+        return Err(Error::field(
+            "spec.output_buffer_bytes",
+            format!(
+                "{} is over {MAX_PROCESS_OUTPUT_BUFFER_BYTES} (0 = the default)",
+                spec.output_buffer_bytes
+            ),
+        ));
+    }
+    Ok(spec.clone())
+}
+
+/// A program and its arguments (`<parent>.command`, `<parent>.args`). A terminal's may be
+/// empty (bash); a process's may not.
+fn command(parent: &str, command: &str, args: &[String], may_be_empty: bool) -> Result<()> {
+    let field = format!("{parent}.command");
+    if command.is_empty() && !may_be_empty {
+        return Err(Error::field(&field, "is required"));
+    }
+    if command.len() > MAX_PATH_BYTES || command.contains('\0') {
+        return Err(Error::field(
+            &field,
+            format!("must be at most {MAX_PATH_BYTES} bytes without NUL"),
+        ));
+    }
+    if args.len() > MAX_PROCESS_ARGS {
+        return Err(Error::field(
+            &format!("{parent}.args"),
+            format!("{} arguments is over {MAX_PROCESS_ARGS}", args.len()),
+        ));
+    }
+    if let Some(i) = args.iter().position(|a| a.contains('\0')) {
+        return Err(Error::field(&format!("{parent}.args[{i}]"), "contains NUL"));
+    }
+    Ok(())
+}
+
+/// A process id as the agent hands them out.
+pub fn process_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::field("process_id", "is empty"));
+    }
+    if id.len() > MAX_PROCESS_ID_BYTES
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Error::field("process_id", "is not a process id"));
+    }
+    Ok(())
+}
+
+/// WaitProcess's timeout: unset is the default; 1 ms to the maximum.
+pub fn wait_timeout(d: Option<&prost_types::Duration>) -> Result<Duration> {
+    match d {
+        None => Ok(DEFAULT_WAIT_TIMEOUT),
+        Some(d) => duration("timeout", d, Duration::from_millis(1), MAX_WAIT_TIMEOUT),
+    }
+}
+
+/// SignalProcess's signal: one of the named ones.
+pub fn signal(value: i32) -> Result<Signal> {
+    match Signal::try_from(value) {
+        Ok(Signal::Unspecified) => Err(Error::field(
+            "signal",
+            "is required (TERM, KILL, INT or HUP)",
+        )),
+        Ok(signal) => Ok(signal),
+        Err(_) => Err(Error::field("signal", format!("{value} is not a signal"))),
+    }
+}
+
+/// Stdin data, keystrokes and port data: at most [`MAX_STREAM_DATA_BYTES`] a message.
+pub fn stream_data(len: usize) -> Result<()> {
+    if len > MAX_STREAM_DATA_BYTES {
+        return Err(Error::field(
+            "data",
+            format!("{len} bytes is over {MAX_STREAM_DATA_BYTES} a message"),
+        ));
+    }
+    Ok(())
+}
+
+/// A terminal size: required, each side 1 to [`MAX_TERMINAL_DIMENSION`].
+pub fn terminal_size(field: &str, size: Option<&TerminalSize>) -> Result<()> {
+    let size = size.ok_or_else(|| Error::field(field, "is required (rows and cols)"))?;
+    let range = 1..=MAX_TERMINAL_DIMENSION;
+    if !range.contains(&size.rows) || !range.contains(&size.cols) {
+        return Err(Error::field(
+            field,
+            format!(
+                "{}x{} is not 1 to {MAX_TERMINAL_DIMENSION} rows and cols",
+                size.rows, size.cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `open` message of a terminal: its session and what to run, how.
+pub fn terminal_open(header: &pb::OpenTerminalHeader) -> Result<TerminalOpen> {
+    session_id(&header.session_id)?;
+    let open = header
+        .terminal
+        .as_ref()
+        .ok_or_else(|| Error::field("open.terminal", "is required"))?;
+    command("terminal", &open.command, &open.args, true)?;
+    env("terminal.env", &open.env)?;
+    if !open.cwd.is_empty() {
+        path("terminal.cwd", &open.cwd)?;
+    }
+    terminal_size("size", open.size.as_ref())?;
+    if open.term.len() > MAX_TERM_BYTES || !open.term.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::field(
+            "terminal.term",
+            format!("must be at most {MAX_TERM_BYTES} printable ASCII characters"),
+        ));
+    }
+    Ok(open.clone())
+}
+
+/// The `open` message of a port connection.
+pub fn port_open(header: &pb::ConnectPortHeader) -> Result<u32> {
+    session_id(&header.session_id)?;
+    if !(1..=65535).contains(&header.port) {
+        return Err(Error::field(
+            "port",
+            format!("{} is not 1 to 65535", header.port),
+        ));
+    }
+    Ok(header.port)
+}
+
 /// A data chunk of an upload or download.
 pub fn chunk(len: usize) -> Result<()> {
     if len > MAX_CHUNK_BYTES {
@@ -541,6 +702,193 @@ mod tests {
         for (req, field) in cases {
             let msg = field_of(execute(&req));
             assert!(msg.contains(field), "{msg} should name {field}");
+        }
+    }
+
+    #[test]
+    fn process_specs() {
+        let base = || ProcessSpec {
+            command: "sleep".into(),
+            args: vec!["1".into()],
+            ..Default::default()
+        };
+        assert_eq!(process_spec(Some(&base())).unwrap(), base());
+        let cases: Vec<(Option<ProcessSpec>, &str)> = vec![
+            (None, "`spec`"),
+            (
+                Some(ProcessSpec {
+                    command: String::new(),
+                    ..base()
+                }),
+                "`spec.command`",
+            ),
+            (
+                Some(ProcessSpec {
+                    command: "a\0b".into(),
+                    ..base()
+                }),
+                "`spec.command`",
+            ),
+            (
+                Some(ProcessSpec {
+                    args: vec![String::new(); MAX_PROCESS_ARGS + 1],
+                    ..base()
+                }),
+                "`spec.args`",
+            ),
+            (
+                Some(ProcessSpec {
+                    args: vec!["ok".into(), "b\0".into()],
+                    ..base()
+                }),
+                "`spec.args[1]`",
+            ),
+            (
+                Some(ProcessSpec {
+                    stdin: vec![0; MAX_PROCESS_SPEC_BYTES].into(),
+                    ..base()
+                }),
+                "`spec`",
+            ),
+            (
+                Some(ProcessSpec {
+                    env: [("1A".to_string(), String::new())].into(),
+                    ..base()
+                }),
+                "`spec.env`",
+            ),
+            (
+                Some(ProcessSpec {
+                    cwd: "tmp".into(),
+                    ..base()
+                }),
+                "`spec.cwd`",
+            ),
+            (
+                Some(ProcessSpec {
+                    output_buffer_bytes: MAX_PROCESS_OUTPUT_BUFFER_BYTES + 1,
+                    ..base()
+                }),
+                "`spec.output_buffer_bytes`",
+            ),
+        ];
+        for (spec, field) in cases {
+            let msg = field_of(process_spec(spec.as_ref()));
+            assert!(msg.contains(field), "{msg} should name {field}");
+        }
+        let at_limit = ProcessSpec {
+            output_buffer_bytes: MAX_PROCESS_OUTPUT_BUFFER_BYTES,
+            ..base()
+        };
+        assert!(process_spec(Some(&at_limit)).is_ok());
+    }
+
+    #[test]
+    fn process_calls() {
+        assert!(process_id("p-12").is_ok());
+        for bad in ["", "p 1", &"p".repeat(65)] {
+            assert!(field_of(process_id(bad)).contains("`process_id`"));
+        }
+        assert_eq!(wait_timeout(None).unwrap(), DEFAULT_WAIT_TIMEOUT);
+        let secs = |s| prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        };
+        assert_eq!(wait_timeout(Some(&secs(300))).unwrap(), MAX_WAIT_TIMEOUT);
+        for bad in [0, 301, -1] {
+            assert!(field_of(wait_timeout(Some(&secs(bad)))).contains("`timeout`"));
+        }
+        assert_eq!(signal(Signal::Kill as i32).unwrap(), Signal::Kill);
+        for bad in [0, 99] {
+            assert!(field_of(signal(bad)).contains("`signal`"));
+        }
+        assert!(stream_data(MAX_STREAM_DATA_BYTES).is_ok());
+        assert!(field_of(stream_data(MAX_STREAM_DATA_BYTES + 1)).contains("`data`"));
+    }
+
+    #[test]
+    fn terminals_and_ports() {
+        let size = |rows, cols| Some(TerminalSize { rows, cols });
+        let header = |terminal: Option<TerminalOpen>| pb::OpenTerminalHeader {
+            session_id: "s".into(),
+            terminal,
+        };
+        let ok = TerminalOpen {
+            size: size(24, 80),
+            ..Default::default()
+        };
+        assert_eq!(terminal_open(&header(Some(ok.clone()))).unwrap(), ok);
+        let cases: Vec<(pb::OpenTerminalHeader, &str)> = vec![
+            (
+                pb::OpenTerminalHeader {
+                    session_id: String::new(),
+                    ..header(Some(ok.clone()))
+                },
+                "`session_id`",
+            ),
+            (header(None), "`open.terminal`"),
+            (
+                header(Some(TerminalOpen {
+                    size: None,
+                    ..ok.clone()
+                })),
+                "`size`",
+            ),
+            (
+                header(Some(TerminalOpen {
+                    size: size(0, 80),
+                    ..ok.clone()
+                })),
+                "`size`",
+            ),
+            (
+                header(Some(TerminalOpen {
+                    size: size(24, MAX_TERMINAL_DIMENSION + 1),
+                    ..ok.clone()
+                })),
+                "`size`",
+            ),
+            (
+                header(Some(TerminalOpen {
+                    cwd: "rel".into(),
+                    ..ok.clone()
+                })),
+                "`terminal.cwd`",
+            ),
+            (
+                header(Some(TerminalOpen {
+                    env: [("A-B".to_string(), String::new())].into(),
+                    ..ok.clone()
+                })),
+                "`terminal.env`",
+            ),
+            (
+                header(Some(TerminalOpen {
+                    term: "xterm 256".into(),
+                    ..ok.clone()
+                })),
+                "`terminal.term`",
+            ),
+            (
+                header(Some(TerminalOpen {
+                    args: vec![String::new(); MAX_PROCESS_ARGS + 1],
+                    ..ok.clone()
+                })),
+                "`terminal.args`",
+            ),
+        ];
+        for (h, field) in cases {
+            let msg = field_of(terminal_open(&h));
+            assert!(msg.contains(field), "{msg} should name {field}");
+        }
+        assert!(field_of(terminal_size("resize", size(1001, 1).as_ref())).contains("`resize`"));
+        let port = |port| pb::ConnectPortHeader {
+            session_id: "s".into(),
+            port,
+        };
+        assert_eq!(port_open(&port(8000)).unwrap(), 8000);
+        for bad in [0, 65536] {
+            assert!(field_of(port_open(&port(bad))).contains("`port`"));
         }
     }
 

@@ -23,7 +23,7 @@ use capsa_proto::session::v1 as pb;
 use capsa_store::NodeRegistry;
 use capsa_test_support::{ServiceProcess, eventually};
 use common::{Client, Harness, NODE_ID, create, register};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_stream::wrappers::ReceiverStream;
@@ -205,6 +205,75 @@ impl ExecutorService for Flood {
     ) -> Result<Response<ex::GetGuestStatsResponse>, Status> {
         Err(Status::unimplemented("not used here"))
     }
+
+    async fn start_process(
+        &self,
+        _: Request<ex::StartProcessRequest>,
+    ) -> Result<Response<ex::StartProcessResponse>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
+
+    async fn list_processes(
+        &self,
+        _: Request<ex::ListProcessesRequest>,
+    ) -> Result<Response<ex::ListProcessesResponse>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
+
+    async fn wait_process(
+        &self,
+        _: Request<ex::WaitProcessRequest>,
+    ) -> Result<Response<ex::WaitProcessResponse>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
+
+    async fn signal_process(
+        &self,
+        _: Request<ex::SignalProcessRequest>,
+    ) -> Result<Response<ex::SignalProcessResponse>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
+
+    async fn write_stdin(
+        &self,
+        _: Request<ex::WriteStdinRequest>,
+    ) -> Result<Response<ex::WriteStdinResponse>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
+
+    type AttachProcessStream = BoxStream<ex::AttachProcessResponse>;
+
+    async fn attach_process(
+        &self,
+        _: Request<ex::AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
+
+    type OpenTerminalStream = BoxStream<ex::OpenTerminalResponse>;
+
+    /// A terminal whose program prints without end: a client that stops reading its
+    /// screen must be cut off like any other stream.
+    async fn open_terminal(
+        &self,
+        _: Request<Streaming<ex::OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        use capsa_proto::common::v1::{TerminalOutput, terminal_output::Part};
+        Ok(Response::new(self.endless(|| ex::OpenTerminalResponse {
+            output: Some(TerminalOutput {
+                part: Some(Part::Data(Bytes::from(vec![b'y'; 32 * 1024]))),
+            }),
+        })))
+    }
+
+    type ConnectPortStream = BoxStream<ex::ConnectPortResponse>;
+
+    async fn connect_port(
+        &self,
+        _: Request<Streaming<ex::ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        Err(Status::unimplemented("not used here"))
+    }
 }
 
 /// The harness's node doubles with the flood double as the node's executor, and one
@@ -358,10 +427,28 @@ async fn a_stalled_stream_ends_deadline_exceeded_and_its_node_call_is_dropped() 
         .await
         .unwrap()
         .into_inner();
-    // Nobody reads: after the stall timeout session-manager drops both calls on the node
+    let open = pb::OpenTerminalRequest {
+        part: Some(pb::open_terminal_request::Part::Open(
+            pb::OpenTerminalHeader {
+                session_id: session.id.clone(),
+                terminal: Some(capsa_proto::common::v1::TerminalOpen {
+                    size: Some(capsa_proto::common::v1::TerminalSize { rows: 24, cols: 80 }),
+                    ..Default::default()
+                }),
+            },
+        )),
+    };
+    // The request stream stays open (pending): only the screen direction stalls.
+    let keys = futures::stream::iter([open]).chain(futures::stream::pending());
+    let screen = a.open_terminal(keys).await.unwrap().into_inner();
+    // Nobody reads: after the stall timeout session-manager drops every call on the node
     // (for an Execute that interrupts the code in the guest).
-    eventually!(s.flood.cancelled() == 2, 30);
-    for status in [drain(flooding).await, drain(downloading).await] {
+    eventually!(s.flood.cancelled() == 3, 30);
+    for status in [
+        drain(flooding).await,
+        drain(downloading).await,
+        drain(screen).await,
+    ] {
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
         assert!(
             status.message().contains("client stopped reading for 1.5s"),

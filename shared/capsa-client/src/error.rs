@@ -49,6 +49,10 @@ pub enum Error {
     /// The server's answer broke the contract (e.g. a download shorter than announced).
     #[error("{0}")]
     Protocol(String),
+    /// Input for a stream whose call has ended (a terminal that exited, a port connection
+    /// the guest closed); the call's output says how it ended.
+    #[error("{0} has ended")]
+    Ended(String),
 }
 
 /// The crate's `Result`.
@@ -88,7 +92,11 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Status(s) => s.code(),
-            Error::Connect { .. } | Error::Config(_) | Error::Io { .. } | Error::Protocol(_) => {
+            Error::Connect { .. }
+            | Error::Config(_)
+            | Error::Io { .. }
+            | Error::Protocol(_)
+            | Error::Ended(_) => {
                 return None;
             }
         })

@@ -56,6 +56,37 @@
 //! # }
 //! ```
 //!
+//! Background processes outlive the call (and the client) that started them; their output
+//! waits in a ring to be attached to; terminals and guest ports are bidirectional streams:
+//!
+//! ```no_run
+//! use capsa_client::{ProcessEvent, ProcessOptions, Session, Signal, TerminalOptions};
+//! use futures::StreamExt as _;
+//!
+//! # async fn demo(session: &Session) -> capsa_client::Result<()> {
+//! let server = session
+//!     .start_process("python3", ["-m", "http.server", "8000"], ProcessOptions::default())
+//!     .await?;
+//! let mut output = session.attach_process(&server.process_id, 0, false).await?;
+//! while let Some(event) = output.next().await {
+//!     if let ProcessEvent::Stderr { data, .. } = event? {
+//!         eprint!("{}", String::from_utf8_lossy(&data));
+//!     }
+//! }
+//! // A local TCP connection (here any AsyncRead + AsyncWrite) tunnelled to guest port 8000.
+//! let (local, _peer) = tokio::io::duplex(64 << 10);
+//! session.connect_port(8000).await?.pipe(local).await?;
+//! session.signal_process(&server.process_id, Signal::Term).await?;
+//!
+//! let mut terminal = session.open_terminal(TerminalOptions::default().size(40, 120)).await?;
+//! terminal.input.write("echo hi; exit\r").await?;
+//! while let Some(event) = terminal.output.next().await {
+//!     println!("{:?}", event?);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Errors are one enum sorted by gRPC status code:
 //!
 //! ```
@@ -70,7 +101,10 @@ pub mod config;
 mod error;
 mod execute;
 mod files;
+mod port;
+mod process;
 mod session;
+mod terminal;
 
 use std::time::Duration;
 
@@ -87,11 +121,16 @@ pub use execute::{
     MimeBundle, Status,
 };
 pub use files::{Download, Downloaded, UploadOptions, Uploaded};
+pub use port::{Piped, PortConnection, PortReceiver, PortSender};
+pub use process::{AttachStream, ProcessEvent, ProcessExit, ProcessOptions};
 pub use session::{Session, SessionOptions};
+pub use terminal::{Terminal, TerminalEvent, TerminalInput, TerminalOptions, TerminalOutput};
 
 /// The generated messages and clients, for what this crate does not wrap.
 pub use capsa_proto as proto;
-pub use capsa_proto::common::v1::{EgressPolicy, FileInfo, FileType, Usage};
+pub use capsa_proto::common::v1::{
+    EgressPolicy, FileInfo, FileType, ProcessInfo, ProcessKind, ProcessState, Signal, Usage,
+};
 /// What the API says about a session (status, deadline, node, labels, ...).
 pub use capsa_proto::session::v1::Session as SessionInfo;
 pub use capsa_proto::session::v1::{GetTenantUsageResponse as TenantUsage, SessionStatus};

@@ -4,13 +4,18 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
+use capsa_proto::limits::MAX_STREAM_DATA_BYTES;
 use capsa_proto::session::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, Result};
 use crate::execute::{ExecuteOptions, ExecuteOutput, ExecuteStream};
 use crate::files::{self, Download, Downloaded, UploadOptions, Uploaded};
-use crate::{Client, EgressPolicy, FileInfo, SessionInfo, Usage};
+use crate::port::PortConnection;
+use crate::process::{AttachStream, ProcessOptions};
+use crate::terminal::{Terminal, TerminalOptions};
+use crate::{Client, EgressPolicy, FileInfo, ProcessInfo, SessionInfo, Signal, Usage};
 
 /// What a new session gets; `Default` means the server's defaults for everything.
 #[derive(Debug, Clone, Default)]
@@ -282,6 +287,123 @@ impl Session {
         Ok(policy.into_inner().egress.unwrap_or_default())
     }
 
+    /// Starts `command` with `args` in the background and returns its record (with its id,
+    /// `p-<n>`) at once. It runs outside the kernels, keeps running between executes and
+    /// after this client goes away, and ends with the session (or a signal).
+    pub async fn start_process<I, A>(
+        &self,
+        command: impl Into<String>,
+        args: I,
+        options: ProcessOptions,
+    ) -> Result<ProcessInfo>
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<String>,
+    {
+        let spec = options.into_spec(command.into(), args.into_iter().map(Into::into).collect());
+        let request = pb::StartProcessRequest {
+            session_id: self.id.clone(),
+            spec: Some(spec),
+        };
+        let started = self.client.raw().start_process(request).await?;
+        process(started.into_inner().process, "StartProcess")
+    }
+
+    /// The session's processes and terminals, running and recently exited.
+    pub async fn list_processes(&self) -> Result<Vec<ProcessInfo>> {
+        let request = pb::ListProcessesRequest {
+            session_id: self.id.clone(),
+        };
+        let listed = self.client.raw().list_processes(request).await?;
+        Ok(listed.into_inner().processes)
+    }
+
+    /// Waits until process `id` has exited and returns its record; at most `timeout`
+    /// [server default: 60 s, at most 300 s], then [`Error::DeadlineExceeded`].
+    pub async fn wait_process(&self, id: &str, timeout: Option<Duration>) -> Result<ProcessInfo> {
+        let request = pb::WaitProcessRequest {
+            session_id: self.id.clone(),
+            process_id: id.to_owned(),
+            timeout: timeout.map(capsa_proto::time::duration),
+        };
+        let waited = self.client.raw().wait_process(request).await?;
+        process(waited.into_inner().process, "WaitProcess")
+    }
+
+    /// Sends `signal` to process `id`'s process group; returns its record.
+    pub async fn signal_process(&self, id: &str, signal: Signal) -> Result<ProcessInfo> {
+        let request = pb::SignalProcessRequest {
+            session_id: self.id.clone(),
+            process_id: id.to_owned(),
+            signal: signal as i32,
+        };
+        let signalled = self.client.raw().signal_process(request).await?;
+        process(signalled.into_inner().process, "SignalProcess")
+    }
+
+    /// Streams process `id`'s output from `from_offset` (stdout and stderr share one offset
+    /// space): what its ring still holds, then with `follow` new output until it exits.
+    /// Fails at once for an unknown process or an offset past its output.
+    pub async fn attach_process(
+        &self,
+        id: &str,
+        from_offset: u64,
+        follow: bool,
+    ) -> Result<AttachStream> {
+        let request = pb::AttachProcessRequest {
+            session_id: self.id.clone(),
+            process_id: id.to_owned(),
+            from_offset,
+            follow,
+        };
+        let responses = self
+            .client
+            .raw()
+            .attach_process(request)
+            .await?
+            .into_inner();
+        Ok(AttachStream::new(responses))
+    }
+
+    /// Writes `data` to the stdin of process `id` (started with `keep_stdin_open`), in
+    /// messages of at most 1 MiB; each returns once the process took it.
+    pub async fn write_stdin(&self, id: &str, data: impl Into<Bytes>) -> Result<()> {
+        let mut data: Bytes = data.into();
+        while !data.is_empty() {
+            let part = data.split_to(data.len().min(MAX_STREAM_DATA_BYTES));
+            self.stdin(id, part, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the stdin of process `id`: it reads EOF after what was written.
+    pub async fn close_stdin(&self, id: &str) -> Result<()> {
+        self.stdin(id, Bytes::new(), true).await
+    }
+
+    async fn stdin(&self, id: &str, data: Bytes, close: bool) -> Result<()> {
+        let request = pb::WriteStdinRequest {
+            session_id: self.id.clone(),
+            process_id: id.to_owned(),
+            data,
+            close,
+        };
+        self.client.raw().write_stdin(request).await?;
+        Ok(())
+    }
+
+    /// Opens an interactive terminal (a PTY in the guest running bash, or the options'
+    /// program); see [`Terminal`].
+    pub async fn open_terminal(&self, options: TerminalOptions) -> Result<Terminal> {
+        Terminal::open(self.client.raw(), self.id.clone(), options).await
+    }
+
+    /// Connects to TCP `port` on 127.0.0.1 in the guest; [`Error::FailedPrecondition`] when
+    /// nothing listens there. See [`PortConnection`].
+    pub async fn connect_port(&self, port: u16) -> Result<PortConnection> {
+        PortConnection::connect(self.client.raw(), self.id.clone(), port).await
+    }
+
     /// Ends the session and destroys its VM; returns it as it ended. Closing an ended
     /// session returns it unchanged.
     pub async fn close(mut self) -> Result<SessionInfo> {
@@ -295,6 +417,11 @@ impl Session {
         self.owned = false;
         std::mem::take(&mut self.id)
     }
+}
+
+/// The record a process call answers with; one is always there.
+fn process(info: Option<ProcessInfo>, call: &str) -> Result<ProcessInfo> {
+    info.ok_or_else(|| Error::Protocol(format!("{call} returned no process")))
 }
 
 impl Drop for Session {

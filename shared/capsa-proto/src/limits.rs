@@ -45,6 +45,43 @@ pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest execute timeout a request may set.
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Background processes (StartProcess) one session may have running at once.
+pub const MAX_RUNNING_PROCESSES: usize = 32;
+
+/// Process records (running and exited) the guest agent keeps per session; past it, the
+/// oldest exited ones are forgotten (their ids become NOT_FOUND).
+pub const MAX_PROCESS_RECORDS: usize = 128;
+
+/// Terminals (OpenTerminal) one session may have open at once.
+pub const MAX_TERMINALS: usize = 8;
+
+/// Port connections (ConnectPort) one session may have open at once.
+pub const MAX_PORT_CONNECTIONS: usize = 64;
+
+/// Output ring of a background process when its spec sets none.
+pub const DEFAULT_PROCESS_OUTPUT_BUFFER_BYTES: u64 = 1 << 20;
+
+/// Largest output ring a process may ask for.
+pub const MAX_PROCESS_OUTPUT_BUFFER_BYTES: u64 = 16 << 20;
+
+/// Most arguments of a process or terminal command.
+pub const MAX_PROCESS_ARGS: usize = 1024;
+
+/// Command, arguments and stdin of a StartProcess together, in bytes.
+pub const MAX_PROCESS_SPEC_BYTES: usize = 1 << 20;
+
+/// Largest data of one stdin write, keystroke message or port message (each direction).
+pub const MAX_STREAM_DATA_BYTES: usize = MAX_CHUNK_BYTES;
+
+/// WaitProcess's wait when the request sets none.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest wait a WaitProcess may ask for.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Largest terminal, in rows and in columns.
+pub const MAX_TERMINAL_DIMENSION: u32 = 1000;
+
 /// Largest gRPC message, encoded, that any Capsa server or client sends or accepts: every
 /// hop sets both its encode and its decode limit to this (tonic's own default decode limit
 /// is 4 MiB, which a large trailing value or figure used to exceed mid-stream).

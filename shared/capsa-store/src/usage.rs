@@ -5,12 +5,15 @@
 //!   counters (`cpu_time_us`, `disk_*_bytes`, `network_*_bytes`, `uptime_ms`), the gauges
 //!   (`memory_used_bytes`, `vmm_resident_bytes`, with `sample_ms` the time they were taken),
 //!   `memory_peak_bytes`, `vmm_resident_peak_bytes` (host-measured: what memory is billed
-//!   from; the guest's own figure is information), and bookkeeping (`tenant_id`, `node_id`, `vm_id`, `lease_ms`,
+//!   from; the guest's own figure is information), the guest's activity gauges
+//!   (`processes_running`, `terminals_open`: latest value, zeroed when finalized, not part
+//!   of the records), and bookkeeping (`tenant_id`, `node_id`, `vm_id`, `lease_ms`,
 //!   `last_record_ms`, `finalized`, `final_ms`). It gets a TTL of the retention period once
 //!   finalized.
 //! - `{capsa}:usage:tenant:<t>`: hash of the tenant's totals under the same field names:
-//!   counters are sums over all its sessions ever; `memory_used_bytes` and
-//!   `vmm_resident_bytes` are sums over its sessions not yet finalized (what it holds now);
+//!   counters are sums over all its sessions ever; `memory_used_bytes`,
+//!   `vmm_resident_bytes`, `processes_running` and `terminals_open` are sums over its
+//!   sessions not yet finalized (what it holds now);
 //!   `memory_peak_bytes` and `vmm_resident_peak_bytes` are the highest those sums reached.
 //! - `{capsa}:usage:open`: set of sessions sampled but not yet finalized, so a session whose
 //!   FinalizeSession never came (its caller died) is found and finalized later.
@@ -115,7 +118,7 @@ const SAMPLE_LUA: &str = r#"
 -- KEYS: session usage, tenant usage, records stream, open set.
 -- ARGV: session id, tenant id, node id, vm id, sample ms, lease ms, cpu us, vmm resident,
 -- disk read, disk write, net rx, net tx, memory used (-1: unknown), interim interval ms
--- (0: none).
+-- (0: none), processes running (-1: unknown), terminals open (-1: unknown).
 local s, t = KEYS[1], KEYS[2]
 if redis.call('HGET', s, 'finalized') == '1' then return { 'finalized' } end
 local now = now_ms()
@@ -151,6 +154,9 @@ if sample >= num(s, 'sample_ms') then
   redis.call('HSET', s, 'sample_ms', int(sample))
   gauge('vmm_resident_bytes', tonumber(ARGV[8]))
   if mem >= 0 then gauge('memory_used_bytes', mem) end
+  local processes, terminals = tonumber(ARGV[15]), tonumber(ARGV[16])
+  if processes >= 0 then gauge('processes_running', processes) end
+  if terminals >= 0 then gauge('terminals_open', terminals) end
   raise(t, 'memory_peak_bytes', num(t, 'memory_used_bytes'))
   raise(t, 'vmm_resident_peak_bytes', num(t, 'vmm_resident_bytes'))
   raise(t, 'sample_ms', sample)
@@ -180,9 +186,13 @@ if redis.call('EXISTS', s) == 0 then
   redis.call('HINCRBY', t, 'uptime_ms', int(uptime))
   raise(t, 'sample_ms', now)
 end
--- An ended session no longer holds memory.
+-- An ended session no longer holds memory, and runs nothing.
 redis.call('HINCRBY', t, 'memory_used_bytes', int(-num(s, 'memory_used_bytes')))
 redis.call('HINCRBY', t, 'vmm_resident_bytes', int(-num(s, 'vmm_resident_bytes')))
+for _, f in ipairs({ 'processes_running', 'terminals_open' }) do
+  redis.call('HINCRBY', t, f, int(-num(s, f)))
+  redis.call('HSET', s, f, '0')
+end
 redis.call('HSET', s, 'finalized', '1', 'final_ms', int(now))
 append(KEYS[3], s, 'final', now)
 redis.call('PEXPIRE', s, ARGV[4])
@@ -215,6 +225,10 @@ pub struct Sample {
     pub network_tx_bytes: u64,
     /// As the guest reports it; `None` when the guest did not answer.
     pub memory_used_bytes: Option<u64>,
+    /// Background processes running, as the guest reports them; `None`: no answer.
+    pub processes_running: Option<u32>,
+    /// Terminals open, as the guest reports them; `None`: no answer.
+    pub terminals_open: Option<u32>,
 }
 
 /// What [`UsageStore::apply_sample`] did.
@@ -244,10 +258,15 @@ pub struct Usage {
     pub uptime_ms: u64,
     /// When the numbers were sampled (ms since the Unix epoch); 0 if never.
     pub sample_ms: i64,
+    /// Background processes running at `sample_ms` (0 once finalized).
+    pub processes_running: u32,
+    /// Terminals open at `sample_ms` (0 once finalized).
+    pub terminals_open: u32,
 }
 
 impl Usage {
-    /// Reads the [`RECORD_FIELDS`] out of a field map (a hash or a stream entry).
+    /// Reads the [`RECORD_FIELDS`] and the activity gauges out of a field map (a hash or
+    /// a stream entry).
     /// Missing fields are 0; a field that is not a number is corrupt.
     pub fn from_fields(key: &str, fields: &BTreeMap<String, String>) -> Result<Usage> {
         let get = |name: &str| -> Result<i64> {
@@ -261,6 +280,7 @@ impl Usage {
         };
         // Gauge sums can only dip below zero through a bug; clamp rather than wrap.
         let unsigned = |name: &str| get(name).map(|v| v.max(0) as u64);
+        let count = |name: &str| get(name).map(|v| v.clamp(0, i64::from(u32::MAX)) as u32);
         Ok(Usage {
             cpu_time_us: unsigned("cpu_time_us")?,
             memory_used_bytes: unsigned("memory_used_bytes")?,
@@ -273,6 +293,8 @@ impl Usage {
             disk_write_bytes: unsigned("disk_write_bytes")?,
             uptime_ms: unsigned("uptime_ms")?,
             sample_ms: get("sample_ms")?,
+            processes_running: count("processes_running")?,
+            terminals_open: count("terminals_open")?,
         })
     }
 }
@@ -409,6 +431,8 @@ impl UsageStore {
             .arg(sample.network_tx_bytes)
             .arg(memory)
             .arg(record_interval.map_or(0, ms))
+            .arg(sample.processes_running.map_or(-1, i64::from))
+            .arg(sample.terminals_open.map_or(-1, i64::from))
             .invoke_async(&mut self.conn.clone())
             .await?;
         match raw.first().map(String::as_str) {

@@ -354,6 +354,57 @@ mod tests {
         ) -> Result<Response<ex::GetGuestStatsResponse>, Status> {
             unused()
         }
+        async fn start_process(
+            &self,
+            _: Request<ex::StartProcessRequest>,
+        ) -> Result<Response<ex::StartProcessResponse>, Status> {
+            unused()
+        }
+        async fn list_processes(
+            &self,
+            _: Request<ex::ListProcessesRequest>,
+        ) -> Result<Response<ex::ListProcessesResponse>, Status> {
+            unused()
+        }
+        async fn wait_process(
+            &self,
+            _: Request<ex::WaitProcessRequest>,
+        ) -> Result<Response<ex::WaitProcessResponse>, Status> {
+            unused()
+        }
+        async fn signal_process(
+            &self,
+            _: Request<ex::SignalProcessRequest>,
+        ) -> Result<Response<ex::SignalProcessResponse>, Status> {
+            unused()
+        }
+        async fn write_stdin(
+            &self,
+            _: Request<ex::WriteStdinRequest>,
+        ) -> Result<Response<ex::WriteStdinResponse>, Status> {
+            unused()
+        }
+        type AttachProcessStream = Stream<ex::AttachProcessResponse>;
+        async fn attach_process(
+            &self,
+            _: Request<ex::AttachProcessRequest>,
+        ) -> Result<Response<Self::AttachProcessStream>, Status> {
+            unused()
+        }
+        type OpenTerminalStream = Stream<ex::OpenTerminalResponse>;
+        async fn open_terminal(
+            &self,
+            _: Request<tonic::Streaming<ex::OpenTerminalRequest>>,
+        ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+            unused()
+        }
+        type ConnectPortStream = Stream<ex::ConnectPortResponse>;
+        async fn connect_port(
+            &self,
+            _: Request<tonic::Streaming<ex::ConnectPortRequest>>,
+        ) -> Result<Response<Self::ConnectPortStream>, Status> {
+            unused()
+        }
     }
 
     async fn start() -> (GrpcDouble, ExecutorServiceClient<tonic::transport::Channel>) {

@@ -29,7 +29,10 @@ from .types import (
     TenantUsage,
     UploadResult,
     Usage,
+    Process,
+    ProcessEvent,
     _event,
+    _process_event,
 )
 
 
@@ -258,6 +261,75 @@ class AsyncCapsa:
         ):
             result._add(ev)
         return c.finish(result)
+
+    # --- background processes --------------------------------------------------------
+
+    async def start_process(
+        self,
+        command: str,
+        args: list[str] | tuple[str, ...] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        keep_stdin_open: bool = False,
+        output_buffer_bytes: int | None = None,
+    ) -> Process:
+        """Starts `command` in the background and returns at once (see
+        `Capsa.start_process`)."""
+        req = c.start_process_request(
+            await self._sid(),
+            command,
+            args,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            keep_stdin_open=keep_stdin_open,
+            output_buffer_bytes=output_buffer_bytes,
+        )
+        return Process._from_proto((await self._unary("StartProcess", req)).process)
+
+    async def list_processes(self) -> list[Process]:
+        req = session_pb2.ListProcessesRequest(session_id=await self._sid())
+        return [Process._from_proto(p) for p in (await self._unary("ListProcesses", req)).processes]
+
+    async def wait_process(self, process_id: str, *, timeout: float | None = None) -> Process:
+        """Waits for the process to exit (at most `timeout` seconds, default 60)."""
+        req = c.wait_request(await self._sid(), process_id, timeout)
+        deadline = (timeout or c.DEFAULT_WAIT_TIMEOUT) + self._request_timeout
+        resp = await self._unary("WaitProcess", req, timeout=deadline)
+        return Process._from_proto(resp.process)
+
+    async def signal_process(self, process_id: str, signal: str = "TERM") -> Process:
+        req = c.signal_request(await self._sid(), process_id, signal)
+        return Process._from_proto((await self._unary("SignalProcess", req)).process)
+
+    async def write_stdin(self, process_id: str, data: bytes = b"", *, close: bool = False) -> None:
+        req = session_pb2.WriteStdinRequest(
+            session_id=await self._sid(), process_id=process_id, data=data, close=close
+        )
+        await self._unary("WriteStdin", req)
+
+    async def process_output(
+        self, process_id: str, *, from_offset: int = 0, follow: bool = True
+    ) -> AsyncIterator[ProcessEvent]:
+        """The process's output from `from_offset` (see `Capsa.process_output`)."""
+        req = session_pb2.AttachProcessRequest(
+            session_id=await self._sid(),
+            process_id=process_id,
+            from_offset=from_offset,
+            follow=follow,
+        )
+        call = self._stub.AttachProcess(req, metadata=self._metadata)
+        try:
+            async for msg in call:
+                ev = _process_event(msg.event)
+                if ev is not None:
+                    yield ev
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()
 
     # --- files -----------------------------------------------------------------------
 

@@ -27,7 +27,10 @@ from .types import (
     TenantUsage,
     UploadResult,
     Usage,
+    Process,
+    ProcessEvent,
     _event,
+    _process_event,
 )
 
 T = TypeVar("T")
@@ -269,6 +272,81 @@ class Capsa:
         ):
             result._add(ev)
         return c.finish(result)
+
+    # --- background processes --------------------------------------------------------
+
+    def start_process(
+        self,
+        command: str,
+        args: list[str] | tuple[str, ...] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        keep_stdin_open: bool = False,
+        output_buffer_bytes: int | None = None,
+    ) -> Process:
+        """Starts `command` in the background and returns at once. It keeps running between
+        calls and after this client goes away; the session's end kills it. Its stdout and
+        stderr are kept in a ring of `output_buffer_bytes` (default 1 MiB) for
+        `process_output`. `stdin` is written first; it is then closed unless
+        `keep_stdin_open` (then use `write_stdin`)."""
+        req = c.start_process_request(
+            self._sid(),
+            command,
+            args,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            keep_stdin_open=keep_stdin_open,
+            output_buffer_bytes=output_buffer_bytes,
+        )
+        return Process._from_proto(self._unary("StartProcess", req).process)
+
+    def list_processes(self) -> list[Process]:
+        """The session's processes and terminals, running and recently exited."""
+        resp = self._unary("ListProcesses", session_pb2.ListProcessesRequest(session_id=self._sid()))
+        return [Process._from_proto(p) for p in resp.processes]
+
+    def wait_process(self, process_id: str, *, timeout: float | None = None) -> Process:
+        """Waits for the process to exit (at most `timeout` seconds, default 60, at most
+        300; then `DeadlineExceeded`) and returns it, with its exit code."""
+        req = c.wait_request(self._sid(), process_id, timeout)
+        deadline = (timeout or c.DEFAULT_WAIT_TIMEOUT) + self._request_timeout
+        return Process._from_proto(self._unary("WaitProcess", req, timeout=deadline).process)
+
+    def signal_process(self, process_id: str, signal: str = "TERM") -> Process:
+        """Sends TERM, KILL, INT or HUP to the process's group."""
+        req = c.signal_request(self._sid(), process_id, signal)
+        return Process._from_proto(self._unary("SignalProcess", req).process)
+
+    def write_stdin(self, process_id: str, data: bytes = b"", *, close: bool = False) -> None:
+        """Writes `data` (at most 1 MiB) to the process's stdin; `close` sends EOF after it."""
+        req = session_pb2.WriteStdinRequest(
+            session_id=self._sid(), process_id=process_id, data=data, close=close
+        )
+        self._unary("WriteStdin", req)
+
+    def process_output(
+        self, process_id: str, *, from_offset: int = 0, follow: bool = True
+    ) -> Iterator[ProcessEvent]:
+        """The process's output from `from_offset`: what its ring still holds (an
+        `OutputDropped` first if older output is gone), then, with `follow`, new output until
+        it exits (a `ProcessExit` last). To catch up after a disconnect, pass the offset
+        after the last byte received."""
+        req = session_pb2.AttachProcessRequest(
+            session_id=self._sid(), process_id=process_id, from_offset=from_offset, follow=follow
+        )
+        call = self._stub.AttachProcess(req, metadata=self._metadata)
+        try:
+            for msg in call:
+                ev = _process_event(msg.event)
+                if ev is not None:
+                    yield ev
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()
 
     # --- files -----------------------------------------------------------------------
 

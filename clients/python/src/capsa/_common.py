@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from google.protobuf import duration_pb2
 
 from .errors import InvalidArgument, ProtocolError
-from .proto.common.v1 import execution_pb2, files_pb2
+from .proto.common.v1 import execution_pb2, files_pb2, process_pb2
 from .proto.session.v1 import session_pb2
 from .types import EgressPolicy, ExecutionResult, SessionStatus, _duration
 
@@ -48,6 +48,8 @@ SAFE_TO_RETRY = frozenset(
         "ListFiles",
         "GetFileInfo",
         "GetEgressPolicy",
+        "ListProcesses",
+        "WaitProcess",
     }
 )
 
@@ -134,6 +136,59 @@ def execute_request(
         cwd=cwd or "",
         max_output_bytes=max_output_bytes or 0,
     )
+    t = seconds_arg("timeout", timeout)
+    if t is not None:
+        req.timeout.CopyFrom(t)
+    return req
+
+
+SIGNALS = {
+    "TERM": process_pb2.SIGNAL_TERM,
+    "KILL": process_pb2.SIGNAL_KILL,
+    "INT": process_pb2.SIGNAL_INT,
+    "HUP": process_pb2.SIGNAL_HUP,
+}
+
+# WaitProcess's wait when none is given (the server's default).
+DEFAULT_WAIT_TIMEOUT = 60.0
+
+
+def start_process_request(
+    session_id: str,
+    command: str,
+    args: list[str] | tuple[str, ...],
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | None,
+    keep_stdin_open: bool,
+    output_buffer_bytes: int | None,
+) -> session_pb2.StartProcessRequest:
+    spec = process_pb2.ProcessSpec(
+        command=command,
+        args=list(args),
+        env=dict(env or {}),
+        cwd=cwd or "",
+        stdin=stdin or b"",
+        keep_stdin_open=keep_stdin_open,
+        output_buffer_bytes=output_buffer_bytes or 0,
+    )
+    return session_pb2.StartProcessRequest(session_id=session_id, spec=spec)
+
+
+def signal_request(session_id: str, process_id: str, signal: str) -> session_pb2.SignalProcessRequest:
+    number = SIGNALS.get(signal.upper().removeprefix("SIG"))
+    if number is None:
+        raise InvalidArgument(f"signal must be one of {sorted(SIGNALS)}, got {signal!r}")
+    return session_pb2.SignalProcessRequest(
+        session_id=session_id, process_id=process_id, signal=number
+    )
+
+
+def wait_request(
+    session_id: str, process_id: str, timeout: float | None
+) -> session_pb2.WaitProcessRequest:
+    req = session_pb2.WaitProcessRequest(session_id=session_id, process_id=process_id)
     t = seconds_arg("timeout", timeout)
     if t is not None:
         req.timeout.CopyFrom(t)

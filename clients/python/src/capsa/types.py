@@ -10,7 +10,7 @@ from enum import Enum
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from .proto.common.v1 import egress_pb2, execution_pb2, files_pb2, usage_pb2
+from .proto.common.v1 import egress_pb2, execution_pb2, files_pb2, process_pb2, usage_pb2
 from .proto.session.v1 import session_pb2
 
 
@@ -167,6 +167,9 @@ class Usage:
     disk_write_bytes: int
     uptime: float
     sample_time: _dt.datetime | None
+    # Background processes running and terminals open at sample_time.
+    processes_running: int = 0
+    terminals_open: int = 0
 
     @classmethod
     def _from_proto(cls, u: usage_pb2.Usage) -> Usage:
@@ -182,6 +185,8 @@ class Usage:
             disk_write_bytes=u.disk_write_bytes,
             uptime=_seconds(u.uptime),
             sample_time=_time(u, "sample_time"),
+            processes_running=u.processes_running,
+            terminals_open=u.terminals_open,
         )
 
 
@@ -395,3 +400,104 @@ class ExecutionResult:
             self.error = ev
         else:
             self.completion = ev
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+class ProcessState(str, Enum):
+    UNSPECIFIED = "unspecified"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class ProcessKind(str, Enum):
+    UNSPECIFIED = "unspecified"
+    BACKGROUND = "background"
+    TERMINAL = "terminal"
+
+
+@dataclass(frozen=True)
+class Process:
+    """A background process (or a terminal) of the session."""
+
+    id: str
+    kind: ProcessKind
+    pid: int
+    command: str
+    args: list[str]
+    state: ProcessState
+    # Set once EXITED: the exit code, or -1 when a signal ended it (then `signal` is set).
+    exit_code: int
+    signal: int
+    start_time: _dt.datetime | None
+    end_time: _dt.datetime | None
+    # Bytes of stdout and stderr written so far: the offset of the next output byte.
+    output_offset: int
+    stdin_open: bool
+
+    @property
+    def running(self) -> bool:
+        return self.state is ProcessState.RUNNING
+
+    @classmethod
+    def _from_proto(cls, p: process_pb2.ProcessInfo) -> Process:
+        return cls(
+            id=p.process_id,
+            kind=_enum(ProcessKind, p.kind),  # type: ignore[arg-type]
+            pid=p.pid,
+            command=p.command,
+            args=list(p.args),
+            state=_enum(ProcessState, p.state),  # type: ignore[arg-type]
+            exit_code=p.exit_code,
+            signal=p.signal,
+            start_time=_time(p, "start_time"),
+            end_time=_time(p, "end_time"),
+            output_offset=p.output_offset,
+            stdin_open=p.stdin_open,
+        )
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """Output of a background process: `stream` is "stdout" or "stderr"; `offset` is where
+    `data` starts among all the bytes the process wrote to either."""
+
+    stream: str
+    offset: int
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class OutputDropped:
+    """The process's output ring no longer held [from_offset, to_offset)."""
+
+    from_offset: int
+    to_offset: int
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    """The last event of a process's output: its exit code (-1 when a signal ended it)."""
+
+    exit_code: int
+    signal: int
+
+
+ProcessEvent = ProcessOutput | OutputDropped | ProcessExit
+
+
+def _process_event(msg: process_pb2.ProcessEvent) -> ProcessEvent | None:
+    kind = msg.WhichOneof("event")
+    if kind == "output":
+        stream = "stderr" if msg.output.stream == process_pb2.OUTPUT_STREAM_STDERR else "stdout"
+        return ProcessOutput(stream=stream, offset=msg.output.offset, data=bytes(msg.output.data))
+    if kind == "dropped":
+        return OutputDropped(from_offset=msg.dropped.from_offset, to_offset=msg.dropped.to_offset)
+    if kind == "exit":
+        return ProcessExit(exit_code=msg.exit.exit_code, signal=msg.exit.signal)
+    return None

@@ -13,6 +13,11 @@
 //!
 //! Downloads of `/gen/<MiB>` stream that many MiB of a fixed pattern; other paths are
 //! NOT_FOUND.
+//!
+//! Processes: WaitProcess waits its whole timeout, then answers DEADLINE_EXCEEDED like the
+//! agent ("still running"). A terminal answers `opened`, echoes keystrokes (a resize as
+//! "<rows>x<cols>"), and when its input ends sends `exit`; a port connection echoes
+//! (port 1 refuses). Both count the request streams that ended, however they ended.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -50,6 +55,8 @@ pub struct FakeState {
     pub cancelled: AtomicUsize,
     pub uploads: Mutex<Vec<UploadOutcome>>,
     pub env: Mutex<HashMap<String, String>>,
+    /// Terminal and port request streams that ended (cleanly or by a reset).
+    pub inputs_ended: AtomicUsize,
 }
 
 /// The double, serving on a Unix socket until dropped.
@@ -87,6 +94,10 @@ impl FakeAgent {
 
     pub fn uploads(&self) -> Vec<UploadOutcome> {
         self.state.uploads.lock().unwrap().clone()
+    }
+
+    pub fn inputs_ended(&self) -> usize {
+        self.state.inputs_ended.load(Ordering::SeqCst)
     }
 }
 
@@ -341,6 +352,141 @@ impl AgentService for Fake {
             process_count: 7,
             uptime_ms: 1234,
             kernel_release: "6.1.0-capsa".into(),
+            processes_running: 2,
+            terminals_open: 1,
         }))
+    }
+
+    async fn start_process(
+        &self,
+        _: Request<StartProcessRequest>,
+    ) -> Result<Response<StartProcessResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_processes(
+        &self,
+        _: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn wait_process(
+        &self,
+        request: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let r = request.into_inner();
+        let timeout = r.timeout.expect("the executor fills in the timeout");
+        let timeout = capsa_proto::time::from_duration(&timeout).unwrap();
+        tokio::time::sleep(timeout).await;
+        Err(Status::deadline_exceeded(format!(
+            "process {} is still running after {timeout:?}",
+            r.process_id
+        )))
+    }
+
+    async fn signal_process(
+        &self,
+        _: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn write_stdin(
+        &self,
+        _: Request<WriteStdinRequest>,
+    ) -> Result<Response<WriteStdinResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type AttachProcessStream =
+        Pin<Box<dyn Stream<Item = Result<AttachProcessResponse, Status>> + Send>>;
+
+    async fn attach_process(
+        &self,
+        _: Request<AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type OpenTerminalStream =
+        Pin<Box<dyn Stream<Item = Result<OpenTerminalResponse, Status>> + Send>>;
+
+    async fn open_terminal(
+        &self,
+        request: Request<Streaming<OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        use capsa_proto::common::v1::{ProcessExit, ProcessInfo, TerminalOutput, terminal_output};
+        use open_terminal_request::Part;
+        let mut input = request.into_inner();
+        let Some(OpenTerminalRequest {
+            part: Some(Part::Open(open)),
+        }) = input.message().await?
+        else {
+            return Err(Status::invalid_argument("field `open` must come first"));
+        };
+        let output = |part| {
+            Ok(OpenTerminalResponse {
+                output: Some(TerminalOutput { part: Some(part) }),
+            })
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let opened = ProcessInfo {
+            process_id: "t-1".into(),
+            command: open.command,
+            ..Default::default()
+        };
+        let _ = tx.send(output(terminal_output::Part::Opened(opened))).await;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = input.message().await {
+                let echo = match message.part {
+                    Some(Part::Data(data)) => data,
+                    Some(Part::Resize(r)) => Bytes::from(format!("{}x{}", r.rows, r.cols)),
+                    _ => continue,
+                };
+                let _ = tx.send(output(terminal_output::Part::Data(echo))).await;
+            }
+            state.inputs_ended.fetch_add(1, Ordering::SeqCst);
+            let exit = ProcessExit {
+                exit_code: 0,
+                signal: 0,
+            };
+            let _ = tx.send(output(terminal_output::Part::Exit(exit))).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ConnectPortStream =
+        Pin<Box<dyn Stream<Item = Result<ConnectPortResponse, Status>> + Send>>;
+
+    async fn connect_port(
+        &self,
+        request: Request<Streaming<ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        use connect_port_request::Part;
+        let mut input = request.into_inner();
+        let Some(ConnectPortRequest {
+            part: Some(Part::Port(port)),
+        }) = input.message().await?
+        else {
+            return Err(Status::invalid_argument("field `port` must come first"));
+        };
+        if port == 1 {
+            return Err(Status::failed_precondition(
+                "nothing listens on port 1 in the guest (connection refused)",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = input.message().await {
+                if let Some(Part::Data(data)) = message.part {
+                    let _ = tx.send(Ok(ConnectPortResponse { data })).await;
+                }
+            }
+            state.inputs_ended.fetch_add(1, Ordering::SeqCst);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -40,7 +40,12 @@ impl Agent {
             "1000".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = ServiceProcess::start_with_env("capsa-agent", &args, env).await;
+        // A home of its own: a login bash in a test terminal must not run this machine's
+        // dotfiles (a pyenv init there once hung every terminal test on a stale lock).
+        let home = work.display().to_string();
+        let mut env_with_home = vec![("HOME", home.as_str())];
+        env_with_home.extend_from_slice(env);
+        let process = ServiceProcess::start_with_env("capsa-agent", &args, &env_with_home).await;
         assert_eq!(process.addr(), format!("unix:{}", grpc.display()));
         let proxy = HybridVsockProxy::start(&dir.path().join("vm.vsock"), 1024, &grpc);
         Agent {

@@ -38,6 +38,9 @@ pub struct VmState {
     pub network_tx_bytes: u64,
     /// `None`: GetGuestStats fails.
     pub memory_used_bytes: Option<u64>,
+    /// What GetGuestStats reports of background processes and terminals.
+    pub processes_running: u32,
+    pub terminals_open: u32,
     /// What vm-pool reports as the counters at lease time.
     pub at_lease: Option<vp::CountersAtLease>,
 }
@@ -308,7 +311,60 @@ impl ExecutorService for Shared {
             memory_used_bytes: used,
             process_count: 3,
             uptime_ms: 1000,
+            processes_running: s.processes_running,
+            terminals_open: s.terminals_open,
         }))
+    }
+    async fn start_process(
+        &self,
+        _: Request<ex::StartProcessRequest>,
+    ) -> Result<Response<ex::StartProcessResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_processes(
+        &self,
+        _: Request<ex::ListProcessesRequest>,
+    ) -> Result<Response<ex::ListProcessesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn wait_process(
+        &self,
+        _: Request<ex::WaitProcessRequest>,
+    ) -> Result<Response<ex::WaitProcessResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn signal_process(
+        &self,
+        _: Request<ex::SignalProcessRequest>,
+    ) -> Result<Response<ex::SignalProcessResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn write_stdin(
+        &self,
+        _: Request<ex::WriteStdinRequest>,
+    ) -> Result<Response<ex::WriteStdinResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type AttachProcessStream = BoxStream<ex::AttachProcessResponse>;
+    async fn attach_process(
+        &self,
+        _: Request<ex::AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type OpenTerminalStream = BoxStream<ex::OpenTerminalResponse>;
+    async fn open_terminal(
+        &self,
+        _: Request<tonic::Streaming<ex::OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type ConnectPortStream = BoxStream<ex::ConnectPortResponse>;
+    async fn connect_port(
+        &self,
+        _: Request<tonic::Streaming<ex::ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        Err(Status::unimplemented("fake"))
     }
 }
 

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use capsa_proto::common::v1::{
-    Completion, CompletionStatus, ExecuteEvent, FileInfo, OutputChunk, UploadResult, Usage,
-    execute_event,
+    Completion, CompletionStatus, ExecuteEvent, FileInfo, OutputChunk, OutputStream, ProcessEvent,
+    ProcessExit, ProcessInfo, ProcessKind, ProcessOutputChunk, ProcessState, TerminalOutput,
+    UploadResult, Usage, execute_event, process_event, terminal_output,
 };
 use capsa_proto::executor::v1 as ex;
 use capsa_proto::executor::v1::executor_service_server::{ExecutorService, ExecutorServiceServer};
@@ -63,6 +64,12 @@ pub struct State {
     pub cancelled_executes: u32,
     /// (vm id, path) → contents.
     pub files: HashMap<(String, String), Vec<u8>>,
+    /// (vm id, process id) → the process StartProcess started there ("p-<n>").
+    pub processes: HashMap<(String, String), ProcessInfo>,
+    /// vm id → what WriteStdin wrote to its processes, in order.
+    pub stdin: HashMap<String, Vec<u8>>,
+    /// Terminals and port connections the node holds open now.
+    pub open_streams: u32,
     next_vm: u32,
 }
 
@@ -187,11 +194,20 @@ impl VmPoolService for Doubles {
         Err(Status::unimplemented("not used by session-manager"))
     }
 
+    /// Zero counters taken now: enough for a real metering to sample the VM (its guest
+    /// figures come from the executor).
     async fn get_vm_counters(
         &self,
-        _: Request<vp::GetVmCountersRequest>,
+        req: Request<vp::GetVmCountersRequest>,
     ) -> Result<Response<vp::GetVmCountersResponse>, Status> {
-        Err(Status::unimplemented("not used by session-manager"))
+        let id = req.into_inner().vm_id;
+        if !self.state.lock().unwrap().vms.contains_key(&id) {
+            return Err(Status::not_found(format!("vm {id} not found")));
+        }
+        Ok(Response::new(vp::GetVmCountersResponse {
+            sample_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            ..Default::default()
+        }))
     }
 
     async fn get_node_info(
@@ -440,6 +456,232 @@ impl ExecutorService for Doubles {
         _: Request<ex::GetGuestStatsRequest>,
     ) -> Result<Response<ex::GetGuestStatsResponse>, Status> {
         Err(Status::unimplemented("not used by session-manager"))
+    }
+
+    // Processes: kept per VM, so a process id is known only on the VM that started it.
+    async fn start_process(
+        &self,
+        req: Request<ex::StartProcessRequest>,
+    ) -> Result<Response<ex::StartProcessResponse>, Status> {
+        let req = req.into_inner();
+        let spec = req.spec.unwrap_or_default();
+        let mut s = self.state.lock().unwrap();
+        let n = s
+            .processes
+            .keys()
+            .filter(|(vm, _)| *vm == req.vm_id)
+            .count()
+            + 1;
+        let info = ProcessInfo {
+            process_id: format!("p-{n}"),
+            kind: ProcessKind::Background as i32,
+            pid: 1000 + n as u32,
+            command: spec.command,
+            args: spec.args,
+            state: ProcessState::Running as i32,
+            stdin_open: spec.keep_stdin_open,
+            ..Default::default()
+        };
+        s.processes
+            .insert((req.vm_id, info.process_id.clone()), info.clone());
+        Ok(Response::new(ex::StartProcessResponse {
+            process: Some(info),
+        }))
+    }
+
+    async fn list_processes(
+        &self,
+        req: Request<ex::ListProcessesRequest>,
+    ) -> Result<Response<ex::ListProcessesResponse>, Status> {
+        let vm_id = req.into_inner().vm_id;
+        let s = self.state.lock().unwrap();
+        let mut processes: Vec<ProcessInfo> = s
+            .processes
+            .iter()
+            .filter(|((vm, _), _)| *vm == vm_id)
+            .map(|(_, p)| p.clone())
+            .collect();
+        processes.sort_by(|a, b| a.process_id.cmp(&b.process_id));
+        Ok(Response::new(ex::ListProcessesResponse { processes }))
+    }
+
+    /// Answers at once with the process as it is ("exited" once signalled).
+    async fn wait_process(
+        &self,
+        req: Request<ex::WaitProcessRequest>,
+    ) -> Result<Response<ex::WaitProcessResponse>, Status> {
+        let req = req.into_inner();
+        let process = self.process(&req.vm_id, &req.process_id)?;
+        Ok(Response::new(ex::WaitProcessResponse {
+            process: Some(process),
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        req: Request<ex::SignalProcessRequest>,
+    ) -> Result<Response<ex::SignalProcessResponse>, Status> {
+        let req = req.into_inner();
+        self.process(&req.vm_id, &req.process_id)?;
+        let mut s = self.state.lock().unwrap();
+        let p = s
+            .processes
+            .get_mut(&(req.vm_id, req.process_id))
+            .expect("checked above");
+        p.state = ProcessState::Exited as i32;
+        p.exit_code = -1;
+        p.signal = 15;
+        Ok(Response::new(ex::SignalProcessResponse {
+            process: Some(p.clone()),
+        }))
+    }
+
+    async fn write_stdin(
+        &self,
+        req: Request<ex::WriteStdinRequest>,
+    ) -> Result<Response<ex::WriteStdinResponse>, Status> {
+        let req = req.into_inner();
+        self.process(&req.vm_id, &req.process_id)?;
+        self.state
+            .lock()
+            .unwrap()
+            .stdin
+            .entry(req.vm_id)
+            .or_default()
+            .extend_from_slice(&req.data);
+        Ok(Response::new(ex::WriteStdinResponse {}))
+    }
+
+    type AttachProcessStream = BoxStream<ex::AttachProcessResponse>;
+
+    /// The process's command line as its output, then its exit.
+    async fn attach_process(
+        &self,
+        req: Request<ex::AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        let req = req.into_inner();
+        let p = self.process(&req.vm_id, &req.process_id)?;
+        let event = |e| ex::AttachProcessResponse {
+            event: Some(ProcessEvent { event: Some(e) }),
+        };
+        let events = vec![
+            Ok(event(process_event::Event::Output(ProcessOutputChunk {
+                stream: OutputStream::Stdout as i32,
+                offset: req.from_offset,
+                data: Bytes::from(format!("{} {}\n", p.command, p.args.join(" "))),
+            }))),
+            Ok(event(process_event::Event::Exit(ProcessExit {
+                exit_code: 0,
+                signal: 0,
+            }))),
+        ];
+        Ok(Response::new(Box::pin(futures::stream::iter(events))))
+    }
+
+    type OpenTerminalStream = BoxStream<ex::OpenTerminalResponse>;
+
+    /// `opened`, then each keystroke message echoed as screen bytes (and a resize as
+    /// "<rows>x<cols>"), then `exit` when the input ends. Held open until then.
+    async fn open_terminal(
+        &self,
+        req: Request<Streaming<ex::OpenTerminalRequest>>,
+    ) -> Result<Response<Self::OpenTerminalStream>, Status> {
+        use ex::open_terminal_request::Part;
+        let mut input = req.into_inner();
+        let Some(ex::OpenTerminalRequest {
+            part: Some(Part::Open(header)),
+        }) = input.message().await?
+        else {
+            return Err(Status::invalid_argument("open first"));
+        };
+        let terminal = header.terminal.unwrap_or_default();
+        let output = |part| {
+            Ok(ex::OpenTerminalResponse {
+                output: Some(TerminalOutput { part: Some(part) }),
+            })
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let opened = ProcessInfo {
+            process_id: "t-1".into(),
+            kind: ProcessKind::Terminal as i32,
+            command: terminal.command,
+            state: ProcessState::Running as i32,
+            ..Default::default()
+        };
+        let _ = tx.send(output(terminal_output::Part::Opened(opened))).await;
+        let state = self.state.clone();
+        state.lock().unwrap().open_streams += 1;
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = input.message().await {
+                let echo = match msg.part {
+                    Some(Part::Data(d)) => d,
+                    Some(Part::Resize(r)) => Bytes::from(format!("{}x{}", r.rows, r.cols)),
+                    _ => continue,
+                };
+                if tx
+                    .send(output(terminal_output::Part::Data(echo)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let exit = ProcessExit {
+                exit_code: 0,
+                signal: 0,
+            };
+            let _ = tx.send(output(terminal_output::Part::Exit(exit))).await;
+            state.lock().unwrap().open_streams -= 1;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ConnectPortStream = BoxStream<ex::ConnectPortResponse>;
+
+    /// Port 1 refuses; any other echoes its input and ends when the input does.
+    async fn connect_port(
+        &self,
+        req: Request<Streaming<ex::ConnectPortRequest>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        use ex::connect_port_request::Part;
+        let mut input = req.into_inner();
+        let Some(ex::ConnectPortRequest {
+            part: Some(Part::Open(header)),
+        }) = input.message().await?
+        else {
+            return Err(Status::invalid_argument("open first"));
+        };
+        if header.port == 1 {
+            return Err(Status::failed_precondition(
+                "nothing listens on port 1 in the guest (connection refused)",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.state.clone();
+        state.lock().unwrap().open_streams += 1;
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = input.message().await {
+                if let Some(Part::Data(data)) = msg.part
+                    && tx.send(Ok(ex::ConnectPortResponse { data })).await.is_err()
+                {
+                    break;
+                }
+            }
+            state.lock().unwrap().open_streams -= 1;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Doubles {
+    fn process(&self, vm_id: &str, id: &str) -> Result<ProcessInfo, Status> {
+        self.state
+            .lock()
+            .unwrap()
+            .processes
+            .get(&(vm_id.to_string(), id.to_string()))
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no process {id}")))
     }
 }
 

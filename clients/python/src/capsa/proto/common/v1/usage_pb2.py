@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61psa/common/v1/usage.proto\x12\x0f\x63\x61psa.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x02\n\x05Usage\x12+\n\x08\x63pu_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_peak_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12vmm_resident_bytes\x18\x04 \x01(\x04\x12\x18\n\x10network_rx_bytes\x18\x05 \x01(\x04\x12\x18\n\x10network_tx_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x64isk_read_bytes\x18\x07 \x01(\x04\x12\x18\n\x10\x64isk_write_bytes\x18\x08 \x01(\x04\x12)\n\x06uptime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bsample_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17vmm_resident_peak_bytes\x18\x0b \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61psa/common/v1/usage.proto\x12\x0f\x63\x61psa.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x03\n\x05Usage\x12+\n\x08\x63pu_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_peak_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12vmm_resident_bytes\x18\x04 \x01(\x04\x12\x18\n\x10network_rx_bytes\x18\x05 \x01(\x04\x12\x18\n\x10network_tx_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x64isk_read_bytes\x18\x07 \x01(\x04\x12\x18\n\x10\x64isk_write_bytes\x18\x08 \x01(\x04\x12)\n\x06uptime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bsample_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17vmm_resident_peak_bytes\x18\x0b \x01(\x04\x12\x19\n\x11processes_running\x18\x0c \x01(\r\x12\x16\n\x0eterminals_open\x18\r \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'capsa.proto.common.v1.usage
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGE']._serialized_start=114
-  _globals['_USAGE']._serialized_end=476
+  _globals['_USAGE']._serialized_end=527
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import datetime
 from capsa.proto.common.v1 import egress_pb2 as _egress_pb2
 from capsa.proto.common.v1 import execution_pb2 as _execution_pb2
 from capsa.proto.common.v1 import files_pb2 as _files_pb2
+from capsa.proto.common.v1 import process_pb2 as _process_pb2
 from capsa.proto.common.v1 import usage_pb2 as _usage_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -378,3 +379,141 @@ class UpdateEgressPolicyResponse(_message.Message):
     EGRESS_FIELD_NUMBER: _ClassVar[int]
     egress: _egress_pb2.EgressPolicy
     def __init__(self, egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ...) -> None: ...
+
+class StartProcessRequest(_message.Message):
+    __slots__ = ("session_id", "spec")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    spec: _process_pb2.ProcessSpec
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_process_pb2.ProcessSpec, _Mapping]] = ...) -> None: ...
+
+class StartProcessResponse(_message.Message):
+    __slots__ = ("process",)
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    process: _process_pb2.ProcessInfo
+    def __init__(self, process: _Optional[_Union[_process_pb2.ProcessInfo, _Mapping]] = ...) -> None: ...
+
+class ListProcessesRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes",)
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[_process_pb2.ProcessInfo]
+    def __init__(self, processes: _Optional[_Iterable[_Union[_process_pb2.ProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class WaitProcessRequest(_message.Message):
+    __slots__ = ("session_id", "process_id", "timeout")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    process_id: str
+    timeout: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., process_id: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WaitProcessResponse(_message.Message):
+    __slots__ = ("process",)
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    process: _process_pb2.ProcessInfo
+    def __init__(self, process: _Optional[_Union[_process_pb2.ProcessInfo, _Mapping]] = ...) -> None: ...
+
+class SignalProcessRequest(_message.Message):
+    __slots__ = ("session_id", "process_id", "signal")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    process_id: str
+    signal: _process_pb2.Signal
+    def __init__(self, session_id: _Optional[str] = ..., process_id: _Optional[str] = ..., signal: _Optional[_Union[_process_pb2.Signal, str]] = ...) -> None: ...
+
+class SignalProcessResponse(_message.Message):
+    __slots__ = ("process",)
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    process: _process_pb2.ProcessInfo
+    def __init__(self, process: _Optional[_Union[_process_pb2.ProcessInfo, _Mapping]] = ...) -> None: ...
+
+class AttachProcessRequest(_message.Message):
+    __slots__ = ("session_id", "process_id", "from_offset", "follow")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    process_id: str
+    from_offset: int
+    follow: bool
+    def __init__(self, session_id: _Optional[str] = ..., process_id: _Optional[str] = ..., from_offset: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class AttachProcessResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: _process_pb2.ProcessEvent
+    def __init__(self, event: _Optional[_Union[_process_pb2.ProcessEvent, _Mapping]] = ...) -> None: ...
+
+class WriteStdinRequest(_message.Message):
+    __slots__ = ("session_id", "process_id", "data", "close")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    process_id: str
+    data: bytes
+    close: bool
+    def __init__(self, session_id: _Optional[str] = ..., process_id: _Optional[str] = ..., data: _Optional[bytes] = ..., close: _Optional[bool] = ...) -> None: ...
+
+class WriteStdinResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenTerminalHeader(_message.Message):
+    __slots__ = ("session_id", "terminal")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    terminal: _process_pb2.TerminalOpen
+    def __init__(self, session_id: _Optional[str] = ..., terminal: _Optional[_Union[_process_pb2.TerminalOpen, _Mapping]] = ...) -> None: ...
+
+class OpenTerminalRequest(_message.Message):
+    __slots__ = ("open", "data", "resize")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    open: OpenTerminalHeader
+    data: bytes
+    resize: _process_pb2.TerminalSize
+    def __init__(self, open: _Optional[_Union[OpenTerminalHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., resize: _Optional[_Union[_process_pb2.TerminalSize, _Mapping]] = ...) -> None: ...
+
+class OpenTerminalResponse(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: _process_pb2.TerminalOutput
+    def __init__(self, output: _Optional[_Union[_process_pb2.TerminalOutput, _Mapping]] = ...) -> None: ...
+
+class ConnectPortHeader(_message.Message):
+    __slots__ = ("session_id", "port")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    port: int
+    def __init__(self, session_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class ConnectPortRequest(_message.Message):
+    __slots__ = ("open", "data")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    open: ConnectPortHeader
+    data: bytes
+    def __init__(self, open: _Optional[_Union[ConnectPortHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ConnectPortResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

@@ -116,6 +116,46 @@ class SessionServiceStub:
                 request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.UpdateEgressPolicyRequest.SerializeToString,
                 response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.UpdateEgressPolicyResponse.FromString,
                 _registered_method=True)
+        self.StartProcess = channel.unary_unary(
+                '/capsa.session.v1.SessionService/StartProcess',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.StartProcessRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.StartProcessResponse.FromString,
+                _registered_method=True)
+        self.ListProcesses = channel.unary_unary(
+                '/capsa.session.v1.SessionService/ListProcesses',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ListProcessesRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ListProcessesResponse.FromString,
+                _registered_method=True)
+        self.WaitProcess = channel.unary_unary(
+                '/capsa.session.v1.SessionService/WaitProcess',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.WaitProcessRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.WaitProcessResponse.FromString,
+                _registered_method=True)
+        self.SignalProcess = channel.unary_unary(
+                '/capsa.session.v1.SessionService/SignalProcess',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.SignalProcessRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.SignalProcessResponse.FromString,
+                _registered_method=True)
+        self.AttachProcess = channel.unary_stream(
+                '/capsa.session.v1.SessionService/AttachProcess',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.AttachProcessRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.AttachProcessResponse.FromString,
+                _registered_method=True)
+        self.WriteStdin = channel.unary_unary(
+                '/capsa.session.v1.SessionService/WriteStdin',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.WriteStdinRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.WriteStdinResponse.FromString,
+                _registered_method=True)
+        self.OpenTerminal = channel.stream_stream(
+                '/capsa.session.v1.SessionService/OpenTerminal',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.OpenTerminalRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.OpenTerminalResponse.FromString,
+                _registered_method=True)
+        self.ConnectPort = channel.stream_stream(
+                '/capsa.session.v1.SessionService/ConnectPort',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ConnectPortRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ConnectPortResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -231,6 +271,70 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartProcess(self, request, context):
+        """Starts a background process in the session's VM and returns its id at once. It keeps
+        running between calls and after the client goes away; the session's end kills it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcesses(self, request, context):
+        """The session's processes and terminals, running and recently exited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitProcess(self, request, context):
+        """Waits for a process to exit (at most `timeout`, then DEADLINE_EXCEEDED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalProcess(self, request, context):
+        """Sends TERM, KILL, INT or HUP to a process (a terminal: to its process group).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachProcess(self, request, context):
+        """A process's stdout and stderr from an offset: what its ring still holds (older output
+        is reported dropped), then, with `follow`, new output until it exits. Reconnect with
+        the offset after the last byte received to catch up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteStdin(self, request, context):
+        """Writes to a process's stdin, or closes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenTerminal(self, request_iterator, context):
+        """An interactive terminal: a PTY in the guest running bash (or a given program). The
+        first request opens it; then keystrokes and resizes in, screen bytes out. Ending the
+        request stream ends the terminal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConnectPort(self, request_iterator, context):
+        """A byte stream to a TCP port inside the guest, through the agent over vsock (no guest
+        network needed). The first request names the session and port; the call answers once
+        connected, FAILED_PRECONDITION if nothing listens there. Ending the request stream
+        half-closes the connection; the response stream ends when the guest side closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -313,6 +417,46 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.UpdateEgressPolicy,
                     request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.UpdateEgressPolicyRequest.FromString,
                     response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.UpdateEgressPolicyResponse.SerializeToString,
+            ),
+            'StartProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartProcess,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.StartProcessRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.StartProcessResponse.SerializeToString,
+            ),
+            'ListProcesses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcesses,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ListProcessesRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ListProcessesResponse.SerializeToString,
+            ),
+            'WaitProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitProcess,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.WaitProcessRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.WaitProcessResponse.SerializeToString,
+            ),
+            'SignalProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalProcess,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.SignalProcessRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.SignalProcessResponse.SerializeToString,
+            ),
+            'AttachProcess': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachProcess,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.AttachProcessRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.AttachProcessResponse.SerializeToString,
+            ),
+            'WriteStdin': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteStdin,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.WriteStdinRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.WriteStdinResponse.SerializeToString,
+            ),
+            'OpenTerminal': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenTerminal,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.OpenTerminalRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.OpenTerminalResponse.SerializeToString,
+            ),
+            'ConnectPort': grpc.stream_stream_rpc_method_handler(
+                    servicer.ConnectPort,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ConnectPortRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ConnectPortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -749,6 +893,222 @@ class SessionService:
             '/capsa.session.v1.SessionService/UpdateEgressPolicy',
             capsa_dot_session_dot_v1_dot_session__pb2.UpdateEgressPolicyRequest.SerializeToString,
             capsa_dot_session_dot_v1_dot_session__pb2.UpdateEgressPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/StartProcess',
+            capsa_dot_session_dot_v1_dot_session__pb2.StartProcessRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.StartProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcesses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/ListProcesses',
+            capsa_dot_session_dot_v1_dot_session__pb2.ListProcessesRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.ListProcessesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/WaitProcess',
+            capsa_dot_session_dot_v1_dot_session__pb2.WaitProcessRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.WaitProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/SignalProcess',
+            capsa_dot_session_dot_v1_dot_session__pb2.SignalProcessRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.SignalProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/AttachProcess',
+            capsa_dot_session_dot_v1_dot_session__pb2.AttachProcessRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.AttachProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteStdin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/WriteStdin',
+            capsa_dot_session_dot_v1_dot_session__pb2.WriteStdinRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.WriteStdinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenTerminal(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/capsa.session.v1.SessionService/OpenTerminal',
+            capsa_dot_session_dot_v1_dot_session__pb2.OpenTerminalRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.OpenTerminalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectPort(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/capsa.session.v1.SessionService/ConnectPort',
+            capsa_dot_session_dot_v1_dot_session__pb2.ConnectPortRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.ConnectPortResponse.FromString,
             options,
             channel_credentials,
             insecure,
