@@ -161,6 +161,28 @@ out = json.load(urllib.request.urlopen(req, timeout=120))
 print(out["stdout"], end="")
 assert out["stdout"] == "43\n", out
 PY
+echo "[demo] \$ capsa process start $sid -- python3 -m http.server 8000 --directory /tmp"
+server="$("$capsa" process start "$sid" -- python3 -m http.server 8000 --directory /tmp)"
+echo "[demo] \$ capsa port-forward $sid 0:8000 &   # a local port tunnelled to the guest's 8000"
+"$capsa" port-forward "$sid" 0:8000 >"$state/logs/port-forward.log" 2>&1 &
+pids+=($!)   # stopped with the stack, whatever happens below
+python3 - "$state/logs/port-forward.log" <<'PY'
+import re, sys, time, urllib.request
+deadline = time.time() + 120
+while True:  # the forwarder prints its address; the guest's server takes a moment to start
+    try:
+        addr = re.search(r"Forwarding from (\S+) ->", open(sys.argv[1]).read()).group(1)
+        body = urllib.request.urlopen(f"http://{addr}/f", timeout=30).read()
+        break
+    except Exception as e:
+        if time.time() > deadline:
+            raise SystemExit(f"[demo] GET through the tunnel failed: {e}")
+        time.sleep(1)
+print(f"[demo] GET http://{addr}/f -> {body!r}  (the file written by the shell above)")
+assert body == b"hello\n", body
+PY
+echo "[demo] \$ capsa process list $sid";        "$capsa" process list "$sid"
+echo "[demo] \$ capsa process kill $sid $server"; "$capsa" process kill "$sid" "$server"
 echo "[demo] \$ capsa kill $sid";                 "$capsa" kill "$sid"
 echo "[demo] done"
 
