@@ -400,6 +400,34 @@ async fn the_cli_runs_the_demo_of_up_sh(url: &str, key: &str) {
             .await
             .contains("size         6\n")
     );
+    // The demo's background server (its tunnel is tested in processes.rs).
+    let server = capsa(
+        url,
+        key,
+        &[
+            "process",
+            "start",
+            &sid,
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--directory",
+            "/tmp",
+        ],
+    )
+    .await;
+    let server = server.trim();
+    assert!(server.starts_with("p-"), "{server}");
+    let listed = capsa(url, key, &["process", "list", &sid]).await;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(server) && l.contains("RUNNING")),
+        "{listed}"
+    );
+    capsa(url, key, &["process", "kill", &sid, server]).await;
     let killed = capsa(url, key, &["kill", &sid]).await;
     assert!(
         killed.starts_with(&format!("{sid} TERMINAT")) && killed.ends_with(" (DELETED)\n"),
