@@ -30,7 +30,14 @@ impl ExecutorGrpc {
 }
 
 fn status(err: Error) -> Status {
-    capsa_grpc::to_status(&err)
+    let mut status = capsa_grpc::to_status(&err);
+    if matches!(err, Error::VmNotFound { .. }) {
+        status.metadata_mut().insert(
+            capsa_grpc::VM_GONE_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+    }
+    status
 }
 
 /// A message of the caller's request stream; a broken stream ends the call.

@@ -370,6 +370,8 @@ async fn an_upload_that_ends_short_leaves_nothing_behind_in_the_guest() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    // A missing file in a live VM is not a gone VM.
+    assert!(!err.metadata().contains_key(capsa_grpc::VM_GONE_METADATA));
 }
 
 #[tokio::test]

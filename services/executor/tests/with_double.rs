@@ -72,6 +72,8 @@ async fn bad_and_unknown_vm_ids() {
         "{}",
         err.message()
     );
+    // Marked, so session-manager can tell a gone VM from a missing file in a live one.
+    assert!(err.metadata().contains_key(capsa_grpc::VM_GONE_METADATA));
 
     let err = client
         .execute(ExecuteRequest {

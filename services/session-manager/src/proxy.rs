@@ -44,6 +44,9 @@ pub(crate) const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Also bounds the wait for a free stream on a connection at its concurrency limit.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 const VM_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a VM whose socket vanished may still look alive to its vm-pool, which notices
+/// a dead VMM within its exit watch (well under a second unless the node is starved).
+const VM_GONE_CONFIRM: Duration = Duration::from_secs(5);
 
 /// A part of a download: its info first, then data chunks.
 #[derive(Debug)]
@@ -124,9 +127,10 @@ impl App {
     }
 
     /// What a node error means for the client. UNAVAILABLE may mean the VM died, and so
-    /// may NOT_FOUND (the executor's "vm not on this node" once the VM's dir is gone): ask
-    /// the node's vm-pool, and if the VM is failed or gone, end the session. A NOT_FOUND
-    /// about a VM that is fine (a missing file) reaches the client as it is.
+    /// may NOT_FOUND (the executor's "vm not on this node" once the VM's socket is gone,
+    /// marked with [`capsa_grpc::VM_GONE_METADATA`]): ask the node's vm-pool, and if the VM
+    /// is failed or gone, end the session. A NOT_FOUND about a VM that is fine (a missing
+    /// file, an unknown process) reaches the client as it is; a marked one never does.
     pub(crate) async fn upstream_error(self: &Arc<Self>, t: &Target, status: Status) -> Error {
         let code = status.code();
         if !matches!(
@@ -135,35 +139,52 @@ impl App {
         ) {
             return Error::Upstream(status);
         }
-        let check = async {
-            let mut client = self.clients.vmpool(&t.node.vmpool_url).ok()?;
-            let req = GetVmRequest {
-                vm_id: t.session.vm_id.clone(),
-            };
-            match tokio::time::timeout(
-                VM_CHECK_TIMEOUT,
-                client.get_vm(with_timeout(req, VM_CHECK_TIMEOUT)),
-            )
-            .await
-            {
-                Ok(Ok(resp)) => match resp.into_inner().vm {
-                    Some(vm) => vm_failure(&vm),
-                    None => Some(format!("vm {} is gone", t.session.vm_id)),
-                },
-                Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
-                    Some(format!("vm {} is gone", t.session.vm_id))
-                }
-                _ => None,
-            }
-        };
-        match check.await {
+        let vm_gone = status.metadata().contains_key(capsa_grpc::VM_GONE_METADATA);
+        let mut why = self.vm_check(t).await;
+        // The executor saw the VM's socket vanish: the VMM died a moment ago and vm-pool
+        // may not have noticed yet. Ask again for a little while rather than hand the
+        // client a NOT_FOUND about a session that exists.
+        let confirm_until = tokio::time::Instant::now() + VM_GONE_CONFIRM;
+        while why.is_none() && vm_gone && tokio::time::Instant::now() < confirm_until {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            why = self.vm_check(t).await;
+        }
+        match why {
             Some(why) => self.vm_failed_error(&t.session, &why).await,
+            None if vm_gone => Error::Unavailable(format!(
+                "vm {} of session {} is not reachable on node {}; try again",
+                t.session.vm_id, t.session.id, t.node.node_id
+            )),
             None if code == tonic::Code::NotFound => Error::Upstream(status),
             None => Error::Unavailable(format!(
                 "node {} is unavailable: {}",
                 t.node.node_id,
                 status.message()
             )),
+        }
+    }
+
+    /// Why the session's VM is failed or gone, by its node's vm-pool; `None` when it runs
+    /// or the node does not answer in time.
+    async fn vm_check(self: &Arc<Self>, t: &Target) -> Option<String> {
+        let mut client = self.clients.vmpool(&t.node.vmpool_url).ok()?;
+        let req = GetVmRequest {
+            vm_id: t.session.vm_id.clone(),
+        };
+        match tokio::time::timeout(
+            VM_CHECK_TIMEOUT,
+            client.get_vm(with_timeout(req, VM_CHECK_TIMEOUT)),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => match resp.into_inner().vm {
+                Some(vm) => vm_failure(&vm),
+                None => Some(format!("vm {} is gone", t.session.vm_id)),
+            },
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
+                Some(format!("vm {} is gone", t.session.vm_id))
+            }
+            _ => None,
         }
     }
 

@@ -261,3 +261,49 @@ async fn files_upload_download_and_the_unary_calls() {
         assert!(err.message().contains(field), "{}", err.message());
     }
 }
+
+/// A VMM that just died: the executor no longer finds the VM's socket (NOT_FOUND, marked)
+/// while vm-pool still reports it running. The client must never get that NOT_FOUND: the
+/// call waits for vm-pool to confirm the failure (then UNAVAILABLE and VM_FAILED), and a VM
+/// that still looks alive after the confirmation window is UNAVAILABLE, session untouched.
+#[tokio::test]
+async fn a_vm_whose_socket_vanished_is_confirmed_with_vm_pool_never_not_found() {
+    use capsa_proto::vmpool::v1::VmState;
+    let h = Harness::start(1).await;
+    let mut c = h.client(0).await;
+    let list = |id: &str| pb::ListFilesRequest {
+        session_id: id.to_owned(),
+        path: "/".into(),
+    };
+
+    // vm-pool still says running and never changes: UNAVAILABLE, the session stays ACTIVE.
+    let alive = create(&mut c, None).await;
+    h.node.state().sockets_gone.insert(alive.vm_id.clone());
+    let err = c.list_files(list(&alive.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains("not reachable"), "{}", err.message());
+    assert_eq!(
+        get(&mut c, &alive.id).await.status,
+        pb::SessionStatus::Active as i32
+    );
+
+    // vm-pool notices the dead VMM a second later: the call ends the session VM_FAILED.
+    let dying = create(&mut c, None).await;
+    h.node.state().sockets_gone.insert(dying.vm_id.clone());
+    let state = h.node.doubles.state.clone();
+    let vm_id = dying.vm_id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let mut st = state.lock().unwrap();
+        let vm = st.vms.get_mut(&vm_id).unwrap();
+        vm.state = VmState::Failed as i32;
+        vm.failure = "vmm killed by signal 9".into();
+    });
+    let err = c.list_files(list(&dying.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    eventually!(get(&mut c, &dying.id).await.status == pb::SessionStatus::Terminated as i32);
+    assert_eq!(
+        get(&mut c, &dying.id).await.end_reason,
+        pb::EndReason::VmFailed as i32
+    );
+}

@@ -105,6 +105,12 @@ fn with_retry_info(code: Code, message: String, after: std::time::Duration) -> S
     )
 }
 
+/// Metadata on an executor's NOT_FOUND that means "this VM's socket is gone from the node"
+/// (it died or was destroyed), as opposed to a NOT_FOUND about something in a live VM (a
+/// missing file, an unknown process): session-manager then waits for vm-pool to confirm the
+/// VM's end instead of passing NOT_FOUND on to the client.
+pub const VM_GONE_METADATA: &str = "capsa-vm-gone";
+
 /// Converts a service error into the status sent to the client, logging internal errors
 /// with their full source chain under a fresh request id.
 pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {

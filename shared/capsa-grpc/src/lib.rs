@@ -10,5 +10,5 @@ pub mod process;
 pub mod server;
 pub mod tls;
 
-pub use error::{ErrorCode, ServiceError, to_status};
+pub use error::{ErrorCode, ServiceError, VM_GONE_METADATA, to_status};
 pub use server::{ServeError, Server, serve_tcp};

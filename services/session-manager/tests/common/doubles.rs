@@ -70,6 +70,9 @@ pub struct State {
     pub stdin: HashMap<String, Vec<u8>>,
     /// Terminals and port connections the node holds open now.
     pub open_streams: u32,
+    /// VMs whose socket the executor no longer finds (a VMM that just died): their file
+    /// calls fail NOT_FOUND marked with `capsa_grpc::VM_GONE_METADATA`, as the executor's do.
+    pub sockets_gone: std::collections::HashSet<String>,
     next_vm: u32,
 }
 
@@ -400,6 +403,14 @@ impl ExecutorService for Doubles {
     ) -> Result<Response<ex::ListFilesResponse>, Status> {
         let req = req.into_inner();
         let s = self.state.lock().unwrap();
+        if s.sockets_gone.contains(&req.vm_id) {
+            let mut status = Status::not_found(format!("vm {} not on this node", req.vm_id));
+            status.metadata_mut().insert(
+                capsa_grpc::VM_GONE_METADATA,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            return Err(status);
+        }
         let files = s
             .files
             .iter()
