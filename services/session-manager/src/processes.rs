@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::clients::with_timeout;
+use crate::clients::{ExecutorClient, with_timeout};
 use crate::error::Error;
 use crate::proxy::{ClientHalf, RELAY_BUFFER, Relayed, UNARY_TIMEOUT};
 
@@ -187,30 +187,23 @@ impl App {
         input: Input<ex::open_terminal_request::Part>,
     ) -> Result<Relayed<TerminalOutput>, Error> {
         use ex::open_terminal_request::Part;
-        let slot = self.streams.acquire(tenant)?;
-        let t = self.target(tenant, session_id).await?;
-        self.touch(&t);
-        let mut client = self.clients.executor(&t.node.executor_url)?;
         let wrap = |part| ex::OpenTerminalRequest { part: Some(part) };
-        let (feed, body) = mpsc::channel(RELAY_BUFFER);
-        feed.send(wrap(Part::Open(ex::OpenTerminalHeader {
-            vm_id: t.session.vm_id.clone(),
-            terminal: Some(terminal),
-        })))
-        .await
-        .map_err(|_| Error::Internal("terminal channel closed".into()))?;
-        let stream = self
-            .open(&t, client.open_terminal(ReceiverStream::new(body)))
-            .await?;
-        let input = input.map(move |part| part.map(wrap));
-        let half = pump(Box::pin(input), feed);
-        Ok(self.relay(
-            t,
-            slot,
-            stream,
+        let first = |vm_id| {
+            wrap(Part::Open(ex::OpenTerminalHeader {
+                vm_id,
+                terminal: Some(terminal),
+            }))
+        };
+        let input = Box::pin(input.map(move |part| part.map(wrap)));
+        self.bidi(
+            tenant,
+            session_id,
+            first,
+            input,
+            |mut c, body| async move { c.open_terminal(body).await },
             |m: ex::OpenTerminalResponse| m.output,
-            Some(half),
-        ))
+        )
+        .await
     }
 
     /// A TCP connection to `port` in the guest, answered once connected; then `input`
@@ -224,30 +217,51 @@ impl App {
         input: Input<Bytes>,
     ) -> Result<Relayed<Bytes>, Error> {
         use ex::connect_port_request::Part;
+        let wrap = |part| ex::ConnectPortRequest { part: Some(part) };
+        let first = |vm_id| wrap(Part::Open(ex::ConnectPortHeader { vm_id, port }));
+        let input = Box::pin(input.map(move |data| data.map(|d| wrap(Part::Data(d)))));
+        self.bidi(
+            tenant,
+            session_id,
+            first,
+            input,
+            |mut c, body| async move { c.connect_port(body).await },
+            |m: ex::ConnectPortResponse| Some(m.data),
+        )
+        .await
+    }
+
+    /// A bidi stream to the session's node: `first(vm id)` opens the node's call (which
+    /// answers once the guest side is open), then `input` follows it through [`pump`],
+    /// and the node's output comes back through [`App::relay`] under the tenant's slot.
+    async fn bidi<Req, Resp, D, Fut>(
+        self: &Arc<Self>,
+        tenant: &str,
+        session_id: &str,
+        first: impl FnOnce(String) -> Req,
+        input: Input<Req>,
+        call: impl FnOnce(ExecutorClient, ReceiverStream<Req>) -> Fut,
+        map: fn(Resp) -> Option<D>,
+    ) -> Result<Relayed<D>, Error>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        D: Send + 'static,
+        Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>,
+    {
         let slot = self.streams.acquire(tenant)?;
         let t = self.target(tenant, session_id).await?;
         self.touch(&t);
-        let mut client = self.clients.executor(&t.node.executor_url)?;
-        let wrap = |part| ex::ConnectPortRequest { part: Some(part) };
+        let client = self.clients.executor(&t.node.executor_url)?;
         let (feed, body) = mpsc::channel(RELAY_BUFFER);
-        feed.send(wrap(Part::Open(ex::ConnectPortHeader {
-            vm_id: t.session.vm_id.clone(),
-            port,
-        })))
-        .await
-        .map_err(|_| Error::Internal("port channel closed".into()))?;
+        feed.send(first(t.session.vm_id.clone()))
+            .await
+            .map_err(|_| Error::Internal("stream channel closed".into()))?;
         let stream = self
-            .open(&t, client.connect_port(ReceiverStream::new(body)))
+            .open(&t, call(client, ReceiverStream::new(body)))
             .await?;
-        let input = input.map(move |data| data.map(|d| wrap(Part::Data(d))));
-        let half = pump(Box::pin(input), feed);
-        Ok(self.relay(
-            t,
-            slot,
-            stream,
-            |m: ex::ConnectPortResponse| Some(m.data),
-            Some(half),
-        ))
+        let half = pump(input, feed);
+        Ok(self.relay(t, slot, stream, map, Some(half)))
     }
 }
 
