@@ -9,7 +9,10 @@
 //! When the program exits the master is drained until EIO (at most
 //! [`OUTPUT_GRACE`](crate::processes::OUTPUT_GRACE) if a background job keeps the PTY open),
 //! then the exit is sent. When the client's request stream ends or the call is cancelled the
-//! terminal hangs up: SIGHUP to its process group, SIGKILL 2 s later.
+//! terminal hangs up as a real one does: the master is closed (the program's reads get EIO)
+//! and its process group gets SIGHUP, then SIGKILL 2 s later. Closing the master matters: a
+//! shell that takes SIGHUP just before it blocks in read() (bash's readline defers the
+//! signal to its next read) would otherwise sleep until the SIGKILL.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -164,6 +167,8 @@ impl Terminal {
         output: mpsc::Sender<Result<Output, Error>>,
     ) {
         let Terminal { record, master } = self;
+        // None once hung up.
+        let mut master = Some(master);
         let mut input = std::pin::pin!(input);
         let mut changes = record.subscribe();
         let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
@@ -184,7 +189,8 @@ impl Terminal {
                 item = input.next(), if input_open && pending.is_none() => match item {
                     Some(Ok(Input::Data(data))) => pending = Some((data, 0)),
                     Some(Ok(Input::Resize(size))) => {
-                        if let Err(e) = set_size(master.get_ref(), size) {
+                        let resized = master.as_ref().map(|m| set_size(m.get_ref(), size));
+                        if let Some(Err(e)) = resized {
                             tracing::debug!(id = %record.id, error = %e, "resize failed");
                         }
                     }
@@ -195,7 +201,7 @@ impl Terminal {
                     }
                     None => hang_up = true,
                 },
-                ready = master.writable(), if pending.is_some() => {
+                ready = writable(master.as_ref()), if pending.is_some() => {
                     let (data, pos) = pending.as_mut().expect("checked by the guard");
                     let Ok(mut guard) = ready else {
                         pending = None;
@@ -213,7 +219,7 @@ impl Terminal {
                         Err(_would_block) => {}
                     }
                 }
-                read = read_master(&master, &mut buf), if output_open => match read {
+                read = read_master(master.as_ref(), &mut buf), if output_open => match read {
                     Ok(n) if n > 0 => {
                         let data = Bytes::copy_from_slice(&buf[..n]);
                         if client_there && output.send(Ok(Output::Data(data))).await.is_err() {
@@ -246,6 +252,8 @@ impl Terminal {
             if hang_up && input_open {
                 input_open = false;
                 pending = None;
+                master = None;
+                output_open = false;
                 if record.signal(Signal::SIGHUP).is_ok() {
                     tracing::info!(id = %record.id, "hung up");
                     kill_at = Some(Instant::now() + HANGUP_GRACE);
@@ -258,7 +266,21 @@ impl Terminal {
     }
 }
 
-async fn read_master(master: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+/// Never ready once hung up.
+async fn writable(
+    master: Option<&AsyncFd<OwnedFd>>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    match master {
+        Some(master) => master.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Never ready once hung up.
+async fn read_master(master: Option<&AsyncFd<OwnedFd>>, buf: &mut [u8]) -> io::Result<usize> {
+    let Some(master) = master else {
+        return std::future::pending().await;
+    };
     loop {
         let mut guard = master.readable().await?;
         if let Ok(read) = guard.try_io(|fd| Ok(nix::unistd::read(fd.get_ref(), buf)?)) {
