@@ -182,6 +182,20 @@ impl Stopped {
 
 pub type Client = SessionServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// A client of the session-manager at `url` that authenticates with `key`, on the current
+/// runtime (for a client driven from a runtime of its own; [`Stack::client`] otherwise).
+pub async fn connect_client(url: &str, key: &str) -> Client {
+    let channel = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(format!("Bearer {key}").parse().unwrap());
+    SessionServiceClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
+}
+
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]
 pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
@@ -494,15 +508,7 @@ impl Stack {
     }
 
     pub async fn client_with_key(&self, i: usize, key: &str) -> Client {
-        let channel = Channel::from_shared(self.session_managers[i].url())
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .unwrap();
-        let bearer = Bearer(format!("Bearer {key}").parse().unwrap());
-        SessionServiceClient::with_interceptor(channel, bearer)
-            .max_decoding_message_size(capsa_proto::limits::MAX_MESSAGE_BYTES)
+        connect_client(&self.session_managers[i].url(), key).await
     }
 
     /// Another tenant's key, for isolation tests.

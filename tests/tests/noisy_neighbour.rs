@@ -4,11 +4,22 @@
 //! quiet session stays ACTIVE, and the node still creates and runs new sessions afterwards.
 //!
 //! The quiet session's `Execute('pass')` median is printed with its ratio to the quiet
-//! baseline (the target is 1.25x). It is not asserted: the suite runs other VM tests beside
-//! this one, and on a 2-core host under software emulation four guests that may each use a
-//! whole vCPU (their cgroup's cpu.max) oversubscribe the CPU twice over by themselves. Alone
-//! on this machine it measured 2.1x to 4.0x before vm-pool demoted CPU-bound sessions
-//! (`capsa_vmm::cpu_balance`), 1.66x and 2.66x since; beside the rest of the suite, 7.5x.
+//! baseline (the target is 1.25x), split into the agent's own time in the guest and the rest.
+//! The test runs alone (see `.config/nextest.toml`), each median is taken over ten seconds on
+//! a node with no boot under way, and the hostile clients run on a runtime of their own. The
+//! ratio is not asserted, because on this 2-core TCG machine the measurement's own noise is
+//! of the target's size:
+//! - with no hostile workload at all the second median came out 1.33x the first;
+//! - one host process spinning on one of the two cores doubled the baseline (14 to 31 ms),
+//!   almost all of it on the host's path (services, vhost-device-vsock, the VMM), where an
+//!   Execute wakes a chain of threads that each queue behind the busy core;
+//! - with the five workloads: 1.22x to 1.62x (guest-side time within 20 %), each workload
+//!   alone 1.05x (stdout flood) to 1.29x (fork bomb).
+//!
+//! A longer slice for demoted VMs' threads (EEVDF `sched_runtime`, so wakers preempt them)
+//! and an eight-times lower batch weight were tried and did not move the figures.
+//! Before vm-pool demoted CPU-bound sessions (`capsa_vmm::cpu_balance`) it was 2.1x to 4.0x;
+//! beside the rest of the suite, 7.5x.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +28,9 @@ use std::time::{Duration, Instant};
 use capsa_e2e::{Client, Stack, StackOptions, exec};
 use capsa_proto::common::v1::Language;
 use capsa_proto::session::v1 as pb;
+use capsa_proto::vmpool::v1::GetNodeInfoRequest;
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use capsa_test_support::eventually;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -26,6 +40,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 
 /// Executes per median: enough that one slow outlier does not move it.
 const SAMPLES: usize = 41;
+const SAMPLE_GAP: Duration = Duration::from_millis(250);
 /// How long each noisy workload runs (its Execute timeout); the noisy measurement fits in it.
 const NOISE_SECS: u64 = 240;
 
@@ -45,9 +60,14 @@ impl TraceService for Sink {
     }
 }
 
-async fn median_pass(c: &mut Client, sid: &str) -> Duration {
+async fn median_pass(c: &mut Client, sid: &str) -> Medians {
     let mut took = Vec::with_capacity(SAMPLES);
+    let mut guest = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
+        // Spread over seconds: the hostile workloads come in bursts (a flood's Execute ends
+        // at the output limit, the memory filler at the OOM killer), and a median over one
+        // instant would measure whichever burst it fell in.
+        tokio::time::sleep(SAMPLE_GAP).await;
         let t = Instant::now();
         let out = exec::python(c, sid, "pass").await;
         assert_eq!(
@@ -56,9 +76,43 @@ async fn median_pass(c: &mut Client, sid: &str) -> Duration {
             "{out:?}"
         );
         took.push(t.elapsed());
+        let in_guest = out.completion().wall_time.as_ref().expect("wall_time");
+        guest.push(capsa_proto::time::from_duration(in_guest).unwrap());
     }
     took.sort();
-    took[SAMPLES / 2]
+    guest.sort();
+    Medians {
+        end_to_end: took[SAMPLES / 2],
+        in_guest: guest[SAMPLES / 2],
+    }
+}
+
+/// Execute('pass') medians: as the client sees it, and the agent's own wall time in the guest
+/// (what is left is the host's path: services, vsock, the VMM's device emulation).
+#[derive(Debug, Clone, Copy)]
+struct Medians {
+    end_to_end: Duration,
+    in_guest: Duration,
+}
+
+/// Waits until every pool of the node is full with no boot under way.
+async fn settle(stack: &Stack) {
+    let mut pool = VmPoolServiceClient::connect(stack.vm_pool.url())
+        .await
+        .unwrap();
+    eventually!(
+        {
+            let info = pool
+                .get_node_info(GetNodeInfoRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            info.pools
+                .iter()
+                .all(|p| p.booting == 0 && p.warm >= p.target)
+        },
+        300
+    );
 }
 
 /// The hostile workloads, each one long Execute (shell) in its own session.
@@ -115,20 +169,33 @@ async fn hostile_sessions_do_not_slow_a_quiet_one_or_break_the_node() {
         .await
         .id;
     exec::python(&mut quiet_client, &quiet, "pass").await; // warm the interpreter's caches
+    // The baseline is taken on a quiet node: the pool's refill after the lease is done.
+    settle(&stack).await;
     let baseline = median_pass(&mut quiet_client, &quiet).await;
 
-    // Every hostile session first, then all workloads at once.
+    // Every hostile session first, then all workloads at once, each with its own client on a
+    // runtime of its own: other tenants are other processes, and their floods must not queue
+    // in the quiet client's event loop.
     let mut noisy = Vec::new();
     for (name, language, code) in workloads() {
-        let mut c = stack.client(0).await;
-        let sid = capsa_e2e::create_default_session(&mut c).await.id;
-        noisy.push((name, c, sid, language, code));
+        let sid = capsa_e2e::create_default_session(&mut quiet_client)
+            .await
+            .id;
+        noisy.push((name, sid, language, code));
     }
+    let noise_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for (name, mut c, sid, language, code) in noisy {
+    for (name, sid, language, code) in noisy {
         let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
+        let url = stack.session_managers[0].url();
+        let key = stack.api_key.clone();
+        tasks.push(noise_runtime.spawn(async move {
+            let mut c = capsa_e2e::connect_client(&url, &key).await;
             // Repeat the workload while the measurement runs (a flood's Execute ends when it
             // reaches the output limit; the others end at their timeout).
             while !stop.load(Ordering::Relaxed) {
@@ -144,19 +211,22 @@ async fn hostile_sessions_do_not_slow_a_quiet_one_or_break_the_node() {
             }
         }));
     }
-    // Let the workloads reach full pressure (guest boots are done; they ramp in seconds).
+    // Let the workloads reach full pressure (they ramp in seconds) and the pool refill the
+    // five leases: the neighbours, not the node's own boots, are what is measured.
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let noisy_median = median_pass(&mut quiet_client, &quiet).await;
+    settle(&stack).await;
+    let noisy = median_pass(&mut quiet_client, &quiet).await;
     stop.store(true, Ordering::Relaxed);
+    let ratio = noisy.end_to_end.as_secs_f64() / baseline.end_to_end.as_secs_f64();
     eprintln!(
-        "Execute('pass') median: quiet {baseline:?}, with 5 hostile neighbours {noisy_median:?} \
-         ({:.2}x; target 1.25x)",
-        noisy_median.as_secs_f64() / baseline.as_secs_f64()
+        "Execute('pass') median: quiet {:?} (in the guest {:?}), with 5 hostile neighbours \
+         {:?} (in the guest {:?}): {ratio:.2}x; target 1.25x",
+        baseline.end_to_end, baseline.in_guest, noisy.end_to_end, noisy.in_guest
     );
     // Generous: the node still answers a quiet session promptly.
     assert!(
-        noisy_median < Duration::from_secs(2),
-        "the quiet session's Execute('pass') median is {noisy_median:?} beside the hostile ones"
+        noisy.end_to_end < Duration::from_secs(2),
+        "the quiet session's Execute('pass') median is {noisy:?} beside the hostile ones"
     );
 
     // End the hostile sessions (their Executes then end too).
@@ -171,6 +241,7 @@ async fn hostile_sessions_do_not_slow_a_quiet_one_or_break_the_node() {
             panic!("a workload task failed: {e}");
         }
     }
+    noise_runtime.shutdown_background();
     let sessions = admin
         .list_sessions(pb::ListSessionsRequest::default())
         .await
