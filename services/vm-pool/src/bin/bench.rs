@@ -16,7 +16,8 @@
 //! - bulk download (`GET /bytes/N`, `--net-bytes`) into the guest, timed in the guest, beside
 //!   the floor: the same download from the host's namespace, over the fake internet's veth.
 //!
-//! Run: `cargo run --release -p capsa-vm-pool --bin capsa-vm-pool-bench`.
+//! Run: `cargo run --release -p capsa-vm-pool --bin capsa-vm-pool-bench` (`--json` adds a
+//! last line with the figures as one JSON object).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,10 @@ struct Args {
     /// Bytes of each bulk download, guest and floor.
     #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..=MAX_BYTES))]
     net_bytes: u64,
+    /// Print, as the last line, one JSON object with the figures (`engine`, `cold_boot_ratio`,
+    /// `idle_rss_ratio`, `acquire_p50_ms`, ...) for scripts.
+    #[arg(long)]
+    json: bool,
 }
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -129,6 +134,10 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let floor_med = median(&mut floor_boot);
+    let mut json = serde_json::Map::new();
+    json.insert("engine".into(), kind.as_str().into());
+    json.insert("samples".into(), args.samples.into());
+    json.insert("floor_boot_ms".into(), ms(floor_med).into());
     let row = |name: &str, value: String, ratio: String| {
         println!("| {name:<44} | {value:>12} | {ratio:>16} |")
     };
@@ -149,18 +158,39 @@ async fn main() -> anyhow::Result<()> {
         fmt_d(cold),
         ratio(cold, floor_med),
     );
-    for (label, mut v) in [
-        ("warm AcquireVm, 1 caller", warm_1),
+    json.insert("cold_boot_ms".into(), ms(cold).into());
+    json.insert(
+        "cold_boot_ratio".into(),
+        (cold.as_secs_f64() / floor_med.as_secs_f64().max(1e-9)).into(),
+    );
+    for (label, key, mut v) in [
+        ("warm AcquireVm, 1 caller", "acquire", warm_1),
         (
             &*format!("warm AcquireVm, {} callers", args.concurrency),
+            "acquire_concurrent",
             warm_n,
         ),
     ] {
         let (p50, p99) = (percentile(&mut v, 50), percentile(&mut v, 99));
         row(&format!("{label}: p50"), fmt_d(p50), ratio(p50, floor_med));
         row(&format!("{label}: p99"), fmt_d(p99), ratio(p99, floor_med));
+        json.insert(format!("{key}_p50_ms"), ms(p50).into());
+        json.insert(format!("{key}_p99_ms"), ms(p99).into());
     }
+    json.insert("acquire_concurrency".into(), args.concurrency.into());
     let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
+    json.insert(
+        "idle_rss_mib".into(),
+        (cr as f64 / f64::from(1 << 20)).into(),
+    );
+    json.insert(
+        "floor_rss_mib".into(),
+        (fr as f64 / f64::from(1 << 20)).into(),
+    );
+    json.insert(
+        "idle_rss_ratio".into(),
+        (cr as f64 / fr.max(1) as f64).into(),
+    );
     row(
         "VMM resident memory, idle agent VM",
         format!("{} MiB", cr >> 20),
@@ -191,6 +221,10 @@ async fn main() -> anyhow::Result<()> {
         );
         println!("|{:-<46}|{:-<14}|{:-<18}|", "", "", "");
         let (guest, host) = (median_f(&mut net.guest_mbps), median_f(&mut net.host_mbps));
+        json.insert("first_connect_ms".into(), ms(connect).into());
+        json.insert("acquire_to_connected_p50_ms".into(), ms(trip).into());
+        json.insert("download_mbps".into(), guest.into());
+        json.insert("download_ratio".into(), (guest / host.max(1e-9)).into());
         let mib = args.net_bytes as f64 / f64::from(1 << 20);
         row(
             &format!("guest <- fake internet ns, {mib:.0} MiB"),
@@ -207,7 +241,14 @@ async fn main() -> anyhow::Result<()> {
         "\n{} boot samples each; {} sequential warm acquires; {} network leases; engine {}",
         args.samples, args.samples, args.net_samples, kind
     );
+    if args.json {
+        println!("{}", serde_json::Value::Object(json));
+    }
     Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 enum Ready {
