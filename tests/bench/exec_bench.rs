@@ -1,35 +1,135 @@
-//! Execute benchmark: one stack, one session, one VM, all figures from the same run.
+//! Execute benchmark: one stack, one session, one guest agent, all figures from the same run.
 //!
-//! - Execute of `x = 1` end to end (client → session-manager → executor → vsock → agent →
-//!   Python and back), split into the interpreter's own time (measured in the guest and
-//!   reported in the completion), a bare vsock round trip to the same VM (the agent's echo
-//!   port), and the rest: Capsa's own overhead.
-//! - stdout throughput through every service beside the bare vsock throughput of that VM.
+//! - `--engine vm` (the default): the whole stack with vm-pool booting a real VM (the engine
+//!   this machine offers). `--engine native` (or `--native`): Capsa's own path with no
+//!   emulation, the guest agent running as a host process behind the same kind of
+//!   hybrid-vsock socket a VM exposes (see `native_node.rs`; a bench seam, no product mode).
+//! - Execute of `x = 1` (`--code`), hop by hop, interleaved so every hop sees the same load:
+//!   a bare round trip of one byte through the agent's echo port, the agent's Execute
+//!   straight over the hybrid-vsock socket (as the executor dials it), the executor's
+//!   Execute, and end to end through session-manager. The interpreter's own time comes from
+//!   the completion; host overhead is end to end − interpreter − bare round trip, per sample.
+//! - stdout throughput through every service beside the bare socket throughput of the same
+//!   agent, and GetSession latency.
 //!
-//! Run: `cargo build --release --workspace && target/release/capsa-exec-bench [samples]`
-//! (the service binaries are taken from the same target dir as this one).
+//! Run: `cargo build --release --workspace && target/release/capsa-exec-bench [--native]
+//! [--samples N] [--json]` (the service binaries are taken from the same target dir as this
+//! one). With `--json` the last line printed is one JSON object of the figures.
 
+mod native_node;
+
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsa_e2e::{Stack, StackOptions, exec};
-use capsa_proto::common::v1::Language;
-use capsa_proto::session::v1::CreateSessionRequest;
+use capsa_e2e::{Client, Stack, StackOptions, connect_client, exec};
+use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
+use capsa_proto::common::v1::{ExecuteSpec, Language};
+use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
+use capsa_proto::session::v1::{CreateSessionRequest, DeleteSessionRequest, GetSessionRequest};
+use capsa_proto::vmpool::v1::GetVmRequest;
+use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
+use capsa_test_support::execute::{Outcome, collect};
+use clap::Parser;
+use native_node::{ECHO_PORT, NativeNode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// The agent's raw echo port (beside gRPC on 1024).
-const ECHO_PORT: u32 = 1025;
-const THROUGHPUT_BYTES: usize = 64 << 20;
 /// Throughput runs of each kind, alternating; the table gives their medians.
 const THROUGHPUT_RUNS: usize = 5;
+/// Calls of each hop before measuring: the kernel, the channels and the caches warm up.
+const WARMUP: usize = 20;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Engine {
+    /// vm-pool boots a real VM (KVM, or QEMU TCG where there is no KVM).
+    Vm,
+    /// The agent runs as a host process behind a hybrid-vsock socket: no emulation.
+    Native,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "capsa-exec-bench",
+    about = "Execute latency hop by hop, stdout throughput and GetSession latency"
+)]
+struct Args {
+    /// Where the guest agent runs.
+    #[arg(long, value_enum, default_value_t = Engine::Vm)]
+    engine: Engine,
+    /// Shorthand for `--engine native`.
+    #[arg(long, conflicts_with = "engine")]
+    native: bool,
+    /// Samples of each hop (and of GetSession).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    samples: u32,
+    /// The Python code each Execute runs.
+    #[arg(long, default_value = "x = 1")]
+    code: String,
+    /// MiB of stdout per throughput run.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    throughput_mib: u32,
+    /// Also print the figures as one JSON object, on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What the measurements run against: a session and the node it lives on.
+struct Target {
+    client: Client,
+    session_id: String,
+    vm_id: String,
+    executor_url: String,
+    /// The VM's hybrid-vsock socket.
+    vm_socket: PathBuf,
+    engine: String,
+}
+
+/// Per-sample figures of every hop.
+#[derive(Default)]
+struct Samples {
+    rtt: Vec<Duration>,
+    agent: Vec<Duration>,
+    executor: Vec<Duration>,
+    e2e: Vec<Duration>,
+    interp: Vec<Duration>,
+    agent_wall: Vec<Duration>,
+    get_session: Vec<Duration>,
+}
 
 #[tokio::main]
 async fn main() {
-    let samples: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    let stack = Stack::start(StackOptions::default()).await;
-    let mut client = stack.client(0).await;
+    let args = Args::parse();
+    if args.native || args.engine == Engine::Native {
+        let node = NativeNode::start().await;
+        let client = connect_client(&node.session_manager.url(), &node.api_key).await;
+        let target = open(
+            client,
+            node.executor.url(),
+            node.vmpool_url(),
+            node.state_dir.path(),
+        )
+        .await;
+        bench(target, &args).await;
+    } else {
+        let stack = Stack::start(StackOptions::default()).await;
+        let client = stack.client(0).await;
+        let target = open(
+            client,
+            stack.executor.url(),
+            stack.vm_pool.url(),
+            &stack.vm_state_dir(),
+        )
+        .await;
+        bench(target, &args).await;
+    }
+}
+
+/// Creates the session the bench runs in and finds its VM.
+async fn open(
+    mut client: Client,
+    executor_url: String,
+    vmpool_url: String,
+    state_dir: &Path,
+) -> Target {
     let session = client
         .create_session(CreateSessionRequest {
             lifetime: Some(capsa_proto::time::duration(Duration::from_secs(3600))),
@@ -39,126 +139,241 @@ async fn main() {
         .expect("create session")
         .into_inner()
         .session
-        .unwrap();
-    let vsock =
-        capsa_vsock::vm_socket_path(&stack.state_dir.path().join("vm-state"), &session.vm_id)
-            .expect("vm id");
-
-    // Warm up the kernel, the channels and the caches on every hop.
-    for _ in 0..20 {
-        exec::python(&mut client, &session.id, "x = 1").await;
+        .expect("a created session");
+    let vm = VmPoolServiceClient::connect(vmpool_url)
+        .await
+        .expect("connect to the node's vm pool")
+        .get_vm(GetVmRequest {
+            vm_id: session.vm_id.clone(),
+        })
+        .await
+        .expect("get the session's vm")
+        .into_inner()
+        .vm
+        .expect("a vm");
+    Target {
+        client,
+        vm_socket: capsa_vsock::vm_socket_path(state_dir, &session.vm_id).expect("vm id"),
+        session_id: session.id,
+        vm_id: session.vm_id,
+        executor_url,
+        engine: vm.engine,
     }
+}
 
-    let mut e2e = Vec::with_capacity(samples);
-    let mut interp = Vec::with_capacity(samples);
-    let mut agent_wall = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let started = Instant::now();
-        let out = exec::python(&mut client, &session.id, "x = 1").await;
-        e2e.push(started.elapsed());
-        let t = out
-            .completion()
-            .interpreter_time
-            .as_ref()
-            .expect("interpreter_time");
-        interp.push(capsa_proto::time::from_duration(t).unwrap());
-        let w = out.completion().wall_time.as_ref().expect("wall_time");
-        agent_wall.push(capsa_proto::time::from_duration(w).unwrap());
-    }
-
-    let mut echo = capsa_vsock::connect(&vsock, ECHO_PORT)
+async fn bench(mut t: Target, args: &Args) {
+    let code = args.code.as_str();
+    let spec = ExecuteSpec {
+        language: Language::Python as i32,
+        code: code.to_string(),
+        ..Default::default()
+    };
+    let mut agent = AgentServiceClient::new(capsa_vsock::channel(
+        t.vm_socket.clone(),
+        capsa_vsock::AGENT_PORT,
+    ));
+    let mut executor = ExecutorServiceClient::connect(t.executor_url.clone())
+        .await
+        .expect("connect to the executor");
+    let mut echo = capsa_vsock::connect(&t.vm_socket, ECHO_PORT)
         .await
         .expect("echo port");
-    let mut rtt = Vec::with_capacity(samples);
-    let mut byte = [0u8; 1];
-    for _ in 0..samples + 20 {
+
+    let mut s = Samples::default();
+    let samples = args.samples as usize;
+    for i in 0..WARMUP + samples {
+        let keep = i >= WARMUP;
+
         let started = Instant::now();
+        let mut byte = [0u8; 1];
         echo.write_all(b"x").await.unwrap();
         echo.read_exact(&mut byte).await.unwrap();
-        rtt.push(started.elapsed());
+        push(keep, &mut s.rtt, started.elapsed());
+
+        let started = Instant::now();
+        let req = capsa_proto::agent::v1::ExecuteRequest {
+            spec: Some(spec.clone()),
+        };
+        ok(collect(
+            agent
+                .execute(req)
+                .await
+                .expect("agent execute")
+                .into_inner(),
+        )
+        .await);
+        push(keep, &mut s.agent, started.elapsed());
+
+        let started = Instant::now();
+        let req = capsa_proto::executor::v1::ExecuteRequest {
+            vm_id: t.vm_id.clone(),
+            spec: Some(spec.clone()),
+        };
+        ok(collect(
+            executor
+                .execute(req)
+                .await
+                .expect("executor execute")
+                .into_inner(),
+        )
+        .await);
+        push(keep, &mut s.executor, started.elapsed());
+
+        let started = Instant::now();
+        let out = exec::python(&mut t.client, &t.session_id, code).await;
+        push(keep, &mut s.e2e, started.elapsed());
+        let c = ok(out).completion().clone();
+        let d = |d: Option<&prost_types::Duration>| {
+            capsa_proto::time::from_duration(d.expect("completion times")).unwrap()
+        };
+        push(keep, &mut s.interp, d(c.interpreter_time.as_ref()));
+        push(keep, &mut s.agent_wall, d(c.wall_time.as_ref()));
+
+        let started = Instant::now();
+        t.client
+            .get_session(GetSessionRequest {
+                session_id: t.session_id.clone(),
+            })
+            .await
+            .expect("get session");
+        push(keep, &mut s.get_session, started.elapsed());
     }
-    rtt.drain(..20);
+    drop(echo);
 
-    let vsock_rtt_p50 = percentile(&rtt, 50.0);
-    let overhead: Vec<Duration> = e2e
-        .iter()
-        .zip(&interp)
-        .map(|(total, i)| total.saturating_sub(*i).saturating_sub(vsock_rtt_p50))
+    let host_overhead: Vec<Duration> = (0..samples)
+        .map(|i| {
+            s.e2e[i]
+                .saturating_sub(s.interp[i])
+                .saturating_sub(s.rtt[i])
+        })
         .collect();
-    // Where the overhead is: inside the guest (the agent's wall time around the
-    // interpreter) or on the host (three services and their hops, minus one vsock trip).
-    let in_guest: Vec<Duration> = agent_wall
-        .iter()
-        .zip(&interp)
-        .map(|(w, i)| w.saturating_sub(*i))
+    // Where the host overhead is: in the agent around the interpreter (inside the guest, in
+    // a VM), or in the services and their hops.
+    let in_agent: Vec<Duration> = (0..samples)
+        .map(|i| s.agent_wall[i].saturating_sub(s.interp[i]))
         .collect();
-    let on_host: Vec<Duration> = e2e
-        .iter()
-        .zip(&agent_wall)
-        .map(|(total, w)| total.saturating_sub(*w).saturating_sub(vsock_rtt_p50))
+    let in_services: Vec<Duration> = (0..samples)
+        .map(|i| {
+            s.e2e[i]
+                .saturating_sub(s.agent_wall[i])
+                .saturating_sub(s.rtt[i])
+        })
         .collect();
 
-    // Throughput: the same number of bytes through the whole stack and through bare vsock,
-    // alternating, so both see the same host load.
+    // Throughput: the same number of bytes through the whole stack and through the bare
+    // socket, alternating, so both see the same host load.
+    let bytes = args.throughput_mib as usize * (1 << 20);
     let mut stack_secs = Vec::with_capacity(THROUGHPUT_RUNS);
-    let mut vsock_secs = Vec::with_capacity(THROUGHPUT_RUNS);
+    let mut bare_secs = Vec::with_capacity(THROUGHPUT_RUNS);
     for _ in 0..THROUGHPUT_RUNS {
-        stack_secs.push(stdout_through_stack(&mut client, &session.id).await);
-        vsock_secs.push(echo_through_vsock(&vsock).await);
+        stack_secs.push(stdout_through_stack(&mut t.client, &t.session_id, bytes).await);
+        bare_secs.push(echo_through_socket(&t.vm_socket, bytes).await);
     }
-    let (stack_secs, vsock_secs) = (median_f64(stack_secs), median_f64(vsock_secs));
+    let mib = f64::from(args.throughput_mib);
+    let stack_tp = mib / median_f64(stack_secs);
+    let bare_tp = mib / median_f64(bare_secs);
 
-    let mib = THROUGHPUT_BYTES as f64 / (1 << 20) as f64;
-    let (stack_tp, vsock_tp) = (mib / stack_secs, mib / vsock_secs);
-    println!("Execute of `x = 1`, {samples} samples, one VM (engine: see vm-pool log), one run");
-    println!("| part                              |   p50 (ms) |   p99 (ms) |");
-    println!("|-----------------------------------|-----------:|-----------:|");
+    t.client
+        .delete_session(DeleteSessionRequest {
+            session_id: t.session_id.clone(),
+        })
+        .await
+        .expect("delete session");
+
+    let build = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    let engine = &t.engine;
+    println!("Execute of `{code}`, {samples} samples, engine: {engine}, {build} build, one run");
+    println!("| hop                                       |   p50 (ms) |   p99 (ms) |");
+    println!("|-------------------------------------------|-----------:|-----------:|");
     for (name, v) in [
-        ("end to end (client)", &e2e),
-        ("interpreter in the guest", &interp),
-        ("bare vsock round trip (echo)", &rtt),
-        ("Capsa's own overhead (the rest)", &overhead),
-        ("  of which: agent, in the guest", &in_guest),
-        ("  of which: services on the host", &on_host),
+        ("bare socket round trip (echo, 1 byte)", &s.rtt),
+        ("agent direct (AgentService Execute)", &s.agent),
+        ("executor direct (ExecutorService Execute)", &s.executor),
+        ("end to end (through session-manager)", &s.e2e),
+        ("interpreter (from the completion)", &s.interp),
+        ("host overhead (e2e - interp - bare RTT)", &host_overhead),
+        ("  of which: agent, around the interpreter", &in_agent),
+        ("  of which: services and their hops", &in_services),
+        ("GetSession", &s.get_session),
     ] {
         println!(
-            "| {name:<33} | {:>10.3} | {:>10.3} |",
+            "| {name:<41} | {:>10.3} | {:>10.3} |",
             ms(percentile(v, 50.0)),
             ms(percentile(v, 99.0))
         );
     }
     println!();
     println!(
-        "| stdout throughput ({mib:.0} MiB, median of {THROUGHPUT_RUNS}) |      MiB/s | ratio to bare vsock |"
+        "| stdout throughput ({mib:.0} MiB, median of {THROUGHPUT_RUNS})   |      MiB/s | ratio to bare |"
     );
-    println!("|-----------------------------------|-----------:|--------------------:|");
+    println!("|-------------------------------------------|-----------:|--------------:|");
     println!(
-        "| through all services              | {stack_tp:>10.1} | {:>19.2} |",
-        stack_tp / vsock_tp
+        "| through all services                      | {stack_tp:>10.1} | {:>13.2} |",
+        stack_tp / bare_tp
     );
     println!(
-        "| bare vsock (echo, same VM)        | {vsock_tp:>10.1} | {:>19.2} |",
+        "| bare socket (echo, same agent)            | {bare_tp:>10.1} | {:>13.2} |",
         1.0
     );
+    if args.json {
+        let p50 = |v: &[Duration]| ms(percentile(v, 50.0));
+        let p99 = |v: &[Duration]| ms(percentile(v, 99.0));
+        let figures = serde_json::json!({
+            "engine": engine,
+            "build": build,
+            "code": code,
+            "samples": samples,
+            "host_overhead_p50_ms": p50(&host_overhead),
+            "host_overhead_p99_ms": p99(&host_overhead),
+            "throughput_ratio": stack_tp / bare_tp,
+            "throughput_mib_s": stack_tp,
+            "bare_throughput_mib_s": bare_tp,
+            "get_session_p50_ms": p50(&s.get_session),
+            "get_session_p99_ms": p99(&s.get_session),
+            "bare_rtt_p50_ms": p50(&s.rtt),
+            "agent_direct_p50_ms": p50(&s.agent),
+            "executor_direct_p50_ms": p50(&s.executor),
+            "end_to_end_p50_ms": p50(&s.e2e),
+            "end_to_end_p99_ms": p99(&s.e2e),
+            "interpreter_p50_ms": p50(&s.interp),
+        });
+        println!("{figures}");
+    }
 }
 
-/// Seconds to stream `THROUGHPUT_BYTES` of Python stdout through every service.
-async fn stdout_through_stack(client: &mut capsa_e2e::Client, session_id: &str) -> f64 {
-    let code = format!(
-        "import sys\nsys.stdout.buffer.write(b'x' * {THROUGHPUT_BYTES})\nsys.stdout.flush()"
-    );
+fn push(keep: bool, v: &mut Vec<Duration>, d: Duration) {
+    if keep {
+        v.push(d);
+    }
+}
+
+/// `out`, checked to have completed without an error: a failing hop is no figure.
+fn ok(out: Outcome) -> Outcome {
+    assert!(out.error.is_none(), "execute failed: {out:?}");
+    assert!(out.errors.is_empty(), "the code raised: {out:?}");
+    out.completion();
+    out
+}
+
+/// Seconds to stream `bytes` of Python stdout through every service.
+async fn stdout_through_stack(client: &mut Client, session_id: &str, bytes: usize) -> f64 {
+    let code = format!("import sys\nsys.stdout.buffer.write(b'x' * {bytes})\nsys.stdout.flush()");
     let mut req = exec::request(session_id, Language::Python, &code, 600_000);
-    req.max_output_bytes = 2 * THROUGHPUT_BYTES as u64; // above the 32 MiB default cap
+    req.max_output_bytes = 2 * bytes as u64; // above the 32 MiB default cap
     let started = Instant::now();
     let out = exec::run(client, req).await;
     let secs = started.elapsed().as_secs_f64();
-    assert_eq!(out.stdout.len(), THROUGHPUT_BYTES, "all output arrived");
+    assert_eq!(out.stdout.len(), bytes, "all output arrived");
     secs
 }
 
-/// Seconds to send `THROUGHPUT_BYTES` through the agent's echo port and read them back.
-async fn echo_through_vsock(vsock: &std::path::Path) -> f64 {
-    let echo = capsa_vsock::connect(vsock, ECHO_PORT)
+/// Seconds to send `bytes` through the agent's echo port and read them back.
+async fn echo_through_socket(vm_socket: &Path, bytes: usize) -> f64 {
+    let echo = capsa_vsock::connect(vm_socket, ECHO_PORT)
         .await
         .expect("echo port");
     let (mut rd, mut wr) = echo.into_split();
@@ -167,15 +382,18 @@ async fn echo_through_vsock(vsock: &std::path::Path) -> f64 {
     // echo end the connection while its last bytes are still in flight.
     let writer = tokio::spawn(async move {
         let block = vec![0x78u8; 1 << 16];
-        for _ in 0..THROUGHPUT_BYTES / block.len() {
-            wr.write_all(&block).await.unwrap();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(block.len());
+            wr.write_all(&block[..n]).await.unwrap();
+            left -= n;
         }
         wr
     });
     let mut buf = vec![0u8; 1 << 16];
     let mut got = 0;
     let reading = async {
-        while got < THROUGHPUT_BYTES {
+        while got < bytes {
             match rd.read(&mut buf).await.unwrap() {
                 0 => panic!("echo connection closed after {got} bytes"),
                 n => got += n,
@@ -184,7 +402,7 @@ async fn echo_through_vsock(vsock: &std::path::Path) -> f64 {
     };
     tokio::time::timeout(Duration::from_secs(300), reading)
         .await
-        .unwrap_or_else(|_| panic!("bare vsock echo stalled after {got} bytes"));
+        .unwrap_or_else(|_| panic!("bare socket echo stalled after {got} bytes"));
     let _open_until_read = writer.await.unwrap();
     started.elapsed().as_secs_f64()
 }

@@ -53,6 +53,9 @@ async fn the_pool_bench_prints_its_figures_as_json_last() {
         "floor_boot_ms",
         "idle_rss_mib",
         "floor_rss_mib",
+        "boot_kernel_ms",
+        "boot_init_ms",
+        "boot_agent_ms",
     ] {
         let v = figures[key].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v > 0.0, "{key} = {v} in {figures}");
@@ -63,4 +66,5 @@ async fn the_pool_bench_prints_its_figures_as_json_last() {
         "{figures}"
     );
     assert_eq!(figures["samples"], 1);
+    assert!(figures["boots_hung"].as_u64().is_some(), "{figures}");
 }
