@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use capsa_proto::common::v1::EgressPolicy;
+use capsa_proto::time;
 use capsa_proto::vmpool::v1 as vp;
 use capsa_proto::vmpool::v1::vm_pool_service_server::{VmPoolService, VmPoolServiceServer};
 use capsa_store::{ApiKeyStore, NodeRecord, NodeRegistry};
@@ -28,9 +29,6 @@ const TEMPLATE: &str = "default";
 /// Agents this node runs at once (the bench needs one).
 const CAPACITY: u32 = 16;
 const HEARTBEAT_TTL: Duration = Duration::from_secs(30);
-/// `/proc/<pid>/stat` counts CPU time in USER_HZ, 100 on every architecture Linux runs
-/// this on.
-const USER_HZ: u64 = 100;
 
 /// Redis, metering, executor and session-manager as processes, and the in-process pool,
 /// registered as node `native-bench`. Everything stops on drop, agents first.
@@ -225,50 +223,15 @@ fn counters(pgid: u32) -> Counters {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return total;
     };
-    for entry in procs.flatten() {
-        let path = entry.path();
-        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
-            continue; // not a process, or gone meanwhile
-        };
-        // Fields after the `(comm)`: state ppid pgrp session tty tpgid flags minflt cminflt
-        // majflt cmajflt utime stime ...
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        if fields.len() < 13 || fields[2] != pgid.to_string() {
-            continue;
-        }
-        let ticks: u64 =
-            fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-        total.cpu += Duration::from_millis(ticks * 1000 / USER_HZ);
-        let rss_kib = std::fs::read_to_string(path.join("status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        total.resident_bytes += rss_kib << 10;
+    let pids = procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    for pid in pids.filter(|&pid| capsa_vmm::process_group(pid) == Some(pgid)) {
+        // A process that ended in between simply counts no more.
+        total.cpu += capsa_vmm::cpu_time(pid).unwrap_or_default();
+        total.resident_bytes += capsa_vmm::resident_bytes(pid).unwrap_or(0);
     }
     total
-}
-
-/// The host's memory in MiB: what an agent on the host may use.
-fn host_memory_mib() -> u32 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| (kib >> 10) as u32)
-}
-
-fn timestamp(t: SystemTime) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp::from(t))
 }
 
 impl NativePool {
@@ -310,14 +273,14 @@ impl NativePool {
             id: vm_id.into(),
             template: TEMPLATE.into(),
             vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            memory_mib: host_memory_mib(),
+            memory_mib: u32::try_from(capsa_vmm::host_memory_mib()).unwrap_or(u32::MAX),
             state: vp::VmState::Leased as i32,
             lease_id: lease_id.into(),
             engine: ENGINE.into(),
             vmm_pid: agent.pid(),
-            boot_time: timestamp(boot_time),
-            boot_duration: Some(capsa_proto::time::duration(started.elapsed())),
-            lease_time: timestamp(SystemTime::now()),
+            boot_time: Some(time::timestamp(boot_time)),
+            boot_duration: Some(time::duration(started.elapsed())),
+            lease_time: Some(time::timestamp(SystemTime::now())),
             failure: String::new(),
         };
         NativeVm {
@@ -436,12 +399,12 @@ impl VmPoolService for NativePool {
             None => return Err(Status::not_found(format!("vm_id: vm {id} not found"))),
         };
         let now = counters(pid);
-        let cpu = |d: Duration| Some(capsa_proto::time::duration(d));
+        let cpu = |d: Duration| Some(time::duration(d));
         Ok(Response::new(vp::GetVmCountersResponse {
             vm_id: id,
             cpu_time: cpu(now.cpu),
             vmm_resident_bytes: now.resident_bytes,
-            sample_time: timestamp(SystemTime::now()),
+            sample_time: Some(time::timestamp(SystemTime::now())),
             at_lease: Some(vp::CountersAtLease {
                 cpu_time: cpu(at_lease.cpu),
                 ..Default::default()

@@ -237,18 +237,6 @@ fn parse_template(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_owned(), PathBuf::from(dir)))
 }
 
-/// MemTotal of /proc/meminfo in MiB (0 if unreadable).
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
-}
-
 fn parse_secs(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("must be at least 1 s".into()),
@@ -281,7 +269,7 @@ impl Config {
     /// (memory MiB, vcpus) the VMs may take together, defaults resolved from this host.
     pub fn node_capacity(&self) -> (u64, u32) {
         let memory = match self.capacity_memory_mib {
-            0 => host_memory_mib().saturating_sub(self.memory_reserve_mib),
+            0 => capsa_vmm::host_memory_mib().saturating_sub(self.memory_reserve_mib),
             n => n,
         };
         let vcpus = match self.capacity_vcpus {

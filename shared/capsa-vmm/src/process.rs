@@ -205,7 +205,7 @@ fn listening_in(table: &str, path: &str) -> bool {
 
 /// utime + stime of the whole process (every thread, live and exited), from
 /// `/proc/<pid>/stat`.
-pub(crate) fn cpu_time(pid: u32) -> std::io::Result<Duration> {
+pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_cpu_ticks(&stat)
         .map(|ticks| {
@@ -217,18 +217,40 @@ pub(crate) fn cpu_time(pid: u32) -> std::io::Result<Duration> {
 }
 
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name (field 2) may contain spaces and parentheses: fields after the last
-    // ')' start at field 3 (state); utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(stat)?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
 }
 
+/// The process group of `pid`, from `/proc/<pid>/stat`; `None` if it is gone.
+pub fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields(&stat)?.get(2)?.parse().ok()
+}
+
+/// The fields of a `/proc/<pid>/stat` line from field 3 (state) on. The command name
+/// (field 2) may contain spaces and parentheses, so they start after the last ')': ppid
+/// is at index 1, pgrp at 2, utime and stime at 11 and 12.
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace().collect())
+}
+
+/// MemTotal of /proc/meminfo in MiB (0 if unreadable).
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 /// Resident set size in bytes (VmRSS of `/proc/<pid>/status`: anon + file + shmem, so the
 /// touched part of a memfd-backed guest counts).
-pub(crate) fn resident_bytes(pid: u32) -> std::io::Result<u64> {
+pub fn resident_bytes(pid: u32) -> std::io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -270,6 +292,14 @@ mod tests {
     fn stat_parsing_survives_odd_command_names() {
         let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 5 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
+    }
+
+    #[test]
+    fn the_process_group_is_read_from_stat() {
+        // SAFETY: getpgrp has no preconditions.
+        let own = unsafe { libc::getpgrp() } as u32;
+        assert_eq!(process_group(std::process::id()), Some(own));
+        assert_eq!(process_group(u32::MAX), None);
     }
 
     #[test]
