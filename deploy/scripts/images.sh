@@ -136,7 +136,6 @@ if [[ -z "$bins" ]]; then
 else
   log "binaries from $bins"
 fi
-vhost="$(command -v vhost-device-vsock)" || die "vhost-device-vsock missing (install-deps.sh)"
 
 # The build context: the binaries and nothing else (the repository, target/ and .capsa/
 # never enter an image).
@@ -147,7 +146,6 @@ for b in capsa-session-manager capsa-vm-pool capsa-executor capsa-metering capsa
   [[ -x "$bins/$b" ]] || die "no $b in $bins"
   cp "$bins/$b" "$ctx/bin/"
 done
-cp "$vhost" "$ctx/bin/"
 # The vm-pool image's optional extra VMM: the operator's Cloud Hypervisor binary (v51.0+).
 mkdir "$ctx/vmm"
 if [[ -n "${CAPSA_CLOUD_HYPERVISOR_BIN:-}" ]]; then

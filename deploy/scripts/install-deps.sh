@@ -31,7 +31,6 @@ APT_PACKAGES=(
 # Pinned so every machine lints, tests and boots with the same tools.
 BUF_VERSION=1.75.0
 NEXTEST_VERSION=0.9.143
-VHOST_DEVICE_VSOCK_VERSION=0.3.0
 CARGO_FUZZ_VERSION=0.13.2
 
 export DEBIAN_FRONTEND=noninteractive
@@ -104,17 +103,6 @@ else
   step "cargo-nextest" "installed ($(command -v cargo-nextest))"
 fi
 
-# --- vhost-device-vsock (vsock backend for QEMU) ---------------------------------
-if command -v vhost-device-vsock >/dev/null 2>&1 \
-  && [[ "$(vhost-device-vsock --version 2>/dev/null)" == "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION" ]]; then
-  step "vhost-device-vsock" "present ($VHOST_DEVICE_VSOCK_VERSION)"
-else
-  step "vhost-device-vsock" "building $VHOST_DEVICE_VSOCK_VERSION with cargo (a few minutes)..."
-  cargo install vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" --locked >>"$log" 2>&1 \
-    || fail "cargo install vhost-device-vsock"
-  step "vhost-device-vsock" "installed ($(command -v vhost-device-vsock))"
-fi
-
 # --- cargo-fuzz (the fuzz targets in fuzz/, run by deploy/scripts/fuzz.sh) -----------------
 if cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz $CARGO_FUZZ_VERSION\$"; then
   step "cargo-fuzz" "present ($CARGO_FUZZ_VERSION)"
@@ -131,7 +119,7 @@ if [[ -e /dev/kvm && -w /dev/kvm ]]; then
 else
   step "/dev/kvm" "absent: VMs will run under QEMU TCG (slow)"
 fi
-# --- the VMM user: vm-pool runs QEMU / Cloud Hypervisor / vhost-device-vsock as it ------
+# --- the VMM user: vm-pool runs QEMU / Cloud Hypervisor as it -----------------------------
 # (README "Per-VM limits and the VMM user"); in group kvm where that group exists.
 if id -u capsa-vmm >/dev/null 2>&1; then
   step "user capsa-vmm" "present (uid $(id -u capsa-vmm))"

@@ -11,7 +11,7 @@
 //! of the target's size:
 //! - with no hostile workload at all the second median came out 1.33x the first;
 //! - one host process spinning on one of the two cores doubled the baseline (14 to 31 ms),
-//!   almost all of it on the host's path (services, vhost-device-vsock, the VMM), where an
+//!   almost all of it on the host's path (services, the agent channel's bridge, the VMM), where an
 //!   Execute wakes a chain of threads that each queue behind the busy core;
 //! - with the five workloads: 1.22x to 1.62x (guest-side time within 20 %), each workload
 //!   alone 1.05x (stdout flood) to 1.29x (fork bomb).

@@ -17,9 +17,9 @@
 //! Calls are retried on UNAVAILABLE (and RESOURCE_EXHAUSTED for creates) for a restart
 //! window; any other error, a hang, or a wrong answer is a failure. Failures are collected,
 //! not fatal at once, so one run reports them all. At the end every session must be
-//! TERMINATED with the expected end reason, and nothing may be left: no VMM or
-//! vhost-device-vsock process, VM dir, vsock socket or overlay beyond the warm VMs vm-pool
-//! lists (none at all once the stack is stopped), no tap, and in Redis only the retained
+//! TERMINATED with the expected end reason, and nothing may be left: no VMM process, VM
+//! dir, vsock socket or overlay beyond the warm VMs vm-pool lists (none at all once the
+//! stack is stopped), no tap, and in Redis only the retained
 //! record and usage of each ended session (both expiring), no stale member in the expiry
 //! zset, the tenant's active set, the node's session set or the open-usage set.
 
@@ -1005,7 +1005,7 @@ fn vmm_processes(state_dir: &Path) -> Vec<(u32, String, String)> {
             .and_then(|a| Path::new(a).file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ours = ["qemu-system", "vhost-device-vsock", "cloud-hypervisor"]
+        let ours = ["qemu-system", "cloud-hypervisor"]
             .iter()
             .any(|p| program.contains(p));
         if !ours {

@@ -13,6 +13,7 @@
 //! - [`grpc`]: the adapter between the proto contract and those modules.
 //! - [`echo`]: the echo server.
 //! - [`otlp`]: telemetry export to the host over vsock.
+//! - [`serial`]: the channel to the host on a virtio-serial port (QEMU VMs), multiplexed.
 //!
 //! [`run`] takes already bound listeners and a shutdown future, so tests run the agent as
 //! a plain process on Unix sockets.
@@ -26,6 +27,7 @@ pub mod kernel;
 pub mod otlp;
 pub mod ports;
 pub mod processes;
+pub mod serial;
 pub mod stats;
 pub mod terminal;
 
@@ -34,16 +36,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capsa_proto::agent::v1::agent_service_server::AgentServiceServer;
+use capsa_vsock::mux::MuxStream;
+use futures::StreamExt as _;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tokio_vsock::VsockListener;
 
 pub use config::Config;
 
-/// A bound listener: vsock in a VM, a Unix socket in tests.
+/// A bound listener: vsock (Cloud Hypervisor) or the serial port's connections (QEMU) in a
+/// VM, a Unix socket in tests.
 pub enum Listener {
     Vsock(VsockListener),
+    Serial(mpsc::Receiver<MuxStream>),
     Unix(UnixListener),
 }
 
@@ -115,6 +122,9 @@ pub async fn run(
         tokio::spawn(async move {
             match l {
                 Listener::Vsock(l) => echo::serve(l.incoming(), stop.cancelled_owned()).await,
+                Listener::Serial(rx) => {
+                    echo::serve(ReceiverStream::new(rx).map(Ok), stop.cancelled_owned()).await
+                }
                 Listener::Unix(l) => {
                     echo::serve(UnixListenerStream::new(l), stop.cancelled_owned()).await
                 }
@@ -126,6 +136,10 @@ pub async fn run(
             server
                 .serve(l.incoming(), stop.clone().cancelled_owned())
                 .await
+        }
+        Listener::Serial(rx) => {
+            let incoming = ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+            server.serve(incoming, stop.clone().cancelled_owned()).await
         }
         Listener::Unix(l) => {
             server

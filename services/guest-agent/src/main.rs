@@ -1,13 +1,16 @@
-//! `capsa-agent`: parses the config, binds vsock (or, as a test seam, Unix sockets), prints
+//! `capsa-agent`: parses the config, opens its channel to the host (the virtio-serial port
+//! in QEMU VMs, vsock in Cloud Hypervisor VMs, Unix sockets as a test seam), prints
 //! `CAPSA_LISTENING=<address>` and serves until SIGINT or SIGTERM. Exit codes:
 //! `capsa_grpc::process`.
 
 use std::io::Write as _;
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use capsa_grpc::process::{Exit, exit_code, parse_args, shutdown_signal};
-use capsa_guest_agent::{Config, Listener};
+
+use capsa_guest_agent::{Config, Listener, otlp, serial};
 use capsa_telemetry::Export;
 
 #[tokio::main]
@@ -18,9 +21,12 @@ async fn main() -> ExitCode {
 async fn start() -> Result<(), Exit> {
     let config: Config = parse_args()?;
     config.validate().map_err(Exit::config)?;
+    // The channel to the host comes first: telemetry export runs over it.
+    let transport =
+        Transport::open(&config).map_err(|e| Exit::Failed(format!("capsa-agent failed: {e:#}")))?;
     // In a VM, export through the host if it listens; the test seam uses the environment.
-    let otlp = match (&config.listen_unix, config.otlp_vsock_port) {
-        (None, port) if port != 0 => capsa_guest_agent::otlp::host_channel(port).await,
+    let otlp = match (&transport.route, config.otlp_vsock_port) {
+        (Some(route), port) if port != 0 => otlp::host_channel(port, route.clone()).await,
         _ => None,
     };
     let exporting = otlp.is_some();
@@ -30,18 +36,27 @@ async fn start() -> Result<(), Exit> {
     if exporting {
         tracing::info!(
             port = config.otlp_vsock_port,
-            "exporting telemetry to the host over vsock"
+            "exporting telemetry to the host"
         );
     }
-    serve(config)
+    serve(config, transport)
         .await
         .map_err(|e| Exit::Failed(format!("capsa-agent failed: {e:#}")))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let shutdown = shutdown_signal();
-    let (grpc, echo, listening) = match &config.listen_unix {
-        Some(path) => {
+/// Where the agent listens, and how it reaches the host (`None` for the test seam).
+struct Transport {
+    grpc: Listener,
+    echo: Option<Listener>,
+    listening: String,
+    route: Option<otlp::HostRoute>,
+}
+
+impl Transport {
+    /// The test seam's Unix sockets if configured; else the virtio-serial port if the VM has
+    /// one (QEMU); else vsock (Cloud Hypervisor).
+    fn open(config: &Config) -> anyhow::Result<Transport> {
+        if let Some(path) = &config.listen_unix {
             let grpc = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("bind {}", path.display()))?;
             let echo = match &config.echo_unix {
@@ -51,37 +66,49 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 )),
                 None => None,
             };
-            (
-                Listener::Unix(grpc),
+            return Ok(Transport {
+                grpc: Listener::Unix(grpc),
                 echo,
-                format!("unix:{}", path.display()),
-            )
+                listening: format!("unix:{}", path.display()),
+                route: None,
+            });
         }
-        None => {
-            let any = tokio_vsock::VMADDR_CID_ANY;
-            let grpc = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
-                any,
-                config.vsock_port,
-            ))
-            .with_context(|| format!("bind vsock port {}", config.vsock_port))?;
-            let echo = match config.echo_port {
-                0 => None,
-                port => Some(Listener::Vsock(
-                    tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(any, port))
-                        .with_context(|| format!("bind vsock port {port}"))?,
-                )),
-            };
-            (
-                Listener::Vsock(grpc),
-                echo,
-                format!("vsock:{}", config.vsock_port),
-            )
+        if let Some(device) = serial::find_port(Path::new(serial::SYS_PORTS)) {
+            let link = serial::Link::start(&device, config.vsock_port, config.echo_port)
+                .with_context(|| format!("open {}", device.display()))?;
+            return Ok(Transport {
+                grpc: Listener::Serial(link.grpc),
+                echo: link.echo.map(Listener::Serial),
+                listening: format!("serial:{}:{}", device.display(), config.vsock_port),
+                route: Some(otlp::HostRoute::Serial(link.current)),
+            });
         }
-    };
+        let any = tokio_vsock::VMADDR_CID_ANY;
+        let grpc =
+            tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(any, config.vsock_port))
+                .with_context(|| format!("bind vsock port {}", config.vsock_port))?;
+        let echo = match config.echo_port {
+            0 => None,
+            port => Some(Listener::Vsock(
+                tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(any, port))
+                    .with_context(|| format!("bind vsock port {port}"))?,
+            )),
+        };
+        Ok(Transport {
+            grpc: Listener::Vsock(grpc),
+            echo,
+            listening: format!("vsock:{}", config.vsock_port),
+            route: Some(otlp::HostRoute::Vsock),
+        })
+    }
+}
+
+async fn serve(config: Config, transport: Transport) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "CAPSA_LISTENING={listening}")?;
+    writeln!(out, "CAPSA_LISTENING={}", transport.listening)?;
     out.flush()?;
     drop(out);
-    capsa_guest_agent::run(config, grpc, echo, shutdown).await?;
+    capsa_guest_agent::run(config, transport.grpc, transport.echo, shutdown).await?;
     Ok(())
 }

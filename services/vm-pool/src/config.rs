@@ -97,7 +97,7 @@ pub struct Config {
     pub vm_cgroup: String,
 
     /// Memory (MiB) a VM's cgroup allows beyond its guest RAM: the VMM's own (QEMU TCG's
-    /// translation cache of 128 MiB, its heap, vhost-device-vsock).
+    /// translation cache of 128 MiB, its heap).
     #[arg(long, env = "CAPSA_VMM_MEMORY_OVERHEAD_MIB", default_value_t = 320)]
     pub vmm_memory_overhead_mib: u32,
 

@@ -56,6 +56,13 @@ async fn the_pool_bench_prints_its_figures_as_json_last() {
         "boot_kernel_ms",
         "boot_init_ms",
         "boot_agent_ms",
+        "snapshot_ms",
+        "snapshot_mib",
+        "disk_write_ms",
+        "snapshot_write_ratio",
+        "restore_ms",
+        "restore_cold_ratio",
+        "restored_rss_mib",
     ] {
         let v = figures[key].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v > 0.0, "{key} = {v} in {figures}");
@@ -63,6 +70,11 @@ async fn the_pool_bench_prints_its_figures_as_json_last() {
     // A booted agent VM does more than the do-nothing floor.
     assert!(
         figures["cold_boot_ratio"].as_f64().unwrap() > 1.0,
+        "{figures}"
+    );
+    // A restore skips the kernel, init and the agent's start: far less than a boot.
+    assert!(
+        figures["restore_cold_ratio"].as_f64().unwrap() < 1.0,
         "{figures}"
     );
     assert_eq!(figures["samples"], 1);

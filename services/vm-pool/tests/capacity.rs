@@ -67,7 +67,7 @@ async fn cold_boots_idempotent_leases_eviction_and_capacity() {
         );
     }
     wait_warm(&mut c, 1).await;
-    capsa_test_support::eventually!(pool.vm_processes().len() == 2, 30);
+    capsa_test_support::eventually!(pool.vm_processes().len() == 1, 30);
 }
 
 /// Capacity is memory (guest RAM + the VMM's overhead each) as well as VM slots: with room

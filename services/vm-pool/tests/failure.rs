@@ -68,9 +68,9 @@ async fn a_killed_vmm_fails_the_vm_at_once_and_the_pool_refills() {
     wait_warm(&mut c, 1).await;
     let b = common::warm_vms(&mut c).await.remove(0);
     assert_ne!(a.id, b.id);
-    // Nothing of A is left; only B's VMM and helper run.
+    // Nothing of A is left; only B's VMM runs.
     assert!(!pid_alive(a.vmm_pid));
-    capsa_test_support::eventually!(pool.vm_processes().len() == 2, 10);
+    capsa_test_support::eventually!(pool.vm_processes().len() == 1, 10);
 
     // A leased VM dies: its lease sees FAILED until it releases it.
     let leased = c
@@ -206,8 +206,8 @@ async fn a_cold_boot_that_dies_is_retried_once_then_reported() {
         "{}",
         err.message()
     );
-    // Only the retried lease's VM (VMM and helper) is running.
-    capsa_test_support::eventually!(pool.vm_processes().len() == 2, 10);
+    // Only the retried lease's VM is running.
+    capsa_test_support::eventually!(pool.vm_processes().len() == 1, 10);
     assert!(
         c.release_vm(ReleaseVmRequest { vm_id: vm.id })
             .await

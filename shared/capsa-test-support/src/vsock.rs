@@ -1,5 +1,5 @@
-//! A hybrid-vsock endpoint (the host side of Cloud Hypervisor's / vhost-device-vsock's
-//! protocol) that forwards each accepted `CONNECT <port>` to a local Unix socket where an
+//! A hybrid-vsock endpoint (the host side of the protocol of Cloud Hypervisor and of
+//! vm-pool's serial bridge) that forwards each accepted `CONNECT <port>` to a local Unix socket where an
 //! agent runs as a plain process. Lets executor tests (and the native exec benchmark) run
 //! without a VM; VM tests use the real VMM.
 

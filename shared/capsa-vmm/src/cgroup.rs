@@ -8,7 +8,7 @@
 //!   `memory.swap.max = 0`; v1 `memory.limit_in_bytes` and `memory.memsw.limit_in_bytes`):
 //!   a VMM past it is OOM-killed alone, and the pool sees its VM fail;
 //! - cpu: `vcpus` whole CPUs (`cpu.max = vcpus*100000 100000`; v1 cfs quota/period);
-//! - pids: tasks (threads included) of the VMM and its helpers (`pids.max`).
+//! - pids: tasks (threads included) of the VMM (`pids.max`).
 //!
 //! The VMM's processes join the cgroup before they exec (see `sandbox`), so nothing of
 //! theirs runs outside it. The cgroup's dirs are written to the VM dir's `cgroup` file,

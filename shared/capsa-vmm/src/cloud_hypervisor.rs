@@ -167,14 +167,7 @@ impl CloudHypervisor {
         api: ChApi,
     ) -> ChVm {
         ChVm {
-            instance: Instance::new(
-                spec,
-                EngineKind::CloudHypervisor,
-                vmm,
-                vec![],
-                console,
-                cgroup,
-            ),
+            instance: Instance::new(spec, EngineKind::CloudHypervisor, vmm, console, cgroup),
             api,
             sandbox: self.config.sandbox.clone(),
         }

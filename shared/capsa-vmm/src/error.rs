@@ -19,7 +19,7 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The VMM (or a helper) exited while the VM was being started.
+    /// The VMM (or a tool it needs, e.g. qemu-img) exited while the VM was being started.
     #[error("{process} exited during start-up: {detail}")]
     StartupExit {
         process: &'static str,
@@ -37,11 +37,6 @@ pub enum VmmError {
         found: String,
         required: String,
         why: String,
-    },
-    #[error("{operation} is not supported by {engine}")]
-    Unsupported {
-        operation: &'static str,
-        engine: &'static str,
     },
     /// The VM's VMM is gone; the operation needs it running.
     #[error("vm has exited: {0}")]

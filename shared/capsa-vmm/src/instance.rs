@@ -1,10 +1,9 @@
-//! What every engine's running VM has in common: its directory, the VMM and helper
-//! processes, the console, process-level counters from `/proc`, and destruction.
+//! What every engine's running VM has in common: its directory, the VMM process, the
+//! console, process-level counters from `/proc`, and destruction.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use futures::FutureExt as _;
 use tokio::process::Command;
 
 use crate::cgroup::VmCgroup;
@@ -49,8 +48,6 @@ pub(crate) struct Instance {
     pub dir: PathBuf,
     pub engine: EngineKind,
     pub vmm: Supervised,
-    /// Companion processes the VM cannot work without (vhost-device-vsock for QEMU).
-    pub helpers: Vec<(&'static str, Supervised)>,
     pub console: Console,
     /// The VM's cgroup, when its processes are confined.
     pub cgroup: Option<VmCgroup>,
@@ -65,7 +62,6 @@ impl Instance {
         spec: &VmSpec,
         engine: EngineKind,
         vmm: Supervised,
-        helpers: Vec<(&'static str, Supervised)>,
         console: Console,
         cgroup: Option<VmCgroup>,
     ) -> Instance {
@@ -74,7 +70,6 @@ impl Instance {
             dir: spec.dir.clone(),
             engine,
             vmm,
-            helpers,
             console,
             cgroup,
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
@@ -83,37 +78,15 @@ impl Instance {
     }
 
     pub fn pids(&self) -> Vec<u32> {
-        std::iter::once(self.vmm.pid())
-            .chain(self.helpers.iter().map(|(_, h)| h.pid()))
-            .collect()
+        vec![self.vmm.pid()]
     }
 
-    /// The first exit among the VMM and its helpers: a VM whose vsock backend died is as
-    /// unusable as one whose VMM died.
     pub async fn wait(&self) -> VmExit {
-        let mut waits = vec![self.vmm.wait().boxed()];
-        for (name, helper) in &self.helpers {
-            waits.push(
-                async move {
-                    let mut exit = helper.wait().await;
-                    exit.description = format!("{name} {}", exit.description);
-                    exit
-                }
-                .boxed(),
-            );
-        }
-        futures::future::select_all(waits).await.0
+        self.vmm.wait().await
     }
 
     pub fn exit(&self) -> Option<VmExit> {
-        self.vmm.exit().or_else(|| {
-            self.helpers.iter().find_map(|(name, h)| {
-                h.exit().map(|mut e| {
-                    e.description = format!("{name} {}", e.description);
-                    e
-                })
-            })
-        })
+        self.vmm.exit()
     }
 
     /// cpu time and resident memory of the VMM process, and the tap's bytes; disk left at
@@ -154,18 +127,14 @@ impl Instance {
         })
     }
 
-    /// Kills every process (VMM first, so the guest stops before its devices), waits for
-    /// their exits, removes the cgroup, then the directory (which names the cgroup for a
-    /// reap, should this stop half-way). Idempotent.
+    /// Kills the VMM, waits for its exit, removes the cgroup, then the directory (which
+    /// names the cgroup for a reap, should this stop half-way). Idempotent.
     pub async fn destroy(&self) -> Result<(), VmmError> {
         let mut destroyed = self.destroyed.lock().await;
         if *destroyed {
             return Ok(());
         }
         self.vmm.kill_and_wait().await;
-        for (_, helper) in &self.helpers {
-            helper.kill_and_wait().await;
-        }
         if let Some(cg) = &self.cgroup {
             cg.remove().await?;
         }

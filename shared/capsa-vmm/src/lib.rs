@@ -3,13 +3,14 @@
 //! - [`CloudHypervisor`]: the production engine, driven through its REST API on the API
 //!   Unix socket; hybrid vsock is native (`vsock.sock` in the VM's dir).
 //! - [`Qemu`]: `-machine microvm` with KVM or TCG (software emulation, what a host without
-//!   usable KVM can run), driven through QMP; hybrid vsock comes from one
-//!   `vhost-device-vsock` companion process per VM.
+//!   usable KVM can run), driven through QMP; the agent's channel is a virtio-serial port,
+//!   served as the same hybrid vsock socket by a bridge in this process
+//!   (`capsa_vsock::serial`).
 //!
 //! [`engine::choose`] picks one from the host's facts and says why. Every VM lives in its
 //! own directory ([`VmSpec::dir`]): pid files, sockets, the qcow2 overlay over the shared
 //! read-only base image, and the console log. [`VirtualMachine::destroy`] kills the VMM and
-//! its helpers and removes that directory; every child process also runs in its own process
+//! removes that directory; every child process also runs in its own process
 //! group and is killed when its handle is dropped, as a safety net. [`orphans::reap`] finds
 //! the VMMs a previous, crashed owner of a state dir left behind. With a [`Sandbox`], every
 //! VMM process runs as an unprivileged user, in its VM's cgroup, in a private mount view and
@@ -63,12 +64,14 @@ pub mod layout {
     pub const VMM_LOG: &str = "vmm.log";
     /// Pid of the VMM process.
     pub const VMM_PID: &str = "vmm.pid";
-    /// Pid of the vhost-device-vsock companion (QEMU only).
-    pub const VSOCK_PID: &str = "vsock.pid";
-    /// The vhost-user socket between QEMU and vhost-device-vsock.
-    pub const VHOST_SOCKET: &str = "vhost.sock";
     /// QMP (QEMU) control socket.
     pub const QMP_SOCKET: &str = "qmp.sock";
+    /// QEMU's end of the agent's virtio-serial port (QEMU listens, the bridge connects).
+    pub const AGENT_PORT_SOCKET: &str = "agent-port.sock";
+    /// Where a snapshotting QEMU sends its migration stream (the driver listens).
+    pub const MIGRATION_OUT_SOCKET: &str = "migrate-out.sock";
+    /// Where a restoring QEMU takes its migration stream (QEMU listens).
+    pub const MIGRATION_IN_SOCKET: &str = "incoming.sock";
     /// Cloud Hypervisor's REST API socket.
     pub const API_SOCKET: &str = "api.sock";
     /// The VM's cgroup dirs, one per line (see `cgroup`), for [`crate::orphans::reap`].
@@ -253,7 +256,9 @@ pub trait Hypervisor: Send + Sync {
         spec: &'a VmSpec,
     ) -> BoxFuture<'a, Result<Arc<dyn VirtualMachine>, VmmError>>;
 
-    /// Starts a VM from a snapshot taken by [`VirtualMachine::snapshot`].
+    /// Starts a VM from a snapshot taken by [`VirtualMachine::snapshot`], as the new VM
+    /// `spec` (its own id and dir). QEMU refuses a spec of another shape (memory, vCPUs,
+    /// disk, network) before starting anything, and runs the restored VM at once.
     fn restore<'a>(
         &'a self,
         spec: &'a VmSpec,
@@ -268,7 +273,7 @@ pub trait VirtualMachine: Send + Sync {
     fn engine(&self) -> EngineKind;
     /// The VMM process.
     fn vmm_pid(&self) -> u32;
-    /// Every host process of this VM (VMM first, then helpers).
+    /// Every host process of this VM (each engine runs one: the VMM).
     fn pids(&self) -> Vec<u32>;
     fn dir(&self) -> &Path;
     fn vsock_path(&self) -> PathBuf {
@@ -287,9 +292,10 @@ pub trait VirtualMachine: Send + Sync {
     fn counters(&self) -> BoxFuture<'_, Result<VmCounters, VmmError>>;
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
     fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>>;
-    /// Writes a snapshot of the (paused) VM into `dest`, a directory.
+    /// Writes a snapshot of the VM into `dest`, a directory. Cloud Hypervisor needs the VM
+    /// paused; QEMU stops a running VM for the snapshot and runs it again after.
     fn snapshot<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<(), VmmError>>;
-    /// Kills the VMM and its helpers, waits for them to exit and removes the VM's dir.
+    /// Kills the VMM, waits for it to exit and removes the VM's dir.
     fn destroy(&self) -> BoxFuture<'_, Result<(), VmmError>>;
 }
 

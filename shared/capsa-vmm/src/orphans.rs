@@ -2,8 +2,8 @@
 //!
 //! A vm-pool that crashed (or was SIGKILLed) leaves its VMMs running: they are in their own
 //! process groups, so nothing kills them with it. On start-up the new owner calls [`reap`]
-//! on `<state_dir>/vms`: every process named in a pid file there, and every VMM or
-//! vhost-device-vsock process whose command line points into that directory, is killed,
+//! on `<state_dir>/vms`: every process named in a pid file there, and every VMM process
+//! whose command line points into that directory, is killed,
 //! but only after `/proc/<pid>/cmdline` confirms it really is one of ours (a pid file may
 //! be stale and its pid reused by an unrelated process). Then the VMs' cgroups (named in each
 //! VM dir's `cgroup` file) and the VM dirs are removed.
@@ -17,7 +17,7 @@ use crate::process::cmdline;
 use crate::{VmmError, layout};
 
 /// Program names that may be killed (argv\[0\]'s file name must contain one of them).
-const OUR_PROGRAMS: [&str; 3] = ["qemu-system", "cloud-hypervisor", "vhost-device-vsock"];
+const OUR_PROGRAMS: [&str; 2] = ["qemu-system", "cloud-hypervisor"];
 /// How long a killed process may take to disappear.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,7 +32,7 @@ pub struct Reaped {
     pub removed_cgroups: Vec<PathBuf>,
 }
 
-/// Kills every leftover VMM / helper of the VM dirs under `vms_dir` and removes the dirs.
+/// Kills every leftover VMM of the VM dirs under `vms_dir` and removes the dirs.
 pub async fn reap(vms_dir: &Path) -> Result<Reaped, VmmError> {
     let mut reaped = Reaped::default();
     let entries = match std::fs::read_dir(vms_dir) {
@@ -48,13 +48,11 @@ pub async fn reap(vms_dir: &Path) -> Result<Reaped, VmmError> {
 
     let mut candidates = BTreeSet::new();
     for dir in &dirs {
-        for name in [layout::VMM_PID, layout::VSOCK_PID] {
-            if let Some(pid) = std::fs::read_to_string(dir.join(name))
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
-            {
-                candidates.insert(pid);
-            }
+        if let Some(pid) = std::fs::read_to_string(dir.join(layout::VMM_PID))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            candidates.insert(pid);
         }
     }
     // A crash between spawning and writing the pid file leaves no pid file: look too.
@@ -158,9 +156,9 @@ mod tests {
         ));
         assert!(matches_ours(
             &argv(&[
-                "vhost-device-vsock",
-                "--vm",
-                "guest-cid=3,socket=/var/lib/capsa/vms/vm-1/vhost.sock"
+                "cloud-hypervisor",
+                "--api-socket",
+                "path=/var/lib/capsa/vms/vm-1/api.sock"
             ]),
             vms
         ));
@@ -211,20 +209,20 @@ mod tests {
         let vms = root.path().join("vms");
         let vm = vms.join("vm-2");
         std::fs::create_dir_all(&vm).unwrap();
-        // A process whose argv[0] says it is vhost-device-vsock and which points into the dir.
-        let sock_arg = format!("socket={}/vhost.sock", vm.display());
+        // A process whose argv[0] says it is QEMU and which points into the dir.
+        let qmp_arg = format!("unix:{}/qmp.sock", vm.display());
         let mut leftover = std::process::Command::new("bash")
             .args([
                 "-c",
-                "exec -a vhost-device-vsock perl -e 'sleep 100' \"$0\"",
-                &sock_arg,
+                "exec -a qemu-system-x86_64 perl -e 'sleep 100' \"$0\"",
+                &qmp_arg,
             ])
             .spawn()
             .unwrap();
         let pid = leftover.id();
         // Wait for the exec to have happened (argv[0] renamed), or the check cannot match.
         for _ in 0..500 {
-            if cmdline(pid).is_some_and(|a| a.first().is_some_and(|a0| a0 == "vhost-device-vsock"))
+            if cmdline(pid).is_some_and(|a| a.first().is_some_and(|a0| a0 == "qemu-system-x86_64"))
             {
                 break;
             }

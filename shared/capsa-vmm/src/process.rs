@@ -152,8 +152,8 @@ pub(crate) fn last_line(path: &Path) -> Option<String> {
 }
 
 /// Waits until a Unix socket at `path` is listening (per `/proc/net/unix`), or `process`
-/// exits, or `timeout` passes. Connecting to probe would consume the listener's single
-/// expected connection (vhost-user backends serve one front end), so we only look.
+/// exits, or `timeout` passes. We only look: a probing connection would be a client the
+/// server did not expect.
 pub(crate) async fn wait_listening(
     path: &Path,
     process: &Supervised,
@@ -249,7 +249,7 @@ pub fn host_memory_mib() -> u64 {
 }
 
 /// Resident set size in bytes (VmRSS of `/proc/<pid>/status`: anon + file + shmem, so the
-/// touched part of a memfd-backed guest counts).
+/// touched part of the guest's memory counts, whatever backs it).
 pub fn resident_bytes(pid: u32) -> std::io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -305,9 +305,9 @@ mod tests {
     #[test]
     fn proc_net_unix_listening_flag() {
         let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
-            0000000000000000: 00000002 00000000 00010000 0001 01 1234 /tmp/a/vhost.sock\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 1234 /tmp/a/api.sock\n\
             0000000000000000: 00000002 00000000 00000000 0001 03 1235 /tmp/a/other.sock\n";
-        assert!(listening_in(table, "/tmp/a/vhost.sock"));
+        assert!(listening_in(table, "/tmp/a/api.sock"));
         assert!(!listening_in(table, "/tmp/a/other.sock"));
         assert!(!listening_in(table, "/tmp/a/missing.sock"));
     }

@@ -4,8 +4,10 @@
 //! greeting `{"QMP": {...}}`; the client must send `{"execute": "qmp_capabilities"}` before
 //! anything else. Each command gets exactly one reply, `{"return": ...}` or
 //! `{"error": {"class", "desc"}}`, in order; asynchronous `{"event": ...}` messages may
-//! arrive in between and are skipped. Commands are serialised by a mutex, so replies never
-//! need ids.
+//! arrive in between and are skipped. Commands are serialised by a mutex. Each carries an
+//! `id`, which QEMU echoes: a caller that gives up on a command (a timeout, a `select!`)
+//! leaves its reply unread, and the next command skips it by its id instead of taking it
+//! for its own. Partly read lines are kept for the same reason.
 //!
 //! QEMU connects to us (`-qmp unix:<path>` in client mode) rather than us to it: the
 //! listener exists before QEMU starts, so there is nothing to poll for.
@@ -32,6 +34,11 @@ pub(crate) struct Qmp {
 struct Conn {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    /// The id of the last command sent.
+    last_id: u64,
+    /// A line read in part by a call that was cancelled (`read_until` keeps what it read;
+    /// `read_line` would drop it).
+    partial: Vec<u8>,
 }
 
 impl Qmp {
@@ -41,6 +48,8 @@ impl Qmp {
         let mut conn = Conn {
             reader: BufReader::new(r),
             writer,
+            last_id: 0,
+            partial: Vec::new(),
         };
         let greeting = tokio::time::timeout(COMMAND_TIMEOUT, conn.read_message())
             .await
@@ -65,18 +74,20 @@ impl Qmp {
         arguments: Option<Value>,
     ) -> Result<Value, VmmError> {
         let mut conn = self.conn.lock().await;
+        conn.last_id += 1;
+        let id = conn.last_id;
         let msg = match arguments {
-            Some(args) => json!({ "execute": command, "arguments": args }),
-            None => json!({ "execute": command }),
+            Some(args) => json!({ "execute": command, "arguments": args, "id": id }),
+            None => json!({ "execute": command, "id": id }),
         };
-        tokio::time::timeout(COMMAND_TIMEOUT, conn.round_trip(command, &msg))
+        tokio::time::timeout(COMMAND_TIMEOUT, conn.round_trip(command, id, &msg))
             .await
             .map_err(|_| VmmError::Timeout(format!("qmp {command}")))?
     }
 }
 
 impl Conn {
-    async fn round_trip(&mut self, command: &str, msg: &Value) -> Result<Value, VmmError> {
+    async fn round_trip(&mut self, command: &str, id: u64, msg: &Value) -> Result<Value, VmmError> {
         let mut line = serde_json::to_vec(msg).expect("a json value serialises");
         line.push(b'\n');
         self.writer
@@ -88,6 +99,10 @@ impl Conn {
                 .read_message()
                 .await
                 .map_err(|e| qmp_err(command, e.to_string()))?;
+            if reply.get("id").and_then(Value::as_u64) != Some(id) {
+                // An event, or the reply to a command whose caller gave up: not ours.
+                continue;
+            }
             if let Some(ret) = reply.get("return") {
                 return Ok(ret.clone());
             }
@@ -98,21 +113,21 @@ impl Conn {
                     .unwrap_or("unknown error");
                 return Err(qmp_err(command, desc.to_owned()));
             }
-            // An event: not ours, keep reading.
         }
     }
 
     async fn read_message(&mut self) -> Result<Value, VmmError> {
-        let mut line = String::new();
         let n = (&mut self.reader)
             .take(MAX_LINE as u64)
-            .read_line(&mut line)
+            .read_until(b'\n', &mut self.partial)
             .await
             .map_err(|e| qmp_err("read", e.to_string()))?;
         if n == 0 {
             return Err(qmp_err("read", "connection closed".into()));
         }
-        serde_json::from_str(line.trim()).map_err(|e| qmp_err("read", format!("bad json: {e}")))
+        let line = std::mem::take(&mut self.partial);
+        serde_json::from_slice(line.trim_ascii())
+            .map_err(|e| qmp_err("read", format!("bad json: {e}")))
     }
 }
 
@@ -151,11 +166,12 @@ mod tests {
             .unwrap();
         while let Ok(Some(line)) = lines.next_line().await {
             let msg: Value = serde_json::from_str(&line).unwrap();
-            let reply = match msg["execute"].as_str().unwrap() {
+            let mut reply = match msg["execute"].as_str().unwrap() {
                 "qmp_capabilities" => json!({"return": {}}),
                 "query-status" => json!({"return": {"status": "running", "running": true}}),
                 "query-blockstats" => {
-                    w.write_all(b"{\"event\": \"RTC_CHANGE\", \"data\": {}}\r\n")
+                    // An event, and the late reply to a command its caller gave up on.
+                    w.write_all(b"{\"event\": \"RTC_CHANGE\", \"data\": {}}\r\n{\"return\": {}, \"id\": 1}\r\n")
                         .await
                         .unwrap();
                     json!({"return": [
@@ -167,6 +183,7 @@ mod tests {
                     json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}})
                 }
             };
+            reply["id"] = msg["id"].clone();
             w.write_all(format!("{reply}\r\n").as_bytes())
                 .await
                 .unwrap();
@@ -191,5 +208,44 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("has not been found"), "{err}");
+    }
+
+    /// A caller that gives up mid-reply (here: half a line read) leaves the connection in
+    /// step: the next command skips the late reply by its id and gets its own.
+    #[tokio::test]
+    async fn a_command_given_up_on_leaves_the_next_its_own_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = tokio::spawn(async move { UnixStream::connect(path).await.unwrap() });
+        let (server, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let (r, mut w) = client.await.unwrap().into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"{\"QMP\": {}}\n").await.unwrap();
+            let caps: Value =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            w.write_all(format!("{}\n", json!({"return": {}, "id": caps["id"]})).as_bytes())
+                .await
+                .unwrap();
+            let slow: Value =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            let late = format!("{}\n", json!({"return": "late", "id": slow["id"]}));
+            let (head, tail) = late.split_at(10);
+            w.write_all(head.as_bytes()).await.unwrap();
+            let next: Value =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            w.write_all(tail.as_bytes()).await.unwrap();
+            w.write_all(format!("{}\n", json!({"return": "mine", "id": next["id"]})).as_bytes())
+                .await
+                .unwrap();
+            // Keep the connection open until the client is done.
+            let _ = lines.next_line().await;
+        });
+        let qmp = Qmp::handshake(server).await.unwrap();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(300), qmp.execute("slow", None)).await;
+        assert!(gave_up.is_err(), "{gave_up:?}");
+        assert_eq!(qmp.execute("next", None).await.unwrap(), json!("mine"));
     }
 }

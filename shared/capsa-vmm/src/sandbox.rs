@@ -1,4 +1,4 @@
-//! What confines a VM's host processes (the VMM and its helpers): an unprivileged user, the
+//! What confines a VM's host process (the VMM): an unprivileged user, the
 //! VM's cgroup, a private mount view, and a seccomp filter.
 //!
 //! vm-pool runs as root; every VMM process it starts drops to the VMM user before it runs

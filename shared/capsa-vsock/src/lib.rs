@@ -1,7 +1,8 @@
 //! Hybrid vsock: how the host reaches a port inside a VM.
 //!
-//! Cloud Hypervisor (natively) and `vhost-device-vsock` (for QEMU) expose the guest's vsock
-//! as one Unix socket on the host. The protocol, per connection:
+//! Cloud Hypervisor (natively) and, for QEMU, vm-pool's [`serial::SerialBridge`] (over the
+//! guest's virtio-serial port, see [`mux`]) expose the guest's ports as one Unix socket on
+//! the host. The protocol, per connection:
 //! 1. the host connects to the Unix socket and writes `CONNECT <port>\n`;
 //! 2. the VMM answers `OK <host-side port>\n` once the guest accepted, or closes the
 //!    connection when nothing listens on that port (the guest is still booting);
@@ -15,6 +16,9 @@
 //! [`connect`] does the handshake; [`channel`] wraps it as a tonic connector so gRPC runs
 //! over it. A handshake that fails is [`VsockError::Handshake`] or [`VsockError::Io`], both
 //! transient while a VM boots: [`wait_for_port`] retries them with backoff.
+
+pub mod mux;
+pub mod serial;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -140,6 +140,12 @@ async fn main() -> anyhow::Result<()> {
         agent_phase.push(cold.took.saturating_sub(agent_at));
     }
 
+    let mut pairs = Vec::new();
+    for _ in 0..args.samples {
+        pairs.push((spec(false), spec(false)));
+    }
+    let snaps = snapshot_round(&hv, pairs, state.path(), args.memory_mib).await?;
+
     let (warm_1, warm_n) = warm_acquires(&args, config.clone()).await?;
     let net = if args.net_samples > 0 {
         Some(network(&args, config).await?)
@@ -210,6 +216,67 @@ async fn main() -> anyhow::Result<()> {
         json.insert(format!("{key}_p99_ms"), ms(p99).into());
     }
     json.insert("acquire_concurrency".into(), args.concurrency.into());
+    let SnapFigures {
+        mut snapshot,
+        mut bytes,
+        mut restore,
+        mut restored_rss,
+        mut write,
+    } = snaps;
+    let (snap, write_floor, restored) = (
+        median(&mut snapshot),
+        median(&mut write),
+        median(&mut restore),
+    );
+    let snap_mib = median_u(&mut bytes) as f64 / f64::from(1 << 20);
+    row(
+        &format!("snapshot of a running {} MiB VM", args.memory_mib),
+        fmt_d(snap),
+        format!(
+            "{:.2}x disk write",
+            snap.as_secs_f64() / write_floor.as_secs_f64().max(1e-9)
+        ),
+    );
+    row(
+        "  its size on disk (state and disk layer)",
+        format!("{snap_mib:.1} MiB"),
+        String::new(),
+    );
+    row(
+        &format!("  floor: write {} MiB to that disk, fsync", args.memory_mib),
+        fmt_d(write_floor),
+        "1.00x disk write".into(),
+    );
+    row(
+        "restore from the snapshot to agent ready",
+        fmt_d(restored),
+        format!(
+            "{:.2}x cold boot",
+            restored.as_secs_f64() / cold.as_secs_f64().max(1e-9)
+        ),
+    );
+    let restored_rss = median_u(&mut restored_rss);
+    row(
+        "VMM resident memory, restored idle VM",
+        format!("{} MiB", restored_rss >> 20),
+        String::new(),
+    );
+    json.insert("snapshot_ms".into(), ms(snap).into());
+    json.insert("snapshot_mib".into(), snap_mib.into());
+    json.insert("disk_write_ms".into(), ms(write_floor).into());
+    json.insert(
+        "snapshot_write_ratio".into(),
+        (snap.as_secs_f64() / write_floor.as_secs_f64().max(1e-9)).into(),
+    );
+    json.insert("restore_ms".into(), ms(restored).into());
+    json.insert(
+        "restore_cold_ratio".into(),
+        (restored.as_secs_f64() / cold.as_secs_f64().max(1e-9)).into(),
+    );
+    json.insert(
+        "restored_rss_mib".into(),
+        (restored_rss as f64 / f64::from(1 << 20)).into(),
+    );
     let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
     json.insert(
         "idle_rss_mib".into(),
@@ -394,6 +461,104 @@ async fn boot_once(
     };
     vm.destroy().await?;
     result
+}
+
+/// Figures of the snapshot round, one entry per sample.
+struct SnapFigures {
+    /// Snapshot of a running VM whose agent is up, to a directory, fsynced.
+    snapshot: Vec<Duration>,
+    /// Bytes of each snapshot (machine state and disk layer).
+    bytes: Vec<u64>,
+    /// Restore of that snapshot into a new VM, to its agent's first answer.
+    restore: Vec<Duration>,
+    /// The restored VM's resident memory once idle.
+    restored_rss: Vec<u64>,
+    /// The disk floor: writing the VM's memory size to a file beside the snapshots, fsynced.
+    write: Vec<Duration>,
+}
+
+/// Per pair: boots the first spec to agent ready, snapshots it, destroys it, restores the
+/// snapshot as the second spec; then times the disk floor.
+async fn snapshot_round(
+    hv: &Arc<dyn Hypervisor>,
+    pairs: Vec<(VmSpec, VmSpec)>,
+    state: &std::path::Path,
+    memory_mib: u32,
+) -> anyhow::Result<SnapFigures> {
+    let mut figures = SnapFigures {
+        snapshot: vec![],
+        bytes: vec![],
+        restore: vec![],
+        restored_rss: vec![],
+        write: vec![],
+    };
+    let samples = pairs.len();
+    for (i, (boot, restore)) in pairs.into_iter().enumerate() {
+        eprintln!("snapshot sample {}/{samples}", i + 1);
+        let vm = hv.boot(&boot).await?;
+        let healthy = tokio::time::timeout(
+            BOOT_HANG,
+            capsa_vm_pool::boot::wait_healthy(&vm.vsock_path()),
+        )
+        .await;
+        if healthy.is_err() {
+            vm.destroy().await?;
+            anyhow::bail!("{} not ready within {BOOT_HANG:?}", boot.id);
+        }
+        let dir = state.join(format!("snapshot-{}", boot.id));
+        let started = Instant::now();
+        let snapshotted = vm.snapshot(&dir).await;
+        figures.snapshot.push(started.elapsed());
+        vm.destroy().await?;
+        snapshotted.context("snapshot")?;
+        figures.bytes.push(dir_bytes(&dir)?);
+
+        let started = Instant::now();
+        let restored = hv.restore(&restore, &dir).await.context("restore")?;
+        let healthy = tokio::time::timeout(
+            BOOT_HANG,
+            capsa_vm_pool::boot::wait_healthy(&restored.vsock_path()),
+        )
+        .await;
+        figures.restore.push(started.elapsed());
+        if healthy.is_err() {
+            restored.destroy().await?;
+            anyhow::bail!("restored {} not ready within {BOOT_HANG:?}", restore.id);
+        }
+        tokio::time::sleep(SETTLE).await;
+        figures
+            .restored_rss
+            .push(restored.counters().await?.vmm_resident_bytes);
+        restored.destroy().await?;
+        std::fs::remove_dir_all(&dir)?;
+        figures.write.push(disk_write(state, memory_mib)?);
+    }
+    Ok(figures)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        total += entry?.metadata()?.len();
+    }
+    Ok(total)
+}
+
+/// Time to write `mib` MiB of non-zero bytes to a new file in `dir` and fsync it.
+fn disk_write(dir: &std::path::Path, mib: u32) -> anyhow::Result<Duration> {
+    use std::io::Write as _;
+    let path = dir.join("disk-floor");
+    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8 + 1).collect();
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..mib {
+        file.write_all(&block)?;
+    }
+    file.sync_all()?;
+    let took = started.elapsed();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(took)
 }
 
 /// Warm AcquireVm latencies: `samples` sequential ones, then `concurrency` at once.

@@ -1,8 +1,7 @@
 //! Fixtures for vm-pool's integration tests: the guest image, a vm-pool process on
 //! `127.0.0.1:0` with its own state dir, and process accounting. Whatever happens, a
 //! [`PoolUnderTest`] leaves no VMM behind: on drop it kills vm-pool and reaps every VMM
-//! or vhost-device-vsock pointing into its state dir, then its network namespace, veth
-//! and nftables table.
+//! pointing into its state dir, then its network namespace, veth and nftables table.
 
 #![allow(dead_code)]
 
@@ -91,12 +90,12 @@ impl PoolUnderTest {
         capsa_vm_pool::net::Names::new(&capsa_vm_pool::net::Names::default_netns(self.state.path()))
     }
 
-    /// VMM and vhost-device-vsock processes pointing into this state dir.
+    /// VMM processes pointing into this state dir.
     pub fn vm_processes(&self) -> Vec<u32> {
         vm_processes(&self.vms_dir())
     }
 
-    /// The processes of one VM (its VMM and helpers), whatever else the pool runs.
+    /// The processes of one VM (its VMM), whatever else the pool runs.
     pub fn processes_of(&self, vm_id: &str) -> Vec<u32> {
         vm_processes(&self.vms_dir().join(vm_id))
     }
@@ -145,7 +144,7 @@ pub fn pid_alive(pid: u32) -> bool {
     })
 }
 
-/// Live processes named like a VMM or its helper whose arguments point into `vms_dir`.
+/// Live processes named like a VMM whose arguments point into `vms_dir`.
 pub fn vm_processes(vms_dir: &Path) -> Vec<u32> {
     let prefix = format!("{}/", vms_dir.display());
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
@@ -164,9 +163,7 @@ pub fn vm_processes(vms_dir: &Path) -> Vec<u32> {
                 .first()
                 .map(|a| a.rsplit('/').next().unwrap_or("").to_owned())
                 .unwrap_or_default();
-            (name.starts_with("qemu-system")
-                || name == "vhost-device-vsock"
-                || name == "cloud-hypervisor")
+            (name.starts_with("qemu-system") || name == "cloud-hypervisor")
                 && args.iter().any(|a| a.contains(&prefix))
                 && pid_alive(pid)
         })
