@@ -9,12 +9,15 @@
 //! half-close. The host end ([`crate::serial`]'s bridge) turns it back into the hybrid
 //! vsock socket every host component already speaks.
 //!
-//! Wire format: each frame is `kind u8 | stream id u32 LE | payload | CRC-32 u32 LE`,
-//! COBS-encoded and ended by a zero byte. The zero can occur nowhere else, so a reader
-//! that starts mid-stream, or reads the tail of a frame from a link that is long gone (a VM
-//! restored from a snapshot holds whatever it had half-read when it was saved), loses at
-//! most one frame, which fails its CRC, and is in step again at the next zero. Nothing on
-//! the wire is a length that could make a reader wait for bytes that never come.
+//! Wire format: each frame is `kind u8 | stream id u32 LE | payload length u32 LE |
+//! CRC-32 of those 9 bytes, u32 LE | payload`, COBS-encoded and ended by a zero byte. The
+//! zero can occur nowhere else, so a reader that starts mid-stream, or reads the tail of a
+//! frame from a link that is long gone (a VM restored from a snapshot holds whatever it had
+//! half-read when it was saved), loses at most one frame, which fails its header check or
+//! its length, and is in step again at the next zero. Nothing on the wire is a length that
+//! could make a reader wait for bytes that never come. The CRC covers the header only: the
+//! check is against bytes of another link, not against a hostile peer (who can compute any
+//! CRC), and per-byte work is what limits the channel under emulation.
 //!
 //! A link is in step once each side has the other's greeting (HELLO); see [`read_loop`]
 //! for how both sides start over, without closing the carrier, when one loses its place.
@@ -44,11 +47,10 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Size of the DATA frames a sender cuts its bytes into.
 const CHUNK: usize = 32 * 1024;
-/// Kind and stream id.
-const HEADER: usize = 5;
-const CRC: usize = 4;
+/// Kind, stream id, payload length, and the CRC of those.
+const HEADER: usize = 13;
 /// Longest frame before encoding, and after (COBS adds a byte per 254, plus the zero).
-const MAX_FRAME: usize = HEADER + MAX_PAYLOAD + CRC;
+const MAX_FRAME: usize = HEADER + MAX_PAYLOAD;
 const MAX_ENCODED: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
 /// How often a side whose greeting is unanswered greets again.
 const REGREET: std::time::Duration = std::time::Duration::from_millis(500);
@@ -663,7 +665,7 @@ fn now_unix_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// CRC-32 (IEEE), table-driven: guards every frame against bytes of another link.
+/// CRC-32 (IEEE), table-driven: guards every frame's header against bytes of another link.
 fn crc32(data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut table = [0u32; 256];
@@ -689,18 +691,19 @@ fn crc32(data: &[u8]) -> u32 {
     })
 }
 
-/// A frame on the wire: COBS-encoded kind, stream, payload and CRC, then a zero.
+/// A frame on the wire: COBS-encoded header and payload, then a zero.
 fn encode(frame: &Frame, out: &mut BytesMut) {
     encode_raw(frame.kind as u8, frame.stream, &frame.payload, out);
 }
 
 fn encode_raw(kind: u8, stream: u32, payload: &[u8], out: &mut BytesMut) {
-    let mut raw = BytesMut::with_capacity(HEADER + payload.len() + CRC);
+    let mut raw = BytesMut::with_capacity(HEADER + payload.len());
     raw.put_u8(kind);
     raw.put_u32_le(stream);
-    raw.extend_from_slice(payload);
+    raw.put_u32_le(payload.len() as u32);
     let crc = crc32(&raw);
     raw.put_u32_le(crc);
+    raw.extend_from_slice(payload);
     cobs_encode(&raw, out);
     out.put_u8(0);
 }
@@ -713,30 +716,34 @@ pub fn encode_frame(kind: u8, stream: u32, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&buf);
 }
 
-/// Consistent Overhead Byte Stuffing: `data` without zeros, one byte longer per 254.
+/// Consistent Overhead Byte Stuffing: `data` without zeros, one byte longer per 254. Each
+/// block is a length byte and up to 254 non-zero bytes, found with `memchr` and copied whole.
 fn cobs_encode(data: &[u8], out: &mut BytesMut) {
     out.reserve(data.len() + data.len() / 254 + 2);
-    let mut code_at = out.len();
-    out.put_u8(0);
-    let mut code = 1u8;
-    for &b in data {
-        if b == 0 {
-            out[code_at] = code;
-            code_at = out.len();
-            out.put_u8(0);
-            code = 1;
-        } else {
-            out.put_u8(b);
-            code += 1;
-            if code == 0xff {
-                out[code_at] = code;
-                code_at = out.len();
-                out.put_u8(0);
-                code = 1;
+    let mut rest = data;
+    loop {
+        let window = &rest[..rest.len().min(254)];
+        match memchr::memchr(0, window) {
+            // A block ended by a zero, which the length byte stands for.
+            Some(zero) => {
+                out.put_u8(zero as u8 + 1);
+                out.extend_from_slice(&window[..zero]);
+                rest = &rest[zero + 1..];
+            }
+            // A full block: no zero follows it.
+            None if window.len() == 254 => {
+                out.put_u8(0xff);
+                out.extend_from_slice(window);
+                rest = &rest[254..];
+            }
+            // The last block.
+            None => {
+                out.put_u8(window.len() as u8 + 1);
+                out.extend_from_slice(window);
+                return;
             }
         }
     }
-    out[code_at] = code;
 }
 
 fn cobs_decode(data: &[u8]) -> Option<Vec<u8>> {
@@ -778,7 +785,7 @@ async fn read_step<R: tokio::io::AsyncBufRead + Unpin>(
         if available.is_empty() {
             return Err(MuxError::Closed);
         }
-        let (taken, done) = match available.iter().position(|&b| b == 0) {
+        let (taken, done) = match memchr::memchr(0, available) {
             Some(at) => (at + 1, true),
             None => (available.len(), false),
         };
@@ -804,22 +811,26 @@ fn parse(encoded: &[u8]) -> Step {
     let Some(raw) = cobs_decode(encoded) else {
         return Step::Garbage("bad COBS encoding".into());
     };
-    if raw.len() < HEADER + CRC || raw.len() > MAX_FRAME {
+    if raw.len() < HEADER || raw.len() > MAX_FRAME {
         return Step::Garbage(format!("a {}-byte frame", raw.len()));
     }
-    let (body, crc) = raw.split_at(raw.len() - CRC);
-    if crc32(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Step::Garbage("CRC mismatch".into());
-    }
-    let mut h = &body[..HEADER];
+    let (header, payload) = raw.split_at(HEADER);
+    let mut h = header;
     let kind_byte = h.get_u8();
     let stream = h.get_u32_le();
+    let len = h.get_u32_le() as usize;
+    let crc = h.get_u32_le();
+    if crc32(&header[..HEADER - 4]) != crc {
+        return Step::Garbage("header CRC mismatch".into());
+    }
+    if len != payload.len() {
+        return Step::Garbage(format!(
+            "{} payload bytes where the header says {len}",
+            payload.len()
+        ));
+    }
     match Kind::from_u8(kind_byte) {
-        Some(kind) => Step::Frame(Frame::new(
-            kind,
-            stream,
-            Bytes::copy_from_slice(&body[HEADER..]),
-        )),
+        Some(kind) => Step::Frame(Frame::new(kind, stream, Bytes::copy_from_slice(payload))),
         None => Step::Garbage(format!("unknown frame kind {kind_byte:#x}")),
     }
 }
@@ -1233,11 +1244,21 @@ mod tests {
                 };
                 assert_eq!((back.kind, back.stream), (Kind::Data, 0x0100_00ff));
                 assert!(back.payload[..] == payload[..], "{len}/{fill}");
-                // One flipped bit anywhere is caught.
-                let mut bad = wire[..wire.len() - 1].to_vec();
-                let at = bad.len() / 2;
-                bad[at] ^= if bad[at] == 1 { 2 } else { 1 };
-                assert!(matches!(parse(&bad), Step::Garbage(_)), "{len}/{fill}");
+                // A flipped bit in the header is caught, and so is a frame cut short and
+                // joined to the next (as a restored guest may read).
+                for at in 1..8 {
+                    let mut bad = wire[..wire.len() - 1].to_vec();
+                    bad[at] ^= if bad[at] == 1 { 2 } else { 1 };
+                    assert!(matches!(parse(&bad), Step::Garbage(_)), "{len}/{fill}/{at}");
+                }
+                let mut next = BytesMut::new();
+                encode(&Frame::control(Kind::Credit, 3, 9), &mut next);
+                let mut joined = wire[..wire.len() / 2].to_vec();
+                joined.extend_from_slice(&next[..next.len() - 1]);
+                assert!(
+                    matches!(parse(&joined), Step::Garbage(_)),
+                    "{len}/{fill} joined"
+                );
             }
         }
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
