@@ -155,7 +155,6 @@ pub(crate) fn blockstats_totals(reply: &Value) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::UnixListener;
 
     /// A fake QEMU: greets, then answers each command from a script, with an event first.
     async fn fake_qemu(stream: UnixStream) {
@@ -192,12 +191,8 @@ mod tests {
 
     #[tokio::test]
     async fn commands_events_and_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let client = tokio::spawn(async move { UnixStream::connect(path).await.unwrap() });
-        let (server, _) = listener.accept().await.unwrap();
-        tokio::spawn(fake_qemu(client.await.unwrap()));
+        let (client, server) = UnixStream::pair().unwrap();
+        tokio::spawn(fake_qemu(client));
         let qmp = Qmp::handshake(server).await.unwrap();
         let status = qmp.execute("query-status", None).await.unwrap();
         assert_eq!(status["status"], "running");
@@ -214,13 +209,9 @@ mod tests {
     /// step: the next command skips the late reply by its id and gets its own.
     #[tokio::test]
     async fn a_command_given_up_on_leaves_the_next_its_own_reply() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let client = tokio::spawn(async move { UnixStream::connect(path).await.unwrap() });
-        let (server, _) = listener.accept().await.unwrap();
+        let (client, server) = UnixStream::pair().unwrap();
         tokio::spawn(async move {
-            let (r, mut w) = client.await.unwrap().into_split();
+            let (r, mut w) = client.into_split();
             let mut lines = BufReader::new(r).lines();
             w.write_all(b"{\"QMP\": {}}\n").await.unwrap();
             let caps: Value =

@@ -139,6 +139,21 @@ fn pid_alive(pid: u32) -> bool {
     })
 }
 
+/// A 512 MiB, one-vCPU VM of the agent image, in `<state>/vms/<id>`.
+fn image_spec(image: &GuestImage, kind: EngineKind, state: &Path, id: &str) -> VmSpec {
+    VmSpec {
+        id: id.into(),
+        vcpus: 1,
+        memory_mib: 512,
+        kernel: image.kernel_for(kind).to_owned(),
+        cmdline: image.cmdline_for(kind),
+        rootfs_base: Some(image.rootfs.clone()),
+        initrd: None,
+        dir: state.join("vms").join(id),
+        net: None,
+    }
+}
+
 async fn fail_with_console(vm: &Arc<dyn VirtualMachine>, what: &str) -> ! {
     let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
     let vmm_log = std::fs::read_to_string(vm.dir().join("vmm.log")).unwrap_or_default();
@@ -150,17 +165,7 @@ async fn the_image_boots_confined_and_its_agent_answers_over_vsock() {
     let image = image();
     let (qemu, kind, sandbox) = confined_qemu();
     let state = tempfile::tempdir().unwrap();
-    let spec = VmSpec {
-        id: "vm-imagetest".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        kernel: image.kernel_for(kind).to_owned(),
-        cmdline: image.cmdline_for(kind),
-        rootfs_base: Some(image.rootfs.clone()),
-        initrd: None,
-        dir: state.path().join("vms/vm-imagetest"),
-        net: None,
-    };
+    let spec = image_spec(&image, kind, state.path(), "vm-imagetest");
     let vm = qemu.boot(&spec).await.unwrap();
     assert_eq!(vm.engine(), kind);
     assert_eq!(
@@ -388,17 +393,7 @@ async fn the_agents_state_survives_pause_snapshot_and_restore() {
     let image = image();
     let (qemu, kind, sandbox) = confined_qemu();
     let state = tempfile::tempdir().unwrap();
-    let spec = VmSpec {
-        id: "vm-snaptest".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        kernel: image.kernel_for(kind).to_owned(),
-        cmdline: image.cmdline_for(kind),
-        rootfs_base: Some(image.rootfs.clone()),
-        initrd: None,
-        dir: state.path().join("vms/vm-snaptest"),
-        net: None,
-    };
+    let spec = image_spec(&image, kind, state.path(), "vm-snaptest");
     let started = Instant::now();
     let vm = qemu.boot(&spec).await.unwrap();
     wait_for_agent(&vm).await;

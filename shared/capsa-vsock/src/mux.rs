@@ -239,7 +239,6 @@ struct Shared {
     control: mpsc::UnboundedSender<Frame>,
     data: mpsc::Sender<Frame>,
     streams: Mutex<HashMap<u32, StreamEntry>>,
-    peer_streams: AtomicUsize,
     next_id: AtomicU32,
     /// Bumped each time the link starts over (see [`read_loop`]).
     epoch: AtomicU32,
@@ -291,7 +290,6 @@ impl Mux {
             control: control_tx,
             data: data_tx,
             streams: Mutex::new(HashMap::new()),
-            peer_streams: AtomicUsize::new(0),
             epoch: AtomicU32::new(0),
             instance: now_unix_nanos(),
             next_id: AtomicU32::new(match side {
@@ -401,7 +399,6 @@ impl Drop for IncomingStream {
         if streams.get(&self.id).is_some_and(|e| e.epoch == self.epoch) {
             streams.remove(&self.id);
             drop(streams);
-            shared.peer_streams.fetch_sub(1, Ordering::Relaxed);
             shared.send_control(Frame::empty(Kind::Refuse, self.id).at(self.epoch));
         }
     }
@@ -422,7 +419,6 @@ impl Shared {
         for (_, entry) in &entries {
             entry.cancel.cancel();
         }
-        self.peer_streams.store(0, Ordering::Relaxed);
         drop(entries);
     }
 
@@ -508,10 +504,7 @@ impl Shared {
         if let Some(entry) = streams.get_mut(&id).filter(|e| e.epoch == at.epoch) {
             entry.halves -= 1;
             if entry.halves == 0 {
-                let entry = streams.remove(&id).expect("present");
-                if entry.opened_by_peer {
-                    self.peer_streams.fetch_sub(1, Ordering::Relaxed);
-                }
+                streams.remove(&id);
             }
         }
     }
@@ -523,9 +516,6 @@ impl Shared {
             let entry = streams.remove(&at.id).expect("present");
             drop(streams);
             entry.cancel.cancel();
-            if entry.opened_by_peer {
-                self.peer_streams.fetch_sub(1, Ordering::Relaxed);
-            }
             self.send_control(Frame::empty(Kind::Reset, at.id).at(at.epoch));
         }
     }
@@ -565,7 +555,8 @@ impl Shared {
                 if streams.contains_key(&id) {
                     return Err(MuxError::Protocol(format!("CONNECT reuses stream id {id}")));
                 }
-                if self.peer_streams.load(Ordering::Relaxed) >= self.limits.max_peer_streams {
+                let peer_streams = streams.values().filter(|e| e.opened_by_peer).count();
+                if peer_streams >= self.limits.max_peer_streams {
                     drop(streams);
                     tracing::warn!(port, "mux: peer has too many streams open; refused");
                     self.send_control(Frame::empty(Kind::Refuse, id).at(epoch));
@@ -575,7 +566,6 @@ impl Shared {
                     id,
                     StreamEntry::new(self.limits.window, true, self.link.child_token(), epoch),
                 );
-                self.peer_streams.fetch_add(1, Ordering::Relaxed);
                 drop(streams);
                 let request = IncomingStream {
                     port,
@@ -646,9 +636,6 @@ impl Shared {
             Kind::Reset => {
                 if let Some(entry) = self.streams.lock().unwrap().remove(&id) {
                     entry.cancel.cancel();
-                    if entry.opened_by_peer {
-                        self.peer_streams.fetch_sub(1, Ordering::Relaxed);
-                    }
                     if let Some(tx) = entry.pending {
                         let _ = tx.send(Err(MuxError::Refused(0)));
                     }
@@ -830,7 +817,8 @@ fn parse(encoded: &[u8]) -> Step {
         ));
     }
     match Kind::from_u8(kind_byte) {
-        Some(kind) => Step::Frame(Frame::new(kind, stream, Bytes::copy_from_slice(payload))),
+        // The decoded buffer becomes the payload: no second copy.
+        Some(kind) => Step::Frame(Frame::new(kind, stream, Bytes::from(raw).slice(HEADER..))),
         None => Step::Garbage(format!("unknown frame kind {kind_byte:#x}")),
     }
 }
