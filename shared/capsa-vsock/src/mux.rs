@@ -613,12 +613,14 @@ impl Shared {
             Kind::Credit => {
                 let n = value()?;
                 if let Some(entry) = self.streams.lock().unwrap().get(&id) {
-                    let total = entry.credit.bytes.load(Ordering::Relaxed).saturating_add(n);
-                    // More credit than a window means a confused peer; cap it.
-                    entry
-                        .credit
-                        .bytes
-                        .store(total.min(self.limits.window.max(n)), Ordering::Relaxed);
+                    // One atomic update: the uplink takes credit concurrently, and a load and a
+                    // store around it would lose its subtraction, letting it overrun the peer's
+                    // window (which the peer answers by resetting the stream).
+                    let _ = entry.credit.bytes.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |c| Some(c.saturating_add(n)),
+                    );
                     entry.credit.more.notify_one();
                 }
             }
