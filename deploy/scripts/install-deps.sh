@@ -61,10 +61,16 @@ if [[ ${#missing[@]} -eq 0 ]]; then
   step "apt packages (${#APT_PACKAGES[@]})" "already installed"
 else
   step "apt-get install ${#missing[@]} package(s)" "${missing[*]}"
-  # The whole list in one transaction, not just the missing ones: installing one package can
-  # remove another that conflicts with it (qemu-system-x86 from bookworm removed a newer
-  # qemu-utils from backports), and apt then picks versions that fit together.
-  apt_install "${APT_PACKAGES[@]}"
+  # The whole list in one transaction, not just the missing ones, so apt picks versions that
+  # fit together. QEMU comes from bookworm itself, named by suite: some images ship a newer
+  # qemu-utils from bookworm-backports, which Breaks bookworm's qemu-system-common, and apt
+  # will not downgrade it unless told which suite to take (it then gives up with "held broken
+  # packages"). The agent channel and snapshots are tested against this QEMU.
+  args=()
+  for p in "${APT_PACKAGES[@]}"; do
+    case $p in qemu-system-x86 | qemu-utils) args+=("$p/bookworm") ;; *) args+=("$p") ;; esac
+  done
+  apt_install --allow-downgrades "${args[@]}"
   step "apt packages" "installed"
 fi
 # What the scripts and tests run, checked by command so a removed package is caught here.
