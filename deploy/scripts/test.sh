@@ -36,6 +36,10 @@ deploy/scripts/fuzz.sh --seconds 20
 # service would add about 8 minutes).
 echo "[test] build"
 cargo nextest run --locked --workspace --no-run
+# Every service binary too: nextest builds a package's binaries only for its own Rust
+# integration tests, and the gateway has none (its tests are Python, run by the e2e suite),
+# so on a fresh machine its binary existed only if something else had built it.
+cargo build --locked --workspace --bins
 echo "[test] container images"
 export CAPSA_IMAGE_BINARIES="$target/debug"
 CAPSA_SKIP_DEPS=1 deploy/scripts/images.sh | tail -n 1
