@@ -444,4 +444,43 @@ impl VmPoolService for NativePool {
         }
         Ok(Response::new(vp::SetEgressPolicyResponse {}))
     }
+
+    async fn suspend_vm(
+        &self,
+        _: Request<vp::SuspendVmRequest>,
+    ) -> Result<Response<vp::SuspendVmResponse>, Status> {
+        Err(Status::unimplemented(NO_SNAPSHOTS))
+    }
+
+    async fn resume_vm(
+        &self,
+        _: Request<vp::ResumeVmRequest>,
+    ) -> Result<Response<vp::ResumeVmResponse>, Status> {
+        Err(Status::unimplemented(NO_SNAPSHOTS))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<vp::GetSnapshotRequest>,
+    ) -> Result<Response<vp::GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented(NO_SNAPSHOTS))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<vp::ListSnapshotsRequest>,
+    ) -> Result<Response<vp::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented(NO_SNAPSHOTS))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<vp::DeleteSnapshotRequest>,
+    ) -> Result<Response<vp::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented(NO_SNAPSHOTS))
+    }
 }
+
+/// A host process cannot be saved and restored: the native bench node has no snapshots.
+const NO_SNAPSHOTS: &str =
+    "snapshots: the native bench node's agents are host processes, which it cannot suspend";

@@ -11,8 +11,10 @@ import pytest
 import capsa
 from capsa import _common, _config, errors
 from capsa._client import Capsa
+from capsa._common import create_request
 from capsa.proto.common.v1 import execution_pb2
-from capsa.types import ExecutionResult, _event
+from capsa.proto.session.v1 import session_pb2
+from capsa.types import ExecutionResult, SessionStatus, _enum, _event
 
 
 def test_dev_env_lines_are_read_like_the_cli_reads_them():
@@ -247,3 +249,25 @@ def test_process_requests_are_built_and_checked_locally():
     assert _process_event(dropped) == capsa.OutputDropped(from_offset=0, to_offset=9)
     chunk = process_pb2.ProcessOutputChunk(stream=process_pb2.OUTPUT_STREAM_STDERR, offset=3, data=b"e")
     assert _process_event(process_pb2.ProcessEvent(output=chunk)) == capsa.ProcessOutput("stderr", 3, b"e")
+
+
+def test_session_status_members_follow_the_proto_enum() -> None:
+    # `_enum` maps by position: every proto value must land on the member of its name.
+    for value in session_pb2.SessionStatus.values():
+        name = session_pb2.SessionStatus.Name(value).removeprefix("SESSION_STATUS_")
+        assert _enum(SessionStatus, value).name == name
+
+
+def test_create_request_carries_auto_suspend_and_auto_resume() -> None:
+    req = create_request(
+        template=None,
+        lifetime=None,
+        vcpus=None,
+        memory_mib=None,
+        env=None,
+        metadata=None,
+        egress=None,
+        auto_suspend=True,
+        auto_resume=True,
+    )
+    assert req.auto_suspend and req.auto_resume

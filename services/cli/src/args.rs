@@ -114,6 +114,10 @@ pub enum Command {
     Extend(ExtendArgs),
     /// End a session and destroy its VM.
     Kill(SessionArg),
+    /// Save a session's VM to its node's disk and stop it (no cpu or memory billed).
+    Suspend(SessionArg),
+    /// Bring a suspended session back with everything it had.
+    Resume(SessionArg),
     /// List your sessions, newest first.
     List(ListArgs),
     /// Show a session's egress policy, or replace it with --set and the policy flags.
@@ -219,6 +223,12 @@ pub struct CreateArgs {
     pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub egress: EgressFlags,
+    /// At its deadline, suspend the session instead of ending it.
+    #[arg(long)]
+    pub auto_suspend: bool,
+    /// Let exec and the file commands resume a suspended session first.
+    #[arg(long)]
+    pub auto_resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -353,6 +363,9 @@ pub struct ExtendArgs {
 pub enum StatusFilter {
     Creating,
     Active,
+    Suspending,
+    Suspended,
+    Resuming,
     Terminating,
     Terminated,
 }
@@ -665,6 +678,15 @@ mod tests {
         assert!(parse(&["upload", "s-1", "a", "/b", "--mode", "9"]).is_err());
         assert!(
             matches!(parse(&["extend", "s-1", "1h"]).unwrap().command, Command::Extend(e) if e.by == Duration::from_secs(3600))
+        );
+        assert!(
+            matches!(parse(&["suspend", "s-1"]).unwrap().command, Command::Suspend(a) if a.session == "s-1")
+        );
+        assert!(
+            matches!(parse(&["resume", "s-1"]).unwrap().command, Command::Resume(a) if a.session == "s-1")
+        );
+        assert!(
+            matches!(parse(&["create", "--auto-suspend", "--auto-resume"]).unwrap().command, Command::Create(c) if c.auto_suspend && c.auto_resume)
         );
     }
 

@@ -64,6 +64,8 @@ pub async fn create(client: &Client, a: CreateArgs, json: bool) -> Result<u8, Cl
         env: a.env.into_iter().collect(),
         labels: a.labels.into_iter().collect(),
         egress: a.egress.policy(),
+        auto_suspend: a.auto_suspend,
+        auto_resume: a.auto_resume,
     };
     // The session outlives this command: it is left running for the next ones.
     let session = client.create_session_info(options).await?;
@@ -367,10 +369,43 @@ pub async fn kill(client: &Client, a: SessionArg, json: bool) -> Result<u8, CliE
     Ok(0)
 }
 
+pub async fn suspend(client: &Client, a: SessionArg, json: bool) -> Result<u8, CliError> {
+    let session = client.session(&a.session).suspend().await?;
+    if json {
+        say(view::session_json(&session))?;
+    } else {
+        say(format!(
+            "{} SUSPENDED ({} on disk; expires at {})",
+            session.id,
+            view::bytes(session.snapshot_bytes),
+            view::timestamp(&session.expire_time)
+        ))?;
+    }
+    Ok(0)
+}
+
+pub async fn resume(client: &Client, a: SessionArg, json: bool) -> Result<u8, CliError> {
+    let session = client.session(&a.session).resume().await?;
+    if json {
+        say(view::session_json(&session))?;
+    } else {
+        say(format!(
+            "{} ACTIVE (vm {}; expires at {})",
+            session.id,
+            session.vm_id,
+            view::timestamp(&session.expire_time)
+        ))?;
+    }
+    Ok(0)
+}
+
 pub async fn list(client: &Client, a: ListArgs, json: bool) -> Result<u8, CliError> {
     let status = a.status.map(|s| match s {
         StatusFilter::Creating => SessionStatus::Creating,
         StatusFilter::Active => SessionStatus::Active,
+        StatusFilter::Suspending => SessionStatus::Suspending,
+        StatusFilter::Suspended => SessionStatus::Suspended,
+        StatusFilter::Resuming => SessionStatus::Resuming,
         StatusFilter::Terminating => SessionStatus::Terminating,
         StatusFilter::Terminated => SessionStatus::Terminated,
     });

@@ -46,6 +46,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Usage(a) => commands::usage(&client, a, json).await,
         Command::Extend(a) => commands::extend(&client, a, json).await,
         Command::Kill(a) => commands::kill(&client, a, json).await,
+        Command::Suspend(a) => commands::suspend(&client, a, json).await,
+        Command::Resume(a) => commands::resume(&client, a, json).await,
         Command::List(a) => commands::list(&client, a, json).await,
         Command::Egress(a) => commands::egress(&client, a, json).await,
         Command::Process(p) => process::run(&client, p, json).await,

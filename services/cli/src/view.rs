@@ -58,6 +58,10 @@ pub fn session_json(s: &Session) -> Value {
         "node_id": s.node_id,
         "vm_id": s.vm_id,
         "egress": s.egress.as_ref().map(egress_json),
+        "auto_suspend": s.auto_suspend,
+        "auto_resume": s.auto_resume,
+        "suspend_time": timestamp(&s.suspend_time),
+        "snapshot_bytes": s.snapshot_bytes,
     })
 }
 
@@ -136,6 +140,20 @@ pub fn session_text(s: &Session) -> String {
             out += &format!("{:<17} {}\n", "end_message", s.end_message);
         }
     }
+    if s.status() == capsa_client::SessionStatus::Suspended {
+        out += &format!("{:<17} {}\n", "suspend_time", plain(&v["suspend_time"]));
+        out += &format!("{:<17} {}\n", "snapshot", bytes(s.snapshot_bytes));
+    }
+    if s.auto_suspend || s.auto_resume {
+        let on: Vec<&str> = [
+            ("auto_suspend", s.auto_suspend),
+            ("auto_resume", s.auto_resume),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        out += &format!("{:<17} {}\n", "options", on.join(" "));
+    }
     out += &format!("{:<17} {}\n", "env", s.env_names.join(" "));
     let mut labels: Vec<_> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
@@ -190,9 +208,14 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// `12.3 MiB`.
+pub fn bytes(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
 pub fn usage_text(u: &Usage) -> String {
     let d = |d: &Option<prost_types::Duration>| std_duration(d).map_or("-".into(), duration);
-    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    let mib = bytes;
     [
         ("cpu_time", d(&u.cpu_time)),
         ("memory_used", mib(u.memory_used_bytes)),

@@ -190,6 +190,28 @@ impl SessionService for Double {
         Ok(Response::new(ExtendSessionResponse { session: Some(s) }))
     }
 
+    async fn suspend_session(
+        &self,
+        r: Request<SuspendSessionRequest>,
+    ) -> Result<Response<SuspendSessionResponse>, Status> {
+        check_auth(&r)?;
+        let mut s = session(&r.into_inner().session_id);
+        s.status = SessionStatus::Suspended as i32;
+        s.vm_id = String::new();
+        s.snapshot_bytes = 60 << 20;
+        Ok(Response::new(SuspendSessionResponse { session: Some(s) }))
+    }
+
+    async fn resume_session(
+        &self,
+        r: Request<ResumeSessionRequest>,
+    ) -> Result<Response<ResumeSessionResponse>, Status> {
+        check_auth(&r)?;
+        let mut s = session(&r.into_inner().session_id);
+        s.vm_id = "vm-resumed".into();
+        Ok(Response::new(ResumeSessionResponse { session: Some(s) }))
+    }
+
     async fn execute(
         &self,
         r: Request<ExecuteRequest>,
@@ -953,6 +975,22 @@ async fn session_commands() {
 
     let o = api.capsa(&["extend", "s-1", "1h"]).await;
     assert_eq!(text(&o.stdout), "s-1 expires at 2023-11-14T23:13:20Z\n");
+    let o = api.capsa(&["suspend", "s-1"]).await;
+    assert_eq!(
+        text(&o.stdout),
+        "s-1 SUSPENDED (60.0 MiB on disk; expires at 2023-11-14T22:13:20Z)\n"
+    );
+    let o = api.capsa(&["--json", "suspend", "s-1"]).await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["snapshot_bytes"].as_u64()),
+        (Some("SUSPENDED"), Some(60 << 20))
+    );
+    let o = api.capsa(&["resume", "s-1"]).await;
+    assert_eq!(
+        text(&o.stdout),
+        "s-1 ACTIVE (vm vm-resumed; expires at 2023-11-14T22:13:20Z)\n"
+    );
     let o = api.capsa(&["kill", "s-1"]).await;
     assert_eq!(text(&o.stdout), "s-1 TERMINATED (DELETED)\n");
     let o = api.capsa(&["--json", "usage", "--tenant"]).await;

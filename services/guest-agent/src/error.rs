@@ -3,6 +3,7 @@
 //! because in the guest those are the client's doing, not the agent's.
 
 use std::io;
+use std::time::Duration;
 
 use capsa_grpc::{ErrorCode, ServiceError};
 
@@ -49,6 +50,15 @@ pub enum Error {
     Aborted(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// A step of Reidentify failed; the guest's identity is half changed.
+    #[error("reidentify step `{step}` failed")]
+    Reidentify {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reidentify step `{step}` did not finish within {after:?}")]
+    ReidentifyTimeout { step: &'static str, after: Duration },
 }
 
 impl Error {
@@ -89,14 +99,18 @@ impl ServiceError for Error {
             Error::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
             Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             Error::Io { .. } => ErrorCode::Internal,
-            Error::KernelStart { .. } | Error::KernelGone { .. } | Error::ShuttingDown => {
-                ErrorCode::Unavailable
-            }
+            // A failed Reidentify step is the guest's failure, like a kernel that cannot
+            // start; its message (the step and the cause) goes to vm-pool.
+            Error::KernelStart { .. }
+            | Error::KernelGone { .. }
+            | Error::ShuttingDown
+            | Error::Reidentify { .. } => ErrorCode::Unavailable,
             Error::UnknownProcess { .. } => ErrorCode::NotFound,
             Error::Precondition(_) => ErrorCode::FailedPrecondition,
             Error::Exhausted(_) => ErrorCode::ResourceExhausted,
             Error::Deadline(_) => ErrorCode::DeadlineExceeded,
             Error::Aborted(_) => ErrorCode::Aborted,
+            Error::ReidentifyTimeout { .. } => ErrorCode::DeadlineExceeded,
         }
     }
 }
@@ -149,6 +163,27 @@ mod tests {
             ErrorCode::DeadlineExceeded
         );
         assert_eq!(Error::Aborted("x".into()).code(), ErrorCode::Aborted);
+        let step = Error::Reidentify {
+            step: "network",
+            source: io::Error::other("exit status: 2: RTNETLINK answers: No such device"),
+        };
+        assert_eq!(step.code(), ErrorCode::Unavailable);
+        let timeout = Error::ReidentifyTimeout {
+            step: "network",
+            after: Duration::from_secs(5),
+        };
+        assert_eq!(timeout.code(), ErrorCode::DeadlineExceeded);
+    }
+
+    #[test]
+    fn a_failed_reidentify_step_is_named_with_its_cause() {
+        let s = capsa_grpc::to_status(&Error::Reidentify {
+            step: "entropy",
+            source: io::Error::other("RNDADDENTROPY: Operation not permitted"),
+        });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().contains("`entropy`"), "{}", s.message());
+        assert!(s.message().contains("RNDADDENTROPY"), "{}", s.message());
     }
 
     #[test]

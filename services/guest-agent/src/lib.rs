@@ -9,6 +9,8 @@
 //!   process for AttachProcess) and the table terminals share with them.
 //! - [`terminal`]: a program on a real PTY, driven by one OpenTerminal stream.
 //! - [`ports`]: ConnectPort, a TCP connection to a port on the guest's loopback.
+//! - [`identity`]: Reidentify, a restored guest's own address, machine-id, RNG and clock.
+//! - [`clock`]: the guest clock, stepped to the host's.
 //! - [`stats`]: memory, processes, uptime and kernel release of the guest.
 //! - [`grpc`]: the adapter between the proto contract and those modules.
 //! - [`echo`]: the echo server.
@@ -18,11 +20,13 @@
 //! [`run`] takes already bound listeners and a shutdown future, so tests run the agent as
 //! a plain process on Unix sockets.
 
+pub mod clock;
 pub mod config;
 pub mod echo;
 pub mod error;
 pub mod files;
 pub mod grpc;
+pub mod identity;
 pub mod kernel;
 pub mod otlp;
 pub mod ports;
@@ -105,9 +109,12 @@ pub async fn run(
             processes.kill_all();
         }
     });
+    // Reidentify changes the whole machine: only in a VM, never for the test seam.
+    let in_vm = !matches!(grpc, Listener::Unix(_));
     let api = grpc::AgentApi::new(
         kernels.clone(),
         processes.clone(),
+        identity::Identity::new(in_vm),
         config.default_timeout(),
         stop.clone(),
     );

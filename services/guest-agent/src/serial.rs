@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use capsa_vsock::mux::{Limits, Mux, MuxStream, Side};
@@ -27,14 +27,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 
+use crate::clock;
+
 /// The name QEMU gives the agent's port (`virtserialport,name=...`).
 pub const PORT_NAME: &str = "org.capsa.agent";
 /// Where the kernel lists virtio-serial ports, each with a `name` file.
 pub const SYS_PORTS: &str = "/sys/class/virtio-ports";
 /// How often to look for the host while it is not connected.
 const HOST_POLL: Duration = Duration::from_millis(20);
-/// A guest clock this far from the host's is stepped to it.
-const CLOCK_TOLERANCE: Duration = Duration::from_millis(100);
 /// Connections accepted but not yet taken by a server.
 const ACCEPT_BACKLOG: usize = 128;
 
@@ -141,7 +141,10 @@ async fn serve_links(
                 let sent = *host_clock.borrow_and_update();
                 if let Some(unix_nanos) = sent {
                     tracing::info!("host in step on the serial port");
-                    correct_clock(unix_nanos);
+                    let host = UNIX_EPOCH + Duration::from_nanos(unix_nanos);
+                    if let Err(e) = clock::step_to(host) {
+                        tracing::warn!(error = %e, "cannot set the guest clock");
+                    }
                 }
             }
         });
@@ -186,27 +189,6 @@ async fn wait_for_host(port: &AsyncFd<File>) -> io::Result<Bytes> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Steps the wall clock to the host's when they differ by more than [`CLOCK_TOLERANCE`].
-fn correct_clock(host_unix_nanos: u64) {
-    let guest = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let drift_ms = (host_unix_nanos as i128 - guest as i128) / 1_000_000;
-    if drift_ms.unsigned_abs() <= CLOCK_TOLERANCE.as_millis() {
-        return;
-    }
-    let ts = libc::timespec {
-        tv_sec: (host_unix_nanos / 1_000_000_000) as libc::time_t,
-        tv_nsec: (host_unix_nanos % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: clock_settime reads the timespec it is given and nothing else.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
-        tracing::info!(drift_ms, "guest clock stepped to the host's");
-    } else {
-        tracing::warn!(drift_ms, error = %io::Error::last_os_error(), "cannot set the guest clock");
     }
 }
 

@@ -7,7 +7,8 @@ use capsa_proto::common::v1 as common;
 use capsa_proto::metering::v1::metering_service_server::MeteringService;
 use capsa_proto::metering::v1::{
     FinalizeSessionRequest, FinalizeSessionResponse, GetSessionUsageRequest,
-    GetSessionUsageResponse, GetTenantUsageRequest, GetTenantUsageResponse,
+    GetSessionUsageResponse, GetTenantUsageRequest, GetTenantUsageResponse, ParkSessionRequest,
+    ParkSessionResponse,
 };
 use capsa_proto::time;
 use capsa_store::usage::Usage;
@@ -93,6 +94,19 @@ impl MeteringService for MeteringGrpc {
             usage: Some(to_proto(&done.usage.usage)),
             record_appended: done.appended,
         }))
+    }
+
+    async fn park_session(
+        &self,
+        request: Request<ParkSessionRequest>,
+    ) -> Result<Response<ParkSessionResponse>, Status> {
+        let req = request.into_inner();
+        let parked = self
+            .ledger
+            .park(&req.session_id, &req.vm_id)
+            .await
+            .map_err(|e| capsa_grpc::to_status(&e))?;
+        Ok(Response::new(ParkSessionResponse { parked }))
     }
 }
 

@@ -72,12 +72,9 @@ impl Ledger {
     pub async fn session_usage(&self, session_id: &str) -> Result<(String, Usage), Error> {
         check_id("session_id", session_id)?;
         if let Some(stored) = self.usage.session(session_id).await? {
-            let mut usage = stored.usage;
-            if !stored.finalized {
-                let now = self.usage.now_ms().await?;
-                let live = u64::try_from(now - stored.lease_ms).unwrap_or(0);
-                usage.uptime_ms = usage.uptime_ms.max(live);
-            }
+            let now = self.usage.now_ms().await?;
+            let mut usage = stored.usage.clone();
+            usage.uptime_ms = stored.uptime_at(now);
             return Ok((stored.tenant_id, usage));
         }
         let Some(rec) = self.sessions.get(session_id).await? else {
@@ -161,6 +158,40 @@ impl Ledger {
         Ok(done)
     }
 
+    /// Final sample of `vm_id` (best effort, bounded like finalize's), then parks it.
+    #[tracing::instrument(skip(self))]
+    pub async fn park(&self, session_id: &str, vm_id: &str) -> Result<bool, Error> {
+        check_id("session_id", session_id)?;
+        check_id("vm_id", vm_id)?;
+        let (rec, stored) = tokio::try_join!(
+            self.sessions.get(session_id),
+            self.usage.session(session_id)
+        )?;
+        let Some(rec) = rec else {
+            return Err(Error::SessionNotFound {
+                session_id: session_id.to_owned(),
+            });
+        };
+        let owner = Owner {
+            session_id: session_id.to_owned(),
+            tenant_id: rec.tenant_id.clone(),
+            fallback_lease_ms: rec.create_ms,
+        };
+        if rec.vm_id == vm_id {
+            let sample = self.final_sample(&owner, Some(&rec), stored.as_ref());
+            if tokio::time::timeout(self.final_sample_timeout, sample)
+                .await
+                .is_err()
+            {
+                self.metrics.error("final_sample");
+                tracing::warn!(
+                    "final sample before suspend timed out; parking with the last sample"
+                );
+            }
+        }
+        Ok(self.usage.park(session_id, &rec.tenant_id, vm_id).await?)
+    }
+
     /// Best effort: any failure (node gone, VM destroyed, Redis hiccup) leaves the last
     /// stored sample as the final numbers.
     async fn final_sample(
@@ -183,7 +214,7 @@ impl Ledger {
                 return Ok(());
             };
             let vm = self.clients.get_vm(&node, vm_id).await?;
-            if vm.lease_id != owner.session_id {
+            if capsa_store::session_of_lease(&vm.lease_id) != owner.session_id {
                 tracing::warn!(vm_id, lease = %vm.lease_id, "vm leased to someone else; not sampled");
                 return Ok(());
             }

@@ -184,7 +184,10 @@ impl Sampler {
                 return (0, 1, Vec::new());
             }
         };
-        let sessions = vms.iter().map(|vm| vm.lease_id.clone()).collect();
+        let sessions = vms
+            .iter()
+            .map(|vm| capsa_store::session_of_lease(&vm.lease_id).to_owned())
+            .collect();
         // Futures built up front: a closure inside the stream type trips the compiler's
         // higher-ranked lifetime check for the spawned sampler task.
         let work: Vec<_> = vms.iter().map(|vm| self.sample_vm(node, vm)).collect();
@@ -198,7 +201,10 @@ impl Sampler {
 
     /// Samples one VM; false if nothing was stored.
     async fn sample_vm(&self, node: &NodeRecord, vm: &Vm) -> bool {
-        let owner = match self.owner(&vm.lease_id).await {
+        let owner = match self
+            .owner(capsa_store::session_of_lease(&vm.lease_id))
+            .await
+        {
             Ok(Some(owner)) => owner,
             Ok(None) => {
                 // Leased under an id that is no session (yet, or any more): nobody to bill.
@@ -234,7 +240,7 @@ impl Sampler {
                     self.metrics.record("interim");
                     tracing::info!(session = %owner.session_id, "interim usage record appended");
                 }
-                applied != Applied::Finalized
+                !matches!(applied, Applied::Finalized | Applied::Parked)
             }
             Err(e) => {
                 self.metrics.error("store");

@@ -295,3 +295,74 @@ async fn trimming_drops_only_what_every_consumer_group_acknowledged() {
     );
     assert_eq!(len(conn.clone()).await, 0);
 }
+
+/// A suspended session: its VM's final sample, then parked (gauges leave the tenant, later
+/// samples of that VM count for nothing), then a resumed VM whose counters start from zero
+/// adds to what the session used before, and its uptime excludes the time suspended.
+#[tokio::test]
+async fn a_parked_vm_stops_counting_and_the_next_vm_adds_to_the_session() {
+    let redis = RedisServer::start();
+    let store = stores(&redis, 1).await.remove(0);
+    let first = sample("s", "t", 5);
+    assert_eq!(
+        store.apply_sample(&first, None).await.unwrap(),
+        Applied::Stored
+    );
+    assert!(store.park("s", "t", "vm-s").await.unwrap());
+    assert!(!store.park("s", "t", "vm-s").await.unwrap(), "parked once");
+    let parked = store.session("s").await.unwrap().unwrap();
+    assert_eq!(parked.vm_id, "");
+    assert_eq!(parked.usage.cpu_time_us, 5_000_000);
+    assert_eq!(
+        parked.usage.memory_used_bytes, 0,
+        "a suspended session holds no memory"
+    );
+    let tenant = store.tenant("t").await.unwrap();
+    assert_eq!(
+        (tenant.memory_used_bytes, tenant.vmm_resident_bytes),
+        (0, 0)
+    );
+    assert_eq!(tenant.cpu_time_us, 5_000_000);
+    // A late sample of the parked VM is ignored.
+    assert_eq!(
+        store
+            .apply_sample(&sample("s", "t", 9), None)
+            .await
+            .unwrap(),
+        Applied::Parked
+    );
+    assert_eq!(
+        store.session("s").await.unwrap().unwrap().usage.cpu_time_us,
+        5_000_000
+    );
+    // Uptime stands still while suspended.
+    assert_eq!(parked.uptime_at(i64::MAX / 2), parked.usage.uptime_ms);
+
+    // The resumed VM, leased an hour later, 2 s into its life.
+    let mut next = sample("s", "t", 2);
+    next.vm_id = "vm-s2".into();
+    next.lease_ms = first.sample_ms + 3_600_000;
+    next.sample_ms = next.lease_ms + 2_000;
+    assert_eq!(
+        store.apply_sample(&next, None).await.unwrap(),
+        Applied::Stored
+    );
+    let resumed = store.session("s").await.unwrap().unwrap();
+    assert_eq!(resumed.vm_id, "vm-s2");
+    assert_eq!(
+        resumed.usage.cpu_time_us, 7_000_000,
+        "5 s before plus 2 s now"
+    );
+    assert_eq!(resumed.usage.disk_write_bytes, 140);
+    assert_eq!(
+        resumed.usage.uptime_ms,
+        5_000 + 2_000,
+        "the hour suspended is not uptime"
+    );
+    assert_eq!(resumed.usage.memory_used_bytes, 200);
+    let tenant = store.tenant("t").await.unwrap();
+    assert_eq!(tenant.cpu_time_us, 7_000_000);
+    assert_eq!(tenant.memory_used_bytes, 200);
+    // Live uptime while the new VM runs counts from its lease.
+    assert_eq!(resumed.uptime_at(next.lease_ms + 10_000), 5_000 + 10_000);
+}

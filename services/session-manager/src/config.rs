@@ -215,6 +215,16 @@ pub struct Config {
     /// `{"allowed_domains": ["*.example.com"], "allow_http": false}`. Unset: no egress.
     #[arg(long, env = "CAPSA_DEFAULT_EGRESS", value_parser = policy_json)]
     pub default_egress: Option<EgressPolicy>,
+    /// How long a node may take to suspend a session's VM to its disk, or to resume it
+    /// (SuspendVm, ResumeVm). A replica that dies mid-step has it redone by another after
+    /// this plus `--claim-ttl-secs`.
+    #[arg(long, env = "CAPSA_SUSPEND_TIMEOUT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub suspend_timeout_secs: u64,
+    /// How long a session created with auto_suspend is kept suspended once its deadline
+    /// parked it; then it ends (EXPIRED) and its snapshot is deleted. The operator's bound
+    /// on what idle sessions may hold on the nodes' disks.
+    #[arg(long, env = "CAPSA_SUSPENDED_RETENTION_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub suspended_retention_secs: u64,
     /// Bound of the best-effort FinalizeSession call while ending a session.
     #[arg(long, env = "CAPSA_FINALIZE_TIMEOUT_MS", default_value_t = 2000)]
     pub finalize_timeout_ms: u64,
@@ -231,6 +241,14 @@ impl Config {
         Duration::from_secs(self.acquire_timeout_secs)
     }
 
+    pub fn suspend_timeout(&self) -> Duration {
+        Duration::from_secs(self.suspend_timeout_secs)
+    }
+
+    pub fn suspended_retention(&self) -> Duration {
+        Duration::from_secs(self.suspended_retention_secs)
+    }
+
     pub fn stalled_client_timeout(&self) -> Duration {
         Duration::from_millis(self.stalled_client_timeout_ms)
     }
@@ -242,6 +260,8 @@ impl Config {
             // A live creator always gives up (acquire timeout) before the reaper steps in.
             creating_bound: self.acquire_timeout() + Duration::from_secs(60),
             max_total_lifetime: crate::validate::MAX_LIFETIME,
+            // A replica that died mid-step is taken over once its node call surely ended.
+            step_claim_ttl: self.suspend_timeout() + Duration::from_secs(self.claim_ttl_secs),
         }
     }
 }

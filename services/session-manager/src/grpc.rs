@@ -52,6 +52,9 @@ pub fn session_to_proto(rec: &SessionRecord) -> pb::Session {
         status: match rec.status {
             SessionStatus::Creating => pb::SessionStatus::Creating,
             SessionStatus::Active => pb::SessionStatus::Active,
+            SessionStatus::Suspending => pb::SessionStatus::Suspending,
+            SessionStatus::Suspended => pb::SessionStatus::Suspended,
+            SessionStatus::Resuming => pb::SessionStatus::Resuming,
             SessionStatus::Terminating => pb::SessionStatus::Terminating,
             SessionStatus::Terminated => pb::SessionStatus::Terminated,
         } as i32,
@@ -81,6 +84,14 @@ pub fn session_to_proto(rec: &SessionRecord) -> pb::Session {
         node_id: rec.node_id.clone(),
         vm_id: rec.vm_id.clone(),
         egress: Some(capsa_egress::proto::to_proto(&rec.egress)),
+        auto_suspend: rec.auto_suspend,
+        auto_resume: rec.auto_resume,
+        suspend_time: rec.suspend_ms.map(timestamp_ms),
+        snapshot_bytes: if rec.status == SessionStatus::Suspended {
+            rec.snapshot_bytes
+        } else {
+            0
+        },
     }
 }
 
@@ -165,6 +176,38 @@ impl SessionService for SessionApi {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::ExtendSessionResponse {
+            session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    async fn suspend_session(
+        &self,
+        req: Request<pb::SuspendSessionRequest>,
+    ) -> Result<Response<pb::SuspendSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        validate::session_id(&req.get_ref().session_id).map_err(|e| status(&e))?;
+        let rec = self
+            .app
+            .suspend_session(&tenant, &req.get_ref().session_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SuspendSessionResponse {
+            session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    async fn resume_session(
+        &self,
+        req: Request<pb::ResumeSessionRequest>,
+    ) -> Result<Response<pb::ResumeSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        validate::session_id(&req.get_ref().session_id).map_err(|e| status(&e))?;
+        let rec = self
+            .app
+            .resume_session(&tenant, &req.get_ref().session_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ResumeSessionResponse {
             session: Some(session_to_proto(&rec)),
         }))
     }

@@ -11,7 +11,8 @@
 //! - `app`: the shared state (`App`): stores, node clients, config, and the
 //!   per-tenant stream slots.
 //! - `sessions`: create, get, list, delete, extend, usage; `teardown`: ending a session
-//!   and releasing its VM; `reaper`: expiry and the reconciler.
+//!   and releasing its VM; `suspend`: suspending and resuming (the node's snapshots);
+//!   `reaper`: expiry (and auto_suspend) and the reconciler.
 //! - `egress`: a session's egress policy (its default, Get/UpdateEgressPolicy).
 //! - `proxy`: Execute and file calls relayed to the session's node, with the stall bound.
 //! - `processes`: background processes, terminals and port tunnels relayed the same way.
@@ -30,6 +31,7 @@ mod processes;
 mod proxy;
 mod reaper;
 mod sessions;
+mod suspend;
 mod teardown;
 pub mod validate;
 

@@ -87,12 +87,21 @@ pub(crate) struct Target {
 }
 
 impl App {
-    /// The tenant's ACTIVE session and its live node. A node without a live record missed
+    /// The tenant's ACTIVE session (resumed first if it is suspended with auto_resume) and
+    /// its live node. A node without a live record missed
     /// its heartbeats (stalled, CPU-starved, or its record expired while Redis restarted):
     /// that is not a lost VM, so the call is UNAVAILABLE and the session is left to the
     /// reconciler, which asks the node and ends its sessions only after the grace period.
     pub(crate) async fn target(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Target, Error> {
-        let session = self.session(tenant, id).await?;
+        let mut session = self.session(tenant, id).await?;
+        if session.auto_resume
+            && matches!(
+                session.status,
+                SessionStatus::Suspending | SessionStatus::Suspended | SessionStatus::Resuming
+            )
+        {
+            session = self.resume_session(tenant, id).await?;
+        }
         if session.status != SessionStatus::Active {
             return Err(not_active(&session));
         }

@@ -1,8 +1,9 @@
 //! Background loops every replica runs.
 //!
-//! - The **reaper** claims due sessions (see `capsa_store::sessions`: expired ACTIVE ones,
-//!   CREATING ones past their creation bound, TERMINATING ones whose teardown claim ran
-//!   out) and tears each down. It sleeps until the next deadline, at most the configured
+//! - The **reaper** claims due sessions (see `capsa_store::sessions`: expired ACTIVE or
+//!   SUSPENDED ones, CREATING ones past their creation bound, TERMINATING ones whose
+//!   teardown claim ran out) and tears each down; an ACTIVE one with auto_suspend is
+//!   suspended instead, and a suspend or resume whose replica died is redone. It sleeps until the next deadline, at most the configured
 //!   interval (250 ms), so a session ends within a second of its deadline. Claims are
 //!   atomic, so replicas share the work and never both end one session.
 //! - The **reconciler** compares each live node's VMs with the sessions: it releases
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::clients::with_timeout;
+use crate::suspend::Step;
 use crate::teardown::vm_failure;
 
 const CLAIM_BATCH: usize = 100;
@@ -55,6 +57,14 @@ pub async fn reaper(app: Arc<App>, stop: CancellationToken) {
                         let _permit = permit;
                         tracing::info!(session_id = %c.id, kind = %c.kind, "claimed for teardown");
                         match app.sessions.get(&c.id).await {
+                            // At its deadline with auto_suspend, or a step whose replica
+                            // died: suspend or resume it (each step is idempotent).
+                            Ok(Some(rec)) if rec.status == SessionStatus::Suspending => {
+                                let _ = app.spawn_step(rec, Step::Suspend).await;
+                            }
+                            Ok(Some(rec)) if rec.status == SessionStatus::Resuming => {
+                                let _ = app.spawn_step(rec, Step::Resume).await;
+                            }
                             Ok(Some(rec)) => {
                                 let _ = app.teardown(rec).await;
                             }
@@ -175,7 +185,11 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
             && !vm.lease_id.is_empty()
     };
     for vm in vms.iter().filter(leased_or_failed) {
-        let orphan = match app.sessions.get(&vm.lease_id).await {
+        let orphan = match app
+            .sessions
+            .get(capsa_store::session_of_lease(&vm.lease_id))
+            .await
+        {
             Ok(None) => true,
             // A teardown releases the VM before it marks the session TERMINATED, so a VM
             // still leased to a session that terminated before this listing began was not
@@ -198,6 +212,10 @@ async fn reconcile_node(app: &Arc<App>, node: &NodeRecord) {
             continue;
         };
         if rec.status != SessionStatus::Active || rec.node_id != node.node_id {
+            continue;
+        }
+        // Resumed after this listing began: its new VM may be missing from it.
+        if rec.resume_ms.is_some_and(|t| t >= listed_after_ms) {
             continue;
         }
         let failure = match by_id.get(rec.vm_id.as_str()) {

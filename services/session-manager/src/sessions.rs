@@ -124,6 +124,8 @@ impl App {
             metadata: spec.metadata.clone(),
             lifetime: spec.lifetime,
             egress: egress.clone(),
+            auto_suspend: spec.auto_suspend,
+            auto_resume: spec.auto_resume,
         };
         match self
             .sessions
@@ -400,6 +402,14 @@ pub fn not_active(rec: &SessionRecord) -> Error {
     match rec.status {
         SessionStatus::Creating => {
             Error::FailedPrecondition(format!("session {} is CREATING, not ACTIVE", rec.id))
+        }
+        SessionStatus::Suspending | SessionStatus::Suspended | SessionStatus::Resuming => {
+            Error::FailedPrecondition(format!(
+                "session {} is {}, not ACTIVE: ResumeSession brings it back (a session \
+                 created with auto_resume is resumed by Execute and the file calls)",
+                rec.id,
+                rec.status.as_str().to_uppercase()
+            ))
         }
         _ => Error::FailedPrecondition(format!(
             "session {} is {}, not ACTIVE: {}",

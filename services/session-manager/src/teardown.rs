@@ -1,6 +1,7 @@
 //! Ending a session, after the caller won its move to TERMINATING: finalize its usage
 //! (best effort, bounded), release its VM (retried; exactly one replica does this per
-//! session, because only the winner of the transition gets here), then mark it TERMINATED.
+//! session, because only the winner of the transition gets here), delete its snapshot if
+//! it was suspended, then mark it TERMINATED.
 //! A teardown that cannot release the VM leaves the session TERMINATING; when its claim
 //! runs out the reaper of any replica takes it over.
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use capsa_proto::metering::v1::FinalizeSessionRequest;
-use capsa_proto::vmpool::v1::{ReleaseVmRequest, Vm, VmState};
+use capsa_proto::vmpool::v1::{DeleteSnapshotRequest, ReleaseVmRequest, Vm, VmState};
 use capsa_store::{EndReason, SessionRecord, SessionStatus, Transition};
 
 use crate::app::App;
@@ -81,6 +82,12 @@ impl App {
                 }
             }
         }
+        if !rec.snapshot_id.is_empty()
+            && let Err(e) = self.drop_snapshot(&rec.node_id, &rec.snapshot_id).await
+        {
+            tracing::warn!(error = %e, "snapshot delete failed; the reaper will retry");
+            return Err(e);
+        }
         self.sessions.finish_end(&rec.id, &note).await?;
         tracing::info!(reason = ?rec.end_reason, "session terminated");
         Ok(())
@@ -112,6 +119,32 @@ impl App {
     pub async fn release_vm(&self, node_id: &str, vm_id: &str) {
         if let Err(e) = self.release(node_id, vm_id).await {
             tracing::warn!(node_id, vm_id, error = %e, "vm release failed");
+        }
+    }
+
+    /// Deletes an ended session's snapshot (a node that is gone took it along).
+    async fn drop_snapshot(&self, node_id: &str, snapshot_id: &str) -> Result<(), Error> {
+        let Some(node) = self.nodes.get(node_id).await? else {
+            return Ok(());
+        };
+        let mut client = self.clients.vmpool(&node.vmpool_url)?;
+        let req = DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.to_string(),
+        };
+        match tokio::time::timeout(
+            RELEASE_TIMEOUT,
+            client.delete_snapshot(with_timeout(req, RELEASE_TIMEOUT)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(Error::Unavailable(format!(
+                "node {node_id} did not delete snapshot {snapshot_id}: {}",
+                status.message()
+            ))),
+            Err(_) => Err(Error::Unavailable(format!(
+                "node {node_id} did not delete snapshot {snapshot_id} within {RELEASE_TIMEOUT:?}"
+            ))),
         }
     }
 

@@ -44,6 +44,8 @@ pub struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     /// `None`: the tenant's default, else the deployment's, else none.
     pub egress: Option<EgressPolicy>,
+    pub auto_suspend: bool,
+    pub auto_resume: bool,
 }
 
 pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
@@ -115,6 +117,8 @@ pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         egress,
+        auto_suspend: req.auto_suspend,
+        auto_resume: req.auto_resume,
     })
 }
 
@@ -226,6 +230,9 @@ pub fn list(req: &pb::ListSessionsRequest) -> Result<(ListFilter, usize, Option<
         Ok(pb::SessionStatus::Unspecified) => None,
         Ok(pb::SessionStatus::Creating) => Some(SessionStatus::Creating),
         Ok(pb::SessionStatus::Active) => Some(SessionStatus::Active),
+        Ok(pb::SessionStatus::Suspending) => Some(SessionStatus::Suspending),
+        Ok(pb::SessionStatus::Suspended) => Some(SessionStatus::Suspended),
+        Ok(pb::SessionStatus::Resuming) => Some(SessionStatus::Resuming),
         Ok(pb::SessionStatus::Terminating) => Some(SessionStatus::Terminating),
         Ok(pb::SessionStatus::Terminated) => Some(SessionStatus::Terminated),
         Err(_) => {

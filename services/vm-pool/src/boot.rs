@@ -6,12 +6,17 @@
 //! for a cold boot, `Leased`. A VMM that exits, or an agent silent past the boot timeout,
 //! makes the VM `Failed` with the reason; its processes and dir are destroyed at once.
 //!
+//! A restore ([`Source::Restore`], for ResumeVm) takes the same path with the hypervisor's
+//! restore instead of its boot, and between the health check and `Leased` the agent's
+//! `Reidentify` gives the guest its new address, MAC, machine-id, RNG seed and clock
+//! ([`crate::snapshots::reidentify`]); a failed Reidentify fails the restore.
+//!
 //! The refill loop wakes on every change (and on backoff deadlines) and starts boots
 //! while a template has fewer warm + booting VMs than its target and the node has room.
 //! Consecutive failed boots of a template back its refills off exponentially (1 s .. 60 s)
 //! so a broken image does not spin.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,6 +32,27 @@ use crate::vm::{VmInfo, VmState, new_vm_id};
 
 /// Per health-check attempt (the vsock connect is retried with a short backoff).
 const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a new VM starts from.
+pub(crate) enum Source {
+    /// The template's kernel and root fs.
+    Boot,
+    /// The snapshot in `dir`; `hold` keeps it from being deleted until the VMM has read it.
+    Restore {
+        dir: PathBuf,
+        hold: crate::snapshots::Hold,
+    },
+}
+
+impl Source {
+    /// "boot" or "restore": for logs, errors and the boot-duration metric.
+    fn name(&self) -> &'static str {
+        match self {
+            Source::Boot => "boot",
+            Source::Restore { .. } => "restore",
+        }
+    }
+}
 
 /// Records a new `Booting` VM; `lease` is set for a cold boot on behalf of a lease.
 pub(crate) fn insert_booting(
@@ -60,23 +86,29 @@ pub(crate) fn insert_booting(
             otlp_relay: None,
             at_lease: Default::default(),
             net: None,
+            op: Default::default(),
         },
     );
     id
 }
 
-/// Boots the `Booting` VM `id` and brings it to `Warm` or `Leased`.
-#[tracing::instrument(skip(shared, tpl), fields(template = %tpl.name))]
+/// Boots (or restores, per `source`) the `Booting` VM `id` and brings it to `Warm` or
+/// `Leased`.
+#[tracing::instrument(skip(shared, tpl, source), fields(template = %tpl.name, source = source.name()))]
 pub(crate) async fn run_boot(
     shared: &Arc<Shared>,
     id: &str,
     tpl: &Template,
     vcpus: u32,
     memory_mib: u32,
+    source: Source,
 ) -> Result<VmInfo, Error> {
+    let what = source.name();
+    let restoring = matches!(source, Source::Restore { .. });
+    let fail = |reason: String| fail(shared, id, what, reason);
     let _slot = tokio::select! {
         slot = shared.boot_slots.acquire() => slot.expect("the boot semaphore is never closed"),
-        _ = shared.closing.cancelled() => return Err(fail(shared, id, "vm-pool is shutting down".into())),
+        _ = shared.closing.cancelled() => return Err(fail("vm-pool is shutting down".into())),
     };
     let started = Instant::now();
     // One bound for the whole boot, VMM start-up included: a boot stuck anywhere holds a
@@ -99,11 +131,7 @@ pub(crate) async fn run_boot(
                 Some(net)
             }
             Err(e) => {
-                return Err(fail(
-                    shared,
-                    id,
-                    format!("network: {}", capsa_grpc::error::chain(&e)),
-                ));
+                return Err(fail(format!("network: {}", capsa_grpc::error::chain(&e))));
             }
         },
         None => None,
@@ -119,21 +147,30 @@ pub(crate) async fn run_boot(
         dir: shared.settings.state_dir.join("vms").join(id),
         net,
     };
-    let vm = match tokio::time::timeout_at(deadline, shared.hv.boot(&spec)).await {
+    let started_vmm = async {
+        match source {
+            Source::Boot => shared.hv.boot(&spec).await,
+            Source::Restore { dir, hold } => {
+                let vm = shared.hv.restore(&spec, &dir).await;
+                // The VMM has read the snapshot (or failed): it may be deleted now.
+                drop(hold);
+                vm
+            }
+        }
+    };
+    let vm = match tokio::time::timeout_at(deadline, started_vmm).await {
         Ok(Ok(vm)) => vm,
         Ok(Err(e)) => {
-            return Err(fail(
-                shared,
-                id,
-                format!("vmm start failed: {}", capsa_grpc::error::chain(&e)),
-            ));
+            return Err(fail(format!(
+                "vmm start failed: {}",
+                capsa_grpc::error::chain(&e)
+            )));
         }
         Err(_) => {
-            let reason = format!(
+            return Err(fail(format!(
                 "the vmm did not start within {:?}",
                 shared.settings.boot_timeout
-            );
-            return Err(fail(shared, id, reason));
+            )));
         }
     };
     if !attach(shared, id, &vm) {
@@ -146,28 +183,41 @@ pub(crate) async fn run_boot(
     spawn_watcher(shared.clone(), vm.clone());
 
     let vsock = vm.vsock_path();
+    let ready = async {
+        match tokio::time::timeout_at(deadline, wait_healthy(&vsock)).await {
+            Ok(()) => {}
+            Err(_) => {
+                return Err(format!(
+                    "agent did not answer its health check within {:?}{}",
+                    shared.settings.boot_timeout,
+                    console_tail(&vm)
+                ));
+            }
+        }
+        if restoring {
+            let reidentified =
+                crate::snapshots::reidentify(&vsock, spec.net.as_ref(), deadline).await;
+            reidentified.map_err(|e| format!("{e}{}", console_tail(&vm)))?;
+        }
+        Ok(())
+    };
     let outcome = tokio::select! {
-        r = tokio::time::timeout_at(deadline, wait_healthy(&vsock)) => match r {
-            Ok(()) => Ok(()),
-            Err(_) => Err(format!(
-                "agent did not answer its health check within {:?}{}",
-                shared.settings.boot_timeout,
-                console_tail(&vm)
-            )),
-        },
-        exit = vm.wait() => Err(format!("vmm {} during boot{}", exit.description, console_tail(&vm))),
+        r = ready => r,
+        exit = vm.wait() => Err(format!("vmm {} during {what}{}", exit.description, console_tail(&vm))),
         _ = shared.closing.cancelled() => Err("vm-pool is shutting down".into()),
     };
     if let Err(reason) = outcome {
-        let err = fail(shared, id, reason);
+        let err = fail(reason);
         let _ = vm.destroy().await;
         return Err(err);
     }
     let took = started.elapsed();
-    shared.metrics.booted(took);
+    shared.metrics.booted(took, what);
     let mut st = shared.lock();
     let st = &mut *st;
-    st.backoff.remove(&tpl.name);
+    if !restoring {
+        st.backoff.remove(&tpl.name);
+    }
     let Some(entry) = st.vms.get(id) else {
         drop(vm);
         return Err(Error::Unavailable(format!(
@@ -194,7 +244,7 @@ pub(crate) async fn run_boot(
         q.push_back(id.to_owned());
         shared.metrics.warm(&tpl.name, q.len());
     }
-    tracing::info!(vm = id, boot_ms = took.as_millis() as u64, state = ?info.state, "vm booted");
+    tracing::info!(vm = id, source = what, boot_ms = took.as_millis() as u64, state = ?info.state, "vm started");
     shared.changed.notify_one();
     Ok(info)
 }
@@ -232,8 +282,10 @@ fn spawn_watcher(shared: Arc<Shared>, vm: Arc<dyn VirtualMachine>) {
     });
 }
 
-/// Marks a live VM `Failed` (if it still is live) and returns the error for it.
-fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
+/// Marks a live VM `Failed` (if it still is live) and returns the error for it; a failed
+/// boot (`what`) backs its template's refills off, a failed restore does not (the template
+/// may boot fine).
+fn fail(shared: &Arc<Shared>, id: &str, what: &'static str, reason: String) -> Error {
     mark_failed(shared, id, &reason);
     // Not inside an `if let` on the guard: back_off takes the lock itself.
     let template = shared
@@ -241,16 +293,18 @@ fn fail(shared: &Arc<Shared>, id: &str, reason: String) -> Error {
         .vms
         .get(id)
         .map(|e| e.info.borrow().template.clone());
-    if let Some(template) = &template {
+    if let Some(template) = &template
+        && what == "boot"
+    {
         back_off(shared, template);
     }
     if shared.closing.is_cancelled() || template.is_none() {
         // Shutting down, or released mid-boot (its entry is gone): not the boot's fault.
-        tracing::debug!(vm = id, %reason, "boot abandoned");
-        Error::Unavailable(format!("boot of {id} abandoned: {reason}"))
+        tracing::debug!(vm = id, %reason, "{what} abandoned");
+        Error::Unavailable(format!("{what} of {id} abandoned: {reason}"))
     } else {
-        tracing::warn!(vm = id, %reason, "boot failed");
-        Error::BootFailed(format!("boot of {id} failed: {reason}"))
+        tracing::warn!(vm = id, %reason, "{what} failed");
+        Error::BootFailed(format!("{what} of {id} failed: {reason}"))
     }
 }
 
@@ -362,7 +416,7 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
         return None;
     }
     let mut st = shared.lock();
-    let mut used = crate::pool::Usage::of(&st);
+    let mut used = crate::capacity::Usage::of(&st);
     let mut next_backoff: Option<Instant> = None;
     let mut names: Vec<&Template> = shared.templates.values().collect();
     names.sort_by(|a, b| a.name.cmp(&b.name));
@@ -397,7 +451,7 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
             let id = insert_booting(shared, &mut st, tpl, tpl.vcpus, tpl.memory_mib, None);
             let (shared, tpl) = (shared.clone(), tpl.clone());
             tokio::spawn(async move {
-                let _ = run_boot(&shared, &id, &tpl, tpl.vcpus, tpl.memory_mib).await;
+                let _ = run_boot(&shared, &id, &tpl, tpl.vcpus, tpl.memory_mib, Source::Boot).await;
             });
         }
     }

@@ -9,6 +9,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    /// The name is taken by something else (a snapshot id holding another VM's snapshot).
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
     /// The node is at capacity.
@@ -24,6 +27,14 @@ pub enum Error {
     /// Start-up configuration that cannot work (bad image dir, no engine).
     #[error("configuration: {0}")]
     Config(String),
+    /// A file of the state dir (a snapshot's) could not be read or written.
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// An `ip` or `nft` command (or a sysctl write) failed.
     #[error("{command}: {stderr}")]
     Command { command: String, stderr: String },
@@ -35,15 +46,27 @@ pub enum Error {
     Serve(#[from] capsa_grpc::ServeError),
 }
 
+impl Error {
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
 impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::NotFound(_) => ErrorCode::NotFound,
+            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Error::Unavailable(_) | Error::BootFailed(_) => ErrorCode::Unavailable,
             Error::Config(_)
+            | Error::Io { .. }
             | Error::Command { .. }
             | Error::Vmm(_)
             | Error::Store(_)
@@ -64,6 +87,7 @@ mod tests {
                 tonic::Code::InvalidArgument,
             ),
             (Error::NotFound("vm".into()), tonic::Code::NotFound),
+            (Error::AlreadyExists("x".into()), tonic::Code::AlreadyExists),
             (
                 Error::FailedPrecondition("x".into()),
                 tonic::Code::FailedPrecondition,
@@ -75,6 +99,14 @@ mod tests {
             (Error::Unavailable("x".into()), tonic::Code::Unavailable),
             (Error::BootFailed("x".into()), tonic::Code::Unavailable),
             (Error::Config("x".into()), tonic::Code::Internal),
+            (
+                Error::io(
+                    "read",
+                    std::path::Path::new("/x"),
+                    std::io::Error::other("x"),
+                ),
+                tonic::Code::Internal,
+            ),
             (
                 Error::Command {
                     command: "nft -j -f -".into(),

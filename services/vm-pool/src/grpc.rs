@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::pool::Pool;
+use crate::snapshots::SnapshotInfo;
 use crate::vm::{VmInfo, VmState};
 
 pub struct Service {
@@ -48,6 +49,18 @@ pub(crate) fn vm_to_proto(i: &VmInfo) -> pb::Vm {
         boot_duration: i.boot_duration.map(duration),
         lease_time: i.lease_time.map(timestamp),
         failure: i.failure.clone().unwrap_or_default(),
+    }
+}
+
+fn snapshot_to_proto(s: SnapshotInfo) -> pb::Snapshot {
+    pb::Snapshot {
+        id: s.id,
+        template: s.template,
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        engine: s.engine,
+        size_bytes: s.size_bytes,
+        create_time: Some(timestamp(s.create_time)),
     }
 }
 
@@ -182,6 +195,72 @@ impl VmPoolService for Service {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::SetEgressPolicyResponse {}))
+    }
+
+    async fn suspend_vm(
+        &self,
+        req: Request<pb::SuspendVmRequest>,
+    ) -> Result<Response<pb::SuspendVmResponse>, Status> {
+        let r = req.into_inner();
+        let snapshot = self
+            .pool
+            .suspend(&r.vm_id, &r.snapshot_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SuspendVmResponse {
+            snapshot: Some(snapshot_to_proto(snapshot)),
+        }))
+    }
+
+    async fn resume_vm(
+        &self,
+        req: Request<pb::ResumeVmRequest>,
+    ) -> Result<Response<pb::ResumeVmResponse>, Status> {
+        let r = req.into_inner();
+        let egress = egress_policy(r.egress)?;
+        let vm = self
+            .pool
+            .resume(&r.snapshot_id, &r.lease_id, egress)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ResumeVmResponse {
+            vm: Some(vm_to_proto(&vm)),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let snapshot = self
+            .pool
+            .snapshot(&req.into_inner().snapshot_id)
+            .map_err(status)?;
+        Ok(Response::new(pb::GetSnapshotResponse {
+            snapshot: Some(snapshot_to_proto(snapshot)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let snapshots = self.pool.snapshots().map_err(status)?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: snapshots.into_iter().map(snapshot_to_proto).collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let deleted = self
+            .pool
+            .delete_snapshot(&req.into_inner().snapshot_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { deleted }))
     }
 
     async fn get_node_info(

@@ -2,12 +2,14 @@
 //! each out to exactly one lease; a released VM is destroyed, never reused.
 //!
 //! Start-up: choose the engine ([`capsa_vmm::engine`]), load the templates' images, reap
-//! whatever a previous run left in `<state_dir>/vms` ([`capsa_vmm::orphans`]), start the
-//! refill loop and the node heartbeat, serve gRPC. Shutdown, on the caller's signal:
+//! whatever a previous run left in `<state_dir>/vms` ([`capsa_vmm::orphans`]) and the
+//! unfinished snapshots in `<state_dir>/snapshots` (complete ones stay: [`snapshots`]),
+//! start the refill loop and the node heartbeat, serve gRPC. Shutdown, on the caller's signal:
 //! health NOT_SERVING and no new calls (capsa-grpc), the pool stops booting and ends watch
 //! streams, the node record is removed, then every VM is destroyed.
 
 pub mod boot;
+mod capacity;
 pub mod config;
 mod counters;
 pub mod error;
@@ -17,6 +19,7 @@ pub mod net;
 pub mod node;
 pub mod otlp_relay;
 pub mod pool;
+pub mod snapshots;
 pub mod vm;
 
 use std::future::Future;
@@ -113,6 +116,13 @@ pub async fn run(
     let reaped = capsa_vmm::orphans::reap(&config.state_dir.join("vms")).await?;
     if !reaped.killed.is_empty() || !reaped.removed_dirs.is_empty() {
         tracing::warn!(killed = ?reaped.killed, dirs = reaped.removed_dirs.len(), "reaped leftovers of a previous run");
+    }
+    let unfinished = snapshots::prepare(&config.state_dir)?;
+    if unfinished > 0 {
+        tracing::warn!(
+            count = unfinished,
+            "removed snapshots a previous run left unfinished"
+        );
     }
     // After the reap: a namespace lives as long as a process in it.
     let tap_owner = capsa_vmm::VmmUser::lookup(&config.vmm_user)?.uid;

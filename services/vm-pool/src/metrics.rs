@@ -1,5 +1,6 @@
 //! vm-pool's metrics (names from `capsa_telemetry::metrics`): warm VMs per template,
-//! AcquireVm latency by warm hit, and boot latency (VMM start to agent ready).
+//! AcquireVm latency by warm hit, and start latency (VMM start to agent ready) by source:
+//! `boot`, or `restore` from a snapshot (which includes the agent's Reidentify).
 
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ impl Metrics {
             boot: meter
                 .f64_histogram(names::VM_BOOT_DURATION)
                 .with_unit("s")
-                .with_description("VMM start to agent ready")
+                .with_description("VMM start to agent ready, by source (boot, restore)")
                 .build(),
         }
     }
@@ -49,7 +50,9 @@ impl Metrics {
         );
     }
 
-    pub fn booted(&self, took: Duration) {
-        self.boot.record(took.as_secs_f64(), &[]);
+    /// `source`: "boot" or "restore".
+    pub fn booted(&self, took: Duration, source: &'static str) {
+        self.boot
+            .record(took.as_secs_f64(), &[KeyValue::new("source", source)]);
     }
 }

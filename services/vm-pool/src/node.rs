@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use capsa_store::{NodeRecord, NodeRegistry, NodeResources, VmSize};
 use tokio_util::sync::CancellationToken;
 
+use crate::capacity::Usage;
 use crate::error::Error;
-use crate::pool::{Pool, Usage};
+use crate::pool::Pool;
 
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);

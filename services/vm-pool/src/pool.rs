@@ -8,9 +8,13 @@
 //!   serialise on that lease's async lock, and the second sees the first's VM;
 //! - live VMs (booting + warm + leased) never exceed the node's capacity: at most
 //!   `capacity` VMs, and their memory (guest RAM + the VMM's overhead, what each VM's cgroup
-//!   allows) and vCPUs within `capacity_memory_mib` and `capacity_vcpus` ([`Usage`]).
+//!   allows) and vCPUs within `capacity_memory_mib` and `capacity_vcpus`
+//!   ([`crate::capacity`]);
+//! - a release and a suspend of one VM serialise on its `op` lock: whichever comes second
+//!   sees what the first left.
 //!
-//! Booting, refilling and death handling live in [`crate::boot`].
+//! Booting, refilling and death handling live in [`crate::boot`]; snapshots (suspend,
+//! resume) in [`crate::snapshots`].
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -23,6 +27,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::capacity::Usage;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::vm::{VmInfo, VmState};
@@ -91,6 +96,7 @@ pub(crate) struct Shared {
     /// Cancelled when the pool starts shutting down.
     pub closing: CancellationToken,
     pub metrics: Metrics,
+    pub snapshots: crate::snapshots::Store,
 }
 
 #[derive(Default)]
@@ -115,6 +121,20 @@ pub(crate) struct Entry {
     pub at_lease: Arc<tokio::sync::OnceCell<VmCounters>>,
     /// The VM's tap and rules, removed when the entry goes.
     pub net: Option<crate::net::VmNetGuard>,
+    /// Held by a release and by a suspend of this VM.
+    pub op: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Where a lease's VM comes from.
+pub(crate) enum Obtain {
+    /// A warm VM of the template when the shape is its own, else a cold boot.
+    Template {
+        tpl: Template,
+        vcpus: u32,
+        memory_mib: u32,
+    },
+    /// A restore of this node's snapshot with this id.
+    Snapshot(String),
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +152,7 @@ impl Pool {
         settings: Settings,
     ) -> Pool {
         let boots = settings.max_concurrent_boots.max(1) as usize;
+        let snapshots = crate::snapshots::Store::new(&settings.state_dir);
         Pool(Arc::new(Shared {
             hv,
             engine,
@@ -142,6 +163,7 @@ impl Pool {
             changed: Notify::new(),
             closing: CancellationToken::new(),
             metrics: Metrics::new(),
+            snapshots,
         }))
     }
 
@@ -188,22 +210,23 @@ impl Pool {
         let pool = self.clone();
         let lease_id = lease_id.to_owned();
         let span = tracing::Span::current();
+        let obtain = Obtain::Template {
+            tpl,
+            vcpus,
+            memory_mib,
+        };
         tokio::spawn(
-            async move {
-                pool.lease(tpl, vcpus, memory_mib, &lease_id, egress, started)
-                    .await
-            }
-            .instrument(span),
+            async move { pool.lease(obtain, &lease_id, egress, started).await }.instrument(span),
         )
         .await
         .map_err(|e| Error::Unavailable(format!("acquire task failed: {e}")))?
     }
 
-    async fn lease(
+    /// Leases the VM `obtain` brings for `lease_id` (idempotent per lease id), with `egress`
+    /// in force. Returns the VM and whether it was a warm hit.
+    pub(crate) async fn lease(
         &self,
-        tpl: Template,
-        vcpus: u32,
-        memory_mib: u32,
+        obtain: Obtain,
         lease_id: &str,
         egress: EgressPolicy,
         started: Instant,
@@ -228,12 +251,20 @@ impl Pool {
             }
             Lease::Empty => {}
         }
-        let mut result = match self.take_warm(&tpl, vcpus, memory_mib, lease_id) {
-            Some(info) => Ok((info, true)),
-            None => self
-                .cold_boot_with_one_retry(&tpl, vcpus, memory_mib, lease_id)
-                .await
-                .map(|info| (info, false)),
+        let from_template = matches!(obtain, Obtain::Template { .. });
+        let mut result = match obtain {
+            Obtain::Template {
+                tpl,
+                vcpus,
+                memory_mib,
+            } => match self.take_warm(&tpl, vcpus, memory_mib, lease_id) {
+                Some(info) => Ok((info, true)),
+                None => self
+                    .cold_boot_with_one_retry(&tpl, vcpus, memory_mib, lease_id)
+                    .await
+                    .map(|info| (info, false)),
+            },
+            Obtain::Snapshot(id) => self.restore(&id, lease_id).await.map(|info| (info, false)),
         };
         if let Ok((info, _)) = &result
             && let Some(network) = &self.0.settings.network
@@ -252,8 +283,10 @@ impl Pool {
                     vm_id: info.id.clone(),
                     warm_hit: *warm_hit,
                 };
-                self.0.metrics.acquired(started.elapsed(), *warm_hit);
-                tracing::info!(vm = %info.id, warm_hit, took_ms = started.elapsed().as_millis() as u64, "vm leased");
+                if from_template {
+                    self.0.metrics.acquired(started.elapsed(), *warm_hit);
+                }
+                tracing::info!(vm = %info.id, warm_hit, from_template, took_ms = started.elapsed().as_millis() as u64, "vm leased");
             }
             Err(_) => {
                 // Forget the lease so a retry starts afresh (unless another caller holds it).
@@ -279,17 +312,7 @@ impl Pool {
         lease_id: &str,
     ) -> Result<(Template, u32, u32), Error> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
-        if lease_id.is_empty() {
-            return bad("lease_id is required".into());
-        }
-        if lease_id.len() > MAX_LEASE_ID || lease_id.chars().any(char::is_control) {
-            return bad(format!(
-                "lease_id must be 1 to {MAX_LEASE_ID} bytes without control characters"
-            ));
-        }
-        if self.0.closing.is_cancelled() {
-            return Err(Error::Unavailable("vm-pool is shutting down".into()));
-        }
+        self.validate_lease_id(lease_id)?;
         let name = if template.is_empty() {
             "default"
         } else {
@@ -323,6 +346,23 @@ impl Pool {
             ));
         }
         Ok((tpl.clone(), vcpus, memory_mib))
+    }
+
+    /// Checks a lease id (the message names the field), and that the pool still leases.
+    pub(crate) fn validate_lease_id(&self, lease_id: &str) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if lease_id.is_empty() {
+            return bad("lease_id is required".into());
+        }
+        if lease_id.len() > MAX_LEASE_ID || lease_id.chars().any(char::is_control) {
+            return bad(format!(
+                "lease_id must be 1 to {MAX_LEASE_ID} bytes without control characters"
+            ));
+        }
+        if self.0.closing.is_cancelled() {
+            return Err(Error::Unavailable("vm-pool is shutting down".into()));
+        }
+        Ok(())
     }
 
     /// Takes a warm VM of `tpl` when the requested shape is the template's.
@@ -385,8 +425,7 @@ impl Pool {
         }
     }
 
-    /// Boots a VM for a lease (a warm miss), making room by evicting a warm VM of another
-    /// shape when the node is full.
+    /// Boots a VM for a lease (a warm miss).
     async fn cold_boot(
         &self,
         tpl: &Template,
@@ -394,6 +433,28 @@ impl Pool {
         memory_mib: u32,
         lease_id: &str,
     ) -> Result<VmInfo, Error> {
+        let id = self.reserve(tpl, vcpus, memory_mib, lease_id)?;
+        crate::boot::run_boot(
+            &self.0,
+            &id,
+            tpl,
+            vcpus,
+            memory_mib,
+            crate::boot::Source::Boot,
+        )
+        .await
+    }
+
+    /// Records a `Booting` VM of this shape for `lease_id` and returns its id, making room
+    /// by evicting warm VMs when the node is full (ResourceExhausted when even that would
+    /// not be enough).
+    pub(crate) fn reserve(
+        &self,
+        tpl: &Template,
+        vcpus: u32,
+        memory_mib: u32,
+        lease_id: &str,
+    ) -> Result<String, Error> {
         let (id, evicted) = {
             let mut st = self.0.lock();
             // Warm VMs (newest first) make room until the new VM fits, if evicting them
@@ -438,13 +499,14 @@ impl Pool {
             (id, evicted)
         };
         for (victim, entry) in evicted {
-            tracing::info!(vm = %victim, "evicting a warm vm to make room for a cold boot");
+            tracing::info!(vm = %victim, "evicting a warm vm to make room for a leased vm");
             self.finish_destroy(entry);
         }
-        crate::boot::run_boot(&self.0, &id, tpl, vcpus, memory_mib).await
+        Ok(id)
     }
 
-    /// Destroys a VM (leased or not). `Ok(false)` when no such VM is held.
+    /// Destroys a VM (leased or not). `Ok(false)` when no such VM is held (a suspend of
+    /// it may have just ended).
     #[tracing::instrument(skip(self))]
     pub async fn release(&self, vm_id: &str) -> Result<bool, Error> {
         if !capsa_vmm::is_vm_id(vm_id) {
@@ -452,6 +514,16 @@ impl Pool {
                 "vm_id {vm_id:?} is not a vm id"
             )));
         }
+        let Some(op) = self.0.lock().vms.get(vm_id).map(|e| e.op.clone()) else {
+            return Ok(false);
+        };
+        let _op = op.lock().await;
+        self.release_now(vm_id).await
+    }
+
+    /// Release's work, for a caller holding the VM's `op` lock: the VM goes, its lease is
+    /// remembered as released, its capacity and network slot are freed.
+    pub(crate) async fn release_now(&self, vm_id: &str) -> Result<bool, Error> {
         let entry = {
             let mut st = self.0.lock();
             let Some(entry) = st.vms.remove(vm_id) else {
@@ -635,73 +707,6 @@ impl Pool {
     }
 }
 
-/// What the live VMs take.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Usage {
-    pub vms: u32,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-}
-
-impl Usage {
-    pub fn of(st: &State) -> Usage {
-        Usage::of_where(st, |_| true)
-    }
-
-    /// Of the live VMs in a state `pick` accepts.
-    pub fn of_where(st: &State, pick: impl Fn(VmState) -> bool) -> Usage {
-        let mut u = Usage::default();
-        for e in st.vms.values() {
-            let i = e.info.borrow();
-            if i.state.is_live() && pick(i.state) {
-                u.vms += 1;
-                u.memory_mib += u64::from(i.memory_mib);
-                u.vcpus += i.vcpus;
-            }
-        }
-        u
-    }
-}
-
-impl Settings {
-    fn vm_memory_mib(&self, memory_mib: u32) -> u64 {
-        u64::from(memory_mib) + u64::from(self.vm_overhead_mib)
-    }
-
-    /// Whether a VM of this shape fits next to `used`; else what ran out, with figures.
-    pub(crate) fn fits(&self, used: Usage, vcpus: u32, memory_mib: u32) -> Result<(), String> {
-        let memory_used = used.memory_mib + u64::from(used.vms) * u64::from(self.vm_overhead_mib);
-        let memory_wanted = self.vm_memory_mib(memory_mib);
-        if memory_used + memory_wanted > self.capacity_memory_mib {
-            return Err(format!(
-                "memory ({memory_used} of {} MiB in use; this VM needs {memory_wanted} MiB:                  {memory_mib} guest + {} VMM overhead)",
-                self.capacity_memory_mib, self.vm_overhead_mib
-            ));
-        }
-        if used.vcpus + vcpus > self.capacity_vcpus {
-            return Err(format!(
-                "vcpus ({} of {} in use; this VM needs {vcpus})",
-                used.vcpus, self.capacity_vcpus
-            ));
-        }
-        if used.vms >= self.capacity {
-            return Err(format!("VM slots (at most {} VMs)", self.capacity));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn room_for(&self, st: &State, vcpus: u32, memory_mib: u32) -> Result<(), String> {
-        self.fits(Usage::of(st), vcpus, memory_mib)
-    }
-
-    /// How many VMs of this shape an empty node holds.
-    pub(crate) fn fits_count(&self, vcpus: u32, memory_mib: u32) -> u32 {
-        let by_memory = self.capacity_memory_mib / self.vm_memory_mib(memory_mib);
-        let by_vcpus = self.capacity_vcpus / vcpus.max(1);
-        (by_memory.min(u64::from(by_vcpus)) as u32).min(self.capacity)
-    }
-}
-
 impl Shared {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (every critical section
@@ -715,83 +720,4 @@ fn prune_released(st: &mut State) {
         Ok(l) => !matches!(&*l, Lease::Released { at } if at.elapsed() > RELEASED_LEASE_MEMORY),
         Err(_) => true,
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> Settings {
-        Settings {
-            state_dir: PathBuf::from("/x"),
-            capacity: 16,
-            capacity_memory_mib: 2048,
-            capacity_vcpus: 4,
-            vm_overhead_mib: 256,
-            max_concurrent_boots: 1,
-            boot_timeout: Duration::from_secs(1),
-            failed_vm_retention: Duration::from_secs(1),
-            max_vcpus: 8,
-            max_memory_mib: 8192,
-            guest_otlp: None,
-            network: None,
-        }
-    }
-
-    #[test]
-    fn capacity_is_memory_with_overhead_then_vcpus_then_slots() {
-        let s = settings();
-        let none = Usage::default();
-        s.fits(none, 1, 512).unwrap();
-        // 2 x (512 + 256) = 1536 in use; another 768 would make 2304 > 2048.
-        let two = Usage {
-            vms: 2,
-            memory_mib: 1024,
-            vcpus: 2,
-        };
-        let err = s.fits(two, 1, 512).unwrap_err();
-        assert!(
-            err.starts_with("memory") && err.contains("1536 of 2048"),
-            "{err}"
-        );
-        s.fits(two, 1, 256).unwrap();
-        let err = s
-            .fits(
-                Usage {
-                    vms: 1,
-                    memory_mib: 128,
-                    vcpus: 3,
-                },
-                2,
-                128,
-            )
-            .unwrap_err();
-        assert!(err.starts_with("vcpus"), "{err}");
-        let err = Settings {
-            capacity: 1,
-            ..settings()
-        }
-        .fits(
-            Usage {
-                vms: 1,
-                memory_mib: 128,
-                vcpus: 1,
-            },
-            1,
-            128,
-        )
-        .unwrap_err();
-        assert!(err.starts_with("VM slots"), "{err}");
-        // 2048 / 768 = 2 by memory, 4 by vcpus.
-        assert_eq!(s.fits_count(1, 512), 2);
-        assert_eq!(s.fits_count(4, 128), 1);
-        assert_eq!(
-            Settings {
-                capacity: 1,
-                ..settings()
-            }
-            .fits_count(1, 128),
-            1
-        );
-    }
 }

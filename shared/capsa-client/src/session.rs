@@ -34,6 +34,11 @@ pub struct SessionOptions {
     pub labels: HashMap<String, String>,
     /// What the VM may reach [default: the tenant's, else the deployment's, else nothing].
     pub egress: Option<EgressPolicy>,
+    /// At its deadline the session is suspended instead of ended (kept for the
+    /// deployment's suspended retention).
+    pub auto_suspend: bool,
+    /// Execute and the file calls resume a suspended session first.
+    pub auto_resume: bool,
 }
 
 impl SessionOptions {
@@ -51,6 +56,8 @@ impl SessionOptions {
             env: self.env,
             metadata: self.labels,
             egress: self.egress,
+            auto_suspend: self.auto_suspend,
+            auto_resume: self.auto_resume,
         }
     }
 }
@@ -265,6 +272,25 @@ impl Session {
             extend_by: Some(capsa_proto::time::duration(by)),
         };
         let session = self.client.raw().extend_session(request).await?;
+        Ok(session.into_inner().session.unwrap_or_default())
+    }
+
+    /// Saves the session's VM (memory, processes, files) to its node's disk and stops it:
+    /// the session is SUSPENDED and bills no cpu or memory until [`Session::resume`].
+    pub async fn suspend(&self) -> Result<SessionInfo> {
+        let request = pb::SuspendSessionRequest {
+            session_id: self.id.clone(),
+        };
+        let session = self.client.raw().suspend_session(request).await?;
+        Ok(session.into_inner().session.unwrap_or_default())
+    }
+
+    /// Brings a SUSPENDED session back, with everything it had; ACTIVE again.
+    pub async fn resume(&self) -> Result<SessionInfo> {
+        let request = pb::ResumeSessionRequest {
+            session_id: self.id.clone(),
+        };
+        let session = self.client.raw().resume_session(request).await?;
         Ok(session.into_inner().session.unwrap_or_default())
     }
 

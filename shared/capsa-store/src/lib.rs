@@ -33,8 +33,8 @@ use redis::aio::ConnectionManager;
 pub const KEY_PREFIX: &str = "{capsa}:";
 pub use sessions::{
     Claimed, Created, Cursor, EgressStored, EndReason, Extended, ListFilter, ListPage,
-    MAX_PAGE_BYTES, NewSession, SessionRecord, SessionStatus, SessionStore, StoreConfig,
-    Transition, VmShape,
+    MAX_PAGE_BYTES, NewSession, SessionRecord, SessionStatus, SessionStore, StoreConfig, SuspendOp,
+    Transition, VmShape, session_of_lease,
 };
 
 /// Errors of the store layer. Redis failures keep their cause as the source.

@@ -101,6 +101,20 @@ end
 local FIELDS = { 'cpu_time_us', 'memory_used_bytes', 'memory_peak_bytes',
   'vmm_resident_bytes', 'vmm_resident_peak_bytes', 'network_rx_bytes', 'network_tx_bytes', 'disk_read_bytes',
   'disk_write_bytes', 'uptime_ms', 'sample_ms' }
+-- Counters a session's VMs add up (a resumed session's next VM starts from zero).
+local SEGMENT_COUNTERS = { 'cpu_time_us', 'disk_read_bytes', 'disk_write_bytes',
+  'network_rx_bytes', 'network_tx_bytes', 'uptime_ms' }
+-- Takes a session's gauges out of its tenant's current sums and zeroes its activity
+-- gauges; its memory gauges too when `memory` (a final record keeps the last figures).
+local function drop_gauges(s, t, memory)
+  for _, f in ipairs({ 'memory_used_bytes', 'vmm_resident_bytes', 'processes_running',
+      'terminals_open' }) do
+    redis.call('HINCRBY', t, f, int(-num(s, f)))
+    if memory or (f ~= 'memory_used_bytes' and f ~= 'vmm_resident_bytes') then
+      redis.call('HSET', s, f, '0')
+    end
+  end
+end
 local function append(stream, s, kind, now)
   local args = { 'XADD', stream, '*', 'session_id', redis.call('HGET', s, 'session_id'),
     'tenant_id', redis.call('HGET', s, 'tenant_id'), 'kind', kind }
@@ -128,9 +142,24 @@ if redis.call('EXISTS', s) == 0 then
     'last_record_ms', int(now), 'finalized', '0')
   redis.call('SADD', KEYS[4], ARGV[1])
 end
-redis.call('HSET', s, 'node_id', ARGV[3], 'vm_id', ARGV[4])
+local vm = ARGV[4]
+local current = redis.call('HGET', s, 'vm_id')
+if current and current ~= vm then
+  -- A VM of a suspended session's past (parked) is never counted again.
+  local past = redis.call('HGET', s, 'past_vms') or ''
+  if string.find(',' .. past .. ',', ',' .. vm .. ',', 1, true) then return { 'parked' } end
+  -- The session's next VM (after a resume): what it used so far is the base the new VM's
+  -- counters, which start from zero, add to; its uptime counts from the new lease.
+  if current ~= '' then past = past .. ',' .. current end
+  for _, f in ipairs(SEGMENT_COUNTERS) do
+    redis.call('HSET', s, 'base_' .. f, int(num(s, f)))
+  end
+  redis.call('HSET', s, 'past_vms', past, 'lease_ms', ARGV[6])
+end
+redis.call('HSET', s, 'node_id', ARGV[3], 'vm_id', vm)
 local sample = tonumber(ARGV[5])
 local function counter(field, value)
+  value = value + num(s, 'base_' .. field)
   local old = num(s, field)
   if value > old then
     redis.call('HSET', s, field, int(value))
@@ -187,12 +216,7 @@ if redis.call('EXISTS', s) == 0 then
   raise(t, 'sample_ms', now)
 end
 -- An ended session no longer holds memory, and runs nothing.
-redis.call('HINCRBY', t, 'memory_used_bytes', int(-num(s, 'memory_used_bytes')))
-redis.call('HINCRBY', t, 'vmm_resident_bytes', int(-num(s, 'vmm_resident_bytes')))
-for _, f in ipairs({ 'processes_running', 'terminals_open' }) do
-  redis.call('HINCRBY', t, f, int(-num(s, f)))
-  redis.call('HSET', s, f, '0')
-end
+drop_gauges(s, t, false)
 redis.call('HSET', s, 'finalized', '1', 'final_ms', int(now))
 append(KEYS[3], s, 'final', now)
 redis.call('PEXPIRE', s, ARGV[4])
@@ -200,6 +224,25 @@ redis.call('SREM', KEYS[4], ARGV[1])
 return reply('appended', s)
 "#;
 
+const PARK_LUA: &str = r#"
+-- KEYS: session usage, tenant usage. ARGV: vm id.
+-- The session's VM is being suspended (its final sample is in): from here that VM is never
+-- counted again, and the session holds no memory and runs nothing until its next VM.
+local s, t = KEYS[1], KEYS[2]
+if redis.call('EXISTS', s) == 0 then return 'unsampled' end
+if redis.call('HGET', s, 'finalized') == '1' then return 'finalized' end
+if redis.call('HGET', s, 'vm_id') ~= ARGV[1] then return 'other_vm' end
+local past = redis.call('HGET', s, 'past_vms') or ''
+redis.call('HSET', s, 'past_vms', past .. ',' .. ARGV[1], 'vm_id', '')
+for _, f in ipairs(SEGMENT_COUNTERS) do
+  redis.call('HSET', s, 'base_' .. f, int(num(s, f)))
+end
+drop_gauges(s, t, true)
+return 'parked'
+"#;
+
+static PARK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[CLOCK_AND_REPLY_LUA, COMMON_LUA, PARK_LUA].concat()));
 static SAMPLE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&[CLOCK_AND_REPLY_LUA, COMMON_LUA, SAMPLE_LUA].concat()));
 static FINALIZE: LazyLock<Script> =
@@ -240,6 +283,8 @@ pub enum Applied {
     StoredWithRecord,
     /// The session is finalized; the sample was ignored.
     Finalized,
+    /// The sample's VM was parked when its session was suspended; it was ignored.
+    Parked,
 }
 
 /// Usage numbers, of one session or summed over a tenant.
@@ -310,6 +355,20 @@ pub struct SessionUsage {
     /// `uptime_ms` is as of the last sample (or of finalizing).
     pub usage: Usage,
     pub finalized: bool,
+    /// The uptime of the session's earlier VMs (it was suspended and resumed).
+    pub base_uptime_ms: u64,
+}
+
+impl SessionUsage {
+    /// The uptime at `now_ms` (Redis' clock): while a VM runs, its earlier VMs' plus this
+    /// one's since its lease; while suspended (no VM) or finalized, as stored.
+    pub fn uptime_at(&self, now_ms: i64) -> u64 {
+        if self.finalized || self.vm_id.is_empty() {
+            return self.usage.uptime_ms;
+        }
+        let live = u64::try_from(now_ms - self.lease_ms).unwrap_or(0);
+        self.usage.uptime_ms.max(self.base_uptime_ms + live)
+    }
 }
 
 impl SessionUsage {
@@ -327,6 +386,7 @@ impl SessionUsage {
             lease_ms: text("lease_ms").parse().unwrap_or(0),
             usage: Usage::from_fields(key, &fields)?,
             finalized: text("finalized") == "1",
+            base_uptime_ms: text("base_uptime_ms").parse().unwrap_or(0),
         })
     }
 }
@@ -439,6 +499,7 @@ impl UsageStore {
             Some("applied") => Ok(Applied::Stored),
             Some("interim") => Ok(Applied::StoredWithRecord),
             Some("finalized") => Ok(Applied::Finalized),
+            Some("parked") => Ok(Applied::Parked),
             other => Err(StoreError::Corrupt {
                 key,
                 reason: format!("sample script replied {other:?}"),
@@ -454,6 +515,20 @@ impl UsageStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(u64::try_from(n).map_or(Trimmed::NoConsumerGroup, Trimmed::Entries))
+    }
+
+    /// Stops counting the session's VM `vm_id` (being suspended; take its final sample
+    /// first): later samples of it are ignored, the session's gauges leave its tenant's
+    /// sums, and its next VM's counters add to what it used so far. False when there was
+    /// nothing to park (never sampled, finalized, or another VM is current).
+    pub async fn park(&self, session_id: &str, tenant_id: &str, vm_id: &str) -> Result<bool> {
+        let reply: String = PARK
+            .key(session_key(session_id))
+            .key(tenant_key(tenant_id))
+            .arg(vm_id)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(reply == "parked")
     }
 
     /// Marks the session finalized and appends its `final` record, once: a second call

@@ -62,6 +62,8 @@ class AsyncCapsa:
         metadata: Mapping[str, str] | None = None,
         egress: EgressPolicy | None = None,
         template: str | None = None,
+        auto_suspend: bool = False,
+        auto_resume: bool = False,
         request_timeout: float = 60.0,
         create_timeout: float = 300.0,
         retry: c.RetryPolicy | None = None,
@@ -74,6 +76,8 @@ class AsyncCapsa:
             env=env,
             metadata=metadata,
             egress=egress,
+            auto_suspend=auto_suspend,
+            auto_resume=auto_resume,
         )
         target = resolve(endpoint, api_key)
         self._metadata = (("authorization", f"Bearer {target.api_key}"),)
@@ -189,6 +193,17 @@ class AsyncCapsa:
             return (await self.info()).status is SessionStatus.ACTIVE
         except NotFound:
             return False
+
+    async def suspend(self) -> Session:
+        """Saves the session's VM (memory, processes, files) to its node's disk and stops
+        it: SUSPENDED, billing no cpu or memory, until `resume()`."""
+        req = session_pb2.SuspendSessionRequest(session_id=await self._sid())
+        return Session._from_proto((await self._unary("SuspendSession", req)).session)
+
+    async def resume(self) -> Session:
+        """Brings a SUSPENDED session back with everything it had; ACTIVE again."""
+        req = session_pb2.ResumeSessionRequest(session_id=await self._sid())
+        return Session._from_proto((await self._unary("ResumeSession", req)).session)
 
     async def extend(self, seconds: float) -> Session:
         """Pushes the session's deadline `seconds` further out (total at most 24 h)."""

@@ -72,6 +72,8 @@ class Capsa:
         metadata: Mapping[str, str] | None = None,
         egress: EgressPolicy | None = None,
         template: str | None = None,
+        auto_suspend: bool = False,
+        auto_resume: bool = False,
         request_timeout: float = 60.0,
         create_timeout: float = 300.0,
         retry: c.RetryPolicy | None = None,
@@ -85,6 +87,8 @@ class Capsa:
             env=env,
             metadata=metadata,
             egress=egress,
+            auto_suspend=auto_suspend,
+            auto_resume=auto_resume,
         )
         target = resolve(endpoint, api_key)
         self._metadata = (("authorization", f"Bearer {target.api_key}"),)
@@ -198,6 +202,17 @@ class Capsa:
             return self.info().status is SessionStatus.ACTIVE
         except NotFound:
             return False
+
+    def suspend(self) -> Session:
+        """Saves the session's VM (memory, processes, files) to its node's disk and stops
+        it: SUSPENDED, billing no cpu or memory, until `resume()`."""
+        req = session_pb2.SuspendSessionRequest(session_id=self._sid())
+        return Session._from_proto(self._unary("SuspendSession", req).session)
+
+    def resume(self) -> Session:
+        """Brings a SUSPENDED session back with everything it had; ACTIVE again."""
+        req = session_pb2.ResumeSessionRequest(session_id=self._sid())
+        return Session._from_proto(self._unary("ResumeSession", req).session)
 
     def extend(self, seconds: float) -> Session:
         """Pushes the session's deadline `seconds` further out (total at most 24 h)."""

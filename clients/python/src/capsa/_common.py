@@ -99,6 +99,8 @@ def create_request(
     env: Mapping[str, str] | None,
     metadata: Mapping[str, str] | None,
     egress: EgressPolicy | None,
+    auto_suspend: bool = False,
+    auto_resume: bool = False,
 ) -> session_pb2.CreateSessionRequest:
     req = session_pb2.CreateSessionRequest(
         template=template or "",
@@ -106,6 +108,8 @@ def create_request(
         memory_mib=memory_mib or 0,
         env=dict(env or {}),
         metadata=dict(metadata or {}),
+        auto_suspend=auto_suspend,
+        auto_resume=auto_resume,
     )
     life = seconds_arg("lifetime", lifetime)
     if life is not None:

@@ -37,6 +37,9 @@ class SessionStatus(str, Enum):
     ACTIVE = "active"
     TERMINATING = "terminating"
     TERMINATED = "terminated"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    RESUMING = "resuming"
 
 
 class EndReason(str, Enum):
@@ -125,6 +128,11 @@ class Session:
     node_id: str
     vm_id: str
     egress: EgressPolicy | None
+    auto_suspend: bool = False
+    auto_resume: bool = False
+    suspend_time: _dt.datetime | None = None
+    # While suspended: bytes its snapshot takes on its node's disk.
+    snapshot_bytes: int = 0
 
     @property
     def is_active(self) -> bool:
@@ -149,6 +157,10 @@ class Session:
             node_id=s.node_id,
             vm_id=s.vm_id,
             egress=EgressPolicy._from_proto(s.egress) if s.HasField("egress") else None,
+            auto_suspend=s.auto_suspend,
+            auto_resume=s.auto_resume,
+            suspend_time=_time(s, "suspend_time"),
+            snapshot_bytes=s.snapshot_bytes,
         )
 
 

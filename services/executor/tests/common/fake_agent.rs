@@ -489,4 +489,12 @@ impl AgentService for Fake {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    /// vm-pool calls it, never the executor.
+    async fn reidentify(
+        &self,
+        _: Request<ReidentifyRequest>,
+    ) -> Result<Response<ReidentifyResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use capsa_proto::agent::v1 as pb;
 use capsa_proto::common::v1 as common;
 
 use crate::error::Error;
 use crate::files::{self, FileInfo, FileKind};
+use crate::identity;
 use crate::kernel::{Completion, Event, ExecuteRequest, Language};
 use crate::processes::{self, ExitInfo, Info, Kind, ProcessSpec, Stream};
 use crate::terminal::{Size, TerminalSpec};
@@ -278,6 +279,33 @@ pub fn port(port: u32) -> Result<u16, Error> {
             "port",
             format!("{port} is not a TCP port (1..=65535)"),
         )),
+    }
+}
+
+/// Reidentify's fields, checked in the order the proto declares them.
+pub fn reidentify_request(r: pb::ReidentifyRequest) -> Result<identity::Request, Error> {
+    let network = identity::Network::parse(&r.address, &r.gateway, &r.mac)?;
+    identity::check_entropy(&r.entropy)?;
+    let host_time = match r.host_time {
+        None => return Err(Error::invalid("host_time", "is missing")),
+        Some(t) => SystemTime::try_from(t)
+            .ok()
+            .filter(|t| *t > SystemTime::UNIX_EPOCH)
+            .ok_or_else(|| Error::invalid("host_time", "must be a time after the Unix epoch"))?,
+    };
+    Ok(identity::Request {
+        network,
+        entropy: r.entropy.to_vec(),
+        host_time,
+    })
+}
+
+/// A signed number of nanoseconds as `google.protobuf.Duration` (seconds and nanos share
+/// the sign).
+pub fn signed_duration(nanos: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: nanos / 1_000_000_000,
+        nanos: (nanos % 1_000_000_000) as i32,
     }
 }
 
@@ -637,5 +665,65 @@ mod tests {
             )),
             "max_output_bytes"
         );
+    }
+
+    #[test]
+    fn reidentify_fields_are_checked_and_named() {
+        let ok = || pb::ReidentifyRequest {
+            address: "10.0.0.2/30".into(),
+            gateway: "10.0.0.1".into(),
+            mac: "52:54:00:0a:0b:0c".into(),
+            entropy: vec![5u8; 32].into(),
+            host_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+        };
+        let r = reidentify_request(ok()).unwrap();
+        assert!(r.network.is_some());
+        assert_eq!(r.entropy, vec![5u8; 32]);
+        assert_eq!(
+            r.host_time,
+            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5)
+        );
+        let without_network = pb::ReidentifyRequest {
+            address: String::new(),
+            gateway: String::new(),
+            mac: String::new(),
+            ..ok()
+        };
+        assert!(
+            reidentify_request(without_network)
+                .unwrap()
+                .network
+                .is_none()
+        );
+        let bad = |f: fn(&mut pb::ReidentifyRequest)| {
+            let mut r = ok();
+            f(&mut r);
+            field(reidentify_request(r))
+        };
+        assert_eq!(bad(|r| r.address = "10.0.0.2".into()), "address");
+        assert_eq!(bad(|r| r.gateway = "10.0.1.1".into()), "gateway");
+        assert_eq!(bad(|r| r.mac = "52:54:00:0A:0B:0C".into()), "mac");
+        assert_eq!(bad(|r| r.entropy = vec![1u8; 31].into()), "entropy");
+        assert_eq!(bad(|r| r.entropy = vec![1u8; 513].into()), "entropy");
+        assert_eq!(bad(|r| r.host_time = None), "host_time");
+        assert_eq!(
+            bad(|r| r.host_time = Some(prost_types::Timestamp {
+                seconds: -1,
+                nanos: 0
+            })),
+            "host_time"
+        );
+    }
+
+    #[test]
+    fn a_negative_offset_is_negative_in_both_parts() {
+        let d = signed_duration(-1_500_000_000);
+        assert_eq!((d.seconds, d.nanos), (-1, -500_000_000));
+        let d = signed_duration(60_000_000_001);
+        assert_eq!((d.seconds, d.nanos), (60, 1));
+        assert_eq!(signed_duration(0), prost_types::Duration::default());
     }
 }

@@ -1,5 +1,6 @@
 //! The AgentService adapter: validates and translates proto messages into domain calls
-//! (kernels, files, stats, processes, terminals, ports) and domain results and errors back.
+//! (kernels, files, stats, processes, terminals, ports, identity) and domain results and
+//! errors back.
 //! No business logic here.
 //!
 //! Streams: Execute, DownloadFile, OpenTerminal and ConnectPort answer through bounded
@@ -29,6 +30,7 @@ use tracing::Instrument as _;
 
 use crate::error::Error;
 use crate::files;
+use crate::identity::Identity;
 use crate::kernel::Kernels;
 use crate::ports::Ports;
 use crate::processes::Processes;
@@ -55,6 +57,7 @@ pub struct AgentApi {
     kernels: Arc<Kernels>,
     processes: Arc<Processes>,
     ports: Arc<Ports>,
+    identity: Arc<Identity>,
     default_timeout: Duration,
     /// Parent of every execute's token: cancelled when the agent shuts down.
     shutdown: CancellationToken,
@@ -64,6 +67,7 @@ impl AgentApi {
     pub fn new(
         kernels: Arc<Kernels>,
         processes: Arc<Processes>,
+        identity: Identity,
         default_timeout: Duration,
         shutdown: CancellationToken,
     ) -> AgentApi {
@@ -71,6 +75,7 @@ impl AgentApi {
             kernels,
             processes,
             ports: Arc::new(Ports::default()),
+            identity: Arc::new(identity),
             default_timeout,
             shutdown,
         }
@@ -477,5 +482,17 @@ impl AgentService for AgentApi {
                 .map_err(status)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn reidentify(
+        &self,
+        request: Request<pb::ReidentifyRequest>,
+    ) -> Result<Response<pb::ReidentifyResponse>, Status> {
+        let req = convert::reidentify_request(request.into_inner()).map_err(status)?;
+        let done = self.identity.reidentify(req).await.map_err(status)?;
+        Ok(Response::new(pb::ReidentifyResponse {
+            clock_step: Some(convert::signed_duration(done.clock_offset_nanos)),
+            machine_id: done.machine_id,
+        }))
     }
 }

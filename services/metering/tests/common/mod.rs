@@ -244,6 +244,36 @@ impl VmPoolService for Shared {
     ) -> Result<Response<vp::SetEgressPolicyResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn suspend_vm(
+        &self,
+        _: Request<vp::SuspendVmRequest>,
+    ) -> Result<Response<vp::SuspendVmResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn resume_vm(
+        &self,
+        _: Request<vp::ResumeVmRequest>,
+    ) -> Result<Response<vp::ResumeVmResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn get_snapshot(
+        &self,
+        _: Request<vp::GetSnapshotRequest>,
+    ) -> Result<Response<vp::GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_snapshots(
+        &self,
+        _: Request<vp::ListSnapshotsRequest>,
+    ) -> Result<Response<vp::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_snapshot(
+        &self,
+        _: Request<vp::DeleteSnapshotRequest>,
+    ) -> Result<Response<vp::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 #[tonic::async_trait]
@@ -407,6 +437,8 @@ impl World {
             metadata: BTreeMap::new(),
             lifetime: Duration::from_secs(3600),
             egress: capsa_egress::EgressPolicy::none(),
+            auto_suspend: false,
+            auto_resume: false,
         };
         assert!(matches!(
             self.sessions.create(&new, 1000).await.unwrap(),

@@ -53,6 +53,8 @@ pub struct State {
     /// vm id → env of ConfigureVm.
     pub configured: HashMap<String, HashMap<String, String>>,
     pub finalized: Vec<String>,
+    /// VM ids ParkSession was called with.
+    pub parked: Vec<String>,
     /// ListVms calls (each is one reconciler pass of one replica).
     pub list_calls: u32,
     /// When set, ListVms fails UNAVAILABLE: the node does not answer.
@@ -73,6 +75,14 @@ pub struct State {
     /// VMs whose socket the executor no longer finds (a VMM that just died): their file
     /// calls fail NOT_FOUND marked with `capsa_grpc::VM_GONE_METADATA`, as the executor's do.
     pub sockets_gone: std::collections::HashSet<String>,
+    /// Snapshots SuspendVm wrote, by id.
+    pub snapshots: HashMap<String, vp::Snapshot>,
+    /// When set, SuspendVm fails UNAVAILABLE with this message (the VM keeps running).
+    pub fail_suspend: Option<String>,
+    /// When set, ResumeVm fails UNAVAILABLE with this message.
+    pub fail_resume: Option<String>,
+    /// Snapshot ids DeleteSnapshot was called with.
+    pub deleted_snapshots: Vec<String>,
     next_vm: u32,
 }
 
@@ -244,6 +254,106 @@ impl VmPoolService for Doubles {
         s.egress_applied
             .insert(req.vm_id, req.egress.unwrap_or_default());
         Ok(Response::new(vp::SetEgressPolicyResponse {}))
+    }
+
+    async fn suspend_vm(
+        &self,
+        req: Request<vp::SuspendVmRequest>,
+    ) -> Result<Response<vp::SuspendVmResponse>, Status> {
+        let req = req.into_inner();
+        let mut s = self.state.lock().unwrap();
+        if let Some(snapshot) = s.snapshots.get(&req.snapshot_id) {
+            return Ok(Response::new(vp::SuspendVmResponse {
+                snapshot: Some(snapshot.clone()),
+            }));
+        }
+        if let Some(msg) = &s.fail_suspend {
+            return Err(Status::unavailable(msg.clone()));
+        }
+        let Some(vm) = s.vms.remove(&req.vm_id) else {
+            return Err(Status::not_found(format!("vm {} not found", req.vm_id)));
+        };
+        let snapshot = vp::Snapshot {
+            id: req.snapshot_id.clone(),
+            template: vm.template,
+            engine: vm.engine,
+            size_bytes: 4096,
+            ..Default::default()
+        };
+        s.snapshots.insert(req.snapshot_id, snapshot.clone());
+        Ok(Response::new(vp::SuspendVmResponse {
+            snapshot: Some(snapshot),
+        }))
+    }
+
+    async fn resume_vm(
+        &self,
+        req: Request<vp::ResumeVmRequest>,
+    ) -> Result<Response<vp::ResumeVmResponse>, Status> {
+        let req = req.into_inner();
+        let mut s = self.state.lock().unwrap();
+        if let Some(msg) = &s.fail_resume {
+            return Err(Status::unavailable(msg.clone()));
+        }
+        if let Some(vm) = s.vms.values().find(|v| v.lease_id == req.lease_id) {
+            return Ok(Response::new(vp::ResumeVmResponse {
+                vm: Some(vm.clone()),
+            }));
+        }
+        if !s.snapshots.contains_key(&req.snapshot_id) {
+            return Err(Status::not_found(format!(
+                "snapshot {} not found",
+                req.snapshot_id
+            )));
+        }
+        s.next_vm += 1;
+        let v = vm(
+            &format!("vm-{}", s.next_vm),
+            &req.lease_id,
+            vp::VmState::Leased,
+        );
+        s.vms.insert(v.id.clone(), v.clone());
+        s.acquire_egress.insert(req.lease_id, req.egress);
+        Ok(Response::new(vp::ResumeVmResponse { vm: Some(v) }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<vp::GetSnapshotRequest>,
+    ) -> Result<Response<vp::GetSnapshotResponse>, Status> {
+        let id = req.into_inner().snapshot_id;
+        match self.state.lock().unwrap().snapshots.get(&id) {
+            Some(snapshot) => Ok(Response::new(vp::GetSnapshotResponse {
+                snapshot: Some(snapshot.clone()),
+            })),
+            None => Err(Status::not_found(format!("snapshot {id} not found"))),
+        }
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<vp::ListSnapshotsRequest>,
+    ) -> Result<Response<vp::ListSnapshotsResponse>, Status> {
+        let snapshots = self
+            .state
+            .lock()
+            .unwrap()
+            .snapshots
+            .values()
+            .cloned()
+            .collect();
+        Ok(Response::new(vp::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<vp::DeleteSnapshotRequest>,
+    ) -> Result<Response<vp::DeleteSnapshotResponse>, Status> {
+        let id = req.into_inner().snapshot_id;
+        let mut s = self.state.lock().unwrap();
+        s.deleted_snapshots.push(id.clone());
+        let deleted = s.snapshots.remove(&id).is_some();
+        Ok(Response::new(vp::DeleteSnapshotResponse { deleted }))
     }
 }
 
@@ -740,6 +850,18 @@ impl MeteringService for Doubles {
             usage: None,
             record_appended: true,
         }))
+    }
+
+    async fn park_session(
+        &self,
+        req: Request<me::ParkSessionRequest>,
+    ) -> Result<Response<me::ParkSessionResponse>, Status> {
+        self.state
+            .lock()
+            .unwrap()
+            .parked
+            .push(req.into_inner().vm_id);
+        Ok(Response::new(me::ParkSessionResponse { parked: true }))
     }
 }
 

@@ -20,7 +20,12 @@
 //!
 //! Transitions: creating → active → terminating → terminated, creating may go straight
 //! to terminating. Whoever moves a session to terminating (one winner per session) owns
-//! its teardown (finalize usage, release the VM) until the claim deadline.
+//! its teardown (finalize usage, release the VM, delete its snapshot) until the claim
+//! deadline. The suspend loop (active → suspending → suspended → resuming → active, see
+//! lua/suspend.lua) works the same way: whoever moves a session into suspending or
+//! resuming owns that step until its claim deadline; a step that fails moves it back.
+//! Any state but terminated may move to terminating. A suspended session keeps its
+//! deadline (the due set's score) and its place in the tenant's active set (the quota).
 
 mod list;
 mod record;
@@ -35,7 +40,7 @@ use redis::AsyncCommands as _;
 use redis::Script;
 
 pub use list::{Cursor, ListFilter, ListPage, MAX_PAGE_BYTES};
-pub use record::{EndReason, SessionRecord, SessionStatus};
+pub use record::{EndReason, SessionRecord, SessionStatus, session_of_lease};
 
 use crate::apikeys::limits_key;
 use crate::{Result, StoreError};
@@ -63,6 +68,7 @@ static DUE: LazyLock<Script> = script!("due.lua");
 static EXTEND: LazyLock<Script> = script!("extend.lua");
 static TOUCH: LazyLock<Script> = script!("touch.lua");
 static SET_EGRESS: LazyLock<Script> = script!("set_egress.lua");
+static SUSPEND: LazyLock<Script> = script!("suspend.lua");
 /// Deletes a lock only if it still holds the caller's token.
 static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -114,6 +120,9 @@ pub struct StoreConfig {
     pub creating_bound: Duration,
     /// Upper bound of expire - create, extensions included.
     pub max_total_lifetime: Duration,
+    /// How long a replica owns a suspend or resume step (keep it above the longest
+    /// SuspendVm / ResumeVm call) before another may redo it.
+    pub step_claim_ttl: Duration,
 }
 
 impl StoreConfig {
@@ -132,6 +141,7 @@ impl Default for StoreConfig {
             claim_ttl: Duration::from_secs(30),
             creating_bound: Duration::from_secs(180),
             max_total_lifetime: Duration::from_secs(24 * 3600),
+            step_claim_ttl: Duration::from_secs(150),
         }
     }
 }
@@ -150,6 +160,30 @@ pub struct NewSession {
     pub lifetime: Duration,
     /// The effective policy (given, or the tenant's or deployment's default).
     pub egress: EgressPolicy,
+    pub auto_suspend: bool,
+    pub auto_resume: bool,
+}
+
+/// One step of the suspend loop (lua/suspend.lua); each applies to one state only and
+/// answers `Conflict` in any other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SuspendOp {
+    /// active → suspending, claimed; `at_deadline` when its deadline asked for it.
+    Begin { at_deadline: bool },
+    /// suspending → suspended, no VM; a suspend at the deadline then keeps it for
+    /// `retention` from now.
+    Finish {
+        snapshot_bytes: u64,
+        retention: Duration,
+    },
+    /// suspending → active: the VM was not saved and still runs.
+    Abort,
+    /// suspended → resuming, claimed.
+    BeginResume,
+    /// resuming → active on `vm_id` (same node).
+    FinishResume { vm_id: String },
+    /// resuming → suspended: no VM was restored.
+    AbortResume,
 }
 
 /// Outcome of [`SessionStore::create`].
@@ -299,6 +333,8 @@ impl SessionStore {
             .arg(ms(new.lifetime))
             .arg(ms(self.config.index_horizon()))
             .arg(json(&new.egress))
+            .arg(if new.auto_suspend { "1" } else { "0" })
+            .arg(if new.auto_resume { "1" } else { "0" })
             .invoke_async(&mut self.conn.clone())
             .await?;
         if raw.first().map(String::as_str) == Some("quota") {
@@ -370,6 +406,46 @@ impl SessionStore {
         transition(&key, raw)
     }
 
+    /// Moves the session one step round the suspend loop (see [`SuspendOp`]).
+    pub async fn suspend_step(&self, id: &str, op: SuspendOp) -> Result<Transition> {
+        let key = session_key(id);
+        let mut script = SUSPEND.key(&key);
+        script.key(EXPIRY).arg(id);
+        let claim = ms(self.config.step_claim_ttl);
+        match &op {
+            SuspendOp::Begin { at_deadline } => {
+                script
+                    .arg("begin_suspend")
+                    .arg(claim)
+                    .arg(if *at_deadline { "1" } else { "0" });
+            }
+            SuspendOp::Finish {
+                snapshot_bytes,
+                retention,
+            } => {
+                script
+                    .arg("finish_suspend")
+                    .arg(claim)
+                    .arg(snapshot_bytes)
+                    .arg(ms(*retention));
+            }
+            SuspendOp::Abort => {
+                script.arg("abort_suspend").arg(claim);
+            }
+            SuspendOp::BeginResume => {
+                script.arg("begin_resume").arg(claim);
+            }
+            SuspendOp::FinishResume { vm_id } => {
+                script.arg("finish_resume").arg(claim).arg(vm_id);
+            }
+            SuspendOp::AbortResume => {
+                script.arg("abort_resume").arg(claim);
+            }
+        }
+        let raw: Vec<String> = script.invoke_async(&mut self.conn.clone()).await?;
+        transition(&key, raw)
+    }
+
     /// terminating → terminated (after the VM is released); `note` is appended to the end
     /// message when non-empty. The record then lives for the retention period.
     pub async fn finish_end(&self, id: &str, note: &str) -> Result<Transition> {
@@ -393,7 +469,9 @@ impl SessionStore {
         transition(&key, raw)
     }
 
-    /// Claims up to `limit` due sessions (see the module docs); returns only those this
+    /// Claims up to `limit` due sessions (see the module docs and lua/claim_due.lua for the
+    /// kinds: "expired", "creating", "reclaimed", "suspend", "reclaimed_suspending",
+    /// "reclaimed_resuming"); returns only those this
     /// caller won. Two replicas calling it at once never both get one id.
     pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>> {
         let due: Vec<String> = DUE
@@ -417,6 +495,7 @@ impl SessionStore {
                         .key(tenant_active_key(&tenant))
                         .arg(&id)
                         .arg(ms(self.config.claim_ttl))
+                        .arg(ms(self.config.step_claim_ttl))
                         .invoke_async(&mut self.conn.clone())
                         .await?)
                 })

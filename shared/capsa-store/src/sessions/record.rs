@@ -6,12 +6,20 @@ use capsa_egress::EgressPolicy;
 
 use crate::{Result, StoreError};
 
-/// Where a session is in its life. Transitions only go forward:
-/// creating → active → terminating → terminated (creating may skip to terminating).
+/// Where a session is in its life: creating → active → terminating → terminated (creating
+/// may skip to terminating), and from active round the suspend loop, active → suspending →
+/// suspended → resuming → active (a failed suspend or resume goes back a step). Any state
+/// but terminated may move to terminating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SessionStatus {
     Creating,
     Active,
+    /// Its VM is being saved to its node's disk.
+    Suspending,
+    /// No VM: its state is a snapshot on its node.
+    Suspended,
+    /// A VM is being restored from its snapshot.
+    Resuming,
     Terminating,
     Terminated,
 }
@@ -22,15 +30,21 @@ impl SessionStatus {
         match self {
             SessionStatus::Creating => "creating",
             SessionStatus::Active => "active",
+            SessionStatus::Suspending => "suspending",
+            SessionStatus::Suspended => "suspended",
+            SessionStatus::Resuming => "resuming",
             SessionStatus::Terminating => "terminating",
             SessionStatus::Terminated => "terminated",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "creating" => SessionStatus::Creating,
             "active" => SessionStatus::Active,
+            "suspending" => SessionStatus::Suspending,
+            "suspended" => SessionStatus::Suspended,
+            "resuming" => SessionStatus::Resuming,
             "terminating" => SessionStatus::Terminating,
             "terminated" => SessionStatus::Terminated,
             _ => return None,
@@ -106,6 +120,30 @@ pub struct SessionRecord {
     /// one applied on the node by an update. A record written before policies existed
     /// reads as [`EgressPolicy::none`] (its VM had no network).
     pub egress: EgressPolicy,
+    /// At its deadline an active session is suspended instead of ended (and then kept for
+    /// the operator's suspended retention).
+    pub auto_suspend: bool,
+    /// Execute and file calls on a suspended session resume it first.
+    pub auto_resume: bool,
+    /// How many suspends it began: the n-th writes snapshot `s<n>-<id>`, and the resume
+    /// after it leases its VM as [`SessionRecord::resume_lease_id`].
+    pub suspend_gen: u32,
+    /// Set while suspending (the snapshot being written), suspended and resuming.
+    pub snapshot_id: String,
+    /// Bytes of that snapshot on its node's disk, once written.
+    pub snapshot_bytes: u64,
+    /// When it was last suspended.
+    pub suspend_ms: Option<i64>,
+    /// When it was last resumed (on a new VM).
+    pub resume_ms: Option<i64>,
+    /// The suspend came from its deadline (auto_suspend): the resume gives it a new lifetime.
+    pub suspended_at_deadline: bool,
+}
+
+/// The session a vm-pool lease id belongs to: a session's first VM is leased under its id,
+/// the VM of its n-th resume under `<id>/<n>`.
+pub fn session_of_lease(lease_id: &str) -> &str {
+    lease_id.split_once('/').map_or(lease_id, |(id, _)| id)
 }
 
 impl SessionRecord {
@@ -175,7 +213,21 @@ impl SessionRecord {
                 None | Some(&"") => EgressPolicy::none(),
                 Some(v) => serde_json::from_str(v).map_err(|e| corrupt(format!("egress: {e}")))?,
             },
+            auto_suspend: text("auto_suspend") == "1",
+            auto_resume: text("auto_resume") == "1",
+            suspend_gen: small("suspend_gen")?,
+            snapshot_id: text("snapshot_id"),
+            snapshot_bytes: int("snapshot_bytes")?.unwrap_or(0).max(0) as u64,
+            suspend_ms: int("suspend_ms")?,
+            resume_ms: int("resume_ms")?,
+            suspended_at_deadline: text("suspended_at_deadline") == "1",
         })
+    }
+
+    /// The lease id of the VM a resume of this session restores: `<id>/<n>` after its n-th
+    /// suspend (its first VM was leased as `<id>`), so no lease id is ever used twice.
+    pub fn resume_lease_id(&self) -> String {
+        format!("{}/{}", self.id, self.suspend_gen)
     }
 }
 
@@ -234,6 +286,24 @@ mod tests {
         let err = SessionRecord::from_pairs("k", &flat(&[("status", "active"), ("egress", bad)]))
             .unwrap_err();
         assert!(err.to_string().contains("egress"), "{err}");
+    }
+
+    #[test]
+    fn lease_ids_name_their_session() {
+        assert_eq!(session_of_lease("abc"), "abc");
+        assert_eq!(session_of_lease("abc/3"), "abc");
+        let rec = SessionRecord::from_pairs(
+            "k",
+            &flat(&[("id", "abc"), ("status", "suspended"), ("suspend_gen", "3")]),
+        )
+        .unwrap();
+        assert_eq!(rec.resume_lease_id(), "abc/3");
+        assert_eq!(session_of_lease(&rec.resume_lease_id()), "abc");
+        for status in ["suspending", "suspended", "resuming"] {
+            let rec = SessionRecord::from_pairs("k", &flat(&[("status", status)])).unwrap();
+            assert_eq!(rec.status.as_str(), status);
+            assert!(!rec.status.is_ended());
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use capsa_egress::{EgressPolicy, PolicyInput};
 use capsa_store::EgressStored;
 use capsa_store::{
     ApiKeyStore, Created, Cursor, EndReason, Extended, ListFilter, NewSession, NodeRecord,
-    NodeRegistry, SessionStatus, SessionStore, StoreConfig, Transition, VmShape,
+    NodeRegistry, SessionStatus, SessionStore, StoreConfig, SuspendOp, Transition, VmShape,
 };
 use capsa_test_support::eventually;
 
@@ -27,6 +27,8 @@ fn new_session(id: &str, tenant: &str, lifetime: Duration) -> NewSession {
         metadata: BTreeMap::new(),
         lifetime,
         egress: EgressPolicy::none(),
+        auto_suspend: false,
+        auto_resume: false,
     }
 }
 
@@ -285,6 +287,7 @@ async fn creates_trim_index_entries_past_the_horizon() {
         claim_ttl: Duration::from_millis(10),
         creating_bound: Duration::from_millis(500),
         max_total_lifetime: Duration::from_millis(500),
+        step_claim_ttl: Duration::from_millis(10),
     };
     assert_eq!(config.index_horizon(), Duration::from_millis(1600));
     let s = store(&redis, config).await;
@@ -773,4 +776,220 @@ async fn a_tenant_default_egress_policy_is_set_read_and_cleared() {
     assert_eq!(keys.tenant_egress("t").await.unwrap(), Some(replaced));
     keys.set_tenant_egress("t", None).await.unwrap();
     assert_eq!(keys.tenant_egress("t").await.unwrap(), None);
+}
+
+fn won(t: Transition) -> capsa_store::SessionRecord {
+    match t {
+        Transition::Won(rec) => rec,
+        other => panic!("expected a win, got {other:?}"),
+    }
+}
+
+/// The suspend loop: each step applies to one state only, the snapshot and lease ids follow
+/// the generation, a suspended session keeps its deadline and quota place and expires, and
+/// an auto_suspend session is parked at its deadline instead of ended.
+#[tokio::test]
+async fn the_suspend_loop_moves_one_step_at_a_time_and_expiry_parks_or_ends() {
+    let redis = Redis::start();
+    let config = StoreConfig {
+        step_claim_ttl: Duration::from_millis(300),
+        ..StoreConfig::default()
+    };
+    let s = store(&redis, config).await;
+    let shape = VmShape {
+        id: "vm1",
+        vcpus: 1,
+        memory_mib: 512,
+    };
+    s.create(&new_session("a", "t", Duration::from_secs(60)), 5)
+        .await
+        .unwrap();
+    let active = won(s.activate("a", "n", &shape).await.unwrap());
+    // Only an active session begins a suspend; only a suspending one finishes or aborts.
+    assert!(matches!(
+        s.suspend_step("a", SuspendOp::BeginResume).await.unwrap(),
+        Transition::Conflict(_)
+    ));
+    let suspending = won(s
+        .suspend_step("a", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap());
+    assert_eq!(suspending.status, SessionStatus::Suspending);
+    assert_eq!(suspending.snapshot_id, "s1-a");
+    assert_eq!(suspending.suspend_gen, 1);
+    let back = won(s.suspend_step("a", SuspendOp::Abort).await.unwrap());
+    assert_eq!(
+        (back.status, back.vm_id.as_str()),
+        (SessionStatus::Active, "vm1")
+    );
+    assert_eq!(back.snapshot_id, "");
+    won(s
+        .suspend_step("a", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap());
+    let finish = SuspendOp::Finish {
+        snapshot_bytes: 1234,
+        retention: Duration::from_secs(3600),
+    };
+    let suspended = won(s.suspend_step("a", finish.clone()).await.unwrap());
+    assert_eq!(suspended.status, SessionStatus::Suspended);
+    assert_eq!(
+        (suspended.snapshot_id.as_str(), suspended.snapshot_bytes),
+        ("s2-a", 1234)
+    );
+    assert_eq!(suspended.vm_id, "");
+    assert_eq!(
+        suspended.expire_ms, active.expire_ms,
+        "an explicit suspend keeps the deadline"
+    );
+    assert!(suspended.suspend_ms.is_some());
+    assert_eq!(suspended.resume_lease_id(), "a/2");
+    assert!(matches!(
+        s.suspend_step("a", finish).await.unwrap(),
+        Transition::Conflict(_)
+    ));
+    assert_eq!(
+        s.counts("t").await.unwrap().0,
+        1,
+        "still counts against the quota"
+    );
+    won(s.suspend_step("a", SuspendOp::BeginResume).await.unwrap());
+    let again = won(s.suspend_step("a", SuspendOp::AbortResume).await.unwrap());
+    assert_eq!(again.status, SessionStatus::Suspended);
+    won(s.suspend_step("a", SuspendOp::BeginResume).await.unwrap());
+    let resumed = won(s
+        .suspend_step(
+            "a",
+            SuspendOp::FinishResume {
+                vm_id: "vm2".into(),
+            },
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        (resumed.status, resumed.vm_id.as_str()),
+        (SessionStatus::Active, "vm2")
+    );
+    assert_eq!(resumed.expire_ms, active.expire_ms);
+    assert!(resumed.resume_ms.is_some());
+    assert!(matches!(
+        s.suspend_step("missing", SuspendOp::Abort).await.unwrap(),
+        Transition::Missing
+    ));
+
+    // A suspending step whose owner died is due again after the step claim.
+    won(s
+        .suspend_step("a", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap());
+    eventually!(
+        s.claim_due(10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.id == "a" && c.kind == "reclaimed_suspending")
+    );
+
+    // A suspended session still ends at its deadline; any state but ended may end.
+    let mut short = new_session("b", "t", Duration::from_millis(300));
+    short.lifetime = Duration::from_millis(300);
+    s.create(&short, 5).await.unwrap();
+    won(s
+        .activate("b", "n", &VmShape { id: "vm3", ..shape })
+        .await
+        .unwrap());
+    won(s
+        .suspend_step("b", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap());
+    won(s
+        .suspend_step(
+            "b",
+            SuspendOp::Finish {
+                snapshot_bytes: 1,
+                retention: Duration::from_secs(3600),
+            },
+        )
+        .await
+        .unwrap());
+    eventually!(
+        s.claim_due(10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.id == "b" && c.kind == "expired")
+    );
+    let ended = s.get("b").await.unwrap().unwrap();
+    assert_eq!(ended.status, SessionStatus::Terminating);
+    assert_eq!(
+        ended.snapshot_id, "s1-b",
+        "the teardown finds the snapshot to delete"
+    );
+    assert!(
+        ended.end_message.contains("suspended"),
+        "{}",
+        ended.end_message
+    );
+
+    // auto_suspend: parked at the deadline, then kept for the retention.
+    let mut parked = new_session("c", "t", Duration::from_millis(300));
+    parked.auto_suspend = true;
+    parked.auto_resume = true;
+    s.create(&parked, 5).await.unwrap();
+    let rec = won(s
+        .activate("c", "n", &VmShape { id: "vm4", ..shape })
+        .await
+        .unwrap());
+    assert!(rec.auto_suspend && rec.auto_resume);
+    eventually!(
+        s.claim_due(10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.id == "c" && c.kind == "suspend")
+    );
+    let claimed = s.get("c").await.unwrap().unwrap();
+    assert_eq!(claimed.status, SessionStatus::Suspending);
+    assert!(claimed.suspended_at_deadline);
+    let kept = won(s
+        .suspend_step(
+            "c",
+            SuspendOp::Finish {
+                snapshot_bytes: 1,
+                retention: Duration::from_secs(3600),
+            },
+        )
+        .await
+        .unwrap());
+    let kept_for = kept.expire_ms.unwrap() - kept.suspend_ms.unwrap();
+    assert!((3_599_000..=3_601_000).contains(&kept_for), "{kept_for}");
+    won(s.suspend_step("c", SuspendOp::BeginResume).await.unwrap());
+    let back = won(s
+        .suspend_step(
+            "c",
+            SuspendOp::FinishResume {
+                vm_id: "vm5".into(),
+            },
+        )
+        .await
+        .unwrap());
+    let lifetime = back.expire_ms.unwrap() - back.resume_ms.unwrap();
+    assert_eq!(
+        lifetime, 300,
+        "a resume after a parking starts a new lifetime"
+    );
+    assert!(!back.suspended_at_deadline);
+    // Ending from the middle of a step is allowed (the step undoes its own work).
+    won(s
+        .suspend_step("c", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap());
+    won(s
+        .begin_end("c", EndReason::Deleted, "bye", None)
+        .await
+        .unwrap());
+    assert!(matches!(
+        s.suspend_step("c", SuspendOp::Finish { snapshot_bytes: 1, retention: Duration::from_secs(1) }).await.unwrap(),
+        Transition::Conflict(rec) if rec.status == SessionStatus::Terminating
+    ));
 }

@@ -1,11 +1,12 @@
--- CREATING/ACTIVE -> TERMINATING. Exactly one caller wins; it then owns the teardown until
+-- Any state but TERMINATING/TERMINATED -> TERMINATING (a suspend or resume in flight then
+-- finds it ended and undoes its own work). Exactly one caller wins; it then owns the teardown until
 -- the claim deadline, after which the reaper may re-claim it.
 -- KEYS: session hash, expiry zset, the tenant's active set. ARGV: id, reason, message,
--- claim ms, required status ('' = creating or active).
+-- claim ms, required status ('' = any not ended).
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return { 'missing' } end
 if tenant_active_key(KEYS[1]) ~= KEYS[3] then return { 'stale' } end
-if (st ~= 'creating' and st ~= 'active') or (ARGV[5] ~= '' and st ~= ARGV[5]) then
+if st == 'terminating' or st == 'terminated' or (ARGV[5] ~= '' and st ~= ARGV[5]) then
   return reply('conflict', KEYS[1])
 end
 local now = now_ms()

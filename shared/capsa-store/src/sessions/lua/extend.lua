@@ -1,8 +1,8 @@
--- Pushes an ACTIVE session's deadline out, keeping expire - create within the bound.
+-- Pushes an ACTIVE or SUSPENDED session's deadline out, keeping expire - create within the bound.
 -- KEYS: session hash, expiry zset. ARGV: id, extend ms, max total ms.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return { 'missing' } end
-if st ~= 'active' then return reply('conflict', KEYS[1]) end
+if st ~= 'active' and st ~= 'suspended' then return reply('conflict', KEYS[1]) end
 local create = tonumber(redis.call('HGET', KEYS[1], 'create_ms'))
 local expire = tonumber(redis.call('HGET', KEYS[1], 'expire_ms'))
 local new = expire + tonumber(ARGV[2])

@@ -23,6 +23,9 @@ class SessionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATUS_ACTIVE: _ClassVar[SessionStatus]
     SESSION_STATUS_TERMINATING: _ClassVar[SessionStatus]
     SESSION_STATUS_TERMINATED: _ClassVar[SessionStatus]
+    SESSION_STATUS_SUSPENDING: _ClassVar[SessionStatus]
+    SESSION_STATUS_SUSPENDED: _ClassVar[SessionStatus]
+    SESSION_STATUS_RESUMING: _ClassVar[SessionStatus]
 
 class EndReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +39,9 @@ SESSION_STATUS_CREATING: SessionStatus
 SESSION_STATUS_ACTIVE: SessionStatus
 SESSION_STATUS_TERMINATING: SessionStatus
 SESSION_STATUS_TERMINATED: SessionStatus
+SESSION_STATUS_SUSPENDING: SessionStatus
+SESSION_STATUS_SUSPENDED: SessionStatus
+SESSION_STATUS_RESUMING: SessionStatus
 END_REASON_UNSPECIFIED: EndReason
 END_REASON_DELETED: EndReason
 END_REASON_EXPIRED: EndReason
@@ -43,7 +49,7 @@ END_REASON_VM_FAILED: EndReason
 END_REASON_CREATE_FAILED: EndReason
 
 class Session(_message.Message):
-    __slots__ = ("id", "status", "end_reason", "end_message", "template", "vcpus", "memory_mib", "env", "metadata", "create_time", "expire_time", "last_active_time", "end_time", "node_id", "vm_id", "env_names", "egress")
+    __slots__ = ("id", "status", "end_reason", "end_message", "template", "vcpus", "memory_mib", "env", "metadata", "create_time", "expire_time", "last_active_time", "end_time", "node_id", "vm_id", "env_names", "egress", "auto_suspend", "auto_resume", "suspend_time", "snapshot_bytes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +81,10 @@ class Session(_message.Message):
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     ENV_NAMES_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_SUSPEND_FIELD_NUMBER: _ClassVar[int]
+    AUTO_RESUME_FIELD_NUMBER: _ClassVar[int]
+    SUSPEND_TIME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: SessionStatus
     end_reason: EndReason
@@ -92,10 +102,14 @@ class Session(_message.Message):
     vm_id: str
     env_names: _containers.RepeatedScalarFieldContainer[str]
     egress: _egress_pb2.EgressPolicy
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., end_reason: _Optional[_Union[EndReason, str]] = ..., end_message: _Optional[str] = ..., template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., env_names: _Optional[_Iterable[str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ...) -> None: ...
+    auto_suspend: bool
+    auto_resume: bool
+    suspend_time: _timestamp_pb2.Timestamp
+    snapshot_bytes: int
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., end_reason: _Optional[_Union[EndReason, str]] = ..., end_message: _Optional[str] = ..., template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., env_names: _Optional[_Iterable[str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ..., auto_suspend: _Optional[bool] = ..., auto_resume: _Optional[bool] = ..., suspend_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("template", "vcpus", "memory_mib", "lifetime", "env", "metadata", "egress")
+    __slots__ = ("template", "vcpus", "memory_mib", "lifetime", "env", "metadata", "egress", "auto_suspend", "auto_resume")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +131,8 @@ class CreateSessionRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_SUSPEND_FIELD_NUMBER: _ClassVar[int]
+    AUTO_RESUME_FIELD_NUMBER: _ClassVar[int]
     template: str
     vcpus: int
     memory_mib: int
@@ -124,7 +140,9 @@ class CreateSessionRequest(_message.Message):
     env: _containers.ScalarMap[str, str]
     metadata: _containers.ScalarMap[str, str]
     egress: _egress_pb2.EgressPolicy
-    def __init__(self, template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., lifetime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ...) -> None: ...
+    auto_suspend: bool
+    auto_resume: bool
+    def __init__(self, template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., lifetime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ..., auto_suspend: _Optional[bool] = ..., auto_resume: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session",)
@@ -178,6 +196,30 @@ class DeleteSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class DeleteSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class SuspendSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SuspendSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ResumeSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ResumeSessionResponse(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: Session

@@ -61,6 +61,16 @@ class SessionServiceStub:
                 request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ExtendSessionRequest.SerializeToString,
                 response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ExtendSessionResponse.FromString,
                 _registered_method=True)
+        self.SuspendSession = channel.unary_unary(
+                '/capsa.session.v1.SessionService/SuspendSession',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.SuspendSessionRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.SuspendSessionResponse.FromString,
+                _registered_method=True)
+        self.ResumeSession = channel.unary_unary(
+                '/capsa.session.v1.SessionService/ResumeSession',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionResponse.FromString,
+                _registered_method=True)
         self.Execute = channel.unary_stream(
                 '/capsa.session.v1.SessionService/Execute',
                 request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ExecuteRequest.SerializeToString,
@@ -192,6 +202,27 @@ class SessionServiceServicer:
 
     def ExtendSession(self, request, context):
         """Pushes the session's deadline further out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuspendSession(self, request, context):
+        """Saves the session's VM (memory, processes, files, installed packages) to its node's
+        disk and stops it: the session is SUSPENDED, bills no cpu or memory, and keeps its
+        deadline, at which it ends and its snapshot is deleted. A SUSPENDED session is
+        returned as it is; one mid-suspend is waited for; any other state is
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSession(self, request, context):
+        """Restores a SUSPENDED session's VM: its Python variables, shell state, files, packages
+        and background processes are back, its clock is set right, and it is ACTIVE again.
+        An ACTIVE session is returned as it is; one mid-resume is waited for; any other state
+        is FAILED_PRECONDITION. With auto_resume, Execute and the file calls resume it first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -362,6 +393,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ExtendSession,
                     request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ExtendSessionRequest.FromString,
                     response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ExtendSessionResponse.SerializeToString,
+            ),
+            'SuspendSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendSession,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.SuspendSessionRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.SuspendSessionResponse.SerializeToString,
+            ),
+            'ResumeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSession,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionResponse.SerializeToString,
             ),
             'Execute': grpc.unary_stream_rpc_method_handler(
                     servicer.Execute,
@@ -596,6 +637,60 @@ class SessionService:
             '/capsa.session.v1.SessionService/ExtendSession',
             capsa_dot_session_dot_v1_dot_session__pb2.ExtendSessionRequest.SerializeToString,
             capsa_dot_session_dot_v1_dot_session__pb2.ExtendSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/SuspendSession',
+            capsa_dot_session_dot_v1_dot_session__pb2.SuspendSessionRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.SuspendSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/ResumeSession',
+            capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
