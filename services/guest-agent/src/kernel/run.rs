@@ -242,7 +242,13 @@ impl Run<'_> {
                     _ => out_open = false,
                 },
                 r = stderr.read(err_buf), if err_open => match r {
-                    Ok(n) if n > 0 => self.output(false, &err_buf[..n]).await,
+                    Ok(n) if n > 0 => {
+                        // The reactor may not know yet of stdout data written before this
+                        // stderr data (its readiness is learnt asynchronously): take it
+                        // first, with a raw read.
+                        self.take_stdout(stdout, out_buf).await;
+                        self.output(false, &err_buf[..n]).await
+                    }
                     _ => err_open = false,
                 },
                 r = events.next_line(), if events_open => match r {
@@ -357,6 +363,18 @@ impl Run<'_> {
                 "cancelled (the client went away or the agent is stopping)".to_string()
             }
             Reason::Broken => "the kernel's driver sent a malformed event stream".to_string(),
+        }
+    }
+
+    /// Takes what is in the stdout pipe right now.
+    async fn take_stdout(&mut self, stdout: &ChildStdout, buf: &mut [u8]) {
+        use std::os::fd::AsFd as _;
+        let mut chunks: Vec<Bytes> = Vec::new();
+        read_ready(stdout.as_fd(), buf, DRAIN_LIMIT, |b| {
+            chunks.push(Bytes::copy_from_slice(b))
+        });
+        for data in chunks {
+            self.output(true, &data).await;
         }
     }
 
