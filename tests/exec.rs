@@ -48,3 +48,16 @@ pub async fn python(client: &mut Client, session_id: &str, code: &str) -> Outcom
 pub async fn shell(client: &mut Client, session_id: &str, code: &str) -> Outcome {
     run(client, request(session_id, Language::Shell, code, 0)).await
 }
+
+/// Runs Python `code` and returns its stdout; panics, showing all it printed, if it raised.
+pub async fn python_stdout(client: &mut Client, session_id: &str, code: &str) -> String {
+    let out = python(client, session_id, code).await;
+    assert!(
+        out.errors.is_empty(),
+        "{code}\n--- stdout\n{}\n--- stderr\n{}\n--- errors\n{:?}",
+        out.stdout_text(),
+        out.stderr_text(),
+        out.errors
+    );
+    out.stdout_text()
+}

@@ -10,17 +10,7 @@ use capsa_test_support::eventually;
 use capsa_test_support::inet::FakeInternet;
 
 /// Runs Python in the session and returns its stdout; panics (with the output) on an error.
-async fn py(c: &mut Client, sid: &str, code: &str) -> String {
-    let out = exec::python(c, sid, code).await;
-    assert!(
-        out.errors.is_empty(),
-        "{code}\n--- stdout\n{}\n--- stderr\n{}\n--- errors\n{:?}",
-        out.stdout_text(),
-        out.stderr_text(),
-        out.errors
-    );
-    out.stdout_text()
-}
+use capsa_e2e::exec::python_stdout as py;
 
 async fn create(c: &mut Client, egress: Option<EgressPolicy>) -> pb::Session {
     c.create_session(pb::CreateSessionRequest {

@@ -13,17 +13,7 @@ use capsa_proto::common::v1::{EgressPolicy, Language};
 use capsa_proto::session::v1 as pb;
 use capsa_test_support::eventually;
 
-async fn py(c: &mut Client, sid: &str, code: &str) -> String {
-    let out = exec::python(c, sid, code).await;
-    assert!(
-        out.errors.is_empty(),
-        "{code}\n--- stdout\n{}\n--- stderr\n{}\n--- errors\n{:?}",
-        out.stdout_text(),
-        out.stderr_text(),
-        out.errors
-    );
-    out.stdout_text()
-}
+use capsa_e2e::exec::python_stdout as py;
 
 async fn sh(c: &mut Client, sid: &str, code: &str) -> String {
     let out = exec::run(c, exec::request(sid, Language::Shell, code, 600_000)).await;

@@ -138,14 +138,8 @@ impl Ledger {
             }
         };
         if !stored.as_ref().is_some_and(|s| s.finalized) {
-            let sample = self.final_sample(&owner, rec.as_ref(), stored.as_ref());
-            if tokio::time::timeout(self.final_sample_timeout, sample)
-                .await
-                .is_err()
-            {
-                self.metrics.error("final_sample");
-                tracing::warn!("final sample timed out; finalizing with the last sample");
-            }
+            self.final_sample(&owner, rec.as_ref(), stored.as_ref())
+                .await;
         }
         let done = self
             .usage
@@ -178,23 +172,32 @@ impl Ledger {
             fallback_lease_ms: rec.create_ms,
         };
         if rec.vm_id == vm_id {
-            let sample = self.final_sample(&owner, Some(&rec), stored.as_ref());
-            if tokio::time::timeout(self.final_sample_timeout, sample)
-                .await
-                .is_err()
-            {
-                self.metrics.error("final_sample");
-                tracing::warn!(
-                    "final sample before suspend timed out; parking with the last sample"
-                );
-            }
+            self.final_sample(&owner, Some(&rec), stored.as_ref()).await;
         }
         Ok(self.usage.park(session_id, &rec.tenant_id, vm_id).await?)
     }
 
+    /// [`Ledger::sample_once`] within the final sample's bound: the caller (session-manager)
+    /// waits only so long, and then the last stored sample stands.
+    async fn final_sample(
+        &self,
+        owner: &Owner,
+        rec: Option<&SessionRecord>,
+        stored: Option<&SessionUsage>,
+    ) {
+        let sample = self.sample_once(owner, rec, stored);
+        if tokio::time::timeout(self.final_sample_timeout, sample)
+            .await
+            .is_err()
+        {
+            self.metrics.error("final_sample");
+            tracing::warn!("final sample timed out; the last stored sample stands");
+        }
+    }
+
     /// Best effort: any failure (node gone, VM destroyed, Redis hiccup) leaves the last
     /// stored sample as the final numbers.
-    async fn final_sample(
+    async fn sample_once(
         &self,
         owner: &Owner,
         rec: Option<&SessionRecord>,

@@ -236,7 +236,7 @@ impl App {
             }
             Transition::Conflict(now) => {
                 if now.status.is_ended() {
-                    self.delete_snapshot(node, &rec.snapshot_id).await;
+                    self.discard_snapshot(node, &rec.snapshot_id).await;
                 }
                 Ok(now)
             }
@@ -275,7 +275,7 @@ impl App {
                 return match self.sessions.suspend_step(&rec.id, op).await? {
                     Transition::Won(now) => {
                         tracing::info!(vm = %vm.id, "session resumed");
-                        self.delete_snapshot(&node, &rec.snapshot_id).await;
+                        self.discard_snapshot(&node, &rec.snapshot_id).await;
                         Ok(now)
                     }
                     // Ended meanwhile: the restored VM is this step's alone to give back.
@@ -363,24 +363,14 @@ impl App {
         let req = GetSnapshotRequest {
             snapshot_id: snapshot_id.to_owned(),
         };
-        match tokio::time::timeout(
-            SETTLE_TIMEOUT,
+        let what = format!("say whether snapshot {snapshot_id} exists");
+        let found = ask(
+            node,
+            &what,
             client.get_snapshot(with_timeout(req, SETTLE_TIMEOUT)),
         )
-        .await
-        {
-            Ok(Ok(resp)) => Ok(Some(resp.into_inner().snapshot.map_or(0, |s| s.size_bytes))),
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(None),
-            Ok(Err(status)) => Err(Error::Unavailable(format!(
-                "node {} cannot say whether snapshot {snapshot_id} exists: {}",
-                node.node_id,
-                status.message()
-            ))),
-            Err(_) => Err(Error::Unavailable(format!(
-                "node {} did not say within {SETTLE_TIMEOUT:?} whether snapshot {snapshot_id} exists",
-                node.node_id
-            ))),
-        }
+        .await?;
+        Ok(found.map(|resp| resp.snapshot.map_or(0, |s| s.size_bytes)))
     }
 
     /// Whether the node still runs the VM, leased.
@@ -389,50 +379,67 @@ impl App {
         let req = GetVmRequest {
             vm_id: vm_id.to_owned(),
         };
-        match tokio::time::timeout(
-            SETTLE_TIMEOUT,
+        let what = format!("say whether vm {vm_id} runs");
+        let found = ask(
+            node,
+            &what,
             client.get_vm(with_timeout(req, SETTLE_TIMEOUT)),
         )
-        .await
-        {
-            Ok(Ok(resp)) => Ok(resp
-                .into_inner()
-                .vm
-                .is_some_and(|vm| vm.state == VmState::Leased as i32)),
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(false),
-            Ok(Err(status)) => Err(Error::Unavailable(format!(
-                "node {} cannot say whether vm {vm_id} runs: {}",
-                node.node_id,
-                status.message()
-            ))),
-            Err(_) => Err(Error::Unavailable(format!(
-                "node {} did not say within {SETTLE_TIMEOUT:?} whether vm {vm_id} runs",
-                node.node_id
-            ))),
-        }
+        .await?;
+        Ok(found
+            .and_then(|resp| resp.vm)
+            .is_some_and(|vm| vm.state == VmState::Leased as i32))
     }
 
-    /// Deletes a snapshot the session no longer needs; failures are logged (the node's
-    /// disk keeps it until an operator or a later delete removes it).
-    pub(crate) async fn delete_snapshot(&self, node: &NodeRecord, snapshot_id: &str) {
-        let Ok(mut client) = self.clients.vmpool(&node.vmpool_url) else {
-            return;
-        };
+    /// Deletes a snapshot (one already gone counts as deleted).
+    pub(crate) async fn delete_snapshot(
+        &self,
+        node: &NodeRecord,
+        snapshot_id: &str,
+    ) -> Result<(), Error> {
+        let mut client = self.clients.vmpool(&node.vmpool_url)?;
         let req = DeleteSnapshotRequest {
             snapshot_id: snapshot_id.to_owned(),
         };
-        match tokio::time::timeout(
-            SETTLE_TIMEOUT,
+        let what = format!("delete snapshot {snapshot_id}");
+        ask(
+            node,
+            &what,
             client.delete_snapshot(with_timeout(req, SETTLE_TIMEOUT)),
         )
-        .await
-        {
-            Ok(Ok(_)) => tracing::info!(snapshot_id, "snapshot deleted"),
-            Ok(Err(status)) => {
-                tracing::warn!(snapshot_id, error = %status.message(), "snapshot delete failed")
-            }
-            Err(_) => tracing::warn!(snapshot_id, "snapshot delete timed out"),
+        .await?;
+        tracing::info!(snapshot_id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// [`App::delete_snapshot`] of a snapshot the session no longer needs, where a failure
+    /// only costs disk: logged, and the node keeps the files.
+    async fn discard_snapshot(&self, node: &NodeRecord, snapshot_id: &str) {
+        if let Err(e) = self.delete_snapshot(node, snapshot_id).await {
+            tracing::warn!(snapshot_id, error = %e, "snapshot delete failed");
         }
+    }
+}
+
+/// One call to `node` within [`SETTLE_TIMEOUT`]: its answer, `None` for NOT_FOUND, else
+/// UNAVAILABLE saying the node did not `what`.
+async fn ask<T>(
+    node: &NodeRecord,
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<Option<T>, Error> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, call).await {
+        Ok(Ok(resp)) => Ok(Some(resp.into_inner())),
+        Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(None),
+        Ok(Err(status)) => Err(Error::Unavailable(format!(
+            "node {} did not {what}: {}",
+            node.node_id,
+            status.message()
+        ))),
+        Err(_) => Err(Error::Unavailable(format!(
+            "node {} did not {what} within {SETTLE_TIMEOUT:?}",
+            node.node_id
+        ))),
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use capsa_proto::metering::v1::FinalizeSessionRequest;
-use capsa_proto::vmpool::v1::{DeleteSnapshotRequest, ReleaseVmRequest, Vm, VmState};
+use capsa_proto::vmpool::v1::{ReleaseVmRequest, Vm, VmState};
 use capsa_store::{EndReason, SessionRecord, SessionStatus, Transition};
 
 use crate::app::App;
@@ -124,27 +124,9 @@ impl App {
 
     /// Deletes an ended session's snapshot (a node that is gone took it along).
     async fn drop_snapshot(&self, node_id: &str, snapshot_id: &str) -> Result<(), Error> {
-        let Some(node) = self.nodes.get(node_id).await? else {
-            return Ok(());
-        };
-        let mut client = self.clients.vmpool(&node.vmpool_url)?;
-        let req = DeleteSnapshotRequest {
-            snapshot_id: snapshot_id.to_string(),
-        };
-        match tokio::time::timeout(
-            RELEASE_TIMEOUT,
-            client.delete_snapshot(with_timeout(req, RELEASE_TIMEOUT)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(Error::Unavailable(format!(
-                "node {node_id} did not delete snapshot {snapshot_id}: {}",
-                status.message()
-            ))),
-            Err(_) => Err(Error::Unavailable(format!(
-                "node {node_id} did not delete snapshot {snapshot_id} within {RELEASE_TIMEOUT:?}"
-            ))),
+        match self.nodes.get(node_id).await? {
+            Some(node) => self.delete_snapshot(&node, snapshot_id).await,
+            None => Ok(()),
         }
     }
 
