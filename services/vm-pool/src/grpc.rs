@@ -212,6 +212,21 @@ impl VmPoolService for Service {
         }))
     }
 
+    async fn snapshot_vm(
+        &self,
+        req: Request<pb::SnapshotVmRequest>,
+    ) -> Result<Response<pb::SnapshotVmResponse>, Status> {
+        let r = req.into_inner();
+        let snapshot = self
+            .pool
+            .snapshot_running(&r.vm_id, &r.snapshot_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SnapshotVmResponse {
+            snapshot: Some(snapshot_to_proto(snapshot)),
+        }))
+    }
+
     async fn resume_vm(
         &self,
         req: Request<pb::ResumeVmRequest>,

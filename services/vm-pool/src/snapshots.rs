@@ -1,5 +1,6 @@
-//! Snapshots: a leased VM saved to this node's disk and destroyed (SuspendVm), started again
-//! later as a new VM under a new lease (ResumeVm).
+//! Snapshots: a leased VM saved to this node's disk and destroyed (SuspendVm) or left
+//! running (SnapshotVm), started later as new VMs under new leases (ResumeVm, any number of
+//! times: each restore copies the disk layer and reads the state).
 //!
 //! On disk, `<state_dir>/snapshots/<snapshot_id>/` holds what the engine wrote
 //! ([`capsa_vmm::VirtualMachine::snapshot`]; for QEMU `vmstate`, `overlay.qcow2` and
@@ -13,7 +14,7 @@
 //! The VM is paused for the snapshot (Cloud Hypervisor needs it; QEMU keeps a paused VM
 //! paused after its migration, so the guest does nothing the snapshot misses before it is
 //! destroyed), resumed if the snapshot fails, and released like ReleaseVm once the snapshot
-//! is in place.
+//! is in place; or, for SnapshotVm, resumed once it is in place.
 //!
 //! Concurrency: per snapshot id, a suspend and a delete hold the id's lock exclusively, a
 //! restore shares it until its VMM has read the files ([`Hold`]); per VM, a suspend and a
@@ -48,6 +49,15 @@ const TMP_PREFIX: &str = ".tmp-";
 const MAX_SNAPSHOT_ID: usize = 64;
 /// Mixed into a restored guest's RNG (the agent takes 32 to 512).
 const ENTROPY_BYTES: usize = 64;
+
+/// What becomes of the VM once its snapshot is in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Afterwards {
+    /// SuspendVm: released like ReleaseVm.
+    Release,
+    /// SnapshotVm: runs on under its lease.
+    KeepRunning,
+}
 
 /// A complete snapshot, as GetSnapshot and ListSnapshots show it.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,8 +287,29 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 impl Pool {
     /// Snapshots the leased VM `vm_id` as `snapshot_id`, then releases it. Idempotent: a
     /// retry after success returns the snapshot.
-    #[tracing::instrument(skip(self))]
     pub async fn suspend(&self, vm_id: &str, snapshot_id: &str) -> Result<SnapshotInfo, Error> {
+        self.take_snapshot(vm_id, snapshot_id, Afterwards::Release)
+            .await
+    }
+
+    /// Snapshots the leased VM `vm_id` as `snapshot_id`; the VM runs on under its lease.
+    /// Idempotent: a retry after success returns the snapshot.
+    pub async fn snapshot_running(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+    ) -> Result<SnapshotInfo, Error> {
+        self.take_snapshot(vm_id, snapshot_id, Afterwards::KeepRunning)
+            .await
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn take_snapshot(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+        afterwards: Afterwards,
+    ) -> Result<SnapshotInfo, Error> {
         if !capsa_vmm::is_vm_id(vm_id) {
             return Err(Error::InvalidArgument(format!(
                 "vm_id {vm_id:?} is not a vm id"
@@ -292,12 +323,20 @@ impl Pool {
         // paused or a temporary dir behind.
         let (pool, vm_id, snapshot_id) = (self.clone(), vm_id.to_owned(), snapshot_id.to_owned());
         let span = tracing::Span::current();
-        tokio::spawn(async move { pool.suspend_now(&vm_id, &snapshot_id).await }.instrument(span))
-            .await
-            .map_err(|e| Error::Unavailable(format!("suspend task failed: {e}")))?
+        tokio::spawn(
+            async move { pool.snapshot_now(&vm_id, &snapshot_id, afterwards).await }
+                .instrument(span),
+        )
+        .await
+        .map_err(|e| Error::Unavailable(format!("snapshot task failed: {e}")))?
     }
 
-    async fn suspend_now(&self, vm_id: &str, snapshot_id: &str) -> Result<SnapshotInfo, Error> {
+    async fn snapshot_now(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+        afterwards: Afterwards,
+    ) -> Result<SnapshotInfo, Error> {
         let op = self.0.lock().vms.get(vm_id).map(|e| e.op.clone());
         let _op = match &op {
             Some(op) => Some(op.lock().await),
@@ -307,9 +346,10 @@ impl Pool {
         let _hold = store.exclusive(snapshot_id).await;
         if let Some((sidecar, info)) = store.read(snapshot_id)? {
             if sidecar.vm_id == vm_id {
-                // A retry. Its VM is gone, unless a failure after the rename (syncing the
-                // parent dir) kept it: the snapshot is in place, so it goes now.
-                if op.is_some() {
+                // A retry. A suspended VM is gone, unless a failure after the rename
+                // (syncing the parent dir) kept it: the snapshot is in place, so it goes now.
+                // (A VM that runs on is running: a failed write resumes it.)
+                if op.is_some() && afterwards == Afterwards::Release {
                     self.release_now(vm_id).await?;
                 }
                 return Ok(info);
@@ -367,11 +407,41 @@ impl Pool {
             took_ms = started.elapsed().as_millis() as u64,
             "vm snapshotted"
         );
-        self.release_now(vm_id).await?;
+        match afterwards {
+            Afterwards::Release => {
+                self.release_now(vm_id).await?;
+            }
+            Afterwards::KeepRunning => self.run_on(vm_id).await?,
+        }
         let (_, info) = store.read(snapshot_id)?.ok_or_else(|| {
-            Error::Unavailable(format!("snapshot {snapshot_id} vanished after its suspend"))
+            Error::Unavailable(format!(
+                "snapshot {snapshot_id} vanished after it was taken"
+            ))
         })?;
         Ok(info)
+    }
+
+    /// Lets a VM paused for its snapshot run again. A VM that cannot is
+    /// marked failed, like one whose failed snapshot left it paused.
+    async fn run_on(&self, vm_id: &str) -> Result<(), Error> {
+        let vm = self.0.lock().vms.get(vm_id).and_then(|e| e.vm.clone());
+        let Some(vm) = vm else {
+            return Err(Error::NotFound(format!(
+                "vm_id {vm_id:?} is not a leased vm of this node"
+            )));
+        };
+        if let Err(e) = vm.resume().await {
+            crate::boot::mark_failed(
+                &self.0,
+                vm_id,
+                &format!("not resumed after its snapshot: {e}"),
+            );
+            return Err(Error::Unavailable(format!(
+                "vm {vm_id} was snapshotted but did not run again: {}",
+                capsa_grpc::error::chain(&e)
+            )));
+        }
+        Ok(())
     }
 
     /// Pauses `vm`, writes its snapshot into `tmp` and puts it in place as `dest`; on

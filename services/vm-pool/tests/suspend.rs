@@ -4,7 +4,9 @@
 //! machine-id, the host's clock) and its egress policy in force; DeleteSnapshot frees the
 //! disk. Bad requests are refused with the field named. A vm-pool killed in the middle of
 //! a suspend leaves neither a snapshot nor a partial one nor the VM after its restart, and
-//! the complete snapshots survive the restart and still restore. Needs root.
+//! the complete snapshots survive the restart and still restore. SnapshotVm saves a VM that
+//! runs on: its copies start from that instant and diverge from it and from each other.
+//! Needs root.
 
 mod common;
 
@@ -17,8 +19,8 @@ use capsa_proto::common::v1::EgressPolicy;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_proto::vmpool::v1::{
     AcquireVmRequest, DeleteSnapshotRequest, GetNodeInfoRequest, GetSnapshotRequest, GetVmRequest,
-    ListSnapshotsRequest, ReleaseVmRequest, ResumeVmRequest, Snapshot, SuspendVmRequest, Vm,
-    VmState,
+    ListSnapshotsRequest, ReleaseVmRequest, ResumeVmRequest, Snapshot, SnapshotVmRequest,
+    SuspendVmRequest, Vm, VmState,
 };
 use capsa_test_support::eventually;
 use capsa_test_support::inet::FakeInternet;
@@ -636,4 +638,119 @@ async fn a_pool_killed_mid_suspend_leaves_no_partial_snapshot_and_keeps_the_comp
         .unwrap();
     let (rc, out) = shell(&vsock_of(&pool, &vm.id), "cat /root/marker").await;
     assert_eq!((rc, out.trim()), (0, "kept"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_running_vm_keeps_it_running_and_restores_into_independent_copies() {
+    // Room for the parent and two copies.
+    let pool = PoolUnderTest::start(&["--warm", "0", "--capacity", "3"]).await;
+    let mut c = pool.client().await;
+    let parent = acquire(&mut c, "parent", None).await;
+    let parent_vsock = vsock_of(&pool, &parent.id);
+    let (rc, out) = shell(
+        &parent_vsock,
+        "echo before > /root/marker; sync; sleep 1000 </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    assert_eq!(rc, 0, "{out}");
+    let sleep_pid = out.trim().to_owned();
+    let parent_before = guest(&parent_vsock, &sleep_pid).await;
+
+    let snapshot_of = |vm_id: &str, snapshot_id: &str| SnapshotVmRequest {
+        vm_id: vm_id.into(),
+        snapshot_id: snapshot_id.into(),
+    };
+    let snap = c
+        .snapshot_vm(snapshot_of(&parent.id, "fork-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.id, "fork-1");
+    assert!(snap.size_bytes > 0, "{snap:?}");
+    // A retry returns the same snapshot and leaves the VM be.
+    let again = c
+        .snapshot_vm(snapshot_of(&parent.id, "fork-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again, snap);
+
+    // The parent still holds its lease and runs, with its process, and moves on.
+    let vm = c
+        .get_vm(GetVmRequest {
+            vm_id: parent.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(vm.state, VmState::Leased as i32, "{vm:?}");
+    assert_eq!(vm.vmm_pid, parent.vmm_pid, "the same VMM process");
+    let (rc, out) = shell(
+        &parent_vsock,
+        "echo after > /root/marker; sync; cat /root/marker",
+    )
+    .await;
+    assert_eq!((rc, out.trim()), (0, "after"));
+
+    // Two copies of the instant: the file as it was, the process running, each with an
+    // identity of its own.
+    let mut copies = Vec::new();
+    for lease in ["copy-1", "copy-2"] {
+        let vm = resume(&mut c, resume_request("fork-1", lease, None))
+            .await
+            .unwrap();
+        assert_eq!(vm.state, VmState::Leased as i32, "{vm:?}");
+        let vsock = vsock_of(&pool, &vm.id);
+        let seen = guest(&vsock, &sleep_pid).await;
+        assert_eq!(seen.marker, "before", "{seen:?}");
+        assert!(seen.sleep.starts_with("sleep 1000"), "{seen:?}");
+        assert_ne!(seen.machine_id, parent_before.machine_id, "{seen:?}");
+        copies.push((vm, vsock, seen));
+    }
+    assert_ne!(copies[0].2.machine_id, copies[1].2.machine_id);
+    assert_ne!(copies[0].0.id, copies[1].0.id);
+    // They diverge: a write in one is seen neither by the other nor by the parent.
+    let (rc, out) = shell(&copies[0].1, "echo copy-1 > /root/marker; sync").await;
+    assert_eq!(rc, 0, "{out}");
+    let (_, out) = shell(&copies[1].1, "cat /root/marker").await;
+    assert_eq!(out.trim(), "before");
+    let (_, out) = shell(&parent_vsock, "cat /root/marker").await;
+    assert_eq!(out.trim(), "after");
+
+    // A snapshot id already holding another VM's snapshot is refused, naming the field.
+    let other = c
+        .snapshot_vm(snapshot_of(&copies[1].0.id, "fork-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
+    assert!(other.message().contains("snapshot_id"), "{other:?}");
+    // A VM that is not leased here is NOT_FOUND.
+    let missing = c
+        .snapshot_vm(snapshot_of("vm-0000000000000000", "fork-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    for vm in [&parent, &copies[0].0, &copies[1].0] {
+        c.release_vm(ReleaseVmRequest {
+            vm_id: vm.id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    let deleted = c
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: "fork-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+    assert!(snapshots(&mut c).await.is_empty());
 }
