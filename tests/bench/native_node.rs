@@ -452,6 +452,13 @@ impl VmPoolService for NativePool {
         Err(Status::unimplemented(NO_SNAPSHOTS))
     }
 
+    async fn snapshot_vm(
+        &self,
+        _: Request<vp::SnapshotVmRequest>,
+    ) -> Result<Response<vp::SnapshotVmResponse>, Status> {
+        Err(Status::unimplemented(NO_SNAPSHOTS))
+    }
+
     async fn resume_vm(
         &self,
         _: Request<vp::ResumeVmRequest>,

@@ -120,6 +120,11 @@ pub enum Command {
     Resume(SessionArg),
     /// List your sessions, newest first.
     List(ListArgs),
+    /// Snapshots of running sessions (templates for new ones): create, list, info, rm.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Start new sessions from a running session's state now; print their ids.
+    Fork(ForkArgs),
     /// Show a session's egress policy, or replace it with --set and the policy flags.
     Egress(EgressArgs),
     /// Background processes in a session: start, list, wait, kill, logs, write.
@@ -229,6 +234,52 @@ pub struct CreateArgs {
     /// Let exec and the file commands resume a suspended session first.
     #[arg(long)]
     pub auto_resume: bool,
+    /// Start from this snapshot (a template made with `capsa snapshot`).
+    #[arg(long, value_name = "SNAPSHOT_ID")]
+    pub from_snapshot: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a running session's state (it runs on) and print the snapshot's id; start new
+    /// sessions from it with `capsa create --from-snapshot ID`.
+    Create(SnapshotCreateArgs),
+    /// List your snapshots, newest first.
+    List,
+    /// Show a snapshot.
+    Info(SnapshotArg),
+    /// Delete a snapshot and its files (sessions made from it are not affected).
+    Rm(SnapshotArg),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotCreateArgs {
+    /// Session id.
+    pub session: String,
+    /// Its name, 1 to 128 characters (need not be unique).
+    #[arg(long)]
+    pub name: String,
+    /// Label, K=V (repeatable).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArg {
+    /// Snapshot id (snap-...).
+    pub snapshot: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Session id of the running session to fork.
+    pub session: String,
+    /// How many sessions, 1 to 8 (all are created or none is).
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// Each fork's lifetime [default: the parent's]
+    #[arg(long, value_name = DURATION, value_parser = parse_duration)]
+    pub lifetime: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

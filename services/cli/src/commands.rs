@@ -66,6 +66,7 @@ pub async fn create(client: &Client, a: CreateArgs, json: bool) -> Result<u8, Cl
         egress: a.egress.policy(),
         auto_suspend: a.auto_suspend,
         auto_resume: a.auto_resume,
+        snapshot_id: a.from_snapshot,
     };
     // The session outlives this command: it is left running for the next ones.
     let session = client.create_session_info(options).await?;
@@ -321,16 +322,27 @@ pub async fn usage(client: &Client, a: UsageArgs, json: bool) -> Result<u8, CliE
                 v["tenant_id"] = serde_json::json!(r.tenant_id);
                 v["active_sessions"] = serde_json::json!(r.active_sessions);
                 v["total_sessions"] = serde_json::json!(r.total_sessions);
+                v["snapshots"] = serde_json::json!(r.snapshots);
+                v["snapshot_bytes"] = serde_json::json!(r.snapshot_bytes);
+                v["snapshot_limit"] = serde_json::json!(r.snapshot_limit);
+                v["snapshot_bytes_limit"] = serde_json::json!(r.snapshot_bytes_limit);
+                v["snapshot_gib_seconds"] = serde_json::json!(r.snapshot_gib_seconds);
                 say(v)?;
             } else {
                 print_block(&format!(
-                    "{:<14} {}\n{:<14} {}\n{:<14} {}\n{}",
+                    "{:<14} {}\n{:<14} {}\n{:<14} {}\n{:<14} {} of {}, {} of {}, {:.1} GiB-s so far\n{}",
                     "tenant",
                     r.tenant_id,
                     "active",
                     r.active_sessions,
                     "sessions",
                     r.total_sessions,
+                    "snapshots",
+                    r.snapshots,
+                    r.snapshot_limit,
+                    view::bytes(r.snapshot_bytes),
+                    view::bytes(r.snapshot_bytes_limit),
+                    r.snapshot_gib_seconds,
                     view::usage_text(&total)
                 ))?;
             }
@@ -380,6 +392,91 @@ pub async fn suspend(client: &Client, a: SessionArg, json: bool) -> Result<u8, C
             view::bytes(session.snapshot_bytes),
             view::timestamp(&session.expire_time)
         ))?;
+    }
+    Ok(0)
+}
+
+pub async fn snapshot(client: &Client, c: SnapshotCommand, json: bool) -> Result<u8, CliError> {
+    match c {
+        SnapshotCommand::Create(a) => {
+            let request = capsa_client::proto::session::v1::SnapshotSessionRequest {
+                session_id: a.session,
+                name: a.name,
+                metadata: a.labels.into_iter().collect(),
+            };
+            let snapshot = client
+                .raw()
+                .snapshot_session(request)
+                .await
+                .map_err(capsa_client::Error::from)?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            if json {
+                say(view::snapshot_json(&snapshot))?;
+            } else {
+                // Only the id on stdout, so `snap=$(capsa snapshot create ...)` works.
+                say(&snapshot.id)?;
+                note(format!(
+                    "capsa: snapshot of {} is {} ({} on disk)",
+                    snapshot.session_id,
+                    view::snapshot_status(&snapshot),
+                    view::bytes(snapshot.size_bytes)
+                ));
+            }
+        }
+        SnapshotCommand::List => {
+            let snapshots = client.list_snapshots().await?;
+            if json {
+                for s in &snapshots {
+                    say(view::snapshot_json(s))?;
+                }
+            } else {
+                say(view::SNAPSHOT_HEADER)?;
+                for s in &snapshots {
+                    say(view::snapshot_row(s))?;
+                }
+            }
+        }
+        SnapshotCommand::Info(a) => {
+            let snapshot = client.snapshot_info(&a.snapshot).await?;
+            if json {
+                say(view::snapshot_json(&snapshot))?;
+            } else {
+                print_block(&view::snapshot_text(&snapshot))?;
+            }
+        }
+        SnapshotCommand::Rm(a) => {
+            let snapshot = client.delete_snapshot(&a.snapshot).await?;
+            if json {
+                say(view::snapshot_json(&snapshot))?;
+            } else {
+                say(format!("{} deleted", snapshot.id))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn fork(client: &Client, a: ForkArgs, json: bool) -> Result<u8, CliError> {
+    let request = capsa_client::proto::session::v1::ForkSessionRequest {
+        session_id: a.session,
+        count: a.count,
+        lifetime: a.lifetime.map(capsa_client::proto::time::duration),
+        metadata: Default::default(),
+    };
+    let forks = client
+        .raw()
+        .fork_session(request)
+        .await
+        .map_err(capsa_client::Error::from)?
+        .into_inner();
+    for session in &forks.sessions {
+        if json {
+            say(view::session_json(session))?;
+        } else {
+            say(&session.id)?;
+        }
     }
     Ok(0)
 }

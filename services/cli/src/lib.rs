@@ -49,6 +49,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Suspend(a) => commands::suspend(&client, a, json).await,
         Command::Resume(a) => commands::resume(&client, a, json).await,
         Command::List(a) => commands::list(&client, a, json).await,
+        Command::Snapshot(c) => commands::snapshot(&client, c, json).await,
+        Command::Fork(a) => commands::fork(&client, a, json).await,
         Command::Egress(a) => commands::egress(&client, a, json).await,
         Command::Process(p) => process::run(&client, p, json).await,
         Command::Shell(a) => shell::shell(&client, a).await,

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use capsa_client::{
-    EgressPolicy, FileInfo, FileType, ProcessInfo, ProcessState, SessionInfo as Session, Usage,
+    EgressPolicy, FileInfo, FileType, ProcessInfo, ProcessState, SessionInfo as Session,
+    SnapshotInfo as Snapshot, Usage,
 };
 use serde_json::{Value, json};
 
@@ -62,8 +63,69 @@ pub fn session_json(s: &Session) -> Value {
         "auto_resume": s.auto_resume,
         "suspend_time": timestamp(&s.suspend_time),
         "snapshot_bytes": s.snapshot_bytes,
+        "source_snapshot_id": s.source_snapshot_id,
+        "parent_session_id": s.parent_session_id,
     })
 }
+
+pub fn snapshot_status(s: &Snapshot) -> String {
+    name_of(s.status().as_str_name(), "SNAPSHOT_STATUS_")
+}
+
+pub fn snapshot_json(s: &Snapshot) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "status": snapshot_status(s),
+        "session_id": s.session_id,
+        "template": s.template,
+        "vcpus": s.vcpus,
+        "memory_mib": s.memory_mib,
+        "size_bytes": s.size_bytes,
+        "create_time": timestamp(&s.create_time),
+        "node_id": s.node_id,
+        "labels": s.metadata,
+    })
+}
+
+/// `key value` lines for `capsa snapshot info`.
+pub fn snapshot_text(s: &Snapshot) -> String {
+    let v = snapshot_json(s);
+    let mut out = String::new();
+    for key in [
+        "id",
+        "name",
+        "status",
+        "session_id",
+        "template",
+        "vcpus",
+        "memory_mib",
+        "create_time",
+        "node_id",
+    ] {
+        out += &format!("{:<17} {}\n", key, plain(&v[key]));
+    }
+    out += &format!("{:<17} {}\n", "size", bytes(s.size_bytes));
+    let mut labels: Vec<_> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    out += &format!("{:<17} {}\n", "labels", labels.join(" "));
+    out
+}
+
+/// One table row for `capsa snapshot list`.
+pub fn snapshot_row(s: &Snapshot) -> String {
+    format!(
+        "{:<37} {:<9} {:>10}  {:<20}  {:<38} {}",
+        s.id,
+        snapshot_status(s),
+        bytes(s.size_bytes),
+        timestamp(&s.create_time),
+        s.session_id,
+        s.name
+    )
+}
+
+pub const SNAPSHOT_HEADER: &str = "ID                                    STATUS          SIZE  CREATED               SESSION                                NAME";
 
 /// A policy with its defaults spelled out (`allow_http` unset means true).
 pub fn egress_json(p: &EgressPolicy) -> Value {

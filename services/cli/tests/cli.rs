@@ -106,6 +106,27 @@ fn session(id: &str) -> Session {
     }
 }
 
+const SNAP: &str = "snap-00000000000000000000000000000001";
+
+fn snapshot(id: &str) -> Snapshot {
+    Snapshot {
+        id: id.into(),
+        name: "with-numpy".into(),
+        status: SnapshotStatus::Ready as i32,
+        session_id: "s-1".into(),
+        template: "default".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        size_bytes: 60 << 20,
+        create_time: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        node_id: "node-a".into(),
+        ..Default::default()
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -132,6 +153,7 @@ impl SessionService for Double {
         s.env_names = r.env.into_keys().collect();
         s.env_names.sort();
         s.metadata = r.metadata;
+        s.source_snapshot_id = r.snapshot_id;
         Ok(Response::new(CreateSessionResponse { session: Some(s) }))
     }
 
@@ -210,6 +232,78 @@ impl SessionService for Double {
         let mut s = session(&r.into_inner().session_id);
         s.vm_id = "vm-resumed".into();
         Ok(Response::new(ResumeSessionResponse { session: Some(s) }))
+    }
+
+    async fn snapshot_session(
+        &self,
+        r: Request<SnapshotSessionRequest>,
+    ) -> Result<Response<SnapshotSessionResponse>, Status> {
+        check_auth(&r)?;
+        let r = r.into_inner();
+        let mut s = snapshot(SNAP);
+        s.session_id = r.session_id;
+        s.name = r.name;
+        s.metadata = r.metadata;
+        Ok(Response::new(SnapshotSessionResponse { snapshot: Some(s) }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        r: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        check_auth(&r)?;
+        let id = r.into_inner().snapshot_id;
+        if id != SNAP {
+            return Err(Status::not_found(format!("snapshot {id} not found")));
+        }
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(snapshot(&id)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        r: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        check_auth(&r)?;
+        // Two pages, so the client must follow the token.
+        let (id, next) = match r.into_inner().page_token.as_str() {
+            "" => (SNAP, "page-2"),
+            _ => ("snap-00000000000000000000000000000002", ""),
+        };
+        Ok(Response::new(ListSnapshotsResponse {
+            snapshots: vec![snapshot(id)],
+            next_page_token: next.into(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        r: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        check_auth(&r)?;
+        Ok(Response::new(DeleteSnapshotResponse {
+            snapshot: Some(snapshot(&r.into_inner().snapshot_id)),
+        }))
+    }
+
+    async fn fork_session(
+        &self,
+        r: Request<ForkSessionRequest>,
+    ) -> Result<Response<ForkSessionResponse>, Status> {
+        check_auth(&r)?;
+        let r = r.into_inner();
+        if !(1..=8).contains(&r.count) {
+            return Err(Status::invalid_argument("count: must be 1 to 8"));
+        }
+        let sessions = (1..=r.count)
+            .map(|i| {
+                let mut s = session(&format!("s-fork-{i}"));
+                s.parent_session_id = r.session_id.clone();
+                s
+            })
+            .collect();
+        Ok(Response::new(ForkSessionResponse { sessions }))
     }
 
     async fn execute(
@@ -474,6 +568,11 @@ impl SessionService for Double {
             total: Some(Usage::default()),
             active_sessions: 2,
             total_sessions: 5,
+            snapshots: 1,
+            snapshot_bytes: 60 << 20,
+            snapshot_limit: 20,
+            snapshot_bytes_limit: 10 << 30,
+            snapshot_gib_seconds: 12.5,
         }))
     }
 
@@ -1001,6 +1100,73 @@ async fn session_commands() {
     );
     let o = api.capsa(&["usage", "s-1"]).await;
     assert!(text(&o.stdout).contains("64.0 MiB"), "{}", text(&o.stdout));
+}
+
+#[tokio::test]
+async fn snapshot_fork_and_create_from_snapshot_commands() {
+    let api = Api::start().await;
+    let o = api
+        .capsa(&[
+            "snapshot", "create", "s-1", "--name", "base", "--label", "k=v",
+        ])
+        .await;
+    assert_eq!(text(&o.stdout), format!("{SNAP}\n"));
+    assert!(text(&o.stderr).contains("READY"), "{}", text(&o.stderr));
+    let o = api
+        .capsa(&["--json", "snapshot", "create", "s-1", "--name", "base"])
+        .await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["status"].as_str(),
+            v["size_bytes"].as_u64()
+        ),
+        (Some("base"), Some("READY"), Some(60 << 20))
+    );
+    // Both pages of the list.
+    let o = api.capsa(&["snapshot", "list"]).await;
+    let listed = text(&o.stdout);
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{}", text(&o.stdout));
+    assert!(
+        rows[0].starts_with(SNAP) && rows[0].contains("60.0 MiB"),
+        "{}",
+        rows[0]
+    );
+    let o = api.capsa(&["snapshot", "info", SNAP]).await;
+    assert!(
+        text(&o.stdout).contains("with-numpy"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = api.capsa(&["snapshot", "info", "snap-missing"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("NOT_FOUND"), "{}", text(&o.stderr));
+    let o = api.capsa(&["snapshot", "rm", SNAP]).await;
+    assert_eq!(text(&o.stdout), format!("{SNAP} deleted\n"));
+
+    let o = api
+        .capsa(&["create", "--from-snapshot", SNAP, "--json"])
+        .await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(v["source_snapshot_id"], SNAP);
+
+    let o = api.capsa(&["fork", "s-1", "--count", "3"]).await;
+    assert_eq!(text(&o.stdout), "s-fork-1\ns-fork-2\ns-fork-3\n");
+    let o = api.capsa(&["--json", "fork", "s-1"]).await;
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(v["parent_session_id"], "s-1");
+    let o = api.capsa(&["fork", "s-1", "--count", "9"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("count"), "{}", text(&o.stderr));
+
+    let o = api.capsa(&["usage", "--tenant"]).await;
+    assert!(
+        text(&o.stdout).contains("1 of 20, 60.0 MiB of 10240.0 MiB, 12.5 GiB-s"),
+        "{}",
+        text(&o.stdout)
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capsa_store::{ApiKeyStore, Connection, NodeRegistry, SessionStore};
+use capsa_store::{ApiKeyStore, Connection, NodeRegistry, SessionStore, SnapshotStore};
 
 use crate::clients::Clients;
 use crate::config::Config;
@@ -15,6 +15,7 @@ use crate::error::Error;
 pub struct App {
     pub config: Config,
     pub sessions: SessionStore,
+    pub snapshots: SnapshotStore,
     pub keys: ApiKeyStore,
     pub nodes: NodeRegistry,
     pub clients: Clients,
@@ -39,6 +40,7 @@ impl App {
         Self {
             open_sessions,
             sessions: SessionStore::new(conn.clone(), config.store_config()),
+            snapshots: SnapshotStore::new(conn.clone()),
             keys: ApiKeyStore::new(conn.clone()),
             nodes: NodeRegistry::new(conn),
             clients: Clients::new(config.metering_url.clone(), config.common.tls.clone()),

@@ -225,6 +225,14 @@ pub struct Config {
     /// on what idle sessions may hold on the nodes' disks.
     #[arg(long, env = "CAPSA_SUSPENDED_RETENTION_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub suspended_retention_secs: u64,
+    /// Default cap on a tenant's snapshots (SnapshotSession); a tenant's limits hash
+    /// (`max_snapshots`) overrides it.
+    #[arg(long, env = "CAPSA_MAX_SNAPSHOTS_PER_TENANT", default_value_t = 20)]
+    pub max_snapshots_per_tenant: u32,
+    /// Default cap on the bytes a tenant's snapshots take on the nodes' disks (10 GiB); a
+    /// tenant's limits hash (`max_snapshot_bytes`) overrides it.
+    #[arg(long, env = "CAPSA_MAX_SNAPSHOT_BYTES_PER_TENANT", default_value_t = 10 << 30)]
+    pub max_snapshot_bytes_per_tenant: u64,
     /// Bound of the best-effort FinalizeSession call while ending a session.
     #[arg(long, env = "CAPSA_FINALIZE_TIMEOUT_MS", default_value_t = 2000)]
     pub finalize_timeout_ms: u64,
@@ -243,6 +251,10 @@ impl Config {
 
     pub fn suspend_timeout(&self) -> Duration {
         Duration::from_secs(self.suspend_timeout_secs)
+    }
+
+    pub fn claim_ttl(&self) -> Duration {
+        Duration::from_secs(self.claim_ttl_secs)
     }
 
     pub fn suspended_retention(&self) -> Duration {

@@ -92,6 +92,34 @@ pub fn session_to_proto(rec: &SessionRecord) -> pb::Session {
         } else {
             0
         },
+        source_snapshot_id: rec.source_snapshot_id.clone(),
+        parent_session_id: rec.parent_session_id.clone(),
+    }
+}
+
+pub fn snapshot_to_proto(rec: &capsa_store::SnapshotRecord) -> pb::Snapshot {
+    use capsa_store::SnapshotStatus as S;
+    pb::Snapshot {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        status: match rec.status {
+            S::Creating => pb::SnapshotStatus::Creating,
+            S::Ready => pb::SnapshotStatus::Ready,
+            // Gone as far as the tenant is concerned: its files are on their way out.
+            S::Deleting => pb::SnapshotStatus::Unspecified,
+        } as i32,
+        session_id: rec.session_id.clone(),
+        template: rec.template.clone(),
+        vcpus: rec.vcpus,
+        memory_mib: rec.memory_mib,
+        size_bytes: rec.size_bytes,
+        create_time: Some(timestamp_ms(rec.create_ms)),
+        node_id: rec.node_id.clone(),
+        metadata: rec
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -193,6 +221,89 @@ impl SessionService for SessionApi {
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::SuspendSessionResponse {
             session: Some(session_to_proto(&rec)),
+        }))
+    }
+
+    async fn snapshot_session(
+        &self,
+        req: Request<pb::SnapshotSessionRequest>,
+    ) -> Result<Response<pb::SnapshotSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let spec = validate::snapshot(req.get_ref()).map_err(|e| status(&e))?;
+        let snap = self
+            .app
+            .snapshot_session(&tenant, &req.get_ref().session_id, spec)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SnapshotSessionResponse {
+            snapshot: Some(snapshot_to_proto(&snap)),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let id = &req.get_ref().snapshot_id;
+        validate::snapshot_id("snapshot_id", id).map_err(|e| status(&e))?;
+        let snap = self
+            .app
+            .get_snapshot(&tenant, id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetSnapshotResponse {
+            snapshot: Some(snapshot_to_proto(&snap)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let (page_size, after) = validate::list_snapshots(req.get_ref()).map_err(|e| status(&e))?;
+        let (page, next) = self
+            .app
+            .list_snapshots(&tenant, page_size, after.as_deref())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: page.iter().map(snapshot_to_proto).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let id = &req.get_ref().snapshot_id;
+        validate::snapshot_id("snapshot_id", id).map_err(|e| status(&e))?;
+        let snap = self
+            .app
+            .delete_snapshot_of_tenant(&tenant, id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {
+            snapshot: Some(snapshot_to_proto(&snap)),
+        }))
+    }
+
+    async fn fork_session(
+        &self,
+        req: Request<pb::ForkSessionRequest>,
+    ) -> Result<Response<pb::ForkSessionResponse>, Status> {
+        let tenant = self.tenant(&req).await?;
+        let spec = validate::fork(req.get_ref()).map_err(|e| status(&e))?;
+        let forks = self
+            .app
+            .fork_session(&tenant, &req.get_ref().session_id, spec)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ForkSessionResponse {
+            sessions: forks.iter().map(session_to_proto).collect(),
         }))
     }
 
@@ -436,6 +547,11 @@ impl SessionService for SessionApi {
             total: u.total,
             active_sessions: u.active_sessions,
             total_sessions: u.total_sessions,
+            snapshots: u.snapshots.count,
+            snapshot_bytes: u.snapshots.named_bytes,
+            snapshot_limit: u.snapshot_limits.max_snapshots,
+            snapshot_bytes_limit: u.snapshot_limits.max_bytes,
+            snapshot_gib_seconds: u.snapshots.gib_seconds,
         }))
     }
 

@@ -31,6 +31,7 @@ mod processes;
 mod proxy;
 mod reaper;
 mod sessions;
+mod snapshots;
 mod suspend;
 mod teardown;
 pub mod validate;

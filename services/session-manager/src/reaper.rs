@@ -6,6 +6,7 @@
 //!   suspended instead, and a suspend or resume whose replica died is redone. It sleeps until the next deadline, at most the configured
 //!   interval (250 ms), so a session ends within a second of its deadline. Claims are
 //!   atomic, so replicas share the work and never both end one session.
+//! - It also settles snapshot steps whose replica died (`crate::snapshots`).
 //! - The **reconciler** compares each live node's VMs with the sessions: it releases
 //!   leased (or failed) VMs that no session owns (the session is gone, ended without
 //!   knowing this VM, e.g. a create that died after AcquireVm or whose cold boots failed,
@@ -83,10 +84,37 @@ pub async fn reaper(app: Arc<App>, stop: CancellationToken) {
             }
             Err(e) => tracing::warn!(error = %e, "claiming due sessions failed"),
         }
+        settle_snapshots(&app, &permits).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(sleep) => {}
         }
+    }
+}
+
+/// Finishes the snapshot steps whose replica died (`App::settle_snapshot`), each in its
+/// own task; claimed for a teardown's claim time, so a slow node is not asked twice at once.
+async fn settle_snapshots(app: &Arc<App>, permits: &Arc<Semaphore>) {
+    let claim = app.config.claim_ttl() + app.config.suspend_timeout();
+    let pending = match app.snapshots.claim_pending(CLAIM_BATCH, claim).await {
+        Ok(pending) => pending,
+        Err(e) => {
+            tracing::warn!(error = %e, "claiming pending snapshots failed");
+            return;
+        }
+    };
+    for snap in pending {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let id = snap.id.clone();
+            if let Err(e) = app.settle_snapshot(snap).await {
+                tracing::warn!(snapshot_id = %id, error = %e, "snapshot not settled; tried again later");
+            }
+        });
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use capsa_proto::common::v1::Usage;
 use capsa_proto::executor::v1::ConfigureVmRequest;
 use capsa_proto::metering::v1::{GetSessionUsageRequest, GetTenantUsageRequest};
-use capsa_proto::vmpool::v1::AcquireVmRequest;
+use capsa_proto::vmpool::v1::{AcquireVmRequest, ResumeVmRequest};
 use capsa_store::{
     Created, Cursor, EndReason, Extended, ListFilter, NewSession, NodeRecord, SessionRecord,
     SessionStatus, Transition,
@@ -23,11 +23,26 @@ use crate::validate::CreateSpec;
 const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
 const USAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where a new session's VM comes from.
+pub(crate) enum Origin {
+    /// A VM of the pool (warm, or booted for it).
+    Fresh,
+    /// A restore of the tenant's READY snapshot.
+    Snapshot(capsa_store::SnapshotRecord),
+    /// A restore of a fork's snapshot of session `parent`.
+    Fork {
+        snap: capsa_store::SnapshotRecord,
+        parent: String,
+    },
+}
+
 /// Usage numbers of a tenant, with its session counts.
 pub struct TenantUsage {
     pub total: Option<Usage>,
     pub active_sessions: u32,
     pub total_sessions: u64,
+    pub snapshots: capsa_store::Meter,
+    pub snapshot_limits: capsa_store::SnapshotLimits,
 }
 
 impl App {
@@ -85,8 +100,18 @@ impl App {
     pub async fn create_session(
         &self,
         tenant: &str,
-        spec: CreateSpec,
+        mut spec: CreateSpec,
     ) -> Result<SessionRecord, Error> {
+        self.take_create_token(tenant).await?;
+        let origin = match spec.snapshot_id.take() {
+            None => Origin::Fresh,
+            Some(id) => Origin::Snapshot(self.template_snapshot(tenant, &id, &mut spec).await?),
+        };
+        self.create_from(tenant, spec, origin).await
+    }
+
+    /// The tenant's create rate limit: RESOURCE_EXHAUSTED with the wait when it is spent.
+    pub(crate) async fn take_create_token(&self, tenant: &str) -> Result<(), Error> {
         if let Some(throttled) = self
             .keys
             .take_create_token(
@@ -106,8 +131,25 @@ impl App {
                 throttled.retry_after,
             ));
         }
-        // Refused before anything is stored: an unknown template leaves no record behind.
-        let nodes = self.nodes_offering(&spec.template).await?;
+        Ok(())
+    }
+
+    /// Creates a session from `origin` (a fresh VM, a snapshot, a fork's snapshot); the
+    /// rate limit was taken.
+    pub(crate) async fn create_from(
+        &self,
+        tenant: &str,
+        spec: CreateSpec,
+        origin: Origin,
+    ) -> Result<SessionRecord, Error> {
+        // Refused before anything is stored: an unknown template, or a snapshot whose node
+        // is gone, leaves no record behind.
+        let nodes = match &origin {
+            Origin::Fresh => self.nodes_offering(&spec.template).await?,
+            Origin::Snapshot(snap) | Origin::Fork { snap, .. } => {
+                vec![self.snapshot_node(snap).await?]
+            }
+        };
         let egress = match spec.egress.clone() {
             Some(policy) => policy,
             None => self.default_egress(tenant).await?,
@@ -126,6 +168,14 @@ impl App {
             egress: egress.clone(),
             auto_suspend: spec.auto_suspend,
             auto_resume: spec.auto_resume,
+            source_snapshot_id: match &origin {
+                Origin::Snapshot(snap) => snap.id.clone(),
+                _ => String::new(),
+            },
+            parent_session_id: match &origin {
+                Origin::Fork { parent, .. } => parent.clone(),
+                _ => String::new(),
+            },
         };
         match self
             .sessions
@@ -145,28 +195,48 @@ impl App {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
         };
-        let node = match crate::placement::place(nodes, wanted) {
-            Ok(node) => node,
-            Err(err) => return Err(self.fail_create(&id, err).await),
+        let node = match &origin {
+            Origin::Fresh => match crate::placement::place(nodes, wanted) {
+                Ok(node) => node,
+                Err(err) => return Err(self.fail_create(&id, err).await),
+            },
+            // The snapshot's files are on its node alone.
+            _ => nodes.into_iter().next().expect("the snapshot's node"),
         };
-        let acquire = AcquireVmRequest {
-            template: spec.template.clone(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            lease_id: id.clone(),
-            // In force on the node before the VM is handed over, so before this returns.
-            egress: Some(capsa_egress::proto::to_proto(&egress)),
+        // In force on the node before the VM is handed over, so before this returns.
+        let egress_proto = Some(capsa_egress::proto::to_proto(&egress));
+        let timeout = match &origin {
+            Origin::Fresh => self.config.acquire_timeout(),
+            _ => self.config.suspend_timeout(),
         };
-        let timeout = self.config.acquire_timeout();
         let acquired = async {
             let mut client = self.clients.vmpool(&node.vmpool_url)?;
-            match tokio::time::timeout(timeout, client.acquire_vm(with_timeout(acquire, timeout)))
-                .await
-            {
-                Ok(Ok(resp)) => resp
-                    .into_inner()
-                    .vm
-                    .ok_or_else(|| Error::Unavailable("vm-pool returned no vm".into())),
+            let answer = match &origin {
+                Origin::Fresh => {
+                    let acquire = AcquireVmRequest {
+                        template: spec.template.clone(),
+                        vcpus: spec.vcpus,
+                        memory_mib: spec.memory_mib,
+                        lease_id: id.clone(),
+                        egress: egress_proto,
+                    };
+                    tokio::time::timeout(timeout, client.acquire_vm(with_timeout(acquire, timeout)))
+                        .await
+                        .map(|r| r.map(|resp| resp.into_inner().vm))
+                }
+                Origin::Snapshot(snap) | Origin::Fork { snap, .. } => {
+                    let resume = ResumeVmRequest {
+                        snapshot_id: snap.id.clone(),
+                        lease_id: id.clone(),
+                        egress: egress_proto,
+                    };
+                    tokio::time::timeout(timeout, client.resume_vm(with_timeout(resume, timeout)))
+                        .await
+                        .map(|r| r.map(|resp| resp.into_inner().vm))
+                }
+            };
+            match answer {
+                Ok(Ok(vm)) => vm.ok_or_else(|| Error::Unavailable("vm-pool returned no vm".into())),
                 Ok(Err(status)) => Err(Error::Unavailable(format!(
                     "node {} could not provide a vm: {}",
                     node.node_id,
@@ -389,10 +459,17 @@ impl App {
             .await
             .map_err(|_| Error::Unavailable("metering did not answer in time".into()))?
             .map_err(Error::Upstream)?;
+        let meter = self.snapshots.meter(tenant).await?;
+        let limits = self
+            .snapshots
+            .limits(tenant, self.snapshot_limits())
+            .await?;
         Ok(TenantUsage {
             total: resp.into_inner().total,
             active_sessions,
             total_sessions,
+            snapshots: meter,
+            snapshot_limits: limits,
         })
     }
 }

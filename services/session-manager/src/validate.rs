@@ -46,6 +46,8 @@ pub struct CreateSpec {
     pub egress: Option<EgressPolicy>,
     pub auto_suspend: bool,
     pub auto_resume: bool,
+    /// Start from this snapshot of the tenant.
+    pub snapshot_id: Option<String>,
 }
 
 pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
@@ -79,46 +81,153 @@ pub fn create(req: &pb::CreateSessionRequest) -> Result<CreateSpec> {
     };
     let env = env("env", &req.env)?;
     let egress = req.egress.clone().map(egress).transpose()?;
-    if req.metadata.len() > MAX_METADATA_ENTRIES {
-        return Err(Error::field(
-            "metadata",
-            format!("at most {MAX_METADATA_ENTRIES} entries"),
-        ));
-    }
-    for (k, v) in &req.metadata {
-        if k.is_empty() || k.len() > MAX_METADATA_KEY_BYTES {
-            return Err(Error::field(
-                "metadata",
-                format!("key {k:?} must be 1 to 63 bytes"),
-            ));
-        }
-        if v.len() > MAX_METADATA_VALUE_BYTES {
-            return Err(Error::field(
-                "metadata",
-                format!("value of {k:?} is over 256 bytes"),
-            ));
-        }
-        if k.contains('\0') || v.contains('\0') {
-            return Err(Error::field(
-                "metadata",
-                format!("entry {k:?} contains NUL"),
-            ));
-        }
-    }
+    let metadata = metadata("metadata", &req.metadata)?;
+    let snapshot_id = if req.snapshot_id.is_empty() {
+        None
+    } else {
+        snapshot_id("snapshot_id", &req.snapshot_id)?;
+        Some(req.snapshot_id.clone())
+    };
     Ok(CreateSpec {
         template,
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
         lifetime,
         env,
-        metadata: req
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        metadata,
         egress,
         auto_suspend: req.auto_suspend,
         auto_resume: req.auto_resume,
+        snapshot_id,
+    })
+}
+
+/// Labels of a session or snapshot; errors name `field`.
+fn metadata(field: &str, map: &HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    if map.len() > MAX_METADATA_ENTRIES {
+        return Err(Error::field(
+            field,
+            format!("at most {MAX_METADATA_ENTRIES} entries"),
+        ));
+    }
+    for (k, v) in map {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY_BYTES {
+            return Err(Error::field(
+                field,
+                format!("key {k:?} must be 1 to 63 bytes"),
+            ));
+        }
+        if v.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(Error::field(
+                field,
+                format!("value of {k:?} is over 256 bytes"),
+            ));
+        }
+        if k.contains('\0') || v.contains('\0') {
+            return Err(Error::field(field, format!("entry {k:?} contains NUL")));
+        }
+    }
+    Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// Snapshot ids are `snap-` and 32 lowercase hex digits (what SnapshotSession returns).
+pub fn snapshot_id(field: &str, id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::field(field, "is empty"));
+    }
+    let ok = id.strip_prefix("snap-").is_some_and(|hex| {
+        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    });
+    if !ok {
+        return Err(Error::field(field, format!("{id:?} is not a snapshot id")));
+    }
+    Ok(())
+}
+
+/// A validated SnapshotSession.
+#[derive(Debug)]
+pub struct SnapshotSpec {
+    pub name: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+const MAX_SNAPSHOT_NAME_CHARS: usize = 128;
+
+pub fn snapshot(req: &pb::SnapshotSessionRequest) -> Result<SnapshotSpec> {
+    session_id(&req.session_id)?;
+    let chars = req.name.chars().count();
+    if chars == 0 || chars > MAX_SNAPSHOT_NAME_CHARS {
+        return Err(Error::field(
+            "name",
+            format!("must be 1 to {MAX_SNAPSHOT_NAME_CHARS} characters (is {chars})"),
+        ));
+    }
+    if req.name.chars().any(char::is_control) {
+        return Err(Error::field("name", "contains a control character"));
+    }
+    Ok(SnapshotSpec {
+        name: req.name.clone(),
+        metadata: metadata("metadata", &req.metadata)?,
+    })
+}
+
+/// ListSnapshots' page size and the id after which the page starts.
+pub fn list_snapshots(req: &pb::ListSnapshotsRequest) -> Result<(usize, Option<String>)> {
+    let page_size = match req.page_size {
+        0 => 100,
+        n @ 1..=1000 => n as usize,
+        n => {
+            return Err(Error::field(
+                "page_size",
+                format!("{n} is not 1 to 1000 (0 = 100)"),
+            ));
+        }
+    };
+    let after = if req.page_token.is_empty() {
+        None
+    } else {
+        snapshot_id("page_token", &req.page_token)
+            .map_err(|_| Error::field("page_token", "is not a token this API returned"))?;
+        Some(req.page_token.clone())
+    };
+    Ok((page_size, after))
+}
+
+/// Most forks one ForkSession makes.
+pub const MAX_FORKS: u32 = 8;
+
+/// A validated ForkSession.
+#[derive(Debug)]
+pub struct ForkSpec {
+    pub count: u32,
+    /// `None`: the parent's.
+    pub lifetime: Option<Duration>,
+    /// `None`: the parent's.
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+pub fn fork(req: &pb::ForkSessionRequest) -> Result<ForkSpec> {
+    session_id(&req.session_id)?;
+    if !(1..=MAX_FORKS).contains(&req.count) {
+        return Err(Error::field(
+            "count",
+            format!("{} is not 1 to {MAX_FORKS}", req.count),
+        ));
+    }
+    let lifetime = req
+        .lifetime
+        .as_ref()
+        .map(|d| duration("lifetime", d, MIN_LIFETIME, MAX_LIFETIME))
+        .transpose()?;
+    let metadata = if req.metadata.is_empty() {
+        None
+    } else {
+        Some(metadata("metadata", &req.metadata)?)
+    };
+    Ok(ForkSpec {
+        count: req.count,
+        lifetime,
+        metadata,
     })
 }
 

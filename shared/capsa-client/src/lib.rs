@@ -134,6 +134,7 @@ pub use capsa_proto::common::v1::{
 /// What the API says about a session (status, deadline, node, labels, ...).
 pub use capsa_proto::session::v1::Session as SessionInfo;
 pub use capsa_proto::session::v1::{GetTenantUsageResponse as TenantUsage, SessionStatus};
+pub use capsa_proto::session::v1::{Snapshot as SnapshotInfo, SnapshotStatus};
 
 /// The generated client with the key added to every call.
 pub type RawClient = SessionServiceClient<InterceptedService<Channel, Auth>>;
@@ -287,6 +288,42 @@ impl Client {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// The snapshot `id` as the server sees it now.
+    pub async fn snapshot_info(&self, id: &str) -> Result<SnapshotInfo> {
+        let request = pb::GetSnapshotRequest {
+            snapshot_id: id.to_owned(),
+        };
+        let snapshot = self.raw().get_snapshot(request).await?;
+        Ok(snapshot.into_inner().snapshot.unwrap_or_default())
+    }
+
+    /// The tenant's snapshots, newest first, every page.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut snapshots = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListSnapshotsRequest {
+                page_size: 100,
+                page_token,
+            };
+            let page = self.raw().list_snapshots(request).await?.into_inner();
+            snapshots.extend(page.snapshots);
+            if page.next_page_token.is_empty() {
+                return Ok(snapshots);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Removes snapshot `id` and its files; returns it as it was.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<SnapshotInfo> {
+        let request = pb::DeleteSnapshotRequest {
+            snapshot_id: id.to_owned(),
+        };
+        let snapshot = self.raw().delete_snapshot(request).await?;
+        Ok(snapshot.into_inner().snapshot.unwrap_or_default())
     }
 
     /// Resource use summed over the tenant, with its session counts.

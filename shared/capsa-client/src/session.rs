@@ -15,7 +15,9 @@ use crate::files::{self, Download, Downloaded, UploadOptions, Uploaded};
 use crate::port::PortConnection;
 use crate::process::{AttachStream, ProcessOptions};
 use crate::terminal::{Terminal, TerminalOptions};
-use crate::{Client, EgressPolicy, FileInfo, ProcessInfo, SessionInfo, Signal, Usage};
+use crate::{
+    Client, EgressPolicy, FileInfo, ProcessInfo, SessionInfo, Signal, SnapshotInfo, Usage,
+};
 
 /// What a new session gets; `Default` means the server's defaults for everything.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +41,8 @@ pub struct SessionOptions {
     pub auto_suspend: bool,
     /// Execute and the file calls resume a suspended session first.
     pub auto_resume: bool,
+    /// Start from this READY snapshot of the tenant's (a template) instead of a fresh VM.
+    pub snapshot_id: Option<String>,
 }
 
 impl SessionOptions {
@@ -58,6 +62,7 @@ impl SessionOptions {
             egress: self.egress,
             auto_suspend: self.auto_suspend,
             auto_resume: self.auto_resume,
+            snapshot_id: self.snapshot_id.unwrap_or_default(),
         }
     }
 }
@@ -292,6 +297,40 @@ impl Session {
         };
         let session = self.client.raw().resume_session(request).await?;
         Ok(session.into_inner().session.unwrap_or_default())
+    }
+
+    /// Saves the running session's state (memory, processes, files, packages) as a
+    /// snapshot named `name`; the session runs on. Start new sessions from it with
+    /// [`SessionOptions::snapshot_id`] (a template), remove it with
+    /// [`Client::delete_snapshot`].
+    pub async fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        let request = pb::SnapshotSessionRequest {
+            session_id: self.id.clone(),
+            name: name.to_owned(),
+            metadata: HashMap::new(),
+        };
+        let snapshot = self.client.raw().snapshot_session(request).await?;
+        snapshot
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| Error::Protocol("SnapshotSession returned no snapshot".into()))
+    }
+
+    /// Starts `count` (1 to 8) new sessions from this session's state at this moment, each
+    /// independent afterwards. The handles own their sessions: close each when done.
+    pub async fn fork(&self, count: u32) -> Result<Vec<Session>> {
+        let request = pb::ForkSessionRequest {
+            session_id: self.id.clone(),
+            count,
+            lifetime: None,
+            metadata: HashMap::new(),
+        };
+        let forks = self.client.raw().fork_session(request).await?.into_inner();
+        Ok(forks
+            .sessions
+            .into_iter()
+            .map(|info| Session::new(self.client.clone(), info.id, true))
+            .collect())
     }
 
     /// The egress policy in force.

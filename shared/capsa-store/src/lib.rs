@@ -7,6 +7,7 @@
 //! - [`nodes`]: KVM hosts announce themselves with a TTL'd heartbeat ([`NodeRegistry`]).
 //! - [`sessions`]: session records and every state transition as an atomic Lua script
 //!   ([`SessionStore`]).
+//! - [`snapshots`]: tenant snapshots and the snapshot storage meter ([`SnapshotStore`]).
 //! - [`apikeys`]: API keys, stored only as sha256 hashes, and per-tenant limits
 //!   ([`ApiKeyStore`]).
 //!
@@ -21,6 +22,7 @@ pub(crate) const CLOCK_AND_REPLY_LUA: &str = include_str!("lua/clock_and_reply.l
 pub mod nodes;
 mod sentinel;
 pub mod sessions;
+pub mod snapshots;
 pub mod usage;
 
 use std::time::Duration;
@@ -28,6 +30,10 @@ use std::time::Duration;
 pub use apikeys::{ApiKeyRecord, ApiKeyStore, CreateThrottled, KeyById, NewApiKey};
 pub use nodes::{LapsedNode, NodeRecord, NodeRegistry, NodeResources, VmSize};
 use redis::aio::ConnectionManager;
+pub use snapshots::{
+    Begun, Meter, NewSnapshot, SnapshotKind, SnapshotLimits, SnapshotRecord, SnapshotStatus,
+    SnapshotStore,
+};
 
 /// The hash tag every key starts with (see the crate docs).
 pub const KEY_PREFIX: &str = "{capsa}:";

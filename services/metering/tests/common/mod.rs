@@ -256,6 +256,12 @@ impl VmPoolService for Shared {
     ) -> Result<Response<vp::ResumeVmResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn snapshot_vm(
+        &self,
+        _: Request<vp::SnapshotVmRequest>,
+    ) -> Result<Response<vp::SnapshotVmResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_snapshot(
         &self,
         _: Request<vp::GetSnapshotRequest>,
@@ -439,6 +445,8 @@ impl World {
             egress: capsa_egress::EgressPolicy::none(),
             auto_suspend: false,
             auto_resume: false,
+            source_snapshot_id: String::new(),
+            parent_session_id: String::new(),
         };
         assert!(matches!(
             self.sessions.create(&new, 1000).await.unwrap(),

@@ -149,11 +149,18 @@ impl VmPoolService for Doubles {
             }));
         }
         s.next_vm += 1;
-        let v = vm(
+        let mut v = vm(
             &format!("vm-{}", s.next_vm),
             &req.lease_id,
             vp::VmState::Leased,
         );
+        // Like the real pool: the size asked for, else the template's (1 vCPU, 512 MiB).
+        v.vcpus = if req.vcpus == 0 { 1 } else { req.vcpus };
+        v.memory_mib = if req.memory_mib == 0 {
+            512
+        } else {
+            req.memory_mib
+        };
         s.vms.insert(v.id.clone(), v.clone());
         Ok(Response::new(vp::AcquireVmResponse {
             vm: Some(v),
@@ -277,11 +284,46 @@ impl VmPoolService for Doubles {
             id: req.snapshot_id.clone(),
             template: vm.template,
             engine: vm.engine,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
             size_bytes: 4096,
             ..Default::default()
         };
         s.snapshots.insert(req.snapshot_id, snapshot.clone());
         Ok(Response::new(vp::SuspendVmResponse {
+            snapshot: Some(snapshot),
+        }))
+    }
+
+    async fn snapshot_vm(
+        &self,
+        req: Request<vp::SnapshotVmRequest>,
+    ) -> Result<Response<vp::SnapshotVmResponse>, Status> {
+        let req = req.into_inner();
+        let mut s = self.state.lock().unwrap();
+        if let Some(snapshot) = s.snapshots.get(&req.snapshot_id) {
+            return Ok(Response::new(vp::SnapshotVmResponse {
+                snapshot: Some(snapshot.clone()),
+            }));
+        }
+        if let Some(msg) = &s.fail_suspend {
+            return Err(Status::unavailable(msg.clone()));
+        }
+        // Unlike SuspendVm, the VM runs on under its lease.
+        let Some(vm) = s.vms.get(&req.vm_id) else {
+            return Err(Status::not_found(format!("vm {} not found", req.vm_id)));
+        };
+        let snapshot = vp::Snapshot {
+            id: req.snapshot_id.clone(),
+            template: vm.template.clone(),
+            engine: vm.engine.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            size_bytes: 4096,
+            ..Default::default()
+        };
+        s.snapshots.insert(req.snapshot_id, snapshot.clone());
+        Ok(Response::new(vp::SnapshotVmResponse {
             snapshot: Some(snapshot),
         }))
     }
@@ -307,11 +349,14 @@ impl VmPoolService for Doubles {
             )));
         }
         s.next_vm += 1;
-        let v = vm(
+        let mut v = vm(
             &format!("vm-{}", s.next_vm),
             &req.lease_id,
             vp::VmState::Leased,
         );
+        // A restored VM has the size of the VM it was saved from.
+        let saved = &s.snapshots[&req.snapshot_id];
+        (v.vcpus, v.memory_mib) = (saved.vcpus, saved.memory_mib);
         s.vms.insert(v.id.clone(), v.clone());
         s.acquire_egress.insert(req.lease_id, req.egress);
         Ok(Response::new(vp::ResumeVmResponse { vm: Some(v) }))

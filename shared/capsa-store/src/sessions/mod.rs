@@ -52,6 +52,7 @@ macro_rules! script {
         LazyLock::new(|| {
             Script::new(concat!(
                 include_str!("../lua/clock_and_reply.lua"),
+                include_str!("../lua/meter.lua"),
                 include_str!("lua/common.lua"),
                 include_str!(concat!("lua/", $file))
             ))
@@ -96,6 +97,10 @@ fn tenant_index_key(tenant: &str) -> String {
 }
 fn tenant_active_key(tenant: &str) -> String {
     format!("{{capsa}}:tenant:{tenant}:active")
+}
+/// `{capsa}:tenant:<t>:snapshot_meter`: the tenant's snapshot storage (lua/meter.lua).
+pub(crate) fn tenant_meter_key(tenant: &str) -> String {
+    format!("{{capsa}}:tenant:{tenant}:snapshot_meter")
 }
 fn tenant_total_key(tenant: &str) -> String {
     format!("{{capsa}}:tenant:{tenant}:sessions_total")
@@ -162,6 +167,10 @@ pub struct NewSession {
     pub egress: EgressPolicy,
     pub auto_suspend: bool,
     pub auto_resume: bool,
+    /// The snapshot it starts from (empty: a fresh VM).
+    pub source_snapshot_id: String,
+    /// The session it was forked from (empty: none).
+    pub parent_session_id: String,
 }
 
 /// One step of the suspend loop (lua/suspend.lua); each applies to one state only and
@@ -335,6 +344,8 @@ impl SessionStore {
             .arg(json(&new.egress))
             .arg(if new.auto_suspend { "1" } else { "0" })
             .arg(if new.auto_resume { "1" } else { "0" })
+            .arg(&new.source_snapshot_id)
+            .arg(&new.parent_session_id)
             .invoke_async(&mut self.conn.clone())
             .await?;
         if raw.first().map(String::as_str) == Some("quota") {
@@ -409,40 +420,48 @@ impl SessionStore {
     /// Moves the session one step round the suspend loop (see [`SuspendOp`]).
     pub async fn suspend_step(&self, id: &str, op: SuspendOp) -> Result<Transition> {
         let key = session_key(id);
-        let mut script = SUSPEND.key(&key);
-        script.key(EXPIRY).arg(id);
         let claim = ms(self.config.step_claim_ttl);
-        match &op {
-            SuspendOp::Begin { at_deadline } => {
-                script
-                    .arg("begin_suspend")
-                    .arg(claim)
-                    .arg(if *at_deadline { "1" } else { "0" });
-            }
-            SuspendOp::Finish {
-                snapshot_bytes,
-                retention,
-            } => {
-                script
-                    .arg("finish_suspend")
-                    .arg(claim)
-                    .arg(snapshot_bytes)
-                    .arg(ms(*retention));
-            }
-            SuspendOp::Abort => {
-                script.arg("abort_suspend").arg(claim);
-            }
-            SuspendOp::BeginResume => {
-                script.arg("begin_resume").arg(claim);
-            }
-            SuspendOp::FinishResume { vm_id } => {
-                script.arg("finish_resume").arg(claim).arg(vm_id);
-            }
-            SuspendOp::AbortResume => {
-                script.arg("abort_resume").arg(claim);
-            }
-        }
-        let raw: Vec<String> = script.invoke_async(&mut self.conn.clone()).await?;
+        let raw = self
+            .with_fields(&key, |fields| async {
+                let Some((tenant, _)) = fields else {
+                    return Ok(missing());
+                };
+                let mut script = SUSPEND.key(&key);
+                script.key(EXPIRY).key(tenant_meter_key(&tenant)).arg(id);
+                match &op {
+                    SuspendOp::Begin { at_deadline } => {
+                        script.arg("begin_suspend").arg(claim).arg(if *at_deadline {
+                            "1"
+                        } else {
+                            "0"
+                        });
+                    }
+                    SuspendOp::Finish {
+                        snapshot_bytes,
+                        retention,
+                    } => {
+                        script
+                            .arg("finish_suspend")
+                            .arg(claim)
+                            .arg(snapshot_bytes)
+                            .arg(ms(*retention));
+                    }
+                    SuspendOp::Abort => {
+                        script.arg("abort_suspend").arg(claim);
+                    }
+                    SuspendOp::BeginResume => {
+                        script.arg("begin_resume").arg(claim);
+                    }
+                    SuspendOp::FinishResume { vm_id } => {
+                        script.arg("finish_resume").arg(claim).arg(vm_id);
+                    }
+                    SuspendOp::AbortResume => {
+                        script.arg("abort_resume").arg(claim);
+                    }
+                }
+                Ok(script.invoke_async(&mut self.conn.clone()).await?)
+            })
+            .await?;
         transition(&key, raw)
     }
 
@@ -452,13 +471,14 @@ impl SessionStore {
         let key = session_key(id);
         let raw = self
             .with_fields(&key, |fields| async {
-                let Some((_, node)) = fields else {
+                let Some((tenant, node)) = fields else {
                     return Ok(missing());
                 };
                 Ok(FINISH_END
                     .key(&key)
                     .key(EXPIRY)
                     .key(node_sessions_key(&node))
+                    .key(tenant_meter_key(&tenant))
                     .arg(id)
                     .arg(ms(self.config.retention))
                     .arg(note)

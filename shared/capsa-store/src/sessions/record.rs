@@ -138,6 +138,10 @@ pub struct SessionRecord {
     pub resume_ms: Option<i64>,
     /// The suspend came from its deadline (auto_suspend): the resume gives it a new lifetime.
     pub suspended_at_deadline: bool,
+    /// The snapshot it was created from, if any.
+    pub source_snapshot_id: String,
+    /// The session it was forked from, if any.
+    pub parent_session_id: String,
 }
 
 /// The session a vm-pool lease id belongs to: a session's first VM is leased under its id,
@@ -221,6 +225,8 @@ impl SessionRecord {
             suspend_ms: int("suspend_ms")?,
             resume_ms: int("resume_ms")?,
             suspended_at_deadline: text("suspended_at_deadline") == "1",
+            source_snapshot_id: text("source_snapshot_id"),
+            parent_session_id: text("parent_session_id"),
         })
     }
 

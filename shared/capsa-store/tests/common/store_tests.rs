@@ -29,6 +29,8 @@ fn new_session(id: &str, tenant: &str, lifetime: Duration) -> NewSession {
         egress: EgressPolicy::none(),
         auto_suspend: false,
         auto_resume: false,
+        source_snapshot_id: String::new(),
+        parent_session_id: String::new(),
     }
 }
 
@@ -992,4 +994,184 @@ async fn the_suspend_loop_moves_one_step_at_a_time_and_expiry_parks_or_ends() {
         s.suspend_step("c", SuspendOp::Finish { snapshot_bytes: 1, retention: Duration::from_secs(1) }).await.unwrap(),
         Transition::Conflict(rec) if rec.status == SessionStatus::Terminating
     ));
+}
+
+fn new_snapshot(id: &str, tenant: &str, kind: capsa_store::SnapshotKind) -> capsa_store::NewSnapshot {
+    capsa_store::NewSnapshot {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        kind,
+        name: format!("name of {id}"),
+        session_id: "sess".into(),
+        node_id: "n".into(),
+        template: "default".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        estimate_bytes: 1000,
+    }
+}
+
+/// Named snapshots: quota by count and by bytes (estimates reserved while written), tenant
+/// scoping, delete, the pending set a reaper settles, and the storage meter (GiB-seconds)
+/// fed by named snapshots and suspended sessions alike.
+#[tokio::test]
+async fn snapshots_are_scoped_counted_metered_and_settled() {
+    use capsa_store::snapshots::Step;
+    use capsa_store::{Begun, SnapshotKind, SnapshotLimits, SnapshotStatus, SnapshotStore};
+    let redis = Redis::start();
+    let conn = capsa_store::connect(&redis.url()).await.unwrap();
+    let snaps = SnapshotStore::new(conn.clone());
+    let limits = SnapshotLimits {
+        max_snapshots: 2,
+        max_bytes: 2500,
+    };
+    let claim = Duration::from_secs(60);
+    let Begun::Ok(a) = snaps
+        .begin(&new_snapshot("snap-a", "t1", SnapshotKind::Named), limits, claim)
+        .await
+        .unwrap()
+    else {
+        panic!("first snapshot refused")
+    };
+    assert_eq!(a.status, SnapshotStatus::Creating);
+    assert_eq!(a.metadata.get("k").map(String::as_str), Some("v"));
+    // A second estimate of 1000 fits 2500; a third would pass the count.
+    let Begun::Ok(b) = snaps
+        .begin(&new_snapshot("snap-b", "t1", SnapshotKind::Named), limits, claim)
+        .await
+        .unwrap()
+    else {
+        panic!("second snapshot refused")
+    };
+    assert!(matches!(
+        snaps
+            .begin(&new_snapshot("snap-c", "t1", SnapshotKind::Named), limits, claim)
+            .await
+            .unwrap(),
+        Begun::TooMany { limit: 2 }
+    ));
+    // Finished with its real size (1600): the bytes now count 1600 + 1000 reserved.
+    let Step::Won(a) = snaps.finish(&a, 1600, claim).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!((a.status, a.size_bytes), (SnapshotStatus::Ready, 1600));
+    let Step::Won(_) = snaps.abort(&b).await.unwrap() else {
+        panic!()
+    };
+    // 1600 + an estimate of 1000 passes 2500.
+    assert!(matches!(
+        snaps
+            .begin(&new_snapshot("snap-d", "t1", SnapshotKind::Named), limits, claim)
+            .await
+            .unwrap(),
+        Begun::TooManyBytes { limit: 2500, used: 1600 }
+    ));
+    let meter = snaps.meter("t1").await.unwrap();
+    assert_eq!(
+        (meter.count, meter.named_bytes, meter.reserved_bytes, meter.bytes),
+        (1, 1600, 0, 1600)
+    );
+    // Another tenant sees none of it and cannot delete it.
+    assert!(snaps.get("t2", "snap-a").await.unwrap().is_none());
+    assert!(snaps.list("t2").await.unwrap().is_empty());
+    assert!(matches!(
+        snaps.begin_delete("t2", "snap-a", claim).await.unwrap(),
+        Step::Missing
+    ));
+    assert_eq!(snaps.list("t1").await.unwrap(), vec![a.clone()]);
+    // GiB-seconds accrue while it is held.
+    let held = snaps.meter("t1").await.unwrap().gib_seconds;
+    eventually!(snaps.meter("t1").await.unwrap().gib_seconds > held);
+
+    // Fork snapshots are neither listed nor counted, and stay pending until removed: the
+    // reaper claims them once due (here at once), one caller at a time.
+    let Begun::Ok(f) = snaps
+        .begin(&new_snapshot("fork-f", "t1", SnapshotKind::Fork), limits, claim)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Step::Won(f) = snaps.finish(&f, 5000, Duration::ZERO).await.unwrap() else {
+        panic!()
+    };
+    assert!(snaps.get("t1", "fork-f").await.unwrap().is_none());
+    assert_eq!(snaps.meter("t1").await.unwrap().count, 1);
+    eventually!(!snaps.claim_pending(10, claim).await.unwrap().is_empty());
+    assert!(snaps.claim_pending(10, claim).await.unwrap().is_empty(), "claimed once");
+    let Step::Won(_) = snaps.remove(&f).await.unwrap() else {
+        panic!()
+    };
+    assert!(snaps.get_any("fork-f").await.unwrap().is_none());
+
+    // Delete: deleting (pending, so a dead replica's delete is redone), then removed.
+    let Step::Won(d) = snaps.begin_delete("t1", "snap-a", Duration::ZERO).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(d.status, SnapshotStatus::Deleting);
+    eventually!(snaps.claim_pending(10, claim).await.unwrap().len() == 1);
+    let Step::Won(_) = snaps.remove(&d).await.unwrap() else {
+        panic!()
+    };
+    let meter = snaps.meter("t1").await.unwrap();
+    assert_eq!((meter.count, meter.named_bytes, meter.bytes), (0, 0, 0));
+    let billed = meter.gib_seconds;
+    assert!(billed > 0.0);
+
+    // A suspended session's snapshot is on the meter from its suspend to its resume.
+    let s = store(&redis, StoreConfig::default()).await;
+    s.create(&new_session("ss", "t1", Duration::from_secs(60)), 10)
+        .await
+        .unwrap();
+    let shape = VmShape {
+        id: "vm1",
+        vcpus: 1,
+        memory_mib: 512,
+    };
+    s.activate("ss", "n", &shape).await.unwrap();
+    s.suspend_step("ss", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap();
+    s.suspend_step(
+        "ss",
+        SuspendOp::Finish {
+            snapshot_bytes: 1 << 30,
+            retention: Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+    let meter = snaps.meter("t1").await.unwrap();
+    assert_eq!((meter.count, meter.bytes), (0, 1 << 30), "not a named snapshot");
+    eventually!(snaps.meter("t1").await.unwrap().gib_seconds > billed);
+    s.suspend_step("ss", SuspendOp::BeginResume).await.unwrap();
+    s.suspend_step(
+        "ss",
+        SuspendOp::FinishResume {
+            vm_id: "vm2".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let meter = snaps.meter("t1").await.unwrap();
+    assert_eq!(meter.bytes, 0);
+    // Suspended again and ended: the end takes it off the meter.
+    s.suspend_step("ss", SuspendOp::Begin { at_deadline: false })
+        .await
+        .unwrap();
+    s.suspend_step(
+        "ss",
+        SuspendOp::Finish {
+            snapshot_bytes: 4096,
+            retention: Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(snaps.meter("t1").await.unwrap().bytes, 4096);
+    s.begin_end("ss", EndReason::Deleted, "", None).await.unwrap();
+    assert_eq!(snaps.meter("t1").await.unwrap().bytes, 4096, "until the teardown");
+    s.finish_end("ss", "").await.unwrap();
+    assert_eq!(snaps.meter("t1").await.unwrap().bytes, 0);
 }

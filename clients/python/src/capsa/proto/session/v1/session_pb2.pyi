@@ -34,6 +34,12 @@ class EndReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     END_REASON_EXPIRED: _ClassVar[EndReason]
     END_REASON_VM_FAILED: _ClassVar[EndReason]
     END_REASON_CREATE_FAILED: _ClassVar[EndReason]
+
+class SnapshotStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SNAPSHOT_STATUS_UNSPECIFIED: _ClassVar[SnapshotStatus]
+    SNAPSHOT_STATUS_CREATING: _ClassVar[SnapshotStatus]
+    SNAPSHOT_STATUS_READY: _ClassVar[SnapshotStatus]
 SESSION_STATUS_UNSPECIFIED: SessionStatus
 SESSION_STATUS_CREATING: SessionStatus
 SESSION_STATUS_ACTIVE: SessionStatus
@@ -47,9 +53,12 @@ END_REASON_DELETED: EndReason
 END_REASON_EXPIRED: EndReason
 END_REASON_VM_FAILED: EndReason
 END_REASON_CREATE_FAILED: EndReason
+SNAPSHOT_STATUS_UNSPECIFIED: SnapshotStatus
+SNAPSHOT_STATUS_CREATING: SnapshotStatus
+SNAPSHOT_STATUS_READY: SnapshotStatus
 
 class Session(_message.Message):
-    __slots__ = ("id", "status", "end_reason", "end_message", "template", "vcpus", "memory_mib", "env", "metadata", "create_time", "expire_time", "last_active_time", "end_time", "node_id", "vm_id", "env_names", "egress", "auto_suspend", "auto_resume", "suspend_time", "snapshot_bytes")
+    __slots__ = ("id", "status", "end_reason", "end_message", "template", "vcpus", "memory_mib", "env", "metadata", "create_time", "expire_time", "last_active_time", "end_time", "node_id", "vm_id", "env_names", "egress", "auto_suspend", "auto_resume", "suspend_time", "snapshot_bytes", "source_snapshot_id", "parent_session_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +94,8 @@ class Session(_message.Message):
     AUTO_RESUME_FIELD_NUMBER: _ClassVar[int]
     SUSPEND_TIME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: SessionStatus
     end_reason: EndReason
@@ -106,10 +117,133 @@ class Session(_message.Message):
     auto_resume: bool
     suspend_time: _timestamp_pb2.Timestamp
     snapshot_bytes: int
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., end_reason: _Optional[_Union[EndReason, str]] = ..., end_message: _Optional[str] = ..., template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., env_names: _Optional[_Iterable[str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ..., auto_suspend: _Optional[bool] = ..., auto_resume: _Optional[bool] = ..., suspend_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot_bytes: _Optional[int] = ...) -> None: ...
+    source_snapshot_id: str
+    parent_session_id: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., end_reason: _Optional[_Union[EndReason, str]] = ..., end_message: _Optional[str] = ..., template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., env_names: _Optional[_Iterable[str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ..., auto_suspend: _Optional[bool] = ..., auto_resume: _Optional[bool] = ..., suspend_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot_bytes: _Optional[int] = ..., source_snapshot_id: _Optional[str] = ..., parent_session_id: _Optional[str] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("id", "name", "status", "session_id", "template", "vcpus", "memory_mib", "size_bytes", "create_time", "node_id", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    status: SnapshotStatus
+    session_id: str
+    template: str
+    vcpus: int
+    memory_mib: int
+    size_bytes: int
+    create_time: _timestamp_pb2.Timestamp
+    node_id: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[SnapshotStatus, str]] = ..., session_id: _Optional[str] = ..., template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SnapshotSessionRequest(_message.Message):
+    __slots__ = ("session_id", "name", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    name: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SnapshotSessionResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: Snapshot
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class GetSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: Snapshot
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots", "next_page_token")
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    next_page_token: str
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: Snapshot
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "count", "lifetime", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LIFETIME_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    count: int
+    lifetime: _duration_pb2.Duration
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., lifetime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("template", "vcpus", "memory_mib", "lifetime", "env", "metadata", "egress", "auto_suspend", "auto_resume")
+    __slots__ = ("template", "vcpus", "memory_mib", "lifetime", "env", "metadata", "egress", "auto_suspend", "auto_resume", "snapshot_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +267,7 @@ class CreateSessionRequest(_message.Message):
     EGRESS_FIELD_NUMBER: _ClassVar[int]
     AUTO_SUSPEND_FIELD_NUMBER: _ClassVar[int]
     AUTO_RESUME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     template: str
     vcpus: int
     memory_mib: int
@@ -142,7 +277,8 @@ class CreateSessionRequest(_message.Message):
     egress: _egress_pb2.EgressPolicy
     auto_suspend: bool
     auto_resume: bool
-    def __init__(self, template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., lifetime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ..., auto_suspend: _Optional[bool] = ..., auto_resume: _Optional[bool] = ...) -> None: ...
+    snapshot_id: str
+    def __init__(self, template: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., lifetime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., egress: _Optional[_Union[_egress_pb2.EgressPolicy, _Mapping]] = ..., auto_suspend: _Optional[bool] = ..., auto_resume: _Optional[bool] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session",)
@@ -385,16 +521,26 @@ class GetTenantUsageRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTenantUsageResponse(_message.Message):
-    __slots__ = ("tenant_id", "total", "active_sessions", "total_sessions")
+    __slots__ = ("tenant_id", "total", "active_sessions", "total_sessions", "snapshots", "snapshot_bytes", "snapshot_limit", "snapshot_bytes_limit", "snapshot_gib_seconds")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_GIB_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     total: _usage_pb2.Usage
     active_sessions: int
     total_sessions: int
-    def __init__(self, tenant_id: _Optional[str] = ..., total: _Optional[_Union[_usage_pb2.Usage, _Mapping]] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ...) -> None: ...
+    snapshots: int
+    snapshot_bytes: int
+    snapshot_limit: int
+    snapshot_bytes_limit: int
+    snapshot_gib_seconds: float
+    def __init__(self, tenant_id: _Optional[str] = ..., total: _Optional[_Union[_usage_pb2.Usage, _Mapping]] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ..., snapshots: _Optional[int] = ..., snapshot_bytes: _Optional[int] = ..., snapshot_limit: _Optional[int] = ..., snapshot_bytes_limit: _Optional[int] = ..., snapshot_gib_seconds: _Optional[float] = ...) -> None: ...
 
 class GetEgressPolicyRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -71,6 +71,31 @@ class SessionServiceStub:
                 request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionRequest.SerializeToString,
                 response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionResponse.FromString,
                 _registered_method=True)
+        self.SnapshotSession = channel.unary_unary(
+                '/capsa.session.v1.SessionService/SnapshotSession',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.SnapshotSessionRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.SnapshotSessionResponse.FromString,
+                _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/capsa.session.v1.SessionService/GetSnapshot',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.GetSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/capsa.session.v1.SessionService/ListSnapshots',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/capsa.session.v1.SessionService/DeleteSnapshot',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/capsa.session.v1.SessionService/ForkSession',
+                request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
         self.Execute = channel.unary_stream(
                 '/capsa.session.v1.SessionService/Execute',
                 request_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ExecuteRequest.SerializeToString,
@@ -223,6 +248,47 @@ class SessionServiceServicer:
         and background processes are back, its clock is set right, and it is ACTIVE again.
         An ACTIVE session is returned as it is; one mid-resume is waited for; any other state
         is FAILED_PRECONDITION. With auto_resume, Execute and the file calls resume it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotSession(self, request, context):
+        """Saves the ACTIVE session's VM (memory, processes, files, installed packages) as a
+        snapshot the tenant owns, and the session runs on (paused for the moment its state is
+        written). CreateSession with `snapshot_id` starts new sessions from it: a template.
+        Counts against the tenant's snapshot quota (a number and bytes on disk, see
+        GetTenantUsage); its storage is billed in GiB-seconds until DeleteSnapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """The tenant's snapshots, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Removes a snapshot and its files; sessions created from it are not affected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """Starts `count` new sessions from the ACTIVE session's state at this moment: each has
+        its variables, files, packages and processes, and each is independent afterwards (its
+        own VM, address, MAC, machine-id and RNG seed). They run on the parent's node and count
+        against the tenant's session quota; all are created or none is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -403,6 +469,31 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ResumeSession,
                     request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionRequest.FromString,
                     response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionResponse.SerializeToString,
+            ),
+            'SnapshotSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotSession,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.SnapshotSessionRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.SnapshotSessionResponse.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.GetSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=capsa_dot_session_dot_v1_dot_session__pb2.ForkSessionRequest.FromString,
+                    response_serializer=capsa_dot_session_dot_v1_dot_session__pb2.ForkSessionResponse.SerializeToString,
             ),
             'Execute': grpc.unary_stream_rpc_method_handler(
                     servicer.Execute,
@@ -691,6 +782,141 @@ class SessionService:
             '/capsa.session.v1.SessionService/ResumeSession',
             capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionRequest.SerializeToString,
             capsa_dot_session_dot_v1_dot_session__pb2.ResumeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/SnapshotSession',
+            capsa_dot_session_dot_v1_dot_session__pb2.SnapshotSessionRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.SnapshotSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/GetSnapshot',
+            capsa_dot_session_dot_v1_dot_session__pb2.GetSnapshotRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.GetSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/ListSnapshots',
+            capsa_dot_session_dot_v1_dot_session__pb2.ListSnapshotsRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/DeleteSnapshot',
+            capsa_dot_session_dot_v1_dot_session__pb2.DeleteSnapshotRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsa.session.v1.SessionService/ForkSession',
+            capsa_dot_session_dot_v1_dot_session__pb2.ForkSessionRequest.SerializeToString,
+            capsa_dot_session_dot_v1_dot_session__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
