@@ -14,8 +14,9 @@ const SUITE_TIMEOUT: Duration = Duration::from_secs(1000);
 async fn the_python_client_suite_passes_against_the_stack() {
     // Checked before the stack starts: without the venv there is nothing to run.
     test_python();
-    // Two warm VMs: the suite holds at most two sessions at once; vm-pool refills the pool
-    // while the tests run.
+    // Two warm VMs: the suite holds at most two pool sessions at once (its forks and the
+    // session made from a snapshot are restored, not taken from the pool); vm-pool refills
+    // the pool while the tests run.
     let stack = Stack::start(StackOptions {
         warm: 2,
         ..StackOptions::default()

@@ -125,3 +125,23 @@ async def test_background_process_round_trip(avm: AsyncCapsa):
     assert out == b"ABC\n"
     assert isinstance(events[-1], capsa.ProcessExit) and events[-1].exit_code == 0
     assert p.id in [q.id for q in await avm.list_processes()]
+
+
+async def test_snapshot_and_fork(avm: AsyncCapsa, stack):
+    # One restore: a single fork of the module's session.
+    await avm.execute("fork_y = 'parent'")
+    snap = await avm.snapshot("async-base")
+    assert snap.status is capsa.SnapshotStatus.READY and snap.session_id == avm.session_id
+    assert snap.id in [s.id async for s in avm.list_snapshots()]
+    assert (await avm.delete_snapshot(snap.id)).id == snap.id
+    with pytest.raises(capsa.NotFound):
+        await avm.get_snapshot(snap.id)
+
+    (child,) = await avm.fork(1)
+    async with child:
+        assert (await child.info()).parent_session_id == avm.session_id
+        assert (await child.execute("print(fork_y)")).stdout == "parent\n"
+        assert (await child.execute("fork_y = 'child'")).ok
+    assert (await avm.execute("print(fork_y)")).stdout == "parent\n"
+    async with AsyncCapsa.attach(child.session_id, stack.api_key, stack.endpoint) as ended:
+        assert (await ended.info()).status is SessionStatus.TERMINATED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -246,3 +247,50 @@ def test_process_calls_check_their_input_and_the_tenant(vm: Capsa, stack):
             other.list_processes()
         with pytest.raises(capsa.NotFound):
             other.signal_process(quick.id, "KILL")
+
+
+def test_a_snapshot_starts_new_sessions_and_forks_go_their_own_ways(vm: Capsa, stack):
+    # Last in the module: it snapshots the module's session (which runs on) and forks it,
+    # so that it boots no VM of its own (three restores: one template, two forks).
+    assert vm.execute("snap_x = 41").ok
+    vm.write_file("/root/snap.txt", b"saved\n")
+    snap = vm.snapshot("base", metadata={"suite": "python"})
+    assert snap.id.startswith("snap-") and snap.status is capsa.SnapshotStatus.READY
+    assert (snap.name, snap.session_id) == ("base", vm.session_id)
+    assert snap.metadata == {"suite": "python"}
+    assert snap.size_bytes > 0 and snap.create_time is not None
+    assert snap.id in [s.id for s in vm.list_snapshots()]
+    tenant = vm.tenant_usage()
+    assert tenant.snapshots >= 1 and tenant.snapshot_bytes >= snap.size_bytes
+    assert tenant.snapshot_limit >= tenant.snapshots and tenant.snapshot_bytes_limit > 0
+
+    # A template: a new session starts with what the snapshot had.
+    with Capsa(stack.api_key, stack.endpoint, snapshot_id=snap.id) as template:
+        assert template.info().source_snapshot_id == snap.id
+        r = template.execute("print(snap_x, open('/root/snap.txt').read().strip())")
+        assert r.stdout == "41 saved\n", r
+
+    # Two forks of the running session, each owning its session and independent.
+    forks = vm.fork(2)
+    with contextlib.ExitStack() as closing:
+        for f in forks:
+            closing.enter_context(f)
+        assert len(forks) == 2
+        a, b = forks
+        assert a.session_id != b.session_id
+        assert {a.info().parent_session_id, b.info().parent_session_id} == {vm.session_id}
+        assert a.execute("print(snap_x)").stdout == "41\n"
+        assert a.execute("snap_x = 1").ok
+        assert b.execute("print(snap_x)").stdout == "41\n"
+        assert a.execute("print(snap_x)").stdout == "1\n"
+    assert vm.execute("print(snap_x)").stdout == "41\n"
+    # Leaving the block ended them; the parent runs on.
+    with Capsa.attach(a.session_id, stack.api_key, stack.endpoint) as ended:
+        assert ended.info().status is SessionStatus.TERMINATED
+    assert vm.is_active()
+
+    deleted = vm.delete_snapshot(snap.id)
+    assert deleted.id == snap.id
+    with pytest.raises(capsa.NotFound):
+        vm.get_snapshot(snap.id)
+    assert snap.id not in [s.id for s in vm.list_snapshots()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 import grpc
@@ -271,3 +272,240 @@ def test_create_request_carries_auto_suspend_and_auto_resume() -> None:
         auto_resume=True,
     )
     assert req.auto_suspend and req.auto_resume
+
+
+# --- snapshots and forks ---------------------------------------------------------------
+
+
+class FakeStub:
+    """Stands in for the generated stub: each method answers from `answers` (a response, or
+    a list of them in turn) and records (method, request, timeout)."""
+
+    def __init__(self, answers: dict, is_async: bool = False) -> None:
+        self.answers = {m: list(a) if isinstance(a, list) else [a] for m, a in answers.items()}
+        self.calls: list[tuple[str, object, float | None]] = []
+        self.is_async = is_async
+
+    def __getattr__(self, method: str):
+        def call(request, metadata=None, timeout=None):
+            assert metadata == (("authorization", "Bearer k"),)
+            self.calls.append((method, request, timeout))
+            return self.answers[method].pop(0)
+
+        async def acall(request, metadata=None, timeout=None):
+            return call(request, metadata, timeout)
+
+        return acall if self.is_async else call
+
+
+def _snapshot_pb(**kwargs) -> session_pb2.Snapshot:
+    fields: dict[str, object] = {
+        "id": "snap-" + "ab" * 16,
+        "name": "base",
+        "status": session_pb2.SNAPSHOT_STATUS_READY,
+        "session_id": "s-1",
+        "template": "default",
+        "vcpus": 2,
+        "memory_mib": 1024,
+        "size_bytes": 123456789,
+        "node_id": "node-a",
+        "metadata": {"team": "ml"},
+    }
+    return session_pb2.Snapshot(**{**fields, **kwargs})
+
+
+def test_snapshots_are_converted_from_the_proto() -> None:
+    msg = _snapshot_pb()
+    msg.create_time.FromSeconds(1_700_000_000)
+    snap = capsa.Snapshot._from_proto(msg)
+    assert snap == capsa.Snapshot(
+        id="snap-" + "ab" * 16,
+        name="base",
+        status=capsa.SnapshotStatus.READY,
+        session_id="s-1",
+        template="default",
+        vcpus=2,
+        memory_mib=1024,
+        size_bytes=123456789,
+        create_time=dt.datetime.fromtimestamp(1_700_000_000, dt.timezone.utc),
+        node_id="node-a",
+        metadata={"team": "ml"},
+    )
+    assert snap.is_ready
+    creating = capsa.Snapshot._from_proto(_snapshot_pb(status=session_pb2.SNAPSHOT_STATUS_CREATING))
+    assert creating.status is capsa.SnapshotStatus.CREATING and not creating.is_ready
+    assert creating.create_time is None
+    # A status newer than this client reads as UNSPECIFIED.
+    assert _enum(capsa.SnapshotStatus, 99) is capsa.SnapshotStatus.UNSPECIFIED
+
+
+def test_snapshot_status_members_follow_the_proto_enum() -> None:
+    for value in session_pb2.SnapshotStatus.values():
+        name = session_pb2.SnapshotStatus.Name(value).removeprefix("SNAPSHOT_STATUS_")
+        assert _enum(capsa.SnapshotStatus, value).name == name
+
+
+def test_sessions_say_which_snapshot_or_session_they_came_from() -> None:
+    s = capsa.Session._from_proto(
+        session_pb2.Session(id="s-2", source_snapshot_id="snap-1", parent_session_id="s-1")
+    )
+    assert (s.source_snapshot_id, s.parent_session_id) == ("snap-1", "s-1")
+    plain = capsa.Session._from_proto(session_pb2.Session(id="s-3"))
+    assert (plain.source_snapshot_id, plain.parent_session_id) == ("", "")
+
+
+def test_tenant_usage_carries_the_snapshot_quota() -> None:
+    resp = session_pb2.GetTenantUsageResponse(
+        tenant_id="t",
+        active_sessions=2,
+        total_sessions=5,
+        snapshots=3,
+        snapshot_bytes=3 << 30,
+        snapshot_limit=20,
+        snapshot_bytes_limit=10 << 30,
+        snapshot_gib_seconds=1.5,
+    )
+    usage = capsa.TenantUsage._from_proto(resp)
+    assert (usage.tenant_id, usage.active_sessions, usage.total_sessions) == ("t", 2, 5)
+    assert (usage.snapshots, usage.snapshot_bytes) == (3, 3 << 30)
+    assert (usage.snapshot_limit, usage.snapshot_bytes_limit) == (20, 10 << 30)
+    assert usage.snapshot_gib_seconds == 1.5
+    # The fields before snapshots still make one.
+    old = capsa.TenantUsage("t", usage.total, 0, 0)
+    assert old.snapshots == 0 and old.snapshot_gib_seconds == 0.0
+
+
+def test_create_request_carries_a_snapshot_id_and_refuses_an_empty_one() -> None:
+    names = ("template", "lifetime", "vcpus", "memory_mib", "env", "metadata", "egress")
+    args: dict[str, None] = dict.fromkeys(names)
+    assert create_request(**args, snapshot_id="snap-1").snapshot_id == "snap-1"
+    assert create_request(**args).snapshot_id == ""
+    for bad in ("", 7):
+        with pytest.raises(capsa.InvalidArgument, match="snapshot_id"):
+            create_request(**args, snapshot_id=bad)
+    # Before anything is connected.
+    with pytest.raises(capsa.InvalidArgument, match="snapshot_id"):
+        Capsa("k", "127.0.0.1:1", snapshot_id="")
+    with pytest.raises(capsa.InvalidArgument, match="snapshot_id"):
+        capsa.AsyncCapsa("k", "127.0.0.1:1", snapshot_id="")
+
+
+def test_snapshot_and_fork_requests_are_built_locally() -> None:
+    req = _common.snapshot_request("s-1", "base", {"a": "b"})
+    assert (req.session_id, req.name, dict(req.metadata)) == ("s-1", "base", {"a": "b"})
+    fork = _common.fork_request("s-1", 3, None, None)
+    assert (fork.session_id, fork.count) == ("s-1", 3)
+    assert not fork.HasField("lifetime") and not fork.metadata
+    fork = _common.fork_request("s-1", 1, 90.5, {"k": "v"})
+    assert (fork.lifetime.seconds, fork.lifetime.nanos) == (90, 500_000_000)
+    assert dict(fork.metadata) == {"k": "v"}
+    with pytest.raises(capsa.InvalidArgument, match="lifetime"):
+        _common.fork_request("s-1", 1, 0, None)
+    page = _common.list_snapshots_request(10, "snap-x")
+    assert (page.page_size, page.page_token) == (10, "snap-x")
+
+
+def test_snapshot_reads_are_retried_and_snapshot_writes_are_not() -> None:
+    vm = _client()
+    for method in ("GetSnapshot", "ListSnapshots"):
+        attempt, calls = _flaky(3, grpc.StatusCode.UNAVAILABLE)
+        assert vm._with_retry(method, attempt) == "ok" and len(calls) == 4, method
+    for method in ("SnapshotSession", "ForkSession", "DeleteSnapshot"):
+        attempt, calls = _flaky(1, grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(capsa.Unavailable):
+            vm._with_retry(method, attempt)
+        assert len(calls) == 1, method
+    vm.close()
+
+
+def test_snapshot_calls_and_a_fork_owning_its_sessions() -> None:
+    vm = Capsa.attach("s-1", "k", "127.0.0.1:1", request_timeout=7, create_timeout=99)
+    snap = _snapshot_pb()
+    other = _snapshot_pb(id="snap-" + "cd" * 16)
+    vm._stub = FakeStub(
+        {
+            "SnapshotSession": session_pb2.SnapshotSessionResponse(snapshot=snap),
+            "GetSnapshot": session_pb2.GetSnapshotResponse(snapshot=snap),
+            "ListSnapshots": [
+                session_pb2.ListSnapshotsResponse(snapshots=[snap], next_page_token="p2"),
+                session_pb2.ListSnapshotsResponse(snapshots=[other]),
+            ],
+            "DeleteSnapshot": session_pb2.DeleteSnapshotResponse(snapshot=snap),
+            "ForkSession": session_pb2.ForkSessionResponse(
+                sessions=[
+                    session_pb2.Session(id="s-2", parent_session_id="s-1"),
+                    session_pb2.Session(id="s-3", parent_session_id="s-1"),
+                ]
+            ),
+        }
+    )
+    stub = vm._stub
+    made = vm.snapshot("base", metadata={"team": "ml"})
+    assert made.id == snap.id and made.is_ready
+    method, req, timeout = stub.calls[-1]
+    assert (method, req.session_id, req.name, timeout) == ("SnapshotSession", "s-1", "base", 99)
+    assert vm.get_snapshot(snap.id) == made
+    assert [s.id for s in vm.list_snapshots(page_size=1)] == [snap.id, other.id]
+    assert [c[1].page_token for c in stub.calls if c[0] == "ListSnapshots"] == ["", "p2"]
+    assert vm.delete_snapshot(snap.id) == made
+
+    forks = vm.fork(2, lifetime=60)
+    method, req, timeout = stub.calls[-1]
+    assert (method, req.session_id, req.count, timeout) == ("ForkSession", "s-1", 2, 99)
+    assert req.lifetime.seconds == 60
+    assert [f.session_id for f in forks] == ["s-2", "s-3"]
+    for f in forks:
+        # Owned like a started session, with this client's settings on its own channel.
+        assert f._owned and not f._closed and type(f) is Capsa
+        assert f._channel is not vm._channel and f._target == vm._target
+        assert (f._request_timeout, f._create_timeout, f._retry) == (7, 99, vm._retry)
+    assert forks[0]._channel is not forks[1]._channel
+    # Closing one ends its session (and only its).
+    for f in forks:
+        f._stub = FakeStub(
+            {"DeleteSession": session_pb2.DeleteSessionResponse(session=session_pb2.Session())}
+        )
+        with f:
+            pass
+        assert f._closed and not f._owned
+        assert [(m, r.session_id) for m, r, _ in f._stub.calls] == [("DeleteSession", f.session_id)]
+    # The parent was attached: closing it ends nothing.
+    vm.close()
+    assert [m for m, _, _ in stub.calls].count("DeleteSession") == 0
+
+
+def test_the_async_client_snapshots_and_forks_alike() -> None:
+    async def run() -> None:
+        vm = capsa.AsyncCapsa.attach("s-1", "k", "127.0.0.1:1", create_timeout=99)
+        snap = _snapshot_pb()
+        vm._stub = FakeStub(
+            {
+                "SnapshotSession": session_pb2.SnapshotSessionResponse(snapshot=snap),
+                "ListSnapshots": session_pb2.ListSnapshotsResponse(snapshots=[snap]),
+                "DeleteSnapshot": session_pb2.DeleteSnapshotResponse(snapshot=snap),
+                "GetTenantUsage": session_pb2.GetTenantUsageResponse(snapshots=1),
+                "ForkSession": session_pb2.ForkSessionResponse(
+                    sessions=[session_pb2.Session(id="s-2")]
+                ),
+            },
+            is_async=True,
+        )
+        assert (await vm.snapshot("base")).id == snap.id
+        assert vm._stub.calls[-1][2] == 99
+        assert [s.id async for s in vm.list_snapshots()] == [snap.id]
+        assert (await vm.delete_snapshot(snap.id)).id == snap.id
+        assert (await vm.tenant_usage()).snapshots == 1
+        (child,) = await vm.fork()
+        assert vm._stub.calls[-1][1].count == 1
+        assert type(child) is capsa.AsyncCapsa and child._owned
+        assert child.session_id == "s-2" and child._channel is not vm._channel
+        child._stub = FakeStub(
+            {"DeleteSession": session_pb2.DeleteSessionResponse(session=session_pb2.Session())},
+            is_async=True,
+        )
+        async with child:
+            pass
+        assert child._closed and [m for m, _, _ in child._stub.calls] == ["DeleteSession"]
+        await vm.close()
+
+    asyncio.run(run())

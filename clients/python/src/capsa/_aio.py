@@ -16,7 +16,7 @@ import grpc.aio
 
 from . import _common as c
 from ._client import Source, T
-from ._config import resolve
+from ._config import Target, resolve
 from .errors import CapsaError, NotFound, from_rpc_error
 from .proto.session.v1 import session_pb2, session_pb2_grpc
 from .types import (
@@ -24,13 +24,14 @@ from .types import (
     Event,
     ExecutionResult,
     FileInfo,
+    Process,
+    ProcessEvent,
     Session,
     SessionStatus,
+    Snapshot,
     TenantUsage,
     UploadResult,
     Usage,
-    Process,
-    ProcessEvent,
     _event,
     _process_event,
 )
@@ -64,6 +65,7 @@ class AsyncCapsa:
         template: str | None = None,
         auto_suspend: bool = False,
         auto_resume: bool = False,
+        snapshot_id: str | None = None,
         request_timeout: float = 60.0,
         create_timeout: float = 300.0,
         retry: c.RetryPolicy | None = None,
@@ -78,8 +80,18 @@ class AsyncCapsa:
             egress=egress,
             auto_suspend=auto_suspend,
             auto_resume=auto_resume,
+            snapshot_id=snapshot_id,
         )
-        target = resolve(endpoint, api_key)
+        self._connect(resolve(endpoint, api_key), request_timeout, create_timeout, retry)
+
+    def _connect(
+        self,
+        target: Target,
+        request_timeout: float,
+        create_timeout: float,
+        retry: c.RetryPolicy | None,
+    ) -> None:
+        self._target = target
         self._metadata = (("authorization", f"Bearer {target.api_key}"),)
         self._channel = (
             grpc.aio.secure_channel(
@@ -95,6 +107,17 @@ class AsyncCapsa:
         self._session_id: str | None = None
         self._owned = False
         self._closed = False
+
+    def _sibling(self, session_id: str) -> AsyncCapsa:
+        """A client that owns `session_id` (one this client's call created), with this
+        client's endpoint, key and options on a channel of its own: closing either leaves the
+        other working."""
+        vm = type(self).__new__(type(self))
+        vm._create = self._create
+        vm._connect(self._target, self._request_timeout, self._create_timeout, self._retry)
+        vm._session_id = session_id
+        vm._owned = True
+        return vm
 
     @classmethod
     def attach(
@@ -214,6 +237,29 @@ class AsyncCapsa:
     async def usage(self) -> Usage:
         req = session_pb2.GetUsageRequest(session_id=await self._sid())
         return Usage._from_proto((await self._unary("GetUsage", req)).usage)
+
+    # --- snapshots and forks ---------------------------------------------------------
+
+    async def snapshot(self, name: str, *, metadata: Mapping[str, str] | None = None) -> Snapshot:
+        """Saves the ACTIVE session's state as a snapshot of the tenant's named `name`; the
+        session runs on (see `Capsa.snapshot`). Bounded by `create_timeout`."""
+        req = c.snapshot_request(await self._sid(), name, metadata)
+        resp = await self._unary("SnapshotSession", req, timeout=self._create_timeout)
+        return Snapshot._from_proto(resp.snapshot)
+
+    async def fork(
+        self,
+        count: int = 1,
+        *,
+        lifetime: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[AsyncCapsa]:
+        """Starts `count` (1 to 8) new sessions from the ACTIVE session's state at this
+        moment (see `Capsa.fork`). Returns a client for each that owns its session: `await
+        close()` (or leaving its `async with` block) ends it. Bounded by `create_timeout`."""
+        req = c.fork_request(await self._sid(), count, lifetime, metadata)
+        resp = await self._unary("ForkSession", req, timeout=self._create_timeout)
+        return [self._sibling(s.id) for s in resp.sessions]
 
     # --- execute ---------------------------------------------------------------------
 
@@ -468,13 +514,32 @@ class AsyncCapsa:
                 return
 
     async def tenant_usage(self) -> TenantUsage:
+        """Resource use summed over the tenant, its session counts, and its snapshots with
+        their quota."""
         resp = await self._unary("GetTenantUsage", session_pb2.GetTenantUsageRequest())
-        return TenantUsage(
-            tenant_id=resp.tenant_id,
-            total=Usage._from_proto(resp.total),
-            active_sessions=resp.active_sessions,
-            total_sessions=resp.total_sessions,
-        )
+        return TenantUsage._from_proto(resp)
+
+    async def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        req = session_pb2.GetSnapshotRequest(snapshot_id=snapshot_id)
+        return Snapshot._from_proto((await self._unary("GetSnapshot", req)).snapshot)
+
+    async def list_snapshots(self, *, page_size: int = 100) -> AsyncIterator[Snapshot]:
+        """The tenant's snapshots, newest first, fetched page by page."""
+        token = ""
+        while True:
+            req = c.list_snapshots_request(page_size, token)
+            resp = await self._unary("ListSnapshots", req)
+            for s in resp.snapshots:
+                yield Snapshot._from_proto(s)
+            token = resp.next_page_token
+            if not token:
+                return
+
+    async def delete_snapshot(self, snapshot_id: str) -> Snapshot:
+        """Removes the snapshot and its files, and returns it as it was. Sessions created
+        from it are not affected."""
+        req = session_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id)
+        return Snapshot._from_proto((await self._unary("DeleteSnapshot", req)).snapshot)
 
     # --- plumbing --------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import IO, Any, TypeVar
 import grpc
 
 from . import _common as c
-from ._config import resolve
+from ._config import Target, resolve
 from .errors import CapsaError, NotFound, from_rpc_error
 from .proto.session.v1 import session_pb2, session_pb2_grpc
 from .types import (
@@ -22,13 +22,14 @@ from .types import (
     Event,
     ExecutionResult,
     FileInfo,
+    Process,
+    ProcessEvent,
     Session,
     SessionStatus,
+    Snapshot,
     TenantUsage,
     UploadResult,
     Usage,
-    Process,
-    ProcessEvent,
     _event,
     _process_event,
 )
@@ -55,9 +56,11 @@ class Capsa:
     existing session and leaves it running on close (end it with `kill()`).
 
     `lifetime` (seconds), `vcpus`, `memory_mib`, `env`, `metadata`, `egress` and `template`
-    are the new session's settings. `request_timeout` bounds each unary call (seconds; an
-    execute gets its own `timeout` plus this), `create_timeout` bounds session creation (a
-    cold VM boot can take a while), `retry` tunes the backoff on UNAVAILABLE.
+    are the new session's settings; `snapshot_id` starts it from a snapshot of the tenant's
+    (`snapshot()`) instead of a fresh VM, with that snapshot's template, vcpus and memory.
+    `request_timeout` bounds each unary call (seconds; an execute gets its own `timeout` plus
+    this), `create_timeout` bounds session creation, `snapshot()` and `fork()` (a cold VM
+    boot can take a while), `retry` tunes the backoff on UNAVAILABLE.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Capsa:
         template: str | None = None,
         auto_suspend: bool = False,
         auto_resume: bool = False,
+        snapshot_id: str | None = None,
         request_timeout: float = 60.0,
         create_timeout: float = 300.0,
         retry: c.RetryPolicy | None = None,
@@ -89,8 +93,18 @@ class Capsa:
             egress=egress,
             auto_suspend=auto_suspend,
             auto_resume=auto_resume,
+            snapshot_id=snapshot_id,
         )
-        target = resolve(endpoint, api_key)
+        self._connect(resolve(endpoint, api_key), request_timeout, create_timeout, retry)
+
+    def _connect(
+        self,
+        target: Target,
+        request_timeout: float,
+        create_timeout: float,
+        retry: c.RetryPolicy | None,
+    ) -> None:
+        self._target = target
         self._metadata = (("authorization", f"Bearer {target.api_key}"),)
         self._channel = (
             grpc.secure_channel(
@@ -107,6 +121,17 @@ class Capsa:
         # Whether this object created the session, and so ends it on close.
         self._owned = False
         self._closed = False
+
+    def _sibling(self, session_id: str) -> Capsa:
+        """A client that owns `session_id` (one this client's call created), with this
+        client's endpoint, key and options on a channel of its own: closing either leaves the
+        other working."""
+        vm = type(self).__new__(type(self))
+        vm._create = self._create
+        vm._connect(self._target, self._request_timeout, self._create_timeout, self._retry)
+        vm._session_id = session_id
+        vm._owned = True
+        return vm
 
     @classmethod
     def attach(
@@ -223,6 +248,33 @@ class Capsa:
     def usage(self) -> Usage:
         resp = self._unary("GetUsage", session_pb2.GetUsageRequest(session_id=self._sid()))
         return Usage._from_proto(resp.usage)
+
+    # --- snapshots and forks ---------------------------------------------------------
+
+    def snapshot(self, name: str, *, metadata: Mapping[str, str] | None = None) -> Snapshot:
+        """Saves the ACTIVE session's state (memory, processes, files, installed packages) as
+        a snapshot of the tenant's named `name`; the session runs on (paused while its state
+        is written). `Capsa(snapshot_id=snapshot.id)` starts new sessions from it; it stays
+        until `delete_snapshot()`. Bounded by `create_timeout`."""
+        req = c.snapshot_request(self._sid(), name, metadata)
+        resp = self._unary("SnapshotSession", req, timeout=self._create_timeout)
+        return Snapshot._from_proto(resp.snapshot)
+
+    def fork(
+        self,
+        count: int = 1,
+        *,
+        lifetime: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[Capsa]:
+        """Starts `count` (1 to 8) new sessions from the ACTIVE session's state at this
+        moment, each on its own VM and independent afterwards; all are created or none is.
+        `lifetime` and `metadata` default to this session's. Returns a client for each, with
+        this client's endpoint, key and options, that owns its session: closing it (or
+        leaving its `with` block) ends the session. Bounded by `create_timeout`."""
+        req = c.fork_request(self._sid(), count, lifetime, metadata)
+        resp = self._unary("ForkSession", req, timeout=self._create_timeout)
+        return [self._sibling(s.id) for s in resp.sessions]
 
     # --- execute ---------------------------------------------------------------------
 
@@ -484,13 +536,31 @@ class Capsa:
                 return
 
     def tenant_usage(self) -> TenantUsage:
+        """Resource use summed over the tenant, its session counts, and its snapshots with
+        their quota."""
         resp = self._unary("GetTenantUsage", session_pb2.GetTenantUsageRequest())
-        return TenantUsage(
-            tenant_id=resp.tenant_id,
-            total=Usage._from_proto(resp.total),
-            active_sessions=resp.active_sessions,
-            total_sessions=resp.total_sessions,
-        )
+        return TenantUsage._from_proto(resp)
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        req = session_pb2.GetSnapshotRequest(snapshot_id=snapshot_id)
+        return Snapshot._from_proto(self._unary("GetSnapshot", req).snapshot)
+
+    def list_snapshots(self, *, page_size: int = 100) -> Iterator[Snapshot]:
+        """The tenant's snapshots, newest first, fetched page by page."""
+        token = ""
+        while True:
+            resp = self._unary("ListSnapshots", c.list_snapshots_request(page_size, token))
+            for s in resp.snapshots:
+                yield Snapshot._from_proto(s)
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def delete_snapshot(self, snapshot_id: str) -> Snapshot:
+        """Removes the snapshot and its files, and returns it as it was. Sessions created
+        from it are not affected."""
+        req = session_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id)
+        return Snapshot._from_proto(self._unary("DeleteSnapshot", req).snapshot)
 
     # --- plumbing --------------------------------------------------------------------
 

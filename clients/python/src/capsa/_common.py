@@ -36,7 +36,8 @@ DEFAULT_EXECUTE_TIMEOUT = 60.0
 
 # Calls repeated on UNAVAILABLE: reads, and DeleteSession (deleting an ended session returns
 # it unchanged). Never Execute, CreateSession, UploadFile, ExtendSession or the other writes:
-# a first attempt the client saw fail may have taken effect.
+# a first attempt the client saw fail may have taken effect. Nor DeleteSnapshot: a repeat
+# of one that took effect would be NOT_FOUND.
 SAFE_TO_RETRY = frozenset(
     {
         "GetSession",
@@ -49,6 +50,8 @@ SAFE_TO_RETRY = frozenset(
         "GetFileInfo",
         "GetEgressPolicy",
         "ListProcesses",
+        "GetSnapshot",
+        "ListSnapshots",
         "WaitProcess",
     }
 )
@@ -101,7 +104,10 @@ def create_request(
     egress: EgressPolicy | None,
     auto_suspend: bool = False,
     auto_resume: bool = False,
+    snapshot_id: str | None = None,
 ) -> session_pb2.CreateSessionRequest:
+    if snapshot_id is not None and (not isinstance(snapshot_id, str) or not snapshot_id):
+        raise InvalidArgument(f"snapshot_id must be a non-empty string, got {snapshot_id!r}")
     req = session_pb2.CreateSessionRequest(
         template=template or "",
         vcpus=vcpus or 0,
@@ -110,12 +116,34 @@ def create_request(
         metadata=dict(metadata or {}),
         auto_suspend=auto_suspend,
         auto_resume=auto_resume,
+        snapshot_id=snapshot_id or "",
     )
     life = seconds_arg("lifetime", lifetime)
     if life is not None:
         req.lifetime.CopyFrom(life)
     if egress is not None:
         req.egress.CopyFrom(egress._to_proto())
+    return req
+
+
+def snapshot_request(
+    session_id: str, name: str, metadata: Mapping[str, str] | None
+) -> session_pb2.SnapshotSessionRequest:
+    return session_pb2.SnapshotSessionRequest(
+        session_id=session_id, name=name, metadata=dict(metadata or {})
+    )
+
+
+def fork_request(
+    session_id: str, count: int, lifetime: float | None, metadata: Mapping[str, str] | None
+) -> session_pb2.ForkSessionRequest:
+    # `count` is checked by the server (1 to 8), which names the field.
+    req = session_pb2.ForkSessionRequest(
+        session_id=session_id, count=count, metadata=dict(metadata or {})
+    )
+    life = seconds_arg("lifetime", lifetime)
+    if life is not None:
+        req.lifetime.CopyFrom(life)
     return req
 
 
@@ -236,6 +264,10 @@ def list_sessions_request(
         else "SESSION_STATUS_UNSPECIFIED",
         metadata=dict(metadata or {}),
     )
+
+
+def list_snapshots_request(page_size: int, page_token: str) -> session_pb2.ListSnapshotsRequest:
+    return session_pb2.ListSnapshotsRequest(page_size=page_size, page_token=page_token)
 
 
 def finish(result: ExecutionResult) -> ExecutionResult:

@@ -42,6 +42,12 @@ class SessionStatus(str, Enum):
     RESUMING = "resuming"
 
 
+class SnapshotStatus(str, Enum):
+    UNSPECIFIED = "unspecified"
+    CREATING = "creating"
+    READY = "ready"
+
+
 class EndReason(str, Enum):
     NONE = "none"
     DELETED = "deleted"
@@ -133,6 +139,10 @@ class Session:
     suspend_time: _dt.datetime | None = None
     # While suspended: bytes its snapshot takes on its node's disk.
     snapshot_bytes: int = 0
+    # The snapshot it was created from (`Capsa(snapshot_id=...)`), if any.
+    source_snapshot_id: str = ""
+    # The session it was forked from (`fork()`), if any.
+    parent_session_id: str = ""
 
     @property
     def is_active(self) -> bool:
@@ -161,6 +171,50 @@ class Session:
             auto_resume=s.auto_resume,
             suspend_time=_time(s, "suspend_time"),
             snapshot_bytes=s.snapshot_bytes,
+            source_snapshot_id=s.source_snapshot_id,
+            parent_session_id=s.parent_session_id,
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A tenant's saved session state (`snapshot()`): new sessions start from it with
+    `Capsa(snapshot_id=...)`. It lives on the disk of the node that ran the session, and
+    sessions created from it run there."""
+
+    id: str
+    # The name given at `snapshot()` (names need not be unique).
+    name: str
+    status: SnapshotStatus
+    # The session it was taken of.
+    session_id: str
+    template: str
+    vcpus: int
+    memory_mib: int
+    # Bytes on its node's disk, once READY.
+    size_bytes: int
+    create_time: _dt.datetime | None
+    node_id: str
+    metadata: dict[str, str]
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status is SnapshotStatus.READY
+
+    @classmethod
+    def _from_proto(cls, s: session_pb2.Snapshot) -> Snapshot:
+        return cls(
+            id=s.id,
+            name=s.name,
+            status=_enum(SnapshotStatus, s.status),  # type: ignore[arg-type]
+            session_id=s.session_id,
+            template=s.template,
+            vcpus=s.vcpus,
+            memory_mib=s.memory_mib,
+            size_bytes=s.size_bytes,
+            create_time=_time(s, "create_time"),
+            node_id=s.node_id,
+            metadata=dict(s.metadata),
         )
 
 
@@ -208,6 +262,29 @@ class TenantUsage:
     total: Usage
     active_sessions: int
     total_sessions: int
+    # The tenant's snapshots now: how many, and bytes on disk.
+    snapshots: int = 0
+    snapshot_bytes: int = 0
+    # Its snapshot quota: at most `snapshot_limit` snapshots and `snapshot_bytes_limit` bytes.
+    snapshot_limit: int = 0
+    snapshot_bytes_limit: int = 0
+    # Snapshot storage used so far, the bill's measure: GiB held x seconds held, over its
+    # snapshots and its suspended sessions' snapshots.
+    snapshot_gib_seconds: float = 0.0
+
+    @classmethod
+    def _from_proto(cls, t: session_pb2.GetTenantUsageResponse) -> TenantUsage:
+        return cls(
+            tenant_id=t.tenant_id,
+            total=Usage._from_proto(t.total),
+            active_sessions=t.active_sessions,
+            total_sessions=t.total_sessions,
+            snapshots=t.snapshots,
+            snapshot_bytes=t.snapshot_bytes,
+            snapshot_limit=t.snapshot_limit,
+            snapshot_bytes_limit=t.snapshot_bytes_limit,
+            snapshot_gib_seconds=t.snapshot_gib_seconds,
+        )
 
 
 @dataclass(frozen=True)
