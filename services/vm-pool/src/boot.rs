@@ -14,7 +14,8 @@
 //! The refill loop wakes on every change (and on backoff deadlines) and starts boots
 //! while a template has fewer warm + booting VMs than its target and the node has room.
 //! Consecutive failed boots of a template back its refills off exponentially (1 s .. 60 s)
-//! so a broken image does not spin.
+//! so a broken image does not spin. With `warm_from_snapshot`, refills restore the
+//! template's base snapshot instead, once it is made ([`crate::warm_base`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::error::Error;
 use crate::pool::{Entry, Shared, State, Template};
 use crate::vm::{VmInfo, VmState, new_vm_id};
+use crate::warm_base::Base;
 
 /// Per health-check attempt (the vsock connect is retried with a short backoff).
 const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -437,6 +439,34 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
                     && matches!(i.state, VmState::Warm | VmState::Booting)
             })
             .count() as u32;
+        let base = if shared.settings.warm_from_snapshot && tpl.warm_target > 0 {
+            st.bases.get(&tpl.name).cloned()
+        } else {
+            Some(Base::Unusable)
+        };
+        if base.is_none() {
+            // The base's VM is leased to the pool itself: it counts against capacity, not
+            // as warm. Meanwhile refills cold-boot.
+            if shared
+                .settings
+                .fits(used, tpl.vcpus, tpl.memory_mib)
+                .is_err()
+            {
+                return next_backoff;
+            }
+            used.add(tpl.vcpus, tpl.memory_mib);
+            st.bases.insert(tpl.name.clone(), Base::Making);
+            let lease = format!("{}{}", crate::warm_base::BASE_PREFIX, tpl.name);
+            let id = insert_booting(
+                shared,
+                &mut st,
+                tpl,
+                tpl.vcpus,
+                tpl.memory_mib,
+                Some(&lease),
+            );
+            tokio::spawn(crate::warm_base::make(shared.clone(), id, tpl.clone()));
+        }
         for _ in have..tpl.warm_target {
             if shared
                 .settings
@@ -445,14 +475,26 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
             {
                 return next_backoff;
             }
-            used.vms += 1;
-            used.memory_mib += u64::from(tpl.memory_mib);
-            used.vcpus += tpl.vcpus;
+            used.add(tpl.vcpus, tpl.memory_mib);
             let id = insert_booting(shared, &mut st, tpl, tpl.vcpus, tpl.memory_mib, None);
             let (shared, tpl) = (shared.clone(), tpl.clone());
-            tokio::spawn(async move {
-                let _ = run_boot(&shared, &id, &tpl, tpl.vcpus, tpl.memory_mib, Source::Boot).await;
-            });
+            match &base {
+                Some(Base::Ready(base)) => {
+                    tokio::spawn(crate::warm_base::restore_warm(
+                        shared,
+                        id,
+                        tpl,
+                        base.clone(),
+                    ));
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        let _ =
+                            run_boot(&shared, &id, &tpl, tpl.vcpus, tpl.memory_mib, Source::Boot)
+                                .await;
+                    });
+                }
+            }
         }
     }
     next_backoff

@@ -18,6 +18,13 @@ impl Usage {
         Usage::of_where(st, |_| true)
     }
 
+    /// Counts one more VM of this shape.
+    pub fn add(&mut self, vcpus: u32, memory_mib: u32) {
+        self.vms += 1;
+        self.memory_mib += u64::from(memory_mib);
+        self.vcpus += vcpus;
+    }
+
     /// Of the live VMs in a state `pick` accepts.
     pub fn of_where(st: &State, pick: impl Fn(VmState) -> bool) -> Usage {
         let mut u = Usage::default();
@@ -93,6 +100,7 @@ mod tests {
             max_memory_mib: 8192,
             guest_otlp: None,
             network: None,
+            warm_from_snapshot: false,
         }
     }
 

@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long, env = "CAPSA_VMPOOL_WARM", default_value_t = 2)]
     pub warm: u32,
 
+    /// Refill the warm pools by restoring a snapshot of a freshly booted VM of each template
+    /// (made once, kept in the state dir across restarts) instead of cold booting.
+    #[arg(long, env = "CAPSA_VMPOOL_WARM_FROM_SNAPSHOT")]
+    pub warm_from_snapshot: bool,
+
     /// VMs booting at once (refills and cold boots together).
     #[arg(long, env = "CAPSA_VMPOOL_MAX_CONCURRENT_BOOTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_boots: u32,

@@ -4,7 +4,7 @@
 //! Start-up: choose the engine ([`capsa_vmm::engine`]), load the templates' images, reap
 //! whatever a previous run left in `<state_dir>/vms` ([`capsa_vmm::orphans`]) and the
 //! unfinished snapshots in `<state_dir>/snapshots` (complete ones stay: [`snapshots`]),
-//! start the refill loop and the node heartbeat, serve gRPC. Shutdown, on the caller's signal:
+//! take up the warm pools' base snapshots ([`warm_base`]), start the refill loop and the node heartbeat, serve gRPC. Shutdown, on the caller's signal:
 //! health NOT_SERVING and no new calls (capsa-grpc), the pool stops booting and ends watch
 //! streams, the node record is removed, then every VM is destroyed.
 
@@ -21,6 +21,7 @@ pub mod otlp_relay;
 pub mod pool;
 pub mod snapshots;
 pub mod vm;
+mod warm_base;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -200,8 +201,10 @@ async fn serve(
         max_memory_mib: config.max_memory_mib,
         guest_otlp,
         network: Some(network.clone()),
+        warm_from_snapshot: config.warm_from_snapshot,
     };
     let pool = Pool::new(hv, choice, templates, settings);
+    warm_base::adopt(&pool).await?;
     let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
     // CPU-bound sessions yield to interactive ones (capsa_vmm::cpu_balance); booting and
     // warm VMs are never demoted.

@@ -69,6 +69,8 @@ pub struct Settings {
     pub guest_otlp: Option<Arc<crate::otlp_relay::Relay>>,
     /// Every VM's tap and egress rules (`None` boots VMs without a network device).
     pub network: Option<Arc<crate::net::Network>>,
+    /// Refill warm pools by restoring each template's base snapshot ([`crate::warm_base`]).
+    pub warm_from_snapshot: bool,
 }
 
 /// Counts for GetNodeInfo and the node record.
@@ -106,6 +108,8 @@ pub(crate) struct State {
     pub leases: HashMap<String, Arc<tokio::sync::Mutex<Lease>>>,
     /// Per template: consecutive failed boots and when the next refill may start.
     pub backoff: HashMap<String, (u32, Instant)>,
+    /// Per template: its base snapshot, with `warm_from_snapshot`.
+    pub bases: HashMap<String, crate::warm_base::Base>,
 }
 
 pub(crate) struct Entry {

@@ -135,18 +135,29 @@ pub fn prepare(state_dir: &Path) -> Result<usize, Error> {
 }
 
 /// 1 to 64 of `[a-z0-9-]`; the message names the field.
-fn validate_id(id: &str) -> Result<(), Error> {
-    let ok = (1..=MAX_SNAPSHOT_ID).contains(&id.len())
+/// Shaped like a snapshot id: what the snapshots dir holds besides `.tmp-` dirs.
+fn id_shaped(id: &str) -> bool {
+    (1..=MAX_SNAPSHOT_ID).contains(&id.len())
         && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Checks a snapshot id from a caller of the API: shaped like one, and not one of the
+/// node's own base snapshots ([`crate::warm_base`]).
+pub(crate) fn validate_id(id: &str) -> Result<(), Error> {
+    if !id_shaped(id) {
+        return Err(Error::InvalidArgument(format!(
             "snapshot_id {id:?} must be 1 to {MAX_SNAPSHOT_ID} of a-z, 0-9 and '-'"
-        )))
+        )));
     }
+    if id.starts_with(crate::warm_base::BASE_PREFIX) {
+        return Err(Error::InvalidArgument(format!(
+            "snapshot_id {id:?}: the prefix {:?} is reserved for vm-pool's own snapshots",
+            crate::warm_base::BASE_PREFIX
+        )));
+    }
+    Ok(())
 }
 
 impl Store {
@@ -157,7 +168,7 @@ impl Store {
         }
     }
 
-    fn path(&self, id: &str) -> PathBuf {
+    pub(crate) fn path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
     }
 
@@ -182,7 +193,7 @@ impl Store {
         }
     }
 
-    async fn shared(&self, id: &str) -> Hold {
+    pub(crate) async fn shared(&self, id: &str) -> Hold {
         let lock = self.lock_of(id);
         Hold {
             locks: self.locks.clone(),
@@ -221,8 +232,8 @@ impl Store {
         Ok(Some((sidecar, info)))
     }
 
-    /// Every complete snapshot, in id order.
-    fn list(&self) -> Result<Vec<SnapshotInfo>, Error> {
+    /// Every complete snapshot, the node's own bases too, in id order.
+    pub(crate) fn list(&self) -> Result<Vec<SnapshotInfo>, Error> {
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| Error::io("read snapshots dir", &self.dir, e))?;
         let mut all = Vec::new();
@@ -231,7 +242,7 @@ impl Store {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if validate_id(&name).is_err() {
+            if !id_shaped(&name) {
                 // `.tmp-*`: being written or deleted.
                 continue;
             }
@@ -301,6 +312,16 @@ impl Pool {
     ) -> Result<SnapshotInfo, Error> {
         self.take_snapshot(vm_id, snapshot_id, Afterwards::KeepRunning)
             .await
+    }
+
+    /// Saves the pool's own VM `vm_id` as the base snapshot `base_id`
+    /// ([`crate::warm_base`]), then releases it.
+    pub(crate) async fn save_base(
+        &self,
+        vm_id: &str,
+        base_id: &str,
+    ) -> Result<SnapshotInfo, Error> {
+        self.snapshot_now(vm_id, base_id, Afterwards::Release).await
     }
 
     #[tracing::instrument(skip(self))]
@@ -556,9 +577,11 @@ impl Pool {
         }
     }
 
-    /// Every complete snapshot on this node, in id order.
+    /// Every complete snapshot on this node, in id order, but for the node's own bases.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, Error> {
-        self.0.snapshots.list()
+        let mut all = self.0.snapshots.list()?;
+        all.retain(|s| !s.id.starts_with(crate::warm_base::BASE_PREFIX));
+        Ok(all)
     }
 
     /// Removes snapshot `snapshot_id` (after any restore reading it); false when absent.
@@ -573,7 +596,7 @@ impl Pool {
             .map_err(|e| Error::Unavailable(format!("delete task failed: {e}")))?
     }
 
-    async fn delete_now(&self, snapshot_id: &str) -> Result<bool, Error> {
+    pub(crate) async fn delete_now(&self, snapshot_id: &str) -> Result<bool, Error> {
         let store = &self.0.snapshots;
         let _hold = store.exclusive(snapshot_id).await;
         let dir = store.path(snapshot_id);
