@@ -109,6 +109,12 @@ pub struct SetTenantLimits {
     /// Most creates at once after an idle spell; needs --create-rate.
     #[arg(long, requires = "create_rate", value_parser = clap::value_parser!(u32).range(1..))]
     pub create_burst: Option<u32>,
+    /// Cap on the tenant's named snapshots (0: none may be taken).
+    #[arg(long)]
+    pub max_snapshots: Option<u32>,
+    /// Cap on the disk the tenant's snapshots take, in bytes (suspended sessions' count too).
+    #[arg(long)]
+    pub max_snapshot_bytes: Option<u64>,
 }
 
 /// `list-api-keys` arguments.

@@ -110,6 +110,14 @@ pub async fn set_tenant_limits(args: &SetTenantLimits) -> Result<String, AdminEr
     if let (Some(rate), Some(burst)) = (args.create_rate, args.create_burst) {
         keys.set_create_rate(&args.tenant, rate, burst).await?;
     }
+    if let Some(max) = args.max_snapshots {
+        keys.set_limit(&args.tenant, "max_snapshots", u64::from(max))
+            .await?;
+    }
+    if let Some(max) = args.max_snapshot_bytes {
+        keys.set_limit(&args.tenant, "max_snapshot_bytes", max)
+            .await?;
+    }
     let limits = keys.tenant_limits(&args.tenant).await?;
     Ok(limits
         .iter()

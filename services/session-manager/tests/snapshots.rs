@@ -178,6 +178,33 @@ async fn the_snapshot_quota_counts_snapshots_and_bytes() {
     .unwrap();
     snapshot(&mut c, &s.id).await.unwrap();
 
+    // An operator's limit for one tenant overrides the server's: t1 may now hold 3, while
+    // t2 keeps the default of 2.
+    let out = h.admin(&[
+        "set-tenant-limits",
+        "--tenant",
+        "t1",
+        "--max-snapshots",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "max_snapshots 3\n");
+    snapshot(&mut c, &s.id).await.unwrap();
+    let err = snapshot(&mut c, &s.id).await.unwrap_err();
+    assert!(err.message().contains("limit of 3 snapshots"), "{err:?}");
+    let t2 = h.new_key("t2").await;
+    let mut other = h.client_with(0, Some(&format!("Bearer {t2}"))).await;
+    let s2 = create(&mut other, Some(600)).await;
+    for _ in 0..2 {
+        snapshot(&mut other, &s2.id).await.unwrap();
+    }
+    let err = snapshot(&mut other, &s2.id).await.unwrap_err();
+    assert!(err.message().contains("limit of 2 snapshots"), "{err:?}");
+
     // Bytes: a snapshot may take the session's memory, so 256 MiB leave no room for a
     // 512 MiB session's.
     let mut h = Harness::start(0).await;
@@ -192,6 +219,20 @@ async fn the_snapshot_quota_counts_snapshots_and_bytes() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("bytes"), "{err:?}");
     assert!(h.node.state().snapshots.is_empty());
+    // Unless the operator gives this tenant more.
+    let out = h.admin(&[
+        "set-tenant-limits",
+        "--tenant",
+        "t1",
+        "--max-snapshot-bytes",
+        &(1u64 << 30).to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    snapshot(&mut c, &s.id).await.unwrap();
 }
 
 #[tokio::test]

@@ -259,8 +259,15 @@ impl ApiKeyStore {
     /// Sets the tenant's cap on concurrent (creating + active) sessions, overriding the
     /// server default.
     pub async fn set_max_sessions(&self, tenant_id: &str, max: u32) -> Result<()> {
+        self.set_limit(tenant_id, "max_sessions", u64::from(max))
+            .await
+    }
+
+    /// Sets one of the tenant's limits (`max_sessions`, `max_snapshots`,
+    /// `max_snapshot_bytes`), overriding the server default.
+    pub async fn set_limit(&self, tenant_id: &str, name: &str, value: u64) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.hset::<_, _, _, ()>(limits_key(tenant_id), "max_sessions", max)
+        conn.hset::<_, _, _, ()>(limits_key(tenant_id), name, value)
             .await?;
         Ok(())
     }
