@@ -8,6 +8,10 @@
 //!   init), init (to the agent's exec), and the rest (the agent coming up and answering, and
 //!   the VMM's own start-up, which the guest's clock does not see);
 //! - VMM resident memory of an idle VM (agent image and floor);
+//! - snapshot of a running VM beside the time to write its memory size to the same disk;
+//!   a fork (snapshot, the VM running on, a copy restored to its first Execute) and a
+//!   restore, each beside the cold boot; the memory of three copies of one snapshot beside
+//!   three idle VMs';
 //! - warm AcquireVm latency (gRPC, in-process vm-pool on 127.0.0.1:0) with 1 caller, and
 //!   with `--concurrency` callers at once against a pool pre-warmed to that size.
 //!
@@ -140,11 +144,11 @@ async fn main() -> anyhow::Result<()> {
         agent_phase.push(cold.took.saturating_sub(agent_at));
     }
 
-    let mut pairs = Vec::new();
+    let mut snapshot_samples = Vec::new();
     for _ in 0..args.samples {
-        pairs.push((spec(false), spec(false)));
+        snapshot_samples.push((spec(false), [spec(false), spec(false), spec(false)]));
     }
-    let snaps = snapshot_round(&hv, pairs, state.path(), args.memory_mib).await?;
+    let snaps = snapshot_round(&hv, snapshot_samples, state.path(), args.memory_mib).await?;
 
     let (warm_1, warm_n) = warm_acquires(&args, config.clone()).await?;
     let net = if args.net_samples > 0 {
@@ -219,8 +223,10 @@ async fn main() -> anyhow::Result<()> {
     let SnapFigures {
         mut snapshot,
         mut bytes,
+        mut fork,
         mut restore,
         mut restored_rss,
+        mut three_copies_rss,
         mut write,
     } = snaps;
     let (snap, write_floor, restored) = (
@@ -255,12 +261,37 @@ async fn main() -> anyhow::Result<()> {
             restored.as_secs_f64() / cold.as_secs_f64().max(1e-9)
         ),
     );
+    let forked = median(&mut fork);
+    row(
+        "fork of a live VM to the copy's 1st Execute",
+        fmt_d(forked),
+        format!(
+            "{:.2}x cold boot",
+            forked.as_secs_f64() / cold.as_secs_f64().max(1e-9)
+        ),
+    );
     let restored_rss = median_u(&mut restored_rss);
     row(
         "VMM resident memory, restored idle VM",
         format!("{} MiB", restored_rss >> 20),
         String::new(),
     );
+    let (three, one_idle) = (
+        median_u(&mut three_copies_rss),
+        median_u(&mut cold_rss.clone()),
+    );
+    let three_ratio = three as f64 / (3 * one_idle).max(1) as f64;
+    row(
+        "VMM resident memory, 3 copies of one VM",
+        format!("{} MiB", three >> 20),
+        format!("{three_ratio:.2}x 3 idle VMs"),
+    );
+    json.insert("fork_ms".into(), ms(forked).into());
+    json.insert(
+        "fork_cold_ratio".into(),
+        (forked.as_secs_f64() / cold.as_secs_f64().max(1e-9)).into(),
+    );
+    json.insert("three_copies_rss_ratio".into(), three_ratio.into());
     json.insert("snapshot_ms".into(), ms(snap).into());
     json.insert("snapshot_mib".into(), snap_mib.into());
     json.insert("disk_write_ms".into(), ms(write_floor).into());
@@ -469,71 +500,142 @@ struct SnapFigures {
     snapshot: Vec<Duration>,
     /// Bytes of each snapshot (machine state and disk layer).
     bytes: Vec<u64>,
+    /// Fork of a running VM: its snapshot, the VM running again, a copy restored from the
+    /// snapshot and that copy's first Execute answered.
+    fork: Vec<Duration>,
     /// Restore of that snapshot into a new VM, to its agent's first answer.
     restore: Vec<Duration>,
     /// The restored VM's resident memory once idle.
     restored_rss: Vec<u64>,
+    /// Resident memory of three copies restored from one snapshot, together, once idle.
+    three_copies_rss: Vec<u64>,
     /// The disk floor: writing the VM's memory size to a file beside the snapshots, fsynced.
     write: Vec<Duration>,
 }
 
-/// Per pair: boots the first spec to agent ready, snapshots it, destroys it, restores the
-/// snapshot as the second spec; then times the disk floor.
+/// Per sample: boots `boot` to agent ready and runs one Execute, forks it into `copies[0]` (timed to the copy's
+/// first Execute), stops the parent, restores the snapshot twice more into `copies[1..]`
+/// (timed to agent ready), measures the three copies' memory; then times the disk floor.
 async fn snapshot_round(
     hv: &Arc<dyn Hypervisor>,
-    pairs: Vec<(VmSpec, VmSpec)>,
+    samples: Vec<(VmSpec, [VmSpec; 3])>,
     state: &std::path::Path,
     memory_mib: u32,
 ) -> anyhow::Result<SnapFigures> {
     let mut figures = SnapFigures {
         snapshot: vec![],
         bytes: vec![],
+        fork: vec![],
         restore: vec![],
         restored_rss: vec![],
+        three_copies_rss: vec![],
         write: vec![],
     };
-    let samples = pairs.len();
-    for (i, (boot, restore)) in pairs.into_iter().enumerate() {
-        eprintln!("snapshot sample {}/{samples}", i + 1);
+    let count = samples.len();
+    for (i, (boot, copies)) in samples.into_iter().enumerate() {
+        eprintln!("snapshot sample {}/{count}", i + 1);
         let vm = hv.boot(&boot).await?;
-        let healthy = tokio::time::timeout(
-            BOOT_HANG,
-            capsa_vm_pool::boot::wait_healthy(&vm.vsock_path()),
-        )
-        .await;
-        if healthy.is_err() {
+        // Live like a session: its Python kernel is up.
+        if !ready(&vm.vsock_path()).await || first_execute(&vm.vsock_path()).await.is_err() {
             vm.destroy().await?;
             anyhow::bail!("{} not ready within {BOOT_HANG:?}", boot.id);
         }
         let dir = state.join(format!("snapshot-{}", boot.id));
+        let [first, second, third] = copies;
         let started = Instant::now();
         let snapshotted = vm.snapshot(&dir).await;
         figures.snapshot.push(started.elapsed());
+        let resumed = vm.resume().await;
+        let parent_ran_on = snapshotted
+            .context("snapshot")
+            .and(resumed.context("resume after the snapshot"));
+        let forked = match parent_ran_on {
+            Ok(()) => hv.restore(&first, &dir).await.context("restore"),
+            Err(e) => Err(e),
+        };
+        let forked = match forked {
+            Ok(copy) => copy,
+            Err(e) => {
+                vm.destroy().await?;
+                return Err(e);
+            }
+        };
+        let answered =
+            ready(&forked.vsock_path()).await && first_execute(&forked.vsock_path()).await.is_ok();
+        figures.fork.push(started.elapsed());
         vm.destroy().await?;
-        snapshotted.context("snapshot")?;
+        if !answered {
+            forked.destroy().await?;
+            anyhow::bail!("fork {} did not answer within {BOOT_HANG:?}", first.id);
+        }
         figures.bytes.push(dir_bytes(&dir)?);
 
-        let started = Instant::now();
-        let restored = hv.restore(&restore, &dir).await.context("restore")?;
-        let healthy = tokio::time::timeout(
-            BOOT_HANG,
-            capsa_vm_pool::boot::wait_healthy(&restored.vsock_path()),
-        )
-        .await;
-        figures.restore.push(started.elapsed());
-        if healthy.is_err() {
-            restored.destroy().await?;
-            anyhow::bail!("restored {} not ready within {BOOT_HANG:?}", restore.id);
+        let mut live = vec![forked];
+        for spec in [second, third] {
+            let started = Instant::now();
+            let restored = hv.restore(&spec, &dir).await.context("restore")?;
+            let healthy = ready(&restored.vsock_path()).await;
+            figures.restore.push(started.elapsed());
+            live.push(restored);
+            if !healthy {
+                for vm in live {
+                    vm.destroy().await?;
+                }
+                anyhow::bail!("restored {} not ready within {BOOT_HANG:?}", spec.id);
+            }
         }
         tokio::time::sleep(SETTLE).await;
-        figures
-            .restored_rss
-            .push(restored.counters().await?.vmm_resident_bytes);
-        restored.destroy().await?;
+        let mut together = 0;
+        for (k, vm) in live.iter().enumerate() {
+            let rss = vm.counters().await?.vmm_resident_bytes;
+            if k == 1 {
+                figures.restored_rss.push(rss);
+            }
+            together += rss;
+        }
+        figures.three_copies_rss.push(together);
+        for vm in live {
+            vm.destroy().await?;
+        }
         std::fs::remove_dir_all(&dir)?;
         figures.write.push(disk_write(state, memory_mib)?);
     }
     Ok(figures)
+}
+
+/// Whether the agent behind `vsock` answers its health check within [`BOOT_HANG`].
+async fn ready(vsock: &std::path::Path) -> bool {
+    tokio::time::timeout(BOOT_HANG, capsa_vm_pool::boot::wait_healthy(vsock))
+        .await
+        .is_ok()
+}
+
+/// One Python Execute (`x = 1`) through the agent, to its completion (the first starts the
+/// Python kernel).
+async fn first_execute(vsock: &std::path::Path) -> anyhow::Result<()> {
+    use capsa_proto::agent::v1::ExecuteRequest;
+    use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
+    use capsa_proto::common::v1::{ExecuteSpec, Language, execute_event};
+    let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);
+    let run = async {
+        let mut stream = AgentServiceClient::new(channel)
+            .execute(ExecuteRequest {
+                spec: Some(ExecuteSpec {
+                    language: Language::Python as i32,
+                    code: "x = 1".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner();
+        while let Some(msg) = stream.message().await? {
+            if let Some(execute_event::Event::Completion(_)) = msg.event.and_then(|e| e.event) {
+                return Ok(());
+            }
+        }
+        bail!("the execute ended without a completion")
+    };
+    tokio::time::timeout(BOOT_HANG, run).await?
 }
 
 fn dir_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
