@@ -61,3 +61,17 @@ pub async fn python_stdout(client: &mut Client, session_id: &str, code: &str) ->
     );
     out.stdout_text()
 }
+
+/// Runs shell `code` (up to 10 minutes: a pip install under TCG) and returns its stdout;
+/// panics, showing all it printed, if it exited non-zero.
+pub async fn shell_stdout(client: &mut Client, session_id: &str, code: &str) -> String {
+    let out = run(client, request(session_id, Language::Shell, code, 600_000)).await;
+    assert_eq!(
+        out.completion().exit_code,
+        0,
+        "{code}\n--- stdout\n{}\n--- stderr\n{}",
+        out.stdout_text(),
+        out.stderr_text()
+    );
+    out.stdout_text()
+}

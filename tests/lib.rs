@@ -762,3 +762,20 @@ pub async fn run_pytest(args: &[&str], env: &[(&str, String)], timeout: Duration
         Err(_) => panic!("pytest still runs after {timeout:?}; its output:\n{output}"),
     }
 }
+
+/// Bytes allocated under `dir`, recursively (0 when it does not exist): what snapshots and
+/// VM dirs really take on disk (sparse files count what they use).
+pub fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -4,41 +4,12 @@
 //! another tenant sees none of it; bad input names its field; deleting a snapshot frees its
 //! disk and its quota.
 
-use std::path::Path;
 use std::time::Duration;
 
-use capsa_e2e::exec::{self, python_stdout as py};
-use capsa_e2e::{Client, Stack, StackOptions};
-use capsa_proto::common::v1::{EgressPolicy, Language};
+use capsa_e2e::exec::{python_stdout as py, shell_stdout as sh};
+use capsa_e2e::{Client, Stack, StackOptions, disk_usage};
+use capsa_proto::common::v1::EgressPolicy;
 use capsa_proto::session::v1 as pb;
-
-async fn sh(c: &mut Client, sid: &str, code: &str) -> String {
-    let out = exec::run(c, exec::request(sid, Language::Shell, code, 600_000)).await;
-    assert_eq!(
-        out.completion().exit_code,
-        0,
-        "{code}\n--- stdout\n{}\n--- stderr\n{}",
-        out.stdout_text(),
-        out.stderr_text()
-    );
-    out.stdout_text()
-}
-
-/// Bytes allocated under `dir` (0 when it does not exist).
-fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_usage(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
 
 fn assert_invalid(result: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
     let status = result.expect_err("refused");

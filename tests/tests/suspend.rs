@@ -8,24 +8,12 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_e2e::exec;
-use capsa_e2e::{Client, Stack, StackOptions};
+use capsa_e2e::{Client, Stack, StackOptions, disk_usage};
 use capsa_proto::common::v1::{EgressPolicy, Language};
 use capsa_proto::session::v1 as pb;
 use capsa_test_support::eventually;
 
-use capsa_e2e::exec::python_stdout as py;
-
-async fn sh(c: &mut Client, sid: &str, code: &str) -> String {
-    let out = exec::run(c, exec::request(sid, Language::Shell, code, 600_000)).await;
-    assert_eq!(
-        out.completion().exit_code,
-        0,
-        "{code}\n--- stdout\n{}\n--- stderr\n{}",
-        out.stdout_text(),
-        out.stderr_text()
-    );
-    out.stdout_text()
-}
+use capsa_e2e::exec::{python_stdout as py, shell_stdout as sh};
 
 async fn get(c: &mut Client, sid: &str) -> pb::Session {
     c.get_session(pb::GetSessionRequest {
@@ -50,22 +38,6 @@ async fn cpu_us(c: &mut Client, sid: &str) -> i64 {
         .expect("a usage");
     let cpu = usage.cpu_time.unwrap_or_default();
     cpu.seconds * 1_000_000 + i64::from(cpu.nanos) / 1000
-}
-
-/// Bytes allocated under `dir` (0 when it does not exist).
-fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_usage(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn now_secs() -> i64 {

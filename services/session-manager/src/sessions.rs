@@ -29,10 +29,12 @@ pub(crate) enum Origin {
     Fresh,
     /// A restore of the tenant's READY snapshot.
     Snapshot(capsa_store::SnapshotRecord),
-    /// A restore of a fork's snapshot of session `parent`.
+    /// A restore of a fork's snapshot of session `parent`, whose env (`env_names`, the
+    /// values copied with its kernels' memory) the fork has too.
     Fork {
         snap: capsa_store::SnapshotRecord,
         parent: String,
+        env_names: Vec<String>,
     },
 }
 
@@ -162,7 +164,10 @@ impl App {
             template: spec.template.clone(),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            env_names: spec.env.keys().cloned().collect(),
+            env_names: match &origin {
+                Origin::Fork { env_names, .. } => env_names.clone(),
+                _ => spec.env.keys().cloned().collect(),
+            },
             metadata: spec.metadata.clone(),
             lifetime: spec.lifetime,
             egress: egress.clone(),

@@ -432,7 +432,8 @@ impl App {
             lifetime: spec
                 .lifetime
                 .unwrap_or(Duration::from_millis(parent.lifetime_ms.max(0) as u64)),
-            // The values live in the kernels' memory, which the fork copies.
+            // The values live in the kernels' memory, which the fork copies (the names go
+            // with the origin).
             env: Default::default(),
             metadata: spec
                 .metadata
@@ -445,17 +446,19 @@ impl App {
         };
         let creates = (0..spec.count).map(|_| {
             let app = self.clone();
-            let (tenant, child, snap, parent_id) = (
+            let (tenant, child, snap, parent_id, env_names) = (
                 tenant.to_owned(),
                 child.clone(),
                 snap.clone(),
                 parent.id.clone(),
+                parent.env_names.clone(),
             );
             tokio::spawn(
                 async move {
                     let origin = Origin::Fork {
                         snap,
                         parent: parent_id,
+                        env_names,
                     };
                     app.create_from(&tenant, child, origin).await
                 }

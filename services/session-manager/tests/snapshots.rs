@@ -45,7 +45,19 @@ async fn usage(c: &mut Client) -> pb::GetTenantUsageResponse {
 async fn a_snapshot_is_a_template_and_a_fork_makes_all_its_sessions_or_none() {
     let h = Harness::start(1).await;
     let mut c = h.client(0).await;
-    let parent = create(&mut c, Some(600)).await;
+    let parent = c
+        .create_session(pb::CreateSessionRequest {
+            lifetime: Some(capsa_proto::time::duration(std::time::Duration::from_secs(
+                600,
+            ))),
+            env: [("API_TOKEN".to_owned(), "secret".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
 
     let snap = snapshot(&mut c, &parent.id).await.unwrap();
     assert_eq!(snap.status(), pb::SnapshotStatus::Ready);
@@ -86,6 +98,9 @@ async fn a_snapshot_is_a_template_and_a_fork_makes_all_its_sessions_or_none() {
     for f in &forks {
         assert_eq!(f.status(), pb::SessionStatus::Active);
         assert_eq!(f.parent_session_id, parent.id);
+        // The parent's env went with its kernels' memory: its names are listed, no value.
+        assert_eq!(f.env_names, ["API_TOKEN"]);
+        assert!(f.env.is_empty());
         assert_eq!(
             f.expire_time.unwrap().seconds - f.create_time.unwrap().seconds,
             600
