@@ -74,7 +74,8 @@ async fn silent_client_is_cut_off(addr: String) {
 async fn the_instavm_sdk_suite_passes_against_the_gateway() {
     // Checked before the stack starts: without the venv there is nothing to run.
     test_python();
-    // Two warm VMs: the suite holds at most two sessions at once.
+    // Two warm VMs: the suite holds at most two pool sessions at once (its clone and the VM
+    // made from a snapshot are restored, not taken from the pool).
     let stack = Stack::start(StackOptions {
         warm: 2,
         ..StackOptions::default()

@@ -64,6 +64,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms", post(create_vm).get(list_vms))
         .route("/v1/vms/", get(list_all_vms))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/suspend", post(suspend_vm))
+        .route("/v1/vms/{id}/resume", post(resume_vm))
+        .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
+        .route("/v1/vms/{id}/clone", post(clone_vm))
+        .route("/v1/snapshots", get(list_snapshots).post(build_snapshot))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
         .route("/v1/egress/session/{id}", get(get_egress).post(set_egress))
         .route("/v1/egress/vm/{id}", get(get_egress).post(set_egress))
         .route("/openapi.json", get(openapi))
@@ -893,6 +902,225 @@ async fn delete_vm(
     Ok(Json(delete(&s, &key, id).await?.into()))
 }
 
+fn answered<T>(what: &str, value: Option<T>) -> Result<T, ApiError> {
+    value.ok_or_else(|| ApiError::Internal(format!("{what} answered without a result")))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/suspend", tag = "vms",
+    params(("id" = String, Path, description = "vm id (the session id)")),
+    responses((status = 200, description = "the VM, `suspended`", body = SessionView),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "not active (nor already suspended)", body = ErrorBody)))]
+async fn suspend_vm(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let key = ApiKey::from_request(&headers, None)?;
+    let resp = s
+        .backend
+        .client(&key)?
+        .suspend_session(request(
+            pb::SuspendSessionRequest { session_id: id },
+            s.limits.create_timeout,
+        ))
+        .await?
+        .into_inner();
+    Ok(Json(answered("SuspendSession", resp.session)?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/resume", tag = "vms",
+    params(("id" = String, Path, description = "vm id (the session id); it keeps its id"),
+           ("wait" = Option<bool>, Query, description = "accepted; resuming always waits")),
+    responses((status = 200, description = "the VM, `active`", body = SessionView),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "not suspended (nor already active)", body = ErrorBody)))]
+async fn resume_vm(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    // `wait` is not read: ResumeSession returns once the session is ACTIVE.
+    let key = ApiKey::from_request(&headers, None)?;
+    let resp = s
+        .backend
+        .client(&key)?
+        .resume_session(request(
+            pb::ResumeSessionRequest { session_id: id },
+            s.limits.create_timeout,
+        ))
+        .await?
+        .into_inner();
+    Ok(Json(answered("ResumeSession", resp.session)?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "snapshots",
+    request_body = SnapshotBody,
+    params(("id" = String, Path, description = "vm id (the session id); it runs on"),
+           ("wait" = Option<bool>, Query, description = "accepted; the snapshot is ready when this answers")),
+    responses((status = 200, body = SnapshotView), (status = 404, body = ErrorBody),
+              (status = 409, description = "the VM is not active", body = ErrorBody),
+              (status = 422, body = ErrorBody),
+              (status = 429, description = "the snapshot quota is used up", body = ErrorBody)))]
+async fn snapshot_vm(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let key = ApiKey::from_request(&headers, None)?;
+    let body: SnapshotBody = parse(&headers, &body)?;
+    let resp = s
+        .backend
+        .client(&key)?
+        .snapshot_session(request(body.to_request(id), s.limits.create_timeout))
+        .await?
+        .into_inner();
+    Ok(Json(answered("SnapshotSession", resp.snapshot)?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/clone", tag = "vms", request_body = CloneBody,
+    params(("id" = String, Path, description = "vm id (the session id) to clone; it runs on"),
+           ("wait" = Option<bool>, Query, description = "accepted; the clone is active when this answers")),
+    responses((status = 200, description = "the new VM", body = SessionView),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "the VM is not active", body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn clone_vm(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SessionView>, ApiError> {
+    let key = ApiKey::from_request(&headers, None)?;
+    let body: CloneBody = parse(&headers, &body)?;
+    let resp = s
+        .backend
+        .client(&key)?
+        .fork_session(request(body.to_request(id), s.limits.create_timeout))
+        .await?
+        .into_inner();
+    let clone = resp.sessions.into_iter().next();
+    Ok(Json(answered("ForkSession", clone)?.into()))
+}
+
+/// Most snapshots one `GET /v1/snapshots` returns (a tenant's quota is far below).
+const MAX_LISTED_SNAPSHOTS: usize = 10_000;
+
+/// Largest page asked of ListSnapshots.
+const SNAPSHOT_PAGE: usize = 1000;
+
+#[derive(Deserialize)]
+struct SnapshotListQuery {
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
+    params(("limit" = Option<u32>, Query, description = "at most this many (1 to 10000); all (up to 10000) when absent"),
+           ("type" = Option<String>, Query, description = "accepted and ignored: every snapshot is a VM's")),
+    responses((status = 200, description = "the caller's snapshots, newest first", body = Vec<SnapshotView>)))]
+async fn list_snapshots(
+    State(s): Shared,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Vec<SnapshotView>>, ApiError> {
+    let key = ApiKey::from_request(&headers, None)?;
+    // Keys other than `limit` (the SDK's `type`, say) are ignored.
+    let q: SnapshotListQuery = query(raw)?;
+    let cap = match q.limit {
+        None => MAX_LISTED_SNAPSHOTS,
+        Some(n @ 1..=MAX_LISTED_SNAPSHOTS) => n,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("{n} is not 1 to {MAX_LISTED_SNAPSHOTS}"),
+            ));
+        }
+    };
+    let mut client = s.backend.client(&key)?;
+    let mut out: Vec<SnapshotView> = Vec::new();
+    let mut page_token = String::new();
+    // Bounded by `cap`: every page but the last brings at least one snapshot.
+    loop {
+        let page_size = (cap - out.len()).min(SNAPSHOT_PAGE) as i32;
+        let resp = client
+            .list_snapshots(request(
+                pb::ListSnapshotsRequest {
+                    page_size,
+                    page_token,
+                },
+                s.limits.call_timeout,
+            ))
+            .await?
+            .into_inner();
+        let got = resp.snapshots.len();
+        out.extend(resp.snapshots.into_iter().map(SnapshotView::from));
+        if resp.next_page_token.is_empty() || got == 0 || out.len() >= cap {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
+    out.truncate(cap);
+    Ok(Json(out))
+}
+
+#[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots",
+    params(("id" = String, Path, description = "snapshot id")),
+    responses((status = 200, body = SnapshotView), (status = 404, body = ErrorBody)))]
+async fn get_snapshot(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let key = ApiKey::from_request(&headers, None)?;
+    let resp = s
+        .backend
+        .client(&key)?
+        .get_snapshot(request(
+            pb::GetSnapshotRequest { snapshot_id: id },
+            s.limits.call_timeout,
+        ))
+        .await?
+        .into_inner();
+    Ok(Json(answered("GetSnapshot", resp.snapshot)?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots",
+    params(("id" = String, Path, description = "snapshot id")),
+    responses((status = 200, description = "the snapshot as it was; VMs made from it run on",
+               body = SnapshotView),
+              (status = 404, body = ErrorBody)))]
+async fn delete_snapshot(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let key = ApiKey::from_request(&headers, None)?;
+    let resp = s
+        .backend
+        .client(&key)?
+        .delete_snapshot(request(
+            pb::DeleteSnapshotRequest { snapshot_id: id },
+            s.limits.call_timeout,
+        ))
+        .await?
+        .into_inner();
+    Ok(Json(answered("DeleteSnapshot", resp.snapshot)?.into()))
+}
+
+/// Why `POST /v1/snapshots` is refused.
+const NO_IMAGE_SNAPSHOTS: &str = "snapshots are not built from OCI images here: take one of \
+a running VM with POST /v1/vms/{id}/snapshot, then start VMs from it with POST /v1/vms \
+{\"snapshot_id\": ...}";
+
+/// `POST /v1/snapshots` (InstaVM builds a snapshot from an OCI image): not offered.
+#[utoipa::path(post, path = "/v1/snapshots", tag = "snapshots",
+    responses((status = 501, description = "always: snapshot a running VM instead", body = ErrorBody)))]
+async fn build_snapshot(headers: HeaderMap) -> Result<Json<SnapshotView>, ApiError> {
+    ApiKey::from_request(&headers, None)?;
+    Err(ApiError::Unsupported(NO_IMAGE_SNAPSHOTS))
+}
+
 #[utoipa::path(get, path = "/v1/egress/session/{id}", tag = "egress",
     params(("id" = String, Path, description = "session id (`/v1/egress/vm/{id}` is the same)")),
     responses((status = 200, body = EgressView), (status = 404, body = ErrorBody)))]
@@ -966,7 +1194,9 @@ impl utoipa::Modify for ApiKeyHeader {
          description = "InstaVM's REST API over Capsa sessions; errors are {\"detail\": ...}."),
     paths(create_session, get_session, session_status, session_usage, list_sandboxes, kill,
           execute, execute_async, get_execution, execute_stream, upload, download,
-          create_vm, list_vms, list_all_vms, get_vm, delete_vm, get_egress, set_egress),
+          create_vm, list_vms, list_all_vms, get_vm, delete_vm, suspend_vm, resume_vm,
+          snapshot_vm, clone_vm, list_snapshots, get_snapshot, delete_snapshot, build_snapshot,
+          get_egress, set_egress),
     modifiers(&ApiKeyHeader),
     security(("api_key" = []))
 )]
@@ -1135,6 +1365,82 @@ mod tests {
         );
     }
 
+    fn with_key(b: axum::http::request::Builder) -> axum::http::Request<Body> {
+        b.header("x-api-key", "k").body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn building_a_snapshot_from_an_image_is_501_saying_what_to_do() {
+        let (status, _) = call(post("/v1/snapshots", None, r#"{"oci_image":"python:3"}"#)).await;
+        assert_eq!(status, 401, "the key is still checked first");
+        let (status, json) = call(post(
+            "/v1/snapshots",
+            Some("k"),
+            r#"{"oci_image":"python:3","name":"n"}"#,
+        ))
+        .await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        assert!(
+            detail(&json).contains("POST /v1/vms/{id}/snapshot"),
+            "{json}"
+        );
+    }
+
+    #[tokio::test]
+    async fn vm_lifecycle_and_snapshot_routes_check_input_before_calling_out() {
+        use axum::http::Request as R;
+        // The SDK's `type` and `wait` are accepted: these reach the (absent) backend.
+        for req in [
+            with_key(R::get("/v1/snapshots?type=user")),
+            with_key(R::get("/v1/snapshots?limit=5")),
+            with_key(R::get("/v1/snapshots/snap-1")),
+            with_key(R::delete("/v1/snapshots/snap-1")),
+            with_key(R::post("/v1/vms/s/suspend")),
+            with_key(R::post("/v1/vms/s/resume?wait=true")),
+            post(
+                "/v1/vms/s/snapshot?wait=true",
+                Some("k"),
+                r#"{"name":"base"}"#,
+            ),
+            post("/v1/vms/s/snapshot", Some("k"), ""),
+            post(
+                "/v1/vms/s/clone?wait=false",
+                Some("k"),
+                r#"{"snapshot_name":"x"}"#,
+            ),
+        ] {
+            let what = format!("{} {}", req.method(), req.uri());
+            let (status, json) = call(req).await;
+            assert_eq!(status, 503, "{what}: {json}");
+        }
+        let (status, json) = call(with_key(R::get("/v1/snapshots?limit=0"))).await;
+        assert_eq!(status, 422);
+        assert!(detail(&json).starts_with("limit: "), "{json}");
+        let (status, json) = call(post("/v1/vms/s/snapshot", Some("k"), r#"{"name":5}"#)).await;
+        assert_eq!(status, 422);
+        assert!(detail(&json).starts_with("invalid request body"), "{json}");
+        let (status, _) = call(post(
+            "/v1/vms/s/clone",
+            Some("k"),
+            r#"{"vm_lifetime_seconds":-1}"#,
+        ))
+        .await;
+        assert_eq!(status, 422);
+        for req in [
+            R::post("/v1/vms/s/suspend").body(Body::empty()).unwrap(),
+            R::post("/v1/vms/s/resume").body(Body::empty()).unwrap(),
+            post("/v1/vms/s/snapshot", None, "{}"),
+            post("/v1/vms/s/clone", None, "{}"),
+            R::get("/v1/snapshots").body(Body::empty()).unwrap(),
+            R::delete("/v1/snapshots/snap-1")
+                .body(Body::empty())
+                .unwrap(),
+        ] {
+            let what = format!("{} {}", req.method(), req.uri());
+            assert_eq!(call(req).await.0, 401, "{what}");
+        }
+    }
+
     #[tokio::test]
     async fn unknown_routes_are_404_with_detail_and_the_openapi_document_lists_every_route() {
         let get = |p: &str| axum::http::Request::get(p).body(Body::empty()).unwrap();
@@ -1157,8 +1463,26 @@ mod tests {
             "/v1/vms/{id}",
             "/v1/egress/session/{id}",
             "/v1/execute/stream",
+            "/v1/vms/{id}/suspend",
+            "/v1/vms/{id}/resume",
+            "/v1/vms/{id}/snapshot",
+            "/v1/vms/{id}/clone",
+            "/v1/snapshots",
+            "/v1/snapshots/{id}",
         ] {
             assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        for (path, method) in [
+            ("/v1/vms/{id}", "delete"),
+            ("/v1/snapshots", "get"),
+            ("/v1/snapshots", "post"),
+            ("/v1/snapshots/{id}", "get"),
+            ("/v1/snapshots/{id}", "delete"),
+        ] {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} missing"
+            );
         }
         assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
     }

@@ -60,12 +60,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub client_idle_secs: u64,
 
-    /// Bound on each session-manager call but create and execute.
+    /// Bound on each session-manager call but execute and those `--create-timeout-secs`
+    /// bounds.
     #[arg(long, env = "CAPSA_GATEWAY_CALL_TIMEOUT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub call_timeout_secs: u64,
 
-    /// Bound on creating a session (a cold VM boot under software emulation takes minutes).
+    /// Bound on creating, suspending, resuming, snapshotting and cloning a session (a cold VM
+    /// boot under software emulation takes minutes).
     #[arg(long, env = "CAPSA_GATEWAY_CREATE_TIMEOUT_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub create_timeout_secs: u64,

@@ -1,7 +1,9 @@
 //! The gateway's one error type and its one rendering: an HTTP status and InstaVM's error body,
 //! `{"detail": "..."}`. The `instavm` SDK turns 401 into `AuthenticationError`, 403 into
-//! `ForbiddenError`, 429 into `RateLimitError` (reading `detail`), 5xx into `NetworkError`,
-//! and any other 4xx into the calling method's own error (`SessionError`, `ExecutionError`).
+//! `ForbiddenError`, 429 into `RateLimitError` (reading `detail`), 5xx into `NetworkError`
+//! (with the body in its message), and any other 4xx into the calling method's own error
+//! (`SessionError`, `ExecutionError`) or, for the `vms`/`snapshots` managers, `requests`'
+//! `HTTPError`.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -32,6 +34,9 @@ pub enum ApiError {
     BodyTimeout(u64),
     #[error("{0}")]
     NotFound(String),
+    /// An InstaVM operation Capsa does not offer; the message says what to use instead.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
     /// What session-manager answered; its message is already fit for the client.
     #[error("{}", upstream_detail(.0))]
     Upstream(tonic::Status),
@@ -66,6 +71,7 @@ impl ApiError {
             }
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Upstream(status) => http_status(status.code()),
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -101,7 +107,8 @@ pub fn http_status(code: Code) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // 501 is the client asking for what is not offered: nothing to warn about.
+        if status.is_server_error() && !matches!(self, ApiError::Unsupported(_)) {
             tracing::warn!(status = status.as_u16(), "{self}");
         }
         let detail = match &self {
@@ -176,6 +183,10 @@ mod tests {
         let (status, json) = body(ApiError::invalid("language", "unsupported \"ruby\"")).await;
         assert_eq!(status, 422);
         assert_eq!(json["detail"], "language: unsupported \"ruby\"");
+
+        let (status, json) = body(ApiError::Unsupported("use X instead")).await;
+        assert_eq!(status, 501);
+        assert_eq!(json["detail"], "not supported: use X instead");
     }
 
     #[tokio::test]

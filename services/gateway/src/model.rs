@@ -32,6 +32,13 @@ pub struct CreateSessionBody {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub metadata: HashMap<String, serde_json::Value>,
+    /// Start from this snapshot (`POST /v1/vms/{id}/snapshot`) instead of a fresh VM: its
+    /// memory, files and packages, its template, vCPUs and memory.
+    pub snapshot_id: Option<String>,
+    /// At its deadline the VM is suspended instead of ended (see `/v1/vms/{id}/resume`).
+    pub auto_suspend: Option<bool>,
+    /// Executes and file calls resume a suspended VM first.
+    pub auto_resume: Option<bool>,
 }
 
 fn text(value: serde_json::Value) -> String {
@@ -47,19 +54,27 @@ impl CreateSessionBody {
         pb::CreateSessionRequest {
             vcpus: self.vcpu_count.unwrap_or(0),
             memory_mib: self.memory_mb.unwrap_or(0),
-            lifetime: self.vm_lifetime_seconds.map(|s| prost_types::Duration {
-                seconds: i64::try_from(s).unwrap_or(i64::MAX),
-                nanos: 0,
-            }),
+            lifetime: lifetime(self.vm_lifetime_seconds),
             env: self.env.into_iter().map(|(k, v)| (k, text(v))).collect(),
-            metadata: self
-                .metadata
-                .into_iter()
-                .map(|(k, v)| (k, text(v)))
-                .collect(),
+            metadata: labels(self.metadata),
+            snapshot_id: self.snapshot_id.unwrap_or_default(),
+            auto_suspend: self.auto_suspend.unwrap_or(false),
+            auto_resume: self.auto_resume.unwrap_or(false),
             ..Default::default()
         }
     }
+}
+
+/// Labels as Capsa keeps them: non-string values as their JSON text.
+fn labels(map: HashMap<String, serde_json::Value>) -> HashMap<String, String> {
+    map.into_iter().map(|(k, v)| (k, text(v))).collect()
+}
+
+fn lifetime(seconds: Option<u64>) -> Option<prost_types::Duration> {
+    seconds.map(|s| prost_types::Duration {
+        seconds: i64::try_from(s).unwrap_or(i64::MAX),
+        nanos: 0,
+    })
 }
 
 /// A session as InstaVM shows one.
@@ -68,7 +83,8 @@ pub struct SessionView {
     pub session_id: String,
     /// The same as `session_id`: a VM is addressed by its session.
     pub vm_id: String,
-    /// `creating`, `active`, `terminating` or `terminated`.
+    /// `creating`, `active`, `suspending`, `suspended`, `resuming`, `terminating` or
+    /// `terminated`.
     pub status: String,
     pub vcpu_count: u32,
     pub memory_mb: u32,
@@ -83,6 +99,16 @@ pub struct SessionView {
     /// Why it ended: `deleted`, `expired`, `vm_failed`, `create_failed`.
     pub end_reason: Option<String>,
     pub end_message: Option<String>,
+    /// At its deadline it is suspended instead of ended.
+    pub auto_suspend: bool,
+    /// Executes and file calls resume it when suspended.
+    pub auto_resume: bool,
+    /// When it was last suspended.
+    pub suspended_at: Option<String>,
+    /// The snapshot it was created from (`snapshot_id` at creation), if any.
+    pub source_snapshot_id: Option<String>,
+    /// The VM it was cloned from (`POST /v1/vms/{id}/clone`), if any.
+    pub parent_vm_id: Option<String>,
 }
 
 pub fn status_name(status: i32) -> &'static str {
@@ -91,6 +117,9 @@ pub fn status_name(status: i32) -> &'static str {
         Ok(pb::SessionStatus::Active) => "active",
         Ok(pb::SessionStatus::Terminating) => "terminating",
         Ok(pb::SessionStatus::Terminated) => "terminated",
+        Ok(pb::SessionStatus::Suspending) => "suspending",
+        Ok(pb::SessionStatus::Suspended) => "suspended",
+        Ok(pb::SessionStatus::Resuming) => "resuming",
         _ => "unknown",
     }
 }
@@ -132,7 +161,118 @@ impl From<pb::Session> for SessionView {
             last_active_at: time(&s.last_active_time),
             ended_at: time(&s.end_time),
             end_reason: end_reason_name(s.end_reason).map(str::to_owned),
-            end_message: Some(s.end_message).filter(|m| !m.is_empty()),
+            end_message: non_empty(s.end_message),
+            auto_suspend: s.auto_suspend,
+            auto_resume: s.auto_resume,
+            suspended_at: time(&s.suspend_time),
+            source_snapshot_id: non_empty(s.source_snapshot_id),
+            parent_vm_id: non_empty(s.parent_session_id),
+        }
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+/// `POST /v1/vms/{id}/snapshot`. Other fields the SDK may send are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct SnapshotBody {
+    /// 1 to 128 characters, no control characters; need not be unique. `"snapshot"` when
+    /// absent (the SDK's `name` is optional).
+    pub name: Option<String>,
+    /// Labels; non-string values are sent as their JSON text.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: HashMap<String, serde_json::Value>,
+}
+
+/// The name of a snapshot taken without one.
+pub const DEFAULT_SNAPSHOT_NAME: &str = "snapshot";
+
+impl SnapshotBody {
+    pub fn to_request(self, session_id: String) -> pb::SnapshotSessionRequest {
+        pb::SnapshotSessionRequest {
+            session_id,
+            // Absent means the default; a given name (even empty) goes as it is, so a bad
+            // one is session-manager's 422 naming `name`.
+            name: self
+                .name
+                .unwrap_or_else(|| DEFAULT_SNAPSHOT_NAME.to_owned()),
+            metadata: labels(self.metadata),
+        }
+    }
+}
+
+/// `POST /v1/vms/{id}/clone`: one new VM from the running one's state at this moment.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct CloneBody {
+    /// Accepted and ignored: a clone is made directly, not through a kept snapshot (take
+    /// one with `POST /v1/vms/{id}/snapshot`).
+    pub snapshot_name: Option<String>,
+    /// The clone's lifetime (10 s to 24 h); the source VM's when absent.
+    pub vm_lifetime_seconds: Option<u64>,
+    /// The clone's labels; the source VM's when absent or empty.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: HashMap<String, serde_json::Value>,
+}
+
+impl CloneBody {
+    pub fn to_request(self, session_id: String) -> pb::ForkSessionRequest {
+        pb::ForkSessionRequest {
+            session_id,
+            count: 1,
+            lifetime: lifetime(self.vm_lifetime_seconds),
+            metadata: labels(self.metadata),
+        }
+    }
+}
+
+/// A snapshot: a VM's saved memory, files and packages, which new VMs start from
+/// (`POST /v1/vms` with `snapshot_id`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotView {
+    /// `snap-` and 32 hex digits.
+    pub id: String,
+    /// The same as `id`.
+    pub snapshot_id: String,
+    pub name: String,
+    /// `creating` or `ready`.
+    pub status: String,
+    /// The VM (session) it was taken of.
+    pub vm_id: String,
+    pub template: String,
+    pub vcpu_count: u32,
+    pub memory_mb: u32,
+    /// Bytes on disk, once ready.
+    pub size_bytes: u64,
+    pub created_at: Option<String>,
+    pub metadata: HashMap<String, String>,
+}
+
+pub fn snapshot_status_name(status: i32) -> &'static str {
+    match pb::SnapshotStatus::try_from(status) {
+        Ok(pb::SnapshotStatus::Creating) => "creating",
+        Ok(pb::SnapshotStatus::Ready) => "ready",
+        _ => "unknown",
+    }
+}
+
+impl From<pb::Snapshot> for SnapshotView {
+    fn from(s: pb::Snapshot) -> Self {
+        SnapshotView {
+            snapshot_id: s.id.clone(),
+            id: s.id,
+            name: s.name,
+            status: snapshot_status_name(s.status).to_owned(),
+            vm_id: s.session_id,
+            template: s.template,
+            vcpu_count: s.vcpus,
+            memory_mb: s.memory_mib,
+            size_bytes: s.size_bytes,
+            created_at: time(&s.create_time),
+            metadata: s.metadata.into_iter().collect(),
         }
     }
 }
@@ -523,6 +663,86 @@ mod tests {
         let req = CreateSessionBody::default().to_request();
         assert!(req.lifetime.is_none());
         assert_eq!((req.vcpus, req.memory_mib), (0, 0), "server defaults apply");
+        assert!(req.snapshot_id.is_empty() && !req.auto_suspend && !req.auto_resume);
+    }
+
+    #[test]
+    fn create_from_a_snapshot_with_auto_suspend() {
+        // What `client.vms.create(snapshot_id=..., auto_suspend=True, auto_resume=True)` sends.
+        let body: CreateSessionBody = serde_json::from_value(serde_json::json!({
+            "snapshot_id": "snap-0123", "auto_suspend": true, "auto_resume": true,
+            "volumes": []
+        }))
+        .unwrap();
+        let req = body.to_request();
+        assert_eq!(req.snapshot_id, "snap-0123");
+        assert!(req.auto_suspend && req.auto_resume);
+    }
+
+    #[test]
+    fn snapshot_and_clone_bodies() {
+        let req = SnapshotBody::default().to_request("s1".into());
+        assert_eq!(
+            (req.session_id.as_str(), req.name.as_str()),
+            ("s1", "snapshot")
+        );
+        let body: SnapshotBody = serde_json::from_value(serde_json::json!({
+            "name": "", "metadata": {"step": 3}, "description": "ignored"
+        }))
+        .unwrap();
+        let req = body.to_request("s1".into());
+        assert_eq!(
+            req.name, "",
+            "a given name goes as it is, for the server to judge"
+        );
+        assert_eq!(req.metadata["step"], "3");
+
+        let req = CloneBody::default().to_request("s1".into());
+        assert_eq!((req.count, req.lifetime, req.metadata.len()), (1, None, 0));
+        let body: CloneBody = serde_json::from_value(serde_json::json!({
+            "snapshot_name": "x", "vm_lifetime_seconds": 120, "metadata": {"k": "v"}
+        }))
+        .unwrap();
+        let req = body.to_request("s1".into());
+        assert_eq!(req.lifetime.unwrap().seconds, 120);
+        assert_eq!(req.metadata["k"], "v");
+    }
+
+    #[test]
+    fn snapshots_show_as_instavm_does() {
+        let v = SnapshotView::from(pb::Snapshot {
+            id: "snap-1".into(),
+            name: "base".into(),
+            status: pb::SnapshotStatus::Ready as i32,
+            session_id: "s1".into(),
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            size_bytes: 99,
+            create_time: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: 0,
+            }),
+            node_id: "node-a".into(),
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+        });
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["id"], "snap-1");
+        assert_eq!(json["snapshot_id"], "snap-1");
+        assert_eq!(json["status"], "ready");
+        assert_eq!(json["vm_id"], "s1");
+        assert_eq!(
+            (json["vcpu_count"].clone(), json["memory_mb"].clone()),
+            (1.into(), 512.into())
+        );
+        assert_eq!(json["size_bytes"], 99);
+        assert_eq!(json["created_at"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["metadata"]["k"], "v");
+        assert!(json.get("node_id").is_none(), "nodes are not shown");
+        assert_eq!(
+            snapshot_status_name(pb::SnapshotStatus::Creating as i32),
+            "creating"
+        );
     }
 
     #[test]
@@ -647,6 +867,35 @@ mod tests {
         assert_eq!(info.vm_id, "s1", "a VM is addressed by its session id");
         assert_eq!(info.status, "terminated");
         assert_eq!(info.end_reason.as_deref(), Some("deleted"));
+        assert_eq!((info.source_snapshot_id, info.parent_vm_id), (None, None));
+    }
+
+    #[test]
+    fn suspended_sessions_and_their_origins_are_shown() {
+        for (status, name) in [
+            (pb::SessionStatus::Suspending, "suspending"),
+            (pb::SessionStatus::Suspended, "suspended"),
+            (pb::SessionStatus::Resuming, "resuming"),
+        ] {
+            assert_eq!(status_name(status as i32), name);
+        }
+        let v = SessionView::from(pb::Session {
+            id: "s2".into(),
+            status: pb::SessionStatus::Suspended as i32,
+            auto_resume: true,
+            suspend_time: Some(prost_types::Timestamp {
+                seconds: 60,
+                nanos: 0,
+            }),
+            source_snapshot_id: "snap-1".into(),
+            parent_session_id: "s1".into(),
+            ..Default::default()
+        });
+        assert_eq!(v.status, "suspended");
+        assert!(v.auto_resume && !v.auto_suspend);
+        assert_eq!(v.suspended_at.as_deref(), Some("1970-01-01T00:01:00Z"));
+        assert_eq!(v.source_snapshot_id.as_deref(), Some("snap-1"));
+        assert_eq!(v.parent_vm_id.as_deref(), Some("s1"));
     }
 
     #[test]

@@ -71,6 +71,44 @@ def test_rejected_requests_create_nothing(endpoint, api_key):
     assert _sessions(endpoint, api_key) == before
 
 
+def _snapshots(endpoint, key):
+    resp = requests.get(f"{endpoint}/v1/snapshots", headers={"X-API-Key": key}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return {s["id"] for s in resp.json()}
+
+
+def test_bad_snapshot_requests_name_the_problem_and_make_nothing(vm, endpoint, api_key):
+    h = {"X-API-Key": api_key}
+    sessions, snapshots = _sessions(endpoint, api_key), _snapshots(endpoint, api_key)
+    for name in ["", "n" * 129, "tab\there"]:
+        resp = requests.post(
+            f"{endpoint}/v1/vms/{vm.session_id}/snapshot", json={"name": name}, headers=h, timeout=120
+        )
+        assert resp.status_code == 422, (name, resp.text)
+        assert "name" in resp.json()["detail"]
+    # InstaVM builds snapshots from OCI images; here they are taken of a running VM.
+    resp = requests.post(
+        f"{endpoint}/v1/snapshots", json={"oci_image": "python:3.11", "name": "img"}, headers=h, timeout=60
+    )
+    assert resp.status_code == 501
+    assert "POST /v1/vms/{id}/snapshot" in resp.json()["detail"]
+    resp = requests.get(f"{endpoint}/v1/snapshots/snap-{'0' * 32}", headers=h, timeout=60)
+    assert resp.status_code == 404
+    resp = requests.post(f"{endpoint}/v1/vms", json={"snapshot_id": "nope"}, headers=h, timeout=60)
+    assert resp.status_code == 422
+    assert "snapshot_id" in resp.json()["detail"]
+    resp = requests.post(
+        f"{endpoint}/v1/vms", json={"snapshot_id": f"snap-{'0' * 32}"}, headers=h, timeout=60
+    )
+    assert resp.status_code == 404, resp.text
+    resp = requests.get(f"{endpoint}/v1/snapshots", params={"limit": 0}, headers=h, timeout=60)
+    assert resp.status_code == 422
+    assert resp.json()["detail"].startswith("limit: ")
+    assert _sessions(endpoint, api_key) == sessions
+    assert _snapshots(endpoint, api_key) == snapshots
+    assert vm.get_session_status()["vm_status"] == "active"
+
+
 def test_ten_mib_command_is_refused_with_a_reason(vm, endpoint, api_key):
     resp = requests.post(
         f"{endpoint}/execute",
@@ -111,6 +149,10 @@ def test_another_tenant_sees_nothing_of_the_first(vm, endpoint, api_key, other_k
         ("POST", "/execute_async", {"session_id": sid, "command": "print(1)"}),
         ("POST", "/kill", {"session_id": sid}),
         ("DELETE", f"/v1/vms/{sid}", None),
+        ("POST", f"/v1/vms/{sid}/suspend", None),
+        ("POST", f"/v1/vms/{sid}/resume", None),
+        ("POST", f"/v1/vms/{sid}/snapshot", {"name": "stolen"}),
+        ("POST", f"/v1/vms/{sid}/clone", {}),
     ]:
         resp = requests.request(method, f"{endpoint}{path}", json=body, headers=h, timeout=60)
         assert resp.status_code == 404, (method, path, resp.status_code, resp.text)

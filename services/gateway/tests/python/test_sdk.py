@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 
+import pytest
 import requests
 from instavm import InstaVM
 
@@ -160,6 +161,99 @@ def test_vms_create_wait_get_delete(endpoint, api_key):
         deleted = client.vms.delete(vm_id)
     assert deleted["status"] in ("terminating", "terminated")
     assert client.vms.get(vm_id)["status"] in ("terminating", "terminated")
+
+
+def _not_found(call):
+    """The SDK's `vms` and `snapshots` managers raise requests' HTTPError for a 404."""
+    with pytest.raises(requests.HTTPError) as err:
+        call()
+    assert err.value.response.status_code == 404, err.value.response.text
+    assert err.value.response.json()["detail"]
+
+
+def test_vms_snapshot_restore_clone_suspend_resume(endpoint, api_key, other_key):
+    """Three VMs (the source, one started from its snapshot, a clone), at most two of them
+    (besides conftest's `vm`) at once."""
+    client = InstaVM(api_key, base_url=endpoint, auto_start_session=False)
+    other = InstaVM(other_key, base_url=endpoint, auto_start_session=False)
+    made, snap_id = [], None
+
+    def run(vm_id, code):
+        client.session_id = vm_id
+        return client.execute(code)
+
+    def delete_vm(vm_id):
+        made.remove(vm_id)
+        assert client.vms.delete(vm_id)["status"] in ("terminating", "terminated")
+
+    try:
+        src = client.vms.create(wait=True, vm_lifetime_seconds=600)["vm_id"]
+        made.append(src)
+        assert run(src, "x = 41")["success"] is True
+
+        snap = client.vms.snapshot(src, name="base", metadata={"suite": "gateway"})
+        snap_id = snap["id"]
+        assert snap_id.startswith("snap-")
+        assert snap["snapshot_id"] == snap_id
+        assert (snap["name"], snap["status"], snap["vm_id"]) == ("base", "ready", src)
+        assert snap["metadata"] == {"suite": "gateway"}
+        assert snap["created_at"]
+        assert snap_id in [s["id"] for s in client.snapshots.list()]
+        # InstaVM's `type` filter is accepted (every snapshot here is a VM's).
+        assert snap_id in [s["id"] for s in client.snapshots.list(snapshot_type="user")]
+        got = client.snapshots.get(snap_id)
+        assert (got["id"], got["name"], got["vm_id"]) == (snap_id, "base", src)
+        assert got["size_bytes"] > 0
+        assert (got["vcpu_count"], got["memory_mb"]) == (snap["vcpu_count"], snap["memory_mb"])
+
+        # Another tenant sees neither the snapshot nor the VM.
+        _not_found(lambda: other.snapshots.get(snap_id))
+        _not_found(lambda: other.snapshots.delete(snap_id))
+        _not_found(lambda: other.vms.clone(src))
+        _not_found(lambda: other.vms.snapshot(src, name="stolen"))
+        _not_found(lambda: other.vms.suspend(src))
+        assert snap_id not in [s["id"] for s in other.snapshots.list()]
+
+        # How an SDK user starts a VM from a snapshot: vms.create(**payload) sends it as is.
+        restored = client.vms.create(wait=True, snapshot_id=snap_id, vm_lifetime_seconds=300)
+        made.append(restored["vm_id"])
+        assert restored["status"] == "active"
+        assert restored["source_snapshot_id"] == snap_id
+        assert restored["vm_id"] != src
+        assert run(restored["vm_id"], "print(x)")["stdout"] == "41\n"
+
+        deleted = client.snapshots.delete(snap_id)
+        assert deleted["id"] == snap_id
+        snap_id = None
+        _not_found(lambda: client.snapshots.get(deleted["id"]))
+        assert deleted["id"] not in [s["id"] for s in client.snapshots.list()]
+        # A VM started from it runs on.
+        assert run(restored["vm_id"], "print(x + 1)")["stdout"] == "42\n"
+        delete_vm(restored["vm_id"])
+
+        clone = client.vms.clone(src)
+        made.append(clone["vm_id"])
+        assert clone["status"] == "active"
+        assert clone["vm_id"] not in (src, restored["vm_id"])
+        assert clone["parent_vm_id"] == src
+        assert run(clone["vm_id"], "print(x)")["stdout"] == "41\n"
+        delete_vm(clone["vm_id"])
+
+        suspended = client.vms.suspend(src)
+        assert (suspended["vm_id"], suspended["status"]) == (src, "suspended")
+        assert suspended["suspended_at"]
+        assert client.vms.get(src)["status"] == "suspended"
+        resumed = client.vms.resume(src, wait=True)
+        assert (resumed["vm_id"], resumed["status"]) == (src, "active")
+        assert run(src, "print(x)")["stdout"] == "41\n"
+    finally:
+        for vm_id in list(made):
+            try:
+                client.vms.delete(vm_id)
+            except Exception as e:  # noqa: BLE001 - clean up the rest regardless
+                print(f"deleting {vm_id}: {e}")
+        if snap_id:
+            client.snapshots.delete(snap_id)
 
 
 def test_openapi_document(endpoint):
