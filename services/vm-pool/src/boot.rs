@@ -439,12 +439,9 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
                     && matches!(i.state, VmState::Warm | VmState::Booting)
             })
             .count() as u32;
-        let base = if shared.settings.warm_from_snapshot && tpl.warm_target > 0 {
-            st.bases.get(&tpl.name).cloned()
-        } else {
-            Some(Base::Unusable)
-        };
-        if base.is_none() {
+        // Only ever set with `warm_from_snapshot` (by `adopt` or `make`).
+        let base = st.bases.get(&tpl.name).cloned();
+        if base.is_none() && shared.settings.warm_from_snapshot && tpl.warm_target > 0 {
             // The base's VM is leased to the pool itself: it counts against capacity, not
             // as warm. Meanwhile refills cold-boot.
             if shared

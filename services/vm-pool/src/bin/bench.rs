@@ -276,11 +276,9 @@ async fn main() -> anyhow::Result<()> {
         format!("{} MiB", restored_rss >> 20),
         String::new(),
     );
-    let (three, one_idle) = (
-        median_u(&mut three_copies_rss),
-        median_u(&mut cold_rss.clone()),
-    );
-    let three_ratio = three as f64 / (3 * one_idle).max(1) as f64;
+    let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
+    let three = median_u(&mut three_copies_rss);
+    let three_ratio = three as f64 / (3 * cr).max(1) as f64;
     row(
         "VMM resident memory, 3 copies of one VM",
         format!("{} MiB", three >> 20),
@@ -308,7 +306,6 @@ async fn main() -> anyhow::Result<()> {
         "restored_rss_mib".into(),
         (restored_rss as f64 / f64::from(1 << 20)).into(),
     );
-    let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
     json.insert(
         "idle_rss_mib".into(),
         (cr as f64 / f64::from(1 << 20)).into(),
