@@ -29,12 +29,10 @@ pub(crate) enum Origin {
     Fresh,
     /// A restore of the tenant's READY snapshot.
     Snapshot(capsa_store::SnapshotRecord),
-    /// A restore of a fork's snapshot of session `parent`, whose env (`env_names`, the
-    /// values copied with its kernels' memory) the fork has too.
+    /// A restore of a fork's snapshot of session `parent`.
     Fork {
         snap: capsa_store::SnapshotRecord,
         parent: String,
-        env_names: Vec<String>,
     },
 }
 
@@ -164,10 +162,7 @@ impl App {
             template: spec.template.clone(),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            env_names: match &origin {
-                Origin::Fork { env_names, .. } => env_names.clone(),
-                _ => spec.env.keys().cloned().collect(),
-            },
+            env_names: env_names(&origin, &spec),
             metadata: spec.metadata.clone(),
             lifetime: spec.lifetime,
             egress: egress.clone(),
@@ -512,5 +507,71 @@ pub fn describe_end(rec: &SessionRecord) -> String {
         format!("ended: {reason}")
     } else {
         format!("ended: {reason} ({})", rec.end_message)
+    }
+}
+
+/// The env names a new session lists: those of the session a snapshot or fork was taken
+/// of (their values are in the restored memory) and those the request sets.
+fn env_names(origin: &Origin, spec: &CreateSpec) -> Vec<String> {
+    let inherited = match origin {
+        Origin::Fresh => &[][..],
+        Origin::Snapshot(snap) | Origin::Fork { snap, .. } => &snap.env_names[..],
+    };
+    let mut names: Vec<String> = inherited.iter().chain(spec.env.keys()).cloned().collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_session_lists_its_snapshots_env_names_and_its_own() {
+        let snap = capsa_store::SnapshotRecord {
+            env_names: vec!["TOKEN".into(), "REGION".into()],
+            ..test_snapshot()
+        };
+        let spec = spec_with_env(&[("REGION", "eu"), ("DEBUG", "1")]);
+        assert_eq!(
+            env_names(&Origin::Snapshot(snap.clone()), &spec),
+            ["DEBUG", "REGION", "TOKEN"]
+        );
+        assert_eq!(
+            env_names(&Origin::Fork { snap, parent: "p".into() }, &spec_with_env(&[])),
+            ["REGION", "TOKEN"]
+        );
+        assert_eq!(env_names(&Origin::Fresh, &spec), ["DEBUG", "REGION"]);
+    }
+
+    fn spec_with_env(env: &[(&str, &str)]) -> CreateSpec {
+        let request = capsa_proto::session::v1::CreateSessionRequest {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        crate::validate::create(&request).expect("a valid request")
+    }
+
+    fn test_snapshot() -> capsa_store::SnapshotRecord {
+        capsa_store::SnapshotRecord {
+            id: "snap-1".into(),
+            tenant_id: "t".into(),
+            kind: capsa_store::SnapshotKind::Named,
+            name: "n".into(),
+            status: capsa_store::SnapshotStatus::Ready,
+            session_id: "s".into(),
+            node_id: "node".into(),
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            metadata: Default::default(),
+            env_names: Vec::new(),
+            size_bytes: 0,
+            create_ms: 0,
+        }
     }
 }

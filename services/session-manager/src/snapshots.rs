@@ -161,6 +161,7 @@ impl App {
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
             metadata: spec.metadata,
+            env_names: rec.env_names.clone(),
             // Its memory, most of which a busy guest has touched; the disk layer is seen
             // only once written.
             estimate_bytes: u64::from(rec.memory_mib) * MIB,
@@ -389,6 +390,7 @@ impl App {
             vcpus: parent.vcpus,
             memory_mib: parent.memory_mib,
             metadata: Default::default(),
+            env_names: parent.env_names.clone(),
             estimate_bytes: 0,
         };
         let claim = self.snapshot_claim(spec.count);
@@ -446,19 +448,17 @@ impl App {
         };
         let creates = (0..spec.count).map(|_| {
             let app = self.clone();
-            let (tenant, child, snap, parent_id, env_names) = (
+            let (tenant, child, snap, parent_id) = (
                 tenant.to_owned(),
                 child.clone(),
                 snap.clone(),
                 parent.id.clone(),
-                parent.env_names.clone(),
             );
             tokio::spawn(
                 async move {
                     let origin = Origin::Fork {
                         snap,
                         parent: parent_id,
-                        env_names,
                     };
                     app.create_from(&tenant, child, origin).await
                 }

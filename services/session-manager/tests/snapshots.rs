@@ -78,6 +78,7 @@ async fn a_snapshot_is_a_template_and_a_fork_makes_all_its_sessions_or_none() {
     let template = c
         .create_session(pb::CreateSessionRequest {
             snapshot_id: snap.id.clone(),
+            env: [("REGION".to_owned(), "eu".to_owned())].into(),
             ..Default::default()
         })
         .await
@@ -87,6 +88,9 @@ async fn a_snapshot_is_a_template_and_a_fork_makes_all_its_sessions_or_none() {
         .unwrap();
     assert_eq!(template.status(), pb::SessionStatus::Active);
     assert_eq!(template.source_snapshot_id, snap.id);
+    // The snapshot's env names (the values are in its memory) and the request's own.
+    assert_eq!(template.env_names, ["API_TOKEN", "REGION"]);
+    assert!(template.env.is_empty());
     assert_ne!(template.vm_id, parent.vm_id);
 
     let forks = fork(&mut c, &parent.id, 3).await.unwrap();

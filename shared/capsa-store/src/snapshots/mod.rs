@@ -108,6 +108,9 @@ pub struct SnapshotRecord {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub metadata: BTreeMap<String, String>,
+    /// The names of the session's env (never the values, which are in the snapshot's
+    /// memory); a session made from it lists them.
+    pub env_names: Vec<String>,
     pub size_bytes: u64,
     pub create_ms: i64,
 }
@@ -159,6 +162,13 @@ impl SnapshotRecord {
                     serde_json::from_str(v).map_err(|e| corrupt(format!("metadata: {e}")))?
                 }
             },
+            // Absent from records written before it was kept.
+            env_names: match fields.get("env_names") {
+                None | Some(&"") => Vec::new(),
+                Some(v) => {
+                    serde_json::from_str(v).map_err(|e| corrupt(format!("env_names: {e}")))?
+                }
+            },
             size_bytes: int("size_bytes")?.max(0) as u64,
             create_ms: int("create_ms")?,
         })
@@ -178,6 +188,7 @@ pub struct NewSnapshot {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub metadata: BTreeMap<String, String>,
+    pub env_names: Vec<String>,
     /// Reserved against the byte quota until the real size is known.
     pub estimate_bytes: u64,
 }
@@ -265,6 +276,7 @@ impl SnapshotStore {
             .arg(limits.max_snapshots)
             .arg(limits.max_bytes)
             .arg(ms(claim))
+            .arg(serde_json::to_string(&new.env_names).expect("a list of strings serialises"))
             .invoke_async(&mut self.conn.clone())
             .await?;
         let num = |i: usize| raw.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);

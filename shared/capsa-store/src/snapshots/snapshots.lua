@@ -3,7 +3,7 @@
 -- tenant's limits hash, the pending zset. ARGV: op, id, then per op:
 --   begin: tenant, kind ('named'/'fork'), name, session id, node id, template, vcpus,
 --     memory_mib, metadata json, estimate bytes, default max count, default max bytes,
---     claim ms
+--     claim ms, env names json
 --   finish: size bytes, claim ms (a fork's snapshot stays pending until removed)
 --   abort, remove: nothing
 --   begin_delete: tenant, claim ms
@@ -34,7 +34,7 @@ if op == 'begin' then
   redis.call('HSET', KEYS[1], 'id', id, 'tenant', ARGV[3], 'kind', kind, 'name', ARGV[5],
     'session_id', ARGV[6], 'node_id', ARGV[7], 'template', ARGV[8], 'vcpus', ARGV[9],
     'memory_mib', ARGV[10], 'metadata', ARGV[11], 'estimate', ARGV[12], 'status', 'creating',
-    'size_bytes', '0', 'create_ms', now)
+    'size_bytes', '0', 'create_ms', now, 'env_names', ARGV[16])
   redis.call('ZADD', KEYS[5], now + tonumber(ARGV[15]), id)
   return reply('ok', KEYS[1])
 end

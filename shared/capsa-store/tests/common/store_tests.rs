@@ -1008,6 +1008,7 @@ fn new_snapshot(id: &str, tenant: &str, kind: capsa_store::SnapshotKind) -> caps
         vcpus: 1,
         memory_mib: 512,
         metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        env_names: vec!["API_KEY".into(), "REGION".into()],
         estimate_bytes: 1000,
     }
 }
@@ -1036,6 +1037,7 @@ async fn snapshots_are_scoped_counted_metered_and_settled() {
     };
     assert_eq!(a.status, SnapshotStatus::Creating);
     assert_eq!(a.metadata.get("k").map(String::as_str), Some("v"));
+    assert_eq!(a.env_names, ["API_KEY", "REGION"]);
     // A second estimate of 1000 fits 2500; a third would pass the count.
     let Begun::Ok(b) = snaps
         .begin(&new_snapshot("snap-b", "t1", SnapshotKind::Named), limits, claim)
