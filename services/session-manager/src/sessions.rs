@@ -539,7 +539,13 @@ mod tests {
             ["DEBUG", "REGION", "TOKEN"]
         );
         assert_eq!(
-            env_names(&Origin::Fork { snap, parent: "p".into() }, &spec_with_env(&[])),
+            env_names(
+                &Origin::Fork {
+                    snap,
+                    parent: "p".into()
+                },
+                &spec_with_env(&[])
+            ),
             ["REGION", "TOKEN"]
         );
         assert_eq!(env_names(&Origin::Fresh, &spec), ["DEBUG", "REGION"]);

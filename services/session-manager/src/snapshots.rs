@@ -171,7 +171,7 @@ impl App {
             .begin(&new, self.snapshot_limits(), self.snapshot_claim(0))
             .await?
         {
-            Begun::Ok(snap) => snap,
+            Begun::Ok(snap) => *snap,
             Begun::TooMany { limit } => {
                 return Err(Error::ResourceExhausted(format!(
                     "tenant {tenant} already has its limit of {limit} snapshots; delete one first"
@@ -401,6 +401,7 @@ impl App {
         else {
             return Err(Error::Internal("a fork snapshot met a quota".into()));
         };
+        let snap = *snap;
         let app = self.clone();
         let tenant = tenant.to_owned();
         tokio::spawn(

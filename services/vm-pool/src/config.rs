@@ -119,6 +119,14 @@ pub struct Config {
     #[arg(long, env = "CAPSA_VM_DISK_IOPS")]
     pub vm_disk_iops: Option<u64>,
 
+    /// Offer guest RAM to the host's KSM, which then shares identical pages between VMs
+    /// (forks and copies of one snapshot above all; KSM itself is the host's to turn on:
+    /// `echo 1 > /sys/kernel/mm/ksm/run`). Off by default: KSM merges pages of every
+    /// tenant's VMs alike, and the time a write to a merged page takes tells a guest what
+    /// another guest holds (page-deduplication side channels).
+    #[arg(long, env = "CAPSA_VMPOOL_MERGE_PAGES")]
+    pub merge_pages: bool,
+
     /// vCPUs of a template's VMs (and of an AcquireVm that leaves vcpus at 0).
     #[arg(long, env = "CAPSA_VMPOOL_VCPUS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpus: u32,

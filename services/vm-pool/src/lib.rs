@@ -50,6 +50,12 @@ pub fn hypervisor(
     let choice = capsa_vmm::engine::choose(config.engine, &facts)?;
     tracing::info!(engine = %choice.kind, reason = %choice.reason, "engine chosen");
     let die_with_parent = !config.orphan_vms_on_crash;
+    if config.merge_pages && !ksm_running() {
+        tracing::warn!(
+            "--merge-pages offers guest RAM to KSM, but KSM is off on this host: nothing is \
+             merged until `echo 1 > {KSM_RUN}`"
+        );
+    }
     // Every VMM runs unprivileged, in its VM's cgroup, mount view and seccomp filter.
     let sandbox = Arc::new(capsa_vmm::Sandbox::new(
         config.sandbox(),
@@ -65,6 +71,7 @@ pub fn hypervisor(
                 kernel_override: choice.kernel_override.clone(),
                 die_with_parent,
                 sandbox: Some(sandbox),
+                merge_pages: config.merge_pages,
             }))
         }
         kind => {
@@ -80,10 +87,18 @@ pub fn hypervisor(
             qemu.sandbox = Some(sandbox);
             qemu.disk_bytes_per_sec = config.vm_disk_bytes_per_sec;
             qemu.disk_iops = config.vm_disk_iops;
+            qemu.merge_pages = config.merge_pages;
             Arc::new(Qemu::new(qemu))
         }
     };
     Ok((hv, choice))
+}
+
+const KSM_RUN: &str = "/sys/kernel/mm/ksm/run";
+
+/// Whether the kernel's same-page merging is scanning (1; 0 is off, 2 unmerges all).
+fn ksm_running() -> bool {
+    std::fs::read_to_string(KSM_RUN).is_ok_and(|v| v.trim() == "1")
 }
 
 /// Loads every configured template's image.

@@ -51,6 +51,8 @@ pub struct CloudHypervisorConfig {
     /// Confine the VMM (user, cgroup, mount view, our seccomp filter on top of its own,
     /// which stays on: no `--seccomp false` is ever passed).
     pub sandbox: Option<Arc<Sandbox>>,
+    /// Guest RAM `mergeable` (KSM may share identical pages between VMs).
+    pub merge_pages: bool,
 }
 
 pub struct CloudHypervisor {
@@ -144,7 +146,10 @@ impl CloudHypervisor {
             None => None,
         };
         let (vmm, console, api) = self.start_vmm(spec, cgroup.as_ref()).await?;
-        let config = ch_model::vm_config(spec, kernel, overlay.as_deref())?;
+        let mut config = ch_model::vm_config(spec, kernel, overlay.as_deref())?;
+        if let Some(memory) = config.memory.as_mut() {
+            memory.mergeable = Some(self.config.merge_pages);
+        }
         api.put_json("vm.create", &config).await?;
         let info: Preserved<VmInfo> = api.get("vm.info").await?;
         let sent = serde_json::to_value(&config).expect("a model serialises");
@@ -469,6 +474,7 @@ mod tests {
             kernel_override: None,
             die_with_parent: true,
             sandbox: None,
+            merge_pages: false,
         })
     }
 

@@ -48,7 +48,7 @@ pub use engine::{EngineChoice, EngineKind, EnginePreference, HostFacts};
 pub use error::VmmError;
 pub use image::GuestImage;
 /// Readers of `/proc` that vm-pool and the benches share.
-pub use process::{cpu_time, host_memory_mib, process_group, resident_bytes};
+pub use process::{cpu_time, host_memory_mib, process_group, proportional_bytes, resident_bytes};
 pub use qemu::{Qemu, QemuAccel, QemuConfig};
 pub use sandbox::{Sandbox, SandboxConfig, VmmUser};
 

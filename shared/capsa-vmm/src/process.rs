@@ -260,6 +260,19 @@ pub fn resident_bytes(pid: u32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other("no VmRSS in /proc/<pid>/status"))
 }
 
+/// A process's proportional set size: its resident memory with each page it shares
+/// divided by the number of processes mapping it (KSM-merged pages included), so the
+/// figures of processes sharing pages add up to what they hold together.
+pub fn proportional_bytes(pid: u32) -> std::io::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| std::io::Error::other("no Pss in /proc/<pid>/smaps_rollup"))
+}
+
 /// The argv of a process, from `/proc/<pid>/cmdline`.
 pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -310,6 +323,15 @@ mod tests {
         assert!(listening_in(table, "/tmp/a/api.sock"));
         assert!(!listening_in(table, "/tmp/a/other.sock"));
         assert!(!listening_in(table, "/tmp/a/missing.sock"));
+    }
+
+    #[test]
+    fn a_proportional_size_is_at_most_the_resident_one() {
+        let me = std::process::id();
+        // Some of this process's pages (libc's) are mapped by others too.
+        let (pss, rss) = (proportional_bytes(me).unwrap(), resident_bytes(me).unwrap());
+        assert!(pss > 0 && pss <= rss, "pss {pss}, rss {rss}");
+        assert!(proportional_bytes(u32::MAX).is_err());
     }
 
     #[tokio::test]

@@ -38,6 +38,7 @@ fn setup(id: &str, state: &std::path::Path) -> Option<(CloudHypervisor, VmSpec)>
         kernel_override: std::env::var_os("CAPSA_PVM_GUEST_KERNEL").map(PathBuf::from),
         die_with_parent: true,
         sandbox: None,
+        merge_pages: false,
     });
     let kind = EngineKind::CloudHypervisor;
     let spec = VmSpec {

@@ -62,6 +62,11 @@ struct Args {
     /// Bytes of each bulk download, guest and floor.
     #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..=MAX_BYTES))]
     net_bytes: u64,
+    /// Offer guest RAM to KSM (vm-pool's `--merge-pages`) and run KSM for the bench (its
+    /// settings are put back at the end): the three copies of one snapshot then share
+    /// their identical pages.
+    #[arg(long)]
+    merge_pages: bool,
     /// Print, as the last line, one JSON object with the figures (`engine`, `cold_boot_ratio`,
     /// `idle_rss_ratio`, `acquire_p50_ms`, ...) for scripts.
     #[arg(long)]
@@ -95,6 +100,8 @@ async fn main() -> anyhow::Result<()> {
         .tempdir()?;
     let mut config = capsa_vm_pool::Config::for_image(state.path().to_owned(), image_dir.clone());
     config.memory_mib = args.memory_mib;
+    config.merge_pages = args.merge_pages;
+    let ksm = args.merge_pages.then(Ksm::start).transpose()?;
     let (hv, choice) = capsa_vm_pool::hypervisor(&config)?;
     println!("engine: {} ({})", choice.kind, choice.reason);
 
@@ -148,7 +155,14 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.samples {
         snapshot_samples.push((spec(false), [spec(false), spec(false), spec(false)]));
     }
-    let snaps = snapshot_round(&hv, snapshot_samples, state.path(), args.memory_mib).await?;
+    let snaps = snapshot_round(
+        &hv,
+        snapshot_samples,
+        state.path(),
+        args.memory_mib,
+        ksm.as_ref(),
+    )
+    .await?;
 
     let (warm_1, warm_n) = warm_acquires(&args, config.clone()).await?;
     let net = if args.net_samples > 0 {
@@ -280,7 +294,10 @@ async fn main() -> anyhow::Result<()> {
     let three = median_u(&mut three_copies_rss);
     let three_ratio = three as f64 / (3 * cr).max(1) as f64;
     row(
-        "VMM resident memory, 3 copies of one VM",
+        &format!(
+            "VMM memory (PSS), 3 copies of one VM{}",
+            if args.merge_pages { ", KSM" } else { "" }
+        ),
         format!("{} MiB", three >> 20),
         format!("{three_ratio:.2}x 3 idle VMs"),
     );
@@ -290,6 +307,7 @@ async fn main() -> anyhow::Result<()> {
         (forked.as_secs_f64() / cold.as_secs_f64().max(1e-9)).into(),
     );
     json.insert("three_copies_rss_ratio".into(), three_ratio.into());
+    json.insert("merge_pages".into(), args.merge_pages.into());
     json.insert("snapshot_ms".into(), ms(snap).into());
     json.insert("snapshot_mib".into(), snap_mib.into());
     json.insert("disk_write_ms".into(), ms(write_floor).into());
@@ -504,7 +522,8 @@ struct SnapFigures {
     restore: Vec<Duration>,
     /// The restored VM's resident memory once idle.
     restored_rss: Vec<u64>,
-    /// Resident memory of three copies restored from one snapshot, together, once idle.
+    /// Memory of three copies restored from one snapshot, together, once idle: the sum of
+    /// their proportional set sizes (a page the copies share counts once in all).
     three_copies_rss: Vec<u64>,
     /// The disk floor: writing the VM's memory size to a file beside the snapshots, fsynced.
     write: Vec<Duration>,
@@ -518,6 +537,7 @@ async fn snapshot_round(
     samples: Vec<(VmSpec, [VmSpec; 3])>,
     state: &std::path::Path,
     memory_mib: u32,
+    ksm: Option<&Ksm>,
 ) -> anyhow::Result<SnapFigures> {
     let mut figures = SnapFigures {
         snapshot: vec![],
@@ -582,13 +602,17 @@ async fn snapshot_round(
             }
         }
         tokio::time::sleep(SETTLE).await;
+        if let Some(ksm) = ksm {
+            ksm.settle().await;
+        }
         let mut together = 0;
         for (k, vm) in live.iter().enumerate() {
-            let rss = vm.counters().await?.vmm_resident_bytes;
             if k == 1 {
-                figures.restored_rss.push(rss);
+                figures
+                    .restored_rss
+                    .push(vm.counters().await?.vmm_resident_bytes);
             }
-            together += rss;
+            together += capsa_vmm::proportional_bytes(vm.vmm_pid())?;
         }
         figures.three_copies_rss.push(together);
         for vm in live {
@@ -598,6 +622,68 @@ async fn snapshot_round(
         figures.write.push(disk_write(state, memory_mib)?);
     }
     Ok(figures)
+}
+
+/// The host's KSM, run for the bench with a fast scan and put back as it was when dropped.
+struct Ksm {
+    saved: Vec<(&'static str, String)>,
+}
+
+impl Ksm {
+    const DIR: &'static str = "/sys/kernel/mm/ksm";
+    /// Fast enough that three idle VMs are scanned in a few seconds (2 cores).
+    const SETTINGS: [(&'static str, &'static str); 3] = [
+        ("pages_to_scan", "5000"),
+        ("sleep_millisecs", "10"),
+        ("run", "1"),
+    ];
+    /// Longest wait for the merging to settle.
+    const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+    fn start() -> anyhow::Result<Ksm> {
+        let mut ksm = Ksm { saved: vec![] };
+        for (name, value) in Self::SETTINGS {
+            let path = format!("{}/{name}", Self::DIR);
+            let old = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {path} (KSM needs a kernel with CONFIG_KSM)"))?;
+            std::fs::write(&path, value).with_context(|| format!("write {path} (root)"))?;
+            ksm.saved.push((name, old.trim().to_owned()));
+        }
+        Ok(ksm)
+    }
+
+    fn read(name: &str) -> u64 {
+        std::fs::read_to_string(format!("{}/{name}", Self::DIR))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until KSM has gone over every page twice since now (a page is merged on its
+    /// second look) and the count of shared pages stopped growing, or [`Self::SETTLE_LIMIT`].
+    async fn settle(&self) {
+        let deadline = Instant::now() + Self::SETTLE_LIMIT;
+        let scans = Self::read("full_scans");
+        let mut sharing = Self::read("pages_sharing");
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = Self::read("pages_sharing");
+            if Self::read("full_scans") >= scans + 2 && now <= sharing {
+                return;
+            }
+            sharing = now;
+        }
+        eprintln!("KSM still merging after {:?}", Self::SETTLE_LIMIT);
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        // `run` first: the scan stops before its rate goes back.
+        for (name, old) in self.saved.iter().rev() {
+            let _ = std::fs::write(format!("{}/{name}", Self::DIR), old);
+        }
+    }
 }
 
 /// Whether the agent behind `vsock` answers its health check within [`BOOT_HANG`].

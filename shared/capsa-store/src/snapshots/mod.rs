@@ -203,7 +203,7 @@ pub struct SnapshotLimits {
 
 #[derive(Debug)]
 pub enum Begun {
-    Ok(SnapshotRecord),
+    Ok(Box<SnapshotRecord>),
     TooMany { limit: u32 },
     TooManyBytes { limit: u64, used: u64 },
 }
@@ -288,7 +288,10 @@ impl SnapshotStore {
                 limit: num(1),
                 used: num(2),
             }),
-            Some("ok") => Ok(Begun::Ok(SnapshotRecord::from_pairs(&key, &raw[1..])?)),
+            Some("ok") => Ok(Begun::Ok(Box::new(SnapshotRecord::from_pairs(
+                &key,
+                &raw[1..],
+            )?))),
             other => Err(StoreError::Corrupt {
                 key,
                 reason: format!("begin replied {other:?}"),
