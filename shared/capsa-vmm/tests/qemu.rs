@@ -82,7 +82,13 @@ const OVERHEAD_MIB: u32 = 320;
 
 /// [`qemu`] confined, its VM cgroups under `capsa-vmm-test`.
 fn confined_qemu() -> (Qemu, EngineKind, Arc<Sandbox>) {
+    confined_qemu_merging(false)
+}
+
+/// [`confined_qemu`], offering guest RAM to KSM or not.
+fn confined_qemu_merging(merge_pages: bool) -> (Qemu, EngineKind, Arc<Sandbox>) {
     let (mut config, kind) = qemu_config();
+    config.merge_pages = merge_pages;
     let sandbox = Arc::new(
         Sandbox::new(
             SandboxConfig {
@@ -127,6 +133,24 @@ fn qemu_config() -> (QemuConfig, EngineKind) {
     config.kernel_override = choice.kernel_override;
     eprintln!("engine: {} ({})", choice.kind, choice.reason);
     (config, choice.kind)
+}
+
+/// Whether the VMM `pid` offers its guest RAM (the one mapping of at least `memory_mib`)
+/// to KSM: `mg` among the mapping's VmFlags.
+fn guest_ram_mergeable(pid: u32, memory_mib: u32) -> bool {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut ram = false;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Size:") {
+            let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().unwrap();
+            ram = kib >= u64::from(memory_mib) * 1024;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:")
+            && ram
+        {
+            return flags.split_whitespace().any(|f| f == "mg");
+        }
+    }
+    panic!("no mapping of {memory_mib} MiB in /proc/{pid}/smaps")
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -399,6 +423,10 @@ async fn the_agents_state_survives_pause_snapshot_and_restore() {
     wait_for_agent(&vm).await;
     let cold_boot = started.elapsed();
     let pid = vm.vmm_pid();
+    assert!(
+        !guest_ram_mergeable(pid, spec.memory_mib),
+        "guest RAM goes to KSM only when asked (merge_pages)"
+    );
     assert_eq!(python(&vm, "x = 41").await, "");
 
     vm.pause().await.unwrap();
