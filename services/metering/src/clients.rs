@@ -145,27 +145,43 @@ impl NodeClients {
             })
     }
 
-    /// Reads `vm`'s counters from vm-pool and its memory from the guest (through the
-    /// executor) at once. The counters are required; the guest's memory is not (a busy or
-    /// dying guest still has host-side counters worth keeping).
+    /// Reads `vm`'s counters from vm-pool, then, if `ask_guest` says so given the VMM's
+    /// cpu time, its memory and processes from the guest (through the executor). The
+    /// counters are required; the guest's figures are not (a busy or dying guest still has
+    /// host-side counters worth keeping, and a sample without them keeps the last ones).
     #[tracing::instrument(skip_all, fields(node = %node.node_id, vm = %vm.id, session = %owner.session_id))]
-    pub async fn read(&self, node: &NodeRecord, vm: &Vm, owner: &Owner) -> Result<Reading, Error> {
+    pub async fn read(
+        &self,
+        node: &NodeRecord,
+        vm: &Vm,
+        owner: &Owner,
+        ask_guest: impl FnOnce(Duration) -> bool,
+    ) -> Result<Reading, Error> {
         let mut vmpool = self.vmpool(node)?;
-        let mut executor = self.executor(node)?;
-        let (counters, guest) = tokio::join!(
-            vmpool.get_vm_counters(GetVmCountersRequest {
-                vm_id: vm.id.clone()
-            }),
-            executor.get_guest_stats(GetGuestStatsRequest {
-                vm_id: vm.id.clone()
-            }),
-        );
-        let counters = counters
+        let counters = vmpool
+            .get_vm_counters(GetVmCountersRequest {
+                vm_id: vm.id.clone(),
+            })
+            .await
             .map_err(|s| Error::node(VMPOOL, &node.vmpool_url, &s))?
             .into_inner();
-        let (guest, guest_error) = match guest {
-            Ok(stats) => (Some(stats.into_inner()), None),
-            Err(s) => (None, Some(Error::node(EXECUTOR, &node.executor_url, &s))),
+        let vmm_cpu = counters
+            .cpu_time
+            .as_ref()
+            .map_or(Duration::ZERO, |d| Duration::from_micros(duration_us(d)));
+        let (guest, guest_error) = if ask_guest(vmm_cpu) {
+            let asked = self
+                .executor(node)?
+                .get_guest_stats(GetGuestStatsRequest {
+                    vm_id: vm.id.clone(),
+                })
+                .await;
+            match asked {
+                Ok(stats) => (Some(stats.into_inner()), None),
+                Err(s) => (None, Some(Error::node(EXECUTOR, &node.executor_url, &s))),
+            }
+        } else {
+            (None, None)
         };
         let memory_used_bytes = guest.as_ref().map(|stats| {
             bounded_guest_memory(

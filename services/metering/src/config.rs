@@ -55,6 +55,12 @@ pub struct Config {
     #[arg(long, env = "CAPSA_METERING_RECORDS_TRIM_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub records_trim_interval: Duration,
 
+    /// How often the guest of an idle VM is asked for its own figures (memory used,
+    /// processes, terminals); a VM whose VMM uses a tenth of a CPU or more is asked every
+    /// sample. The host-side counters are read every sample regardless.
+    #[arg(long, env = "CAPSA_METERING_GUEST_IDLE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub guest_idle_interval: Duration,
+
     /// VMs sampled at once per node.
     #[arg(long, env = "CAPSA_METERING_SAMPLE_CONCURRENCY", default_value = "16", value_parser = clap::value_parser!(u16).range(1..))]
     pub sample_concurrency: u16,

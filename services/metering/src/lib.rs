@@ -57,6 +57,7 @@ pub async fn run(
         metrics.clone(),
         config.record_interval,
         usize::from(config.sample_concurrency),
+        config.guest_idle_interval,
     ));
     let ledger = ledger::Ledger::new(
         registry,
