@@ -85,7 +85,7 @@ async fn sixty_idle_sessions_fit_one_node_and_it_answers_each() {
             assert_eq!(s.status(), SessionStatus::Active, "{s:?}");
             ids.push((s.id, s.vm_id));
         }
-        if ids.len() % 10 == 0 {
+        if ids.len().is_multiple_of(10) {
             eprintln!(
                 "{} sessions after {:.0} s, MemAvailable {} MiB",
                 ids.len(),

@@ -88,10 +88,8 @@ pub(crate) struct Target {
 
 impl App {
     /// The tenant's ACTIVE session (resumed first if it is suspended with auto_resume) and
-    /// its live node. A node without a live record missed
-    /// its heartbeats (stalled, CPU-starved, or its record expired while Redis restarted):
-    /// that is not a lost VM, so the call is UNAVAILABLE and the session is left to the
-    /// reconciler, which asks the node and ends its sessions only after the grace period.
+    /// its live node (UNAVAILABLE while the node is not heartbeating: see
+    /// [`crate::sessions::node_not_heartbeating`]).
     pub(crate) async fn target(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Target, Error> {
         let mut session = self.session(tenant, id).await?;
         if session.auto_resume
@@ -105,13 +103,8 @@ impl App {
         if session.status != SessionStatus::Active {
             return Err(not_active(&session));
         }
-        match self.nodes.get(&session.node_id).await? {
-            Some(node) => Ok(Target { session, node }),
-            None => Err(Error::Unavailable(format!(
-                "node {} of session {} is not heartbeating; try again",
-                session.node_id, session.id
-            ))),
-        }
+        let node = self.session_node(&session).await?;
+        Ok(Target { session, node })
     }
 
     /// Ends an ACTIVE session as VM_FAILED (teardown in the background) and returns the

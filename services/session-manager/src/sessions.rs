@@ -46,6 +46,14 @@ pub struct TenantUsage {
 }
 
 impl App {
+    /// The live node of session `rec`.
+    pub(crate) async fn session_node(&self, rec: &SessionRecord) -> Result<NodeRecord, Error> {
+        self.nodes
+            .get(&rec.node_id)
+            .await?
+            .ok_or_else(|| node_not_heartbeating(rec))
+    }
+
     /// [`App::create_session`] in a task of its own, so the creation finishes or rolls back
     /// whatever the caller does. A caller that goes away first (its deadline, a disconnect)
     /// never learnt the session's id: the session is ended CREATE_FAILED and its VM released,
@@ -472,6 +480,16 @@ impl App {
             snapshot_limits: limits,
         })
     }
+}
+
+/// UNAVAILABLE for a call on `rec` whose node is not heartbeating (stalled, CPU-starved,
+/// or its record expired while Redis restarted): that is not a lost VM, so the caller may
+/// try again, and the reconciler asks the node before it ends any session.
+pub fn node_not_heartbeating(rec: &SessionRecord) -> Error {
+    Error::Unavailable(format!(
+        "node {} of session {} is not heartbeating; try again",
+        rec.node_id, rec.id
+    ))
 }
 
 /// FAILED_PRECONDITION for a session that is not ACTIVE, naming its status and end.

@@ -76,31 +76,37 @@ impl App {
                 status_name(snap.status)
             )));
         }
-        if spec.template != "default" && spec.template != snap.template {
-            return Err(Error::field(
+        // (field, asked, the snapshot's, left unset, how to leave it unset)
+        let shape = [
+            (
                 "template",
-                format!(
-                    "{:?} differs from snapshot {id}'s {:?} (leave it empty)",
-                    spec.template, snap.template
-                ),
-            ));
-        }
-        if spec.vcpus != 0 && spec.vcpus != snap.vcpus {
-            return Err(Error::field(
+                format!("{:?}", spec.template),
+                format!("{:?}", snap.template),
+                spec.template == "default",
+                "leave it empty",
+            ),
+            (
                 "vcpus",
-                format!(
-                    "{} differs from snapshot {id}'s {} (leave it 0)",
-                    spec.vcpus, snap.vcpus
-                ),
-            ));
-        }
-        if spec.memory_mib != 0 && spec.memory_mib != snap.memory_mib {
-            return Err(Error::field(
+                spec.vcpus.to_string(),
+                snap.vcpus.to_string(),
+                spec.vcpus == 0,
+                "leave it 0",
+            ),
+            (
                 "memory_mib",
-                format!(
-                    "{} differs from snapshot {id}'s {} (leave it 0)",
-                    spec.memory_mib, snap.memory_mib
-                ),
+                spec.memory_mib.to_string(),
+                snap.memory_mib.to_string(),
+                spec.memory_mib == 0,
+                "leave it 0",
+            ),
+        ];
+        let clash = shape
+            .into_iter()
+            .find(|(_, asked, taken, unset, _)| !unset && asked != taken);
+        if let Some((field, asked, taken, _, hint)) = clash {
+            return Err(Error::field(
+                field,
+                format!("{asked} differs from snapshot {id}'s {taken} ({hint})"),
             ));
         }
         spec.template = snap.template.clone();
@@ -130,12 +136,7 @@ impl App {
                 rec.status.as_str().to_uppercase()
             )));
         }
-        let node = self.nodes.get(&rec.node_id).await?.ok_or_else(|| {
-            Error::Unavailable(format!(
-                "node {} of session {id} is not heartbeating; try again",
-                rec.node_id
-            ))
-        })?;
+        let node = self.session_node(&rec).await?;
         Ok((rec, node))
     }
 

@@ -33,7 +33,7 @@ use tracing::Instrument as _;
 use crate::app::App;
 use crate::clients::with_timeout;
 use crate::error::Error;
-use crate::sessions::describe_end;
+use crate::sessions::{describe_end, node_not_heartbeating};
 
 /// Bound of the node questions that settle a failed step.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,10 +174,7 @@ impl App {
         let Some(node) = self.nodes.get(&rec.node_id).await? else {
             // Its VM is out of reach; the reconciler judges the node.
             self.step(&rec.id, SuspendOp::Abort).await?;
-            return Err(Error::Unavailable(format!(
-                "node {} of session {} is not heartbeating; try again",
-                rec.node_id, rec.id
-            )));
+            return Err(node_not_heartbeating(&rec));
         };
         self.park_usage(&rec).await;
         let timeout = self.config.suspend_timeout();

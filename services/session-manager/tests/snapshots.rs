@@ -92,6 +92,52 @@ async fn a_snapshot_is_a_template_and_a_fork_makes_all_its_sessions_or_none() {
     assert_eq!(template.env_names, ["API_TOKEN", "REGION"]);
     assert!(template.env.is_empty());
     assert_ne!(template.vm_id, parent.vm_id);
+    // The session takes the snapshot's template and shape; another one asked for names the
+    // field and what to send instead.
+    for (request, message) in [
+        (
+            pb::CreateSessionRequest {
+                template: "python-ml".into(),
+                ..Default::default()
+            },
+            format!(
+                "invalid `template`: \"python-ml\" differs from snapshot {}'s \"default\" (leave it empty)",
+                snap.id
+            ),
+        ),
+        (
+            pb::CreateSessionRequest {
+                vcpus: 2,
+                ..Default::default()
+            },
+            format!(
+                "invalid `vcpus`: 2 differs from snapshot {}'s 1 (leave it 0)",
+                snap.id
+            ),
+        ),
+        (
+            pb::CreateSessionRequest {
+                memory_mib: 1024,
+                ..Default::default()
+            },
+            format!(
+                "invalid `memory_mib`: 1024 differs from snapshot {}'s 512 (leave it 0)",
+                snap.id
+            ),
+        ),
+    ] {
+        let err = c
+            .create_session(pb::CreateSessionRequest {
+                snapshot_id: snap.id.clone(),
+                ..request
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::InvalidArgument, message.as_str())
+        );
+    }
 
     let forks = fork(&mut c, &parent.id, 3).await.unwrap();
     assert_eq!(forks.len(), 3);

@@ -18,13 +18,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use capsa_proto::common::v1::EgressPolicy;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_proto::vmpool::v1::{
-    AcquireVmRequest, DeleteSnapshotRequest, GetNodeInfoRequest, GetSnapshotRequest, GetVmRequest,
+    DeleteSnapshotRequest, GetNodeInfoRequest, GetSnapshotRequest, GetVmRequest,
     ListSnapshotsRequest, ReleaseVmRequest, ResumeVmRequest, Snapshot, SnapshotVmRequest,
     SuspendVmRequest, Vm, VmState,
 };
 use capsa_test_support::eventually;
 use capsa_test_support::inet::FakeInternet;
-use common::{PoolUnderTest, list, pid_alive, shell};
+use common::{PoolUnderTest, acquire, list, pid_alive, shell};
 use tonic::transport::Channel;
 
 type Client = VmPoolServiceClient<Channel>;
@@ -71,19 +71,6 @@ fn egress(allowed: Ipv4Addr) -> EgressPolicy {
         allow_http: Some(true),
         ..Default::default()
     }
-}
-
-async fn acquire(c: &mut Client, lease: &str, egress: Option<EgressPolicy>) -> Vm {
-    c.acquire_vm(AcquireVmRequest {
-        lease_id: lease.into(),
-        egress,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .vm
-    .unwrap()
 }
 
 async fn suspend(

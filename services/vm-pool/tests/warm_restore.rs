@@ -15,7 +15,7 @@ use capsa_proto::vmpool::v1::{
     AcquireVmRequest, GetSnapshotRequest, ListSnapshotsRequest, ReleaseVmRequest, Vm,
 };
 use capsa_test_support::eventually;
-use common::{PoolUnderTest, shell, wait_warm};
+use common::{PoolUnderTest, acquire, shell, wait_warm};
 use tonic::transport::Channel;
 
 type Client = VmPoolServiceClient<Channel>;
@@ -41,18 +41,6 @@ fn bases(pool: &PoolUnderTest) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
-}
-
-async fn acquire(c: &mut Client, lease: &str) -> Vm {
-    c.acquire_vm(AcquireVmRequest {
-        lease_id: lease.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .vm
-    .unwrap()
 }
 
 async fn release(c: &mut Client, vm: &Vm) {
@@ -110,8 +98,8 @@ async fn warm_vms_are_restored_from_a_kept_base_snapshot_each_with_its_own_ident
     wait_warm(&mut c, 2).await;
     // Leasing the cold-booted ones makes the pool refill, by restore now.
     let first = [
-        acquire(&mut c, "first-1").await,
-        acquire(&mut c, "first-2").await,
+        acquire(&mut c, "first-1", None).await,
+        acquire(&mut c, "first-2", None).await,
     ];
     let cold_boot_ids = [
         identity(&pool, &first[0]).await.0,

@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use capsa_proto::common::v1::EgressPolicy;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
-use capsa_proto::vmpool::v1::{GetNodeInfoRequest, ListVmsRequest, Vm, VmState};
+use capsa_proto::vmpool::v1::{AcquireVmRequest, GetNodeInfoRequest, ListVmsRequest, Vm, VmState};
 use capsa_test_support::ServiceProcess;
 use tonic::transport::Channel;
 
@@ -187,6 +188,26 @@ pub async fn wait_warm(client: &mut VmPoolServiceClient<Channel>, n: u32) {
         },
         BOOT_WAIT_SECS
     );
+}
+
+/// Leases a VM of the default template under `lease`, with `egress` (none: the node's
+/// default).
+pub async fn acquire(
+    client: &mut VmPoolServiceClient<Channel>,
+    lease: &str,
+    egress: Option<EgressPolicy>,
+) -> Vm {
+    client
+        .acquire_vm(AcquireVmRequest {
+            lease_id: lease.into(),
+            egress,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap()
 }
 
 pub async fn list(client: &mut VmPoolServiceClient<Channel>) -> Vec<Vm> {
