@@ -12,10 +12,14 @@
 //! - stdout throughput through every service beside the bare socket throughput of the same
 //!   agent, and GetSession latency.
 //!
+//! - `--creates N`, instead: N clients at once each create a session and run `print(1)`,
+//!   against a node whose warm pool was filled to N (see `creates.rs`).
+//!
 //! Run: `cargo build --release --workspace && target/release/capsa-exec-bench [--native]
-//! [--samples N] [--json]` (the service binaries are taken from the same target dir as this
+//! [--samples N] [--creates N] [--json]` (the service binaries are taken from the same target dir as this
 //! one). With `--json` the last line printed is one JSON object of the figures.
 
+mod creates;
 mod native_node;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +71,10 @@ struct Args {
     /// MiB of stdout per throughput run.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     throughput_mib: u32,
+    /// Instead of the Execute table: this many clients at once each create a session and
+    /// run `print(1)`, against a node whose warm pool holds that many VMs (real VMs only).
+    #[arg(long, default_value_t = 0, conflicts_with = "native")]
+    creates: u32,
     /// Also print the figures as one JSON object, on the last line.
     #[arg(long)]
     json: bool,
@@ -98,6 +106,15 @@ struct Samples {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.creates > 0 {
+        assert!(
+            args.engine == Engine::Vm,
+            "--creates measures real VMs: leave --engine at vm"
+        );
+        let figures = creates::run(args.creates).await;
+        creates::report(&figures, args.json);
+        return;
+    }
     if args.native || args.engine == Engine::Native {
         let node = NativeNode::start().await;
         let client = connect_client(&node.session_manager.url(), &node.api_key).await;

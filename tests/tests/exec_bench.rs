@@ -1,7 +1,7 @@
 //! `capsa-exec-bench --native --json` runs end to end (redis, metering, executor,
 //! session-manager, a host agent behind a hybrid-vsock socket) and its last line is the JSON
-//! object the rest of the project reads. No timing bounds: only that every figure is there,
-//! finite and positive.
+//! object the rest of the project reads; so does `--creates N` on real VMs. No timing
+//! bounds: only that every figure is there, finite and positive.
 
 use capsa_test_support::run_to_exit;
 
@@ -60,4 +60,36 @@ async fn native_bench_prints_its_figures_as_json_last() {
         stdout.contains("| host overhead (e2e - interp - bare RTT)"),
         "{stdout}"
     );
+}
+
+/// `capsa-exec-bench --creates N` on real VMs: N clients create a session and run
+/// `print(1)` at once against a warm pool of N; every figure is there, and the warm count
+/// went down during the burst (the VMs were taken) and came back (the refill).
+#[tokio::test]
+async fn creates_bench_prints_its_figures_as_json_last() {
+    let out = run_to_exit("capsa-exec-bench", &["--creates", "2", "--json"], &[]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "capsa-exec-bench exited with {}:\n{stdout}\n{stderr}",
+        out.status
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let figures: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last:?}\n{stdout}"));
+    assert_eq!(figures["creates_concurrency"], 2, "{figures}");
+    for key in [
+        "create_exec_p50_ms",
+        "create_exec_p99_ms",
+        "create_exec_p99_p50_ratio",
+        "creates_refill_s",
+    ] {
+        let v = figures[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is missing or not a number: {figures}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}: {figures}");
+    }
+    assert!(figures["creates_warm_min"].as_u64() < Some(2), "{figures}");
+    assert!(stdout.contains("| p99 / p50"), "{stdout}");
 }
