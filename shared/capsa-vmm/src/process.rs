@@ -236,41 +236,41 @@ fn stat_fields(stat: &str) -> Option<Vec<&str>> {
     Some(stat[stat.rfind(')')? + 1..].split_whitespace().collect())
 }
 
+/// The value of a `Key:   1234 kB` line of a /proc file (meminfo, status, smaps_rollup),
+/// in KiB.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `key` of `/proc/<pid>/<file>` in bytes.
+fn proc_bytes(pid: u32, file: &str, key: &str) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+    kib_field(&text, key)
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| std::io::Error::other(format!("no {key} in /proc/<pid>/{file}")))
+}
+
 /// MemTotal of /proc/meminfo in MiB (0 if unreadable).
 pub fn host_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
+        .and_then(|m| kib_field(&m, "MemTotal"))
         .map_or(0, |kib| kib / 1024)
 }
 
 /// Resident set size in bytes (VmRSS of `/proc/<pid>/status`: anon + file + shmem, so the
 /// touched part of the guest's memory counts, whatever backs it).
 pub fn resident_bytes(pid: u32) -> std::io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| std::io::Error::other("no VmRSS in /proc/<pid>/status"))
+    proc_bytes(pid, "status", "VmRSS")
 }
 
 /// A process's proportional set size: its resident memory with each page it shares
 /// divided by the number of processes mapping it (KSM-merged pages included), so the
 /// figures of processes sharing pages add up to what they hold together.
 pub fn proportional_bytes(pid: u32) -> std::io::Result<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| std::io::Error::other("no Pss in /proc/<pid>/smaps_rollup"))
+    proc_bytes(pid, "smaps_rollup", "Pss")
 }
 
 /// The argv of a process, from `/proc/<pid>/cmdline`.
