@@ -13,10 +13,11 @@
 //!   agent, and GetSession latency.
 //!
 //! - `--creates N`, instead: N clients at once each create a session and run `print(1)`,
-//!   against a node whose warm pool was filled to N (see `creates.rs`).
+//!   against a node whose warm pool was filled to N; `--arrivals M`: M clients one by one at
+//!   half the node's measured boot rate, against a warm pool of `--warm` (see `creates.rs`).
 //!
 //! Run: `cargo build --release --workspace && target/release/capsa-exec-bench [--native]
-//! [--samples N] [--creates N] [--json]` (the service binaries are taken from the same target dir as this
+//! [--samples N] [--creates N | --arrivals M] [--json]` (the service binaries are taken from the same target dir as this
 //! one). With `--json` the last line printed is one JSON object of the figures.
 
 mod creates;
@@ -75,9 +76,28 @@ struct Args {
     /// run `print(1)`, against a node whose warm pool holds that many VMs (real VMs only).
     #[arg(long, default_value_t = 0, conflicts_with = "native")]
     creates: u32,
+    /// Instead of the Execute table: this many clients arrive one by one, each creating a
+    /// session and running `print(1)`, at `--arrival-share` of the node's boot rate
+    /// (measured first by filling the warm pool of `--warm`; real VMs only).
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["native", "creates"])]
+    arrivals: u32,
+    /// Warm VMs the node keeps for `--arrivals`.
+    #[arg(long, default_value_t = 2, requires = "arrivals", value_parser = clap::value_parser!(u32).range(1..))]
+    warm: u32,
+    /// The arrival rate of `--arrivals` as a share of the node's boot rate (above 0).
+    #[arg(long, default_value_t = 0.5, requires = "arrivals", value_parser = positive_share)]
+    arrival_share: f64,
     /// Also print the figures as one JSON object, on the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// `--arrival-share`: a finite number above 0.
+fn positive_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number above 0")),
+    }
 }
 
 /// What the measurements run against: a session and the node it lives on.
@@ -113,6 +133,15 @@ async fn main() {
         );
         let figures = creates::run(args.creates).await;
         creates::report(&figures, args.json);
+        return;
+    }
+    if args.arrivals > 0 {
+        assert!(
+            args.engine == Engine::Vm,
+            "--arrivals measures real VMs: leave --engine at vm"
+        );
+        let figures = creates::run_arrivals(args.arrivals, args.warm, args.arrival_share).await;
+        creates::report_arrivals(&figures, args.json);
         return;
     }
     if args.native || args.engine == Engine::Native {

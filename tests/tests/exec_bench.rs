@@ -1,9 +1,16 @@
 //! `capsa-exec-bench --native --json` runs end to end (redis, metering, executor,
 //! session-manager, a host agent behind a hybrid-vsock socket) and its last line is the JSON
-//! object the rest of the project reads; so does `--creates N` on real VMs. No timing
-//! bounds: only that every figure is there, finite and positive.
+//! object the rest of the project reads; so do `--creates N` and `--arrivals M` on real VMs.
+//! No timing bounds: only that every figure is there, finite and positive, and consistent
+//! with the flags.
 
-use capsa_test_support::run_to_exit;
+use std::time::Duration;
+
+use capsa_test_support::{run_to_exit, run_to_exit_within};
+
+/// Bound on one bench run: the VM rounds boot, fill and refill a pool under TCG, on a
+/// machine busy with the rest of the suite.
+const BENCH_LIMIT: Duration = Duration::from_secs(600);
 
 /// Figures the JSON line must carry, each a positive, finite number of its unit.
 const FIGURES: &[&str] = &[
@@ -20,7 +27,7 @@ const FIGURES: &[&str] = &[
 
 /// Runs the bench with `args` to a successful exit: its stdout, and its last line as JSON.
 async fn run_bench(args: &[&str]) -> (String, serde_json::Value) {
-    let out = run_to_exit("capsa-exec-bench", args, &[]).await;
+    let out = run_to_exit_within("capsa-exec-bench", args, &[], BENCH_LIMIT).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -86,4 +93,48 @@ async fn creates_bench_prints_its_figures_as_json_last() {
     }
     assert!(figures["creates_warm_min"].as_u64() < Some(2), "{figures}");
     assert!(stdout.contains("| p99 / p50"), "{stdout}");
+}
+
+/// `capsa-exec-bench --arrivals 3` on real VMs: the node's boot rate is measured, three
+/// clients arrive one by one at half of it (the default share), and every figure is there.
+/// Whether the warm count stayed above 0 is the bench's finding, not asserted: it depends
+/// on how loaded the machine was while the test suite ran.
+#[tokio::test]
+async fn arrivals_bench_prints_its_figures_as_json_last() {
+    let (stdout, figures) = run_bench(&["--arrivals", "3", "--warm", "2", "--json"]).await;
+    assert_eq!(figures["arrivals"], 3, "{figures}");
+    assert_eq!(figures["arrivals_warm_pool"], 2, "{figures}");
+    for key in [
+        "arrivals_boot_rate_per_s",
+        "arrivals_rate_per_s",
+        "arrivals_p50_ms",
+        "arrivals_p99_ms",
+        "arrivals_p99_p50_ratio",
+    ] {
+        assert_positive(&figures, key);
+    }
+    let (boot, arrival) = (
+        figures["arrivals_boot_rate_per_s"].as_f64().unwrap(),
+        figures["arrivals_rate_per_s"].as_f64().unwrap(),
+    );
+    assert!((arrival - boot * 0.5).abs() < 1e-9, "{figures}");
+    assert!(
+        figures["arrivals_warm_min"].as_u64() <= Some(2),
+        "{figures}"
+    );
+    assert!(
+        stdout.contains("| fewest warm VMs while they arrived"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn arrivals_bench_rejects_a_share_that_is_not_above_zero() {
+    for share in ["0", "-1", "nan", "x"] {
+        let flag = format!("--arrival-share={share}");
+        let out = run_to_exit("capsa-exec-bench", &["--arrivals", "3", &flag], &[]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{share}: {stderr}");
+        assert!(stderr.contains("--arrival-share"), "{share}: {stderr}");
+    }
 }

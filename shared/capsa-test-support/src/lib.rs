@@ -23,7 +23,7 @@ mod redis;
 mod vsock;
 
 pub use grpc::GrpcDouble;
-pub use process::{ServiceProcess, run_to_exit, workspace_binary};
+pub use process::{ServiceProcess, run_to_exit, run_to_exit_within, workspace_binary};
 pub use redis::{RedisCluster, RedisServer, free_port};
 pub use vsock::HybridVsockProxy;
 

@@ -33,14 +33,25 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 /// start-up failures (exit codes, messages). Panics if it still runs after 60 s (it is
 /// then killed).
 pub async fn run_to_exit(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_to_exit_within(name, args, env, Duration::from_secs(60)).await
+}
+
+/// [`run_to_exit`] for a longer run (a bench on real VMs): panics if it still runs after
+/// `limit` (it is then killed).
+pub async fn run_to_exit_within(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Output {
     let mut cmd = Command::new(workspace_binary(name));
     cmd.args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    tokio::time::timeout(limit, cmd.output())
         .await
-        .unwrap_or_else(|_| panic!("{name} {args:?} still runs after 60 s"))
+        .unwrap_or_else(|_| panic!("{name} {args:?} still runs after {limit:?}"))
         .unwrap_or_else(|e| panic!("run {name}: {e}"))
 }
 
