@@ -22,7 +22,7 @@ type Propagate = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Sta
 type VmPoolClient = VmPoolServiceClient<InterceptedService<Channel, Propagate>>;
 type ExecutorClient = ExecutorServiceClient<InterceptedService<Channel, Propagate>>;
 
-const VMPOOL: &str = "vm-pool";
+pub(crate) const VMPOOL: &str = "vm-pool";
 const EXECUTOR: &str = "executor";
 
 /// Who a leased VM's usage is booked to.

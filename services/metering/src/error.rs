@@ -47,15 +47,18 @@ impl Error {
         }
     }
 
-    /// The node answered that the VM does not exist (any more).
+    /// The node answered that the VM does not exist (any more), or its vm-pool that it no
+    /// longer runs (it exited, or is being destroyed or suspended): its usage ends with the
+    /// last sample, which is no fault of anyone's.
     pub fn is_vm_gone(&self) -> bool {
-        matches!(
-            self,
-            Error::Node {
-                code: tonic::Code::NotFound,
-                ..
+        match self {
+            Error::Node { code, service, .. } => {
+                *code == tonic::Code::NotFound
+                    || (*code == tonic::Code::FailedPrecondition
+                        && *service == crate::clients::VMPOOL)
             }
-        )
+            _ => false,
+        }
     }
 }
 
@@ -107,8 +110,15 @@ mod tests {
     }
 
     #[test]
-    fn only_not_found_means_the_vm_is_gone() {
-        assert!(Error::node("vm-pool", "u", &tonic::Status::not_found("x")).is_vm_gone());
-        assert!(!Error::node("vm-pool", "u", &tonic::Status::unavailable("x")).is_vm_gone());
+    fn not_found_or_vm_pool_saying_not_running_means_the_vm_is_gone() {
+        let node = |service, status| Error::node(service, "u", &status);
+        assert!(node("vm-pool", tonic::Status::not_found("x")).is_vm_gone());
+        assert!(node("executor", tonic::Status::not_found("x")).is_vm_gone());
+        let not_running = || tonic::Status::failed_precondition("vm v is Destroyed, not running");
+        assert!(node("vm-pool", not_running()).is_vm_gone());
+        // The executor's FAILED_PRECONDITION is about the guest, not the VM's life.
+        assert!(!node("executor", not_running()).is_vm_gone());
+        assert!(!node("vm-pool", tonic::Status::unavailable("x")).is_vm_gone());
+        assert!(!node("vm-pool", tonic::Status::internal("qmp read")).is_vm_gone());
     }
 }

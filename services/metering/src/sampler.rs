@@ -276,6 +276,11 @@ impl Sampler {
         let ask_guest = |cpu| self.guest_pacing.ask(&vm.id, cpu, Instant::now());
         let reading = match self.clients.read(node, vm, &owner, ask_guest).await {
             Ok(reading) => reading,
+            // Deleted or stopped since the node listed it: the final sample covers it.
+            Err(e) if e.is_vm_gone() => {
+                tracing::debug!(vm = %vm.id, error = %e, "vm stopped before its sample");
+                return false;
+            }
             Err(e) => {
                 self.metrics.error("counters");
                 tracing::warn!(vm = %vm.id, error = %e, "cannot read vm counters");

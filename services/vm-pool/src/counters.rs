@@ -38,7 +38,15 @@ impl Pool {
                     capsa_vmm::VmmError::Exited(why) => {
                         Error::FailedPrecondition(format!("vm {vm_id} has exited: {why}"))
                     }
-                    other => Error::Vmm(other),
+                    // Stopped while being read (a delete or a suspend closes its control
+                    // socket): that is the VM's state, not a fault of the node.
+                    other => match self.get(vm_id).map(|vm| vm.state) {
+                        Ok(state) if state.is_live() => Error::Vmm(other),
+                        Ok(state) => Error::FailedPrecondition(format!(
+                            "vm {vm_id} is {state:?}, not running"
+                        )),
+                        Err(gone) => gone,
+                    },
                 })
             }
         };

@@ -190,6 +190,21 @@ async fn warm_lease_retry_counters_watch_release_and_graceful_shutdown() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap().vm.unwrap();
     assert_eq!(first.state, VmState::Leased as i32);
+    // Metering reads counters while VMs go: a read that meets the release (the VMM's
+    // control socket closing under it) is the VM's state, never an INTERNAL of the node.
+    let reader = tokio::spawn({
+        let (mut c, vm_id) = (c.clone(), vm.id.clone());
+        async move {
+            loop {
+                let read = c.get_vm_counters(GetVmCountersRequest {
+                    vm_id: vm_id.clone(),
+                });
+                if let Err(status) = read.await {
+                    return status;
+                }
+            }
+        }
+    });
     let released = c
         .release_vm(ReleaseVmRequest {
             vm_id: vm.id.clone(),
@@ -198,6 +213,17 @@ async fn warm_lease_retry_counters_watch_release_and_graceful_shutdown() {
         .unwrap()
         .into_inner();
     assert!(released.released);
+    let after_release = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("counters of a released vm still read after 30 s")
+        .unwrap();
+    assert!(
+        matches!(
+            after_release.code(),
+            tonic::Code::NotFound | tonic::Code::FailedPrecondition
+        ),
+        "{after_release:?}"
+    );
     let last = watch.message().await.unwrap().unwrap().vm.unwrap();
     assert_eq!(last.state, VmState::Destroyed as i32);
     assert!(
