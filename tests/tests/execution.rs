@@ -36,6 +36,12 @@ async fn python_state_persists_and_errors_and_timeouts_keep_it() {
     let stack = Stack::start(StackOptions::default()).await;
     let (mut c, sid) = session(&stack).await;
 
+    // The kernel was started at boot at idle priority: the session's first code, and the
+    // processes it starts, run at normal priority.
+    let nice = "import os, subprocess\nprint(os.nice(0), subprocess.check_output(['nice'], text=True).strip())";
+    let out = python(&mut c, &sid, nice).await;
+    assert_eq!(out.stdout_text(), "0 0\n", "{out:?}");
+
     // The seed story.
     let out = python(&mut c, &sid, "x = 42").await;
     assert_eq!(out.status(), CompletionStatus::Ok, "{out:?}");

@@ -9,7 +9,10 @@
 //!
 //! Python is started at boot by default (`--prestart-python`): a cold interpreter costs
 //! tens of milliseconds natively and far more under emulation, and most sessions run Python.
-//! The shell starts on its first execute.
+//! It starts at idle priority (nice 19), so the agent's own start and its first health
+//! check, which make the VM ready, do not share the vCPU with it; the first job for the
+//! kernel (an execute, the session's env) raises it to normal priority before any code of
+//! the session runs. The shell starts on its first execute.
 //!
 //! Output written between executes (a background thread or process) waits in the pipe and
 //! arrives with the next execute; a writer that fills the pipe blocks until then. Interrupts
@@ -267,7 +270,10 @@ impl Actor {
             };
             match job {
                 Job::Start => {
-                    if let Err(e) = self.ensure_started() {
+                    // At idle priority: under emulation the guest has one slow vCPU, and
+                    // the agent answering its first health check comes first. The first
+                    // job for the kernel raises it.
+                    if let Err(e) = self.ensure_started(nix::unistd::geteuid().is_root()) {
                         tracing::warn!(language = self.language.name(), error = %capsa_grpc::error::chain(&e), "kernel pre-start failed");
                     }
                 }
@@ -300,7 +306,8 @@ impl Actor {
         }
     }
 
-    fn ensure_started(&mut self) -> Result<(), Error> {
+    /// Starts the kernel if none runs; `idle_priority` as in [`Spawn`].
+    fn ensure_started(&mut self, idle_priority: bool) -> Result<(), Error> {
         self.reap_if_dead();
         if self.process.is_some() {
             return Ok(());
@@ -320,6 +327,7 @@ impl Actor {
             args,
             env,
             workdir: self.settings.workdir.clone(),
+            idle_priority,
         };
         let p = KernelProcess::spawn(spawn).map_err(|source| Error::KernelStart {
             language: self.language.name(),
@@ -340,11 +348,13 @@ impl Actor {
         self.session_env.extend(env.clone());
         match self.language {
             Language::Python => {
-                if let Some(p) = &mut self.process
-                    && let Err(e) = p.send(&python::env_request(&env)).await
-                {
-                    // The kernel is dying; its successor starts with the full env.
-                    tracing::warn!(error = %e, "cannot update the python kernel's env");
+                if let Some(p) = &mut self.process {
+                    // A session's env: the VM is in use.
+                    p.raise_priority();
+                    if let Err(e) = p.send(&python::env_request(&env)).await {
+                        // The kernel is dying; its successor starts with the full env.
+                        tracing::warn!(error = %e, "cannot update the python kernel's env");
+                    }
                 }
             }
             Language::Shell => {
@@ -361,7 +371,7 @@ impl Actor {
         events: EventSender,
         cancel: CancellationToken,
     ) {
-        if let Err(e) = self.ensure_started() {
+        if let Err(e) = self.ensure_started(false) {
             let _ = events.send(Err(e)).await;
             return;
         }
@@ -396,6 +406,7 @@ impl Actor {
             state_lost,
         };
         let process = self.process.as_mut().expect("started above");
+        process.raise_priority();
         let outcome = run::run(process, &req, prepared, ctx).await;
         if outcome.kernel_gone {
             self.process = None;

@@ -39,7 +39,13 @@ pub struct Spawn {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
+    /// Start at the lowest CPU priority (nice 19) until [`KernelProcess::raise_priority`]:
+    /// a kernel started ahead of use then takes only CPU time nothing else wants.
+    pub idle_priority: bool,
 }
+
+/// The nice value of a kernel started at idle priority.
+const IDLE_NICE: libc::c_int = 19;
 
 pub struct KernelProcess {
     pub child: Child,
@@ -52,6 +58,8 @@ pub struct KernelProcess {
     pub err_buf: Box<[u8]>,
     pub requests: pipe::Sender,
     pub events: LineReader,
+    /// Still at idle priority (see [`Spawn::idle_priority`]).
+    idle_priority: bool,
 }
 
 impl KernelProcess {
@@ -70,10 +78,15 @@ impl KernelProcess {
             cmd.current_dir(dir);
         }
         let (req_fd, evt_fd) = (req_r.as_raw_fd(), evt_w.as_raw_fd());
+        let idle_priority = spec.idle_priority;
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (fcntl, dup2, prctl) on fds that are open in the child.
+        // functions (fcntl, dup2, prctl, setpriority) on fds that are open in the child.
         unsafe {
             cmd.pre_exec(move || {
+                // Lowering one's own priority is always allowed.
+                if idle_priority && libc::setpriority(libc::PRIO_PROCESS, 0, IDLE_NICE) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 // Move both ends above 4 first: a source fd that is already 3 or 4 would
                 // otherwise be clobbered by the other dup2, or keep its CLOEXEC flag.
                 let a = libc::fcntl(req_fd, libc::F_DUPFD_CLOEXEC, 10);
@@ -108,11 +121,32 @@ impl KernelProcess {
             child,
             requests: pipe::Sender::from_owned_fd(req_w)?,
             events: LineReader::new(pipe::Receiver::from_owned_fd(evt_r)?),
+            idle_priority,
         })
     }
 
     pub fn pid(&self) -> i32 {
         self.pgid.as_raw()
+    }
+
+    /// Back to normal priority (nice 0) for a kernel started at idle priority, before it
+    /// runs anything of the session's, so the code and what it starts run at full speed.
+    /// Every thread of the kernel: Linux keeps a nice value per thread. Raising priority
+    /// needs CAP_SYS_NICE (the agent is root in its VM); without it the kernel stays slow
+    /// but correct, and a warning says so.
+    pub fn raise_priority(&mut self) {
+        if !std::mem::take(&mut self.idle_priority) {
+            return;
+        }
+        let tasks = format!("/proc/{}/task", self.pid());
+        let tids = std::fs::read_dir(&tasks).into_iter().flatten().flatten();
+        for tid in tids.filter_map(|t| t.file_name().to_str()?.parse::<libc::id_t>().ok()) {
+            // SAFETY: setpriority on a thread id; no memory is passed.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) } < 0 {
+                let error = io::Error::last_os_error();
+                tracing::warn!(pid = self.pid(), tid, %error, "kernel left at idle priority");
+            }
+        }
     }
 
     /// Signals the kernel's whole process group (the code and anything it started in
@@ -281,6 +315,36 @@ pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nice value of thread `tid` (field 19 of its stat, after the parenthesised name).
+    fn nice_of(tid: i32) -> i64 {
+        let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_idle_priority_kernel_runs_at_nice_19_until_raised() {
+        let spawn = |idle_priority| Spawn {
+            program: "sleep".into(),
+            args: vec!["60".into()],
+            env: BTreeMap::new(),
+            workdir: None,
+            idle_priority,
+        };
+        let mut idle = KernelProcess::spawn(spawn(true)).unwrap();
+        assert_eq!(nice_of(idle.pid()), 19);
+        idle.raise_priority();
+        // Raising needs CAP_SYS_NICE: the agent has it as root in its VM.
+        let expected = if nix::unistd::geteuid().is_root() {
+            0
+        } else {
+            19
+        };
+        assert_eq!(nice_of(idle.pid()), expected);
+        let normal = KernelProcess::spawn(spawn(false)).unwrap();
+        assert_eq!(nice_of(normal.pid()), 0);
+    }
 
     #[tokio::test]
     async fn lines_are_split_across_reads_and_eof_is_reported() {
