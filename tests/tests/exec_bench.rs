@@ -41,12 +41,14 @@ async fn run_bench(args: &[&str]) -> (String, serde_json::Value) {
     (stdout, figures)
 }
 
-/// `figures[key]` is a finite, positive number.
-fn assert_positive(figures: &serde_json::Value, key: &str) {
-    let v = figures[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} is missing or not a number: {figures}"));
-    assert!(v.is_finite() && v > 0.0, "{key} = {v}: {figures}");
+/// `figures[key]` is a finite, positive number, for every key of `keys`.
+fn assert_positive(figures: &serde_json::Value, keys: &[&str]) {
+    for key in keys {
+        let v = figures[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is missing or not a number: {figures}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}: {figures}");
+    }
 }
 
 #[tokio::test]
@@ -62,9 +64,7 @@ async fn native_bench_prints_its_figures_as_json_last() {
     .await;
     assert_eq!(figures["engine"], "native", "{figures}");
     assert_eq!(figures["samples"], 20, "{figures}");
-    for key in FIGURES {
-        assert_positive(&figures, key);
-    }
+    assert_positive(&figures, FIGURES);
     assert!(
         figures["host_overhead_p99_ms"].as_f64() >= figures["host_overhead_p50_ms"].as_f64(),
         "p99 below p50: {figures}"
@@ -83,14 +83,15 @@ async fn native_bench_prints_its_figures_as_json_last() {
 async fn creates_bench_prints_its_figures_as_json_last() {
     let (stdout, figures) = run_bench(&["--creates", "2", "--json"]).await;
     assert_eq!(figures["creates_concurrency"], 2, "{figures}");
-    for key in [
-        "create_exec_p50_ms",
-        "create_exec_p99_ms",
-        "create_exec_p99_p50_ratio",
-        "creates_refill_s",
-    ] {
-        assert_positive(&figures, key);
-    }
+    assert_positive(
+        &figures,
+        &[
+            "create_exec_p50_ms",
+            "create_exec_p99_ms",
+            "create_exec_p99_p50_ratio",
+            "creates_refill_s",
+        ],
+    );
     assert!(figures["creates_warm_min"].as_u64() < Some(2), "{figures}");
     assert!(stdout.contains("| p99 / p50"), "{stdout}");
 }
@@ -104,15 +105,16 @@ async fn arrivals_bench_prints_its_figures_as_json_last() {
     let (stdout, figures) = run_bench(&["--arrivals", "3", "--warm", "2", "--json"]).await;
     assert_eq!(figures["arrivals"], 3, "{figures}");
     assert_eq!(figures["arrivals_warm_pool"], 2, "{figures}");
-    for key in [
-        "arrivals_boot_rate_per_s",
-        "arrivals_rate_per_s",
-        "arrivals_p50_ms",
-        "arrivals_p99_ms",
-        "arrivals_p99_p50_ratio",
-    ] {
-        assert_positive(&figures, key);
-    }
+    assert_positive(
+        &figures,
+        &[
+            "arrivals_boot_rate_per_s",
+            "arrivals_rate_per_s",
+            "arrivals_p50_ms",
+            "arrivals_p99_ms",
+            "arrivals_p99_p50_ratio",
+        ],
+    );
     let (boot, arrival) = (
         figures["arrivals_boot_rate_per_s"].as_f64().unwrap(),
         figures["arrivals_rate_per_s"].as_f64().unwrap(),

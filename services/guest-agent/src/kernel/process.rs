@@ -294,11 +294,8 @@ impl LineBuffer {
 /// CPU time (user + system, self + waited-for children) of `pid` from /proc, for kernels
 /// whose driver does not measure it itself.
 pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may itself contain spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime, stime, cutime, cstime are fields 14..=17 of the whole line; `rest` starts at 3.
+    let fields = proc_stat_fields(pid)?;
+    // utime, stime, cutime, cstime are fields 14..=17 of the whole line.
     let ticks: u64 = fields
         .get(11..15)?
         .iter()
@@ -312,15 +309,21 @@ pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
     ))
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which may itself contain
+/// spaces and parentheses): index 0 is the line's field 3, the state.
+fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The nice value of thread `tid` (field 19 of its stat, after the parenthesised name).
+    /// The nice value of thread `tid` (field 19 of its stat line).
     fn nice_of(tid: i32) -> i64 {
-        let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        after_name.split(' ').nth(16).unwrap().parse().unwrap()
+        proc_stat_fields(tid).unwrap()[16].parse().unwrap()
     }
 
     #[tokio::test]
