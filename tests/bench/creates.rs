@@ -27,6 +27,9 @@ use crate::{ms, percentile};
 /// How long the pool gets to boot its warm VMs before a round, and to refill after it.
 const FILL_LIMIT: Duration = Duration::from_secs(30 * 60);
 const WARM_POLL: Duration = Duration::from_millis(100);
+/// The clients' sessions live through the round and the refill after it (the default
+/// lifetime, 5 minutes, is shorter than a refill of 50 under TCG).
+const SESSION_LIFETIME: Duration = Duration::from_secs(2 * 3600);
 
 type PoolClient = VmPoolServiceClient<tonic::transport::Channel>;
 
@@ -142,7 +145,10 @@ fn arrive(url: String, key: String) -> JoinHandle<(Duration, String)> {
         let mut client = connect_client(&url, &key).await;
         let started = Instant::now();
         let session = client
-            .create_session(CreateSessionRequest::default())
+            .create_session(CreateSessionRequest {
+                lifetime: Some(capsa_proto::time::duration(SESSION_LIFETIME)),
+                ..Default::default()
+            })
             .await
             .expect("create session")
             .into_inner()

@@ -9,7 +9,9 @@
 use std::time::{Duration, Instant};
 
 use capsa_e2e::{Stack, StackOptions, exec};
-use capsa_proto::session::v1::{DeleteSessionRequest, GetSessionRequest, SessionStatus};
+use capsa_proto::session::v1::{
+    CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, SessionStatus,
+};
 use capsa_test_support::eventually;
 
 /// Sessions held at once; `CAPSA_DENSITY_SESSIONS` changes it for a quick look.
@@ -26,6 +28,9 @@ const IDLE_WATCH: Duration = Duration::from_secs(20);
 const DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// Creates in flight at once: the node boots two VMs at a time (`--max-concurrent-boots`).
 const CREATES_AT_ONCE: usize = 2;
+/// Every session outlives the whole test: the default lifetime (5 minutes) ended the first
+/// sessions of a slow run before they were all answered.
+const LIFETIME: Duration = DEADLINE.saturating_mul(2);
 
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -79,7 +84,12 @@ async fn sixty_idle_sessions_fit_one_node_and_it_answers_each() {
         let batch = CREATES_AT_ONCE.min(sessions - ids.len());
         let creates = (0..batch).map(|_| async {
             let mut c = stack.client(0).await;
-            capsa_e2e::create_default_session(&mut c).await
+            let req = CreateSessionRequest {
+                lifetime: Some(capsa_proto::time::duration(LIFETIME)),
+                ..Default::default()
+            };
+            let created = c.create_session(req).await.expect("create session");
+            created.into_inner().session.expect("a created session")
         });
         for s in futures::future::join_all(creates).await {
             assert_eq!(s.status(), SessionStatus::Active, "{s:?}");
