@@ -11,7 +11,7 @@
 #     bzImage        compressed kernel (QEMU)
 #     manifest.json  kernel cmdline and file names
 # and points ${CAPSA_CACHE_DIR}/images/current at it.
-# <hash> = sha256(base rootfs hash + kernel + agent + capsa-init + CA bundle + this script).
+# <hash> = sha256(base rootfs hash + kernel + agent + capsa-init + fstab + CA bundle + this script).
 # VMs use rootfs.ext4 as a shared read-only base under a per-VM qcow2 overlay:
 #   qemu-img create -f qcow2 -F raw -b .../rootfs.ext4 overlay.qcow2
 # Progress goes to stderr; the last stdout line is the image directory.
@@ -22,6 +22,7 @@ self="$here/$(basename "${BASH_SOURCE[0]}")"
 cache="${CAPSA_CACHE_DIR:-/var/cache/capsa}"
 export CAPSA_CACHE_DIR="$cache"
 init_src="$here/capsa-init"
+fstab_src="$here/fstab"
 free_mib="${CAPSA_ROOTFS_FREE_MIB:-2048}"
 # QEMU microvm finds virtio-mmio devices through ACPI (or appends
 # virtio_mmio.device= itself when acpi=off); Cloud Hypervisor uses virtio-pci.
@@ -68,7 +69,7 @@ base="$("$here/build-rootfs.sh" | tail -n1)"
 
 hash="$( { echo "base=$(basename "$base")"
            sha256sum "$kdir/bzImage" "$kdir/vmlinux" | cut -d' ' -f1
-           sha256sum "$agent" "$init_src" | cut -d' ' -f1
+           sha256sum "$agent" "$init_src" "$fstab_src" | cut -d' ' -f1
            [[ -z "$ca_bundle" ]] || sha256sum "$ca_bundle" | cut -d' ' -f1
            echo "cmdline=$cmdline free=$free_mib"
            cat "$self"; } | sha256sum | cut -c1-16)"
@@ -99,6 +100,14 @@ install -D -m 0755 "$agent" "$stage/usr/local/bin/capsa-agent.new"
 mv -f "$stage/usr/local/bin/capsa-agent.new" "$stage/usr/local/bin/capsa-agent"
 install -m 0755 "$init_src" "$stage/sbin/capsa-init.new"
 mv -f "$stage/sbin/capsa-init.new" "$stage/sbin/capsa-init"
+install -m 0644 "$fstab_src" "$stage/etc/fstab.new"
+mv -f "$stage/etc/fstab.new" "$stage/etc/fstab"
+# The /dev links devtmpfs lacks, which capsa-init copies into /dev with one `cp -a`.
+mkdir -p "$stage/usr/lib/capsa/dev"
+ln -s /proc/self/fd "$stage/usr/lib/capsa/dev/fd"
+ln -s /proc/self/fd/0 "$stage/usr/lib/capsa/dev/stdin"
+ln -s /proc/self/fd/1 "$stage/usr/lib/capsa/dev/stdout"
+ln -s /proc/self/fd/2 "$stage/usr/lib/capsa/dev/stderr"
 if [[ -n "$ca_bundle" ]]; then
   install -m 0644 "$ca_bundle" "$stage/etc/ssl/certs/ca-certificates.crt.new"
   mv -f "$stage/etc/ssl/certs/ca-certificates.crt.new" "$stage/etc/ssl/certs/ca-certificates.crt"

@@ -158,6 +158,40 @@ async fn shell_state_persists_and_code_runs_in_the_guest_kernel() {
         guest.starts_with("6.1."),
         "guest kernel is the project's 6.1 build: {guest}"
     );
+
+    // capsa-init's one `mount -a` and its /dev links: every mount a session's programs
+    // expect, of the right type, and the /dev/std* links a shell script reads through.
+    let mounts = shell(
+        &mut c,
+        &sid,
+        "while read -r _ dir fstype _; do echo \"$dir $fstype\"; done </proc/mounts; \
+         readlink /dev/fd /dev/stdin /dev/stdout /dev/stderr; \
+         echo piped | cat /dev/stdin; cat <(echo substituted)",
+    )
+    .await;
+    assert_eq!(mounts.status(), CompletionStatus::Ok, "{mounts:?}");
+    let text = mounts.stdout_text();
+    let lines: Vec<&str> = text.lines().collect();
+    for expected in [
+        "/ ext4",
+        "/proc proc",
+        "/sys sysfs",
+        "/dev devtmpfs",
+        "/tmp tmpfs",
+        "/run tmpfs",
+        "/run/lock tmpfs",
+        "/dev/pts devpts",
+        "/dev/shm tmpfs",
+        "/sys/fs/cgroup cgroup2",
+        "/proc/self/fd",
+        "/proc/self/fd/0",
+        "/proc/self/fd/1",
+        "/proc/self/fd/2",
+        "piped",
+        "substituted",
+    ] {
+        assert!(lines.contains(&expected), "guest lacks {expected:?}:\n{text}");
+    }
 }
 
 #[tokio::test]
