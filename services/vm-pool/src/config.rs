@@ -101,8 +101,14 @@ pub struct Config {
     #[arg(long, env = "CAPSA_VM_CGROUP", default_value = "capsa-vm-pool")]
     pub vm_cgroup: String,
 
+    /// QEMU TCG's translated-code cache per VM (MiB; unused under KVM). Once filled it stays
+    /// resident, so it is most of what an idle TCG VM costs beyond its guest's own pages;
+    /// a larger cache only pays for guests whose hot code outgrows it.
+    #[arg(long, env = "CAPSA_TCG_TB_MIB", default_value_t = capsa_vmm::DEFAULT_TCG_TB_MIB, value_parser = clap::value_parser!(u32).range(8..=2048))]
+    pub tcg_tb_mib: u32,
+
     /// Memory (MiB) a VM's cgroup allows beyond its guest RAM: the VMM's own (QEMU TCG's
-    /// translation cache of 128 MiB, its heap).
+    /// translation cache, its heap).
     #[arg(long, env = "CAPSA_VMM_MEMORY_OVERHEAD_MIB", default_value_t = 320)]
     pub vmm_memory_overhead_mib: u32,
 
@@ -346,6 +352,11 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--max-concurrent-boots", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--boot-timeout-secs", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--netns", "a/b"]).is_err());
+        assert_eq!(c.tcg_tb_mib, capsa_vmm::DEFAULT_TCG_TB_MIB);
+        let small = Config::try_parse_from(["x", "--tcg-tb-mib", "4"]).unwrap_err();
+        assert!(small.to_string().contains("--tcg-tb-mib"), "{small}");
+        let set = Config::try_parse_from(["x", "--tcg-tb-mib", "256"]).unwrap();
+        assert_eq!(set.tcg_tb_mib, 256);
         assert!(Config::try_parse_from(["x", "--vm-subnet", "100.80.0.1/16"]).is_err());
         assert_eq!(c.vm_subnet.to_string(), "100.80.0.0/16");
         let named = Config::try_parse_from(["x", "--netns", "capsa-t1"]).unwrap();

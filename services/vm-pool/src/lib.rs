@@ -88,6 +88,7 @@ pub fn hypervisor(
             qemu.disk_bytes_per_sec = config.vm_disk_bytes_per_sec;
             qemu.disk_iops = config.vm_disk_iops;
             qemu.merge_pages = config.merge_pages;
+            qemu.tcg_tb_mib = config.tcg_tb_mib;
             Arc::new(Qemu::new(qemu))
         }
     };

@@ -49,7 +49,7 @@ pub use error::VmmError;
 pub use image::GuestImage;
 /// Readers of `/proc` that vm-pool and the benches share.
 pub use process::{cpu_time, host_memory_mib, process_group, proportional_bytes, resident_bytes};
-pub use qemu::{Qemu, QemuAccel, QemuConfig};
+pub use qemu::{DEFAULT_TCG_TB_MIB, Qemu, QemuAccel, QemuConfig};
 pub use sandbox::{Sandbox, SandboxConfig, VmmUser};
 
 /// File names inside a VM's directory; [`orphans`] and operators rely on them.

@@ -53,9 +53,12 @@ use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, 
 
 /// How long QEMU gets to come up (not the guest: that is the caller's wait).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// TCG's translated-code cache (MiB). QEMU's default (1 GiB) would be charged to the VM's
-/// memory limit as it fills; a guest's working set of code fits in far less.
-const TCG_TB_SIZE_MIB: u32 = 128;
+/// TCG's translated-code cache (MiB) unless configured. QEMU's default (1 GiB) would be
+/// charged to the VM's memory limit as it fills, and a cache, once filled, stays resident:
+/// at 128 MiB a booted, idle agent VM held 102 MiB of it (mostly code that ran once, at
+/// boot), at 32 MiB (QEMU's own default before 5.0) 32 MiB, and a pandas + matplotlib
+/// Execute ran no slower (see BENCHMARKS.md).
+pub const DEFAULT_TCG_TB_MIB: u32 = 32;
 /// QEMU's own seccomp filter: everything it offers to deny.
 const QEMU_SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -107,6 +110,8 @@ pub struct QemuConfig {
     /// Offer guest RAM to the kernel's KSM (`merge=on`), which then shares identical pages
     /// between VMs; off, QEMU's default of offering it is turned off.
     pub merge_pages: bool,
+    /// TCG's translated-code cache (MiB); unused under KVM.
+    pub tcg_tb_mib: u32,
 }
 
 impl QemuConfig {
@@ -126,6 +131,7 @@ impl QemuConfig {
             disk_bytes_per_sec: None,
             disk_iops: None,
             merge_pages: false,
+            tcg_tb_mib: DEFAULT_TCG_TB_MIB,
         })
     }
 }
@@ -527,7 +533,7 @@ pub(crate) fn qemu_args(
     let kernel = config.kernel_override.as_deref().unwrap_or(&spec.kernel);
     let (accel, cpu) = match config.accel {
         QemuAccel::Kvm => ("kvm".to_owned(), "host"),
-        QemuAccel::Tcg => (format!("tcg,tb-size={TCG_TB_SIZE_MIB}"), "max"),
+        QemuAccel::Tcg => (format!("tcg,tb-size={}", config.tcg_tb_mib), "max"),
     };
     let mut args: Vec<String> = vec![
         "-name".into(),
@@ -878,12 +884,13 @@ mod tests {
             disk_bytes_per_sec: Some(50 << 20),
             disk_iops: None,
             merge_pages: false,
+            tcg_tb_mib: 48,
         };
         let overlay = Path::new("/state/vms/vm-abc/overlay.qcow2");
         let args = qemu_args(&spec, &config, Some(overlay), false);
         let line = args.join(" ");
         for want in [
-            "-accel tcg,tb-size=128",
+            "-accel tcg,tb-size=48",
             "-smp 2",
             "cache=unsafe,discard=unmap,throttling.bps-total=52428800",
             "-object memory-backend-ram,id=mem,size=256M,merge=off",
