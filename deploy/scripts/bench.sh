@@ -2,7 +2,7 @@
 # Every benchmark of BENCHMARKS.md on this machine, from a fresh Debian 12 machine: installs
 # what it needs, builds the release binaries and the guest image (cached by content hash), then
 # runs each bench in turn and prints its table. Real VMs, on the engine this host offers; about
-# 25 minutes under TCG on two cores. Root (VM networking, cgroups).
+# 15 minutes under TCG on two cores once built. Root (VM networking, cgroups).
 #
 #   deploy/scripts/bench.sh            # all of them
 #   CAPSA_BENCH_QUICK=1 deploy/scripts/bench.sh   # fewer samples: a smoke run, not figures

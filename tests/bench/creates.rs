@@ -184,8 +184,14 @@ async fn delete_sessions(stack: &Stack, outcomes: Vec<(Duration, String)>) -> Ve
     latencies
 }
 
+/// VMs the node has room for in a burst of `n`: the n leased VMs beside a full refill of n
+/// warm ones (and a margin), or the refill could never finish while the clients' sessions live.
+fn burst_room(n: u32) -> u32 {
+    2 * n + 4
+}
+
 pub async fn run(n: u32) -> Figures {
-    let (stack, mut pool) = start_stack(n, n + 4).await;
+    let (stack, mut pool) = start_stack(n, burst_room(n)).await;
     let filled = wait_warm(&mut pool, n, Instant::now()).await;
     eprintln!("{n} warm VMs after {:.0} s", filled.as_secs_f64());
 
@@ -323,5 +329,17 @@ pub fn report_arrivals(f: &ArrivalFigures, json: bool) {
             "arrivals_warm_min": f.warm_min,
         });
         println!("{figures}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_leaves_room_for_its_refill() {
+        for n in [1, 2, 5, 20, 50] {
+            assert!(burst_room(n) >= 2 * n, "{n} leased + {n} warm in {}", burst_room(n));
+        }
     }
 }

@@ -102,8 +102,9 @@ pub struct Config {
     pub vm_cgroup: String,
 
     /// QEMU TCG's translated-code cache per VM (MiB; unused under KVM). Once filled it stays
-    /// resident, so it is most of what an idle TCG VM costs beyond its guest's own pages;
-    /// a larger cache only pays for guests whose hot code outgrows it.
+    /// resident: most of what an idle TCG VM costs beyond its guest's own pages. Smaller
+    /// packs more idle VMs on a node, at the cost of a slower first Execute (see
+    /// BENCHMARKS.md).
     #[arg(long, env = "CAPSA_TCG_TB_MIB", default_value_t = capsa_vmm::DEFAULT_TCG_TB_MIB, value_parser = clap::value_parser!(u32).range(8..=2048))]
     pub tcg_tb_mib: u32,
 

@@ -63,6 +63,8 @@ async fn the_pool_bench_prints_its_figures_as_json_last() {
         "restore_ms",
         "restore_cold_ratio",
         "restored_rss_mib",
+        "restored_rss_ratio",
+        "tcg_tb_mib",
     ] {
         let v = figures[key].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v > 0.0, "{key} = {v} in {figures}");

@@ -54,11 +54,12 @@ use crate::{EngineKind, Hypervisor, VirtualMachine, VmCounters, VmExit, VmSpec, 
 /// How long QEMU gets to come up (not the guest: that is the caller's wait).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// TCG's translated-code cache (MiB) unless configured. QEMU's default (1 GiB) would be
-/// charged to the VM's memory limit as it fills, and a cache, once filled, stays resident:
-/// at 128 MiB a booted, idle agent VM held 102 MiB of it (mostly code that ran once, at
-/// boot), at 32 MiB (QEMU's own default before 5.0) 32 MiB, and a pandas + matplotlib
-/// Execute ran no slower (see BENCHMARKS.md).
-pub const DEFAULT_TCG_TB_MIB: u32 = 32;
+/// charged to the VM's memory limit as it fills. A cache, once filled, stays resident: a
+/// booted, idle agent VM holds about 100 MiB of it. A smaller one holds less (32 MiB: 153
+/// instead of 236 MiB per idle VM) but has dropped the kernel's and the agent's translated
+/// code by the time a session's first Execute runs, which then pays to translate it again
+/// (create + `print(1)` p50 136 -> 428 ms under TCG; see BENCHMARKS.md).
+pub const DEFAULT_TCG_TB_MIB: u32 = 128;
 /// QEMU's own seccomp filter: everything it offers to deny.
 const QEMU_SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";

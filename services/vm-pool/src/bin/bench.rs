@@ -101,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = capsa_vm_pool::Config::for_image(state.path().to_owned(), image_dir.clone());
     config.memory_mib = args.memory_mib;
     config.merge_pages = args.merge_pages;
+    let tcg_tb_mib = config.tcg_tb_mib;
     let ksm = args.merge_pages.then(Ksm::start).transpose()?;
     let (hv, choice) = capsa_vm_pool::hypervisor(&config)?;
     println!("engine: {} ({})", choice.kind, choice.reason);
@@ -174,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
     let floor_med = median(&mut floor_boot);
     let mut json = serde_json::Map::new();
     json.insert("engine".into(), kind.as_str().into());
+    json.insert("tcg_tb_mib".into(), tcg_tb_mib.into());
     json.insert("samples".into(), args.samples.into());
     json.insert("floor_boot_ms".into(), ms(floor_med).into());
     let row = |name: &str, value: String, ratio: String| {
@@ -285,12 +287,15 @@ async fn main() -> anyhow::Result<()> {
         ),
     );
     let restored_rss = median_u(&mut restored_rss);
+    let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
+    // What an idle VM of a pool refilled by restore (`--warm-from-snapshot`) holds: TCG has
+    // translated only the code it ran since the restore, not the whole boot's.
+    let restored_rss_ratio = restored_rss as f64 / fr.max(1) as f64;
     row(
         "VMM resident memory, restored idle VM",
         format!("{} MiB", restored_rss >> 20),
-        String::new(),
+        format!("{restored_rss_ratio:.2}x floor RSS"),
     );
-    let (cr, fr) = (median_u(&mut cold_rss), median_u(&mut floor_rss));
     let three = median_u(&mut three_copies_rss);
     let three_ratio = three as f64 / (3 * cr).max(1) as f64;
     row(
@@ -324,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
         "restored_rss_mib".into(),
         (restored_rss as f64 / f64::from(1 << 20)).into(),
     );
+    json.insert("restored_rss_ratio".into(), restored_rss_ratio.into());
     json.insert(
         "idle_rss_mib".into(),
         (cr as f64 / f64::from(1 << 20)).into(),
@@ -382,10 +388,15 @@ async fn main() -> anyhow::Result<()> {
             "1.00x".into(),
         );
     }
+    let tb = if kind == capsa_vmm::EngineKind::QemuTcg {
+        format!(", translation cache {tcg_tb_mib} MiB")
+    } else {
+        String::new()
+    };
     println!(
         "\n{} boot samples each ({hung} hung and were retried); {} sequential warm acquires; \
-         {} network leases; engine {}",
-        args.samples, args.samples, args.net_samples, kind
+         {} network leases; engine {kind}{tb}",
+        args.samples, args.samples, args.net_samples
     );
     if args.json {
         println!("{}", serde_json::Value::Object(json));
