@@ -681,8 +681,32 @@ pub mod otlp;
 
 /// A session with the defaults, created through `client`; panics if the create fails.
 pub async fn create_default_session(client: &mut Client) -> capsa_proto::session::v1::Session {
+    create_session(
+        client,
+        capsa_proto::session::v1::CreateSessionRequest::default(),
+    )
+    .await
+}
+
+/// A session that lives `lifetime`, for runs that outlast the default lifetime (benches, the
+/// density test); panics if the create fails.
+pub async fn create_session_living(
+    client: &mut Client,
+    lifetime: Duration,
+) -> capsa_proto::session::v1::Session {
+    let request = capsa_proto::session::v1::CreateSessionRequest {
+        lifetime: Some(capsa_proto::time::duration(lifetime)),
+        ..Default::default()
+    };
+    create_session(client, request).await
+}
+
+async fn create_session(
+    client: &mut Client,
+    request: capsa_proto::session::v1::CreateSessionRequest,
+) -> capsa_proto::session::v1::Session {
     client
-        .create_session(capsa_proto::session::v1::CreateSessionRequest::default())
+        .create_session(request)
         .await
         .expect("create session")
         .into_inner()

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use capsa_e2e::{Stack, StackOptions, connect_client, exec};
-use capsa_proto::session::v1::{CreateSessionRequest, DeleteSessionRequest};
+use capsa_e2e::{Stack, StackOptions, connect_client, create_session_living, exec};
+use capsa_proto::session::v1::DeleteSessionRequest;
 use capsa_proto::vmpool::v1::GetNodeInfoRequest;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use tokio::task::JoinHandle;
@@ -144,16 +144,7 @@ fn arrive(url: String, key: String) -> JoinHandle<(Duration, String)> {
     tokio::spawn(async move {
         let mut client = connect_client(&url, &key).await;
         let started = Instant::now();
-        let session = client
-            .create_session(CreateSessionRequest {
-                lifetime: Some(capsa_proto::time::duration(SESSION_LIFETIME)),
-                ..Default::default()
-            })
-            .await
-            .expect("create session")
-            .into_inner()
-            .session
-            .expect("a session");
+        let session = create_session_living(&mut client, SESSION_LIFETIME).await;
         let out = exec::python_stdout(&mut client, &session.id, "print(1)").await;
         let took = started.elapsed();
         assert_eq!(out, "1\n");
@@ -339,7 +330,11 @@ mod tests {
     #[test]
     fn a_burst_leaves_room_for_its_refill() {
         for n in [1, 2, 5, 20, 50] {
-            assert!(burst_room(n) >= 2 * n, "{n} leased + {n} warm in {}", burst_room(n));
+            assert!(
+                burst_room(n) >= 2 * n,
+                "{n} leased + {n} warm in {}",
+                burst_room(n)
+            );
         }
     }
 }

@@ -30,7 +30,7 @@ use capsa_e2e::{Client, Stack, StackOptions, connect_client, exec};
 use capsa_proto::agent::v1::agent_service_client::AgentServiceClient;
 use capsa_proto::common::v1::{ExecuteSpec, Language};
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
-use capsa_proto::session::v1::{CreateSessionRequest, DeleteSessionRequest, GetSessionRequest};
+use capsa_proto::session::v1::{DeleteSessionRequest, GetSessionRequest};
 use capsa_proto::vmpool::v1::GetVmRequest;
 use capsa_proto::vmpool::v1::vm_pool_service_client::VmPoolServiceClient;
 use capsa_test_support::execute::{Outcome, collect};
@@ -176,16 +176,7 @@ async fn open(
     vmpool_url: String,
     state_dir: &Path,
 ) -> Target {
-    let session = client
-        .create_session(CreateSessionRequest {
-            lifetime: Some(capsa_proto::time::duration(Duration::from_secs(3600))),
-            ..Default::default()
-        })
-        .await
-        .expect("create session")
-        .into_inner()
-        .session
-        .expect("a created session");
+    let session = capsa_e2e::create_session_living(&mut client, Duration::from_secs(3600)).await;
     let vm = VmPoolServiceClient::connect(vmpool_url)
         .await
         .expect("connect to the node's vm pool")

@@ -9,9 +9,7 @@
 use std::time::{Duration, Instant};
 
 use capsa_e2e::{Stack, StackOptions, exec};
-use capsa_proto::session::v1::{
-    CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, SessionStatus,
-};
+use capsa_proto::session::v1::{DeleteSessionRequest, GetSessionRequest, SessionStatus};
 use capsa_test_support::eventually;
 
 /// Sessions held at once; `CAPSA_DENSITY_SESSIONS` changes it for a quick look.
@@ -84,12 +82,7 @@ async fn sixty_idle_sessions_fit_one_node_and_it_answers_each() {
         let batch = CREATES_AT_ONCE.min(sessions - ids.len());
         let creates = (0..batch).map(|_| async {
             let mut c = stack.client(0).await;
-            let req = CreateSessionRequest {
-                lifetime: Some(capsa_proto::time::duration(LIFETIME)),
-                ..Default::default()
-            };
-            let created = c.create_session(req).await.expect("create session");
-            created.into_inner().session.expect("a created session")
+            capsa_e2e::create_session_living(&mut c, LIFETIME).await
         });
         for s in futures::future::join_all(creates).await {
             assert_eq!(s.status(), SessionStatus::Active, "{s:?}");

@@ -190,7 +190,10 @@ async fn shell_state_persists_and_code_runs_in_the_guest_kernel() {
         "piped",
         "substituted",
     ] {
-        assert!(lines.contains(&expected), "guest lacks {expected:?}:\n{text}");
+        assert!(
+            lines.contains(&expected),
+            "guest lacks {expected:?}:\n{text}"
+        );
     }
 }
 
