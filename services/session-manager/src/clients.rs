@@ -1,8 +1,9 @@
 //! gRPC clients of the nodes (vm-pool, executor) and of metering. One tonic `Channel` per
 //! URL, cached: channels multiplex calls, so every replica holds one HTTP/2 connection per
-//! node service. Every channel has a connect timeout and HTTP/2 keepalives, so a dead node
-//! is an error within seconds instead of a hung call, and every call carries the caller's
-//! trace context (`capsa_telemetry::propagate`).
+//! node service. Every channel has a connect timeout and HTTP/2 keepalives, so a node that
+//! stops answering is an error within half a minute instead of a hung call (one that dies
+//! closes its connections, an error at once), and every call carries the caller's trace
+//! context (`capsa_telemetry::propagate`).
 //!
 //! One connection carries every tenant's streams to a node, so its flow control is chosen
 //! so that no stream can hold up another. Data a relay has not taken yet (its client reads
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capsa_grpc::server::{STREAM_WINDOW, connection_window, max_streams};
+use capsa_grpc::server::{KEEPALIVE_TIMEOUT, STREAM_WINDOW, connection_window, max_streams};
 use capsa_grpc::tls::identity;
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
 use capsa_proto::limits::MAX_MESSAGE_BYTES;
@@ -67,8 +68,8 @@ impl Clients {
                     .internal_endpoint(url, identity)
                     .map_err(|e| Error::Internal(e.to_string()))?
                     .connect_timeout(Duration::from_secs(3))
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(3))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(connection_window(max_streams::EXECUTOR))

@@ -15,12 +15,15 @@
 //! while a template has fewer warm + booting VMs than its target and the node has room.
 //! Consecutive failed boots of a template back its refills off exponentially (1 s .. 60 s)
 //! so a broken image does not spin. With `warm_from_snapshot`, refills restore the
-//! template's base snapshot instead, once it is made ([`crate::warm_base`]).
+//! template's base snapshot instead, once it is made ([`crate::warm_base`]). A refill boot
+//! runs at a quarter of the normal CPU weight until its VM is warm
+//! ([`capsa_vmm::cpu_balance::CpuClass::Refill`]), so sessions' Executes come first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use capsa_vmm::cpu_balance::CpuClass;
 use capsa_vmm::{VirtualMachine, VmSpec};
 use tokio::sync::watch;
 use tonic_health::pb::HealthCheckRequest;
@@ -183,6 +186,15 @@ pub(crate) async fn run_boot(
         )));
     }
     spawn_watcher(shared.clone(), vm.clone());
+    let refill = shared
+        .lock()
+        .vms
+        .get(id)
+        .is_some_and(|e| e.info.borrow().lease_id.is_none());
+    if refill && let Err(e) = set_cpu_class(shared, id, CpuClass::Refill) {
+        // Only a boot that competes harder than it needs to.
+        tracing::warn!(vm = id, error = %e, "refill boot keeps the normal cpu weight");
+    }
 
     let vsock = vm.vsock_path();
     let ready = async {
@@ -208,6 +220,15 @@ pub(crate) async fn run_boot(
         exit = vm.wait() => Err(format!("vmm {} during {what}{}", exit.description, console_tail(&vm))),
         _ = shared.closing.cancelled() => Err("vm-pool is shutting down".into()),
     };
+    // Back to the normal weight before the VM can be leased: a session must never run at a
+    // refill boot's weight.
+    let outcome = outcome.and_then(|()| {
+        if refill {
+            set_cpu_class(shared, id, CpuClass::Interactive)
+                .map_err(|e| format!("cannot restore the vm's cpu weight: {e}"))?;
+        }
+        Ok(())
+    });
     if let Err(reason) = outcome {
         let err = fail(reason);
         let _ = vm.destroy().await;
@@ -249,6 +270,14 @@ pub(crate) async fn run_boot(
     tracing::info!(vm = id, source = what, boot_ms = took.as_millis() as u64, state = ?info.state, "vm started");
     shared.changed.notify_one();
     Ok(info)
+}
+
+/// Gives VM `id` the CPU weight of `class`, where the pool manages the VMs' cgroups.
+fn set_cpu_class(shared: &Shared, id: &str, class: CpuClass) -> std::io::Result<()> {
+    match &shared.settings.vm_cgroups {
+        Some(root) => capsa_vmm::cpu_balance::set_class(root, id, class),
+        None => Ok(()),
+    }
 }
 
 /// Stores the VM handle on its entry; false when the entry is gone.

@@ -101,6 +101,7 @@ mod tests {
             guest_otlp: None,
             network: None,
             warm_from_snapshot: false,
+            vm_cgroups: None,
         }
     }
 

@@ -204,6 +204,7 @@ async fn serve(
         capacity_vcpus,
         "node capacity"
     );
+    let cgroups = capsa_vmm::cgroup::CgroupRoot::detect(&config.vm_cgroup)?;
     let settings = Settings {
         state_dir: config.state_dir.clone(),
         capacity: config.capacity,
@@ -218,13 +219,13 @@ async fn serve(
         guest_otlp,
         network: Some(network.clone()),
         warm_from_snapshot: config.warm_from_snapshot,
+        vm_cgroups: Some(cgroups.clone()),
     };
     let pool = Pool::new(hv, choice, templates, settings);
     warm_base::adopt(&pool).await?;
     let refill = tokio::spawn(boot::refill_loop(pool.0.clone()));
     // CPU-bound sessions yield to interactive ones (capsa_vmm::cpu_balance); booting and
-    // warm VMs are never demoted.
-    let cgroups = capsa_vmm::cgroup::CgroupRoot::detect(&config.vm_cgroup)?;
+    // warm VMs are never demoted (a refill boot has its own lower weight, set by the boot).
     let leases = pool.clone();
     tokio::spawn(capsa_vmm::cpu_balance::run(
         cgroups,

@@ -71,6 +71,9 @@ pub struct Settings {
     pub network: Option<Arc<crate::net::Network>>,
     /// Refill warm pools by restoring each template's base snapshot ([`crate::warm_base`]).
     pub warm_from_snapshot: bool,
+    /// The VMs' cgroups, where a refill boot gets the lower [`capsa_vmm::cpu_balance::CpuClass::Refill`]
+    /// CPU weight (`None`: every VM keeps the weight it was created with).
+    pub vm_cgroups: Option<capsa_vmm::cgroup::CgroupRoot>,
 }
 
 /// Counts for GetNodeInfo and the node record.

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use capsa_proto::vmpool::v1::{AcquireVmRequest, ReleaseVmRequest};
+use capsa_proto::vmpool::v1::{AcquireVmRequest, ReleaseVmRequest, VmState};
 use capsa_test_support::eventually;
 use common::{PoolUnderTest, pid_alive, shell, wait_warm};
 
@@ -115,6 +115,39 @@ async fn vmms_run_confined_a_full_disk_stays_in_the_guest_and_cgroups_are_reaped
         );
     }
     assert_eq!(read("pids", "pids.max"), "512");
+
+    // A boot that refills the warm pool runs at a quarter of the normal CPU weight, and is
+    // back at the normal one before it can be leased: the leased VM was such a boot, and the
+    // refill it started is one now.
+    let (weight_file, normal) = if v2 {
+        ("cpu.weight", 100)
+    } else {
+        ("cpu.shares", 1024)
+    };
+    assert_eq!(read("cpu", weight_file), normal.to_string(), "leased vm");
+    let weight = |id: &str| {
+        std::fs::read_to_string(cgroup_file(id, "cpu", weight_file))
+            .map(|w| w.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let quarter = (normal / 4).to_string();
+    let mut refill = String::new();
+    eventually!(
+        match common::list(&mut c)
+            .await
+            .into_iter()
+            .find(|v| v.state == VmState::Booting as i32 && weight(&v.id) == quarter)
+        {
+            Some(booting) => {
+                refill = booting.id;
+                true
+            }
+            None => false,
+        },
+        60
+    );
+    wait_warm(&mut c, 1).await;
+    assert_eq!(weight(&refill), normal.to_string(), "the refill, now warm");
 
     // A guest that writes until its disk is full: ENOSPC in the guest, a bounded overlay on
     // the host.

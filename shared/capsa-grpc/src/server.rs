@@ -32,6 +32,12 @@ use tonic::transport::server::Connected;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
+/// How long a peer may take to answer an HTTP/2 ping before the connection, and every call
+/// on it, fails; servers and the session-manager's node clients use it. Generous on purpose:
+/// a host booting VMs on every core took more than 3 s to answer (tests/tests/density.rs
+/// lost two creates to it), while a peer that dies closes its connections, an error at once.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Receive window of every HTTP/2 stream, on servers and on the clients that set theirs
 /// (session-manager's node channels): one file chunk (`MAX_CHUNK_BYTES`) fits whole.
 pub const STREAM_WINDOW: u32 = 1 << 20;
@@ -203,7 +209,7 @@ impl Server {
         }
         let served = builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(max_streams)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(connection_window(max_streams))

@@ -14,6 +14,13 @@
 //! demoted while it booted missed its 60 s health check beside two other boots). Only VMs
 //! the caller says are eligible (vm-pool: leased ones) are ever demoted: booting and warm
 //! VMs are the node's own work, and a starved boot is a lost VM.
+//!
+//! A boot that refills the warm pool is the node's work too, but nobody waits for it while
+//! sessions do wait for their Executes: vm-pool gives such a boot the [`CpuClass::Refill`]
+//! weight, a quarter of the normal one ([`set_class`]), for as long as it boots. Under a
+//! burst of new sessions their first Executes then run ahead of the refill rather than
+//! beside it (two refill boots fill both CPUs of a small host), and a boot still outweighs
+//! a batch VM twice over, so a node full of CPU-bound sessions keeps refilling.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,8 +44,24 @@ const TICK: Duration = Duration::from_secs(1);
 /// How the scheduler should treat a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuClass {
+    /// The normal weight.
     Interactive,
+    /// A session that has wanted the CPU for seconds: an eighth of the normal weight.
     Batch,
+    /// A boot that refills the warm pool: a quarter of the normal weight. Set by the pool
+    /// ([`set_class`]), never by the balance loop.
+    Refill,
+}
+
+impl CpuClass {
+    /// The normal weight divided by this gives the class's weight.
+    fn divisor(self) -> u64 {
+        match self {
+            CpuClass::Interactive => 1,
+            CpuClass::Refill => 4,
+            CpuClass::Batch => 8,
+        }
+    }
 }
 
 /// One VM's history, fed a demand figure per tick.
@@ -67,18 +90,22 @@ impl Tracker {
 
     /// Feeds one tick's demand (0.0 to 1.0); returns the new class when it changes.
     fn observe(&mut self, demand: f64) -> Option<CpuClass> {
-        let (towards, needed) = match self.class {
-            CpuClass::Interactive => (demand >= BUSY, DEMOTE_AFTER),
-            CpuClass::Batch => (demand < IDLE, PROMOTE_AFTER),
+        // A tracker only ever holds Interactive or Batch.
+        let batch = self.class == CpuClass::Batch;
+        let (towards, needed) = if batch {
+            (demand < IDLE, PROMOTE_AFTER)
+        } else {
+            (demand >= BUSY, DEMOTE_AFTER)
         };
         self.streak = if towards { self.streak + 1 } else { 0 };
         if self.streak < needed {
             return None;
         }
         self.streak = 0;
-        self.class = match self.class {
-            CpuClass::Interactive => CpuClass::Batch,
-            CpuClass::Batch => CpuClass::Interactive,
+        self.class = if batch {
+            CpuClass::Interactive
+        } else {
+            CpuClass::Batch
         };
         Some(self.class)
     }
@@ -132,20 +159,22 @@ fn demand(before: &HashMap<u32, u64>, now: &HashMap<u32, u64>, wall: Duration) -
         .min(1.0)
 }
 
-/// Applies `class` to a VM's cgroup (the dir of its cpu controller): the default weight, or
-/// an eighth of it (v2 `cpu.weight` 100, v1 `cpu.shares` 1024).
+/// Applies `class` to a VM's cgroup (the dir of its cpu controller): the default weight
+/// (v2 `cpu.weight` 100, v1 `cpu.shares` 1024) divided by the class's divisor.
 fn apply(cpu_dir: &Path, class: CpuClass) -> std::io::Result<()> {
     let (file, normal) = if cpu_dir.join("cpu.weight").exists() {
         ("cpu.weight", 100)
     } else {
         ("cpu.shares", 1024)
     };
-    let value = if class == CpuClass::Batch {
-        normal / 8
-    } else {
-        normal
-    };
-    std::fs::write(cpu_dir.join(file), value.to_string())
+    std::fs::write(cpu_dir.join(file), (normal / class.divisor()).to_string())
+}
+
+/// Gives VM `vm_id` under `root` the weight of `class` now. The balance loop leaves a VM it
+/// does not track as batch alone, so a [`CpuClass::Refill`] set here stays until the
+/// caller sets [`CpuClass::Interactive`] again.
+pub fn set_class(root: &CgroupRoot, vm_id: &str, class: CpuClass) -> std::io::Result<()> {
+    apply(&cpu_parent(root).join(vm_id), class)
 }
 
 /// The dir holding the VMs' cgroups in the cpu controller's hierarchy.
@@ -301,6 +330,22 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(v2.path().join("cpu.weight")).unwrap(),
             "12"
+        );
+        // A refill boot: a quarter, still twice a batch VM's weight.
+        let root = CgroupRoot::V2 {
+            parent: v2.path().to_owned(),
+        };
+        std::fs::create_dir(v2.path().join("vm-refill")).unwrap();
+        std::fs::write(v2.path().join("vm-refill/cpu.weight"), "100").unwrap();
+        set_class(&root, "vm-refill", CpuClass::Refill).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(v2.path().join("vm-refill/cpu.weight")).unwrap(),
+            "25"
+        );
+        apply(v1.path(), CpuClass::Refill).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
+            "256"
         );
     }
 }
