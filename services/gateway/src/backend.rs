@@ -87,7 +87,9 @@ impl Backend {
             .map_err(|e| format!("--session-manager-url: {e}"))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // A loaded session-manager host may take seconds to answer a ping (see
+            // KEEPALIVE_TIMEOUT); one that dies closes the connection, an error at once.
+            .keep_alive_timeout(capsa_grpc::server::KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(capsa_grpc::server::STREAM_WINDOW)
             .tcp_nodelay(true);

@@ -33,9 +33,10 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 /// How long a peer may take to answer an HTTP/2 ping before the connection, and every call
-/// on it, fails; servers and the session-manager's node clients use it. Generous on purpose:
-/// a host booting VMs on every core took more than 3 s to answer (tests/tests/density.rs
-/// lost two creates to it), while a peer that dies closes its connections, an error at once.
+/// on it, fails; servers, the session-manager's node clients and the gateway's client use
+/// it. Generous on purpose: a host booting VMs on every core took more than 3 s to answer
+/// (tests/tests/density.rs lost two creates to it), while a peer that dies closes its
+/// connections, an error at once.
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Receive window of every HTTP/2 stream, on servers and on the clients that set theirs
