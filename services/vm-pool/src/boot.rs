@@ -17,7 +17,8 @@
 //! so a broken image does not spin. With `warm_from_snapshot`, refills restore the
 //! template's base snapshot instead, once it is made ([`crate::warm_base`]). A refill boot
 //! runs at a quarter of the normal CPU weight until its VM is warm
-//! ([`capsa_vmm::cpu_balance::CpuClass::Refill`]), so sessions' Executes come first.
+//! ([`capsa_vmm::cpu_balance::CpuClass::Refill`]), so sessions' Executes come first, and
+//! for at most a quarter of the boot timeout, so a busy host cannot starve it into failing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -215,6 +216,19 @@ pub(crate) async fn run_boot(
         }
         Ok(())
     };
+    // A refill boot still not healthy after a quarter of the boot timeout goes back to the
+    // normal weight: a host busy with other VMs (dozens of idle ones take both cores under
+    // TCG) slows refills down, but must not starve them into failing their health check.
+    let ready = unless_done_within(ready, shared.settings.boot_timeout / 4, || {
+        if refill {
+            match set_cpu_class(shared, id, CpuClass::Interactive) {
+                Ok(()) => tracing::info!(vm = id, "slow refill boot back at the normal cpu weight"),
+                Err(e) => {
+                    tracing::warn!(vm = id, error = %e, "cannot restore a slow refill boot's cpu weight")
+                }
+            }
+        }
+    });
     let outcome = tokio::select! {
         r = ready => r,
         exit = vm.wait() => Err(format!("vmm {} during {what}{}", exit.description, console_tail(&vm))),
@@ -270,6 +284,20 @@ pub(crate) async fn run_boot(
     tracing::info!(vm = id, source = what, boot_ms = took.as_millis() as u64, state = ?info.state, "vm started");
     shared.changed.notify_one();
     Ok(info)
+}
+
+/// Runs `work` to its end, calling `slow` once if it is still running after `after`.
+async fn unless_done_within<T>(
+    work: impl Future<Output = T>,
+    after: Duration,
+    slow: impl FnOnce(),
+) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => return out,
+        () = tokio::time::sleep(after) => slow(),
+    }
+    work.await
 }
 
 /// Gives VM `id` the CPU weight of `class`, where the pool manages the VMs' cgroups.
@@ -524,4 +552,42 @@ fn start_refills(shared: &Arc<Shared>) -> Option<Instant> {
         }
     }
     next_backoff
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn work_done_in_time_is_not_slow() {
+        let slow = AtomicU32::new(0);
+        let work = async {
+            tokio::time::sleep(Duration::from_secs(14)).await;
+            7
+        };
+        let out = unless_done_within(work, Duration::from_secs(15), || {
+            slow.fetch_add(1, Ordering::Relaxed);
+        })
+        .await;
+        assert_eq!((out, slow.load(Ordering::Relaxed)), (7, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_work_is_marked_once_and_still_finishes() {
+        let slow = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let work = async {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            7
+        };
+        let out = unless_done_within(work, Duration::from_secs(15), || {
+            assert_eq!(started.elapsed(), Duration::from_secs(15));
+            slow.fetch_add(1, Ordering::Relaxed);
+        })
+        .await;
+        assert_eq!((out, slow.load(Ordering::Relaxed)), (7, 1));
+        assert_eq!(started.elapsed(), Duration::from_secs(50));
+    }
 }

@@ -17,7 +17,8 @@
 //!
 //! A boot that refills the warm pool is the node's work too, but nobody waits for it while
 //! sessions do wait for their Executes: vm-pool gives such a boot the [`CpuClass::Refill`]
-//! weight, a quarter of the normal one ([`set_class`]), for as long as it boots. Under a
+//! weight, a quarter of the normal one ([`set_class`]), while it boots (at most a quarter of
+//! the boot timeout: dozens of idle VMs can take a small host's CPUs and starve it). Under a
 //! burst of new sessions their first Executes then run ahead of the refill rather than
 //! beside it (two refill boots fill both CPUs of a small host), and a boot still outweighs
 //! a batch VM twice over, so a node full of CPU-bound sessions keeps refilling.
