@@ -86,9 +86,7 @@ impl Backend {
             .public_endpoint(url)
             .map_err(|e| format!("--session-manager-url: {e}"))?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            // A loaded session-manager host may take seconds to answer a ping (see
-            // KEEPALIVE_TIMEOUT); one that dies closes the connection, an error at once.
+            .http2_keep_alive_interval(capsa_grpc::server::KEEPALIVE_INTERVAL)
             .keep_alive_timeout(capsa_grpc::server::KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(capsa_grpc::server::STREAM_WINDOW)

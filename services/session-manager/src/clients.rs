@@ -21,7 +21,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capsa_grpc::server::{KEEPALIVE_TIMEOUT, STREAM_WINDOW, connection_window, max_streams};
+use capsa_grpc::server::{
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW, connection_window, max_streams,
+};
 use capsa_grpc::tls::identity;
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
 use capsa_proto::limits::MAX_MESSAGE_BYTES;
@@ -68,7 +70,7 @@ impl Clients {
                     .internal_endpoint(url, identity)
                     .map_err(|e| Error::Internal(e.to_string()))?
                     .connect_timeout(Duration::from_secs(3))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                     .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(STREAM_WINDOW)

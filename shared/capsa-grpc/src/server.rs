@@ -32,6 +32,9 @@ use tonic::transport::server::Connected;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
+/// How often servers and the clients that set keepalives ping an idle HTTP/2 connection.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long a peer may take to answer an HTTP/2 ping before the connection, and every call
 /// on it, fails; servers, the session-manager's node clients and the gateway's client use
 /// it. Generous on purpose: a host booting VMs on every core took more than 3 s to answer
@@ -209,7 +212,7 @@ impl Server {
             allowed_peers = tls.allowed_peers;
         }
         let served = builder
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(max_streams)
             .initial_stream_window_size(STREAM_WINDOW)

@@ -313,25 +313,18 @@ mod tests {
 
     #[test]
     fn classes_are_written_as_cgroup_weights() {
+        let weight = |file: PathBuf| std::fs::read_to_string(file).unwrap();
         let v1 = tempfile::tempdir().unwrap();
-        std::fs::write(v1.path().join("cpu.shares"), "1024").unwrap();
+        let shares = v1.path().join("cpu.shares");
+        std::fs::write(&shares, "1024").unwrap();
         apply(v1.path(), CpuClass::Batch).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
-            "128"
-        );
+        assert_eq!(weight(shares.clone()), "128");
         apply(v1.path(), CpuClass::Interactive).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
-            "1024"
-        );
+        assert_eq!(weight(shares.clone()), "1024");
         let v2 = tempfile::tempdir().unwrap();
         std::fs::write(v2.path().join("cpu.weight"), "100").unwrap();
         apply(v2.path(), CpuClass::Batch).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(v2.path().join("cpu.weight")).unwrap(),
-            "12"
-        );
+        assert_eq!(weight(v2.path().join("cpu.weight")), "12");
         // A refill boot: a quarter, still twice a batch VM's weight.
         let root = CgroupRoot::V2 {
             parent: v2.path().to_owned(),
@@ -339,14 +332,8 @@ mod tests {
         std::fs::create_dir(v2.path().join("vm-refill")).unwrap();
         std::fs::write(v2.path().join("vm-refill/cpu.weight"), "100").unwrap();
         set_class(&root, "vm-refill", CpuClass::Refill).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(v2.path().join("vm-refill/cpu.weight")).unwrap(),
-            "25"
-        );
+        assert_eq!(weight(v2.path().join("vm-refill/cpu.weight")), "25");
         apply(v1.path(), CpuClass::Refill).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(v1.path().join("cpu.shares")).unwrap(),
-            "256"
-        );
+        assert_eq!(weight(shares), "256");
     }
 }

@@ -175,10 +175,12 @@ pub fn channel(path: PathBuf, port: u32) -> tonic::transport::Channel {
     // The URI is required by the HTTP/2 layer but never resolved: the connector ignores it.
     tonic::transport::Endpoint::from_static("http://vsock.invalid")
         .connect_timeout(Duration::from_secs(5))
+        // capsa_grpc's KEEPALIVE_INTERVAL and KEEPALIVE_TIMEOUT, spelt out because this
+        // crate stays free of the gRPC stack's dependencies. Generous: a guest whose vCPU the
+        // host starves (50 sessions' first Executes on 2 emulating cores) answered a ping
+        // later than 5 s and lost its connection with every call on it; a VM that dies
+        // closes the socket.
         .http2_keep_alive_interval(Duration::from_secs(10))
-        // Generous, as capsa_grpc's KEEPALIVE_TIMEOUT: a guest whose vCPU the host starves
-        // (50 sessions' first Executes on 2 emulating cores) answered a ping later than 5 s
-        // and lost its connection with every call on it; a VM that dies closes the socket.
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(tower::service_fn(move |_| {
