@@ -31,8 +31,11 @@ async fn start() -> Result<(), Exit> {
     };
     let exporting = otlp.is_some();
     let export = otlp.map_or(Export::Otlp, Export::Channel);
-    let _telemetry =
-        capsa_telemetry::init_with("capsa-guest-agent", &config.telemetry.settings(), export)?;
+    let settings = capsa_telemetry::Settings {
+        stderr_filter: Some(config.console_log_filter.clone()),
+        ..config.telemetry.settings()
+    };
+    let _telemetry = capsa_telemetry::init_with("capsa-guest-agent", &settings, export)?;
     if exporting {
         tracing::info!(
             port = config.otlp_vsock_port,

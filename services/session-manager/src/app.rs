@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use capsa_store::{ApiKeyStore, Connection, NodeRegistry, SessionStore, SnapshotStore};
 
@@ -20,6 +21,7 @@ pub struct App {
     pub nodes: NodeRegistry,
     pub clients: Clients,
     pub streams: StreamSlots,
+    pub touches: Touches,
     /// Sessions not yet terminated (all tenants), refreshed by the reconciler and exported
     /// as the `capsa.sessions.active` gauge. Every replica reports the same global number.
     pub open_sessions: Arc<AtomicU64>,
@@ -45,6 +47,7 @@ impl App {
             nodes: NodeRegistry::new(conn),
             clients: Clients::new(config.metering_url.clone(), config.common.tls.clone()),
             streams: StreamSlots::new(config.max_streams_per_tenant),
+            touches: Touches::default(),
             config,
         }
     }
@@ -66,6 +69,43 @@ impl App {
             Some(rec) => Ok(rec.tenant_id),
             None => Err(Error::Unauthenticated("unknown api key")),
         }
+    }
+}
+
+/// How often this replica records activity on one session: `last_active_time` is kept to
+/// the second. Writing it on every call was a Redis script run per Execute.
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When each session's activity was last recorded by this replica.
+#[derive(Default)]
+pub struct Touches {
+    last: Mutex<TouchTimes>,
+}
+
+#[derive(Default)]
+struct TouchTimes {
+    at: HashMap<String, Instant>,
+    /// The size at which entries older than [`TOUCH_INTERVAL`] are dropped: twice what the
+    /// last sweep kept, so a sweep costs at most as much as the inserts since the previous.
+    sweep_at: usize,
+}
+
+impl Touches {
+    /// Whether activity on `id` is due to be recorded at `now`; if so, it counts as done.
+    pub fn due(&self, id: &str, now: Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = last.at.get(id)
+            && now.saturating_duration_since(*at) < TOUCH_INTERVAL
+        {
+            return false;
+        }
+        if last.at.len() >= last.sweep_at {
+            last.at
+                .retain(|_, at| now.saturating_duration_since(*at) < TOUCH_INTERVAL);
+            last.sweep_at = (last.at.len() * 2).max(1024);
+        }
+        last.at.insert(id.to_owned(), now);
+        true
     }
 }
 
@@ -145,6 +185,36 @@ mod tests {
         drop(a1);
         let _a3 = slots.acquire("a").unwrap();
         assert!(slots.acquire("a").is_err());
+    }
+
+    #[test]
+    fn activity_is_recorded_at_most_once_an_interval_per_session() {
+        let touches = Touches::default();
+        let t0 = Instant::now();
+        assert!(touches.due("a", t0));
+        assert!(!touches.due("a", t0 + TOUCH_INTERVAL / 2));
+        assert!(
+            touches.due("b", t0 + TOUCH_INTERVAL / 2),
+            "sessions are apart"
+        );
+        assert!(touches.due("a", t0 + TOUCH_INTERVAL));
+        assert!(!touches.due("a", t0 + TOUCH_INTERVAL + TOUCH_INTERVAL / 2));
+    }
+
+    #[test]
+    fn sessions_no_longer_touched_are_forgotten() {
+        let touches = Touches::default();
+        let t0 = Instant::now();
+        for i in 0..5000 {
+            touches.due(&format!("old-{i}"), t0);
+        }
+        let later = t0 + TOUCH_INTERVAL;
+        for i in 0..5000 {
+            touches.due(&format!("new-{i}"), later);
+        }
+        let last = touches.last.lock().unwrap();
+        assert_eq!(last.at.len(), 5000, "the old entries were swept");
+        assert!(last.at.keys().all(|id| id.starts_with("new-")));
     }
 
     #[test]

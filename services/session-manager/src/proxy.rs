@@ -225,8 +225,12 @@ impl App {
         Ok(self.relay(t, slot, stream, |ev: ex::ExecuteResponse| ev.event, None))
     }
 
-    /// Records activity on the session off the call's path: one HSET nobody waits for.
+    /// Records activity on the session off the call's path: one HSET nobody waits for, at
+    /// most once per [`crate::app::TOUCH_INTERVAL`].
     pub(crate) fn touch(&self, t: &Target) {
+        if !self.touches.due(&t.session.id, std::time::Instant::now()) {
+            return;
+        }
         let sessions = self.sessions.clone();
         let id = t.session.id.clone();
         tokio::spawn(async move {

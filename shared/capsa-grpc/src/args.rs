@@ -66,6 +66,7 @@ impl TelemetryArgs {
     pub fn settings(&self) -> capsa_telemetry::Settings {
         capsa_telemetry::Settings {
             log_filter: self.log_filter.clone(),
+            stderr_filter: None,
             otlp_endpoint: self.otlp_endpoint.clone(),
         }
     }

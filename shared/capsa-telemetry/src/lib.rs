@@ -13,6 +13,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -41,6 +42,9 @@ pub struct Settings {
     pub log_filter: String,
     /// OTLP/gRPC collector URL; overrides the `OTEL_EXPORTER_OTLP_*ENDPOINT` variables.
     pub otlp_endpoint: Option<String>,
+    /// A narrower filter for what is written to stderr only (spans and metrics still follow
+    /// `log_filter`); `None` writes everything `log_filter` lets through.
+    pub stderr_filter: Option<String>,
 }
 
 impl Settings {
@@ -49,6 +53,7 @@ impl Settings {
         Settings {
             log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_owned()),
             otlp_endpoint: None,
+            stderr_filter: None,
         }
     }
 }
@@ -73,6 +78,8 @@ pub enum ConfigError {
     Endpoint { value: String, reason: String },
     #[error("--log-filter (RUST_LOG) {value:?}: {reason}")]
     LogFilter { value: String, reason: String },
+    #[error("stderr log filter {value:?}: {reason}")]
+    StderrFilter { value: String, reason: String },
     #[error("OTLP exporter: {0}")]
     Exporter(String),
 }
@@ -106,12 +113,25 @@ pub fn init_with(
         value: settings.log_filter.clone(),
         reason: e.to_string(),
     })?;
+    let stderr_filter = match &settings.stderr_filter {
+        None => None,
+        Some(value) => Some(
+            EnvFilter::try_new(value).map_err(|e| ConfigError::StderrFilter {
+                value: value.clone(),
+                reason: e.to_string(),
+            })?,
+        ),
+    };
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
+    // Colour only for a person at a terminal: escape codes in a log file, a container's log
+    // or a serial console are noise, and bytes on a console cost the guest CPU.
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .with_filter(stderr_filter);
     let exporting = match &export {
         Export::Channel(_) => true,
         Export::Otlp => {

@@ -65,6 +65,15 @@ impl Language {
             Language::Shell => "shell",
         }
     }
+
+    /// Whether the kernel's driver reports the CPU time of each execute itself; for the
+    /// others the agent reads the kernel's from /proc before and after.
+    pub fn driver_measures_cpu(self) -> bool {
+        match self {
+            Language::Python => true,
+            Language::Shell => false,
+        }
+    }
 }
 
 /// A validated execute.

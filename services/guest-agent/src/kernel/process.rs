@@ -294,11 +294,11 @@ impl LineBuffer {
 /// CPU time (user + system, self + waited-for children) of `pid` from /proc, for kernels
 /// whose driver does not measure it itself.
 pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
-    let fields = proc_stat_fields(pid)?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // utime, stime, cutime, cstime are fields 14..=17 of the whole line.
-    let ticks: u64 = fields
-        .get(11..15)?
-        .iter()
+    let ticks: u64 = stat_fields(&stat)?
+        .skip(11)
+        .take(4)
         .filter_map(|f| f.parse::<u64>().ok())
         .sum();
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
@@ -311,10 +311,8 @@ pub fn proc_cpu_time(pid: i32) -> Option<std::time::Duration> {
 
 /// The fields of `/proc/<pid>/stat` after the command name (which may itself contain
 /// spaces and parentheses): index 0 is the line's field 3, the state.
-fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat.get(stat.rfind(')')? + 2..)?.split_whitespace())
 }
 
 #[cfg(test)]
@@ -323,7 +321,13 @@ mod tests {
 
     /// The nice value of thread `tid` (field 19 of its stat line).
     fn nice_of(tid: i32) -> i64 {
-        proc_stat_fields(tid).unwrap()[16].parse().unwrap()
+        let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
+        stat_fields(&stat)
+            .unwrap()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     #[tokio::test]
