@@ -10,7 +10,9 @@
 //!   Execute, and end to end through session-manager. The interpreter's own time comes from
 //!   the completion; host overhead is end to end − interpreter − bare round trip, per sample.
 //! - stdout throughput through every service beside the bare socket throughput of the same
-//!   agent, and GetSession latency.
+//!   agent, and GetSession latency beside the gRPC floor: a health Check on the same
+//!   session-manager, one unary call on the same kind of connection with no Redis and no
+//!   handler work, what any call on this host costs at least.
 //!
 //! - `--creates N`, instead: N clients at once each create a session and run `print(1)`,
 //!   against a node whose warm pool was filled to N; `--arrivals M`: M clients one by one at
@@ -37,6 +39,8 @@ use capsa_test_support::execute::{Outcome, collect};
 use clap::Parser;
 use native_node::{ECHO_PORT, NativeNode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Throughput runs of each kind, alternating; the table gives their medians.
 const THROUGHPUT_RUNS: usize = 5;
@@ -103,6 +107,8 @@ fn positive_share(s: &str) -> Result<f64, String> {
 /// What the measurements run against: a session and the node it lives on.
 struct Target {
     client: Client,
+    /// The session-manager the client calls, for the gRPC floor.
+    session_manager_url: String,
     session_id: String,
     vm_id: String,
     executor_url: String,
@@ -121,6 +127,7 @@ struct Samples {
     interp: Vec<Duration>,
     agent_wall: Vec<Duration>,
     get_session: Vec<Duration>,
+    grpc_floor: Vec<Duration>,
 }
 
 #[tokio::main]
@@ -149,6 +156,7 @@ async fn main() {
         let client = connect_client(&node.session_manager.url(), &node.api_key).await;
         let target = open(
             client,
+            node.session_manager.url(),
             node.executor.url(),
             node.vmpool_url(),
             node.state_dir.path(),
@@ -160,6 +168,7 @@ async fn main() {
         let client = stack.client(0).await;
         let target = open(
             client,
+            stack.session_managers[0].url(),
             stack.executor.url(),
             stack.vm_pool.url(),
             &stack.vm_state_dir(),
@@ -172,6 +181,7 @@ async fn main() {
 /// Creates the session the bench runs in and finds its VM.
 async fn open(
     mut client: Client,
+    session_manager_url: String,
     executor_url: String,
     vmpool_url: String,
     state_dir: &Path,
@@ -190,6 +200,7 @@ async fn open(
         .expect("a vm");
     Target {
         client,
+        session_manager_url,
         vm_socket: capsa_vsock::vm_socket_path(state_dir, &session.vm_id).expect("vm id"),
         session_id: session.id,
         vm_id: session.vm_id,
@@ -215,6 +226,13 @@ async fn bench(mut t: Target, args: &Args) {
     let mut echo = capsa_vsock::connect(&t.vm_socket, ECHO_PORT)
         .await
         .expect("echo port");
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(t.session_manager_url.clone())
+            .expect("session-manager url")
+            .connect()
+            .await
+            .expect("connect to the session-manager's health service"),
+    );
 
     let mut s = Samples::default();
     let samples = args.samples as usize;
@@ -274,6 +292,13 @@ async fn bench(mut t: Target, args: &Args) {
             .await
             .expect("get session");
         push(keep, &mut s.get_session, started.elapsed());
+
+        let started = Instant::now();
+        health
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("health check");
+        push(keep, &mut s.grpc_floor, started.elapsed());
     }
     drop(echo);
 
@@ -336,6 +361,7 @@ async fn bench(mut t: Target, args: &Args) {
         ("  of which: agent, around the interpreter", &in_agent),
         ("  of which: services and their hops", &in_services),
         ("GetSession", &s.get_session),
+        ("gRPC floor (health Check, same server)", &s.grpc_floor),
     ] {
         println!(
             "| {name:<41} | {:>10.3} | {:>10.3} |",
@@ -371,6 +397,7 @@ async fn bench(mut t: Target, args: &Args) {
             "bare_throughput_mib_s": bare_tp,
             "get_session_p50_ms": p50(&s.get_session),
             "get_session_p99_ms": p99(&s.get_session),
+            "grpc_floor_p50_ms": p50(&s.grpc_floor),
             "bare_rtt_p50_ms": p50(&s.rtt),
             "agent_direct_p50_ms": p50(&s.agent),
             "executor_direct_p50_ms": p50(&s.executor),
