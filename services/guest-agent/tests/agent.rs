@@ -108,3 +108,34 @@ async fn sigterm_stops_the_agent_and_its_kernels() {
         );
     }
 }
+
+/// In a VM the agent's stderr is the serial console, where every byte costs the guest CPU:
+/// by default no INFO reaches it (not the "execute finished" line of every Execute), and
+/// `CAPSA_AGENT_CONSOLE_LOG=info` brings it back. The second Execute of each run cannot start
+/// before the first one's line was written (one kernel runs one execute at a time, and the
+/// line is written before it is free), so reading the log after it misses nothing.
+#[tokio::test]
+async fn the_console_gets_warnings_only_unless_asked_for_more() {
+    for (env, lines_expected) in [
+        (vec![], false),
+        (vec![("CAPSA_AGENT_CONSOLE_LOG", "info")], true),
+    ] {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let agent =
+            Agent::start_logging(&[], &env, std::process::Stdio::from(log.reopen().unwrap())).await;
+        let mut client = agent.client();
+        for _ in 0..2 {
+            python(&mut client, "x = 1").await.completion();
+        }
+        let console = std::fs::read_to_string(log.path()).unwrap();
+        assert_eq!(
+            console.contains("execute finished"),
+            lines_expected,
+            "{env:?}: {console}"
+        );
+        assert!(
+            !console.contains('\u{1b}'),
+            "no colour off a terminal: {console}"
+        );
+    }
+}

@@ -190,6 +190,14 @@ pub fn init_with(
     })
 }
 
+/// Checks `directives` (RUST_LOG syntax) the way [`init`] will parse them, so a process can
+/// refuse a bad filter naming its own flag.
+pub fn check_log_filter(directives: &str) -> Result<(), String> {
+    EnvFilter::try_new(directives)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Overrides `service.instance.id` (see [`instance_id`]).
 pub const INSTANCE_ID_ENV: &str = "CAPSA_INSTANCE_ID";
 

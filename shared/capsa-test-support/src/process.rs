@@ -75,12 +75,23 @@ impl ServiceProcess {
         args: &[String],
         env: &[(&str, &str)],
     ) -> ServiceProcess {
+        Self::start_with_stderr(name, args, env, Stdio::inherit()).await
+    }
+
+    /// Like [`ServiceProcess::start_with_env`], with the service's stderr sent to `stderr`
+    /// (a file, for a test that reads what the service logged).
+    pub async fn start_with_stderr(
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> ServiceProcess {
         let mut cmd = Command::new(workspace_binary(name));
         cmd.args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .process_group(0);
         // If the test process dies without unwinding (killed by a timeout or Ctrl-C), the

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use capsa_proto::agent::v1 as pb;
@@ -24,6 +25,11 @@ impl Agent {
     }
 
     pub async fn start_with(extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_logging(extra, env, Stdio::inherit()).await
+    }
+
+    /// [`Agent::start_with`], with the agent's stderr (a VM's serial console) sent to `stderr`.
+    pub async fn start_logging(extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let grpc = dir.path().join("agent.sock");
         let echo_socket = dir.path().join("echo.sock");
@@ -45,7 +51,8 @@ impl Agent {
         let home = work.display().to_string();
         let mut env_with_home = vec![("HOME", home.as_str())];
         env_with_home.extend_from_slice(env);
-        let process = ServiceProcess::start_with_env("capsa-agent", &args, &env_with_home).await;
+        let process =
+            ServiceProcess::start_with_stderr("capsa-agent", &args, &env_with_home, stderr).await;
         assert_eq!(process.addr(), format!("unix:{}", grpc.display()));
         let proxy = HybridVsockProxy::start(&dir.path().join("vm.vsock"), 1024, &grpc);
         Agent {
