@@ -109,19 +109,20 @@ pub fn init_with(
             reason,
         })?;
     }
-    let filter = EnvFilter::try_new(&settings.log_filter).map_err(|e| ConfigError::LogFilter {
+    let filter = parse_filter(&settings.log_filter).map_err(|reason| ConfigError::LogFilter {
         value: settings.log_filter.clone(),
-        reason: e.to_string(),
+        reason,
     })?;
-    let stderr_filter = match &settings.stderr_filter {
-        None => None,
-        Some(value) => Some(
-            EnvFilter::try_new(value).map_err(|e| ConfigError::StderrFilter {
+    let stderr_filter = settings
+        .stderr_filter
+        .as_ref()
+        .map(|value| {
+            parse_filter(value).map_err(|reason| ConfigError::StderrFilter {
                 value: value.clone(),
-                reason: e.to_string(),
-            })?,
-        ),
-    };
+                reason,
+            })
+        })
+        .transpose()?;
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
@@ -193,9 +194,11 @@ pub fn init_with(
 /// Checks `directives` (RUST_LOG syntax) the way [`init`] will parse them, so a process can
 /// refuse a bad filter naming its own flag.
 pub fn check_log_filter(directives: &str) -> Result<(), String> {
-    EnvFilter::try_new(directives)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    parse_filter(directives).map(|_| ())
+}
+
+fn parse_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(directives).map_err(|e| e.to_string())
 }
 
 /// Overrides `service.instance.id` (see [`instance_id`]).
