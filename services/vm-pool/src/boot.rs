@@ -421,9 +421,19 @@ fn back_off(shared: &Shared, template: &str) {
     *until = Instant::now() + delay;
 }
 
+/// First pause between health-check attempts; it grows to [`HEALTH_POLL_MAX`].
+const HEALTH_POLL_FIRST: Duration = Duration::from_millis(5);
+/// Longest pause between health-check attempts, which is how late a boot or restore can
+/// see its agent come up. Kept short on purpose: an attempt before the agent is up is a
+/// connect refused at once (under QEMU by the agent channel's bridge, without touching the
+/// guest; under Cloud Hypervisor by the guest's vsock), at most 50 a second per booting
+/// VM, while every millisecond here is on the path of a cold boot, a restore and a fork. (Doubling to 250 ms, as before, cost a TCG cold boot here about
+/// 115 ms and a restore about 30 ms: BENCHMARKS.md.)
+const HEALTH_POLL_MAX: Duration = Duration::from_millis(20);
+
 /// Polls the agent's health over hybrid vsock until it says SERVING.
 pub async fn wait_healthy(vsock: &Path) {
-    let mut delay = Duration::from_millis(20);
+    let mut delay = HEALTH_POLL_FIRST;
     loop {
         let channel = capsa_vsock::channel(vsock.to_owned(), capsa_vsock::AGENT_PORT);
         let mut client = HealthClient::new(channel);
@@ -436,7 +446,7 @@ pub async fn wait_healthy(vsock: &Path) {
             return;
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(250));
+        delay = (delay * 2).min(HEALTH_POLL_MAX);
     }
 }
 
