@@ -139,3 +139,40 @@ async fn the_console_gets_warnings_only_unless_asked_for_more() {
         );
     }
 }
+
+/// The agent's children whose command line names Python (its Python kernel).
+fn python_children(agent_pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{agent_pid}/task")).unwrap();
+    let mut kids = Vec::new();
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("python") {
+                kids.push(pid);
+            }
+        }
+    }
+    kids
+}
+
+/// The pre-started Python kernel is the one the first execute runs in, however long after
+/// the start it comes. The kernel gets a parent-death signal, which follows the *thread*
+/// that forked it: spawned from a thread that then ended, it would be killed at once and
+/// the first execute would find its state lost.
+#[tokio::test]
+async fn the_prestarted_python_kernel_lives_until_its_first_execute() {
+    let agent = Agent::start().await;
+    let agent_pid = agent.process.pid();
+    capsa_test_support::eventually!(python_children(agent_pid).len() == 1, 60);
+    let kernel = python_children(agent_pid)[0];
+    // Watched for 2 s: a kernel killed by its parent-death signal is gone well within it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(python_children(agent_pid), vec![kernel]);
+    let out = python(&mut agent.client(), "import os\nprint(os.getpid())").await;
+    assert_eq!(out.stdout_text(), format!("{kernel}\n"));
+    assert!(!out.completion().state_lost, "{out:?}");
+}

@@ -279,10 +279,7 @@ impl Actor {
             };
             match job {
                 Job::Start => {
-                    // At idle priority: under emulation the guest has one slow vCPU, and
-                    // the agent answering its first health check comes first. The first
-                    // job for the kernel raises it.
-                    if let Err(e) = self.ensure_started(nix::unistd::geteuid().is_root()) {
+                    if let Err(e) = self.prestart().await {
                         tracing::warn!(language = self.language.name(), error = %capsa_grpc::error::chain(&e), "kernel pre-start failed");
                     }
                 }
@@ -317,9 +314,45 @@ impl Actor {
 
     /// Starts the kernel if none runs; `idle_priority` as in [`Spawn`].
     fn ensure_started(&mut self, idle_priority: bool) -> Result<(), Error> {
+        let Some(spawn) = self.spawn_spec(idle_priority) else {
+            return Ok(());
+        };
+        let p = KernelProcess::spawn(spawn).map_err(|source| self.start_error(source))?;
+        self.started(p);
+        Ok(())
+    }
+
+    /// Starts the kernel ahead of its first job. At idle priority where the agent can raise
+    /// it again (root: in a VM), and then spawned by [`low_priority_spawner`] too: under
+    /// emulation the guest has one slow vCPU, and the fork and exec (about 0.1 s of it)
+    /// held the runtime's only worker while the agent was answering its first health check.
+    /// The first job for the kernel raises its priority.
+    async fn prestart(&mut self) -> Result<(), Error> {
+        let idle_priority = nix::unistd::geteuid().is_root();
+        let Some(spawn) = self.spawn_spec(idle_priority) else {
+            return Ok(());
+        };
+        if !idle_priority {
+            return self.ensure_started(false);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = (tokio::runtime::Handle::current(), spawn, tx);
+        let spawned = match low_priority_spawner().send(job) {
+            Ok(()) => rx
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("the kernel spawner thread died"))),
+            Err(_) => Err(std::io::Error::other("the kernel spawner thread died")),
+        };
+        let p = spawned.map_err(|source| self.start_error(source))?;
+        self.started(p);
+        Ok(())
+    }
+
+    /// What to spawn, or `None` if a kernel runs (one that died while idle is forgotten).
+    fn spawn_spec(&mut self, idle_priority: bool) -> Option<Spawn> {
         self.reap_if_dead();
         if self.process.is_some() {
-            return Ok(());
+            return None;
         }
         let mut env = self.session_env.clone();
         let (program, args) = match self.language {
@@ -331,17 +364,23 @@ impl Actor {
             }
             Language::Shell => (self.settings.shell.clone(), shell::args()),
         };
-        let spawn = Spawn {
+        Some(Spawn {
             program,
             args,
             env,
             workdir: self.settings.workdir.clone(),
             idle_priority,
-        };
-        let p = KernelProcess::spawn(spawn).map_err(|source| Error::KernelStart {
+        })
+    }
+
+    fn start_error(&self, source: std::io::Error) -> Error {
+        Error::KernelStart {
             language: self.language.name(),
             source,
-        })?;
+        }
+    }
+
+    fn started(&mut self, p: KernelProcess) {
         tracing::info!(
             language = self.language.name(),
             pid = p.pid(),
@@ -350,7 +389,6 @@ impl Actor {
         // A new shell already has the whole session env.
         self.pending_env.clear();
         self.process = Some(p);
-        Ok(())
     }
 
     async fn configure(&mut self, env: BTreeMap<String, String>) {
@@ -422,4 +460,38 @@ impl Actor {
             self.lost_state = true;
         }
     }
+}
+
+type SpawnJob = (
+    tokio::runtime::Handle,
+    Spawn,
+    tokio::sync::oneshot::Sender<std::io::Result<KernelProcess>>,
+);
+
+/// One thread, for the agent's lifetime, at the lowest priority, that spawns pre-started
+/// kernels. For the agent's lifetime because a kernel's parent-death signal
+/// (`PR_SET_PDEATHSIG`) follows the thread that forked it, not the process.
+fn low_priority_spawner() -> &'static std::sync::mpsc::Sender<SpawnJob> {
+    static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<SpawnJob>> =
+        std::sync::OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let spawned = std::thread::Builder::new()
+            .name("kernel-spawner".into())
+            .spawn(move || {
+                // Only this thread: Linux keeps a nice value per thread.
+                // SAFETY: setpriority has no memory effects.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, process::IDLE_NICE) };
+                for (runtime, spawn, answer) in rx {
+                    // The child's pipes and reaper belong to the caller's runtime.
+                    let _runtime = runtime.enter();
+                    let _ = answer.send(KernelProcess::spawn(spawn));
+                }
+            });
+        if let Err(e) = spawned {
+            // The receiver is dropped with the closure: every send fails, and says so.
+            tracing::warn!(error = %e, "cannot start the kernel spawner thread");
+        }
+        tx
+    })
 }

@@ -45,7 +45,7 @@ pub struct Spawn {
 }
 
 /// The nice value of a kernel started at idle priority.
-const IDLE_NICE: libc::c_int = 19;
+pub(super) const IDLE_NICE: libc::c_int = 19;
 
 pub struct KernelProcess {
     pub child: Child,
