@@ -90,6 +90,7 @@ impl Backend {
             .keep_alive_timeout(capsa_grpc::server::KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(capsa_grpc::server::STREAM_WINDOW)
+            .max_frame_size(capsa_grpc::server::MAX_FRAME_BYTES)
             .tcp_nodelay(true);
         Ok(Backend {
             channel: endpoint.connect_lazy(),

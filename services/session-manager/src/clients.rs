@@ -22,7 +22,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use capsa_grpc::server::{
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_WINDOW, connection_window, max_streams,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_BYTES, STREAM_WINDOW, connection_window,
+    max_streams,
 };
 use capsa_grpc::tls::identity;
 use capsa_proto::executor::v1::executor_service_client::ExecutorServiceClient;
@@ -75,6 +76,7 @@ impl Clients {
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(connection_window(max_streams::EXECUTOR))
+                    .max_frame_size(MAX_FRAME_BYTES)
                     .tcp_nodelay(true);
                 // Lazy: connects on first use and reconnects after failures by itself.
                 let c = endpoint.connect_lazy();

@@ -46,6 +46,12 @@ pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// (session-manager's node channels): one file chunk (`MAX_CHUNK_BYTES`) fits whole.
 pub const STREAM_WINDOW: u32 = 1 << 20;
 
+/// The largest HTTP/2 frame a peer may send (SETTINGS_MAX_FRAME_SIZE), on servers and on
+/// the clients that stream output in: an agent's output chunk (256 KiB) in one frame.
+/// HTTP/2's default of 16 KiB cut each chunk into 16 frames, each its own write and its own
+/// wakeup of the reader at every hop.
+pub const MAX_FRAME_BYTES: u32 = 512 << 10;
+
 /// Concurrent streams one connection may carry (SETTINGS_MAX_CONCURRENT_STREAMS), per
 /// service. Past it a client's new calls wait for a stream to end.
 pub mod max_streams {
@@ -217,6 +223,7 @@ impl Server {
             .max_concurrent_streams(max_streams)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(connection_window(max_streams))
+            .max_frame_size(MAX_FRAME_BYTES)
             .layer(capsa_telemetry::GrpcTraceLayer)
             .layer(crate::tls::PeerCheckLayer(allowed_peers))
             .add_routes(routes.routes())

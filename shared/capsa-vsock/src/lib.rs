@@ -183,6 +183,8 @@ pub fn channel(path: PathBuf, port: u32) -> tonic::transport::Channel {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
+        // capsa_grpc's MAX_FRAME_BYTES: the agent's output chunks arrive one frame each.
+        .max_frame_size(512 << 10)
         .connect_with_connector_lazy(tower::service_fn(move |_| {
             let path = path.clone();
             async move { connect(&path, port).await.map(TokioIo::new) }
