@@ -427,8 +427,9 @@ const HEALTH_POLL_FIRST: Duration = Duration::from_millis(5);
 /// see its agent come up. Kept short on purpose: an attempt before the agent is up is a
 /// connect refused at once (under QEMU by the agent channel's bridge, without touching the
 /// guest; under Cloud Hypervisor by the guest's vsock), at most 50 a second per booting
-/// VM, while every millisecond here is on the path of a cold boot, a restore and a fork. (Doubling to 250 ms, as before, cost a TCG cold boot here about
-/// 115 ms and a restore about 30 ms: BENCHMARKS.md.)
+/// VM, while every millisecond here is on the path of a cold boot, a restore and a fork.
+/// (Doubling to 250 ms, as before, cost a TCG cold boot here about 115 ms and a restore
+/// about 30 ms: BENCHMARKS.md.)
 const HEALTH_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// Polls the agent's health over hybrid vsock until it says SERVING.

@@ -345,7 +345,8 @@ fn endpoint_and_auth(endpoint: String, api_key: &str) -> Result<(Endpoint, Auth)
         .map_err(|e| Error::Config(format!("invalid endpoint {endpoint}: {e}")))?
         .connect_timeout(Duration::from_secs(10))
         // Output and downloads arrive in chunks of up to 1 MiB: whole frames of 512 KiB
-        // instead of HTTP/2's 16 KiB, so a fast stream costs a read per chunk, not 16.
+        // instead of HTTP/2's 16 KiB, so a fast stream costs a read per chunk, not 16
+        // (capsa_grpc's MAX_FRAME_BYTES, spelt out: this crate stays free of the server stack).
         .max_frame_size(512 << 10);
     Ok((endpoint, Auth(auth)))
 }

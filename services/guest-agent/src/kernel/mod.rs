@@ -332,16 +332,10 @@ impl Actor {
         let Some(spawn) = self.spawn_spec(idle_priority) else {
             return Ok(());
         };
-        if !idle_priority {
-            return self.ensure_started(false);
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = (tokio::runtime::Handle::current(), spawn, tx);
-        let spawned = match low_priority_spawner().send(job) {
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err(std::io::Error::other("the kernel spawner thread died"))),
-            Err(_) => Err(std::io::Error::other("the kernel spawner thread died")),
+        let spawned = if idle_priority {
+            spawn_at_low_priority(spawn).await
+        } else {
+            KernelProcess::spawn(spawn)
         };
         let p = spawned.map_err(|source| self.start_error(source))?;
         self.started(p);
@@ -471,6 +465,16 @@ type SpawnJob = (
 /// One thread, for the agent's lifetime, at the lowest priority, that spawns pre-started
 /// kernels. For the agent's lifetime because a kernel's parent-death signal
 /// (`PR_SET_PDEATHSIG`) follows the thread that forked it, not the process.
+async fn spawn_at_low_priority(spawn: Spawn) -> std::io::Result<KernelProcess> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = (tokio::runtime::Handle::current(), spawn, tx);
+    let answer = match low_priority_spawner().send(job) {
+        Ok(()) => rx.await.ok(),
+        Err(_) => None,
+    };
+    answer.unwrap_or_else(|| Err(std::io::Error::other("the kernel spawner thread died")))
+}
+
 fn low_priority_spawner() -> &'static std::sync::mpsc::Sender<SpawnJob> {
     static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<SpawnJob>> =
         std::sync::OnceLock::new();
