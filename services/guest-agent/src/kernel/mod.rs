@@ -462,9 +462,7 @@ type SpawnJob = (
     tokio::sync::oneshot::Sender<std::io::Result<KernelProcess>>,
 );
 
-/// One thread, for the agent's lifetime, at the lowest priority, that spawns pre-started
-/// kernels. For the agent's lifetime because a kernel's parent-death signal
-/// (`PR_SET_PDEATHSIG`) follows the thread that forked it, not the process.
+/// Spawns `spawn` from [`low_priority_spawner`]'s thread.
 async fn spawn_at_low_priority(spawn: Spawn) -> std::io::Result<KernelProcess> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = (tokio::runtime::Handle::current(), spawn, tx);
@@ -475,6 +473,9 @@ async fn spawn_at_low_priority(spawn: Spawn) -> std::io::Result<KernelProcess> {
     answer.unwrap_or_else(|| Err(std::io::Error::other("the kernel spawner thread died")))
 }
 
+/// One thread, for the agent's lifetime, at the lowest priority, that spawns pre-started
+/// kernels. For the agent's lifetime because a kernel's parent-death signal
+/// (`PR_SET_PDEATHSIG`) follows the thread that forked it, not the process.
 fn low_priority_spawner() -> &'static std::sync::mpsc::Sender<SpawnJob> {
     static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<SpawnJob>> =
         std::sync::OnceLock::new();
