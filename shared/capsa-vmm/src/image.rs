@@ -5,7 +5,9 @@
 //! line. Under TCG the guest cannot calibrate its TSC (no kvm-clock, no HPET, no PM timer
 //! on microvm) and hangs, so the manifest's `kernel_cmdline_tcg_append` (containing
 //! `{host_tsc_khz}`) is added with the host's TSC rate filled in; TCG's guest `rdtsc` runs
-//! at the host rate, so the guest clock is then exact. Never under KVM (kvm-clock is used).
+//! at the host rate, so the guest clock is then exact. The append also carries `tsc=reliable`:
+//! otherwise the clocksource watchdog, comparing with jiffies that lag on a busy host, drops
+//! the TSC for jiffies and the idle guest never stops its tick. Never under KVM (kvm-clock).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
