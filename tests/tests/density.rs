@@ -23,7 +23,8 @@ fn sessions() -> usize {
 const IDLE_WATCH: Duration = Duration::from_secs(20);
 /// The whole test's bound: 60 cold boots under TCG, two at a time, each slower as the idle
 /// VMs add up, then one Execute in each and the deletes. A hang guard, under nextest's
-/// 20 minutes for this binary: on a slow day of this host the test took 11.6 minutes.
+/// 20 minutes for this binary: the test takes about 4 minutes here, and took 11.6 on a slow
+/// day while idle guests still ticked at 250 Hz (BENCHMARKS.md).
 const DEADLINE: Duration = Duration::from_secs(19 * 60);
 /// Creates in flight at once: the node boots two VMs at a time (`--max-concurrent-boots`).
 const CREATES_AT_ONCE: usize = 2;

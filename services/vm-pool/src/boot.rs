@@ -217,8 +217,8 @@ pub(crate) async fn run_boot(
         Ok(())
     };
     // A refill boot still not healthy after a quarter of the boot timeout goes back to the
-    // normal weight: a host busy with other VMs (dozens of idle ones take both cores under
-    // TCG) slows refills down, but must not starve them into failing their health check.
+    // normal weight: a host busy with other VMs slows refills down, but must not starve
+    // them into failing their health check.
     let ready = unless_done_within(ready, shared.settings.boot_timeout / 4, || {
         if refill {
             match set_cpu_class(shared, id, CpuClass::Interactive) {
