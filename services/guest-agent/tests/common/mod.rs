@@ -49,7 +49,12 @@ impl Agent {
         // A home of its own: a login bash in a test terminal must not run this machine's
         // dotfiles (a pyenv init there once hung every terminal test on a stale lock).
         let home = work.display().to_string();
-        let mut env_with_home = vec![("HOME", home.as_str())];
+        // A temp dir of its own too: the agent's scratch dir goes there, and a test that
+        // ends by killing the agent (no chance to remove it) leaves nothing in /tmp.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let tmp = tmp.display().to_string();
+        let mut env_with_home = vec![("HOME", home.as_str()), ("TMPDIR", tmp.as_str())];
         env_with_home.extend_from_slice(env);
         let process =
             ServiceProcess::start_with_stderr("capsa-agent", &args, &env_with_home, stderr).await;
