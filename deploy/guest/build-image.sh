@@ -31,11 +31,8 @@ cmdline="${CAPSA_KERNEL_CMDLINE:-console=ttyS0 root=/dev/vda rw rootfstype=ext4 
 # calibrate the TSC on microvm: without this the kernel hangs at boot. TCG's
 # guest TSC runs at the host TSC rate, so the driver appends the host's TSC
 # frequency in kHz (see README.md). Not needed (and not wanted) under KVM.
-# tsc=reliable: without it the clocksource watchdog compares the TSC with jiffies, which
-# lag whenever TCG's host is busy, marks the TSC unstable a second into the boot and falls
-# back to refined-jiffies; with no high-resolution clocksource the 250 Hz tick never stops,
-# and every idle VM costs its host about 5% of a CPU (measured: 254 timer interrupts a
-# second and 1.55 s of VMM CPU in 30 idle seconds, against 12 a second and 0.23 s).
+# tsc=reliable keeps the TSC as the clocksource: otherwise the watchdog drops it for
+# jiffies (which lag on a busy host) and an idle guest never stops its tick (README.md).
 tcg_append='tsc_early_khz={host_tsc_khz} tsc=reliable'
 # The guest trusts the CAs this host trusts: behind a TLS-inspecting proxy the operator's CA
 # is in the host's bundle, and `pip install` in a session needs it as much as the host does.

@@ -209,8 +209,8 @@ async fn shell_state_persists_and_code_runs_in_the_guest_kernel() {
     let clock = clock.stdout_text();
     assert!(
         ["tsc", "kvm-clock"].contains(&clock.trim()),
-        "guest clocksource {clock:?}: {}",
-        "expected tsc under TCG (the image's tsc=reliable) or kvm-clock under KVM"
+        "guest clocksource {clock:?}: expected tsc under TCG (the image's tsc=reliable) or \
+         kvm-clock under KVM"
     );
 }
 

@@ -49,7 +49,7 @@ async fn by_default_vmms_die_with_a_crashed_pool() {
     // behind, for the next vm-pool on this state dir to remove.
     let mut old_cgroups = Vec::new();
     for dir in std::fs::read_dir(pool.vms_dir()).unwrap().flatten() {
-        let text = std::fs::read_to_string(dir.path().join("cgroup")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(capsa_vmm::layout::CGROUP)).unwrap();
         let id = dir.file_name().into_string().unwrap();
         old_cgroups.extend(capsa_vmm::cgroup::VmCgroup::from_file(&text, &id).dirs);
     }
