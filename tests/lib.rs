@@ -104,7 +104,7 @@ struct Node {
     vm_pool: ServiceProcess,
     executor: ServiceProcess,
     /// After vm-pool, as in [`Stack`].
-    vm_network: VmNetworkGuard,
+    cleanup: NodeCleanup,
 }
 
 /// A running stack. Fields drop in declaration order: public API first, Redis last.
@@ -114,8 +114,8 @@ pub struct Stack {
     /// Node 0's.
     pub vm_pool: ServiceProcess,
     pub executor: ServiceProcess,
-    /// After vm-pool: removes its network however it ended.
-    vm_network: VmNetworkGuard,
+    /// After vm-pool: removes its network, VM dirs and cgroups however it ended.
+    cleanup: NodeCleanup,
     /// Nodes 1 and up.
     extra_nodes: Vec<Node>,
     pub redis: RedisServer,
@@ -129,26 +129,31 @@ pub struct Stack {
     env: Vec<(String, String)>,
 }
 
-/// vm-pool's network namespace (its veth and taps go with it) and its nftables table on the
-/// host. vm-pool removes them when it stops and reaps them when it starts again on the same
-/// state dir; a test stack is dropped with a SIGKILL and never restarted, so this removes them.
-struct VmNetworkGuard {
+/// What a node's vm-pool leaves when it is SIGKILLed: its network namespace (its veth and
+/// taps go with it), its nftables table on the host, and its VMs' dirs and cgroups (the
+/// VMMs die with vm-pool, but their cgroups stay). vm-pool removes all of it when it stops
+/// and reaps it when it starts again on the same state dir; a test stack is dropped with a
+/// SIGKILL and never restarted, so this removes it.
+struct NodeCleanup {
     netns: String,
+    /// `<state dir>/vms`: the dirs `capsa_vmm::orphans::reap` works from.
+    vms_dir: PathBuf,
 }
 
-impl VmNetworkGuard {
-    fn new() -> VmNetworkGuard {
+impl NodeCleanup {
+    fn new(vm_state: &std::path::Path) -> NodeCleanup {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        VmNetworkGuard {
+        NodeCleanup {
             netns: format!("capsa-e2e-{}-{n}", std::process::id()),
+            vms_dir: vm_state.join("vms"),
         }
     }
 }
 
-impl Drop for VmNetworkGuard {
+impl Drop for NodeCleanup {
     fn drop(&mut self) {
-        // Both are gone already after a graceful stop: their errors say only that.
+        // All of it is gone already after a graceful stop: the errors say only that.
         for cmd in [
             vec!["ip", "netns", "delete", &self.netns],
             vec!["nft", "delete", "table", "inet", &self.netns],
@@ -159,6 +164,23 @@ impl Drop for VmNetworkGuard {
                 .stderr(std::process::Stdio::null())
                 .status();
         }
+        // On a thread of its own: this may drop inside the test's runtime, which cannot
+        // block on another.
+        let vms_dir = self.vms_dir.clone();
+        let reaped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime for the reap")
+                .block_on(capsa_vmm::orphans::reap(&vms_dir))
+        })
+        .join();
+        if let Ok(Err(e)) = reaped {
+            eprintln!(
+                "cannot remove what vm-pool left in {}: {e}",
+                self.vms_dir.display()
+            );
+        }
     }
 }
 
@@ -166,17 +188,18 @@ impl Drop for VmNetworkGuard {
 pub struct Stopped {
     /// How each service exited, in stop order.
     pub exits: Vec<(&'static str, std::process::ExitStatus)>,
+    /// Held until this drops, so a look at what vm-pool left sees it all.
+    cleanup: NodeCleanup,
+    /// The other nodes', likewise.
+    _extra_cleanups: Vec<NodeCleanup>,
+    /// Last: the cleanups read the VM dirs in it.
     pub state_dir: tempfile::TempDir,
-    /// Held until this drops, so a look at what vm-pool left of its network sees it all.
-    vm_network: VmNetworkGuard,
-    /// The other nodes' networks, likewise.
-    _extra_networks: Vec<VmNetworkGuard>,
 }
 
 impl Stopped {
     /// The network namespace vm-pool ran its VMs in (gone after a clean stop).
     pub fn vm_netns(&self) -> &str {
-        &self.vm_network.netns
+        &self.cleanup.netns
     }
 }
 
@@ -284,7 +307,7 @@ impl Stack {
             meterings,
             vm_pool: first.vm_pool,
             executor: first.executor,
-            vm_network: first.vm_network,
+            cleanup: first.cleanup,
             extra_nodes,
             redis,
             api_key,
@@ -400,7 +423,7 @@ impl Stack {
 
     /// The network namespace vm-pool runs its VMs in (`--netns`).
     pub fn vm_netns(&self) -> &str {
-        &self.vm_network.netns
+        &self.cleanup.netns
     }
 
     /// The state dir vm-pool keeps its VMs in (`<it>/vms/<vm id>/`).
@@ -466,12 +489,12 @@ impl Stack {
                 ("capsa-vm-pool", self.vm_pool),
                 ("capsa-executor", self.executor),
             ]);
-        let mut extra_networks = Vec::new();
+        let mut extra_cleanups = Vec::new();
         let mut extra_services = Vec::new();
         for node in self.extra_nodes {
             extra_services.push(("capsa-vm-pool", node.vm_pool));
             extra_services.push(("capsa-executor", node.executor));
-            extra_networks.push(node.vm_network);
+            extra_cleanups.push(node.cleanup);
         }
         for (name, service) in services.chain(extra_services) {
             exits.push((name, service.terminate(grace).await));
@@ -480,8 +503,8 @@ impl Stack {
         Stopped {
             exits,
             state_dir: self.state_dir,
-            vm_network: self.vm_network,
-            _extra_networks: extra_networks,
+            cleanup: self.cleanup,
+            _extra_cleanups: extra_cleanups,
         }
     }
 
@@ -626,10 +649,10 @@ async fn start_node(
     executor_args.extend(tls("executor"));
     let executor =
         ServiceProcess::start_with_env("capsa-executor", &listen("0", &executor_args), env).await;
-    let vm_network = VmNetworkGuard::new();
+    let cleanup = NodeCleanup::new(&vm_state);
     let mut vm_pool_args = args(&[
         "--netns",
-        &vm_network.netns,
+        &cleanup.netns,
         "--state-dir",
         &s(&vm_state),
         "--image-dir",
@@ -650,7 +673,7 @@ async fn start_node(
     let node = Node {
         vm_pool,
         executor,
-        vm_network,
+        cleanup,
     };
     (node, executor_args, vm_pool_args)
 }

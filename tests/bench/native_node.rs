@@ -258,7 +258,9 @@ impl NativePool {
                 "--workdir",
                 &s(&home),
             ]),
-            &[("HOME", &s(&home))],
+            // TMPDIR too: the agent's scratch dir goes in this dir, which is removed even
+            // when the agent is killed.
+            &[("HOME", &s(&home)), ("TMPDIR", &s(dir.path()))],
         )
         .await;
         let vm_socket = capsa_vsock::vm_socket_path(&self.state_dir, vm_id).expect("vm id");

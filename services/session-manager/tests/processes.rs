@@ -628,9 +628,12 @@ impl RealNode {
         let s = create(c, None).await;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
-        let agent = ServiceProcess::start(
+        // The agent's scratch dir goes inside the test's dir: a killed agent cannot remove it.
+        let tmp = dir.path().display().to_string();
+        let agent = ServiceProcess::start_with_env(
             "capsa-agent",
             &["--listen-unix".into(), socket.display().to_string()],
+            &[("TMPDIR", tmp.as_str())],
         )
         .await;
         let vm_socket = capsa_vsock::vm_socket_path(self.state_dir.path(), &s.vm_id).unwrap();

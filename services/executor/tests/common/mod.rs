@@ -80,7 +80,10 @@ impl RealAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let args = vec!["--listen-unix".to_string(), socket.display().to_string()];
-        let process = ServiceProcess::start("capsa-agent", &args).await;
+        // The agent's scratch dir goes inside the test's dir: a killed agent cannot remove it.
+        let tmp = dir.path().display().to_string();
+        let process =
+            ServiceProcess::start_with_env("capsa-agent", &args, &[("TMPDIR", tmp.as_str())]).await;
         RealAgent {
             process,
             socket,
