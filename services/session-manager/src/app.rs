@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capsa_store::{ApiKeyStore, Connection, NodeRegistry, SessionStore, SnapshotStore};
+use capsa_store::{
+    ApiKeyStore, Connection, NodeRegistry, SessionRecord, SessionStore, SnapshotStore,
+};
 
 use crate::clients::Clients;
 use crate::config::Config;
@@ -54,22 +56,49 @@ impl App {
 
     /// The tenant of a presented `authorization` header value (`Bearer <key>`).
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<String, Error> {
-        let header = authorization.ok_or(Error::Unauthenticated(
-            "missing `authorization: Bearer <api key>` metadata",
-        ))?;
-        let (scheme, key) = header.split_once(' ').ok_or(Error::Unauthenticated(
-            "authorization must be `Bearer <api key>`",
-        ))?;
-        if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
-            return Err(Error::Unauthenticated(
-                "authorization must be `Bearer <api key>`",
-            ));
-        }
-        match self.keys.lookup(key.trim()).await? {
+        let key = bearer_key(authorization)?;
+        match self.keys.lookup(key).await? {
             Some(rec) => Ok(rec.tenant_id),
             None => Err(Error::Unauthenticated("unknown api key")),
         }
     }
+
+    /// [`App::authenticate`] and then [`App::session`], in one Redis round trip: the
+    /// caller's tenant and its session `id` (NOT_FOUND when it is another tenant's). `id`
+    /// must be valid already.
+    pub async fn authenticate_for_session(
+        &self,
+        authorization: Option<&str>,
+        id: &str,
+    ) -> Result<(String, SessionRecord), Error> {
+        let key = bearer_key(authorization)?;
+        match self.keys.lookup_with_session(key, id).await? {
+            (None, _) => Err(Error::Unauthenticated("unknown api key")),
+            (Some(key), Some(rec)) if rec.tenant_id == key.tenant_id => Ok((key.tenant_id, rec)),
+            (Some(_), _) => Err(session_not_found(id)),
+        }
+    }
+}
+
+/// The key of an `authorization` header value, which must be `Bearer <key>`.
+fn bearer_key(authorization: Option<&str>) -> Result<&str, Error> {
+    let header = authorization.ok_or(Error::Unauthenticated(
+        "missing `authorization: Bearer <api key>` metadata",
+    ))?;
+    let (scheme, key) = header.split_once(' ').ok_or(Error::Unauthenticated(
+        "authorization must be `Bearer <api key>`",
+    ))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
+        return Err(Error::Unauthenticated(
+            "authorization must be `Bearer <api key>`",
+        ));
+    }
+    Ok(key.trim())
+}
+
+/// What a caller learns of a session that does not exist or is another tenant's.
+pub fn session_not_found(id: &str) -> Error {
+    Error::NotFound(format!("session {id} not found"))
 }
 
 /// How often this replica records activity on one session: `last_active_time` is kept to

@@ -121,7 +121,7 @@ impl App {
                      send it again"
                 )))
             }
-            EgressStored::Missing => Err(Error::NotFound(format!("session {id} not found"))),
+            EgressStored::Missing => Err(crate::app::session_not_found(id)),
         }
     }
 

@@ -29,15 +29,49 @@ impl SessionApi {
     }
 
     async fn tenant<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let header = match req.metadata().get("authorization") {
-            None => None,
-            Some(v) => Some(v.to_str().map_err(|_| {
-                status(&Error::Unauthenticated(
-                    "authorization metadata is not ASCII",
-                ))
-            })?),
-        };
+        let header = authorization(req)?;
         self.app.authenticate(header).await.map_err(|e| status(&e))
+    }
+
+    /// The caller's tenant and its session `session_id`, read in one Redis round trip once
+    /// `validated` (the request's own check, which covers `session_id`) passes. Errors come
+    /// in the order of every other call: UNAUTHENTICATED, then INVALID_ARGUMENT, then
+    /// NOT_FOUND.
+    async fn tenant_and_session<T, V>(
+        &self,
+        req: &Request<T>,
+        session_id: &str,
+        validated: Result<V, Error>,
+    ) -> Result<(String, SessionRecord, V), Status> {
+        let header = authorization(req)?;
+        let valid = match validated {
+            Ok(v) => v,
+            Err(e) => {
+                self.app
+                    .authenticate(header)
+                    .await
+                    .map_err(|e| status(&e))?;
+                return Err(status(&e));
+            }
+        };
+        let (tenant, session) = self
+            .app
+            .authenticate_for_session(header, session_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok((tenant, session, valid))
+    }
+}
+
+/// The call's `authorization` metadata, if any.
+fn authorization<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
+    match req.metadata().get("authorization") {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            status(&Error::Unauthenticated(
+                "authorization metadata is not ASCII",
+            ))
+        }),
     }
 }
 
@@ -145,13 +179,10 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        let tenant = self.tenant(&req).await?;
-        validate::session_id(&req.get_ref().session_id).map_err(|e| status(&e))?;
-        let rec = self
-            .app
-            .session(&tenant, &req.get_ref().session_id)
-            .await
-            .map_err(|e| status(&e))?;
+        let id = &req.get_ref().session_id;
+        let (_, rec, ()) = self
+            .tenant_and_session(&req, id, validate::session_id(id))
+            .await?;
         Ok(Response::new(pb::GetSessionResponse {
             session: Some(session_to_proto(&rec)),
         }))
@@ -329,12 +360,13 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let tenant = self.tenant(&req).await?;
         let r = req.get_ref();
-        let spec = validate::execute(r).map_err(|e| status(&e))?;
+        let (tenant, session, spec) = self
+            .tenant_and_session(&req, &r.session_id, validate::execute(r))
+            .await?;
         let events = self
             .app
-            .execute(&tenant, &r.session_id, spec)
+            .execute(&tenant, session, spec)
             .await
             .map_err(|e| status(&e))?;
         let stream = events.map(|item| {

@@ -91,14 +91,24 @@ impl App {
     /// its live node (UNAVAILABLE while the node is not heartbeating: see
     /// [`crate::sessions::node_not_heartbeating`]).
     pub(crate) async fn target(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Target, Error> {
-        let mut session = self.session(tenant, id).await?;
+        let session = self.session(tenant, id).await?;
+        self.target_of(tenant, session).await
+    }
+
+    /// [`App::target`] of a session record just read for `tenant`.
+    async fn target_of(
+        self: &Arc<Self>,
+        tenant: &str,
+        mut session: SessionRecord,
+    ) -> Result<Target, Error> {
         if session.auto_resume
             && matches!(
                 session.status,
                 SessionStatus::Suspending | SessionStatus::Suspended | SessionStatus::Resuming
             )
         {
-            session = self.resume_session(tenant, id).await?;
+            let id = session.id.clone();
+            session = self.resume_session(tenant, &id).await?;
         }
         if session.status != SessionStatus::Active {
             return Err(not_active(&session));
@@ -206,15 +216,15 @@ impl App {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %session_id))]
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, session_id = %session.id))]
     pub async fn execute(
         self: &Arc<Self>,
         tenant: &str,
-        session_id: &str,
+        session: SessionRecord,
         spec: ExecuteSpec,
     ) -> Result<Relayed<ExecuteEvent>, Error> {
         let slot = self.streams.acquire(tenant)?;
-        let t = self.target(tenant, session_id).await?;
+        let t = self.target_of(tenant, session).await?;
         self.touch(&t);
         let mut client = self.clients.executor(&t.node.executor_url)?;
         let upstream = ex::ExecuteRequest {

@@ -386,7 +386,7 @@ impl App {
     pub async fn session(&self, tenant: &str, id: &str) -> Result<SessionRecord, Error> {
         match self.sessions.get(id).await? {
             Some(rec) if rec.tenant_id == tenant => Ok(rec),
-            _ => Err(Error::NotFound(format!("session {id} not found"))),
+            _ => Err(crate::app::session_not_found(id)),
         }
     }
 
@@ -440,7 +440,7 @@ impl App {
                     max_extend_ms / 1000
                 ),
             )),
-            Extended::Missing => Err(Error::NotFound(format!("session {id} not found"))),
+            Extended::Missing => Err(crate::app::session_not_found(id)),
         }
     }
 

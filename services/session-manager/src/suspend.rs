@@ -70,7 +70,7 @@ impl App {
                     }
                     Transition::Conflict(rec) => rec,
                     Transition::Missing => {
-                        return Err(Error::NotFound(format!("session {id} not found")));
+                        return Err(crate::app::session_not_found(id));
                     }
                 }
             }
@@ -111,7 +111,7 @@ impl App {
                     }
                     Transition::Conflict(rec) => rec,
                     Transition::Missing => {
-                        return Err(Error::NotFound(format!("session {id} not found")));
+                        return Err(crate::app::session_not_found(id));
                     }
                 }
             }
@@ -237,7 +237,7 @@ impl App {
                 }
                 Ok(now)
             }
-            Transition::Missing => Err(Error::NotFound(format!("session {} not found", rec.id))),
+            Transition::Missing => Err(crate::app::session_not_found(&rec.id)),
         }
     }
 
@@ -282,7 +282,7 @@ impl App {
                     }
                     Transition::Missing => {
                         self.release_vm(&node.node_id, &vm.id).await;
-                        Err(Error::NotFound(format!("session {} not found", rec.id)))
+                        Err(crate::app::session_not_found(&rec.id))
                     }
                 };
             }

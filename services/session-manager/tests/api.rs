@@ -186,6 +186,7 @@ async fn list_pages_newest_first_and_filters() {
 #[tokio::test]
 async fn missing_or_wrong_keys_are_unauthenticated() {
     let h = Harness::start(1).await;
+    let real = create(&mut h.client(0).await, None).await;
     for auth in [
         None,
         Some("Bearer capsa_nottherightkeyatallxxxxxxxxxxxx"),
@@ -216,8 +217,28 @@ async fn missing_or_wrong_keys_are_unauthenticated() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
+        // A session that exists (read in the key's round trip) or a malformed id: the key
+        // is what fails, and the session's existence does not show.
+        for id in [real.id.as_str(), "has space"] {
+            let err = c
+                .get_session(pb::GetSessionRequest {
+                    session_id: id.into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "get {id}: {err:?}");
+            let err = c
+                .execute(pb::ExecuteRequest {
+                    session_id: id.into(),
+                    code: "1".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "execute {id}: {err:?}");
+        }
     }
-    assert!(h.node.state().acquires.is_empty());
+    assert_eq!(h.node.state().acquires.len(), 1, "only the real session's");
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use rand::distr::Alphanumeric;
 use redis::AsyncCommands as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::{Result, StoreError};
+use crate::{Result, SessionRecord, StoreError};
 
 /// A create refused by the tenant's rate limit.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +73,34 @@ pub fn limits_key(tenant_id: &str) -> String {
 
 fn tenant_egress_key(tenant_id: &str) -> String {
     format!("{{capsa}}:tenant:{tenant_id}:egress")
+}
+
+/// A key's stored `tenant`, `name` and `created_ms`, as HMGET returns them.
+type KeyFields = (Option<String>, Option<String>, Option<String>);
+
+fn key_fields_cmd(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(key).arg("tenant").arg("name").arg("created_ms");
+    cmd
+}
+
+/// The record of the key stored at `key`; `None` when there is none.
+fn key_record(key: String, (tenant, name, created): KeyFields) -> Result<Option<ApiKeyRecord>> {
+    let Some(tenant_id) = tenant else {
+        return Ok(None);
+    };
+    let created_ms = created
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| StoreError::Corrupt {
+            key,
+            reason: "created_ms is not a number".into(),
+        })?;
+    Ok(Some(ApiKeyRecord {
+        tenant_id,
+        name: name.unwrap_or_default(),
+        created_ms,
+    }))
 }
 
 /// sha256 hex of a plaintext key: the only form in which keys are stored.
@@ -171,31 +199,33 @@ impl ApiKeyStore {
 
     /// Looks up a key by its sha256 hex.
     pub async fn lookup_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>> {
-        let mut conn = self.conn.clone();
         let key = apikey_key(hash);
-        let (tenant, name, created): (Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(&key)
-                .arg("tenant")
-                .arg("name")
-                .arg("created_ms")
-                .query_async(&mut conn)
-                .await?;
-        let Some(tenant_id) = tenant else {
-            return Ok(None);
+        let fields: KeyFields = key_fields_cmd(&key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        key_record(key, fields)
+    }
+
+    /// [`ApiKeyStore::lookup`] and [`crate::SessionStore::get`] of session `session_id` in one
+    /// Redis round trip, for the calls that name a session: the caller checks the key first
+    /// and the session's tenant next, as if they had been two reads.
+    pub async fn lookup_with_session(
+        &self,
+        plaintext: &str,
+        session_id: &str,
+    ) -> Result<(Option<ApiKeyRecord>, Option<SessionRecord>)> {
+        let key = apikey_key(&hash_key(plaintext));
+        let session_key = crate::sessions::session_key(session_id);
+        let (fields, session): (KeyFields, Vec<String>) = redis::pipe()
+            .add_command(key_fields_cmd(&key))
+            .hgetall(&session_key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let session = match session.is_empty() {
+            true => None,
+            false => Some(SessionRecord::from_pairs(&session_key, &session)?),
         };
-        let created_ms = created
-            .unwrap_or_default()
-            .parse()
-            .map_err(|_| StoreError::Corrupt {
-                key,
-                reason: "created_ms is not a number".into(),
-            })?;
-        Ok(Some(ApiKeyRecord {
-            tenant_id,
-            name: name.unwrap_or_default(),
-            created_ms,
-        }))
+        Ok((key_record(key, fields)?, session))
     }
 
     /// Deletes a key by its hash; returns whether it existed. Authentication looks every

@@ -86,7 +86,7 @@ pub struct VmShape<'a> {
     pub memory_mib: u32,
 }
 
-fn session_key(id: &str) -> String {
+pub(crate) fn session_key(id: &str) -> String {
     format!("{{capsa}}:session:{id}")
 }
 fn egress_lock_key(id: &str) -> String {

@@ -654,6 +654,25 @@ async fn api_keys_are_stored_hashed_and_looked_up() {
         ("tenant-a", "ci")
     );
     assert!(keys.lookup("capsa_wrong").await.unwrap().is_none());
+
+    // The key and a session in one round trip: each read as if alone.
+    let sessions = store(&redis, StoreConfig::default()).await;
+    let Created::Ok(_) = sessions
+        .create(&new_session("s1", "tenant-b", Duration::from_secs(60)), 5)
+        .await
+        .unwrap()
+    else {
+        panic!("create")
+    };
+    let (key, session) = keys.lookup_with_session(&k.plaintext, "s1").await.unwrap();
+    assert_eq!(key.unwrap().tenant_id, "tenant-a");
+    let session = session.unwrap();
+    assert_eq!((session.id.as_str(), session.tenant_id.as_str()), ("s1", "tenant-b"));
+    let (key, session) = keys.lookup_with_session(&k.plaintext, "s2").await.unwrap();
+    assert!(key.is_some() && session.is_none());
+    let (key, session) = keys.lookup_with_session("capsa_wrong", "s1").await.unwrap();
+    assert!(key.is_none() && session.is_some());
+
     // Only the hash is in Redis.
     let conn = capsa_store::connect(&redis.url()).await.unwrap();
     let all = conn.scan_keys("*").await.unwrap();
